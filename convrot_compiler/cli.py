@@ -1,0 +1,55 @@
+"""Command line: ``convrot <command>`` or ``python -m convrot_compiler <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .hadamard import ROTATION_KINDS
+from .plans import PRESETS
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", default="w4a4", choices=sorted(PRESETS), help="precision plan (default: w4a4)")
+    p.add_argument("--rotation", default="regular", choices=ROTATION_KINDS, help="rotation kind (default: regular)")
+    p.add_argument("--group-size", type=int, default=256, help="rotation group size, a power of 4 (default: 256)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
+    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
+                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--height", type=int, help="image height in pixels (default 1024; 256 for flux-tiny)")
+    p.add_argument("--width", type=int, help="image width in pixels (default 1024; 256 for flux-tiny)")
+    p.add_argument("--text-tokens", type=int, help="text tokens (default 512; 64 for flux-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
+    _add_model_args(demo)
+    _add_quant_args(demo)
+    demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import demo_json, format_demo, run_demo
+
+        result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
+                          args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(demo_json(result))
+        print(format_demo(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Built-in FLUX-architecture models and inputs, so the tools run without downloads."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FLUX_CONFIGS: dict[str, dict] = {
+    # FLUX.1-dev: hidden 3072, 19 double + 38 single blocks, 11.9 B parameters.
+    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    # Same structure, CPU-sized: hidden 256 (one 256-wide rotation group), 2 double + 2 single blocks.
+    "flux-tiny": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                      num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
+                      guidance_embeds=True, axes_dims_rope=(8, 28, 28)),
+}
+
+
+def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu", std: float = 0.02):
+    """A diffusers FluxTransformer2DModel with seeded random N(0, std) linear weights."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = FLUX_CONFIGS[config] if isinstance(config, str) else dict(config)
+    if isinstance(config, str) and config not in FLUX_CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose one of {tuple(FLUX_CONFIGS)}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                vals = torch.randn(p.shape, generator=gen) * std
+            elif name.endswith("weight") and "norm" in name:
+                vals = torch.ones(p.shape)
+            else:
+                vals = torch.randn(p.shape, generator=gen) * std
+            p.copy_(vals)
+        for _, b in model.named_buffers():
+            if b.is_floating_point():
+                b.zero_()
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules FLUX does not have.
+    return nn.Module.to(model, dtype).eval()
+
+
+def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+    """A FluxTransformer2DModel from a local diffusers directory (the transformer folder or a pipeline root)."""
+    from diffusers import FluxTransformer2DModel
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r} is not a directory; pass a local diffusers FLUX checkpoint")
+    sub = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else None
+    model = FluxTransformer2DModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype, local_files_only=True)
+    return model.to(device).eval()
+
+
+@dataclass
+class FluxInputs:
+    kwargs: dict
+    image_tokens: int
+    text_tokens: int
+
+
+def image_tokens_for(height: int, width: int) -> int:
+    """FLUX packs 8x-downsampled latents in 2x2 patches: (H/16) * (W/16) tokens."""
+    if height % 16 or width % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+    return (height // 16) * (width // 16)
+
+
+def make_flux_inputs(model, height: int = 1024, width: int = 1024, text_tokens: int = 512, batch: int = 1,
+                     seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> FluxInputs:
+    """Random (never zero) inputs for one denoising forward of a FluxTransformer2DModel."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    h, w = height // 16, width // 16
+    n_img = image_tokens_for(height, width)
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    kwargs = dict(
+        hidden_states=torch.randn(batch, n_img, cfg.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=gen),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=img_ids.reshape(n_img, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+        guidance=torch.full((batch,), 3.5) if cfg.guidance_embeds else None,
+        return_dict=False,
+    )
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            kwargs[k] = v.to(device=device, dtype=dtype if k not in ("img_ids", "txt_ids") else torch.float32)
+    return FluxInputs(kwargs, n_img, text_tokens)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN)."""
+    o, r = out.double(), ref.double()
+    denom = r.norm().item()
+    return (o - r).norm().item() / denom if denom > 0 else math.inf

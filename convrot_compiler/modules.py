@@ -1,0 +1,148 @@
+"""Eager, plug-and-play quantized linears and the module-swapping quantizer.
+
+These are ConvRot's ``ConvLinear4bit`` and an int4 weight-only linear: weights
+are rotated, quantized and packed once in ``from_linear`` and the float weight is
+released. They are the reference the compiled path must match, and the fallback
+for users who do not use torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .plans import LayerDecision, PlanSpec, eligibility, make_plan
+from .quant import QuantizedWeight, WeightQuantizer, quantize_weight, reference_linear, rtn_weight_quantizer
+from .rotations import Rotation, make_rotation
+
+
+class _QuantizedLinearBase(nn.Module):
+    scheme: str
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = qweight.in_features
+        self.out_features = qweight.out_features
+        self.padded_in_features = qweight.padded_in_features
+        self.pack_block = qweight.pack_block
+        self.rotation = qweight.rotation
+        self.out_dtype = out_dtype
+        self.register_buffer("qweight", qweight.values)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
+            self.padded_in_features, self.pack_block, self.rotation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference_linear(x, self.quantized_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        rot = self.rotation.name if self.rotation is not None else "none"
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, rotation={rot}"
+
+
+class ConvLinear4bit(_QuantizedLinearBase):
+    """W4A4 (``bits=4``) or W8A8 (``bits=8``) linear with group-wise Hadamard rotation."""
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 256,
+        rotation: "str | Rotation" = "regular",
+        bits: int = 4,
+        weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+    ) -> "ConvLinear4bit":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 (W4A4) or 8 (W8A8), got {bits!r}")
+        rot = make_rotation(rotation, group_size)
+        scheme = "w4a4" if bits == 4 else "w8a8"
+        with torch.no_grad():
+            qw = quantize_weight(linear.weight, scheme, rot, pack_block=group_size, weight_quantizer=weight_quantizer)
+        mod = cls(qw, linear.bias, linear.weight.dtype)
+        mod.scheme = scheme
+        return mod
+
+
+class Int4WeightOnlyLinear(_QuantizedLinearBase):
+    """W4A16: int4 weights with one scale per output channel and ``group_size`` inputs;
+    activations stay in their float dtype. For linears that see one row per sample."""
+
+    scheme = "w4a16"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int4WeightOnlyLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            qw = quantize_weight(linear.weight, "w4a16", None, pack_block=group_size)
+        return cls(qw, linear.bias, linear.weight.dtype)
+
+
+def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation") -> nn.Module:
+    if precision == "w4a4":
+        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=4)
+    if precision == "w8a8":
+        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=8)
+    if precision == "w4a16":
+        return Int4WeightOnlyLinear.from_linear(linear, group_size)
+    raise ValueError(f"no quantized module for precision {precision!r}")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's own parameters and buffers (not its children's)."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear:
+            yield name, mod
+
+
+def plan_linears(model: nn.Module, plan: PlanSpec = "w4a4", group_size: int = 256) -> list[LayerDecision]:
+    """Decide a precision for every nn.Linear of a model, without changing it."""
+    p = make_plan(plan)
+    decisions = []
+    for name, lin in iter_linears(model):
+        planned, rule = p.match(name)
+        why_not = eligibility(planned, lin.in_features, lin.out_features, lin.weight.dtype, group_size)
+        precision = "bf16" if why_not else planned
+        reason = why_not or (f"plan rule {rule!r}" if precision != "bf16" else f"kept by plan rule {rule!r}")
+        decisions.append(LayerDecision(name, lin.in_features, lin.out_features, planned, precision, reason, rule,
+                                       bytes_before=module_bytes(lin), bytes_after=module_bytes(lin)))
+    return decisions
+
+
+def quantize_model(
+    model: nn.Module,
+    plan: PlanSpec = "w4a4",
+    group_size: int = 256,
+    rotation: "str | Rotation" = "regular",
+    progress: bool = True,
+) -> list[LayerDecision]:
+    """Swap every planned nn.Linear of ``model`` for its quantized module, in place.
+
+    Returns one LayerDecision per linear, including those left alone and why."""
+    from tqdm.auto import tqdm
+
+    make_rotation(rotation, group_size)
+    decisions = plan_linears(model, plan, group_size)
+    todo = [d for d in decisions if d.precision != "bf16"]
+    for d in tqdm(todo, desc="quantizing linears", unit="layer", disable=not progress):
+        parent_name, _, child = d.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = make_quantized_linear(getattr(parent, child), d.precision, group_size, rotation)
+        setattr(parent, child, new)
+        d.bytes_after = module_bytes(new)
+    return decisions

@@ -1,0 +1,119 @@
+"""Per-layer precision plans: which precision each linear gets, and why.
+
+A plan is an ordered list of (fnmatch pattern on the module's qualified name,
+precision) rules; the first match wins. Presets encode ConvRot's choices for
+FLUX; on other models their FLUX-specific patterns simply match nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+PRECISIONS: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "bf16")
+QUANTIZED: tuple[str, ...] = ("w4a4", "w8a8", "w4a16")
+
+Rule = tuple[str, str]
+PlanSpec = Union[str, Sequence[Rule], "Plan"]
+
+# Linears that see one row per sample (adaLN modulation, time/text/guidance
+# embedders): weight-bandwidth bound, so int4 weight-only, never W4A4.
+_SKINNY: list[Rule] = [
+    ("time_text_embed.*", "w4a16"),
+    ("*norm1.linear", "w4a16"),
+    ("*norm1_context.linear", "w4a16"),
+    ("*norm.linear", "w4a16"),
+    ("norm_out.linear", "w4a16"),
+]
+# Input/output projections stay in high precision, as in the ConvRot reference.
+_EMBEDDERS: list[Rule] = [
+    ("x_embedder", "bf16"),
+    ("context_embedder", "bf16"),
+    ("proj_out", "bf16"),
+]
+# The paper's "mix" exceptions (FLUX.1-dev).
+_MIX: list[Rule] = [
+    ("single_transformer_blocks.37.proj_out", "bf16"),
+    ("transformer_blocks.18.ff.net.2", "bf16"),
+    ("transformer_blocks.18.ff_context.net.2", "bf16"),
+    ("transformer_blocks.*.attn.to_out.0", "w8a8"),
+    ("single_transformer_blocks.*.attn.to_v", "w8a8"),
+]
+
+PRESETS: dict[str, list[Rule]] = {
+    "w4a4": _EMBEDDERS + _SKINNY + [("*", "w4a4")],
+    "w8a8": _EMBEDDERS + _SKINNY + [("*", "w8a8")],
+    "mix": _EMBEDDERS + _MIX + _SKINNY + [("*", "w4a4")],
+    "none": [("*", "bf16")],
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    rules: tuple[Rule, ...]
+
+    def match(self, module_name: str) -> tuple[str, str]:
+        """(precision, the pattern that chose it) for a module name."""
+        for pattern, precision in self.rules:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return precision, pattern
+        return "bf16", "<no rule matched>"
+
+
+def make_plan(spec: PlanSpec = "w4a4") -> Plan:
+    """A Plan from a preset name, a list of (pattern, precision) rules, or a Plan."""
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"unknown plan {spec!r}; choose one of {tuple(PRESETS)} or pass a list of (pattern, precision) rules")
+        return Plan(spec, tuple(PRESETS[spec]))
+    rules = []
+    for i, rule in enumerate(spec):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(r, str) for r in rule)):
+            raise ValueError(f"plan rule {i} must be a (pattern, precision) pair of strings, got {rule!r}")
+        if rule[1] not in PRECISIONS:
+            raise ValueError(f"plan rule {i} ({rule[0]!r}) has unknown precision {rule[1]!r}; choose one of {PRECISIONS}")
+        rules.append((rule[0], rule[1]))
+    return Plan("custom", tuple(rules))
+
+
+@dataclass
+class LayerDecision:
+    """What happened to one linear, for reports."""
+
+    name: str
+    in_features: int
+    out_features: int
+    planned: str
+    precision: str
+    reason: str
+    rule: str = ""
+    rows: int | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def eligibility(precision: str, in_features: int, out_features: int, weight_dtype, group_size: int) -> str | None:
+    """Why a linear cannot take ``precision`` (None when it can)."""
+    import torch
+
+    if precision == "bf16":
+        return None
+    if weight_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"weight dtype {weight_dtype} is not a float type"
+    if in_features < group_size:
+        return f"K={in_features} is smaller than the group size {group_size}"
+    if out_features < 16:
+        return f"N={out_features} is too small to be worth quantizing"
+    return None
+
+
+def summarize(decisions: Iterable[LayerDecision]) -> dict[str, int]:
+    counts: dict[str, int] = {p: 0 for p in PRECISIONS}
+    for d in decisions:
+        counts[d.precision] = counts.get(d.precision, 0) + 1
+    return counts

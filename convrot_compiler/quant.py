@@ -1,0 +1,209 @@
+"""Reference numerics: symmetric quantizers, the int4 packing layout, and the
+reference quantized linear. Plain torch, written for clarity; every kernel is
+checked against these functions.
+
+Conventions (those of the ConvRot reference code):
+* Activations: per token (row), symmetric, scale = absmax(row) / qmax over the
+  whole rotated row, round half to even, values in [-qmax, qmax].
+* Weights: per output channel, symmetric, absmax / qmax, round half to even.
+* qmax = 7 for int4 (the value -8 is never used), 127 for int8.
+* Output = float32(int32 accumulator) * token scale * channel scale (+ bias),
+  multiplied in that order, returned in the input dtype.
+
+Zero rows get scale 0 and all-zero values, never NaN. A row holding any NaN or
++-Inf gets a NaN scale and zero values, so its output row is all NaN (as it would
+be in bf16) and every other row is unaffected.
+
+Int4 packing layout. A row of K int4 values (K a multiple of ``block``) is stored
+as K/2 int8 bytes. Within each block of ``block`` consecutive values, byte j holds
+value j in its low nibble and value j + block/2 in its high nibble. Unpacking a
+byte tile is then two shifts: ``lo = (b << 4) >> 4`` and ``hi = b >> 4``
+(arithmetic shifts sign-extend), and a GEMM that packs both operands the same way
+computes ``dot(lo_a, lo_b) + dot(hi_a, hi_b)`` with no register shuffle. The
+block is the rotation group size, so a rotate+quantize kernel writes the low
+nibbles from the first half of a rotated group and the high nibbles from the second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from .rotations import Rotation
+
+QMAX = {4: 7, 8: 127}
+Scheme = Literal["w4a4", "w8a8", "w4a16"]
+SCHEME_BITS: dict[str, tuple[int, int | None]] = {"w4a4": (4, 4), "w8a8": (8, 8), "w4a16": (4, None)}
+
+
+def qmax(bits: int) -> int:
+    try:
+        return QMAX[bits]
+    except KeyError:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}") from None
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of each row (last dimension).
+
+    Returns (values as int8, scale as float32 with shape x.shape[:-1])."""
+    m = qmax(bits)
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    finite = torch.isfinite(xf).all(dim=-1)
+    scale = torch.where(finite, absmax / m, torch.full_like(absmax, float("nan")))
+    usable = finite & (scale > 0)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    q = torch.round(xf / safe.unsqueeze(-1)).clamp_(-m, m)
+    q = torch.where(usable.unsqueeze(-1), q, torch.zeros_like(q))
+    return q.to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 values of row-quantized data."""
+    return q.float() * scale.unsqueeze(-1)
+
+
+def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Pack int4 values (an int8 tensor in [-8, 7]) along the last dimension; see module doc."""
+    k = q.shape[-1]
+    if block < 2 or block % 2 or k % block:
+        raise ValueError(f"last dimension {k} must be a multiple of an even block size, got block={block}")
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 takes int8 values, got {q.dtype}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4 values must lie in [-8, 7]")
+    g = q.reshape(*q.shape[:-1], k // block, 2, block // 2)
+    lo = g[..., 0, :].to(torch.int16) & 0xF
+    hi = g[..., 1, :].to(torch.int16) << 4
+    byte = (lo | hi).to(torch.uint8).view(torch.int8)
+    return byte.reshape(*q.shape[:-1], k // 2)
+
+
+def unpack_int4(p: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``."""
+    if p.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 takes packed int8 bytes, got {p.dtype}")
+    half = block // 2
+    kp = p.shape[-1]
+    if block < 2 or block % 2 or kp % half:
+        raise ValueError(f"packed width {kp} must be a multiple of block/2 = {half}")
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4)
+    hi = torch.bitwise_right_shift(p, 4)
+    g = torch.stack((lo.reshape(*p.shape[:-1], kp // half, half), hi.reshape(*p.shape[:-1], kp // half, half)), dim=-2)
+    return g.reshape(*p.shape[:-1], kp * 2)
+
+
+WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+"""(weight [N, K'] float32 in the rotated space, bits) -> (int8 values [N, K'], scale [N]).
+Round-to-nearest (``quantize_symmetric``) is ConvRot's; GPTQ-style quantizers plug in here."""
+
+
+def rtn_weight_quantizer(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_symmetric(w, bits)
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear's weight, rotated, quantized and (for 4 bits) packed.
+
+    ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits.
+    ``scale``: float32 [N] (per output channel), or [N, K'/group] for w4a16.
+    """
+
+    scheme: str
+    values: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    out_features: int
+    padded_in_features: int
+    pack_block: int
+    rotation: Rotation | None
+
+    @property
+    def weight_bits(self) -> int:
+        return SCHEME_BITS[self.scheme][0]
+
+    @property
+    def act_bits(self) -> int | None:
+        return SCHEME_BITS[self.scheme][1]
+
+    def int_values(self) -> torch.Tensor:
+        """Unpacked int8 values [N, K']."""
+        return unpack_int4(self.values, self.pack_block) if self.weight_bits == 4 else self.values
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEME_BITS:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {tuple(SCHEME_BITS)}")
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    scheme: str,
+    rotation: Rotation | None,
+    pack_block: int = 256,
+    weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+) -> QuantizedWeight:
+    """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
+
+    W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
+    so there is no activation outlier to spread; its weights get one scale per
+    output channel and per ``pack_block`` input channels instead."""
+    _check_scheme(scheme)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    wbits, abits = SCHEME_BITS[scheme]
+    if abits is None:
+        if rotation is not None:
+            raise ValueError("w4a16 is weight-only and takes no rotation (pass rotation=None)")
+        kp = -(-k // pack_block) * pack_block
+        w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // pack_block, pack_block)
+        q, scale = quantize_symmetric(w, wbits)
+        q = q.reshape(n, kp)
+    else:
+        if rotation is None:
+            raise ValueError(f"{scheme} needs a rotation (use rotation 'none' for no rotation)")
+        w = rotation.apply(weight.float())
+        kp = w.shape[-1]
+        if kp % pack_block:
+            raise ValueError(f"rotated width {kp} is not a multiple of the pack block {pack_block}")
+        q, scale = weight_quantizer(w, wbits)
+    values = pack_int4(q, pack_block) if wbits == 4 else q
+    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, pack_block, rotation)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and per-token quantize a [M, K] activation. Returns (int8 values [M, K'], scale [M])."""
+    return quantize_symmetric(rotation.apply(x), bits)
+
+
+def integer_matmul(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8^T product with int32 semantics, returned as float32 as a kernel
+    would convert its int32 accumulator (float64 holds every partial sum exactly)."""
+    return (qa.double() @ qw.double().T).float()
+
+
+def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized linear y = x W^T + b, computed the reference way; output in x's dtype."""
+    if x.shape[-1] != qweight.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {qweight.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if qweight.act_bits is None:
+        w = qweight.int_values().float().reshape(qweight.out_features, -1, qweight.pack_block)
+        w = (w * qweight.scale.unsqueeze(-1)).reshape(qweight.out_features, -1)[:, : qweight.in_features]
+        out = x2.float() @ w.T
+    else:
+        qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
+        acc = integer_matmul(qa, qweight.int_values())
+        out = acc * sa.unsqueeze(-1) * qweight.scale.unsqueeze(0)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*lead, qweight.out_features)
