@@ -26,7 +26,7 @@ class _QuantizedLinearBase(nn.Module):
         self.in_features = qweight.in_features
         self.out_features = qweight.out_features
         self.padded_in_features = qweight.padded_in_features
-        self.pack_block = qweight.pack_block
+        self.group_size = qweight.group_size
         self.rotation = qweight.rotation
         self.out_dtype = out_dtype
         self.register_buffer("qweight", qweight.values)
@@ -37,7 +37,7 @@ class _QuantizedLinearBase(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(
             self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
-            self.padded_in_features, self.pack_block, self.rotation,
+            self.padded_in_features, self.group_size, self.rotation,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class ConvLinear4bit(_QuantizedLinearBase):
         rot = make_rotation(rotation, group_size)
         scheme = "w4a4" if bits == 4 else "w8a8"
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, scheme, rot, pack_block=group_size, weight_quantizer=weight_quantizer)
+            qw = quantize_weight(linear.weight, scheme, rot, group_size=group_size, weight_quantizer=weight_quantizer)
         mod = cls(qw, linear.bias, linear.weight.dtype)
         mod.scheme = scheme
         return mod
@@ -84,7 +84,7 @@ class Int4WeightOnlyLinear(_QuantizedLinearBase):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, "w4a16", None, pack_block=group_size)
+            qw = quantize_weight(linear.weight, "w4a16", None, group_size=group_size)
         return cls(qw, linear.bias, linear.weight.dtype)
 
 

@@ -14,14 +14,12 @@ Zero rows get scale 0 and all-zero values, never NaN. A row holding any NaN or
 +-Inf gets a NaN scale and zero values, so its output row is all NaN (as it would
 be in bf16) and every other row is unaffected.
 
-Int4 packing layout. A row of K int4 values (K a multiple of ``block``) is stored
-as K/2 int8 bytes. Within each block of ``block`` consecutive values, byte j holds
-value j in its low nibble and value j + block/2 in its high nibble. Unpacking a
-byte tile is then two shifts: ``lo = (b << 4) >> 4`` and ``hi = b >> 4``
-(arithmetic shifts sign-extend), and a GEMM that packs both operands the same way
-computes ``dot(lo_a, lo_b) + dot(hi_a, hi_b)`` with no register shuffle. The
-block is the rotation group size, so a rotate+quantize kernel writes the low
-nibbles from the first half of a rotated group and the high nibbles from the second.
+Int4 packing layout. A row of K int4 values (K even) is stored as K/2 int8
+bytes: byte j holds value 2j in its low nibble and value 2j+1 in its high
+nibble. Unpacking a byte tile is two shifts, ``lo = (b << 4) >> 4`` and
+``hi = b >> 4`` (arithmetic shifts sign-extend). A GEMM whose two operands are
+packed the same way never restores the original order: ``dot(lo_a, lo_b) +
+dot(hi_a, hi_b)`` already sums over every K, so no register shuffle is needed.
 """
 
 from __future__ import annotations
@@ -66,34 +64,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
 
 
-def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
-    """Pack int4 values (an int8 tensor in [-8, 7]) along the last dimension; see module doc."""
-    k = q.shape[-1]
-    if block < 2 or block % 2 or k % block:
-        raise ValueError(f"last dimension {k} must be a multiple of an even block size, got block={block}")
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values (an int8 tensor in [-8, 7], even last dimension) two per byte; see module doc."""
     if q.dtype != torch.int8:
         raise TypeError(f"pack_int4 takes int8 values, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got {q.shape[-1]}")
     if q.numel() and (q.min() < -8 or q.max() > 7):
         raise ValueError("pack_int4 values must lie in [-8, 7]")
-    g = q.reshape(*q.shape[:-1], k // block, 2, block // 2)
-    lo = g[..., 0, :].to(torch.int16) & 0xF
-    hi = g[..., 1, :].to(torch.int16) << 4
-    byte = (lo | hi).to(torch.uint8).view(torch.int8)
-    return byte.reshape(*q.shape[:-1], k // 2)
+    lo = q[..., 0::2].to(torch.int16) & 0xF
+    hi = q[..., 1::2].to(torch.int16) << 4
+    return (lo | hi).to(torch.uint8).view(torch.int8)
 
 
-def unpack_int4(p: torch.Tensor, block: int) -> torch.Tensor:
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack_int4``."""
     if p.dtype != torch.int8:
         raise TypeError(f"unpack_int4 takes packed int8 bytes, got {p.dtype}")
-    half = block // 2
-    kp = p.shape[-1]
-    if block < 2 or block % 2 or kp % half:
-        raise ValueError(f"packed width {kp} must be a multiple of block/2 = {half}")
     lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4)
     hi = torch.bitwise_right_shift(p, 4)
-    g = torch.stack((lo.reshape(*p.shape[:-1], kp // half, half), hi.reshape(*p.shape[:-1], kp // half, half)), dim=-2)
-    return g.reshape(*p.shape[:-1], kp * 2)
+    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
 
 
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
@@ -110,7 +100,8 @@ class QuantizedWeight:
     """A linear's weight, rotated, quantized and (for 4 bits) packed.
 
     ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits.
-    ``scale``: float32 [N] (per output channel), or [N, K'/group] for w4a16.
+    ``scale``: float32 [N] (per output channel), or [N, K'/group_size] for w4a16,
+    whose scales cover ``group_size`` input channels each.
     """
 
     scheme: str
@@ -119,7 +110,7 @@ class QuantizedWeight:
     in_features: int
     out_features: int
     padded_in_features: int
-    pack_block: int
+    group_size: int
     rotation: Rotation | None
 
     @property
@@ -132,7 +123,7 @@ class QuantizedWeight:
 
     def int_values(self) -> torch.Tensor:
         """Unpacked int8 values [N, K']."""
-        return unpack_int4(self.values, self.pack_block) if self.weight_bits == 4 else self.values
+        return unpack_int4(self.values) if self.weight_bits == 4 else self.values
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
@@ -147,14 +138,14 @@ def quantize_weight(
     weight: torch.Tensor,
     scheme: str,
     rotation: Rotation | None,
-    pack_block: int = 256,
+    group_size: int = 256,
     weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
 ) -> QuantizedWeight:
     """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
 
     W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
     so there is no activation outlier to spread; its weights get one scale per
-    output channel and per ``pack_block`` input channels instead."""
+    output channel and per ``group_size`` input channels instead."""
     _check_scheme(scheme)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -163,8 +154,8 @@ def quantize_weight(
     if abits is None:
         if rotation is not None:
             raise ValueError("w4a16 is weight-only and takes no rotation (pass rotation=None)")
-        kp = -(-k // pack_block) * pack_block
-        w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // pack_block, pack_block)
+        kp = -(-k // group_size) * group_size
+        w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // group_size, group_size)
         q, scale = quantize_symmetric(w, wbits)
         q = q.reshape(n, kp)
     else:
@@ -172,11 +163,11 @@ def quantize_weight(
             raise ValueError(f"{scheme} needs a rotation (use rotation 'none' for no rotation)")
         w = rotation.apply(weight.float())
         kp = w.shape[-1]
-        if kp % pack_block:
-            raise ValueError(f"rotated width {kp} is not a multiple of the pack block {pack_block}")
+        if kp % group_size:
+            raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
         q, scale = weight_quantizer(w, wbits)
-    values = pack_int4(q, pack_block) if wbits == 4 else q
-    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, pack_block, rotation)
+    values = pack_int4(q) if wbits == 4 else q
+    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +181,21 @@ def integer_matmul(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     return (qa.double() @ qw.double().T).float()
 
 
+def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The quantized GEMM on unpacked int8 values: float32(qa @ qw^T) * sa * sw (+ bias), in out_dtype."""
+    out = integer_matmul(qa, qw) * sa.unsqueeze(-1) * sw.unsqueeze(0)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def dequantize_groupwise(qweight: "QuantizedWeight") -> torch.Tensor:
+    """Float32 [N, K] weight of a w4a16 QuantizedWeight."""
+    w = qweight.int_values().float().reshape(qweight.out_features, -1, qweight.group_size)
+    return (w * qweight.scale.unsqueeze(-1)).reshape(qweight.out_features, -1)[:, : qweight.in_features]
+
+
 def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The quantized linear y = x W^T + b, computed the reference way; output in x's dtype."""
     if x.shape[-1] != qweight.in_features:
@@ -197,13 +203,11 @@ def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tens
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if qweight.act_bits is None:
-        w = qweight.int_values().float().reshape(qweight.out_features, -1, qweight.pack_block)
-        w = (w * qweight.scale.unsqueeze(-1)).reshape(qweight.out_features, -1)[:, : qweight.in_features]
-        out = x2.float() @ w.T
+        out = x2.float() @ dequantize_groupwise(qweight).T
+        if bias is not None:
+            out = out + bias.float()
+        out = out.to(x.dtype)
     else:
         qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
-        acc = integer_matmul(qa, qweight.int_values())
-        out = acc * sa.unsqueeze(-1) * qweight.scale.unsqueeze(0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, qweight.out_features)
+        out = reference_int_gemm(qa, sa, qweight.int_values(), qweight.scale, bias, x.dtype)
+    return out.reshape(*lead, qweight.out_features)

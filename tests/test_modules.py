@@ -20,7 +20,7 @@ def test_conv_linear_equals_reference_linear(bits, scheme, rotation):
     lin = nn.Linear(300, 40).to(torch.bfloat16)
     x = torch.randn(2, 5, 300, dtype=torch.bfloat16)
     mod = ConvLinear4bit.from_linear(lin, group_size=64 if rotation != "sylvester" else 32, rotation=rotation, bits=bits)
-    qw = quantize_weight(lin.weight, scheme, make_rotation(rotation, mod.pack_block), pack_block=mod.pack_block)
+    qw = quantize_weight(lin.weight, scheme, make_rotation(rotation, mod.group_size), group_size=mod.group_size)
     assert torch.equal(mod(x), reference_linear(x, qw, lin.bias))
     assert not any(isinstance(t, nn.Parameter) and t.dtype == torch.bfloat16 and t.dim() == 2 for t in mod.parameters())
     expected_bytes = 40 * 320 // (2 if bits == 4 else 1)
