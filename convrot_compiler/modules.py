@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .ops import has_kernel, quantized_linear
 from .plans import LayerDecision, PlanSpec, eligibility, make_plan
 from .quant import QuantizedWeight, WeightQuantizer, quantize_weight, reference_linear, rtn_weight_quantizer
 from .rotations import Rotation, make_rotation
@@ -32,6 +33,8 @@ class _QuantizedLinearBase(nn.Module):
         self.register_buffer("qweight", qweight.values)
         self.register_buffer("weight_scale", qweight.scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        kernel_matrix = getattr(self.rotation, "kernel_matrix", None)
+        self.register_buffer("rotation_matrix", kernel_matrix() if kernel_matrix else None, persistent=False)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -41,7 +44,10 @@ class _QuantizedLinearBase(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference_linear(x, self.quantized_weight, self.bias)
+        qw = self.quantized_weight
+        if has_kernel(qw):
+            return quantized_linear(x, qw, self.bias, self.rotation_matrix)
+        return reference_linear(x, qw, self.bias)
 
     def extra_repr(self) -> str:
         rot = self.rotation.name if self.rotation is not None else "none"

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .hadamard import ROTATION_KINDS, RotationKind, check_group_size, padded_size, rotate
+from .hadamard import ROTATION_KINDS, RotationKind, check_group_size, hadamard_matrix, padded_size, rotate
 
 
 @runtime_checkable
@@ -50,6 +50,15 @@ class GroupHadamardRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return rotate(x, self.group_size, self.kind)
+
+    def kernel_matrix(self) -> torch.Tensor | None:
+        """What the fused kernel takes: the 16 x 16 Kronecker factor for 256-groups
+        (H_256 = H_16 (x) H_16 for both kinds), the full matrix otherwise, None for no rotation."""
+        if self.kind == "none":
+            return None
+        if self.group_size == 256:
+            return hadamard_matrix(self.kind, 16)
+        return hadamard_matrix(self.kind, self.group_size)
 
 
 def make_rotation(rotation: "str | Rotation", group_size: int = 256) -> Rotation:

@@ -1,0 +1,45 @@
+"""Helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """The interpreter cannot autotune over several configs: give it one small config."""
+    return [interpreter] if interpreting() else gpu
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"a Triton kernel got a {t.device.type} tensor; pass CUDA tensors, use the reference ops "
+                "(convrot_compiler.ops) on CPU, or set TRITON_INTERPRET=1 to run the kernel in the interpreter")
+
+
+def check_2d_rows(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (call .contiguous()), got strides {t.stride()}")
+
+
+@triton.jit
+def round_half_even(y):
+    """Round to nearest, ties to even, as torch.round (libdevice.rint is not in the interpreter)."""
+    f = tl.floor(y)
+    d = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)

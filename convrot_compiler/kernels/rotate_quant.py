@@ -1,0 +1,153 @@
+"""Fused group-wise Hadamard rotation + per-token symmetric quantization.
+
+One program owns BM rows. Pass 1 rotates every group of the rows and keeps the
+running absmax; pass 2 rotates again (the rows' input is then in L2) and writes
+int4 (packed two per byte, value 2j in the low nibble) or int8 values. The
+per-token scale needs the whole rotated row, and a row of K up to 15360 does not
+fit on chip, hence two passes over a cached input rather than one over DRAM.
+
+The rotation of a group of G channels runs one of two ways:
+* dense: y = x @ H, a [BM, G] x [G, G] tensor-core product (any G);
+* kron (G = 256 only): H = A (x) A with A the 16 x 16 Hadamard of the same kind,
+  so a group viewed as X [16, 16] rotates to A^T X A: two products with K = 16,
+  16x fewer flops than dense. The second product takes its fp32 input as a sum
+  of two bf16 parts so that nothing is lost to the bf16 operand format.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
+
+METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
+
+
+@triton.jit
+def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr):
+    """Rotated [BM, G] float32 tile of one input group."""
+    if METHOD == 0:
+        y = x.to(tl.float32)
+    elif METHOD == 1:
+        hr = tl.arange(0, G)
+        h = tl.load(h_ptr + hr[:, None] * G + hr[None, :])
+        if DOT_F32:
+            y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(x, h)
+    else:
+        a_idx = tl.arange(0, 16)
+        a = tl.load(h_ptr + a_idx[:, None] * 16 + a_idx[None, :])
+        if DOT_F32:
+            a32 = a.to(tl.float32)
+            z = tl.dot(tl.reshape(x.to(tl.float32), (BM * 16, 16)), a32, input_precision="ieee")
+            zt = tl.reshape(tl.permute(tl.reshape(z, (BM, 16, 16)), (0, 2, 1)), (BM * 16, 16))
+            w = tl.dot(zt, a32, input_precision="ieee")
+        else:
+            z = tl.dot(tl.reshape(x, (BM * 16, 16)), a)
+            zt = tl.reshape(tl.permute(tl.reshape(z, (BM, 16, 16)), (0, 2, 1)), (BM * 16, 16))
+            z_hi = zt.to(tl.bfloat16)
+            z_lo = (zt - z_hi.to(tl.float32)).to(tl.bfloat16)
+            a16 = a.to(tl.bfloat16)
+            w = tl.dot(z_hi, a16)
+            w = tl.dot(z_lo, a16, w)
+        y = tl.reshape(tl.permute(tl.reshape(w, (BM, 16, 16)), (0, 2, 1)), (BM, G))
+    return y
+
+
+@triton.jit
+def _quantize_tile(y, scale, usable, QMAX: tl.constexpr):
+    safe = tl.where(usable, scale, 1.0)
+    q = round_half_even(y / safe[:, None])
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    return tl.where(usable[:, None], q, 0.0).to(tl.int32)
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        [triton.Config({"BM": bm}, num_warps=w) for bm in (16, 32, 64) for w in (4, 8)],
+        triton.Config({"BM": 16}, num_warps=4),
+    ),
+    key=["K", "G", "METHOD", "PACK"],
+)
+@triton.jit
+def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                         DOT_F32: tl.constexpr, BM: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    cols = tl.arange(0, G)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    n_groups = tl.cdiv(K, G)
+
+    amax = tl.zeros([BM], dtype=tl.float32)
+    bad = tl.zeros([BM], dtype=tl.int32)
+    for g in range(0, n_groups):
+        k = g * G + cols
+        x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
+        xf = x.to(tl.float32)
+        bad += tl.sum((~(tl.abs(xf) < float("inf"))).to(tl.int32), axis=1)
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+
+    scale = tl.where(bad > 0, float("nan"), amax / QMAX)
+    usable = (bad == 0) & (scale > 0.0)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+    for g in range(0, n_groups):
+        k = g * G + cols
+        x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        if PACK:
+            even, odd = tl.split(tl.reshape(y, (BM, G // 2, 2)))
+            lo = _quantize_tile(even, scale, usable, QMAX)
+            hi = _quantize_tile(odd, scale, usable, QMAX)
+            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.int8)
+            ob = g * (G // 2) + tl.arange(0, G // 2)
+            tl.store(q_rows + ob[None, :], byte, mask=rmask[:, None])
+        else:
+            q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
+            tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
+
+
+def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate [M, K] activations group-wise and quantize each row symmetrically.
+
+    ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
+    (faster), or None for no rotation (K is still zero-padded to a multiple of G).
+    Returns (values int8 [M, K'/2] packed for 4 bits or [M, K'] for 8, scale float32 [M]).
+    """
+    check_device(x)
+    check_2d_rows("x", x)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations, got {x.dtype}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of 2 >= 16, got {group_size}")
+    if h is None:
+        method = METHOD_NONE
+        h = x.new_empty(1)
+    elif tuple(h.shape) == (group_size, group_size):
+        method = METHOD_DENSE
+    elif tuple(h.shape) == (16, 16) and group_size == 256:
+        method = METHOD_KRON
+    else:
+        raise ValueError(f"h must be [{group_size}, {group_size}] or, for group_size 256, its [16, 16] Kronecker factor; "
+                         f"got {tuple(h.shape)}")
+    dot_f32 = interpreting() or x.dtype == torch.float32
+    h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
+    m, k = x.shape
+    kp = -(-k // group_size) * group_size
+    q = torch.empty(m, kp // 2 if bits == 4 else kp, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+    _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
+                               QMAX=7 if bits == 4 else 127, PACK=bits == 4, DOT_F32=dot_f32)
+    return q, scale

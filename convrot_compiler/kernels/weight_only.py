@@ -1,0 +1,87 @@
+"""Int4 weight-only GEMM (W4A16) for linears that see a few rows per sample.
+
+Memory-bound: the cost is reading the weights, 4x fewer bytes than bf16. Each
+program owns BN output channels and walks K; packed bytes are unpacked with two
+shifts, scaled by their group's scale and multiplied with the even and odd
+input channels (which the low and high nibbles hold).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune_configs, check_2d_rows, check_device, interpreting
+
+_GPU_CONFIGS = [
+    triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
+    for bn, bk, s, w in [(32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 4, 4), (32, 64, 5, 4), (64, 64, 4, 8),
+                         (128, 128, 3, 8)]
+]
+_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
+
+
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "G"])
+@triton.jit
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_cm,
+                  G: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rkb = tl.arange(0, BKB)
+    mmask = rm < M
+    nmask = rn < N
+    w_ptrs = w_ptr + (rn % N)[:, None].to(tl.int64) * stride_wn + rkb[None, :]
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, KB, BKB):
+        w = tl.load(w_ptrs)
+        s = tl.load(s_ptr + (rn % N).to(tl.int64) * stride_sn + (2 * kb) // G)
+        k_even = 2 * (kb + rkb)
+        xe = tl.load(x_rows + k_even[None, :], mask=mmask[:, None] & (k_even[None, :] < K), other=0.0)
+        xo = tl.load(x_rows + k_even[None, :] + 1, mask=mmask[:, None] & (k_even[None, :] + 1 < K), other=0.0)
+        lo = ((w << 4) >> 4).to(tl.float32) * s[:, None]
+        hi = (w >> 4).to(tl.float32) * s[:, None]
+        if DOT_F32:
+            acc = tl.dot(xe.to(tl.float32), tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(xo.to(tl.float32), tl.trans(hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc)
+            acc = tl.dot(xo, tl.trans(hi.to(xo.dtype)), acc)
+        w_ptrs += BKB
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """[M, N] = x @ dequant(qw)^T (+ bias), qw packed int4 [N, K'/2] with float32 scales [N, K'/group_size]."""
+    check_device(x, qw, scale)
+    check_2d_rows("x", x)
+    check_2d_rows("qw", qw)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"w4a16_gemm takes bf16, fp16 or fp32 activations, got {x.dtype}")
+    if qw.dtype != torch.int8:
+        raise TypeError(f"weights must be packed int8, got {qw.dtype}")
+    m, k = x.shape
+    n, kb = qw.shape
+    if 2 * kb < k or (2 * kb) % group_size:
+        raise ValueError(f"packed weights ({kb} bytes per row) must cover K={k} in whole groups of {group_size}")
+    if group_size % 256:
+        raise ValueError(f"the w4a16 kernel needs group_size a multiple of 256, got {group_size}")
+    if scale.shape != (n, 2 * kb // group_size) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 [{n}, {2 * kb // group_size}], got {tuple(scale.shape)} {scale.dtype}")
+    c = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return c
+    bm = 16
+    grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
+    _w4a16_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, m, n, k, kb, x.stride(0), qw.stride(0),
+                        scale.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None,
+                        DOT_F32=interpreting() or x.dtype == torch.float32, BM=bm)
+    return c

@@ -1,0 +1,113 @@
+"""The quantized ops as torch custom ops: ``torch.ops.convrot.*``.
+
+Each op has a reference implementation in plain torch (used on CPU and any
+non-CUDA device), a Triton implementation for CUDA, and a fake implementation
+for tracing, so Inductor treats them as opaque calls. The compiler pass inserts
+these ops; the eager modules call them too, so both paths share one numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .hadamard import padded_size
+from .quant import QuantizedWeight, pack_int4, quantize_symmetric, reference_int_gemm, unpack_int4
+from .rotations import GroupHadamardRotation
+
+
+def _full_matrix(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    return torch.kron(h, h) if h.shape[0] != group_size else h
+
+
+@torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
+def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise rotation + per-token quantization of [M, K] activations.
+    h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None."""
+    xf = x.float()
+    xf = torch.nn.functional.pad(xf, (0, padded_size(x.shape[-1], group_size) - x.shape[-1]))
+    if h is not None:
+        hf = _full_matrix(h.float(), group_size)
+        xf = (xf.reshape(x.shape[0], -1, group_size) @ hf).reshape(x.shape[0], -1)
+    q, scale = quantize_symmetric(xf, bits)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+@rotate_quantize.register_kernel("cuda")
+def _rotate_quantize_cuda(x, h, group_size, bits):
+    from .kernels.rotate_quant import rotate_quantize as kernel
+
+    return kernel(x, h, group_size, bits)
+
+
+@rotate_quantize.register_fake
+def _(x, h, group_size, bits):
+    kp = padded_size(x.shape[-1], group_size)
+    q = x.new_empty(x.shape[0], kp // 2 if bits == 4 else kp, dtype=torch.int8)
+    return q, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("convrot::int_gemm", mutates_args=())
+def int_gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
+             packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """(qa @ qb^T) * sa * sb (+ bias) on int8 operands, int4 pairs when ``packed``."""
+    if packed:
+        qa, qb = unpack_int4(qa), unpack_int4(qb)
+    return reference_int_gemm(qa, sa, qb, sb, bias, out_dtype)
+
+
+@int_gemm.register_kernel("cuda")
+def _int_gemm_cuda(qa, sa, qb, sb, bias, packed, out_dtype):
+    from .kernels.int_gemm import int_gemm as kernel
+
+    return kernel(qa, sa, qb, sb, bias, packed, out_dtype)
+
+
+@int_gemm.register_fake
+def _(qa, sa, qb, sb, bias, packed, out_dtype):
+    return qa.new_empty(qa.shape[0], qb.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+               group_size: int) -> torch.Tensor:
+    """x @ dequant(qw)^T (+ bias) with int4 weights and per-(channel, group) scales."""
+    n = qw.shape[0]
+    w = (unpack_int4(qw).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    out = x.float() @ w[:, : x.shape[-1]].T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@w4a16_gemm.register_kernel("cuda")
+def _w4a16_cuda(x, qw, scale, bias, group_size):
+    from .kernels.weight_only import w4a16_gemm as kernel
+
+    return kernel(x, qw, scale, bias, group_size)
+
+
+@w4a16_gemm.register_fake
+def _(x, qw, scale, bias, group_size):
+    return x.new_empty(x.shape[0], qw.shape[0])
+
+
+def has_kernel(qweight: QuantizedWeight) -> bool:
+    """Whether the fused ops can run this weight (only group-Hadamard rotations have kernels)."""
+    return qweight.act_bits is None or isinstance(qweight.rotation, GroupHadamardRotation)
+
+
+def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None,
+                     h: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b through the custom ops; ``h`` as the rotation's ``kernel_matrix()``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if qweight.act_bits is None:
+        out = torch.ops.convrot.w4a16_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
+    else:
+        qa, sa = torch.ops.convrot.rotate_quantize(x2, h, qweight.group_size, qweight.act_bits)
+        out = torch.ops.convrot.int_gemm(qa, sa, qweight.values, qweight.scale, bias, qweight.weight_bits == 4, x.dtype)
+    return out.reshape(*lead, qweight.out_features)

@@ -1,0 +1,113 @@
+"""Triton kernels against the reference ops. On CPU they run through the Triton
+interpreter (conftest sets TRITON_INTERPRET=1), on small shapes."""
+
+import pytest
+import torch
+
+from convrot_compiler import ops
+from convrot_compiler.hadamard import hadamard_matrix
+from convrot_compiler.kernels.int_gemm import int_gemm
+from convrot_compiler.kernels.rotate_quant import rotate_quantize
+from convrot_compiler.kernels.weight_only import w4a16_gemm
+from convrot_compiler.quant import pack_int4, quantize_weight
+from convrot_compiler.rotations import GroupHadamardRotation
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int_valued(m, k, seed, lo=-8, hi=9):
+    """Integer-valued activations: every rotation below is then exact in float32 whatever the summation
+    order, so kernel and reference must agree bit for bit on the quantized integers."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, (m, k), generator=g).float()
+
+
+ROTATIONS = [("regular", 256), ("sylvester", 256), ("regular", 64), ("sylvester", 64), ("none", 256)]  # entries 2^-k: exact
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind,group", ROTATIONS)
+@pytest.mark.parametrize("m,k", [(1, 256), (19, 300)])
+def test_rotate_quantize_kernel_matches_reference_exactly(bits, kind, group, m, k):
+    x = _int_valued(m, k, seed=m + k + group)
+    x[min(3, m - 1)] = 0.0  # a zero row
+    h = GroupHadamardRotation(kind, group).kernel_matrix()
+    q_ref, s_ref = ops.rotate_quantize(x, h, group, bits)
+    q, s = rotate_quantize(x.to(DEV), None if h is None else h.to(DEV), group, bits)
+    assert torch.equal(q.cpu(), q_ref)
+    assert torch.equal(s.cpu(), s_ref)
+
+
+def test_rotate_quantize_kron_and_dense_agree_and_random_floats_are_close():
+    x = torch.randn(20, 512) * 3
+    kron = rotate_quantize(x.to(DEV), hadamard_matrix("regular", 16).to(DEV), 256, 4)
+    dense = rotate_quantize(x.to(DEV), hadamard_matrix("regular", 256).to(DEV), 256, 4)
+    q_ref, s_ref = ops.rotate_quantize(x, hadamard_matrix("regular", 16), 256, 4)
+    torch.testing.assert_close(kron[1].cpu(), s_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dense[1].cpu(), s_ref, rtol=1e-6, atol=0)
+    from convrot_compiler.quant import unpack_int4
+    for q in (kron[0], dense[0]):
+        diff = (unpack_int4(q.cpu()).int() - unpack_int4(q_ref).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_rotate_quantize_non_finite_rows_and_poisoned_output():
+    x = _int_valued(5, 256, seed=3)
+    x[1, 7] = float("nan")
+    x[4, 0] = float("-inf")
+    h = hadamard_matrix("regular", 16)
+    q, s = rotate_quantize(x.to(DEV), h.to(DEV), 256, 4)
+    q_ref, s_ref = ops.rotate_quantize(x, h, 256, 4)
+    assert torch.isnan(s[1]) and torch.isnan(s[4]) and (q[1] == 0).all() and (q[4] == 0).all()
+    torch.testing.assert_close(s.cpu(), s_ref, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("m,n,kb", [(1, 16, 128), (33, 40, 256)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int_gemm_kernel_matches_reference(packed, m, n, kb, with_bias):
+    g = torch.Generator().manual_seed(m * n + kb)
+    lim = 7 if packed else 127
+    qa = torch.randint(-lim, lim + 1, (m, 2 * kb if packed else kb), generator=g, dtype=torch.int8)
+    qb = torch.randint(-lim, lim + 1, (n, 2 * kb if packed else kb), generator=g, dtype=torch.int8)
+    if packed:
+        qa, qb = pack_int4(qa), pack_int4(qb)
+    sa, sb = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
+    bias = torch.randn(n, generator=g) if with_bias else None
+    ref = ops.int_gemm(qa, sa, qb, sb, bias, packed, torch.float32)
+    out = int_gemm(qa.to(DEV), sa.to(DEV), qb.to(DEV), sb.to(DEV), None if bias is None else bias.to(DEV),
+                   packed, torch.float32)
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 16, 600)])
+def test_w4a16_kernel_matches_reference(m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    ref = ops.w4a16_gemm(x, qw.values, qw.scale, bias, 256)
+    out = w4a16_gemm(x.to(DEV), qw.values.to(DEV), qw.scale.to(DEV), bias.to(DEV), 256)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_reject_bad_input(monkeypatch):
+    x = torch.randn(4, 256, device=DEV)
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        rotate_quantize(x.to(torch.int32), None, 256, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        rotate_quantize(torch.randn(256, 4, device=DEV).T, None, 256, 4)
+    with pytest.raises(ValueError, match="Kronecker"):
+        rotate_quantize(x, torch.eye(8, device=DEV), 256, 4)
+    q = torch.zeros(4, 100, dtype=torch.int8, device=DEV)
+    s = torch.ones(4, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        int_gemm(q, s, q, s, None, True, torch.float32)
+    with pytest.raises(TypeError, match="int8"):
+        int_gemm(q.float(), s, q, s, None, True, torch.float32)
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            rotate_quantize(x, None, 256, 4)
