@@ -21,9 +21,9 @@ def _full_matrix(h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.kron(h, h) if h.shape[0] != group_size else h
 
 
-@torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
-def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise rotation + per-token quantization of [M, K] activations.
+def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                              bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise rotation + per-token quantization of [M, K] activations, on any device.
     h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None."""
     xf = x.float()
     xf = torch.nn.functional.pad(xf, (0, padded_size(x.shape[-1], group_size) - x.shape[-1]))
@@ -32,6 +32,31 @@ def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
         xf = (xf.reshape(x.shape[0], -1, group_size) @ hf).reshape(x.shape[0], -1)
     q, scale = quantize_symmetric(xf, bits)
     return (pack_int4(q) if bits == 4 else q), scale
+
+
+def int_gemm_reference(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                       bias: Optional[torch.Tensor], packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """(qa @ qb^T) * sa * sb (+ bias) on int8 operands, int4 pairs when ``packed``; any device."""
+    if packed:
+        qa, qb = unpack_int4(qa), unpack_int4(qb)
+    return reference_int_gemm(qa, sa, qb, sb, bias, out_dtype)
+
+
+def w4a16_gemm_reference(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                         group_size: int) -> torch.Tensor:
+    """x @ dequant(qw)^T (+ bias) with int4 weights and per-(channel, group) scales; any device."""
+    n = qw.shape[0]
+    w = (unpack_int4(qw).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    out = x.float() @ w[:, : x.shape[-1]].T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
+def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise rotation + per-token quantization; see ``rotate_quantize_reference``."""
+    return rotate_quantize_reference(x, h, group_size, bits)
 
 
 @rotate_quantize.register_kernel("cuda")
@@ -51,10 +76,8 @@ def _(x, h, group_size, bits):
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
              packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """(qa @ qb^T) * sa * sb (+ bias) on int8 operands, int4 pairs when ``packed``."""
-    if packed:
-        qa, qb = unpack_int4(qa), unpack_int4(qb)
-    return reference_int_gemm(qa, sa, qb, sb, bias, out_dtype)
+    """Quantized GEMM; see ``int_gemm_reference``."""
+    return int_gemm_reference(qa, sa, qb, sb, bias, packed, out_dtype)
 
 
 @int_gemm.register_kernel("cuda")
@@ -72,13 +95,8 @@ def _(qa, sa, qb, sb, bias, packed, out_dtype):
 @torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                group_size: int) -> torch.Tensor:
-    """x @ dequant(qw)^T (+ bias) with int4 weights and per-(channel, group) scales."""
-    n = qw.shape[0]
-    w = (unpack_int4(qw).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
-    out = x.float() @ w[:, : x.shape[-1]].T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    """Int4 weight-only GEMM; see ``w4a16_gemm_reference``."""
+    return w4a16_gemm_reference(x, qw, scale, bias, group_size)
 
 
 @w4a16_gemm.register_kernel("cuda")

@@ -1,0 +1,185 @@
+"""GEMM-level benchmark at FLUX.1-dev token-GEMM shapes (issue: Triton kernels).
+
+For every shape, in one process: cuBLAS bf16 (torch.mm), torch._scaled_mm fp8
+row-wise, torch._int_mm int8, our W4A4 and W8A8 GEMMs, the fused
+rotate+quantize alone (GB/s, against measured copy bandwidth), and
+rotate+quantize+GEMM together. Each of ours is checked against the reference
+in the same run. Also the W4A16 weight-only GEMM at M = 1.
+
+    python bench/gemm.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import bench_ms, environment, write_results  # noqa: E402
+from convrot_compiler import ops  # noqa: E402
+from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
+from convrot_compiler.kernels.int_gemm import int_gemm  # noqa: E402
+from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
+from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
+from convrot_compiler.quant import quantize_weight, unpack_int4  # noqa: E402
+from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
+
+SHAPES = [  # (name, K, N)
+    ("qkv/out 3072->3072", 3072, 3072),
+    ("fused qkv 3072->9216", 3072, 9216),
+    ("ff up 3072->12288", 3072, 12288),
+    ("ff down 12288->3072", 12288, 3072),
+    ("single proj_out 15360->3072", 15360, 3072),
+]
+SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(256 * 2**20 // 4, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / ms / 1e6  # GB/s, read + write
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def fp8_rowwise(x: torch.Tensor, w: torch.Tensor):
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    sx = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fmax
+    sw = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fmax
+    xq = (x.float() / sx).to(torch.float8_e4m3fn)
+    wq = (w.float() / sw).to(torch.float8_e4m3fn)
+    return xq, wq.T, sx, sw.T
+
+
+def bench_shape(name, m, k, n, copy_gbs, rows):
+    torch.manual_seed(0)
+    x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    flop = 2 * m * n * k
+    ref = x.float() @ w.float().T
+
+    t_bf16 = bench_ms(lambda: torch.mm(x, w.T))
+    xq, wq, sx, sw = fp8_rowwise(x, w)
+    t_fp8 = bench_ms(lambda: torch._scaled_mm(xq, wq, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16))
+    a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda").T
+    t_int = bench_ms(lambda: torch._int_mm(a8, b8))
+
+    rot = GroupHadamardRotation("regular", 256)
+    h16 = rot.kernel_matrix().to("cuda")
+    h256 = hadamard_matrix("regular", 256, device="cuda")
+    for scheme, bits in (("w4a4", 4), ("w8a8", 8)):
+        qw = quantize_weight(w, scheme, rot)
+        qa, sa = rotate_quantize(x, h16, 256, bits)
+        packed = bits == 4
+        # correctness: GEMM vs reference on the same quantized operands; end to end vs float
+        g_ref = ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, torch.float32)
+        g_out = int_gemm(qa, sa, qw.values, qw.scale, None, packed, torch.bfloat16)
+        gemm_err = rel_err(g_out, g_ref)
+        q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
+        a, b = (unpack_int4(qa), unpack_int4(q_ref)) if packed else (qa, q_ref)
+        mismatch = ((a.int() - b.int()).abs() > 0).float().mean().item()
+        e2e_err = rel_err(g_out, ref)
+
+        t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, torch.bfloat16))
+        t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
+        t_rq_dense = bench_ms(lambda: rotate_quantize(x, h256, 256, bits))
+        t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
+                                          torch.bfloat16))
+        rq_bytes = m * k * 2 + qa.numel() + m * 4
+        rows.append(dict(
+            shape=name, M=m, K=k, N=n, scheme=scheme,
+            bf16_us=t_bf16 * 1e3, fp8_us=t_fp8 * 1e3, int_mm_us=t_int * 1e3,
+            gemm_us=t_gemm * 1e3, gemm_tops=flop / t_gemm / 1e9,
+            gemm_vs_bf16=t_bf16 / t_gemm, gemm_vs_fp8=t_fp8 / t_gemm, gemm_vs_int_mm=t_int / t_gemm,
+            rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
+            rq_dense_us=t_rq_dense * 1e3,
+            fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
+            gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
+            bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
+        ))
+
+
+def bench_skinny(name, m, k, n, rows):
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, None, 256)
+    out = w4a16_gemm(x, qw.values, qw.scale, None, 256)
+    t_bf16 = bench_ms(lambda: torch.mm(x, w.T))
+    t_ours = bench_ms(lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256))
+    wbytes = qw.values.numel() + qw.scale.numel() * 4
+    rows.append(dict(shape=name, M=m, K=k, N=n, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
+                     speedup=t_bf16 / t_ours, w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
+                     rel_err_vs_ref=rel_err(out, ref), rel_err_vs_bf16=rel_err(out, x.float() @ w.float().T)))
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(v) for v in xs) / len(xs))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="only the first shape")
+    p.add_argument("--out", help="result folder (default $OUT or bench/results)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemm.py needs a CUDA GPU")
+    from tabulate import tabulate
+    from tqdm.auto import tqdm
+
+    env = environment()
+    copy_gbs = copy_bandwidth()
+    rows, skinny = [], []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    jobs = [(s, m) for m in (4608, 512) for s in shapes]
+    for (name, k, n), m in tqdm(jobs, desc="GEMM shapes"):
+        bench_shape(name, m, k, n, copy_gbs, rows)
+    for name, k, n in SKINNY:
+        for m in (1, 4):
+            bench_skinny(name, m, k, n, skinny)
+
+    table = tabulate(
+        [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}", f"{r['gemm_vs_bf16']:.2f}",
+          f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
+          f"{r['rq_dense_us'] / r['rq_us']:.2f}", f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
+          f"{r['rq_int_mismatch']:.1e}"] for r in rows],
+        headers=["shape", "M", "scheme", "GEMM TOPS", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
+                 "dense/kron", "rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
+    skinny_table = tabulate(
+        [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
+          f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}"] for r in skinny],
+        headers=["W4A16 shape", "M", "bf16 us", "w4a16 us", "speedup", "GB/s", "err vs ref"], tablefmt="github")
+    summary = {}
+    for scheme in ("w4a4", "w8a8"):
+        big = [r for r in rows if r["scheme"] == scheme and r["M"] == 4608]
+        small = [r for r in rows if r["scheme"] == scheme and r["M"] == 512]
+        summary[scheme] = dict(
+            gemm_vs_bf16_geomean_m4608=geomean([r["gemm_vs_bf16"] for r in big]),
+            gemm_vs_bf16_min_m4608=min(r["gemm_vs_bf16"] for r in big),
+            fused_vs_bf16_geomean_m4608=geomean([r["fused_vs_bf16"] for r in big]),
+            rq_frac_copy_min=min(r["rq_frac_copy"] for r in big),
+            gemm_vs_bf16_min_m512=min(r["gemm_vs_bf16"] for r in small),
+        )
+    summary_table = tabulate([[k, *(f"{v:.2f}" for v in s.values())] for k, s in summary.items()],
+                             headers=["scheme", "GEMM x bf16 geomean", "GEMM x bf16 min", "rot+q+GEMM x bf16 geomean",
+                                      "rot+q min frac of copy", "M=512 GEMM x bf16 min"], tablefmt="github")
+    head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
+            f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)\n")
+    md = f"# GEMM benchmark\n\n{head}\n{table}\n\n{skinny_table}\n\n{summary_table}\n"
+    paths = write_results("gemm", dict(env=env, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary), md,
+                          args.out)
+    print(md)
+    print("written:", *paths)
+
+
+if __name__ == "__main__":
+    main()

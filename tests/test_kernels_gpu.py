@@ -1,0 +1,83 @@
+"""Kernels at FLUX.1-dev shapes on a GPU (skipped without CUDA): kernel == reference, and
+output buffers that start out poisoned are fully overwritten."""
+
+import pytest
+import torch
+
+from convrot_compiler import ops
+from convrot_compiler.hadamard import hadamard_matrix
+from convrot_compiler.kernels.int_gemm import int_gemm
+from convrot_compiler.kernels.rotate_quant import rotate_quantize
+from convrot_compiler.kernels.weight_only import w4a16_gemm
+from convrot_compiler.quant import quantize_weight, unpack_int4
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _poison_allocator(nbytes=2 << 30):
+    """Fill memory the caching allocator will hand out next, so unwritten outputs show up."""
+    buf = torch.full((nbytes,), 0x7F, dtype=torch.uint8, device="cuda")
+    del buf
+
+
+def _dit_activations(m, k):
+    return (torch.randn(m, k, device="cuda") * 2 + torch.randn(m, 1, device="cuda") * 4).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k", [3072, 12288, 15360])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("h_size", [16, 256])
+def test_rotate_quantize_at_flux_shapes(k, bits, h_size):
+    m = 4608
+    x = _dit_activations(m, k)
+    h = hadamard_matrix("regular", h_size, device="cuda")
+    q_ref, s_ref = ops.rotate_quantize_reference(x, h, 256, bits)
+    _poison_allocator()
+    q, s = rotate_quantize(x, h, 256, bits)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    a, b = (unpack_int4(q), unpack_int4(q_ref)) if bits == 4 else (q, q_ref)
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)])
+@pytest.mark.parametrize("m", [4608, 512, 77])
+@pytest.mark.parametrize("packed", [True, False])
+def test_int_gemm_at_flux_shapes(k, n, m, packed):
+    lim = 7 if packed else 127
+    qa = torch.randint(-lim, lim + 1, (m, k), dtype=torch.int8, device="cuda")
+    qb = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8, device="cuda")
+    if packed:
+        from convrot_compiler.quant import pack_int4
+        qa, qb = pack_int4(qa), pack_int4(qb)
+    sa = torch.rand(m, device="cuda") * 1e-2 + 1e-3
+    sb = torch.rand(n, device="cuda") * 1e-2 + 1e-3
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = ops.int_gemm_reference(qa, sa, qb, sb, bias, packed, torch.float32)
+    _poison_allocator()
+    out = int_gemm(qa, sa, qb, sb, bias, packed, torch.bfloat16)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    out32 = int_gemm(qa, sa, qb, sb, bias, packed, torch.float32)
+    # the integer part is exact; the epilogue may contract multiply-add into FMA, hence 1e-6
+    torch.testing.assert_close(out32, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [18432, 9216, 3072])
+@pytest.mark.parametrize("m", [1, 4])
+def test_w4a16_at_flux_shapes(n, m):
+    k = 3072
+    w = torch.randn(n, k, device="cuda") * 0.02
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, bias, 256)
+    _poison_allocator()
+    out = w4a16_gemm(x, qw.values, qw.scale, bias, 256)
+    assert torch.isfinite(out).all()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2
+
+
+def test_kernel_rejects_cpu_tensor_without_interpreter():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        rotate_quantize(torch.randn(4, 256), None, 256, 4)
