@@ -22,11 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
-from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm  # noqa: E402
 from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
 from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
-from convrot_compiler.quant import quantize_weight, unpack_int4  # noqa: E402
+from convrot_compiler.quant import quantize_weight  # noqa: E402
 from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
 
 SHAPES = [  # (name, K, N)
@@ -75,25 +74,22 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
 
     rot = GroupHadamardRotation("regular", 256)
     h16 = rot.kernel_matrix().to("cuda")
-    h256 = hadamard_matrix("regular", 256, device="cuda")
     for scheme, bits in (("w4a4", 4), ("w8a8", 8)):
         qw = quantize_weight(w, scheme, rot)
         qa, sa = rotate_quantize(x, h16, 256, bits)
         packed = bits == 4
         # correctness: GEMM vs reference on the same quantized operands; end to end vs float
-        g_ref = ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, torch.float32)
-        g_out = int_gemm(qa, sa, qw.values, qw.scale, None, packed, torch.bfloat16)
+        g_ref = ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32)
+        g_out = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16)
         gemm_err = rel_err(g_out, g_ref)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
-        a, b = (unpack_int4(qa), unpack_int4(q_ref)) if packed else (qa, q_ref)
-        mismatch = ((a.int() - b.int()).abs() > 0).float().mean().item()
+        mismatch = ((qa.int() - q_ref.int()).abs() > 0).float().mean().item()
         e2e_err = rel_err(g_out, ref)
 
-        t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, torch.bfloat16))
+        t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
         t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
-        t_rq_dense = bench_ms(lambda: rotate_quantize(x, h256, 256, bits))
         t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
-                                          torch.bfloat16))
+                                          256, torch.bfloat16))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
         rows.append(dict(
             shape=name, M=m, K=k, N=n, scheme=scheme,
@@ -101,7 +97,6 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
             gemm_us=t_gemm * 1e3, gemm_tops=flop / t_gemm / 1e9,
             gemm_vs_bf16=t_bf16 / t_gemm, gemm_vs_fp8=t_fp8 / t_gemm, gemm_vs_int_mm=t_int / t_gemm,
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
-            rq_dense_us=t_rq_dense * 1e3,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
             gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
             bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
@@ -150,10 +145,10 @@ def main() -> None:
     table = tabulate(
         [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
-          f"{r['rq_dense_us'] / r['rq_us']:.2f}", f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
+f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}"] for r in rows],
         headers=["shape", "M", "scheme", "GEMM TOPS", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
-                 "dense/kron", "rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
+"rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
           f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}"] for r in skinny],

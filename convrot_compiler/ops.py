@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .hadamard import padded_size
-from .quant import QuantizedWeight, pack_int4, quantize_symmetric, reference_int_gemm, unpack_int4
+from .quant import QuantizedWeight, quantize_symmetric, reference_int_gemm, unpack_int4
 from .rotations import GroupHadamardRotation
 
 
@@ -24,29 +24,30 @@ def _full_matrix(h: torch.Tensor, group_size: int) -> torch.Tensor:
 def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
                               bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise rotation + per-token quantization of [M, K] activations, on any device.
-    h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None."""
+    h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None.
+    Returns (int8 values [M, K'], float32 scale [M])."""
     xf = x.float()
     xf = torch.nn.functional.pad(xf, (0, padded_size(x.shape[-1], group_size) - x.shape[-1]))
     if h is not None:
         hf = _full_matrix(h.float(), group_size)
         xf = (xf.reshape(x.shape[0], -1, group_size) @ hf).reshape(x.shape[0], -1)
-    q, scale = quantize_symmetric(xf, bits)
-    return (pack_int4(q) if bits == 4 else q), scale
+    return quantize_symmetric(xf, bits)
 
 
-def int_gemm_reference(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
-                       bias: Optional[torch.Tensor], packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """(qa @ qb^T) * sa * sb (+ bias) on int8 operands, int4 pairs when ``packed``; any device."""
+def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                       bias: Optional[torch.Tensor], packed: bool, group_size: int,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device."""
     if packed:
-        qa, qb = unpack_int4(qa), unpack_int4(qb)
-    return reference_int_gemm(qa, sa, qb, sb, bias, out_dtype)
+        qw = unpack_int4(qw, group_size)
+    return reference_int_gemm(qx, sx, qw, sw, bias, out_dtype)
 
 
 def w4a16_gemm_reference(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                          group_size: int) -> torch.Tensor:
     """x @ dequant(qw)^T (+ bias) with int4 weights and per-(channel, group) scales; any device."""
     n = qw.shape[0]
-    w = (unpack_int4(qw).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    w = (unpack_int4(qw, group_size).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
     out = x.float() @ w[:, : x.shape[-1]].T
     if bias is not None:
         out = out + bias.float()
@@ -69,27 +70,27 @@ def _rotate_quantize_cuda(x, h, group_size, bits):
 @rotate_quantize.register_fake
 def _(x, h, group_size, bits):
     kp = padded_size(x.shape[-1], group_size)
-    q = x.new_empty(x.shape[0], kp // 2 if bits == 4 else kp, dtype=torch.int8)
+    q = x.new_empty(x.shape[0], kp, dtype=torch.int8)
     return q, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
-def int_gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, bias: Optional[torch.Tensor],
-             packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Quantized GEMM; see ``int_gemm_reference``."""
-    return int_gemm_reference(qa, sa, qb, sb, bias, packed, out_dtype)
+    return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype)
 
 
 @int_gemm.register_kernel("cuda")
-def _int_gemm_cuda(qa, sa, qb, sb, bias, packed, out_dtype):
+def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
     from .kernels.int_gemm import int_gemm as kernel
 
-    return kernel(qa, sa, qb, sb, bias, packed, out_dtype)
+    return kernel(qx, sx, qw, sw, bias, packed, group_size, out_dtype)
 
 
 @int_gemm.register_fake
-def _(qa, sa, qb, sb, bias, packed, out_dtype):
-    return qa.new_empty(qa.shape[0], qb.shape[0], dtype=out_dtype)
+def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
+    return qx.new_empty(qx.shape[0], qw.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
@@ -112,8 +113,12 @@ def _(x, qw, scale, bias, group_size):
 
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
-    """Whether the fused ops can run this weight (only group-Hadamard rotations have kernels)."""
-    return qweight.act_bits is None or isinstance(qweight.rotation, GroupHadamardRotation)
+    """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
+    groups of 256, and w4a16 with groups of 256. Other weights run the reference ops."""
+    if qweight.act_bits is None:
+        return qweight.group_size == 256
+    rot = qweight.rotation
+    return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 
 
 def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None,
@@ -127,5 +132,6 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tens
         out = torch.ops.convrot.w4a16_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
     else:
         qa, sa = torch.ops.convrot.rotate_quantize(x2, h, qweight.group_size, qweight.act_bits)
-        out = torch.ops.convrot.int_gemm(qa, sa, qweight.values, qweight.scale, bias, qweight.weight_bits == 4, x.dtype)
+        out = torch.ops.convrot.int_gemm(qa, sa, qweight.values, qweight.scale, bias, qweight.weight_bits == 4,
+                                         qweight.group_size, x.dtype)
     return out.reshape(*lead, qweight.out_features)

@@ -14,12 +14,15 @@ Zero rows get scale 0 and all-zero values, never NaN. A row holding any NaN or
 +-Inf gets a NaN scale and zero values, so its output row is all NaN (as it would
 be in bf16) and every other row is unaffected.
 
-Int4 packing layout. A row of K int4 values (K even) is stored as K/2 int8
-bytes: byte j holds value 2j in its low nibble and value 2j+1 in its high
-nibble. Unpacking a byte tile is two shifts, ``lo = (b << 4) >> 4`` and
-``hi = b >> 4`` (arithmetic shifts sign-extend). A GEMM whose two operands are
-packed the same way never restores the original order: ``dot(lo_a, lo_b) +
-dot(hi_a, hi_b)`` already sums over every K, so no register shuffle is needed.
+Int4 packing layout (weights). A row of K int4 values (K a multiple of the
+group size G) is stored as K/2 int8 bytes. In group g, byte j holds value
+g*G + j in its low nibble and value g*G + G/2 + j in its high nibble. Unpacking a
+byte tile is two shifts, ``lo = (b << 4) >> 4`` and ``hi = b >> 4`` (arithmetic
+shifts sign-extend), and the low and high nibbles of a tile of bytes multiply
+two *contiguous* tiles of int8 activations, so the GEMM's K loop needs no
+register shuffle and its activation loads stay plain. Activations are kept as
+int8 containers (values in [-7, 7] for int4): see kernels/int_gemm.py for the
+measurement behind that choice.
 """
 
 from __future__ import annotations
@@ -64,26 +67,32 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack int4 values (an int8 tensor in [-8, 7], even last dimension) two per byte; see module doc."""
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack int4 values (an int8 tensor in [-8, 7]) two per byte along the last dimension; see module doc."""
     if q.dtype != torch.int8:
         raise TypeError(f"pack_int4 takes int8 values, got {q.dtype}")
-    if q.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even last dimension, got {q.shape[-1]}")
+    k = q.shape[-1]
+    if group_size < 2 or group_size % 2 or k % group_size:
+        raise ValueError(f"last dimension {k} must be a multiple of an even group size, got {group_size}")
     if q.numel() and (q.min() < -8 or q.max() > 7):
         raise ValueError("pack_int4 values must lie in [-8, 7]")
-    lo = q[..., 0::2].to(torch.int16) & 0xF
-    hi = q[..., 1::2].to(torch.int16) << 4
-    return (lo | hi).to(torch.uint8).view(torch.int8)
+    g = q.reshape(*q.shape[:-1], k // group_size, 2, group_size // 2)
+    lo = g[..., 0, :].to(torch.int16) & 0xF
+    hi = g[..., 1, :].to(torch.int16) << 4
+    return (lo | hi).to(torch.uint8).view(torch.int8).reshape(*q.shape[:-1], k // 2)
 
 
-def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+def unpack_int4(p: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of ``pack_int4``."""
     if p.dtype != torch.int8:
         raise TypeError(f"unpack_int4 takes packed int8 bytes, got {p.dtype}")
-    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4)
-    hi = torch.bitwise_right_shift(p, 4)
-    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    half = group_size // 2
+    kb = p.shape[-1]
+    if group_size < 2 or group_size % 2 or kb % half:
+        raise ValueError(f"packed width {kb} must be a multiple of group_size/2 = {half}")
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4).reshape(*p.shape[:-1], kb // half, 1, half)
+    hi = torch.bitwise_right_shift(p, 4).reshape(*p.shape[:-1], kb // half, 1, half)
+    return torch.cat((lo, hi), dim=-2).reshape(*p.shape[:-1], kb * 2)
 
 
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
@@ -123,7 +132,7 @@ class QuantizedWeight:
 
     def int_values(self) -> torch.Tensor:
         """Unpacked int8 values [N, K']."""
-        return unpack_int4(self.values) if self.weight_bits == 4 else self.values
+        return unpack_int4(self.values, self.group_size) if self.weight_bits == 4 else self.values
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
@@ -166,7 +175,7 @@ def quantize_weight(
         if kp % group_size:
             raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
         q, scale = weight_quantizer(w, wbits)
-    values = pack_int4(q) if wbits == 4 else q
+    values = pack_int4(q, group_size) if wbits == 4 else q
     return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation)
 
 

@@ -14,24 +14,24 @@ def _rel(a, b):
 def test_pack_round_trip_covers_all_sixteen_values():
     vals = torch.arange(-8, 8, dtype=torch.int8)
     q = torch.stack([vals.roll(i) for i in range(16)]).repeat(1, 2)  # [16, 32]
-    packed = pack_int4(q)
+    packed = pack_int4(q, 16)
     assert packed.shape == (16, 16) and packed.dtype == torch.int8
-    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(unpack_int4(packed, 16), q)
 
 
-def test_pack_layout_even_value_low_nibble_odd_value_high_nibble():
-    q = torch.tensor([[1, 2, -3, 4, 5, -6, 7, -8]], dtype=torch.int8)
-    b = pack_int4(q).view(torch.uint8)
-    assert b.tolist() == [[1 | (2 << 4), (-3 & 0xF) | (4 << 4), 5 | ((-6 & 0xF) << 4), 7 | ((-8 & 0xF) << 4)]]
+def test_pack_layout_first_half_of_group_low_nibble_second_half_high_nibble():
+    q = torch.tensor([[1, 2, -3, 4, 5, -6, 7, -8]], dtype=torch.int8)  # one group of 8
+    b = pack_int4(q, 8).view(torch.uint8)
+    assert b.tolist() == [[1 | (5 << 4), 2 | ((-6 & 0xF) << 4), (-3 & 0xF) | (7 << 4), 4 | ((-8 & 0xF) << 4)]]
 
 
 def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="even"):
-        pack_int4(torch.zeros(2, 7, dtype=torch.int8))
+    with pytest.raises(ValueError, match="multiple"):
+        pack_int4(torch.zeros(2, 12, dtype=torch.int8), 8)
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
-        pack_int4(torch.full((1, 8), 9, dtype=torch.int8))
+        pack_int4(torch.full((1, 8), 9, dtype=torch.int8), 8)
     with pytest.raises(TypeError):
-        pack_int4(torch.zeros(1, 8))
+        pack_int4(torch.zeros(1, 8), 8)
 
 
 @pytest.mark.parametrize("bits,qmax", [(4, 7), (8, 127)])

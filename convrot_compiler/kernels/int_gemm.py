@@ -1,10 +1,18 @@
-"""Quantized GEMM on int8 tensor cores: C = float(A @ B^T) * sa[:, None] * sb[None, :] (+ bias).
+"""Quantized GEMM on int8 tensor cores: C = float(X @ W^T) * sx[:, None] * sw[None, :] (+ bias).
 
 Hopper has no int4 tensor cores (mma s4 is emulated at ~1/20 the int8 rate), so
-W4A4 keeps int4 storage and int4 numerics but multiplies on int8 units. Both
-operands are packed the same way (value 2j in the low nibble of byte j, 2j+1 in
-the high one), so a packed K-tile splits into two plain int8 dots, low nibbles
-with low nibbles and high with high, and no register shuffle is needed.
+W4A4 keeps int4 weights in memory and int4 numerics but multiplies on int8
+units. Measured on an H100 (bench/results/gemm_v1.md): unpacking *both* operands
+from packed int4 in the K loop ran at 313-378 TOPS, 0.43-0.53x cuBLAS bf16,
+while the same kernel on int8 operands reached 865-1001 TOPS. Unpacked values
+must go back to shared memory before a wgmma can read its B operand. So:
+
+* activations are int8 containers (values in [-7, 7]) and load straight into
+  shared memory;
+* the kernel computes C^T = W X^T, so the unpacked weights are wgmma's A operand,
+  which may come from registers;
+* weights are packed per group (byte j of a group holds values j and j + G/2), so
+  the low and high nibbles of a weight tile pair with two contiguous activation tiles.
 """
 
 from __future__ import annotations
@@ -16,83 +24,90 @@ import triton.language as tl
 from ._common import autotune_configs, check_2d_rows, check_device
 
 _GPU_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BKB": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in [
-        (128, 128, 128, 4, 8), (128, 256, 128, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 5, 4),
-        (64, 128, 128, 4, 4), (256, 128, 128, 3, 8), (128, 64, 128, 4, 4),
+    triton.Config({"BN": bn, "BM": bm, "BKB": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
+    for bn, bm, bk, s, w in [
+        (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
+        (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
     ]
 ]
-_INTERPRETER_CONFIG = triton.Config({"BM": 16, "BN": 16, "BKB": 32, "GROUP_M": 2}, num_warps=4)
+_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BKB": 32, "GROUP_N": 2}, num_warps=4)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "KB", "PACKED"])
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "KW", "PACKED"])
 @triton.jit
-def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, KB, stride_am, stride_bn, stride_cm,
-                     HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, GROUP_M: tl.constexpr):
+def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_xm, stride_wn, stride_cm,
+                     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
+                     BN: tl.constexpr, BM: tl.constexpr, BKB: tl.constexpr, GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % size_m)
-    pid_n = (pid % per_group) // size_m
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_N * num_m
+    first_n = (pid // per_group) * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    pid_n = first_n + ((pid % per_group) % size_n)
+    pid_m = (pid % per_group) // size_n
 
-    rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BKB)
-    a_ptrs = a_ptr + (rm % M)[:, None].to(tl.int64) * stride_am + rk[None, :]
-    b_ptrs = b_ptr + (rn % N)[:, None].to(tl.int64) * stride_bn + rk[None, :]
-    acc = tl.zeros([BM, BN], dtype=tl.int32)
-    for _ in range(0, KB, BKB):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+    w_ptrs = w_ptr + (rn % N)[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    x_rows = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    acc = tl.zeros([BN, BM], dtype=tl.int32)
+    for kb in range(0, KW, BKB):
+        w = tl.load(w_ptrs)
         if PACKED:
-            a_lo = ((a << 4) >> 4).to(tl.int8)
-            b_lo = ((b << 4) >> 4).to(tl.int8)
-            acc = tl.dot(a_lo, tl.trans(b_lo), acc, out_dtype=tl.int32)
-            acc = tl.dot((a >> 4).to(tl.int8), tl.trans((b >> 4).to(tl.int8)), acc, out_dtype=tl.int32)
+            x_off = (kb // HALF) * (2 * HALF) + (kb % HALF)
+            x_lo = tl.load(x_rows + x_off)
+            x_hi = tl.load(x_rows + x_off + HALF)
+            w_lo = ((w << 4) >> 4).to(tl.int8)
+            w_hi = (w >> 4).to(tl.int8)
+            acc = tl.dot(w_lo, tl.trans(x_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, tl.trans(x_hi), acc, out_dtype=tl.int32)
         else:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        a_ptrs += BKB
-        b_ptrs += BKB
+            x = tl.load(x_rows + kb)
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
+        w_ptrs += BKB
 
-    mmask = rm < M
     nmask = rn < N
-    sa = tl.load(sa_ptr + rm, mask=mmask, other=0.0)
-    sb = tl.load(sb_ptr + rn, mask=nmask, other=0.0)
-    out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    mmask = rm < M
+    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
+    sx = tl.load(sx_ptr + rm, mask=mmask, other=0.0)
+    out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
-def int_gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None,
-             packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """[M, N] = (qa @ qb^T) * sa * sb (+ bias). qa [M, KB], qb [N, KB] int8 (int4 pairs when ``packed``);
-    KB must be a multiple of 128 (K a multiple of 256 for int4, as the rotation group guarantees)."""
-    check_device(qa, sa, qb, sb)
-    check_2d_rows("qa", qa)
-    check_2d_rows("qb", qb)
-    if qa.dtype != torch.int8 or qb.dtype != torch.int8:
-        raise TypeError(f"int_gemm takes int8 operands, got {qa.dtype} and {qb.dtype}")
-    m, kb = qa.shape
-    n = qb.shape[0]
-    if qb.shape[1] != kb:
-        raise ValueError(f"K mismatch: activations have {kb} bytes per row, weights {qb.shape[1]}")
-    if kb % 128:
-        raise ValueError(f"K ({kb} bytes per row) must be a multiple of 128: pad K to the rotation group size")
-    if sa.shape != (m,) or sb.shape != (n,) or sa.dtype != torch.float32 or sb.dtype != torch.float32:
-        raise ValueError(f"scales must be float32 [M]={m} and [N]={n}, got {tuple(sa.shape)} {sa.dtype} and "
-                         f"{tuple(sb.shape)} {sb.dtype}")
+def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, N] = (qx @ W^T) * sx * sw (+ bias).
+
+    qx: int8 activations [M, K']; qw: weights [N, K'/2] packed int4 (``packed``, per-group
+    layout of quant.pack_int4) or [N, K'] int8; K' a multiple of ``group_size`` (256 or 128k)."""
+    check_device(qx, sx, qw, sw)
+    check_2d_rows("qx", qx)
+    check_2d_rows("qw", qw)
+    if qx.dtype != torch.int8 or qw.dtype != torch.int8:
+        raise TypeError(f"int_gemm takes int8 operands, got {qx.dtype} and {qw.dtype}")
+    m, k = qx.shape
+    n, kw = qw.shape
+    if kw * (2 if packed else 1) != k:
+        raise ValueError(f"K mismatch: activations have {k} values per row, weights {kw} "
+                         f"{'bytes (2 values each)' if packed else 'values'}")
+    if k % group_size or group_size % 256:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size}, itself a multiple of 256: "
+                         "pad K to the rotation group size")
+    if sx.shape != (m,) or sw.shape != (n,) or sx.dtype != torch.float32 or sw.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 [M]={m} and [N]={n}, got {tuple(sx.shape)} {sx.dtype} and "
+                         f"{tuple(sw.shape)} {sw.dtype}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
-    c = torch.empty(m, n, dtype=out_dtype, device=qa.device)
+    c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _int_gemm_kernel[grid](qa, qb, sa, sb, bias if bias is not None else sb, c, m, n, kb,
-                           qa.stride(0), qb.stride(0), c.stride(0), HAS_BIAS=bias is not None, PACKED=packed)
+    _int_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, c, m, n, kw,
+                           qx.stride(0), qw.stride(0), c.stride(0), HALF=group_size // 2,
+                           HAS_BIAS=bias is not None, PACKED=packed)
     return c

@@ -2,12 +2,15 @@
 
 One program owns BM rows. Pass 1 rotates every group of the rows and keeps the
 running absmax; pass 2 rotates again (the rows' input is then in L2) and writes
-int4 (packed two per byte, value 2j in the low nibble) or int8 values. The
+the values as int8 (int4 values in [-7, 7] also go out in int8 containers: the
+GEMM then loads them with no unpacking, see kernels/int_gemm.py). The
 per-token scale needs the whole rotated row, and a row of K up to 15360 does not
 fit on chip, hence two passes over a cached input rather than one over DRAM.
 
 The rotation of a group of G channels runs one of two ways:
-* dense: y = x @ H, a [BM, G] x [G, G] tensor-core product (any G);
+* dense (G <= 64): y = x @ H, one [BM, G] x [G, G] tensor-core product. For
+  G = 256 the dense form does not fit: Triton keeps the loop-invariant 128 KB
+  H resident in shared memory (280 KB asked on an H100, 227 KB available);
 * kron (G = 256 only): H = A (x) A with A the 16 x 16 Hadamard of the same kind,
   so a group viewed as X [16, 16] rotates to A^T X A: two products with K = 16,
   16x fewer flops than dense. The second product takes its fp32 input as a sum
@@ -26,13 +29,15 @@ METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
 
 @triton.jit
-def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr):
-    """Rotated [BM, G] float32 tile of one input group."""
+def _rotate_chunk(x, h_ptr, c, BM: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, METHOD: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """Columns [c*CH, (c+1)*CH) of the rotated [BM, G] group, in float32."""
     if METHOD == 0:
         y = x.to(tl.float32)
     elif METHOD == 1:
         hr = tl.arange(0, G)
-        h = tl.load(h_ptr + hr[:, None] * G + hr[None, :])
+        hc = c * CH + tl.arange(0, CH)
+        h = tl.load(h_ptr + hr[:, None] * G + hc[None, :])
         if DOT_F32:
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
         else:
@@ -60,21 +65,31 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
 @triton.jit
 def _quantize_tile(y, scale, usable, QMAX: tl.constexpr):
     safe = tl.where(usable, scale, 1.0)
-    q = round_half_even(y / safe[:, None])
+    # IEEE division: Triton's default fp32 '/' is approximate and would round exact ties differently
+    q = round_half_even(tl.math.div_rn(y, safe[:, None]))
     q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     return tl.where(usable[:, None], q, 0.0).to(tl.int32)
 
 
+def _prune(configs, named_args, **kwargs):
+    """The dense form's dot has BM rows and needs at least 16; the Kronecker form's has BM * 16."""
+    if kwargs.get("METHOD", named_args.get("METHOD")) == METHOD_DENSE:
+        return [c for c in configs if c.kwargs["BM"] >= 16]
+    return configs
+
+
 @triton.autotune(
     configs=autotune_configs(
-        [triton.Config({"BM": bm}, num_warps=w) for bm in (16, 32, 64) for w in (4, 8)],
+        [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+         for bm in (2, 4, 8, 16, 32) for w in (2, 4) for st in (2, 3)],
         triton.Config({"BM": 16}, num_warps=4),
     ),
-    key=["K", "G", "METHOD", "PACK"],
+    key=["K", "G", "METHOD", "QMAX"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                         G: tl.constexpr, CH: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
                          DOT_F32: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -90,8 +105,9 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         xf = x.to(tl.float32)
         bad += tl.sum((~(tl.abs(xf) < float("inf"))).to(tl.int32), axis=1)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
-        amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+        for c in tl.static_range(G // CH):
+            y = _rotate_chunk(x, h_ptr, c, BM, G, CH, METHOD, DOT_F32)
+            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
 
     scale = tl.where(bad > 0, float("nan"), amax / QMAX)
     usable = (bad == 0) & (scale > 0.0)
@@ -101,17 +117,11 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
-        if PACK:
-            even, odd = tl.split(tl.reshape(y, (BM, G // 2, 2)))
-            lo = _quantize_tile(even, scale, usable, QMAX)
-            hi = _quantize_tile(odd, scale, usable, QMAX)
-            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.int8)
-            ob = g * (G // 2) + tl.arange(0, G // 2)
-            tl.store(q_rows + ob[None, :], byte, mask=rmask[:, None])
-        else:
+        for c in tl.static_range(G // CH):
+            y = _rotate_chunk(x, h_ptr, c, BM, G, CH, METHOD, DOT_F32)
             q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
-            tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
+            oc = g * G + c * CH + tl.arange(0, CH)
+            tl.store(q_rows + oc[None, :], q, mask=rmask[:, None])
 
 
 def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +129,7 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
     (faster), or None for no rotation (K is still zero-padded to a multiple of G).
-    Returns (values int8 [M, K'/2] packed for 4 bits or [M, K'] for 8, scale float32 [M]).
+    Returns (values int8 [M, K'] in [-qmax, qmax], scale float32 [M]).
     """
     check_device(x)
     check_2d_rows("x", x)
@@ -132,22 +142,22 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
     if h is None:
         method = METHOD_NONE
         h = x.new_empty(1)
-    elif tuple(h.shape) == (group_size, group_size):
+    elif tuple(h.shape) == (group_size, group_size) and group_size <= 64:
         method = METHOD_DENSE
     elif tuple(h.shape) == (16, 16) and group_size == 256:
         method = METHOD_KRON
     else:
-        raise ValueError(f"h must be [{group_size}, {group_size}] or, for group_size 256, its [16, 16] Kronecker factor; "
-                         f"got {tuple(h.shape)}")
+        raise ValueError(f"h must be the [G, G] rotation for G <= 64 or, for G = 256, its [16, 16] Kronecker factor; "
+                         f"got {tuple(h.shape)} for G = {group_size}")
     dot_f32 = interpreting() or x.dtype == torch.float32
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m, k = x.shape
     kp = -(-k // group_size) * group_size
-    q = torch.empty(m, kp // 2 if bits == 4 else kp, dtype=torch.int8, device=x.device)
+    q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
-                               QMAX=7 if bits == 4 else 127, PACK=bits == 4, DOT_F32=dot_f32)
+    _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, CH=group_size, METHOD=method,
+                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
     return q, scale

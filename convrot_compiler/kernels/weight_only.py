@@ -1,9 +1,11 @@
 """Int4 weight-only GEMM (W4A16) for linears that see a few rows per sample.
 
-Memory-bound: the cost is reading the weights, 4x fewer bytes than bf16. Each
-program owns BN output channels and walks K; packed bytes are unpacked with two
-shifts, scaled by their group's scale and multiplied with the even and odd
-input channels (which the low and high nibbles hold).
+Memory-bound: the cost is reading the weights, 4x fewer bytes than bf16. There is
+too little arithmetic for tensor cores to matter, so each program multiplies on
+CUDA cores and reduces: it owns BN output channels and BM rows and walks K, a
+tile of packed bytes at a time. Weights use the per-group layout of
+quant.pack_int4, so the low and high nibbles of a byte tile meet two contiguous
+tiles of the input. A small BN gives many programs and many loads in flight.
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, check_2d_rows, check_device, interpreting
+from ._common import autotune_configs, check_2d_rows, check_device
 
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
-    for bn, bk, s, w in [(32, 128, 4, 4), (64, 128, 4, 4), (16, 128, 4, 4), (32, 64, 5, 4), (64, 64, 4, 8),
-                         (128, 128, 3, 8)]
+    for bn, bk, s, w in [(8, 128, 3, 4), (16, 128, 3, 4), (16, 64, 4, 4), (32, 64, 3, 4), (8, 64, 4, 2),
+                         (16, 128, 4, 8), (32, 128, 3, 8)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "G"])
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "BM"])
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_cm,
-                  G: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                  HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -34,23 +36,21 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
     rkb = tl.arange(0, BKB)
     mmask = rm < M
     nmask = rn < N
-    w_ptrs = w_ptr + (rn % N)[:, None].to(tl.int64) * stride_wn + rkb[None, :]
+    rn_safe = (rn % N).to(tl.int64)
+    w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rkb[None, :]
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in range(0, KB, BKB):
         w = tl.load(w_ptrs)
-        s = tl.load(s_ptr + (rn % N).to(tl.int64) * stride_sn + (2 * kb) // G)
-        k_even = 2 * (kb + rkb)
-        xe = tl.load(x_rows + k_even[None, :], mask=mmask[:, None] & (k_even[None, :] < K), other=0.0)
-        xo = tl.load(x_rows + k_even[None, :] + 1, mask=mmask[:, None] & (k_even[None, :] + 1 < K), other=0.0)
-        lo = ((w << 4) >> 4).to(tl.float32) * s[:, None]
-        hi = (w >> 4).to(tl.float32) * s[:, None]
-        if DOT_F32:
-            acc = tl.dot(xe.to(tl.float32), tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(xo.to(tl.float32), tl.trans(hi), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc)
-            acc = tl.dot(xo, tl.trans(hi.to(xo.dtype)), acc)
+        s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
+        k_lo = (kb // HALF) * (2 * HALF) + (kb % HALF) + rkb
+        k_hi = k_lo + HALF
+        x_lo = tl.load(x_rows + k_lo[None, :], mask=mmask[:, None] & (k_lo[None, :] < K), other=0.0).to(tl.float32)
+        x_hi = tl.load(x_rows + k_hi[None, :], mask=mmask[:, None] & (k_hi[None, :] < K), other=0.0).to(tl.float32)
+        w_lo = ((w << 4) >> 4).to(tl.float32)
+        w_hi = (w >> 4).to(tl.float32)
+        part = tl.sum(x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :], axis=2)
+        acc += part * s[None, :]
         w_ptrs += BKB
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -60,7 +60,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
 
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                group_size: int) -> torch.Tensor:
-    """[M, N] = x @ dequant(qw)^T (+ bias), qw packed int4 [N, K'/2] with float32 scales [N, K'/group_size]."""
+    """[M, N] = x @ dequant(qw)^T (+ bias): qw packed int4 [N, K'/2] (per-group layout of quant.pack_int4)
+    with float32 scales [N, K'/group_size]. Meant for M of 1 to 8; larger M works but rereads weights."""
     check_device(x, qw, scale)
     check_2d_rows("x", x)
     check_2d_rows("qw", qw)
@@ -79,9 +80,8 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return c
-    bm = 16
+    bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
     grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
     _w4a16_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, m, n, k, kb, x.stride(0), qw.stride(0),
-                        scale.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None,
-                        DOT_F32=interpreting() or x.dtype == torch.float32, BM=bm)
+                        scale.stride(0), c.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None, BM=bm)
     return c
