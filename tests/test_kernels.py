@@ -61,10 +61,10 @@ def test_rotate_quantize_non_finite_rows_and_poisoned_output():
     assert torch.equal(q.cpu(), q_ref)
 
 
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("packed,unpack", [(True, "scratch"), (True, "inline"), (False, "scratch")])
 @pytest.mark.parametrize("m,n,k", [(1, 16, 256), (33, 40, 512)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias):
+def test_int_gemm_kernel_matches_reference(packed, unpack, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m * n + k)
     lim = 7 if packed else 127
     qx = torch.randint(-lim, lim + 1, (m, k), generator=g, dtype=torch.int8)
@@ -75,11 +75,21 @@ def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias):
     bias = torch.randn(n, generator=g) if with_bias else None
     ref = ops.int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.float32)
     out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), None if bias is None else bias.to(DEV),
-                   packed, 256, torch.float32)
+                   packed, 256, torch.float32, unpack=unpack)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 16, 600)])
+def test_unpack_kernel_matches_reference():
+    from convrot_compiler.kernels.int_gemm import unpack_int4 as unpack_kernel
+    from convrot_compiler.quant import unpack_int4
+
+    q = torch.randint(-8, 8, (37, 768), dtype=torch.int8)
+    packed = pack_int4(q, 256)
+    assert torch.equal(unpack_kernel(packed.to(DEV), 256).cpu(), q)
+    assert torch.equal(unpack_int4(packed, 256), q)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 16, 600), (6, 24, 512)])
 def test_w4a16_kernel_matches_reference(m, n, k):
     g = torch.Generator().manual_seed(m + n + k)
     w = torch.randn(n, k, generator=g) * 0.05

@@ -13,6 +13,13 @@ must go back to shared memory before a wgmma can read its B operand. So:
   which may come from registers;
 * weights are packed per group (byte j of a group holds values j and j + G/2), so
   the low and high nibbles of a weight tile pair with two contiguous activation tiles.
+
+That second version (``unpack="inline"``) measured 239-289 TOPS, slower still
+(bench/results/gemm_v2.md): in Triton 3.6, unpacking in the K loop costs more than
+the int8 MMAs it feeds. The default (``unpack="scratch"``) therefore unpacks the
+weights of the one layer being run into a transient int8 buffer with a
+memory-bound kernel and runs the plain int8 GEMM: weights stay int4 in memory,
+the extra traffic is 1.5 bytes per weight.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, check_2d_rows, check_device
+from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BM": bm, "BKB": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
@@ -79,12 +86,45 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, st
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
+@triton.jit
+def _unpack_int4_kernel(p_ptr, q_ptr, N, KB, HALF: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rkb = tl.program_id(1) * BKB + tl.arange(0, BKB)
+    mask = (rn < N)[:, None] & (rkb < KB)[None, :]
+    rows = rn[:, None].to(tl.int64)
+    b = tl.load(p_ptr + rows * KB + rkb[None, :], mask=mask, other=0)
+    k_lo = (rkb // HALF) * (2 * HALF) + (rkb % HALF)
+    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :], ((b << 4) >> 4).to(tl.int8), mask=mask)
+    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :] + HALF, (b >> 4).to(tl.int8), mask=mask)
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Kernel form of quant.unpack_int4 for [N, K'/2] weights: int8 [N, K']."""
+    check_device(packed)
+    check_2d_rows("packed", packed)
+    if packed.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 takes packed int8 bytes, got {packed.dtype}")
+    n, kb = packed.shape
+    if kb % (group_size // 2):
+        raise ValueError(f"packed width {kb} must be a multiple of group_size/2 = {group_size // 2}")
+    packed = packed.contiguous()
+    out = torch.empty(n, 2 * kb, dtype=torch.int8, device=packed.device)
+    bn, bkb = (16, 32) if interpreting() else (32, 256)
+    grid = (triton.cdiv(n, bn), triton.cdiv(kb, bkb))
+    _unpack_int4_kernel[grid](packed, out, n, kb, HALF=group_size // 2, BN=bn, BKB=bkb, num_warps=4)
+    return out
+
+
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+             packed: bool, group_size: int, out_dtype: torch.dtype, unpack: str = "scratch") -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: int8 activations [M, K']; qw: weights [N, K'/2] packed int4 (``packed``, per-group
-    layout of quant.pack_int4) or [N, K'] int8; K' a multiple of ``group_size`` (256 or 128k)."""
+    layout of quant.pack_int4) or [N, K'] int8; K' a multiple of ``group_size`` (256 or 128k).
+    ``unpack``: for packed weights, "scratch" (unpack to a transient int8 buffer, then the int8
+    GEMM; the default, faster) or "inline" (unpack in the GEMM's K loop; kept for measurement)."""
+    if unpack not in ("scratch", "inline"):
+        raise ValueError(f"unpack must be 'scratch' or 'inline', got {unpack!r}")
     check_device(qx, sx, qw, sw)
     check_2d_rows("qx", qx)
     check_2d_rows("qw", qw)
@@ -106,6 +146,9 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Ten
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
+    if packed and unpack == "scratch":
+        qw, packed = unpack_int4(qw, group_size), False
+        kw = k
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, c, m, n, kw,
                            qx.stride(0), qw.stride(0), c.stride(0), HALF=group_size // 2,

@@ -98,18 +98,20 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     n_groups = tl.cdiv(K, G)
 
-    amax = tl.zeros([BM], dtype=tl.float32)
-    bad = tl.zeros([BM], dtype=tl.int32)
+    # element-wise running max / flags, reduced across threads once after the loop
+    amax_t = tl.zeros([BM, CH], dtype=tl.float32)
+    bad_t = tl.zeros([BM, G], dtype=tl.int32)
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        xf = x.to(tl.float32)
-        bad += tl.sum((~(tl.abs(xf) < float("inf"))).to(tl.int32), axis=1)
+        bad_t |= (~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32)
         for c in tl.static_range(G // CH):
             y = _rotate_chunk(x, h_ptr, c, BM, G, CH, METHOD, DOT_F32)
-            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+            amax_t = tl.maximum(amax_t, tl.abs(y))
+    amax = tl.max(amax_t, axis=1)
+    bad = tl.max(bad_t, axis=1)
 
-    scale = tl.where(bad > 0, float("nan"), amax / QMAX)
+    scale = tl.where(bad > 0, float("nan"), tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)))
     usable = (bad == 0) & (scale > 0.0)
     tl.store(s_ptr + rows, scale, mask=rmask)
 

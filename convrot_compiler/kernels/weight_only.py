@@ -19,7 +19,7 @@ from ._common import autotune_configs, check_2d_rows, check_device
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
     for bn, bk, s, w in [(8, 128, 3, 4), (16, 128, 3, 4), (16, 64, 4, 4), (32, 64, 3, 4), (8, 64, 4, 2),
-                         (16, 128, 4, 8), (32, 128, 3, 8)]
+                         (4, 128, 4, 2), (16, 128, 4, 8)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
 
@@ -39,7 +39,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
     rn_safe = (rn % N).to(tl.int64)
     w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rkb[None, :]
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    # element-wise partial sums, reduced across threads once after the loop
+    acc = tl.zeros([BM, BN, BKB], dtype=tl.float32)
     for kb in range(0, KB, BKB):
         w = tl.load(w_ptrs)
         s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
@@ -49,13 +50,15 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
         x_hi = tl.load(x_rows + k_hi[None, :], mask=mmask[:, None] & (k_hi[None, :] < K), other=0.0).to(tl.float32)
         w_lo = ((w << 4) >> 4).to(tl.float32)
         w_hi = (w >> 4).to(tl.float32)
-        part = tl.sum(x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :], axis=2)
-        acc += part * s[None, :]
+        ws_lo = w_lo * s[:, None]
+        ws_hi = w_hi * s[:, None]
+        acc += x_lo[:, None, :] * ws_lo[None, :, :] + x_hi[:, None, :] * ws_hi[None, :, :]
         w_ptrs += BKB
+    out = tl.sum(acc, axis=2)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
