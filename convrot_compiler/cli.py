@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     demo.add_argument("--no-progress", action="store_true")
+
+    ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
+    ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
+    ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev"],
+                     help="built-in config, traced on the meta device (no memory, no weights)")
+    ins.add_argument("--height", type=int, default=1024)
+    ins.add_argument("--width", type=int, default=1024)
+    ins.add_argument("--text-tokens", type=int, default=512)
+    _add_quant_args(ins)
+    ins.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
     return parser
 
 
@@ -48,7 +59,34 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 f.write(demo_json(result))
         print(format_demo(result))
+    elif args.command == "inspect":
+        _inspect(args)
     return 0
+
+
+def _inspect(args) -> None:
+    import torch
+
+    from .inspect import inspect
+    from .models import build_flux, load_flux, make_flux_inputs
+
+    if args.model:
+        model, device = load_flux(args.model, device="meta"), "meta"
+    else:
+        model, device = build_flux(args.config, device="meta"), "meta"
+    inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
+    report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
+                     rotation=args.rotation)
+    print(report.table())
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+        print(f"JSON written to {args.json}")
+    if args.dump:
+        for path in report.dump(args.dump):
+            print(path)
+
 
 
 if __name__ == "__main__":

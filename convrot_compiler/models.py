@@ -14,6 +14,10 @@ FLUX_CONFIGS: dict[str, dict] = {
     "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                      num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                      guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    # FLUX.1-dev widths, 2 double + 2 single blocks: real GEMM shapes at a fraction of the size.
+    "flux-dev-short": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                           guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
     # Same structure, CPU-sized: hidden 256 (one 256-wide rotation group), 2 double + 2 single blocks.
     "flux-tiny": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
                       num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
@@ -23,25 +27,25 @@ FLUX_CONFIGS: dict[str, dict] = {
 
 def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                device: torch.device | str = "cpu", std: float = 0.02):
-    """A diffusers FluxTransformer2DModel with seeded random N(0, std) linear weights."""
+    """A diffusers FluxTransformer2DModel with seeded random N(0, std) weights (norm scales 1),
+    drawn on ``device`` (so the same seed gives other weights on CPU and CUDA)."""
     from diffusers import FluxTransformer2DModel
 
     cfg = FLUX_CONFIGS[config] if isinstance(config, str) else dict(config)
     if isinstance(config, str) and config not in FLUX_CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {tuple(FLUX_CONFIGS)}")
-    gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg)
+    if torch.device(device).type == "meta":  # shapes only, e.g. to inspect FLUX.1-dev on a small machine
+        return nn.Module.to(model, dtype).eval()
     model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                vals = torch.randn(p.shape, generator=gen) * std
-            elif name.endswith("weight") and "norm" in name:
-                vals = torch.ones(p.shape)
+            if p.dim() < 2 and name.endswith("weight") and "norm" in name:
+                p.fill_(1.0)
             else:
-                vals = torch.randn(p.shape, generator=gen) * std
-            p.copy_(vals)
+                p.normal_(0.0, std, generator=gen)
         for _, b in model.named_buffers():
             if b.is_floating_point():
                 b.zero_()
@@ -101,7 +105,16 @@ def make_flux_inputs(model, height: int = 1024, width: int = 1024, text_tokens: 
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of storage held by a model's parameters and buffers (each storage counted once,
+    so weights released by convrot_compiler.compile count as what they still hold)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

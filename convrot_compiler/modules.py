@@ -46,7 +46,8 @@ class _QuantizedLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.quantized_weight
         if has_kernel(qw):
-            return quantized_linear(x, qw, self.bias, self.rotation_matrix)
+            return quantized_linear(x, qw.values, qw.scale, self.rotation_matrix, self.bias, qw.scheme,
+                                    qw.group_size, qw.out_features)
         return reference_linear(x, qw, self.bias)
 
     def extra_repr(self) -> str:

@@ -121,17 +121,18 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 
 
-def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None,
-                     h: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b through the custom ops; ``h`` as the rotation's ``kernel_matrix()``."""
+def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
+    """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
+    and .scale) and the rotation's ``kernel_matrix()``. This is what the compiler pass inserts."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if qweight.act_bits is None:
-        out = torch.ops.convrot.w4a16_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
+    if scheme == "w4a16":
+        out = torch.ops.convrot.w4a16_gemm(x2, values, scale, bias, group_size)
     else:
-        qa, sa = torch.ops.convrot.rotate_quantize(x2, h, qweight.group_size, qweight.act_bits)
-        out = torch.ops.convrot.int_gemm(qa, sa, qweight.values, qweight.scale, bias, qweight.weight_bits == 4,
-                                         qweight.group_size, x.dtype)
-    return out.reshape(*lead, qweight.out_features)
+        bits = 4 if scheme == "w4a4" else 8
+        q, s = torch.ops.convrot.rotate_quantize(x2, h, group_size, bits)
+        out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, bits == 4, group_size, x.dtype)
+    return out.reshape(*lead, out_features)

@@ -138,6 +138,15 @@ class QuantizedWeight:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
 
 
+def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int) -> int:
+    """Bytes of a prepared weight (values + scales), without preparing it."""
+    _check_scheme(scheme)
+    kp = -(-in_features // group_size) * group_size
+    values = out_features * kp // (2 if SCHEME_BITS[scheme][0] == 4 else 1)
+    scales = out_features * (kp // group_size if scheme == "w4a16" else 1)
+    return values + 4 * scales
+
+
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEME_BITS:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {tuple(SCHEME_BITS)}")

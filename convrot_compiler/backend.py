@@ -1,0 +1,245 @@
+"""The ``convrot`` torch.compile backend and ``convrot_compiler.compile``.
+
+model -> Dynamo FX graph -> match linears -> plan each -> prepare weights ->
+rewrite into custom ops -> Inductor (or the rewritten graph as is) -> compiled model.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from .hadamard import ROTATION_KINDS
+from .ops import has_kernel
+from .passes.match import LinearMatch, find_linears
+from .passes.rewrite import Rewrite, rewrite_linears
+from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
+from .quant import quantized_nbytes
+from .rotations import GroupHadamardRotation
+from .weights import PREPARED, PrepSpec, is_released, release
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "plan": "w4a4",        # preset name, list of (pattern, precision) rules, or a Plan
+    "group_size": 256,     # rotation group, a power of 4
+    "rotation": "regular",  # "regular", "sylvester" or "none"
+    "inductor": None,      # compile the rewritten graph with Inductor: None = on CUDA only
+    "report": None,        # callable receiving the CompileReport of each graph
+    "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
+}
+
+
+def validate_options(options: dict | None) -> dict:
+    opts = dict(DEFAULT_OPTIONS)
+    if options is None:
+        return opts
+    if not isinstance(options, dict):
+        raise TypeError(f"convrot options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown convrot option(s) {unknown}; valid options: {sorted(DEFAULT_OPTIONS)}")
+    opts.update(options)
+    opts["plan"] = make_plan(opts["plan"])
+    if opts["rotation"] not in ROTATION_KINDS:
+        raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS}, got {opts['rotation']!r}")
+    GroupHadamardRotation(opts["rotation"], opts["group_size"])  # validates group_size for the kind
+    if opts["inductor"] not in (None, True, False):
+        raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
+    if not isinstance(opts["dry_run"], bool):
+        raise ValueError(f"option 'dry_run' must be a bool, got {opts['dry_run']!r}")
+    if opts["report"] is not None and not callable(opts["report"]):
+        raise TypeError("option 'report' must be a callable taking a CompileReport")
+    return opts
+
+
+@dataclass
+class CompileReport:
+    """What the pass did to one graph."""
+
+    decisions: list[LayerDecision]
+    plan: str
+    rotation: str
+    group_size: int
+    graph_before: str = ""
+    graph_after: str = ""
+    graph_modules: dict = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return summarize(self.decisions)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(d.precision != "bf16" for d in self.decisions)
+
+
+REPORTS: "collections.deque[CompileReport]" = collections.deque(maxlen=16)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a fresh copy of gm's graph (node meta shared, not deep-copied)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
+    planned, rule = plan.match(m.name)
+    d = LayerDecision(m.name, m.in_features, m.out_features, planned, planned, f"plan rule {rule!r}", rule, rows=m.rows)
+    if m.weight is not None:
+        d.bytes_before = d.bytes_after = m.weight.numel() * m.weight.element_size()
+    if planned == "bf16":
+        d.reason = f"kept by plan rule {rule!r}"
+        return d
+    why = None
+    if m.weight_index is None or m.weight is None:
+        why = "weight is computed in the graph, not a parameter: nothing to prepare at compile time"
+    elif m.weight.dim() != 2:
+        why = f"weight has shape {tuple(m.weight.shape)}, expected 2-D"
+    else:
+        why = eligibility(planned, m.in_features, m.out_features, m.dtype, group_size)
+    if why:
+        d.precision, d.reason = "bf16", why
+    return d
+
+
+def _spec(precision: str, rotation: str, group_size: int) -> PrepSpec:
+    return PrepSpec(precision, "none" if precision == "w4a16" else rotation, group_size)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple[Callable, CompileReport]:
+    plan: Plan = opts["plan"]
+    group_size, rotation_kind = opts["group_size"], opts["rotation"]
+    rotation = GroupHadamardRotation(rotation_kind, group_size)
+    gm = copy_graph_module(gm)  # Dynamo reads its own graph's placeholders after the backend returns
+    before = gm.print_readable(print_output=False)
+    matches = find_linears(gm, example_inputs)
+    decisions = [_decide(m, plan, group_size) for m in matches]
+    rewrites, specs = [], []
+    if opts["dry_run"]:
+        original = gm.forward
+        for m, d in zip(matches, decisions):
+            if d.precision != "bf16":
+                d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size)
+                rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
+        report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
+        if rewrites:
+            rewrite_linears(gm, rewrites)
+        report.graph_after = gm.print_readable(print_output=False)
+        report.graph_modules["after"] = gm
+        return original, report
+    for m, d in zip(matches, decisions):
+        if d.precision == "bf16":
+            if m.weight is not None and is_released(m.weight):
+                raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
+                                   f"graph keeps it in bf16 ({d.reason}); compile with the same options")
+            continue
+        spec = _spec(d.precision, rotation_kind, group_size)
+        qw = PREPARED.get(m.weight, spec, None if d.precision == "w4a16" else rotation)
+        if not has_kernel(qw):
+            raise ValueError(f"{m.name}: no kernel for {d.precision} with rotation {rotation.name}: "
+                             "use group_size 256")
+        d.bytes_after = qw.nbytes()
+        rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
+        specs.append(spec)
+    h = rotation.kernel_matrix()
+    report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
+    if not rewrites:
+        report.graph_after = before
+        return gm.forward, report
+    rewrite_linears(gm, rewrites)
+    report.graph_after = gm.print_readable(print_output=False)
+    report.graph_modules["after"] = gm
+    device_h: dict[torch.device, torch.Tensor] = {}
+
+    def extra_inputs(args) -> list[torch.Tensor]:
+        extra = []
+        for rw, spec in zip(rewrites, specs):
+            w = args[rw.match.weight_index]
+            qw = PREPARED.get(w, spec, None if spec.scheme == "w4a16" else rotation)
+            extra += [qw.values, qw.scale]
+            if rw.with_rotation:
+                if w.device not in device_h:
+                    device_h[w.device] = h.to(w.device)
+                extra.append(device_h[w.device])
+        return extra
+
+    use_inductor = opts["inductor"]
+    if use_inductor is None:
+        use_inductor = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    inner: Callable = gm.forward
+    if use_inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        inner = compile_fx(gm, list(example_inputs) + extra_inputs(example_inputs))
+
+    def run(*args):
+        return inner(*args, *extra_inputs(args))
+
+    return run, report
+
+
+def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
+    """torch.compile backend: ``torch.compile(model, backend="convrot", options={...})``.
+
+    Options: see ``DEFAULT_OPTIONS``. Inference only: call the compiled model under
+    ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    opts = validate_options(options)
+    if torch.is_grad_enabled():
+        raise RuntimeError("the convrot backend is inference-only: run the compiled model under torch.no_grad() "
+                           "or torch.inference_mode() (convrot_compiler.compile does this for you)")
+    fn, report = compile_graph(gm, example_inputs, opts)
+    REPORTS.append(report)
+    if opts["report"] is not None:
+        opts["report"](report)
+    return fn
+
+
+class CompiledModel(nn.Module):
+    """What ``convrot_compiler.compile`` returns: the torch.compile'd model, run under no_grad."""
+
+    def __init__(self, model: nn.Module, compiled: nn.Module, decisions: list[LayerDecision], released_bytes: int):
+        super().__init__()
+        self.model = model
+        self.compiled = compiled
+        self.decisions = decisions
+        self.released_bytes = released_bytes
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",
+            inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
+            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None) -> CompiledModel:
+    """Compile ``model`` with the convrot backend, preparing quantized weights up front.
+
+    With ``release_weights`` the float storage of every quantized weight is freed (the
+    parameter keeps its shape, dtype and device as a stride-0 view), so the model's resident
+    weight memory drops to the quantized size. The model is then only usable compiled."""
+    from tqdm.auto import tqdm
+
+    from .modules import plan_linears
+
+    opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
+                             "report": report})
+    rot = GroupHadamardRotation(rotation, group_size)
+    decisions = plan_linears(model, opts["plan"], group_size)
+    todo = [d for d in decisions if d.precision != "bf16"]
+    released = 0
+    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
+        lin = model.get_submodule(d.name)
+        spec = _spec(d.precision, rotation, group_size)
+        qw = PREPARED.get(lin.weight, spec, None if d.precision == "w4a16" else rot)
+        d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
+        if release_weights:
+            released += release(lin.weight)
+    options = {k: v for k, v in opts.items()}
+    options["plan"] = opts["plan"]
+    compiled = torch.compile(model, backend="convrot", options=options, fullgraph=fullgraph, dynamic=dynamic)
+    return CompiledModel(model, compiled, decisions, released)

@@ -1,0 +1,72 @@
+"""Prepared (rotated, quantized, packed) weights, keyed by the parameter they come from.
+
+The compiled graph does not bake quantized weights in as constants: it takes them
+as extra inputs, looked up at every call from the parameter tensors Dynamo passes
+in. Two instances of one model class therefore never share folded weights
+(pytorch#139272), a second call never re-quantizes, and no weight ends up in a
+compile-cache entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .quant import QuantizedWeight, quantize_weight
+from .rotations import Rotation
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """How one weight is prepared."""
+
+    scheme: str
+    rotation_kind: str
+    group_size: int
+
+
+class PreparedWeights:
+    """Cache of QuantizedWeight per (parameter, spec), with a counter of how often weights were prepared."""
+
+    def __init__(self) -> None:
+        self._cache = WeakIdKeyDictionary()  # identity, not tensor equality; entries die with the parameter
+        self.prepared_count = 0
+
+    def get(self, param: torch.Tensor, spec: PrepSpec, rotation: Rotation | None) -> QuantizedWeight:
+        per_param = self._cache.setdefault(param, {})
+        entry = per_param.get(spec)
+        version = param._version
+        if entry is not None and entry[0] == version:
+            return entry[1]
+        if is_released(param):
+            raise RuntimeError("a released weight (its float storage was freed by convrot_compiler.compile) has no "
+                               f"prepared form for {spec}; compile the model again from its original weights")
+        with torch.no_grad():
+            qw = quantize_weight(param.detach(), spec.scheme, rotation, group_size=spec.group_size)
+        self.prepared_count += 1
+        per_param[spec] = (version, qw)
+        return qw
+
+    def put(self, param: torch.Tensor, spec: PrepSpec, qw: QuantizedWeight) -> None:
+        self._cache.setdefault(param, {})[spec] = (param._version, qw)
+
+
+PREPARED = PreparedWeights()
+_RELEASED = WeakIdKeyDictionary()
+
+
+def release(param: torch.nn.Parameter) -> int:
+    """Free a parameter's float storage, keeping shape, dtype and device (a stride-0 view of one
+    element), so its memory goes back while the module and the compiled graph still see it.
+    Returns the bytes freed."""
+    freed = param.numel() * param.element_size()
+    with torch.no_grad():
+        param.data = torch.zeros(1, dtype=param.dtype, device=param.device).expand(param.shape)
+    _RELEASED[param] = True
+    return freed
+
+
+def is_released(param: torch.Tensor) -> bool:
+    return param in _RELEASED

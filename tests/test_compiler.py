@@ -1,0 +1,175 @@
+"""The convrot torch.compile backend on a small FluxTransformer2DModel (CPU)."""
+
+import pytest
+import torch
+from torch import nn
+
+import convrot_compiler as cc
+from convrot_compiler.backend import REPORTS, validate_options
+from convrot_compiler.inspect import inspect
+from convrot_compiler.models import build_flux, make_flux_inputs, model_bytes, relative_error
+from convrot_compiler.modules import plan_linears, quantize_model
+from convrot_compiler.ops import quantized_linear
+from convrot_compiler.weights import PREPARED
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _rewritten_nodes(gm) -> int:
+    return sum(n.op == "call_function" and n.target is quantized_linear for n in gm.graph.nodes)
+
+
+def _inputs(model, size=128, text=16, seed=0):
+    return make_flux_inputs(model, size, size, text, seed=seed).kwargs
+
+
+def _eager_reference(seed, plan, rotation, kwargs):
+    ref = build_flux("flux-tiny", seed=seed)
+    quantize_model(ref, plan, rotation=rotation, progress=False)
+    with torch.no_grad():
+        return ref(**kwargs)[0]
+
+
+@pytest.mark.parametrize("plan,rotation", [("w4a4", "regular"), ("w8a8", "regular"), ("mix", "regular"),
+                                           ("w4a4", "sylvester"), ("w4a4", "none")])
+def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan, rotation):
+    model = build_flux("flux-tiny", seed=3)
+    kwargs = _inputs(model)
+    expected = sum(d.precision != "bf16" for d in plan_linears(model, plan))
+    ref = _eager_reference(3, plan, rotation, kwargs)
+    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False)
+    out = compiled(**kwargs)[0]
+    report = REPORTS[-1]
+    assert report.rewritten == expected > 0
+    assert _rewritten_nodes(report.graph_modules["after"]) == expected
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_mix_plan_keeps_exactly_the_paper_exceptions():
+    model = build_flux("flux-tiny", seed=0)
+    cc.compile(model, plan="mix", progress=False)(**_inputs(model))
+    by_name = {d.name: d.precision for d in REPORTS[-1].decisions}
+    w8 = sorted(n for n, p in by_name.items() if p == "w8a8")
+    assert w8 == ["single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.attn.to_v",
+                  "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_out.0"]
+
+
+def test_weights_are_prepared_once_and_float_storage_released():
+    model = build_flux("flux-tiny", seed=1)
+    kwargs = _inputs(model)
+    before_bytes = model_bytes(model)
+    n_quant = sum(d.precision != "bf16" for d in plan_linears(model, "w4a4"))
+    start = PREPARED.prepared_count
+    compiled = cc.compile(model, progress=False)
+    assert PREPARED.prepared_count - start == n_quant
+    compiled(**kwargs)
+    compiled(**kwargs)
+    assert PREPARED.prepared_count - start == n_quant
+    prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
+    assert model_bytes(model) + prepared < 0.3 * before_bytes
+
+
+def test_two_instances_of_one_class_keep_their_own_weights():
+    """pytorch#139272: a second instance must not reuse the first one's folded weights."""
+    a, b = build_flux("flux-tiny", seed=10), build_flux("flux-tiny", seed=11)
+    kwargs = _inputs(a)
+    ref_a = _eager_reference(10, "w4a4", "regular", kwargs)
+    ref_b = _eager_reference(11, "w4a4", "regular", kwargs)
+    opts = {"plan": "w4a4"}
+    ca = torch.compile(a, backend="convrot", options=opts, fullgraph=True)
+    cb = torch.compile(b, backend="convrot", options=opts, fullgraph=True)
+    with torch.no_grad():
+        out_a, out_b = ca(**kwargs)[0], cb(**kwargs)[0]
+        out_a2 = ca(**kwargs)[0]
+    assert relative_error(ref_a, ref_b) > 0.1
+    torch.testing.assert_close(out_a, ref_a, rtol=0, atol=0)
+    torch.testing.assert_close(out_b, ref_b, rtol=0, atol=0)
+    torch.testing.assert_close(out_a2, ref_a, rtol=0, atol=0)
+
+
+def test_new_sequence_length_recompiles_and_stays_correct():
+    model = build_flux("flux-tiny", seed=4)
+    small, large = _inputs(model, 128, 16), _inputs(model, 192, 24, seed=1)
+    refs = [_eager_reference(4, "w4a4", "regular", k) for k in (small, large)]
+    compiled = cc.compile(model, progress=False)
+    n = len(REPORTS)
+    outs = [compiled(**k)[0] for k in (small, large)]
+    assert len(REPORTS) - n == 2  # dynamic=False: one graph per sequence length
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_compiled_graph_holds_no_weight_constants():
+    """Prepared weights are graph inputs, so nothing large can land in a compile-cache entry."""
+    model = build_flux("flux-tiny", seed=0)
+    cc.compile(model, progress=False)(**_inputs(model))
+    gm = REPORTS[-1].graph_modules["after"]
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)
+    assert sum(t.numel() for t in list(gm.parameters()) + list(gm.buffers())) == 0
+    assert not [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]
+
+
+def test_empty_plan_leaves_the_graph_identical():
+    model = build_flux("flux-tiny", seed=0)
+    kwargs = _inputs(model)
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+        out = torch.compile(model, backend="convrot", options={"plan": "none"})(**kwargs)[0]
+    r = REPORTS[-1]
+    assert r.rewritten == 0 and r.graph_after == r.graph_before
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_bad_options_and_grad_mode_give_clear_errors():
+    with pytest.raises(ValueError, match="valid options"):
+        validate_options({"plan": "w4a4", "bits": 4})
+    with pytest.raises(ValueError, match="unknown plan"):
+        validate_options({"plan": "int3"})
+    with pytest.raises(ValueError, match="power of 4"):
+        validate_options({"group_size": 128})
+    lin = nn.Sequential(nn.Linear(256, 64))
+    with pytest.raises(Exception, match="inference-only"):
+        torch.compile(lin, backend="convrot")(torch.randn(4, 256))
+
+
+def test_layers_left_alone_carry_their_reason():
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32))
+    with torch.no_grad():
+        ref = model(torch.randn(8, 64))
+    report = inspect(model, (torch.randn(8, 64),))
+    d = {x.name: x for x in report.decisions}
+    assert d["0"].precision == "bf16" and "smaller than the group size" in d["0"].reason
+    assert d["2"].precision == "w4a4" and d["2"].rows == 8
+    assert ref.shape == (8, 32)
+
+
+def test_inspect_flux_tiny_on_meta_device(tmp_path):
+    model = build_flux("flux-tiny", device="meta")
+    kwargs = make_flux_inputs(model, 128, 128, 16, device="meta").kwargs
+    report = inspect(model, example_kwargs=kwargs, plan="w4a4")
+    t = report.totals()
+    assert t["graphs"] == 1 and t["linears_matched"] == 50
+    assert t["by_precision"]["w4a4"] == 34 and t["by_precision"]["w4a16"] == 12
+    assert 0.2 < t["ratio"] < 0.3
+    assert "kept by plan rule 'x_embedder'" in report.table()
+    assert '"linears_matched": 50' in report.to_json()
+    written = report.dump(str(tmp_path))
+    assert _rewritten_nodes(report.reports[0].graph_modules["after"]) == 46
+    assert (tmp_path / "graph0_after.py").read_text().count("convrot_compiler_ops_quantized_linear(") == 46 and written
+
+
+def test_inductor_path_on_cpu_matches_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 128))
+    x = torch.randn(2, 24, 512)
+    ref = nn.Sequential(cc.ConvLinear4bit.from_linear(model[0]), nn.GELU(), cc.ConvLinear4bit.from_linear(model[2]))
+    with torch.no_grad():
+        expected = ref(x)
+    compiled = cc.compile(model, inductor=True, progress=False)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
