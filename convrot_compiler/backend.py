@@ -241,5 +241,5 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             released += release(lin.weight)
     options = {k: v for k, v in opts.items()}
     options["plan"] = opts["plan"]
-    compiled = torch.compile(model, backend="convrot", options=options, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(model, backend=convrot_backend, options=options, fullgraph=fullgraph, dynamic=dynamic)
     return CompiledModel(model, compiled, decisions, released)

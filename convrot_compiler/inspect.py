@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .backend import CompileReport
+from .backend import CompileReport, convrot_backend
 from .plans import PRECISIONS, LayerDecision
 
 
@@ -100,7 +100,7 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
                "report": reports.append}
     torch._dynamo.reset()
     with torch.no_grad():
-        compiled = torch.compile(model, backend="convrot", options=options)
+        compiled = torch.compile(model, backend=convrot_backend, options=options)
         compiled(*example_args, **(example_kwargs or {}))
     torch._dynamo.reset()
     if not reports:
