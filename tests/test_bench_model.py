@@ -1,0 +1,26 @@
+"""CPU smoke test of the model benchmark harness (timings are not asserted)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import model as bench_model  # noqa: E402
+
+
+def test_model_bench_runs_and_writes_consistent_results(tmp_path):
+    result = bench_model.main(["--config", "flux-tiny", "--resolution", "128", "--text-tokens", "16",
+                               "--variants", "bf16,w4a4,fp8", "--iters", "2", "--device", "cpu",
+                               "--out", str(tmp_path), "--name", "smoke"])
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    md = (tmp_path / "smoke.md").read_text()
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["bf16"]["rel_err_vs_bf16"] < 0.05  # bf16 eager against itself: only run-to-run noise
+    assert 0 < rows["w4a4"]["rel_err_vs_bf16"] < 0.1
+    assert rows["w4a4"]["weight_ratio_vs_bf16"] < 0.3
+    assert rows["w4a4"]["speedup_vs_bf16"] > 0
+    assert rows["bf16"]["ms"] > 0 and rows["w4a4"]["ms"] > 0
+    assert "fp8" in rows and (rows["fp8"]["ms"] is None) == rows["fp8"]["note"].startswith("skipped")
+    assert "w4a4" in md and "x bf16-compile" in md
+    assert result["rows"] == data["rows"]
