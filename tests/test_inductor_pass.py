@@ -1,0 +1,73 @@
+"""The Inductor post-grad pass form of the rewrite, with the stock backend (CPU)."""
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+
+import convrot_compiler as cc
+from convrot_compiler.passes.inductor_pass import ConvRotInductorPass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no Dynamo state and no Inductor/AOT cache hits between tests."""
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 256, bias=False), nn.Linear(256, 8)).eval()
+
+
+@pytest.mark.parametrize("plan", ["w4a4", [("2", "w8a8"), ("*", "w4a4")]])
+def test_post_grad_pass_matches_eager_modules(plan):
+    model = _model()
+    x = torch.randn(2, 24, 512)
+    p = ConvRotInductorPass(plan=plan)
+    bits = {"0": 4, "2": 8 if isinstance(plan, list) else 4}
+    ref = nn.Sequential(cc.ConvLinear4bit.from_linear(model[0], bits=bits["0"]), nn.GELU(),
+                        cc.ConvLinear4bit.from_linear(model[2], bits=bits["2"]), model[3])
+    with torch.no_grad():
+        expected = ref(x)
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p, **{"cpp.weight_prepack": False}):
+        with torch.no_grad():
+            out = torch.compile(model)(x)
+    d = {x.name: x for x in p.decisions}
+    assert d["0"].precision == "w4a4" and d["2"].precision == ("w8a8" if isinstance(plan, list) else "w4a4")
+    assert d["3"].precision == "bf16" and "too small" in d["3"].reason
+    assert p.uuid() is None  # deliberately bypasses the FX graph cache (weights are constants here)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_post_grad_pass_without_freezing_says_why():
+    p = ConvRotInductorPass()
+    with inductor_config.patch(freezing=False, post_grad_custom_post_pass=p):
+        with torch.no_grad():
+            torch.compile(_model())(torch.randn(4, 512))
+    assert p.decisions and all(d.precision == "bf16" and "freezing" in d.reason for d in p.decisions)
+
+
+_PREPACK_SCRIPT = """
+import torch, torch._inductor.config as ic
+from torch import nn
+from convrot_compiler.passes.inductor_pass import ConvRotInductorPass
+m = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 256)).eval()
+with ic.patch(freezing=True, post_grad_custom_post_pass=ConvRotInductorPass()), torch.no_grad():
+    torch.compile(m)(torch.randn(2, 5, 512))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="CPU weight prepacking needs mkldnn")
+def test_post_grad_pass_refuses_prepacked_cpu_linears():
+    """Inductor registers its CPU prepack patterns once per process, only if weight_prepack is on the first
+    time: a fresh process makes this independent of what other tests compiled."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PREPACK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "weight_prepack = False" in proc.stderr
