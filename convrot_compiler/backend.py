@@ -140,9 +140,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             continue
         spec = _spec(d.precision, rotation_kind, group_size)
         qw = PREPARED.get(m.weight, spec, None if d.precision == "w4a16" else rotation)
-        if not has_kernel(qw):
-            raise ValueError(f"{m.name}: no kernel for {d.precision} with rotation {rotation.name}: "
-                             "use group_size 256")
+        if m.weight.is_cuda and not has_kernel(qw):
+            raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {group_size} "
+                             f"({d.precision}, rotation {rotation.name}); other group sizes run on CPU only")
         d.bytes_after = qw.nbytes()
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
