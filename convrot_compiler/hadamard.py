@@ -141,12 +141,17 @@ def rotate(x: torch.Tensor, group_size: int = 256, kind: RotationKind = "regular
     """
     check_group_size(kind, group_size)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = pad_last_dim(x.to(work), group_size)
-    h = hadamard_matrix(kind, group_size, work, x.device)
+    return rotate_with(x.to(work), hadamard_matrix(kind, group_size, work, x.device), group_size)
+
+
+def rotate_with(x: torch.Tensor, h: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Zero-pad the last dimension to a multiple of ``group_size`` and multiply every group by the
+    [group_size, group_size] matrix ``h`` (None: pad only), in x's dtype."""
+    x = pad_last_dim(x, group_size)
     if h is None:
         return x
     shape = x.shape
-    return (x.reshape(*shape[:-1], shape[-1] // group_size, group_size) @ h).reshape(shape)
+    return (x.reshape(*shape[:-1], shape[-1] // group_size, group_size) @ h.to(x.dtype)).reshape(shape)
 
 
 @functools.lru_cache(maxsize=32)

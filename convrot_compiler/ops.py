@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .hadamard import padded_size
-from .quant import QuantizedWeight, quantize_symmetric, reference_int_gemm, unpack_int4
+from .hadamard import padded_size, rotate_with
+from .quant import QuantizedWeight, quantize_symmetric, reference_int_gemm, unpack_int4, weight_only_gemm
 from .rotations import GroupHadamardRotation
 
 
@@ -26,12 +26,8 @@ def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_
     """Group-wise rotation + per-token quantization of [M, K] activations, on any device.
     h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None.
     Returns (int8 values [M, K'], float32 scale [M])."""
-    xf = x.float()
-    xf = torch.nn.functional.pad(xf, (0, padded_size(x.shape[-1], group_size) - x.shape[-1]))
-    if h is not None:
-        hf = _full_matrix(h.float(), group_size)
-        xf = (xf.reshape(x.shape[0], -1, group_size) @ hf).reshape(x.shape[0], -1)
-    return quantize_symmetric(xf, bits)
+    hf = None if h is None else _full_matrix(h.float(), group_size)
+    return quantize_symmetric(rotate_with(x.float(), hf, group_size), bits)
 
 
 def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -43,15 +39,7 @@ def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw:
     return reference_int_gemm(qx, sx, qw, sw, bias, out_dtype)
 
 
-def w4a16_gemm_reference(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                         group_size: int) -> torch.Tensor:
-    """x @ dequant(qw)^T (+ bias) with int4 weights and per-(channel, group) scales; any device."""
-    n = qw.shape[0]
-    w = (unpack_int4(qw, group_size).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
-    out = x.float() @ w[:, : x.shape[-1]].T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+w4a16_gemm_reference = weight_only_gemm
 
 
 @torch.library.custom_op("convrot::rotate_quantize", mutates_args=())

@@ -208,10 +208,16 @@ def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw:
     return out.to(out_dtype)
 
 
-def dequantize_groupwise(qweight: "QuantizedWeight") -> torch.Tensor:
-    """Float32 [N, K] weight of a w4a16 QuantizedWeight."""
-    w = qweight.int_values().float().reshape(qweight.out_features, -1, qweight.group_size)
-    return (w * qweight.scale.unsqueeze(-1)).reshape(qweight.out_features, -1)[:, : qweight.in_features]
+def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """W4A16 reference: x [M, K] @ dequant(values)^T (+ bias), dequantized per (channel, group) in
+    float32; output in x's dtype."""
+    n = values.shape[0]
+    w = (unpack_int4(values, group_size).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    out = x.float() @ w[:, : x.shape[-1]].T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,10 +227,7 @@ def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tens
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if qweight.act_bits is None:
-        out = x2.float() @ dequantize_groupwise(qweight).T
-        if bias is not None:
-            out = out + bias.float()
-        out = out.to(x.dtype)
+        out = weight_only_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
     else:
         qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
         out = reference_int_gemm(qa, sa, qweight.int_values(), qweight.scale, bias, x.dtype)
