@@ -100,7 +100,7 @@ class ConvRotInductorPass(CustomGraphPass):
         with graph.inserting_before(node):
             attrs = {}
             for key, t in consts.items():
-                setattr(gm, f"{base}_{key}", t)
+                gm.register_buffer(f"{base}_{key}", t)
                 attrs[key] = graph.get_attr(f"{base}_{key}")
                 attrs[key].meta["val"] = fake_mode.from_tensor(t) if fake_mode else t
             if planned == "w4a16":
