@@ -45,10 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(ins)
     ins.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
+    sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench -h)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .benchmark import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import demo_json, format_demo, run_demo
@@ -65,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args) -> None:
-    import torch
-
     from .inspect import inspect
     from .models import build_flux, load_flux, make_flux_inputs
 

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import model as bench_model  # noqa: E402
+from convrot_compiler import benchmark as bench_model  # noqa: E402
 
 
 def test_model_bench_runs_and_writes_consistent_results(tmp_path):
@@ -24,3 +24,16 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert "fp8" in rows and (rows["fp8"]["ms"] is None) == rows["fp8"]["note"].startswith("skipped")
     assert "w4a4" in md and "x bf16-compile" in md
     assert result["rows"] == data["rows"]
+
+
+def test_convrot_bench_cli_forwards_to_the_harness(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "bench", "--config", "flux-tiny", "--resolution",
+                           "128", "--text-tokens", "16", "--variants", "bf16", "--iters", "1", "--device", "cpu",
+                           "--out", str(tmp_path), "--name", "cli"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cli.json").read_text())["rows"][0]["variant"] == "bf16"
+    bad = subprocess.run([sys.executable, "-m", "convrot_compiler", "bench", "--variants", "int3", "--device", "cpu",
+                          "--config", "flux-tiny"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr

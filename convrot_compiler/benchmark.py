@@ -1,0 +1,252 @@
+"""Model-level benchmark: one denoising forward of a FLUX-architecture transformer per variant.
+
+Variants, each on a fresh model in the same process: bf16 eager, bf16 torch.compile, fp8 row-wise
+dynamic (torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.compile, when torchao is
+installed; otherwise reported as skipped), and convrot plans (w8a8, w4a4, mix) compiled with the
+convrot backend + Inductor. Per variant: median latency, speedups, weight memory, peak memory,
+first-call (compile) time, output relative error vs bf16 eager on the same inputs.
+With --profile, a kernel-time breakdown of the convrot w4a4 forward.
+
+    convrot bench --config flux-dev --resolution 1024 --variants bf16,bf16-compile,fp8,w4a4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .backend import compile as convrot_compile
+from .models import build_flux, make_flux_inputs, model_bytes, relative_error
+
+
+def environment() -> dict:
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        env["diffusers"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = p.name
+        env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["sms"] = p.multi_processor_count
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+    return env
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str | None = None) -> list[str]:
+    """Write NAME.json and NAME.md under out_dir (default: $OUT if set, else bench/results)."""
+    out_dir = out_dir or os.environ.get("OUT") or os.path.join("bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")]
+    with open(paths[0], "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown)
+    return paths
+
+
+VARIANTS = ("bf16", "bf16-compile", "fp8", "w8a8", "w4a4", "mix")
+CONVROT = ("w8a8", "w4a4", "mix")
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
+    """Milliseconds per forward: CUDA events on GPU, perf_counter on CPU; one warm-up call first."""
+    with torch.no_grad():
+        fn(**kwargs)
+        _sync(dev)
+        times = []
+        for _ in range(iters):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(**kwargs)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn(**kwargs)
+                times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def prepare(variant: str, model):
+    """(callable, prepared weight bytes beyond the model's own storage, note)."""
+    if variant == "bf16":
+        return model, 0, ""
+    if variant == "bf16-compile":
+        return torch.compile(model), 0, ""
+    if variant == "fp8":
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as e:
+            raise RuntimeError(f"torchao not available ({e})") from e
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return torch.compile(model), 0, "torchao fp8 row-wise dynamic"
+    compiled = convrot_compile(model, plan=variant, progress=False)
+    prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
+    return compiled, prepared, ""
+
+
+def kernel_breakdown(fn, kwargs) -> dict[str, float]:
+    """CUDA kernel time (ms) of one forward, grouped by what the kernel does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups = {"attention": ("flash", "attention", "fmha", "sdpa"), "quantized GEMM": ("_int_gemm_kernel",),
+              "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
+              "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
+    with torch.no_grad():
+        fn(**kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(**kwargs)
+            torch.cuda.synchronize()
+    out = {k: 0.0 for k in groups}
+    out["other"] = 0.0
+    for evt in prof.key_averages():
+        if evt.device_type.name != "CUDA":
+            continue
+        name = evt.key.lower()
+        ms = evt.device_time_total / 1e3
+        for group, keys in groups.items():
+            if any(k.lower() in name for k in keys):
+                out[group] += ms
+                break
+        else:
+            out["other"] += ms
+    return out
+
+
+def run(args) -> dict:
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    rows, breakdown = [], None
+    for res in args.resolution:
+        torch._dynamo.reset()
+        base = build_flux(args.config, seed=0, device=dev)
+        inputs = make_flux_inputs(base, res, res, args.text_tokens, batch=args.batch, device=dev)
+        with torch.no_grad():
+            ref = base(**inputs.kwargs)[0].float()
+        bf16_bytes = model_bytes(base)
+        del base
+        for variant in variants:
+            torch._dynamo.reset()
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            model = build_flux(args.config, seed=0, device=dev)
+            row = {"variant": variant, "resolution": res, "batch": args.batch,
+                   "tokens": inputs.image_tokens + inputs.text_tokens}
+            try:
+                t0 = time.perf_counter()
+                fn, prepared, note = prepare(variant, model)
+                with torch.no_grad():
+                    out = fn(**inputs.kwargs)[0]
+                _sync(dev)
+                row["first_call_s"] = time.perf_counter() - t0
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                times = time_forward(fn, inputs.kwargs, dev, args.iters)
+                row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
+                           weight_bytes=model_bytes(model) + prepared,
+                           peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                           rel_err_vs_bf16=relative_error(out, ref))
+                if args.profile and variant == "w4a4" and dev.type == "cuda":
+                    breakdown = kernel_breakdown(fn, inputs.kwargs)
+            except RuntimeError as e:
+                row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
+            rows.append(row)
+            print(row, flush=True)
+            del model
+    for r in rows:
+        same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
+        for b in ("bf16", "bf16-compile", "fp8"):
+            if r.get("ms") and b in same:
+                r[f"speedup_vs_{b}"] = same[b]["ms"] / r["ms"]
+        if r.get("ms"):
+            r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
+            r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
+    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown}
+
+
+def to_markdown(result: dict) -> str:
+    from tabulate import tabulate
+
+    env = result["env"]
+    gib = 2**30
+    table = tabulate(
+        [[r["variant"], r["resolution"], r["tokens"],
+          f"{r['ms']:.1f}" if r.get("ms") else "-", f"{r.get('ms_spread', 0):.1f}" if r.get("ms") else "-",
+          *(f"{r[k]:.2f}" if r.get(k) else "-" for k in ("speedup_vs_bf16", "speedup_vs_bf16-compile",
+                                                         "speedup_vs_fp8")),
+          f"{r['weight_bytes'] / gib:.2f}" if r.get("ms") else "-",
+          f"{r['weight_ratio_vs_bf16']:.3f}" if r.get("ms") else "-",
+          f"{r['peak_bytes'] / gib:.1f}" if r.get("peak_bytes") else "-",
+          f"{r['first_call_s']:.0f}" if r.get("first_call_s") else "-",
+          f"{r['rel_err_vs_bf16']:.3f}" if r.get("ms") else "-", r.get("note", "")]
+         for r in result["rows"]],
+        headers=["variant", "res", "tokens", "ms", "spread", "x bf16", "x bf16-compile", "x fp8", "weights GiB",
+                 "x bf16 weights", "peak GiB", "first call s", "err vs bf16", "note"], tablefmt="github")
+    md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
+          f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
+          f"{env['date']}\n\n{table}\n")
+    if result.get("breakdown"):
+        b = result["breakdown"]
+        total = sum(b.values())
+        md += "\nconvrot w4a4, CUDA kernel time of one forward:\n\n" + tabulate(
+            [[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
+            headers=["part", "ms", "share"], tablefmt="github") + "\n"
+    md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
+           "measure (bench/results/compiler_gpu_diag.md).\n")
+    return md
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="flux-dev")
+    p.add_argument("--resolution", type=int, nargs="+", default=[1024])
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--name", default="model")
+    p.add_argument("--out", help="result folder (default $OUT if set, else ./bench/results)")
+    args = p.parse_args(argv)
+    result = run(args)
+    md = to_markdown(result)
+    write_results(args.name, result, md, args.out)
+    print(md)
+    return result
