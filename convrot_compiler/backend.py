@@ -111,56 +111,53 @@ def _spec(precision: str, rotation: str, group_size: int) -> PrepSpec:
     return PrepSpec(precision, "none" if precision == "w4a16" else rotation, group_size)
 
 
+def _rotation_for(precision: str, rotation: GroupHadamardRotation) -> GroupHadamardRotation | None:
+    """Weight-only int4 takes no rotation: its activations stay in float."""
+    return None if precision == "w4a16" else rotation
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple[Callable, CompileReport]:
     plan: Plan = opts["plan"]
     group_size, rotation_kind = opts["group_size"], opts["rotation"]
     rotation = GroupHadamardRotation(rotation_kind, group_size)
     gm = copy_graph_module(gm)  # Dynamo reads its own graph's placeholders after the backend returns
+    original = gm.forward
     before = gm.print_readable(print_output=False)
     matches = find_linears(gm, example_inputs)
     decisions = [_decide(m, plan, group_size) for m in matches]
     rewrites, specs = [], []
-    if opts["dry_run"]:
-        original = gm.forward
-        for m, d in zip(matches, decisions):
-            if d.precision != "bf16":
-                d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size)
-                rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
-        report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
-        if rewrites:
-            rewrite_linears(gm, rewrites)
-        report.graph_after = gm.print_readable(print_output=False)
-        report.graph_modules["after"] = gm
-        return original, report
     for m, d in zip(matches, decisions):
         if d.precision == "bf16":
-            if m.weight is not None and is_released(m.weight):
+            if not opts["dry_run"] and m.weight is not None and is_released(m.weight):
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
         spec = _spec(d.precision, rotation_kind, group_size)
-        qw = PREPARED.get(m.weight, spec, None if d.precision == "w4a16" else rotation)
-        if m.weight.is_cuda and not has_kernel(qw):
-            raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {group_size} "
-                             f"({d.precision}, rotation {rotation.name}); other group sizes run on CPU only")
-        d.bytes_after = qw.nbytes()
+        if opts["dry_run"]:
+            d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size)
+        else:
+            qw = PREPARED.get(m.weight, spec, _rotation_for(d.precision, rotation))
+            if m.weight.is_cuda and not has_kernel(qw):
+                raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {group_size} "
+                                 f"({d.precision}, rotation {rotation.name}); other group sizes run on CPU only")
+            d.bytes_after = qw.nbytes()
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
-    h = rotation.kernel_matrix()
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
-    if not rewrites:
-        report.graph_after = before
-        return gm.forward, report
-    rewrite_linears(gm, rewrites)
-    report.graph_after = gm.print_readable(print_output=False)
+    if rewrites:
+        rewrite_linears(gm, rewrites)
+    report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
+    if opts["dry_run"] or not rewrites:
+        return original, report
+    h = rotation.kernel_matrix()
     device_h: dict[torch.device, torch.Tensor] = {}
 
     def extra_inputs(args) -> list[torch.Tensor]:
         extra = []
         for rw, spec in zip(rewrites, specs):
             w = args[rw.match.weight_index]
-            qw = PREPARED.get(w, spec, None if spec.scheme == "w4a16" else rotation)
+            qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
             if rw.with_rotation:
                 if w.device not in device_h:
@@ -235,11 +232,9 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
         lin = model.get_submodule(d.name)
         spec = _spec(d.precision, rotation, group_size)
-        qw = PREPARED.get(lin.weight, spec, None if d.precision == "w4a16" else rot)
+        qw = PREPARED.get(lin.weight, spec, _rotation_for(d.precision, rot))
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
         if release_weights:
             released += release(lin.weight)
-    options = {k: v for k, v in opts.items()}
-    options["plan"] = opts["plan"]
-    compiled = torch.compile(model, backend=convrot_backend, options=options, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(model, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
     return CompiledModel(model, compiled, decisions, released)
