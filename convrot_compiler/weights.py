@@ -49,9 +49,6 @@ class PreparedWeights:
         per_param[spec] = (version, qw)
         return qw
 
-    def put(self, param: torch.Tensor, spec: PrepSpec, qw: QuantizedWeight) -> None:
-        self._cache.setdefault(param, {})[spec] = (param._version, qw)
-
 
 PREPARED = PreparedWeights()
 _RELEASED = WeakIdKeyDictionary()

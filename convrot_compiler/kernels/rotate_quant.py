@@ -29,15 +29,13 @@ METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
 
 @triton.jit
-def _rotate_chunk(x, h_ptr, c, BM: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, METHOD: tl.constexpr,
-                  DOT_F32: tl.constexpr):
-    """Columns [c*CH, (c+1)*CH) of the rotated [BM, G] group, in float32."""
+def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr):
+    """The rotated [BM, G] group, in float32."""
     if METHOD == 0:
         y = x.to(tl.float32)
     elif METHOD == 1:
         hr = tl.arange(0, G)
-        hc = c * CH + tl.arange(0, CH)
-        h = tl.load(h_ptr + hr[:, None] * G + hc[None, :])
+        h = tl.load(h_ptr + hr[:, None] * G + hr[None, :])
         if DOT_F32:
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
         else:
@@ -89,7 +87,7 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-                         G: tl.constexpr, CH: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
+                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
                          DOT_F32: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -99,15 +97,14 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     n_groups = tl.cdiv(K, G)
 
     # element-wise running max / flags, reduced across threads once after the loop
-    amax_t = tl.zeros([BM, CH], dtype=tl.float32)
+    amax_t = tl.zeros([BM, G], dtype=tl.float32)
     bad_t = tl.zeros([BM, G], dtype=tl.int32)
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         bad_t |= (~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32)
-        for c in tl.static_range(G // CH):
-            y = _rotate_chunk(x, h_ptr, c, BM, G, CH, METHOD, DOT_F32)
-            amax_t = tl.maximum(amax_t, tl.abs(y))
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        amax_t = tl.maximum(amax_t, tl.abs(y))
     amax = tl.max(amax_t, axis=1)
     bad = tl.max(bad_t, axis=1)
 
@@ -119,11 +116,9 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        for c in tl.static_range(G // CH):
-            y = _rotate_chunk(x, h_ptr, c, BM, G, CH, METHOD, DOT_F32)
-            q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
-            oc = g * G + c * CH + tl.arange(0, CH)
-            tl.store(q_rows + oc[None, :], q, mask=rmask[:, None])
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
+        tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
 
 
 def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +155,6 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, CH=group_size, METHOD=method,
+    _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
                                QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
     return q, scale
