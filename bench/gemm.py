@@ -27,6 +27,7 @@ from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4  # noqa: E402
 from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
 from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
+from convrot_compiler.models import relative_error  # noqa: E402
 from convrot_compiler.quant import quantize_weight  # noqa: E402
 from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
 
@@ -45,10 +46,6 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / ms / 1e6  # GB/s, read + write
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def fp8_rowwise(x: torch.Tensor, w: torch.Tensor):
@@ -83,10 +80,10 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
         # correctness: GEMM vs reference on the same quantized operands; end to end vs float
         g_ref = ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32)
         g_out = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16)
-        gemm_err = rel_err(g_out, g_ref)
+        gemm_err = relative_error(g_out, g_ref)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
         mismatch = ((qa.int() - q_ref.int()).abs() > 0).float().mean().item()
-        e2e_err = rel_err(g_out, ref)
+        e2e_err = relative_error(g_out, ref)
 
         t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
         t_inline = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,
@@ -120,7 +117,7 @@ def bench_skinny(name, m, k, n, rows):
     wbytes = qw.values.numel() + qw.scale.numel() * 4
     rows.append(dict(shape=name, M=m, K=k, N=n, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
-                     rel_err_vs_ref=rel_err(out, ref), rel_err_vs_bf16=rel_err(out, x.float() @ w.float().T)))
+                     rel_err_vs_ref=relative_error(out, ref), rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T)))
 
 
 def geomean(xs):

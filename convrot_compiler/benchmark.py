@@ -24,6 +24,7 @@ import time
 import torch
 
 from .backend import compile as convrot_compile
+from .demo import resolve_device
 from .models import build_flux, make_flux_inputs, model_bytes, relative_error
 
 
@@ -146,7 +147,7 @@ def kernel_breakdown(fn, kwargs) -> dict[str, float]:
 
 
 def run(args) -> dict:
-    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:

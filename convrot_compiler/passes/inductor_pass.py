@@ -31,14 +31,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..plans import LayerDecision, PlanSpec, eligibility, make_plan
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
-from .match import qualified_name
+from .match import module_name
 
 aten = torch.ops.aten
-
-
-def _module_name(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return qualified_name(list(stack.values())[-1][0]) if stack else f"<{node.name}>"
 
 
 class ConvRotInductorPass(CustomGraphPass):
@@ -72,7 +67,7 @@ class ConvRotInductorPass(CustomGraphPass):
                 return
         else:
             (x, wt), bias = node.args[:2], None
-        name = _module_name(node)
+        name = module_name(node) or f"<{node.name}>"
         x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
         rows = int(x_val.shape[0]) if x_val is not None and isinstance(x_val.shape[0], int) else None
         planned, rule = self.plan.match(name)

@@ -38,7 +38,8 @@ def qualified_name(path: str) -> str:
     return s.strip(".")
 
 
-def _module_name(node: fx.Node) -> str | None:
+def module_name(node: fx.Node) -> str | None:
+    """The qualified name of the module a node was traced from (from nn_module_stack), or None."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
@@ -73,7 +74,7 @@ def find_linears(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
             except (TypeError, ValueError):  # symbolic sizes
                 rows = None
         out_f, in_f = (tuple(w_meta.shape) if w_meta is not None and w_meta.dim() == 2 else (0, 0))
-        found.append(LinearMatch(node, _module_name(node) or f"<linear {i}>", int(in_f), int(out_f), rows, w_idx,
+        found.append(LinearMatch(node, module_name(node) or f"<linear {i}>", int(in_f), int(out_f), rows, w_idx,
                                  weight if isinstance(weight, torch.Tensor) else None, b is not None,
                                  w_meta.dtype if w_meta is not None else None))
     return found
