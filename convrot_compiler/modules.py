@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,6 +50,10 @@ class _QuantizedLinearBase(nn.Module):
         if has_kernel(qw):
             return quantized_linear(x, qw.values, qw.scale, self.rotation_matrix, self.bias, qw.scheme,
                                     qw.group_size, qw.out_features)
+        if x.is_cuda:
+            warnings.warn(f"{type(self).__name__} ({qw.scheme}, group_size {qw.group_size}, rotation "
+                          f"{getattr(qw.rotation, 'name', 'none')}): no CUDA kernel for this configuration, running the "
+                          "plain-torch reference (slow); the kernels take group_size 256", stacklevel=2)
         return reference_linear(x, qw, self.bias)
 
     def extra_repr(self) -> str:
