@@ -5,8 +5,7 @@ row-wise, torch._int_mm int8, our W4A4 and W8A8 GEMMs, the fused
 rotate+quantize alone (GB/s, against measured copy bandwidth), and
 rotate+quantize+GEMM together. W4A4 "GEMM" is the default path (int4 weights
 unpacked to a transient int8 buffer, then the int8 GEMM; the unpack time is
-included); "inline-unpack" unpacks in the K loop. Each of ours is checked against the reference
-in the same run. Also the W4A16 weight-only GEMM at M = 1.
+included). Each of ours is checked against the reference in the same run. Also the W4A16 weight-only GEMM at M = 1.
 
     python bench/gemm.py [--quick] [--out DIR]
 """
@@ -86,8 +85,6 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
         e2e_err = relative_error(g_out, ref)
 
         t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
-        t_inline = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,
-                                             unpack="inline")) if packed else float("nan")
         t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256)) if packed else 0.0
         t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
         t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
@@ -97,7 +94,6 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
             shape=name, M=m, K=k, N=n, scheme=scheme,
             bf16_us=t_bf16 * 1e3, fp8_us=t_fp8 * 1e3, int_mm_us=t_int * 1e3,
             gemm_us=t_gemm * 1e3, gemm_tops=flop / t_gemm / 1e9, unpack_us=t_unpack * 1e3,
-            inline_gemm_tops=flop / t_inline / 1e9,
             gemm_vs_bf16=t_bf16 / t_gemm, gemm_vs_fp8=t_fp8 / t_gemm, gemm_vs_int_mm=t_int / t_gemm,
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
@@ -146,12 +142,12 @@ def main() -> None:
             bench_skinny(name, m, k, n, skinny)
 
     table = tabulate(
-        [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}", f"{r['inline_gemm_tops']:.0f}",
+        [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}",
           f"{r['unpack_us']:.1f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}"] for r in rows],
-        headers=["shape", "M", "scheme", "GEMM TOPS", "inline-unpack TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
+        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
 "rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",

@@ -14,9 +14,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The interpreter cannot autotune over several configs: give it one small config."""
-    return [interpreter] if interpreting() else gpu
+def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config,
+                     quick: triton.Config | None = None) -> list[triton.Config]:
+    """The configs a kernel autotunes over.
+
+    The interpreter cannot autotune over several configs: it gets one small config.
+    ``CONVROT_AUTOTUNE=quick`` (read at import) takes one config (``quick``, else the first
+    GPU config) so that GPU correctness tests do not spend minutes autotuning."""
+    if interpreting():
+        return [interpreter]
+    if os.environ.get("CONVROT_AUTOTUNE", "full") == "quick":
+        return [quick or gpu[0]]
+    return gpu
 
 
 def check_device(*tensors: torch.Tensor) -> None:

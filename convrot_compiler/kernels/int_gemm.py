@@ -9,17 +9,17 @@ must go back to shared memory before a wgmma can read its B operand. So:
 
 * activations are int8 containers (values in [-7, 7]) and load straight into
   shared memory;
-* the kernel computes C^T = W X^T, so the unpacked weights are wgmma's A operand,
-  which may come from registers;
+* the kernel computes C^T = W X^T (the weights are wgmma's A operand), a layout
+  kept from the version that unpacked weights in registers;
 * weights are packed per group (byte j of a group holds values j and j + G/2), so
-  the low and high nibbles of a weight tile pair with two contiguous activation tiles.
+  one byte's two nibbles unpack to two contiguous runs.
 
-That second version (``unpack="inline"``) measured 239-289 TOPS, slower still
-(bench/results/gemm_v2.md): in Triton 3.6, unpacking in the K loop costs more than
-the int8 MMAs it feeds. The default (``unpack="scratch"``) therefore unpacks the
-weights of the one layer being run into a transient int8 buffer with a
-memory-bound kernel and runs the plain int8 GEMM: weights stay int4 in memory,
-the extra traffic is 1.5 bytes per weight.
+The register-unpacking version measured 239-289 TOPS, slower still (bench/results/gemm_v2.md):
+in Triton 3.6, unpacking in the K loop costs more than the int8 MMAs it feeds. So
+the weights of the one layer being run are unpacked into a transient int8 buffer
+by a memory-bound kernel, then the plain int8 GEMM runs: weights stay int4 in
+memory, the extra traffic is 1.5 bytes per weight. (Both in-loop versions are in
+the git history before this note.)
 """
 
 from __future__ import annotations
@@ -31,20 +31,20 @@ import triton.language as tl
 from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
 _GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BM": bm, "BKB": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
+    triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
     for bn, bm, bk, s, w in [
         (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
     ]
 ]
-_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BKB": 32, "GROUP_N": 2}, num_warps=4)
+_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "KW", "PACKED"])
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K"])
 @triton.jit
-def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, stride_xm, stride_wn, stride_cm,
-                     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
-                     BN: tl.constexpr, BM: tl.constexpr, BKB: tl.constexpr, GROUP_N: tl.constexpr):
+def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
+                     HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     num_m = tl.cdiv(M, BM)
@@ -56,24 +56,13 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, KW, st
 
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
-    rk = tl.arange(0, BKB)
+    rk = tl.arange(0, BK)
     w_ptrs = w_ptr + (rn % N)[:, None].to(tl.int64) * stride_wn + rk[None, :]
     x_rows = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
     acc = tl.zeros([BN, BM], dtype=tl.int32)
-    for kb in range(0, KW, BKB):
-        w = tl.load(w_ptrs)
-        if PACKED:
-            x_off = (kb // HALF) * (2 * HALF) + (kb % HALF)
-            x_lo = tl.load(x_rows + x_off)
-            x_hi = tl.load(x_rows + x_off + HALF)
-            w_lo = ((w << 4) >> 4).to(tl.int8)
-            w_hi = (w >> 4).to(tl.int8)
-            acc = tl.dot(w_lo, tl.trans(x_lo), acc, out_dtype=tl.int32)
-            acc = tl.dot(w_hi, tl.trans(x_hi), acc, out_dtype=tl.int32)
-        else:
-            x = tl.load(x_rows + kb)
-            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
-        w_ptrs += BKB
+    for kb in range(0, K, BK):
+        acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
+        w_ptrs += BK
 
     nmask = rn < N
     mmask = rm < M
@@ -116,15 +105,12 @@ def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-             packed: bool, group_size: int, out_dtype: torch.dtype, unpack: str = "scratch") -> torch.Tensor:
+             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: int8 activations [M, K']; qw: weights [N, K'/2] packed int4 (``packed``, per-group
     layout of quant.pack_int4) or [N, K'] int8; K' a multiple of ``group_size`` (256 or 128k).
-    ``unpack``: for packed weights, "scratch" (unpack to a transient int8 buffer, then the int8
-    GEMM; the default, faster) or "inline" (unpack in the GEMM's K loop; kept for measurement)."""
-    if unpack not in ("scratch", "inline"):
-        raise ValueError(f"unpack must be 'scratch' or 'inline', got {unpack!r}")
+    Packed weights are unpacked to a transient int8 buffer first (see the module docstring)."""
     check_device(qx, sx, qw, sw)
     check_2d_rows("qx", qx)
     check_2d_rows("qw", qw)
@@ -146,11 +132,9 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Ten
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
-    if packed and unpack == "scratch":
-        qw, packed = unpack_int4(qw, group_size), False
-        kw = k
+    if packed:
+        qw = unpack_int4(qw, group_size)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _int_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, c, m, n, kw,
-                           qx.stride(0), qw.stride(0), c.stride(0), HALF=group_size // 2,
-                           HAS_BIAS=bias is not None, PACKED=packed)
+    _int_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, c, m, n, k,
+                           qx.stride(0), qw.stride(0), c.stride(0), HAS_BIAS=bias is not None)
     return c

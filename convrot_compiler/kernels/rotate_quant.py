@@ -81,6 +81,7 @@ def _prune(configs, named_args, **kwargs):
         [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
          for bm in (2, 4, 8, 16, 32) for w in (2, 4) for st in (2, 3)],
         triton.Config({"BM": 16}, num_warps=4),
+        quick=triton.Config({"BM": 16}, num_warps=4),
     ),
     key=["K", "G", "METHOD", "QMAX"],
     prune_configs_by={"early_config_prune": _prune},
