@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
 from .ops import has_kernel
 from .passes.match import LinearMatch, find_linears
@@ -66,6 +67,8 @@ class CompileReport:
     graph_before: str = ""
     graph_after: str = ""
     graph_modules: dict = field(default_factory=dict)
+    activation_quantizations: int = 0         # rotate+quantize ops in the rewritten graph
+    shared_activation_quantizations: int = 0  # linears reusing another's (same input, same precision)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -144,8 +147,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
-    if rewrites:
-        rewrite_linears(gm, rewrites)
+    result = rewrite_linears(gm, rewrites) if rewrites else None
+    if result is not None:
+        report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
     report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
     if opts["dry_run"] or not rewrites:
@@ -159,10 +163,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             w = args[rw.match.weight_index]
             qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
-            if rw.with_rotation:
-                if w.device not in device_h:
-                    device_h[w.device] = h.to(w.device)
-                extra.append(device_h[w.device])
+        if result.uses_h:
+            dev = args[rewrites[0].match.weight_index].device
+            if dev not in device_h:
+                device_h[dev] = h.to(dev)
+            extra.append(device_h[dev])
         return extra
 
     use_inductor = opts["inductor"]
@@ -199,26 +204,34 @@ def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
 class CompiledModel(nn.Module):
     """What ``convrot_compiler.compile`` returns: the torch.compile'd model, run under no_grad."""
 
-    def __init__(self, model: nn.Module, compiled: nn.Module, decisions: list[LayerDecision], released_bytes: int):
+    def __init__(self, model: nn.Module, compiled: nn.Module, decisions: list[LayerDecision], released_bytes: int,
+                 cuda_graphs: bool = False):
         super().__init__()
         self.model = model
         self.compiled = compiled
         self.decisions = decisions
         self.released_bytes = released_bytes
+        self.cuda_graphs = cuda_graphs
+        self.replay = CUDAGraphReplay(compiled) if cuda_graphs else None
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
-            return self.compiled(*args, **kwargs)
+            return (self.replay or self.compiled)(*args, **kwargs)
 
 
 def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
-            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None) -> CompiledModel:
+            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
+            cuda_graphs: bool | None = None) -> CompiledModel:
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
     parameter keeps its shape, dtype and device as a stride-0 view), so the model's resident
-    weight memory drops to the quantized size. The model is then only usable compiled."""
+    weight memory drops to the quantized size. The model is then only usable compiled.
+
+    ``cuda_graphs`` (default: when the model is on CUDA) replays each input shape's forward as
+    one CUDA graph (see cudagraphs.py); outputs are fresh tensors. Turn it off if the forward
+    must see changes to anything but its tensor arguments."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
@@ -236,5 +249,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
         if release_weights:
             released += release(lin.weight)
+    if cuda_graphs is None:
+        cuda_graphs = any(p.is_cuda for p in model.parameters())
     compiled = torch.compile(model, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
-    return CompiledModel(model, compiled, decisions, released)
+    return CompiledModel(model, compiled, decisions, released, cuda_graphs=cuda_graphs)

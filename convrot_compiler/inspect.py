@@ -30,6 +30,8 @@ class InspectReport:
         before = sum(d.bytes_before for d in ds)
         after = sum(d.bytes_after for d in ds)
         return {"graphs": self.graphs, "linears_matched": len(ds), "rewritten": sum(d.precision != "bf16" for d in ds),
+                "activation_quantizations": sum(r.activation_quantizations for r in self.reports),
+                "shared_activation_quantizations": sum(r.shared_activation_quantizations for r in self.reports),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
@@ -51,7 +53,9 @@ class InspectReport:
         counts = ", ".join(f"{v} {k}" for k, v in t["by_precision"].items() if v)
         return (f"{t['linears_matched']} linears matched in {t['graphs']} graph(s), {t['rewritten']} rewritten "
                 f"({counts}); linear weights {_mib(t['linear_weight_bytes_before'])} MiB -> "
-                f"{_mib(t['linear_weight_bytes_after'])} MiB ({t['ratio']:.3f}x)")
+                f"{_mib(t['linear_weight_bytes_after'])} MiB ({t['ratio']:.3f}x); "
+                f"{t['activation_quantizations']} activation rotate+quantize ops, "
+                f"{t['shared_activation_quantizations']} linears sharing one with another linear on the same input")
 
     def to_json(self) -> str:
         return json.dumps({"totals": self.totals(), "layers": [

@@ -109,18 +109,31 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 
 
-def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
-    """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
-    and .scale) and the rotation's ``kernel_matrix()``. This is what the compiler pass inserts."""
-    lead = x.shape[:-1]
+def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                        bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and quantize x [..., K] as rows [M, K']: the first half of a quantized linear.
+    The compiler pass inserts one per distinct input, shared by every linear that reads it."""
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
+    return torch.ops.convrot.rotate_quantize(x2, h, group_size, bits)
+
+
+def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
+                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
+    """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype)."""
+    out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
+    """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
+    and .scale) and the rotation's ``kernel_matrix()``."""
     if scheme == "w4a16":
-        out = torch.ops.convrot.w4a16_gemm(x2, values, scale, bias, group_size)
-    else:
-        bits = 4 if scheme == "w4a4" else 8
-        q, s = torch.ops.convrot.rotate_quantize(x2, h, group_size, bits)
-        out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, bits == 4, group_size, x.dtype)
-    return out.reshape(*lead, out_features)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.ops.convrot.w4a16_gemm(x2 if x2.is_contiguous() else x2.contiguous(), values, scale, bias,
+                                           group_size)
+        return out.reshape(*x.shape[:-1], out_features)
+    q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8)
+    return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)

@@ -9,7 +9,7 @@ from convrot_compiler.backend import REPORTS, validate_options
 from convrot_compiler.inspect import inspect
 from convrot_compiler.models import build_flux, make_flux_inputs, model_bytes, relative_error
 from convrot_compiler.modules import plan_linears, quantize_model
-from convrot_compiler.ops import quantized_linear
+from convrot_compiler.ops import quantize_activation, quantized_linear, quantized_matmul
 from convrot_compiler.weights import PREPARED
 
 
@@ -21,7 +21,7 @@ def _fresh_dynamo():
 
 
 def _rewritten_nodes(gm) -> int:
-    return sum(n.op == "call_function" and n.target is quantized_linear for n in gm.graph.nodes)
+    return sum(n.op == "call_function" and n.target in (quantized_linear, quantized_matmul) for n in gm.graph.nodes)
 
 
 def _inputs(model, size=128, text=16, seed=0):
@@ -156,11 +156,18 @@ def test_inspect_flux_tiny_on_meta_device(tmp_path):
     assert t["graphs"] == 1 and t["linears_matched"] == 50
     assert t["by_precision"]["w4a4"] == 34 and t["by_precision"]["w4a16"] == 12
     assert 0.2 < t["ratio"] < 0.3
+    # Q/K/V of each stream (and the single blocks' MLP input) share one rotate+quantize:
+    # per double block 2 streams x (qkv, out, ff up, ff down), per single block (qkv+mlp, proj_out)
+    assert t["activation_quantizations"] == 2 * 8 + 2 * 2 and t["shared_activation_quantizations"] == 2 * 4 + 2 * 3
+    gm = report.reports[0].graph_modules["after"]
+    assert sum(n.target is quantize_activation for n in gm.graph.nodes) == 20
     assert "kept by plan rule 'x_embedder'" in report.table()
     assert '"linears_matched": 50' in report.to_json()
     written = report.dump(str(tmp_path))
     assert _rewritten_nodes(report.reports[0].graph_modules["after"]) == 46
-    assert (tmp_path / "graph0_after.py").read_text().count("convrot_compiler_ops_quantized_linear(") == 46 and written
+    code = (tmp_path / "graph0_after.py").read_text()
+    assert code.count("convrot_compiler_ops_quantized_matmul(") == 34 and written
+    assert code.count("convrot_compiler_ops_quantized_linear(") == 12
 
 
 def test_inductor_path_on_cpu_matches_reference():
