@@ -24,6 +24,7 @@ import time
 import torch
 
 from .backend import compile as convrot_compile
+from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
 from .models import build_flux, make_flux_inputs, model_bytes, relative_error
 
@@ -69,8 +70,8 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | None =
     return paths
 
 
-VARIANTS = ("bf16", "bf16-compile", "fp8", "w8a8", "w4a4", "mix")
 CONVROT = ("w8a8", "w4a4", "mix")
+VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT, *(f"{p}-nograph" for p in CONVROT))
 
 
 def _sync(dev):
@@ -105,6 +106,8 @@ def prepare(variant: str, model):
         return model, 0, ""
     if variant == "bf16-compile":
         return torch.compile(model), 0, ""
+    if variant == "bf16-compile-cg":
+        return torch.compile(model, mode="reduce-overhead"), 0, "Inductor CUDA graphs"
     if variant == "fp8":
         try:
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -112,9 +115,14 @@ def prepare(variant: str, model):
             raise RuntimeError(f"torchao not available ({e})") from e
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         return torch.compile(model), 0, "torchao fp8 row-wise dynamic"
-    compiled = convrot_compile(model, plan=variant, progress=False)
+    if variant == "fp8-scaled-mm":
+        n = swap_fp8_rowwise(model)
+        return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
+    plan, _, launch = variant.partition("-")
+    compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False)
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
-    return compiled, prepared, ""
+    note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
+    return compiled, prepared, note
 
 
 def kernel_breakdown(fn, kwargs) -> dict[str, float]:
@@ -183,8 +191,9 @@ def run(args) -> dict:
                            weight_bytes=model_bytes(model) + prepared,
                            peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                            rel_err_vs_bf16=relative_error(out, ref))
-                if args.profile and variant == "w4a4" and dev.type == "cuda":
-                    breakdown = kernel_breakdown(fn, inputs.kwargs)
+                if args.profile and variant.startswith("w4a4") and breakdown is None and dev.type == "cuda":
+                    breakdown = {"variant": variant, "forward_ms": row["ms"],
+                                 "kernels_ms": kernel_breakdown(fn, inputs.kwargs)}
             except RuntimeError as e:
                 row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
@@ -192,7 +201,7 @@ def run(args) -> dict:
             del model
     for r in rows:
         same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
-        for b in ("bf16", "bf16-compile", "fp8"):
+        for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
             if r.get("ms") and b in same:
                 r[f"speedup_vs_{b}"] = same[b]["ms"] / r["ms"]
         if r.get("ms"):
@@ -210,24 +219,26 @@ def to_markdown(result: dict) -> str:
         [[r["variant"], r["resolution"], r["tokens"],
           f"{r['ms']:.1f}" if r.get("ms") else "-", f"{r.get('ms_spread', 0):.1f}" if r.get("ms") else "-",
           *(f"{r[k]:.2f}" if r.get(k) else "-" for k in ("speedup_vs_bf16", "speedup_vs_bf16-compile",
-                                                         "speedup_vs_fp8")),
+                                                         "speedup_vs_fp8", "speedup_vs_fp8-scaled-mm")),
           f"{r['weight_bytes'] / gib:.2f}" if r.get("ms") else "-",
           f"{r['weight_ratio_vs_bf16']:.3f}" if r.get("ms") else "-",
           f"{r['peak_bytes'] / gib:.1f}" if r.get("peak_bytes") else "-",
           f"{r['first_call_s']:.0f}" if r.get("first_call_s") else "-",
           f"{r['rel_err_vs_bf16']:.3f}" if r.get("ms") else "-", r.get("note", "")]
          for r in result["rows"]],
-        headers=["variant", "res", "tokens", "ms", "spread", "x bf16", "x bf16-compile", "x fp8", "weights GiB",
+        headers=["variant", "res", "tokens", "ms", "spread", "x bf16", "x bf16-compile", "x fp8 (torchao)",
+                 "x fp8 (_scaled_mm)", "weights GiB",
                  "x bf16 weights", "peak GiB", "first call s", "err vs bf16", "note"], tablefmt="github")
     md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
           f"{env['date']}\n\n{table}\n")
     if result.get("breakdown"):
-        b = result["breakdown"]
+        b = result["breakdown"]["kernels_ms"]
         total = sum(b.values())
-        md += "\nconvrot w4a4, CUDA kernel time of one forward:\n\n" + tabulate(
-            [[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
-            headers=["part", "ms", "share"], tablefmt="github") + "\n"
+        md += (f"\nconvrot {result['breakdown']['variant']}, CUDA kernel time of one forward "
+               f"(kernels sum to {total:.1f} ms; the forward took {result['breakdown']['forward_ms']:.1f} ms):\n\n")
+        md += tabulate([[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
+                       headers=["part", "ms", "share"], tablefmt="github") + "\n"
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
            "measure (bench/results/compiler_gpu_diag.md).\n")
     return md

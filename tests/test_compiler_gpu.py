@@ -59,6 +59,13 @@ def test_flux_dev_widths(plan):
     compiled = cc.compile(model, plan=plan, inductor=True, progress=False)
     out = compiled(**kwargs)[0]
     assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all()
+    assert compiled.cuda_graphs
+    other = make_flux_inputs(model, 512, 512, 128, seed=1, device="cuda").kwargs
+    replayed = compiled(**other)[0]
+    with torch.no_grad():
+        launched = compiled.compiled(**other)[0]  # the same compiled forward, kernels launched one by one
+    torch.testing.assert_close(replayed, launched, rtol=0, atol=0)
+    assert not torch.equal(replayed, out)
     assert relative_error(out, ref) < 2 * stock_departure + 0.05
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     assert model_bytes(model) + prepared < (0.3 if plan == "w4a4" else 0.4) * before
