@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
+from convrot_compiler.baselines import quantize_rowwise_fp8  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4  # noqa: E402
 from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
 from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
@@ -48,11 +49,8 @@ def copy_bandwidth() -> float:
 
 
 def fp8_rowwise(x: torch.Tensor, w: torch.Tensor):
-    fmax = torch.finfo(torch.float8_e4m3fn).max
-    sx = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fmax
-    sw = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fmax
-    xq = (x.float() / sx).to(torch.float8_e4m3fn)
-    wq = (w.float() / sw).to(torch.float8_e4m3fn)
+    xq, sx = quantize_rowwise_fp8(x)
+    wq, sw = quantize_rowwise_fp8(w)
     return xq, wq.T, sx, sw.T
 
 
@@ -82,11 +80,14 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
         gemm_err = relative_error(g_out, g_ref)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
         mismatch = ((qa.int() - q_ref.int()).abs() > 0).float().mean().item()
+        layouts_agree = all(torch.equal(rotate_quantize(x, h16, 256, bits, layout=lay)[0], qa) for lay in (0, 2))
         e2e_err = relative_error(g_out, ref)
 
         t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
         t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256)) if packed else 0.0
         t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
+        t_layouts = {f"rq_gbs_layout{lay}": (m * k * 2 + qa.numel() + m * 4) / bench_ms(
+            lambda: rotate_quantize(x, h16, 256, bits, layout=lay)) / 1e6 for lay in (0, 1, 2)}
         t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
                                           256, torch.bfloat16))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
@@ -97,7 +98,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
             gemm_vs_bf16=t_bf16 / t_gemm, gemm_vs_fp8=t_fp8 / t_gemm, gemm_vs_int_mm=t_int / t_gemm,
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
-            gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
+            **t_layouts, rq_layouts_agree=layouts_agree, gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
             bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
         ))
 
@@ -145,9 +146,10 @@ def main() -> None:
         [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}",
           f"{r['unpack_us']:.1f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
+          "/".join(f"{r[f'rq_gbs_layout{lay}']:.0f}" for lay in (0, 1, 2)),
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}"] for r in rows],
-        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
+        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)", "rot+q GB/s layouts 0/1/2",
 "rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",

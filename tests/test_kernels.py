@@ -38,6 +38,19 @@ def test_rotate_quantize_kernel_matches_reference_exactly(bits, kind, group, m, 
     assert torch.equal(s.cpu(), s_ref)
 
 
+@pytest.mark.parametrize("layout", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["regular", "sylvester"])
+def test_every_kronecker_layout_matches_reference_exactly(layout, kind):
+    x = _int_valued(21, 700, seed=layout)
+    x[5] = 0.0
+    h = GroupHadamardRotation(kind, 256).kernel_matrix()
+    q_ref, s_ref = ops.rotate_quantize(x, h, 256, 4)
+    q, s = rotate_quantize(x.to(DEV), h.to(DEV), 256, 4, layout=layout)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+    with pytest.raises(ValueError, match="layout"):
+        rotate_quantize(x.to(DEV), h.to(DEV), 256, 4, layout=3)
+
+
 @pytest.mark.parametrize("group,h_size", [(256, 16), (64, 64)])
 def test_rotate_quantize_random_floats_are_close(group, h_size):
     x = torch.randn(20, 512) * 3

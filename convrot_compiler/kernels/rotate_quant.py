@@ -29,8 +29,11 @@ METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
 
 @triton.jit
-def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr):
-    """The rotated [BM, G] group, in float32."""
+def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr,
+                  NATURAL: tl.constexpr):
+    """The rotated group in float32: [BM, G] in channel order when NATURAL (or not Kronecker);
+    otherwise the Kronecker form's own order, [BM * 16, 16] with element (r * 16 + j, i) holding
+    channel 16 i + j of row r, which saves a layout conversion where order does not matter."""
     if METHOD == 0:
         y = x.to(tl.float32)
     elif METHOD == 1:
@@ -56,7 +59,10 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
             a16 = a.to(tl.bfloat16)
             w = tl.dot(z_hi, a16)
             w = tl.dot(z_lo, a16, w)
-        y = tl.reshape(tl.permute(tl.reshape(w, (BM, 16, 16)), (0, 2, 1)), (BM, G))
+        if NATURAL:
+            y = tl.reshape(tl.permute(tl.reshape(w, (BM, 16, 16)), (0, 2, 1)), (BM, G))
+        else:
+            y = w
     return y
 
 
@@ -83,13 +89,13 @@ def _prune(configs, named_args, **kwargs):
         triton.Config({"BM": 16}, num_warps=4),
         quick=triton.Config({"BM": 16}, num_warps=4),
     ),
-    key=["K", "G", "METHOD", "QMAX"],
+    key=["K", "G", "METHOD", "QMAX", "LAYOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
-                         DOT_F32: tl.constexpr, BM: tl.constexpr):
+                         DOT_F32: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -98,15 +104,19 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     n_groups = tl.cdiv(K, G)
 
     # element-wise running max / flags, reduced across threads once after the loop
-    amax_t = tl.zeros([BM, G], dtype=tl.float32)
+    KRON_ORDER: tl.constexpr = (METHOD == 2) and (LAYOUT != 0)
+    if KRON_ORDER:
+        amax_t = tl.zeros([BM * 16, 16], dtype=tl.float32)
+    else:
+        amax_t = tl.zeros([BM, G], dtype=tl.float32)
     bad_t = tl.zeros([BM, G], dtype=tl.int32)
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         bad_t |= (~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32, not KRON_ORDER)
         amax_t = tl.maximum(amax_t, tl.abs(y))
-    amax = tl.max(amax_t, axis=1)
+    amax = tl.max(tl.reshape(amax_t, (BM, G)), axis=1)
     bad = tl.max(bad_t, axis=1)
 
     scale = tl.where(bad > 0, float("nan"), tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)))
@@ -114,19 +124,40 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     tl.store(s_ptr + rows, scale, mask=rmask)
 
     q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+    if KRON_ORDER:
+        scale16 = tl.reshape(tl.broadcast_to(scale[:, None], (BM, 16)), (BM * 16,))
+        usable16 = tl.reshape(tl.broadcast_to(usable[:, None], (BM, 16)), (BM * 16,))
+        r16 = tl.arange(0, BM * 16)
+        i16 = tl.arange(0, 16)
+        # element (r * 16 + j, i) of the Kronecker order is channel 16 i + j of row r
+        q_t_ptrs = (q_ptr + (pid * BM + r16 // 16)[:, None].to(tl.int64) * stride_qm
+                    + (r16 % 16)[:, None] + 16 * i16[None, :])
+        rmask16 = (pid * BM + r16 // 16) < M
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
-        q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
-        tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32, not KRON_ORDER)
+        if KRON_ORDER:
+            q = _quantize_tile(y, scale16, usable16, QMAX).to(tl.int8)
+            if LAYOUT == 1:  # back to channel order on int8, a quarter of the bytes of the float tile
+                q = tl.reshape(tl.permute(tl.reshape(q, (BM, 16, 16)), (0, 2, 1)), (BM, G))
+                tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
+            else:  # LAYOUT 2: store from the Kronecker order through strided addresses
+                tl.store(q_t_ptrs + g * G, q, mask=rmask16[:, None])
+        else:
+            q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
+            tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
 
 
-def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int,
+                    layout: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
     (faster), or None for no rotation (K is still zero-padded to a multiple of G).
+    ``layout`` (Kronecker form only; benchmarked in bench/gemm.py): how the rotated tile gets
+    back to channel order: 0 permutes the float tile in both passes, 1 only the int8 tile of
+    the second pass, 2 stores the int8 tile through strided addresses.
     Returns (values int8 [M, K'] in [-qmax, qmax], scale float32 [M]).
     """
     check_device(x)
@@ -135,6 +166,8 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
         raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations, got {x.dtype}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if layout not in (0, 1, 2):
+        raise ValueError(f"layout must be 0, 1 or 2, got {layout}")
     if group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of 2 >= 16, got {group_size}")
     if h is None:
@@ -157,5 +190,5 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
     _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
-                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
+                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32, LAYOUT=layout)
     return q, scale
