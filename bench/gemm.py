@@ -80,14 +80,11 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
         gemm_err = relative_error(g_out, g_ref)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
         mismatch = ((qa.int() - q_ref.int()).abs() > 0).float().mean().item()
-        layouts_agree = all(torch.equal(rotate_quantize(x, h16, 256, bits, layout=lay)[0], qa) for lay in (0, 2))
         e2e_err = relative_error(g_out, ref)
 
         t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
         t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256)) if packed else 0.0
         t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
-        t_layouts = {f"rq_gbs_layout{lay}": (m * k * 2 + qa.numel() + m * 4) / bench_ms(
-            lambda: rotate_quantize(x, h16, 256, bits, layout=lay)) / 1e6 for lay in (0, 1, 2)}
         t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
                                           256, torch.bfloat16))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
@@ -98,9 +95,30 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
             gemm_vs_bf16=t_bf16 / t_gemm, gemm_vs_fp8=t_fp8 / t_gemm, gemm_vs_int_mm=t_int / t_gemm,
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
-            **t_layouts, rq_layouts_agree=layouts_agree, gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
+            gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
             bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
         ))
+
+
+ROTATE_VARIANTS = {"one pass": dict(one_pass=True), "two pass, layout 0": dict(one_pass=False, layout=0),
+                   "two pass, layout 1": dict(one_pass=False, layout=1),
+                   "two pass, layout 2": dict(one_pass=False, layout=2)}
+
+
+def bench_rotate(m, k, bits, copy_gbs, rows):
+    """Each rotate+quantize kernel variant: GB/s (bytes read + written) and agreement with the reference."""
+    torch.manual_seed(0)
+    x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
+    h16 = GroupHadamardRotation("regular", 256).kernel_matrix().to("cuda")
+    q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
+    nbytes = m * k * 2 + q_ref.numel() + m * 4
+    row = dict(M=m, K=k, bits=bits)
+    for name, kw in ROTATE_VARIANTS.items():
+        q, s = rotate_quantize(x, h16, 256, bits, **kw)
+        row[f"{name} mismatch"] = (q != q_ref).float().mean().item()
+        row[f"{name} GB/s"] = nbytes / bench_ms(lambda: rotate_quantize(x, h16, 256, bits, **kw)) / 1e6
+    row["best frac of copy"] = max(row[f"{n} GB/s"] for n in ROTATE_VARIANTS) / copy_gbs
+    rows.append(row)
 
 
 def bench_skinny(name, m, k, n, rows):
@@ -123,6 +141,7 @@ def geomean(xs):
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--rotate-only", action="store_true", help="only the rotate+quantize kernel variants")
     p.add_argument("--quick", action="store_true", help="only the first shape")
     p.add_argument("--out", help="result folder (default $OUT or bench/results)")
     args = p.parse_args()
@@ -133,6 +152,22 @@ def main() -> None:
 
     env = environment()
     copy_gbs = copy_bandwidth()
+    head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
+            f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)\n")
+    rot_rows = []
+    for m, k, bits in tqdm([(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)],
+                           desc="rotate+quantize"):
+        bench_rotate(m, k, bits, copy_gbs, rot_rows)
+    rot_table = tabulate(
+        [[r["M"], r["K"], r["bits"], *(f"{r[f'{n} GB/s']:.0f}" for n in ROTATE_VARIANTS), f"{r['best frac of copy']:.0%}",
+          f"{max(r[f'{n} mismatch'] for n in ROTATE_VARIANTS):.1e}"] for r in rot_rows],
+        headers=["M", "K", "bits", *(f"{n} GB/s" for n in ROTATE_VARIANTS), "best / copy", "max int mismatch"],
+        tablefmt="github")
+    if args.rotate_only:
+        md = f"# rotate+quantize kernels\n\n{head}\n{rot_table}\n"
+        print(md)
+        print("written:", *write_results("rotate", dict(env=env, copy_gbs=copy_gbs, rows=rot_rows), md, args.out))
+        return
     rows, skinny = [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
     jobs = [(s, m) for m in (4608, 512) for s in shapes]
@@ -146,10 +181,9 @@ def main() -> None:
         [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}",
           f"{r['unpack_us']:.1f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
-          "/".join(f"{r[f'rq_gbs_layout{lay}']:.0f}" for lay in (0, 1, 2)),
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}"] for r in rows],
-        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)", "rot+q GB/s layouts 0/1/2",
+        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
 "rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
@@ -169,11 +203,10 @@ f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
     summary_table = tabulate([[k, *(f"{v:.2f}" for v in s.values())] for k, s in summary.items()],
                              headers=["scheme", "GEMM x bf16 geomean", "GEMM x bf16 min", "rot+q+GEMM x bf16 geomean",
                                       "rot+q min frac of copy", "M=512 GEMM x bf16 min"], tablefmt="github")
-    head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
-            f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)\n")
-    md = f"# GEMM benchmark\n\n{head}\n{table}\n\n{skinny_table}\n\n{summary_table}\n"
-    paths = write_results("gemm", dict(env=env, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary), md,
-                          args.out)
+    md = (f"# GEMM benchmark\n\n{head}\n{table}\n\n{skinny_table}\n\n{summary_table}\n\n"
+          f"rotate+quantize kernel variants (the default picks one pass where it applies):\n\n{rot_table}\n")
+    paths = write_results("gemm", dict(env=env, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary,
+                                       rotate=rot_rows), md, args.out)
     print(md)
     print("written:", *paths)
 

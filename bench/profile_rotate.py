@@ -1,4 +1,4 @@
-"""One rotate+quantize launch per Kronecker layout, bracketed for ncu --profile-from-start off.
+"""One launch of each rotate+quantize kernel (one pass; two pass, layout 1), bracketed for ncu --profile-from-start off.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python bench/profile_rotate.py
 """
@@ -19,12 +19,13 @@ from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
 def main(m: int = 4608, k: int = 3072, bits: int = 4) -> None:
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
-    for layout in (0, 1, 2):
-        rotate_quantize(x, h, 256, bits, layout=layout)  # autotune outside the profiled range
+    variants = [dict(one_pass=True), dict(one_pass=False, layout=1)]
+    for kw in variants:
+        rotate_quantize(x, h, 256, bits, **kw)  # autotune outside the profiled range
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for layout in (0, 1, 2):
-        rotate_quantize(x, h, 256, bits, layout=layout)
+    for kw in variants:
+        rotate_quantize(x, h, 256, bits, **kw)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 

@@ -29,6 +29,27 @@ METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
 
 @triton.jit
+def _kron_rotate(x, h_ptr, R: tl.constexpr, DOT_F32: tl.constexpr):
+    """[R, 16] rows (r, i) x columns j of 16 x 16 blocks X -> rows (r, j') x columns i' of (A^T X A)^T."""
+    a_idx = tl.arange(0, 16)
+    a = tl.load(h_ptr + a_idx[:, None] * 16 + a_idx[None, :])
+    if DOT_F32:
+        a32 = a.to(tl.float32)
+        z = tl.dot(x.to(tl.float32), a32, input_precision="ieee")
+        zt = tl.reshape(tl.permute(tl.reshape(z, (R // 16, 16, 16)), (0, 2, 1)), (R, 16))
+        w = tl.dot(zt, a32, input_precision="ieee")
+    else:
+        z = tl.dot(x, a)
+        zt = tl.reshape(tl.permute(tl.reshape(z, (R // 16, 16, 16)), (0, 2, 1)), (R, 16))
+        z_hi = zt.to(tl.bfloat16)
+        z_lo = (zt - z_hi.to(tl.float32)).to(tl.bfloat16)
+        a16 = a.to(tl.bfloat16)
+        w = tl.dot(z_hi, a16)
+        w = tl.dot(z_lo, a16, w)
+    return w
+
+
+@triton.jit
 def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr,
                   NATURAL: tl.constexpr):
     """The rotated group in float32: [BM, G] in channel order when NATURAL (or not Kronecker);
@@ -44,21 +65,7 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
         else:
             y = tl.dot(x, h)
     else:
-        a_idx = tl.arange(0, 16)
-        a = tl.load(h_ptr + a_idx[:, None] * 16 + a_idx[None, :])
-        if DOT_F32:
-            a32 = a.to(tl.float32)
-            z = tl.dot(tl.reshape(x.to(tl.float32), (BM * 16, 16)), a32, input_precision="ieee")
-            zt = tl.reshape(tl.permute(tl.reshape(z, (BM, 16, 16)), (0, 2, 1)), (BM * 16, 16))
-            w = tl.dot(zt, a32, input_precision="ieee")
-        else:
-            z = tl.dot(tl.reshape(x, (BM * 16, 16)), a)
-            zt = tl.reshape(tl.permute(tl.reshape(z, (BM, 16, 16)), (0, 2, 1)), (BM * 16, 16))
-            z_hi = zt.to(tl.bfloat16)
-            z_lo = (zt - z_hi.to(tl.float32)).to(tl.bfloat16)
-            a16 = a.to(tl.bfloat16)
-            w = tl.dot(z_hi, a16)
-            w = tl.dot(z_lo, a16, w)
+        w = _kron_rotate(tl.reshape(x, (BM * 16, 16)), h_ptr, BM * 16, DOT_F32)
         if NATURAL:
             y = tl.reshape(tl.permute(tl.reshape(w, (BM, 16, 16)), (0, 2, 1)), (BM, G))
         else:
@@ -149,8 +156,57 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
             tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
 
 
+def _prune_rows(configs, named_args, **kwargs):
+    """Keep the tile (BM rows x NG groups) within 32K elements: beyond that the float tiles spill."""
+    ng = kwargs.get("NG", named_args.get("NG"))
+    return [c for c in configs if c.kwargs["BM"] * ng * 256 <= 32768] or configs[:1]
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        [triton.Config({"BM": bm}, num_warps=w) for bm in (1, 2, 4) for w in (4, 8, 16)],
+        triton.Config({"BM": 2}, num_warps=4),
+        quick=triton.Config({"BM": 1}, num_warps=8),
+    ),
+    key=["K", "NG", "QMAX"],
+    prune_configs_by={"early_config_prune": _prune_rows},
+)
+@triton.jit
+def _rotate_quant_rows_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, n_groups,
+                              NG: tl.constexpr, QMAX: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr):
+    """One pass: BM whole rows (NG >= the row's group count, a power of 2) rotated in registers.
+
+    Tile rows are (row b, group g, i) and columns j: element x[b, 256 g + 16 i + j]. After the
+    Kronecker rotation tile rows are (b, g, j') and columns i': channel 256 g + 16 i' + j'."""
+    pid = tl.program_id(0)
+    R: tl.constexpr = BM * NG * 16
+    t = tl.arange(0, R)
+    row = pid * BM + t // (NG * 16)
+    grp = (t // 16) % NG
+    j = tl.arange(0, 16)
+    rmask = row < M
+    col = grp[:, None] * 256 + (t % 16)[:, None] * 16 + j[None, :]
+    x = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_xm + col, mask=rmask[:, None] & (col < K), other=0.0)
+    bad = tl.max(tl.reshape((~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32), (BM, NG * 256)), axis=1)
+    w = _kron_rotate(x, h_ptr, R, DOT_F32)
+    amax = tl.max(tl.reshape(tl.abs(w), (BM, NG * 256)), axis=1)
+    scale = tl.where(bad > 0, float("nan"), tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)))
+    usable = (bad == 0) & (scale > 0.0)
+    rows_b = pid * BM + tl.arange(0, BM)
+    tl.store(s_ptr + rows_b, scale, mask=rows_b < M)
+    scale_t = tl.reshape(tl.broadcast_to(scale[:, None], (BM, NG * 16)), (R,))
+    usable_t = tl.reshape(tl.broadcast_to(usable[:, None], (BM, NG * 16)), (R,))
+    q = _quantize_tile(w, scale_t, usable_t, QMAX).to(tl.int8)
+    out_col = grp[:, None] * 256 + j[None, :] * 16 + (t % 16)[:, None]
+    tl.store(q_ptr + row[:, None].to(tl.int64) * stride_qm + out_col, q,
+             mask=rmask[:, None] & (grp < n_groups)[:, None])
+
+
+ROW_KERNEL_MAX_K = 16384
+
+
 def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int,
-                    layout: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    layout: int = 1, one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
@@ -158,6 +214,8 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
     ``layout`` (Kronecker form only; benchmarked in bench/gemm.py): how the rotated tile gets
     back to channel order: 0 permutes the float tile in both passes, 1 only the int8 tile of
     the second pass, 2 stores the int8 tile through strided addresses.
+    ``one_pass`` (Kronecker form, K <= 16384): whole rows rotated in registers, read once;
+    default: whenever it applies.
     Returns (values int8 [M, K'] in [-qmax, qmax], scale float32 [M]).
     """
     check_device(x)
@@ -189,6 +247,15 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+    fits = method == METHOD_KRON and kp <= ROW_KERNEL_MAX_K
+    if one_pass and not fits:
+        raise ValueError(f"one_pass needs the Kronecker form (G = 256 with a 16 x 16 h) and K <= {ROW_KERNEL_MAX_K}, "
+                         f"got G = {group_size}, K = {k}")
+    if fits and one_pass is not False:
+        ng = triton.next_power_of_2(kp // group_size)
+        _rotate_quant_rows_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), kp // group_size, NG=ng,
+                                        QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
+        return q, scale
     _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
                                QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32, LAYOUT=layout)
     return q, scale
