@@ -1,4 +1,4 @@
-"""One launch of each rotate+quantize kernel (one pass; two pass, layout 1), bracketed for ncu --profile-from-start off.
+"""One rotate+quantize launch, bracketed for ncu --profile-from-start off.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python bench/profile_rotate.py
 """
@@ -19,13 +19,10 @@ from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
 def main(m: int = 4608, k: int = 3072, bits: int = 4) -> None:
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
-    variants = [dict(one_pass=True), dict(one_pass=False, layout=1)]
-    for kw in variants:
-        rotate_quantize(x, h, 256, bits, **kw)  # autotune outside the profiled range
+    rotate_quantize(x, h, 256, bits)  # autotune outside the profiled range
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for kw in variants:
-        rotate_quantize(x, h, 256, bits, **kw)
+    rotate_quantize(x, h, 256, bits)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 

@@ -50,11 +50,10 @@ def _kron_rotate(x, h_ptr, R: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr,
-                  NATURAL: tl.constexpr):
-    """The rotated group in float32: [BM, G] in channel order when NATURAL (or not Kronecker);
-    otherwise the Kronecker form's own order, [BM * 16, 16] with element (r * 16 + j, i) holding
-    channel 16 i + j of row r, which saves a layout conversion where order does not matter."""
+def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.constexpr, DOT_F32: tl.constexpr):
+    """The rotated group in float32: [BM, G] in channel order, except for the Kronecker form,
+    which stays in its own order, [BM * 16, 16] with element (r * 16 + j, i) holding channel
+    16 i + j of row r (putting it back in order would cost a layout conversion per group)."""
     if METHOD == 0:
         y = x.to(tl.float32)
     elif METHOD == 1:
@@ -65,11 +64,7 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
         else:
             y = tl.dot(x, h)
     else:
-        w = _kron_rotate(tl.reshape(x, (BM * 16, 16)), h_ptr, BM * 16, DOT_F32)
-        if NATURAL:
-            y = tl.reshape(tl.permute(tl.reshape(w, (BM, 16, 16)), (0, 2, 1)), (BM, G))
-        else:
-            y = w
+        y = _kron_rotate(tl.reshape(x, (BM * 16, 16)), h_ptr, BM * 16, DOT_F32)
     return y
 
 
@@ -96,13 +91,13 @@ def _prune(configs, named_args, **kwargs):
         triton.Config({"BM": 16}, num_warps=4),
         quick=triton.Config({"BM": 16}, num_warps=4),
     ),
-    key=["K", "G", "METHOD", "QMAX", "LAYOUT"],
+    key=["K", "G", "METHOD", "QMAX"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
-                         DOT_F32: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr):
+                         DOT_F32: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -111,7 +106,7 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     n_groups = tl.cdiv(K, G)
 
     # element-wise running max / flags, reduced across threads once after the loop
-    KRON_ORDER: tl.constexpr = (METHOD == 2) and (LAYOUT != 0)
+    KRON_ORDER: tl.constexpr = METHOD == 2
     if KRON_ORDER:
         amax_t = tl.zeros([BM * 16, 16], dtype=tl.float32)
     else:
@@ -121,7 +116,7 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         bad_t |= (~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32, not KRON_ORDER)
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         amax_t = tl.maximum(amax_t, tl.abs(y))
     amax = tl.max(tl.reshape(amax_t, (BM, G)), axis=1)
     bad = tl.max(bad_t, axis=1)
@@ -143,79 +138,21 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32, not KRON_ORDER)
-        if KRON_ORDER:
+        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+        if KRON_ORDER:  # stored from the Kronecker order through strided addresses: no permute
             q = _quantize_tile(y, scale16, usable16, QMAX).to(tl.int8)
-            if LAYOUT == 1:  # back to channel order on int8, a quarter of the bytes of the float tile
-                q = tl.reshape(tl.permute(tl.reshape(q, (BM, 16, 16)), (0, 2, 1)), (BM, G))
-                tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
-            else:  # LAYOUT 2: store from the Kronecker order through strided addresses
-                tl.store(q_t_ptrs + g * G, q, mask=rmask16[:, None])
+            tl.store(q_t_ptrs + g * G, q, mask=rmask16[:, None])
         else:
             q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
             tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
 
 
-def _prune_rows(configs, named_args, **kwargs):
-    """Keep the tile (BM rows x NG groups) within 32K elements: beyond that the float tiles spill."""
-    ng = kwargs.get("NG", named_args.get("NG"))
-    return [c for c in configs if c.kwargs["BM"] * ng * 256 <= 32768] or configs[:1]
-
-
-@triton.autotune(
-    configs=autotune_configs(
-        [triton.Config({"BM": bm}, num_warps=w) for bm in (1, 2, 4) for w in (4, 8, 16)],
-        triton.Config({"BM": 2}, num_warps=4),
-        quick=triton.Config({"BM": 1}, num_warps=8),
-    ),
-    key=["K", "NG", "QMAX"],
-    prune_configs_by={"early_config_prune": _prune_rows},
-)
-@triton.jit
-def _rotate_quant_rows_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, n_groups,
-                              NG: tl.constexpr, QMAX: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr):
-    """One pass: BM whole rows (NG >= the row's group count, a power of 2) rotated in registers.
-
-    Tile rows are (row b, group g, i) and columns j: element x[b, 256 g + 16 i + j]. After the
-    Kronecker rotation tile rows are (b, g, j') and columns i': channel 256 g + 16 i' + j'."""
-    pid = tl.program_id(0)
-    R: tl.constexpr = BM * NG * 16
-    t = tl.arange(0, R)
-    row = pid * BM + t // (NG * 16)
-    grp = (t // 16) % NG
-    j = tl.arange(0, 16)
-    rmask = row < M
-    col = grp[:, None] * 256 + (t % 16)[:, None] * 16 + j[None, :]
-    x = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_xm + col, mask=rmask[:, None] & (col < K), other=0.0)
-    bad = tl.max(tl.reshape((~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32), (BM, NG * 256)), axis=1)
-    w = _kron_rotate(x, h_ptr, R, DOT_F32)
-    amax = tl.max(tl.reshape(tl.abs(w), (BM, NG * 256)), axis=1)
-    scale = tl.where(bad > 0, float("nan"), tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)))
-    usable = (bad == 0) & (scale > 0.0)
-    rows_b = pid * BM + tl.arange(0, BM)
-    tl.store(s_ptr + rows_b, scale, mask=rows_b < M)
-    scale_t = tl.reshape(tl.broadcast_to(scale[:, None], (BM, NG * 16)), (R,))
-    usable_t = tl.reshape(tl.broadcast_to(usable[:, None], (BM, NG * 16)), (R,))
-    q = _quantize_tile(w, scale_t, usable_t, QMAX).to(tl.int8)
-    out_col = grp[:, None] * 256 + j[None, :] * 16 + (t % 16)[:, None]
-    tl.store(q_ptr + row[:, None].to(tl.int64) * stride_qm + out_col, q,
-             mask=rmask[:, None] & (grp < n_groups)[:, None])
-
-
-ROW_KERNEL_MAX_K = 16384
-
-
-def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int,
-                    layout: int = 1, one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int,
+                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
     (faster), or None for no rotation (K is still zero-padded to a multiple of G).
-    ``layout`` (Kronecker form only; benchmarked in bench/gemm.py): how the rotated tile gets
-    back to channel order: 0 permutes the float tile in both passes, 1 only the int8 tile of
-    the second pass, 2 stores the int8 tile through strided addresses.
-    ``one_pass`` (Kronecker form, K <= 16384): whole rows rotated in registers, read once;
-    default: whenever it applies.
     Returns (values int8 [M, K'] in [-qmax, qmax], scale float32 [M]).
     """
     check_device(x)
@@ -224,8 +161,6 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
         raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations, got {x.dtype}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if layout not in (0, 1, 2):
-        raise ValueError(f"layout must be 0, 1 or 2, got {layout}")
     if group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of 2 >= 16, got {group_size}")
     if h is None:
@@ -247,15 +182,6 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bi
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    fits = method == METHOD_KRON and kp <= ROW_KERNEL_MAX_K
-    if one_pass and not fits:
-        raise ValueError(f"one_pass needs the Kronecker form (G = 256 with a 16 x 16 h) and K <= {ROW_KERNEL_MAX_K}, "
-                         f"got G = {group_size}, K = {k}")
-    if fits and one_pass is not False:
-        ng = triton.next_power_of_2(kp // group_size)
-        _rotate_quant_rows_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), kp // group_size, NG=ng,
-                                        QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
-        return q, scale
     _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
-                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32, LAYOUT=layout)
+                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
     return q, scale
