@@ -177,6 +177,7 @@ def run(args) -> dict:
             model = build_flux(args.config, seed=0, device=dev)
             row = {"variant": variant, "resolution": res, "batch": args.batch,
                    "tokens": inputs.image_tokens + inputs.text_tokens}
+            print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
             try:
                 t0 = time.perf_counter()
                 fn, prepared, note = prepare(variant, model)
@@ -198,7 +199,13 @@ def run(args) -> dict:
                 row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
+            partial = _result(args, dev, rows, breakdown, bf16_bytes)  # a run cut short keeps what it measured
+            write_results(args.name, partial, to_markdown(partial), args.out)
             del model
+    return _result(args, dev, rows, breakdown, bf16_bytes)
+
+
+def _result(args, dev, rows: list[dict], breakdown, bf16_bytes: int) -> dict:
     for r in rows:
         same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
         for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
