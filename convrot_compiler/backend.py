@@ -222,7 +222,7 @@ class CompiledModel(nn.Module):
 def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
-            cuda_graphs: bool | None = None) -> CompiledModel:
+            cuda_graphs: bool | None = None, in_place: bool = False) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -231,7 +231,11 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     ``cuda_graphs`` (default: when the model is on CUDA) replays each input shape's forward as
     one CUDA graph (see cudagraphs.py); outputs are fresh tensors. Turn it off if the forward
-    must see changes to anything but its tensor arguments."""
+    must see changes to anything but its tensor arguments.
+
+    ``in_place`` compiles the module itself (``nn.Module.compile``) and returns it, so code that
+    holds the module and reads its attributes (a diffusers pipeline's ``transformer``) runs it
+    compiled. Call it under ``torch.no_grad()``; no CUDA-graph replay on this path."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
@@ -249,6 +253,10 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
         if release_weights:
             released += release(lin.weight)
+    if in_place:
+        model.compile(backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
+        model.convrot_decisions = decisions
+        return model
     if cuda_graphs is None:
         cuda_graphs = any(p.is_cuda for p in model.parameters())
     compiled = torch.compile(model, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
     sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench -h)",
                    add_help=False)
+    sub.add_parser("eval", help="FLUX pipeline fidelity: PSNR/SSIM of convrot images vs bf16 (see convrot eval -h)",
+                   add_help=False)
     return parser
 
 
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         from .benchmark import main as bench_main
 
         bench_main(argv[1:])
+        return 0
+    if argv[:1] == ["eval"]:
+        from .evaluate import main as eval_main
+
+        eval_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
