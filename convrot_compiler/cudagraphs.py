@@ -36,7 +36,10 @@ class _Captured:
 
 def signature(args: tuple, kwargs: dict) -> Hashable:
     """What must match for a captured graph to be replayed: tensor shapes, dtypes, devices; other values."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return _signature(*pytree.tree_flatten((args, kwargs)))
+
+
+def _signature(leaves: list, spec) -> Hashable:
     key: list[Hashable] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
@@ -61,14 +64,14 @@ class CUDAGraphReplay:
         self.pool = None
 
     def __call__(self, *args, **kwargs):
-        key = signature(args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = _signature(leaves, spec)
         captured = self.graphs.get(key)
         if captured is None:
             out = self.fn(*args, **kwargs)  # compiles and autotunes outside capture
             self.graphs[key] = self._capture(args, kwargs)
             return out
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        for static, live in zip(captured.static_inputs, leaves):
+        for static, live in zip(captured.static_inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             static.copy_(live)
         captured.graph.replay()
         return pytree.tree_map_only(torch.Tensor, torch.clone, captured.static_output)

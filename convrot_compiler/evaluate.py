@@ -193,9 +193,9 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
     lpips_fn, lpips_note = lpips_metric()
 
     bf16_transformer = pipe.transformer
-    t0 = time.perf_counter()
     images = {"bf16": generate(pipe, inputs, size, steps, seed, dev)}
     rows = []
+    t0 = time.perf_counter()
     ref_again = generate(pipe, inputs, size, steps, seed, dev)  # the identical pipeline: the metrics' own floor
     rows.append(_row("bf16 (again)", compare(images["bf16"], ref_again, lpips_fn), time.perf_counter() - t0))
     for plan in tqdm(plans, desc="plans", disable=not progress):

@@ -109,14 +109,17 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as contiguous rows [M, K], as the kernels take them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
 def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
                         bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate and quantize x [..., K] as rows [M, K']: the first half of a quantized linear.
     The compiler pass inserts one per distinct input, shared by every linear that reads it."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    return torch.ops.convrot.rotate_quantize(x2, h, group_size, bits)
+    return torch.ops.convrot.rotate_quantize(_rows(x), h, group_size, bits)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
@@ -131,9 +134,7 @@ def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
     """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
     and .scale) and the rotation's ``kernel_matrix()``."""
     if scheme == "w4a16":
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.ops.convrot.w4a16_gemm(x2 if x2.is_contiguous() else x2.contiguous(), values, scale, bias,
-                                           group_size)
+        out = torch.ops.convrot.w4a16_gemm(_rows(x), values, scale, bias, group_size)
         return out.reshape(*x.shape[:-1], out_features)
     q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8)
     return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)
