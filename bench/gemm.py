@@ -38,6 +38,14 @@ SHAPES = [  # (name, K, N)
     ("ff down 12288->3072", 12288, 3072),
     ("single proj_out 15360->3072", 15360, 3072),
 ]
+# scheme -> (activation bits, activation container, fp8 promote_every); see kernels/int_gemm.py
+SCHEMES = {
+    "w4a4": (4, torch.int8, 0),
+    "w4a4-fp8": (4, torch.float8_e4m3fn, 0),
+    "w4a4-fp8-p32": (4, torch.float8_e4m3fn, 32),
+    "w4a4-fp8-nopromote": (4, torch.float8_e4m3fn, -1),
+    "w8a8": (8, torch.int8, 0),
+}
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
 
 
@@ -54,7 +62,7 @@ def fp8_rowwise(x: torch.Tensor, w: torch.Tensor):
     return xq, wq.T, sx, sw.T
 
 
-def bench_shape(name, m, k, n, copy_gbs, rows):
+def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -70,23 +78,34 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
 
     rot = GroupHadamardRotation("regular", 256)
     h16 = rot.kernel_matrix().to("cuda")
-    for scheme, bits in (("w4a4", 4), ("w8a8", 8)):
-        qw = quantize_weight(w, scheme, rot)
-        qa, sa = rotate_quantize(x, h16, 256, bits)
+    weights = {bits: quantize_weight(w, scheme, rot) for scheme, bits in (("w4a4", 4), ("w8a8", 8))}
+    int8_fp32_out = {}
+    for scheme in schemes:
+        bits, act_dtype, promote = SCHEMES[scheme]
+        qw = weights[bits]
+        qa, sa = rotate_quantize(x, h16, 256, bits, act_dtype)
         packed = bits == 4
-        # correctness: GEMM vs reference on the same quantized operands; end to end vs float
-        g_ref = ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32)
-        g_out = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16)
+        gemm = lambda qa, sa: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,  # noqa: E731
+                                       promote_every=promote)
+        # correctness: GEMM vs reference on the same quantized operands; end to end vs float;
+        # fp8 vs int8 tensor cores on the same int4 operands (equal when the fp8 accumulation is exact)
+        g_ref = ops.int_gemm_reference(qa.to(torch.int8) if act_dtype != torch.int8 else qa, sa, qw.values,
+                                       qw.scale, None, packed, 256, torch.float32)
+        g_out = gemm(qa, sa)
+        g32 = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32, promote_every=promote)
+        if act_dtype == torch.int8:
+            int8_fp32_out[bits] = g32
+        base = int8_fp32_out.get(bits)
+        vs_int8 = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()
         gemm_err = relative_error(g_out, g_ref)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
-        mismatch = ((qa.int() - q_ref.int()).abs() > 0).float().mean().item()
+        mismatch = ((qa.float() - q_ref.float()).abs() > 0).float().mean().item()
         e2e_err = relative_error(g_out, ref)
 
-        t_gemm = bench_ms(lambda: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16))
-        t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256)) if packed else 0.0
-        t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits))
-        t_all = bench_ms(lambda: int_gemm(*rotate_quantize(x, h16, 256, bits), qw.values, qw.scale, None, packed,
-                                          256, torch.bfloat16))
+        t_gemm = bench_ms(lambda: gemm(qa, sa))
+        t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256, act_dtype)) if packed else 0.0
+        t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype))
+        t_all = bench_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype)))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
         rows.append(dict(
             shape=name, M=m, K=k, N=n, scheme=scheme,
@@ -96,6 +115,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows):
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
             gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
+            max_diff_vs_int8_tc=vs_int8,
             bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
         ))
 
@@ -135,6 +155,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rotate-only", action="store_true", help="only the rotate+quantize kernel")
     p.add_argument("--quick", action="store_true", help="only the first shape")
+    p.add_argument("--no-rotate", action="store_true", help="skip the rotate+quantize-alone table")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {', '.join(SCHEMES)}")
     p.add_argument("--out", help="result folder (default $OUT or bench/results)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -147,7 +169,8 @@ def main() -> None:
     head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
             f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)\n")
     rot_rows = []
-    for m, k, bits in tqdm([(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)],
+    rot_jobs = [] if args.no_rotate else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
+    for m, k, bits in tqdm(rot_jobs,
                            desc="rotate+quantize"):
         bench_rotate(m, k, bits, copy_gbs, rot_rows)
     rot_table = tabulate(
@@ -158,11 +181,14 @@ def main() -> None:
         print(md)
         print("written:", *write_results("rotate", dict(env=env, copy_gbs=copy_gbs, rows=rot_rows), md, args.out))
         return
+    schemes = args.schemes.split(",")
+    if unknown := set(schemes) - set(SCHEMES):
+        sys.exit(f"unknown schemes {sorted(unknown)}; choose from {', '.join(SCHEMES)}")
     rows, skinny = [], []
     shapes = SHAPES[:1] if args.quick else SHAPES
     jobs = [(s, m) for m in (4608, 512) for s in shapes]
     for (name, k, n), m in tqdm(jobs, desc="GEMM shapes"):
-        bench_shape(name, m, k, n, copy_gbs, rows)
+        bench_shape(name, m, k, n, copy_gbs, rows, schemes)
     for name, k, n in SKINNY:
         for m in (1, 4):
             bench_skinny(name, m, k, n, skinny)
@@ -172,15 +198,15 @@ def main() -> None:
           f"{r['unpack_us']:.1f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
-          f"{r['rq_int_mismatch']:.1e}"] for r in rows],
+          f"{r['rq_int_mismatch']:.1e}", f"{r['max_diff_vs_int8_tc']:.1e}"] for r in rows],
         headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
-"rot+q+GEMM x bf16", "GEMM err", "int mismatch"], tablefmt="github")
+"rot+q+GEMM x bf16", "GEMM err", "int mismatch", "diff vs int8 TC"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
           f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}"] for r in skinny],
         headers=["W4A16 shape", "M", "bf16 us", "w4a16 us", "speedup", "GB/s", "err vs ref"], tablefmt="github")
     summary = {}
-    for scheme in ("w4a4", "w8a8"):
+    for scheme in schemes:
         big = [r for r in rows if r["scheme"] == scheme and r["M"] == 4608]
         small = [r for r in rows if r["scheme"] == scheme and r["M"] == 512]
         summary[scheme] = dict(

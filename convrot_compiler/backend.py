@@ -30,6 +30,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "inductor": None,      # compile the rewritten graph with Inductor: None = on CUDA only
     "report": None,        # callable receiving the CompileReport of each graph
     "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
+    "fuse_gemms": True,    # linears reading the same input at the same precision run as one GEMM
 }
 
 
@@ -49,8 +50,9 @@ def validate_options(options: dict | None) -> dict:
     GroupHadamardRotation(opts["rotation"], opts["group_size"])  # validates group_size for the kind
     if opts["inductor"] not in (None, True, False):
         raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
-    if not isinstance(opts["dry_run"], bool):
-        raise ValueError(f"option 'dry_run' must be a bool, got {opts['dry_run']!r}")
+    for key in ("dry_run", "fuse_gemms"):
+        if not isinstance(opts[key], bool):
+            raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
     if opts["report"] is not None and not callable(opts["report"]):
         raise TypeError("option 'report' must be a callable taking a CompileReport")
     return opts
@@ -69,6 +71,8 @@ class CompileReport:
     graph_modules: dict = field(default_factory=dict)
     activation_quantizations: int = 0         # rotate+quantize ops in the rewritten graph
     shared_activation_quantizations: int = 0  # linears reusing another's (same input, same precision)
+    fused_gemms: int = 0                      # GEMMs that compute two or more linears
+    fused_linears: int = 0                    # linears computed by those
 
     @property
     def counts(self) -> dict[str, int]:
@@ -147,9 +151,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
-    result = rewrite_linears(gm, rewrites) if rewrites else None
+    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"]) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
+        report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
     report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
     if opts["dry_run"] or not rewrites:
@@ -222,7 +227,8 @@ class CompiledModel(nn.Module):
 def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
-            cuda_graphs: bool | None = None, in_place: bool = False) -> "CompiledModel | nn.Module":
+            cuda_graphs: bool | None = None, in_place: bool = False,
+            fuse_gemms: bool = True) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -235,13 +241,15 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     ``in_place`` compiles the module itself (``nn.Module.compile``) and returns it, so code that
     holds the module and reads its attributes (a diffusers pipeline's ``transformer``) runs it
-    compiled. Call it under ``torch.no_grad()``; no CUDA-graph replay on this path."""
+    compiled. Call it under ``torch.no_grad()``; no CUDA-graph replay on this path.
+
+    ``fuse_gemms`` runs linears that read the same input at the same precision (Q/K/V) as one GEMM."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
-                             "report": report})
+                             "report": report, "fuse_gemms": fuse_gemms})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     todo = [d for d in decisions if d.precision != "bf16"]

@@ -30,13 +30,22 @@ def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_
     return quantize_symmetric(rotate_with(x.float(), hf, group_size), bits)
 
 
-def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
-                       bias: Optional[torch.Tensor], packed: bool, group_size: int,
+def _as_list(t):
+    return list(t) if isinstance(t, (list, tuple)) else [t]
+
+
+def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed: bool, group_size: int,
                        out_dtype: torch.dtype) -> torch.Tensor:
-    """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device."""
-    if packed:
-        qw = unpack_int4(qw, group_size)
-    return reference_int_gemm(qx, sx, qw, sw, bias, out_dtype)
+    """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device.
+    qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side."""
+    qws, sws, biases = _as_list(qw), _as_list(sw), _as_list(bias)
+    w = torch.cat([unpack_int4(w, group_size) if packed else w for w in qws])
+    b = None
+    if any(t is not None for t in biases):
+        dtype = next(t.dtype for t in biases if t is not None)
+        b = torch.cat([t.to(dtype) if t is not None else torch.zeros(n.shape[0], dtype=dtype, device=qx.device)
+                       for t, n in zip(biases, qws)])
+    return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype)
 
 
 w4a16_gemm_reference = weight_only_gemm
@@ -63,9 +72,9 @@ def _(x, h, group_size, bits):
 
 
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
-def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Quantized GEMM; see ``int_gemm_reference``."""
+def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
+             bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantized GEMM of one or several linears on the same activations, [M, sum N]; see ``int_gemm_reference``."""
     return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype)
 
 
@@ -78,7 +87,7 @@ def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
 
 @int_gemm.register_fake
 def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
-    return qx.new_empty(qx.shape[0], qw.shape[0], dtype=out_dtype)
+    return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
 
 
 @torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
@@ -122,10 +131,13 @@ def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: 
     return torch.ops.convrot.rotate_quantize(_rows(x), h, group_size, bits)
 
 
-def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
-                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
-    """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype)."""
-    out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype)
+def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
+                     group_size: int, out_features: int) -> torch.Tensor:
+    """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype).
+    values, scale and bias may be lists, one entry per linear reading x: one GEMM then computes all
+    of them, their outputs side by side in the last dimension (out_features in total)."""
+    out = torch.ops.convrot.int_gemm(q, s, _as_list(values), _as_list(scale), _as_list(bias), scheme == "w4a4",
+                                     group_size, x.dtype)
     return out.reshape(*x.shape[:-1], out_features)
 
 

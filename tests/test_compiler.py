@@ -46,7 +46,9 @@ def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan,
     out = compiled(**kwargs)[0]
     report = REPORTS[-1]
     assert report.rewritten == expected > 0
-    assert _rewritten_nodes(report.graph_modules["after"]) == expected
+    assert report.fused_gemms > 0  # Q/K/V
+    gemms = expected - report.fused_linears + report.fused_gemms
+    assert _rewritten_nodes(report.graph_modules["after"]) == gemms
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -163,11 +165,19 @@ def test_inspect_flux_tiny_on_meta_device(tmp_path):
     assert sum(n.target is quantize_activation for n in gm.graph.nodes) == 20
     assert "kept by plan rule 'x_embedder'" in report.table()
     assert '"linears_matched": 50' in report.to_json()
+    # ... and one GEMM: per double block Q/K/V of each stream, per single block Q/K/V + MLP input
+    assert t["fused_gemms"] == 2 * 2 + 2 and t["fused_linears"] == 2 * 6 + 2 * 4
+    assert "20 linears computed by 6 fused GEMMs" in report.summary()
     written = report.dump(str(tmp_path))
-    assert _rewritten_nodes(report.reports[0].graph_modules["after"]) == 46
+    assert _rewritten_nodes(report.reports[0].graph_modules["after"]) == 12 + 20
     code = (tmp_path / "graph0_after.py").read_text()
-    assert code.count("convrot_compiler_ops_quantized_matmul(") == 34 and written
+    assert code.count("convrot_compiler_ops_quantized_matmul(") == 20 and written
     assert code.count("convrot_compiler_ops_quantized_linear(") == 12
+    assert code.count("torch.narrow(") == 20
+
+    unfused = inspect(model, example_kwargs=kwargs, plan="w4a4", fuse_gemms=False)
+    assert unfused.totals()["fused_gemms"] == 0
+    assert _rewritten_nodes(unfused.reports[0].graph_modules["after"]) == 46
 
 
 def test_inductor_path_on_cpu_matches_reference():

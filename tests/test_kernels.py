@@ -38,6 +38,26 @@ def test_rotate_quantize_kernel_matches_reference_exactly(bits, kind, group, m, 
     assert torch.equal(s.cpu(), s_ref)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k", [(40, 512), (300, 3072)])
+def test_quantizer_arithmetic_is_exact_on_random_floats(bits, m, k):
+    """No rotation, so the kernel quantizes exactly the reference's values: the quotient, its
+    rounding (ties included) and the clamp must agree bit for bit, also for scales so small or so
+    large that the GPU's reciprocal form of the division would over/underflow."""
+    g = torch.Generator().manual_seed(m + bits)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    qm = 7 if bits == 4 else 127
+    x[1] = torch.randint(-2 * qm, 2 * qm + 1, (k,), generator=g).float() / 2  # halves: ties at scale 1
+    x[1, 0] = qm
+    x[2] *= 1e-39  # subnormal scale
+    x[3] *= 1e30   # scale above 2^90
+    x[4] = 0.0
+    q_ref, s_ref = ops.rotate_quantize(x, None, 256, bits)
+    q, s = rotate_quantize(x.to(DEV), None, 256, bits)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu(), q_ref)
+
+
 @pytest.mark.parametrize("group,h_size", [(256, 16), (64, 64)])
 def test_rotate_quantize_random_floats_are_close(group, h_size):
     x = torch.randn(20, 512) * 3
@@ -73,9 +93,51 @@ def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias):
         qw = pack_int4(qw, 256)
     sx, sw = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
     bias = torch.randn(n, generator=g) if with_bias else None
-    ref = ops.int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.float32)
+    ref = ops.int_gemm_reference(qx, sx, qw, sw, bias, packed, 256, torch.float32)
     out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), None if bias is None else bias.to(DEV),
                    packed, 256, torch.float32)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_int_gemm_of_several_linears_is_their_outputs_side_by_side(packed):
+    """Linears reading the same activations run as one GEMM (Q/K/V): output [M, sum N], each block
+    equal to that linear alone; a linear without bias gets none."""
+    g = torch.Generator().manual_seed(5)
+    m, k, ns = 19, 512, (16, 40, 24)
+    lim = 7 if packed else 127
+    qx = torch.randint(-lim, lim + 1, (m, k), generator=g, dtype=torch.int8)
+    sx = torch.rand(m, generator=g) + 0.1
+    qws = [torch.randint(-lim, lim + 1, (n, k), generator=g, dtype=torch.int8) for n in ns]
+    qws = [pack_int4(w, 256) for w in qws] if packed else qws
+    sws = [torch.rand(n, generator=g) + 0.1 for n in ns]
+    biases = [torch.randn(ns[0], generator=g), None, torch.randn(ns[2], generator=g)]
+    dev = lambda ts: [None if t is None else t.to(DEV) for t in ts]  # noqa: E731
+    out = int_gemm(qx.to(DEV), sx.to(DEV), dev(qws), dev(sws), dev(biases), packed, 256, torch.float32).cpu()
+    assert out.shape == (m, sum(ns))
+    col = 0
+    for w, sw, b, n in zip(qws, sws, biases, ns):
+        alone = ops.int_gemm_reference(qx, sx, w, sw, b, packed, 256, torch.float32)
+        torch.testing.assert_close(out[:, col:col + n], alone, rtol=1e-6, atol=1e-6)
+        col += n
+    with pytest.raises(ValueError, match="as many weights, scales and biases"):
+        int_gemm(qx.to(DEV), sx.to(DEV), dev(qws), dev(sws[:2]), dev(biases), packed, 256, torch.float32)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 16, 256), (33, 40, 512)])
+def test_fp8_container_gemm_matches_reference(m, n, k):
+    """W4A4 on fp8 tensor cores: int4 values in e4m3 containers give the int8 GEMM's result."""
+    g = torch.Generator().manual_seed(m + n + k)
+    x = _int_valued(m, k, seed=m + k)
+    h = GroupHadamardRotation("regular", 256).kernel_matrix()
+    q8, s8 = rotate_quantize(x.to(DEV), h.to(DEV), 256, 4)
+    qf, sf = rotate_quantize(x.to(DEV), h.to(DEV), 256, 4, torch.float8_e4m3fn)
+    assert qf.dtype == torch.float8_e4m3fn
+    assert torch.equal(qf.float(), q8.float()) and torch.equal(sf, s8)
+    qw = pack_int4(torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8), 256)
+    sw = torch.rand(n, generator=g) + 0.1
+    ref = ops.int_gemm_reference(q8.cpu(), s8.cpu(), qw, sw, None, True, 256, torch.float32)
+    out = int_gemm(qf, sf, qw.to(DEV), sw.to(DEV), None, True, 256, torch.float32)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
@@ -86,6 +148,8 @@ def test_unpack_kernel_matches_reference():
     q = torch.randint(-8, 8, (37, 768), dtype=torch.int8)
     packed = pack_int4(q, 256)
     assert torch.equal(unpack_kernel(packed.to(DEV), 256).cpu(), q)
+    as_fp8 = unpack_kernel(packed.to(DEV), 256, torch.float8_e4m3fn)
+    assert as_fp8.dtype == torch.float8_e4m3fn and torch.equal(as_fp8.cpu().float(), q.float())
     assert torch.equal(unpack_int4(packed, 256), q)
 
 
@@ -119,6 +183,11 @@ def test_kernels_reject_bad_input(monkeypatch):
         int_gemm(q, s, q, s, None, True, 256, torch.float32)
     with pytest.raises(TypeError, match="int8"):
         int_gemm(q.float(), s, q, s, None, False, 256, torch.float32)
+    q256 = torch.zeros(4, 256, dtype=torch.int8, device=DEV)
+    with pytest.raises(ValueError, match="need packed int4 weights"):
+        int_gemm(q256.to(torch.float8_e4m3fn), s, q256, s, None, False, 256, torch.float32)
+    with pytest.raises(ValueError, match="float8_e4m3fn for 4 bits"):
+        rotate_quantize(x, None, 256, 8, torch.float8_e4m3fn)
     if DEV == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="CUDA tensors"):

@@ -59,6 +59,55 @@ def test_int_gemm_at_flux_shapes(k, n, m, packed):
     torch.testing.assert_close(out32, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (15360, 3072)])
+@pytest.mark.parametrize("m", [4608, 77])
+def test_fp8_tensor_core_w4a4_is_exact(k, n, m):
+    """int4 x int4 products on fp8 tensor cores, partial sums promoted to fp32 once per K tile,
+    give the int8 GEMM's result: the same integers, the same epilogue."""
+    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    qx[0] = 7  # the largest partial sums: 7 * 7 * K
+    qw = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
+    qw[0] = 7
+    packed = pack_int4(qw, 256)
+    sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
+    sw = torch.rand(n, device="cuda") * 1e-2 + 1e-3
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    via_int8 = int_gemm(qx, sx, packed, sw, bias, True, 256, torch.float32)
+    _poison_allocator()
+    via_fp8 = int_gemm(qx.to(torch.float8_e4m3fn), sx, packed, sw, bias, True, 256, torch.float32)
+    assert torch.equal(via_fp8, via_int8)
+    ref = ops.int_gemm_reference(qx, sx, packed, sw, bias, True, 256, torch.float32)
+    torch.testing.assert_close(via_fp8, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [4608, 512])
+def test_fused_qkv_mlp_gemm_at_flux_shapes(m):
+    """The single blocks' Q, K, V and MLP-in linears as one GEMM: each block of the output equals
+    that linear alone."""
+    k, ns = 3072, (3072, 3072, 3072, 12288)
+    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
+    qws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda"), 256) for n in ns]
+    sws = [torch.rand(n, device="cuda") * 1e-2 + 1e-3 for n in ns]
+    biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns]
+    _poison_allocator()
+    out = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.float32)
+    col = 0
+    for w, sw, b in zip(qws, sws, biases):
+        alone = int_gemm(qx, sx, w, sw, b, True, 256, torch.float32)
+        assert torch.equal(out[:, col:col + w.shape[0]], alone)
+        col += w.shape[0]
+
+
+def test_rotate_quantize_fp8_container_equals_int8():
+    x = _dit_activations(4608, 3072)
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q8, s8 = rotate_quantize(x, h, 256, 4)
+    _poison_allocator()
+    qf, sf = rotate_quantize(x, h, 256, 4, torch.float8_e4m3fn)
+    assert torch.equal(qf.float(), q8.float()) and torch.equal(sf, s8)
+
+
 @pytest.mark.parametrize("n", [18432, 9216, 3072])
 @pytest.mark.parametrize("m", [1, 4])
 def test_w4a16_at_flux_shapes(n, m):

@@ -40,11 +40,12 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K"])
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+                 key=["M", "N", "K", "FP8", "PROMOTE_EVERY"])
 @triton.jit
 def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
-                     HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     GROUP_N: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, PROMOTE_EVERY: tl.constexpr,
+                     BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     num_m = tl.cdiv(M, BM)
@@ -59,10 +60,24 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
     rk = tl.arange(0, BK)
     w_ptrs = w_ptr + (rn % N)[:, None].to(tl.int64) * stride_wn + rk[None, :]
     x_rows = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
-    acc = tl.zeros([BN, BM], dtype=tl.int32)
-    for kb in range(0, K, BK):
-        acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
-        w_ptrs += BK
+    if FP8:
+        # Hopper's fp8 MMAs accumulate with a reduced-precision adder; the partial sum is
+        # promoted into the fp32 accumulator every PROMOTE_EVERY products (0: once per BK).
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            if PROMOTE_EVERY < 0:
+                acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc)
+            elif PROMOTE_EVERY == 0:
+                acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, max_num_imprecise_acc=BK)
+            else:
+                acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc,
+                             max_num_imprecise_acc=PROMOTE_EVERY)
+            w_ptrs += BK
+    else:
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+        for kb in range(0, K, BK):
+            acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
+            w_ptrs += BK
 
     nmask = rn < N
     mmask = rm < M
@@ -83,12 +98,20 @@ def _unpack_int4_kernel(p_ptr, q_ptr, N, KB, HALF: tl.constexpr, BN: tl.constexp
     rows = rn[:, None].to(tl.int64)
     b = tl.load(p_ptr + rows * KB + rkb[None, :], mask=mask, other=0)
     k_lo = (rkb // HALF) * (2 * HALF) + (rkb % HALF)
-    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :], ((b << 4) >> 4).to(tl.int8), mask=mask)
-    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :] + HALF, (b >> 4).to(tl.int8), mask=mask)
+    lo = ((b << 4) >> 4).to(tl.int8)
+    hi = (b >> 4).to(tl.int8)
+    if q_ptr.dtype.element_ty != tl.int8:  # fp8: through fp16, where -8..7 are exact
+        lo = lo.to(tl.float16).to(q_ptr.dtype.element_ty)
+        hi = hi.to(tl.float16).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :], lo, mask=mask)
+    tl.store(q_ptr + rows * (2 * KB) + k_lo[None, :] + HALF, hi, mask=mask)
 
 
-def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Kernel form of quant.unpack_int4 for [N, K'/2] weights: int8 [N, K']."""
+def unpack_int4(packed: torch.Tensor, group_size: int, dtype: torch.dtype = torch.int8,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Kernel form of quant.unpack_int4 for [N, K'/2] weights: [N, K'] values as ``dtype``
+    (int8, or float8_e4m3fn for the fp8 GEMM; every int4 value is exact in e4m3), written to
+    ``out`` (contiguous, e.g. a row slice of a larger buffer) when given."""
     check_device(packed)
     check_2d_rows("packed", packed)
     if packed.dtype != torch.int8:
@@ -96,45 +119,94 @@ def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     n, kb = packed.shape
     if kb % (group_size // 2):
         raise ValueError(f"packed width {kb} must be a multiple of group_size/2 = {group_size // 2}")
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"unpack_int4 writes int8 or float8_e4m3fn, not {dtype}")
     packed = packed.contiguous()
-    out = torch.empty(n, 2 * kb, dtype=torch.int8, device=packed.device)
+    if out is None:
+        out = torch.empty(n, 2 * kb, dtype=dtype, device=packed.device)
+    elif out.shape != (n, 2 * kb) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} [{n}, {2 * kb}] tensor, got {out.dtype} {tuple(out.shape)}")
     bn, bkb = (16, 32) if interpreting() else (32, 256)
     grid = (triton.cdiv(n, bn), triton.cdiv(kb, bkb))
     _unpack_int4_kernel[grid](packed, out, n, kb, HALF=group_size // 2, BN=bn, BKB=bkb, num_warps=4)
     return out
 
 
-def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-             packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+def _stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights as one [sum N, K'] operand: unpacked (each into its rows of one transient buffer)
+    when packed, concatenated when several int8 ones, the tensor itself when one int8 one."""
+    if not packed:
+        return qws[0] if len(qws) == 1 else torch.cat(qws)
+    n_total = sum(w.shape[0] for w in qws)
+    out = torch.empty(n_total, 2 * qws[0].shape[1], dtype=dtype, device=qws[0].device)
+    row = 0
+    for w in qws:
+        unpack_int4(w, group_size, dtype, out=out[row:row + w.shape[0]])
+        row += w.shape[0]
+    return out
+
+
+def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.Tensor],
+             sw: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None | list[torch.Tensor | None],
+             packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
-    qx: int8 activations [M, K']; qw: weights [N, K'/2] packed int4 (``packed``, per-group
-    layout of quant.pack_int4) or [N, K'] int8; K' a multiple of ``group_size`` (256 or 128k).
-    Packed weights are unpacked to a transient int8 buffer first (see the module docstring)."""
-    check_device(qx, sx, qw, sw)
+    qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
+    required and the product runs on fp8 tensor cores); qw: weights [N, K'/2] packed int4
+    (``packed``, per-group layout of quant.pack_int4) or [N, K'] int8; K' a multiple of
+    ``group_size`` (256 or 128k). Packed weights are unpacked to a transient buffer of qx's
+    dtype first (see the module docstring). ``promote_every`` (fp8 only): products per
+    reduced-precision partial sum before it is added into the fp32 accumulator; 0 = once per
+    K tile, -1 = never (Triton's default, inexact for long K).
+
+    Lists of weights, scales and biases (one entry per linear that reads qx) run as one GEMM
+    whose output is their outputs side by side, [M, sum N]."""
+    qws = list(qw) if isinstance(qw, (list, tuple)) else [qw]
+    sws = list(sw) if isinstance(sw, (list, tuple)) else [sw]
+    biases = list(bias) if isinstance(bias, (list, tuple)) else [bias]
+    if not (len(qws) == len(sws) == len(biases) >= 1):
+        raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
+                         f"{len(biases)}")
+    check_device(qx, sx, *qws, *sws)
     check_2d_rows("qx", qx)
-    check_2d_rows("qw", qw)
-    if qx.dtype != torch.int8 or qw.dtype != torch.int8:
-        raise TypeError(f"int_gemm takes int8 operands, got {qx.dtype} and {qw.dtype}")
+    for w in qws:
+        check_2d_rows("qw", w)
+    fp8 = qx.dtype == torch.float8_e4m3fn
+    if any(w.dtype != torch.int8 for w in qws) or qx.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"int_gemm takes int8 or float8_e4m3fn activations and int8 weights, got {qx.dtype} and "
+                        f"{sorted({str(w.dtype) for w in qws})}")
+    if fp8 and not packed:
+        raise ValueError("float8_e4m3fn activations hold int4 values and need packed int4 weights (W4A4); "
+                         "W8A8 runs on int8 activations")
     m, k = qx.shape
-    n, kw = qw.shape
-    if kw * (2 if packed else 1) != k:
-        raise ValueError(f"K mismatch: activations have {k} values per row, weights {kw} "
-                         f"{'bytes (2 values each)' if packed else 'values'}")
+    for w, s, b in zip(qws, sws, biases):
+        n, kw = w.shape
+        if kw * (2 if packed else 1) != k:
+            raise ValueError(f"K mismatch: activations have {k} values per row, weights {kw} "
+                             f"{'bytes (2 values each)' if packed else 'values'}")
+        if s.shape != (n,) or s.dtype != torch.float32:
+            raise ValueError(f"weight scales must be float32 [N]={n}, got {tuple(s.shape)} {s.dtype}")
+        if b is not None and b.shape != (n,):
+            raise ValueError(f"bias must have shape [{n}], got {tuple(b.shape)}")
     if k % group_size or group_size % 256:
         raise ValueError(f"K={k} must be a multiple of group_size={group_size}, itself a multiple of 256: "
                          "pad K to the rotation group size")
-    if sx.shape != (m,) or sw.shape != (n,) or sx.dtype != torch.float32 or sw.dtype != torch.float32:
-        raise ValueError(f"scales must be float32 [M]={m} and [N]={n}, got {tuple(sx.shape)} {sx.dtype} and "
-                         f"{tuple(sw.shape)} {sw.dtype}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    if sx.shape != (m,) or sx.dtype != torch.float32:
+        raise ValueError(f"activation scales must be float32 [M]={m}, got {tuple(sx.shape)} {sx.dtype}")
+    n = sum(w.shape[0] for w in qws)
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
-    if packed:
-        qw = unpack_int4(qw, group_size)
+    w_all = _stacked_weights(qws, packed, group_size, qx.dtype)
+    s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+    has_bias = any(b is not None for b in biases)
+    if has_bias:
+        dtype = next(b.dtype for b in biases if b is not None)
+        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=qx.device)
+                  for w, b in zip(qws, biases)]
+        b_all = biases[0] if len(biases) == 1 else torch.cat([b.to(dtype) for b in biases])
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _int_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, c, m, n, k,
-                           qx.stride(0), qw.stride(0), c.stride(0), HAS_BIAS=bias is not None)
+    _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if has_bias else s_all, c, m, n, k,
+                           qx.stride(0), w_all.stride(0), c.stride(0), HAS_BIAS=has_bias, FP8=fp8,
+                           PROMOTE_EVERY=promote_every)
     return c

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
 
@@ -69,27 +70,55 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
 
 
 @triton.jit
-def _quantize_tile(y, scale, usable, QMAX: tl.constexpr):
+def _row_divisor(scale, usable):
+    """Per row: (p, s, inv) with p a power of two, s = scale * p in [2^-22, 4) and inv the correctly
+    rounded 1 / s; y / scale = (y * p) / s exactly, and s keeps the reciprocal form below in range."""
     safe = tl.where(usable, scale, 1.0)
-    # IEEE division: Triton's default fp32 '/' is approximate and would round exact ties differently
-    q = round_half_even(tl.math.div_rn(y, safe[:, None]))
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-    return tl.where(usable[:, None], q, 0.0).to(tl.int32)
+    e = (safe.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    p = (tl.maximum(254 - e, 1) << 23).to(tl.float32, bitcast=True)
+    s = safe * p
+    return p, s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+
+
+@triton.jit
+def _quantize_tile(y, p, s, inv, usable, QMAX: tl.constexpr, GPU_MATH: tl.constexpr):
+    """round(y / scale) clamped to [-QMAX, QMAX], 0 on unusable rows, as a float tile.
+
+    The quotient must be the correctly rounded y / scale: ties decide the integer. Triton's default
+    fp32 '/' is approximate and div.rn costs about a dozen instructions per element, so on the GPU
+    the quotient of y' = y * p by s (see _row_divisor) is q0 = y' * inv, then
+    q = fma(fma(-q0, s, y'), inv, q0): the correctly rounded quotient (Markstein's theorem: inv
+    correctly rounded, q0 within an ulp, the residual exact). The interpreter has no fused
+    multiply-add, so it divides."""
+    if GPU_MATH:
+        yp = y * p[:, None]
+        q0 = yp * inv[:, None]
+        q = tl.fma(tl.fma(-q0, s[:, None], yp), inv[:, None], q0)
+        q = libdevice.rint(tl.minimum(tl.maximum(q, -QMAX), QMAX))
+    else:
+        q = round_half_even(tl.math.div_rn(y, tl.where(usable, s / p, 1.0)[:, None]))
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    return tl.where(usable[:, None], q, 0.0)
 
 
 def _prune(configs, named_args, **kwargs):
     """The dense form's dot has BM rows and needs at least 16; the Kronecker form's has BM * 16."""
     if kwargs.get("METHOD", named_args.get("METHOD")) == METHOD_DENSE:
-        return [c for c in configs if c.kwargs["BM"] >= 16]
+        return [c for c in configs if c.kwargs["BM"] >= 16] or [triton.Config({"BM": 16}, num_warps=4, num_stages=3)]
     return configs
 
 
+# Every (BM, warps, stages) in {2..32} x {2, 4, 8} x {1, 2, 3} was timed at 4608 x 3072/12288 and
+# 512 x 3072 on an H100 (bench/results/rotate_configs.md): two rows per program, two warps, three
+# stages won everywhere (1182-1372 GB/s against 350-373 for the worst). Autotuning over all of them
+# picked badly at K = 3072 (candidate timings noisier than their differences), so only the leaders
+# are kept, plus BM >= 16 for the dense form.
 @triton.autotune(
     configs=autotune_configs(
         [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
-         for bm in (2, 4, 8, 16, 32) for w in (2, 4) for st in (2, 3)],
+         for bm, w, st in ((2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (16, 4, 3), (32, 4, 3))],
         triton.Config({"BM": 16}, num_warps=4),
-        quick=triton.Config({"BM": 16}, num_warps=4),
+        quick=triton.Config({"BM": 2}, num_warps=2, num_stages=3),
     ),
     key=["K", "G", "METHOD", "QMAX"],
     prune_configs_by={"early_config_prune": _prune},
@@ -97,7 +126,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
-                         DOT_F32: tl.constexpr, BM: tl.constexpr):
+                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -111,23 +140,27 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
         amax_t = tl.zeros([BM * 16, 16], dtype=tl.float32)
     else:
         amax_t = tl.zeros([BM, G], dtype=tl.float32)
-    bad_t = tl.zeros([BM, G], dtype=tl.int32)
     for g in range(0, n_groups):
         k = g * G + cols
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        bad_t |= (~(tl.abs(x.to(tl.float32)) < float("inf"))).to(tl.int32)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
-        amax_t = tl.maximum(amax_t, tl.abs(y))
-    amax = tl.max(tl.reshape(amax_t, (BM, G)), axis=1)
-    bad = tl.max(bad_t, axis=1)
+        # a non-finite input rotates to inf or NaN (as in the reference, which checks the rotated
+        # row): keep NaN through the max, then one check per element after the loop
+        amax_t = tl.maximum(amax_t, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+    amax_t = tl.reshape(amax_t, (BM, G))
+    bad = tl.max((~(amax_t < float("inf"))).to(tl.int32), axis=1)
+    amax = tl.max(tl.where(amax_t < float("inf"), amax_t, 0.0), axis=1)
 
     scale = tl.where(bad > 0, float("nan"), tl.math.div_rn(amax, tl.full([BM], QMAX, tl.float32)))
     usable = (bad == 0) & (scale > 0.0)
     tl.store(s_ptr + rows, scale, mask=rmask)
+    p, s, inv = _row_divisor(scale, usable)
 
     q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
     if KRON_ORDER:
-        scale16 = tl.reshape(tl.broadcast_to(scale[:, None], (BM, 16)), (BM * 16,))
+        p16 = tl.reshape(tl.broadcast_to(p[:, None], (BM, 16)), (BM * 16,))
+        s16 = tl.reshape(tl.broadcast_to(s[:, None], (BM, 16)), (BM * 16,))
+        inv16 = tl.reshape(tl.broadcast_to(inv[:, None], (BM, 16)), (BM * 16,))
         usable16 = tl.reshape(tl.broadcast_to(usable[:, None], (BM, 16)), (BM * 16,))
         r16 = tl.arange(0, BM * 16)
         i16 = tl.arange(0, 16)
@@ -140,20 +173,21 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         if KRON_ORDER:  # stored from the Kronecker order through strided addresses: no permute
-            q = _quantize_tile(y, scale16, usable16, QMAX).to(tl.int8)
+            q = _quantize_tile(y, p16, s16, inv16, usable16, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
             tl.store(q_t_ptrs + g * G, q, mask=rmask16[:, None])
         else:
-            q = _quantize_tile(y, scale, usable, QMAX).to(tl.int8)
+            q = _quantize_tile(y, p, s, inv, usable, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
             tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
 
 
-def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int,
-                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int, bits: int,
+                    out_dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
     (faster), or None for no rotation (K is still zero-padded to a multiple of G).
-    Returns (values int8 [M, K'] in [-qmax, qmax], scale float32 [M]).
+    Returns (values [M, K'] in [-qmax, qmax] as ``out_dtype``, scale float32 [M]); ``out_dtype``
+    float8_e4m3fn (4 bits only: every int4 value is exact in e4m3) feeds the fp8-tensor-core GEMM.
     """
     check_device(x)
     check_2d_rows("x", x)
@@ -161,6 +195,8 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int,
         raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations, got {x.dtype}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if out_dtype not in (torch.int8, torch.float8_e4m3fn) or (out_dtype != torch.int8 and bits != 4):
+        raise ValueError(f"values go out as int8, or as float8_e4m3fn for 4 bits; got {out_dtype} for {bits} bits")
     if group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of 2 >= 16, got {group_size}")
     if h is None:
@@ -177,11 +213,11 @@ def rotate_quantize(x: torch.Tensor, h: torch.Tensor | None, group_size: int,
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m, k = x.shape
     kp = -(-k // group_size) * group_size
-    q = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+    q = torch.empty(m, kp, dtype=out_dtype, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
     _rotate_quant_kernel[grid](x, h, q, scale, m, k, x.stride(0), q.stride(0), G=group_size, METHOD=method,
-                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32)
+                               QMAX=7 if bits == 4 else 127, DOT_F32=dot_f32, GPU_MATH=not interpreting())
     return q, scale

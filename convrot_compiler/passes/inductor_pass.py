@@ -108,7 +108,7 @@ class ConvRotInductorPass(CustomGraphPass):
                 q = graph.call_function(operator.getitem, (rq, 0))
                 s = graph.call_function(operator.getitem, (rq, 1))
                 new = graph.call_function(torch.ops.convrot.int_gemm.default,
-                                          (q, s, attrs["values"], attrs["scale"], bias, bits == 4, self.group_size,
+                                          (q, s, [attrs["values"]], [attrs["scale"]], [bias], bits == 4, self.group_size,
                                            node.meta["val"].dtype))
                 _set_val([rq, q, s], fake_mode)
             _set_val([new], fake_mode)

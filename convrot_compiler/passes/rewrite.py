@@ -9,9 +9,13 @@ and a W4A16 linear becomes ``quantized_linear(x, values, scale, None, b, "w4a16"
 Linears that read the same tensor at the same precision share one activation
 quantization: in FLUX that is Q/K/V (and, in the single blocks, the MLP input),
 where a rewrite per linear would rotate the same activations three or four
-times. values, scale and h are *new graph inputs* (appended after the existing
-placeholders; one h for the whole graph): the caller supplies the prepared weights
-at every call (see weights.py), so the graph holds no weight constants.
+times. With ``fuse`` they also share one GEMM: ``quantized_matmul`` takes their
+weights as lists and computes the outputs side by side, and each linear's output
+becomes a ``narrow`` of it. Three 3072->3072 GEMMs fill an H100 worse than one
+3072->9216 (bench/results/gemm.md), and the weights stay separate tensors, so no
+memory is duplicated. values, scale and h are *new graph inputs* (appended after
+the existing placeholders; one h for the whole graph): the caller supplies the
+prepared weights at every call (see weights.py), so the graph holds no weight constants.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from ..ops import quantize_activation, quantized_linear, quantized_matmul
@@ -40,9 +45,21 @@ class RewriteResult:
     uses_h: bool                 # whether a shared h input was added after the per-rewrite inputs
     activation_quantizations: int  # quantize_activation nodes inserted
     shared: int                  # linears that reuse another linear's quantized activations
+    fused_gemms: int = 0         # GEMMs computing two or more linears
+    fused_linears: int = 0       # linears computed by those
 
 
-def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite]) -> RewriteResult:
+def _copy_meta(new: fx.Node, old: fx.Node, rw: Rewrite) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    new.meta["convrot"] = {"module": rw.match.name, "scheme": rw.scheme}
+
+
+def _bias(node: fx.Node):
+    args = list(node.args) + [None] * 3
+    return node.kwargs.get("bias", args[2])
+
+
+def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates."""
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -59,35 +76,65 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite]) -> RewriteResul
         with graph.inserting_after(anchor):
             h = graph.placeholder("convrot_h")
 
-    quantized: dict[tuple, fx.Node] = {}
-    shared = 0
-    for rw, (values, scale) in zip(rewrites, weights):
-        node = rw.match.node
-        args = list(node.args) + [None] * 3
-        x = args[0]
-        bias = node.kwargs.get("bias", args[2])
-        with graph.inserting_before(node):
-            if rw.scheme == "w4a16":
-                new = graph.call_function(quantized_linear, (x, values, scale, None, bias, rw.scheme, rw.group_size,
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups: dict[tuple, list[int]] = {}
+    for i, rw in enumerate(rewrites):
+        if rw.scheme != "w4a16":
+            x = rw.match.node.args[0]
+            groups.setdefault((x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
+
+    fused_gemms = fused_linears = 0
+    for (x, bits, group_size, with_rotation), members in groups.items():
+        first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
+        with graph.inserting_before(first):
+            qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits))
+            q = graph.call_function(operator.getitem, (qs, 0))
+            s = graph.call_function(operator.getitem, (qs, 1))
+        # one GEMM for the group when every bias is computed before the group's first linear
+        biases = [_bias(rewrites[i].match.node) for i in members]
+        fusable = fuse and len(members) > 1 and all(
+            not isinstance(b, fx.Node) or order[b] < order[first] for b in biases)
+        if fusable:
+            scheme = rewrites[members[0]].scheme
+            total = sum(rewrites[i].match.out_features for i in members)
+            with graph.inserting_before(first):
+                out = graph.call_function(quantized_matmul, (
+                    q, s, x, [weights[i][0] for i in members], [weights[i][1] for i in members], biases, scheme,
+                    group_size, total))
+                out.meta["convrot"] = {"modules": [rewrites[i].match.name for i in members], "scheme": scheme}
+                start, parts = 0, []
+                for i in members:
+                    parts.append(graph.call_function(torch.narrow, (out, -1, start, rewrites[i].match.out_features)))
+                    start += rewrites[i].match.out_features
+            for i, part in zip(members, parts):
+                rw = rewrites[i]
+                _copy_meta(part, rw.match.node, rw)
+                rw.match.node.replace_all_uses_with(part)
+                graph.erase_node(rw.match.node)
+            fused_gemms += 1
+            fused_linears += len(members)
+            continue
+        for i in members:
+            rw = rewrites[i]
+            node = rw.match.node
+            with graph.inserting_before(node):
+                new = graph.call_function(quantized_matmul, (q, s, x, weights[i][0], weights[i][1], _bias(node),
+                                                             rw.scheme, rw.group_size, rw.match.out_features))
+            _copy_meta(new, node, rw)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+
+    for i, rw in enumerate(rewrites):
+        if rw.scheme == "w4a16":
+            node = rw.match.node
+            with graph.inserting_before(node):
+                new = graph.call_function(quantized_linear, (node.args[0], weights[i][0], weights[i][1], None,
+                                                             _bias(node), rw.scheme, rw.group_size,
                                                              rw.match.out_features))
-            else:
-                key = (x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation)
-                qs = quantized.get(key)
-                if qs is None:
-                    qs = graph.call_function(quantize_activation, (x, h if rw.with_rotation else None,
-                                                                   rw.group_size, ACT_BITS[rw.scheme]))
-                    quantized[key] = qs
-                else:
-                    shared += 1
-                q = graph.call_function(operator.getitem, (qs, 0))
-                s = graph.call_function(operator.getitem, (qs, 1))
-                new = graph.call_function(quantized_matmul, (q, s, x, values, scale, bias, rw.scheme, rw.group_size,
-                                                             rw.match.out_features))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
-        new.meta["convrot"] = {"module": rw.match.name, "scheme": rw.scheme}
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+            _copy_meta(new, node, rw)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return RewriteResult(h is not None, len(quantized), shared)
-
+    n_quantized = sum(len(m) for m in groups.values())
+    return RewriteResult(h is not None, len(groups), n_quantized - len(groups), fused_gemms, fused_linears)
