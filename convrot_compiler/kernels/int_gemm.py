@@ -20,6 +20,14 @@ the weights of the one layer being run are unpacked into a transient int8 buffer
 by a memory-bound kernel, then the plain int8 GEMM runs: weights stay int4 in
 memory, the extra traffic is 1.5 bytes per weight. (Both in-loop versions are in
 the git history before this note.)
+
+The same kernel also runs int4 values held in float8_e4m3fn containers on fp8
+tensor cores (every int4 value is exact in e4m3). On Hopper that is not faster
+when exact (bench/results/gemm_fp8.md): the fp8 MMAs add into a reduced-precision
+accumulator, and promoting its partial sums into fp32 once per K tile (exact for
+int4 operands) costs what fp8 gains; never promoting is 15-24% faster but wrong by
+up to 30% on rows of large same-sign values. The compiler therefore uses int8
+containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 in fp32.
 """
 
 from __future__ import annotations
