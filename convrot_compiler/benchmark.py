@@ -217,14 +217,14 @@ def _result(args, dev, rows: list[dict], breakdown, bf16_bytes: int) -> dict:
     return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown}
 
 
-def to_markdown(result: dict) -> str:
+def _rows_table(rows: list[dict], with_call: bool = False) -> str:
     from tabulate import tabulate
 
-    env = result["env"]
     gib = 2**30
-    table = tabulate(
-        [[r["variant"], r["resolution"], r["tokens"],
+    return tabulate(
+        [[*([r["call"]] if with_call else []), r["variant"], r["resolution"], r.get("batch", 1), r["tokens"],
           f"{r['ms']:.1f}" if r.get("ms") else "-", f"{r.get('ms_spread', 0):.1f}" if r.get("ms") else "-",
+          f"{r['us_per_token']:.2f}" if r.get("us_per_token") else "-",
           *(f"{r[k]:.2f}" if r.get(k) else "-" for k in ("speedup_vs_bf16", "speedup_vs_bf16-compile",
                                                          "speedup_vs_fp8", "speedup_vs_fp8-scaled-mm")),
           f"{r['weight_bytes'] / gib:.2f}" if r.get("ms") else "-",
@@ -232,10 +232,17 @@ def to_markdown(result: dict) -> str:
           f"{r['peak_bytes'] / gib:.1f}" if r.get("peak_bytes") else "-",
           f"{r['first_call_s']:.0f}" if r.get("first_call_s") else "-",
           f"{r['rel_err_vs_bf16']:.3f}" if r.get("ms") else "-", r.get("note", "")]
-         for r in result["rows"]],
-        headers=["variant", "res", "tokens", "ms", "spread", "x bf16", "x bf16-compile", "x fp8 (torchao)",
-                 "x fp8 (_scaled_mm)", "weights GiB",
+         for r in rows],
+        headers=[*(["call"] if with_call else []), "variant", "res", "batch", "tokens", "ms", "spread", "us/token",
+                 "x bf16", "x bf16-compile", "x fp8 (torchao)", "x fp8 (_scaled_mm)", "weights GiB",
                  "x bf16 weights", "peak GiB", "first call s", "err vs bf16", "note"], tablefmt="github")
+
+
+def to_markdown(result: dict) -> str:
+    from tabulate import tabulate
+
+    env = result["env"]
+    table = _rows_table(result["rows"])
     md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
           f"{env['date']}\n\n{table}\n")
@@ -251,6 +258,34 @@ def to_markdown(result: dict) -> str:
     return md
 
 
+def merge(results: dict[str, dict]) -> str:
+    """One markdown report from result files of separate calls ({name: result}): every row with the
+    call it came from (speedups are always against baselines of the same call), and the cost growth:
+    latency per token of each variant by resolution and batch."""
+    from tabulate import tabulate
+
+    rows = [dict(r, call=name) for name, res in results.items() for r in res["rows"]]
+    envs = {f"GPU {res['env'].get('gpu')} | torch {res['env']['torch']} | triton {res['env']['triton']} | "
+            f"diffusers {res['env']['diffusers']} | {res['env']['date']}" for res in results.values()}
+    points = sorted({(r["resolution"], r.get("batch", 1)) for r in rows if r.get("ms")})
+    growth = []
+    for variant in dict.fromkeys(r["variant"] for r in rows if r.get("ms")):
+        cells = []
+        for res, batch in points:
+            hits = [r for r in rows if r["variant"] == variant and r["resolution"] == res
+                    and r.get("batch", 1) == batch and r.get("ms")]
+            cells.append("; ".join(f"{r['us_per_token']:.2f}" + (f" ({r['speedup_vs_bf16-compile']:.2f}x)"
+                                                                 if r.get("speedup_vs_bf16-compile") else "")
+                                   for r in hits) or "-")
+        growth.append([variant, *cells])
+    md = "# Model benchmark, merged from separate calls\n\n" + "\n".join(sorted(envs)) + "\n\n"
+    md += _rows_table(rows, with_call=True) + "\n\n"
+    md += ("Latency per token in microseconds (speedup vs bf16 torch.compile of the same call):\n\n"
+           + tabulate(growth, headers=["variant", *(f"{res}² batch {b}" for res, b in points)], tablefmt="github")
+           + "\n")
+    return md
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="flux-dev")
@@ -263,7 +298,21 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--name", default="model")
     p.add_argument("--out", help="result folder (default $OUT if set, else ./bench/results)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: merge result files of separate "
+                   "calls into one report (<name>.md) with the latency per token by resolution and batch")
     args = p.parse_args(argv)
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            with open(path) as f:
+                data = json.load(f)
+            if "rows" not in data or "env" not in data:
+                p.error(f"{path} is not a model benchmark result (no 'rows'/'env')")
+            results[os.path.splitext(os.path.basename(path))[0]] = data
+        md = merge(results)
+        write_results(args.name, {"merged": results}, md, args.out)
+        print(md)
+        return {"merged": results}
     result = run(args)
     md = to_markdown(result)
     write_results(args.name, result, md, args.out)

@@ -37,3 +37,29 @@ def test_convrot_bench_cli_forwards_to_the_harness(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "convrot_compiler", "bench", "--variants", "int3", "--device", "cpu",
                           "--config", "flux-tiny"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def test_merge_combines_calls_and_reports_latency_per_token(tmp_path):
+    results_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+    paths = [os.path.join(results_dir, f) for f in ("model_flux_dev_v3.json", "model_flux_dev_fp8.json")]
+    bench_model.main(["--merge", *paths, "--out", str(tmp_path), "--name", "merged"])
+    md = (tmp_path / "merged.md").read_text()
+    calls = {os.path.basename(p)[:-5]: json.load(open(p)) for p in paths}
+    n_rows = sum(len(c["rows"]) for c in calls.values())
+    table = md.split("Latency per token")[0]
+    assert sum(line.startswith("| model_flux_dev_") for line in table.splitlines()) == n_rows
+    w4a4 = next(r for r in calls["model_flux_dev_v3"]["rows"] if r["variant"] == "w4a4")
+    per_token = w4a4["ms"] * 1e3 / w4a4["tokens"]
+    growth = md.split("Latency per token")[1]
+    line = next(x for x in growth.splitlines() if x.startswith("| w4a4 "))
+    assert f"{per_token:.2f} ({w4a4['speedup_vs_bf16-compile']:.2f}x)" in line
+    assert "1024² batch 1" in growth
+
+
+def test_merge_refuses_files_that_are_not_results(tmp_path):
+    import pytest
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        bench_model.main(["--merge", str(bad), "--out", str(tmp_path)])

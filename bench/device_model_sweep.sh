@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The model-level measurements of the benchmark issue, split so that each fits one 600 s device call
+# (a first compile of a FLUX.1-dev variant takes 100-190 s). bf16 eager anchors every call.
+#   bash bench/device_model_sweep.sh mix       # bf16, mix, bf16-compile at 1024^2
+#   bash bench/device_model_sweep.sh w8a8      # bf16, w8a8, fp8-scaled-mm at 1024^2
+#   bash bench/device_model_sweep.sh res512    # bf16, w4a4, bf16-compile at 512^2
+#   bash bench/device_model_sweep.sh res2048   # bf16, w4a4, bf16-compile at 2048^2
+#   bash bench/device_model_sweep.sh batch4    # bf16, w4a4, bf16-compile at 1024^2, batch 4
+#   bash bench/device_model_sweep.sh torchao   # bf16, torchao fp8 row-wise (its compile alone took > 400 s)
+case "${1:-}" in
+  mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
+  w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
+  res512)  args=(--resolution 512 --variants bf16,w4a4,bf16-compile) ;;
+  res2048) args=(--resolution 2048 --variants bf16,w4a4,bf16-compile) ;;
+  batch4)  args=(--resolution 1024 --batch 4 --variants bf16,w4a4,bf16-compile) ;;
+  torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
+  *) echo "usage: $0 mix|w8a8|res512|res2048|batch4|torchao" >&2; exit 2 ;;
+esac
+source bench/device_setup.sh
+timeout 580 python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \
+  | grep --line-buffered -v "it/s\]" | tee "$OUT/model_$1.log" | tail -30
