@@ -43,6 +43,7 @@ _GPU_CONFIGS = [
     for bn, bm, bk, s, w in [
         (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
+        (128, 128, 64, 5, 4),  # the best int8 config at 4608x3072->3072/12288 in bench/results/gemm_fp8.md
     ]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
