@@ -21,7 +21,8 @@ class LinearMatch:
     rows: int | None
     weight_index: int | None  # position of the weight among the graph's placeholders / example inputs
     weight: torch.Tensor | None
-    has_bias: bool
+    x: fx.Node | None           # the linear's input and bias arguments, as the graph passes them
+    bias: fx.Node | None
     dtype: torch.dtype | None
 
 
@@ -75,6 +76,6 @@ def find_linears(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
                 rows = None
         out_f, in_f = (tuple(w_meta.shape) if w_meta is not None and w_meta.dim() == 2 else (0, 0))
         found.append(LinearMatch(node, module_name(node) or f"<linear {i}>", int(in_f), int(out_f), rows, w_idx,
-                                 weight if isinstance(weight, torch.Tensor) else None, b is not None,
+                                 weight if isinstance(weight, torch.Tensor) else None, x, b,
                                  w_meta.dtype if w_meta is not None else None))
     return found

@@ -49,14 +49,13 @@ class RewriteResult:
     fused_linears: int = 0       # linears computed by those
 
 
-def _copy_meta(new: fx.Node, old: fx.Node, rw: Rewrite) -> None:
+def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
+    """Route the linear's users to ``new`` (keeping its module provenance) and drop the linear."""
+    old = rw.match.node
     new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     new.meta["convrot"] = {"module": rw.match.name, "scheme": rw.scheme}
-
-
-def _bias(node: fx.Node):
-    args = list(node.args) + [None] * 3
-    return node.kwargs.get("bias", args[2])
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
 
 
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True) -> RewriteResult:
@@ -80,8 +79,7 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
     groups: dict[tuple, list[int]] = {}
     for i, rw in enumerate(rewrites):
         if rw.scheme != "w4a16":
-            x = rw.match.node.args[0]
-            groups.setdefault((x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
+            groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
 
     fused_gemms = fused_linears = 0
     for (x, bits, group_size, with_rotation), members in groups.items():
@@ -91,7 +89,7 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             q = graph.call_function(operator.getitem, (qs, 0))
             s = graph.call_function(operator.getitem, (qs, 1))
         # one GEMM for the group when every bias is computed before the group's first linear
-        biases = [_bias(rewrites[i].match.node) for i in members]
+        biases = [rewrites[i].match.bias for i in members]
         fusable = fuse and len(members) > 1 and all(
             not isinstance(b, fx.Node) or order[b] < order[first] for b in biases)
         if fusable:
@@ -107,33 +105,24 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                     parts.append(graph.call_function(torch.narrow, (out, -1, start, rewrites[i].match.out_features)))
                     start += rewrites[i].match.out_features
             for i, part in zip(members, parts):
-                rw = rewrites[i]
-                _copy_meta(part, rw.match.node, rw)
-                rw.match.node.replace_all_uses_with(part)
-                graph.erase_node(rw.match.node)
+                _replace_linear(graph, rewrites[i], part)
             fused_gemms += 1
             fused_linears += len(members)
             continue
         for i in members:
             rw = rewrites[i]
-            node = rw.match.node
-            with graph.inserting_before(node):
-                new = graph.call_function(quantized_matmul, (q, s, x, weights[i][0], weights[i][1], _bias(node),
+            with graph.inserting_before(rw.match.node):
+                new = graph.call_function(quantized_matmul, (q, s, x, weights[i][0], weights[i][1], rw.match.bias,
                                                              rw.scheme, rw.group_size, rw.match.out_features))
-            _copy_meta(new, node, rw)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            _replace_linear(graph, rw, new)
 
     for i, rw in enumerate(rewrites):
         if rw.scheme == "w4a16":
-            node = rw.match.node
-            with graph.inserting_before(node):
-                new = graph.call_function(quantized_linear, (node.args[0], weights[i][0], weights[i][1], None,
-                                                             _bias(node), rw.scheme, rw.group_size,
+            with graph.inserting_before(rw.match.node):
+                new = graph.call_function(quantized_linear, (rw.match.x, weights[i][0], weights[i][1], None,
+                                                             rw.match.bias, rw.scheme, rw.group_size,
                                                              rw.match.out_features))
-            _copy_meta(new, node, rw)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            _replace_linear(graph, rw, new)
     graph.lint()
     gm.recompile()
     n_quantized = sum(len(m) for m in groups.values())
