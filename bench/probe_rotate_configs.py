@@ -12,10 +12,10 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._common import bench_ms  # noqa: E402
 from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
 from convrot_compiler.kernels import rotate_quant as rq  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
                 kern[(triton.cdiv(m, bm),)](x, h, q, s, m, k, x.stride(0), q.stride(0), G=256, METHOD=rq.METHOD_KRON,
                                             QMAX=7, DOT_F32=False, GPU_MATH=True, BM=bm, num_warps=w, num_stages=st)
             launch()
-            t = do_bench(launch, warmup=50, rep=200, return_mode="median")
+            t = bench_ms(launch, warmup_ms=50, rep_ms=200)
             rows.append(dict(M=m, K=k, BM=bm, warps=w, stages=st, gbs=nbytes / t / 1e6))
             print(rows[-1], flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "probe_rotate_cfg.json"), "w") as f:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .hadamard import padded_size, rotate_with
-from .quant import QuantizedWeight, quantize_symmetric, reference_int_gemm, unpack_int4, weight_only_gemm
+from .quant import QuantizedWeight, concat_biases, quantize_symmetric, reference_int_gemm, unpack_int4, weight_only_gemm
 from .rotations import GroupHadamardRotation
 
 
@@ -40,11 +40,7 @@ def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed:
     qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side."""
     qws, sws, biases = _as_list(qw), _as_list(sw), _as_list(bias)
     w = torch.cat([unpack_int4(w, group_size) if packed else w for w in qws])
-    b = None
-    if any(t is not None for t in biases):
-        dtype = next(t.dtype for t in biases if t is not None)
-        b = torch.cat([t.to(dtype) if t is not None else torch.zeros(n.shape[0], dtype=dtype, device=qx.device)
-                       for t, n in zip(biases, qws)])
+    b = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype)
 
 

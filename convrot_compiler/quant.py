@@ -208,6 +208,18 @@ def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw:
     return out.to(out_dtype)
 
 
+def concat_biases(biases: list, sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """The biases of linears whose outputs sit side by side (one GEMM for several linears) as one
+    vector, zeros for a linear without one, in the dtype of the first bias; None when none has one."""
+    dtype = next((b.dtype for b in biases if b is not None), None)
+    if dtype is None:
+        return None
+    if len(biases) == 1:
+        return biases[0]
+    return torch.cat([b.to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=device)
+                      for b, n in zip(biases, sizes)])
+
+
 def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      group_size: int) -> torch.Tensor:
     """W4A16 reference: x [M, K] @ dequant(values)^T (+ bias), dequantized per (channel, group) in

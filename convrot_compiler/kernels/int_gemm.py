@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import concat_biases
 from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
 _GPU_CONFIGS = [
@@ -170,9 +171,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
 
     Lists of weights, scales and biases (one entry per linear that reads qx) run as one GEMM
     whose output is their outputs side by side, [M, sum N]."""
-    qws = list(qw) if isinstance(qw, (list, tuple)) else [qw]
-    sws = list(sw) if isinstance(sw, (list, tuple)) else [sw]
-    biases = list(bias) if isinstance(bias, (list, tuple)) else [bias]
+    qws, sws, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (qw, sw, bias))
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
                          f"{len(biases)}")
@@ -208,14 +207,9 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
         return c
     w_all = _stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
-    has_bias = any(b is not None for b in biases)
-    if has_bias:
-        dtype = next(b.dtype for b in biases if b is not None)
-        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=qx.device)
-                  for w, b in zip(qws, biases)]
-        b_all = biases[0] if len(biases) == 1 else torch.cat([b.to(dtype) for b in biases])
+    b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if has_bias else s_all, c, m, n, k,
-                           qx.stride(0), w_all.stride(0), c.stride(0), HAS_BIAS=has_bias, FP8=fp8,
+    _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
+                           qx.stride(0), w_all.stride(0), c.stride(0), HAS_BIAS=b_all is not None, FP8=fp8,
                            PROMOTE_EVERY=promote_every)
     return c

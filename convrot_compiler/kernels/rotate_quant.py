@@ -96,7 +96,7 @@ def _quantize_tile(y, p, s, inv, usable, QMAX: tl.constexpr, GPU_MATH: tl.conste
         q = tl.fma(tl.fma(-q0, s[:, None], yp), inv[:, None], q0)
         q = libdevice.rint(tl.minimum(tl.maximum(q, -QMAX), QMAX))
     else:
-        q = round_half_even(tl.math.div_rn(y, tl.where(usable, s / p, 1.0)[:, None]))
+        q = round_half_even(tl.math.div_rn(y, (s / p)[:, None]))  # s / p: the scale, 1 on unusable rows
         q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     return tl.where(usable[:, None], q, 0.0)
 
@@ -134,7 +134,7 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     n_groups = tl.cdiv(K, G)
 
-    # element-wise running max / flags, reduced across threads once after the loop
+    # element-wise running max, reduced across threads once after the loop
     KRON_ORDER: tl.constexpr = METHOD == 2
     if KRON_ORDER:
         amax_t = tl.zeros([BM * 16, 16], dtype=tl.float32)
