@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
-from .ops import has_kernel
+from .ops import GEMM_LOWERINGS, has_kernel
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
@@ -31,6 +31,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "report": None,        # callable receiving the CompileReport of each graph
     "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
     "fuse_gemms": True,    # linears reading the same input at the same precision run as one GEMM
+    "gemm": "kernel",      # "kernel": opaque GEMM op; "template": Inductor Triton template (epilogue fusion)
 }
 
 
@@ -53,6 +54,8 @@ def validate_options(options: dict | None) -> dict:
     for key in ("dry_run", "fuse_gemms"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
+    if opts["gemm"] not in GEMM_LOWERINGS:
+        raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {opts['gemm']!r}")
     if opts["report"] is not None and not callable(opts["report"]):
         raise TypeError("option 'report' must be a callable taking a CompileReport")
     return opts
@@ -73,6 +76,7 @@ class CompileReport:
     shared_activation_quantizations: int = 0  # linears reusing another's (same input, same precision)
     fused_gemms: int = 0                      # GEMMs that compute two or more linears
     fused_linears: int = 0                    # linears computed by those
+    gemm: str = "kernel"                      # how the quantized GEMMs are lowered (option 'gemm')
 
     @property
     def counts(self) -> dict[str, int]:
@@ -150,8 +154,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             d.bytes_after = qw.nbytes()
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
-    report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before)
-    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"]) if rewrites else None
+    report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
+    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"]) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
@@ -181,6 +185,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
     inner: Callable = gm.forward
     if use_inductor:
         from torch._inductor.compile_fx import compile_fx
+
+        if opts["gemm"] == "template":
+            from .kernels.inductor_gemm import register
+
+            register()
 
         inner = compile_fx(gm, list(example_inputs) + extra_inputs(example_inputs))
 
@@ -228,7 +237,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
-            fuse_gemms: bool = True) -> "CompiledModel | nn.Module":
+            fuse_gemms: bool = True, gemm: str = "kernel") -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -243,13 +252,17 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     holds the module and reads its attributes (a diffusers pipeline's ``transformer``) runs it
     compiled. Call it under ``torch.no_grad()``; no CUDA-graph replay on this path.
 
-    ``fuse_gemms`` runs linears that read the same input at the same precision (Q/K/V) as one GEMM."""
+    ``fuse_gemms`` runs linears that read the same input at the same precision (Q/K/V) as one GEMM.
+
+    ``gemm="template"`` lowers the quantized GEMMs through an Inductor Triton template, so that the
+    bias and the pointwise ops after each linear run in its epilogue (kernels/inductor_gemm.py);
+    the default ``"kernel"`` calls the opaque GEMM op."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
-                             "report": report, "fuse_gemms": fuse_gemms})
+                             "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     todo = [d for d in decisions if d.precision != "bf16"]

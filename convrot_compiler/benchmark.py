@@ -71,7 +71,8 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | None =
 
 
 CONVROT = ("w8a8", "w4a4", "mix")
-VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT, *(f"{p}-nograph" for p in CONVROT))
+VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT,
+            *(f"{p}-{how}" for how in ("nograph", "template") for p in CONVROT))
 
 
 def _sync(dev):
@@ -119,17 +120,21 @@ def prepare(variant: str, model):
         n = swap_fp8_rowwise(model)
         return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
     plan, _, launch = variant.partition("-")
-    compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False)
+    compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False,
+                               gemm="template" if launch == "template" else "kernel")
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
+    if launch == "template":
+        note += "; GEMMs as Inductor templates (epilogue fusion)"
     return compiled, prepared, note
 
 
 def kernel_breakdown(fn, kwargs) -> dict[str, float]:
-    """CUDA kernel time (ms) of one forward, grouped by what the kernel does."""
+    """CUDA kernel time (ms) of one forward, grouped by what the kernel does. Inductor template kernels
+    (``triton_tem_*``: the GEMM template of gemm='template', with its fused epilogue) count as GEMMs."""
     from torch.profiler import ProfilerActivity, profile
 
-    groups = {"attention": ("flash", "attention", "fmha", "sdpa"), "quantized GEMM": ("_int_gemm_kernel",),
+    groups = {"attention": ("flash", "attention", "fmha", "sdpa"), "quantized GEMM": ("_int_gemm_kernel", "triton_tem_"),
               "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
               "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
     with torch.no_grad():

@@ -86,6 +86,45 @@ def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
 
 
+@torch.library.custom_op("convrot::unpack_int4", mutates_args=())
+def unpack_int4_rows(qw: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Packed int4 weights [N_i, K'/2] -> int8 values [sum N_i, K'], one linear's rows after another:
+    the weight operand of ``scaled_int_mm`` (the GEMM Inductor may lower through its template)."""
+    return torch.cat([unpack_int4(w, group_size) for w in qw])
+
+
+@unpack_int4_rows.register_kernel("cuda")
+def _unpack_int4_rows_cuda(qw, group_size):
+    from .kernels.int_gemm import stacked_weights
+
+    return stacked_weights(qw, True, group_size, torch.int8)
+
+
+@unpack_int4_rows.register_fake
+def _(qw, group_size):
+    return qw[0].new_empty(sum(w.shape[0] for w in qw), 2 * qw[0].shape[1], dtype=torch.int8)
+
+
+@torch.library.custom_op("convrot::scaled_int_mm", mutates_args=())
+def scaled_int_mm(qx: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, group_size: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """(qx @ w^T) * sx * sw on int8 values, no bias: the GEMM alone, so that what follows it (bias,
+    gate, residual) can become the epilogue of an Inductor template (kernels/inductor_gemm.py)."""
+    return reference_int_gemm(qx, sx, w, sw, None, out_dtype)
+
+
+@scaled_int_mm.register_kernel("cuda")
+def _scaled_int_mm_cuda(qx, sx, w, sw, group_size, out_dtype):
+    from .kernels.int_gemm import int_gemm as kernel
+
+    return kernel(qx, sx, w, sw, None, False, group_size, out_dtype)
+
+
+@scaled_int_mm.register_fake
+def _(qx, sx, w, sw, group_size, out_dtype):
+    return qx.new_empty(qx.shape[0], w.shape[0], dtype=out_dtype)
+
+
 @torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                group_size: int) -> torch.Tensor:
@@ -127,13 +166,34 @@ def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: 
     return torch.ops.convrot.rotate_quantize(_rows(x), h, group_size, bits)
 
 
+GEMM_LOWERINGS = ("kernel", "template")
+
+
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
-                     group_size: int, out_features: int) -> torch.Tensor:
+                     group_size: int, out_features: int, gemm: str = "kernel") -> torch.Tensor:
     """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype).
     values, scale and bias may be lists, one entry per linear reading x: one GEMM then computes all
-    of them, their outputs side by side in the last dimension (out_features in total)."""
-    out = torch.ops.convrot.int_gemm(q, s, _as_list(values), _as_list(scale), _as_list(bias), scheme == "w4a4",
-                                     group_size, x.dtype)
+    of them, their outputs side by side in the last dimension (out_features in total).
+
+    ``gemm="kernel"``: one opaque op that unpacks, multiplies and adds the bias. ``"template"``: the
+    weights are unpacked by one op and the bias added in torch after ``scaled_int_mm``, so that under
+    Inductor (with kernels/inductor_gemm.py registered) the bias and whatever pointwise ops follow
+    run in the GEMM's epilogue."""
+    values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
+    if gemm == "kernel":
+        out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype)
+    elif gemm == "template":
+        if scheme == "w4a4":
+            w = torch.ops.convrot.unpack_int4(values, group_size)
+        else:
+            w = values[0] if len(values) == 1 else torch.cat(values)
+        sw = scale[0] if len(scale) == 1 else torch.cat(scale)
+        out = torch.ops.convrot.scaled_int_mm(q, s, w, sw, group_size, x.dtype)
+        b = concat_biases(bias, [v.shape[0] for v in values], q.device)
+        if b is not None:
+            out = out + b
+    else:
+        raise ValueError(f"gemm must be one of {GEMM_LOWERINGS}, got {gemm!r}")
     return out.reshape(*x.shape[:-1], out_features)
 
 

@@ -190,3 +190,39 @@ def test_inductor_path_on_cpu_matches_reference():
     compiled = cc.compile(model, inductor=True, progress=False)
     out = compiled(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_template_gemm_form_equals_the_opaque_kernel_form():
+    """gemm='template' splits each GEMM into unpack + scaled_int_mm + bias add (what Inductor can fuse);
+    in float32 the bias add is the same operation, so the outputs are identical."""
+    model = build_flux("flux-tiny", seed=5, dtype=torch.float32)
+    kwargs = make_flux_inputs(model, 128, 128, 16, dtype=torch.float32).kwargs
+    ref_model = build_flux("flux-tiny", seed=5, dtype=torch.float32)
+    quantize_model(ref_model, "w4a4", progress=False)
+    with torch.no_grad():
+        ref = ref_model(**kwargs)[0]
+    out = cc.compile(model, plan="w4a4", gemm="template", progress=False)(**kwargs)[0]
+    report = REPORTS[-1]
+    assert report.gemm == "template"
+    gemms = [n for n in report.graph_modules["after"].graph.nodes if n.target is quantized_matmul]
+    assert len(gemms) == report.fused_gemms + (report.rewritten - 12 - report.fused_linears) == 20 and all(n.args[-1] == "template" for n in gemms)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_template_gemm_under_inductor_on_cpu_runs_the_reference_op():
+    from convrot_compiler.kernels import inductor_gemm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 128))
+    x = torch.randn(2, 24, 512)
+    ref = nn.Sequential(cc.ConvLinear4bit.from_linear(model[0]), nn.GELU(), cc.ConvLinear4bit.from_linear(model[2]))
+    with torch.no_grad():
+        expected = ref(x)
+    out = cc.compile(model, inductor=True, gemm="template", progress=False)(x)
+    assert inductor_gemm.is_registered()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_gemm_option_is_rejected():
+    with pytest.raises(ValueError, match="option 'gemm' must be one of"):
+        validate_options({"gemm": "cutlass"})

@@ -36,8 +36,50 @@ def test_linear_with_epilogue_under_inductor_is_exact(dims):
     torch.testing.assert_close(compiled(x) * 0.5 + 1, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("plan", ["w4a4", "mix"])
-def test_flux_dev_widths(plan):
+@pytest.mark.parametrize("dims,epilogue", [((3072, 9216), "bias"), ((3072, 12288), "gelu"),
+                                            ((12288, 3072), "gate+residual")])
+def test_template_gemm_fuses_the_epilogue_and_matches_the_kernel_form(dims, epilogue):
+    """gemm='template': the GEMM is an Inductor template whose store computes the bias and the
+    following pointwise ops; its output equals the opaque-kernel form up to bf16 rounding of the
+    intermediate (the kernel form rounds the linear's output to bf16 before the epilogue)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    lin = nn.Linear(*dims).cuda().bfloat16()
+    gate = torch.randn(dims[1], device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(600, dims[1], device="cuda", dtype=torch.bfloat16)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            y = self.lin(x)
+            if epilogue == "gelu":
+                return nn.functional.gelu(y, approximate="tanh")
+            return res + gate * y if epilogue == "gate+residual" else y
+
+    x = torch.randn(600, dims[0], device="cuda", dtype=torch.bfloat16)
+    kernel_form = cc.compile(Block(), inductor=True, progress=False, release_weights=False, cuda_graphs=False)(x)
+    torch._dynamo.reset()
+    compiled = cc.compile(Block(), inductor=True, gemm="template", progress=False, cuda_graphs=False)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+    assert REPORTS[-1].gemm == "template"
+    code = "\n".join(codes)
+    gemm_kernels = [k for k in code.split("@triton.jit")[1:] if "tl.dot(" in k]
+    assert len(gemm_kernels) == 1, f"expected one template GEMM kernel, found {len(gemm_kernels)}"
+    assert "convrot.int_gemm" not in code and "convrot.scaled_int_mm" not in code  # no opaque GEMM call left
+    if epilogue == "gelu":
+        assert "tanh" in gemm_kernels[0], "GELU did not fuse into the GEMM epilogue"
+    if epilogue == "gate+residual":
+        assert gemm_kernels[0].count("tl.load(") >= 5, "gate and residual loads are not in the GEMM epilogue"
+    assert relative_error(out, kernel_form) < 4e-3
+
+
+@pytest.mark.parametrize("plan,gemm", [("w4a4", "kernel"), ("mix", "kernel"), ("w4a4", "template")])
+def test_flux_dev_widths(plan, gemm):
     model = build_flux("flux-dev-short", seed=0, device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 128, device="cuda").kwargs
     with torch.no_grad():
@@ -56,9 +98,9 @@ def test_flux_dev_widths(plan):
     assert REPORTS[-1].rewritten == expected
     torch._dynamo.reset()
     before = model_bytes(model)
-    compiled = cc.compile(model, plan=plan, inductor=True, progress=False)
+    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm)
     out = compiled(**kwargs)[0]
-    assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all()
+    assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all() and REPORTS[-1].gemm == gemm
     assert compiled.cuda_graphs
     other = make_flux_inputs(model, 512, 512, 128, seed=1, device="cuda").kwargs
     replayed = compiled(**other)[0]

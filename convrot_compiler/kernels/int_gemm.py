@@ -142,7 +142,7 @@ def unpack_int4(packed: torch.Tensor, group_size: int, dtype: torch.dtype = torc
     return out
 
 
-def _stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The weights as one [sum N, K'] operand: unpacked (each into its rows of one transient buffer)
     when packed, concatenated when several int8 ones, the tensor itself when one int8 one."""
     if not packed:
@@ -205,7 +205,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
-    w_all = _stacked_weights(qws, packed, group_size, qx.dtype)
+    w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731

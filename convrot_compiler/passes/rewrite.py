@@ -58,8 +58,10 @@ def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
     graph.erase_node(old)
 
 
-def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True) -> RewriteResult:
-    """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates."""
+def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True,
+                    gemm: str = "kernel") -> RewriteResult:
+    """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates.
+    ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul)."""
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
@@ -98,7 +100,7 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             with graph.inserting_before(first):
                 out = graph.call_function(quantized_matmul, (
                     q, s, x, [weights[i][0] for i in members], [weights[i][1] for i in members], biases, scheme,
-                    group_size, total))
+                    group_size, total, gemm))
                 out.meta["convrot"] = {"modules": [rewrites[i].match.name for i in members], "scheme": scheme}
                 start, parts = 0, []
                 for i in members:
@@ -113,7 +115,8 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             rw = rewrites[i]
             with graph.inserting_before(rw.match.node):
                 new = graph.call_function(quantized_matmul, (q, s, x, weights[i][0], weights[i][1], rw.match.bias,
-                                                             rw.scheme, rw.group_size, rw.match.out_features))
+                                                             rw.scheme, rw.group_size, rw.match.out_features,
+                                                             gemm))
             _replace_linear(graph, rw, new)
 
     for i, rw in enumerate(rewrites):
