@@ -127,6 +127,20 @@ def _rotation_for(precision: str, rotation: GroupHadamardRotation) -> GroupHadam
     return None if precision == "w4a16" else rotation
 
 
+def _fakeify_static(tensors: list[torch.Tensor]) -> list:
+    """Give the prepared weights static fake shapes in Dynamo's fake mode before Inductor sees them.
+
+    They are graph inputs Dynamo never saw, so AOTAutograd would fakeify them with fresh dynamic
+    sizes that have no guard source; the first Inductor kernel indexing one (the GEMM template's
+    32-bit-indexing check on the unpacked weight) then fails while building guards. The fake mode
+    memoizes per real tensor (weakly: hold the returned fakes until Inductor is done), so fakeifying
+    them first, statically, is what AOTAutograd then reuses."""
+    ctx = torch._guards.TracingContext.try_get()
+    if ctx is None or ctx.fake_mode is None:
+        return []
+    return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple[Callable, CompileReport]:
     plan: Plan = opts["plan"]
     group_size, rotation_kind = opts["group_size"], opts["rotation"]
@@ -191,7 +205,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
 
             register()
 
-        inner = compile_fx(gm, list(example_inputs) + extra_inputs(example_inputs))
+        extra = extra_inputs(example_inputs)
+        static_fakes = _fakeify_static(extra)
+        inner = compile_fx(gm, list(example_inputs) + extra)
+        del static_fakes
 
     def run(*args):
         return inner(*args, *extra_inputs(args))

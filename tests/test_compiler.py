@@ -226,3 +226,22 @@ def test_template_gemm_under_inductor_on_cpu_runs_the_reference_op():
 def test_bad_gemm_option_is_rejected():
     with pytest.raises(ValueError, match="option 'gemm' must be one of"):
         validate_options({"gemm": "cutlass"})
+
+
+def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
+    """Graph inputs Dynamo never saw would get dynamic sizes without a guard source; an Inductor
+    kernel that indexes one (the GEMM template) then fails while building guards."""
+    from torch._inductor import compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, **kwargs):
+        mode = torch._guards.TracingContext.get().fake_mode
+        seen.extend(tuple(mode.from_tensor(t).shape) for t in inputs[-3:])
+        return real(gm, inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
+    cc.compile(model, inductor=True, progress=False)(torch.randn(24, 512))
+    assert seen == [(256, 256), (256,), (16, 16)]  # packed int4 values, scales, the 16x16 Hadamard factor

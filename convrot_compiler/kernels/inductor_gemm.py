@@ -70,7 +70,7 @@ SOURCE = r"""
     idx_m = rm[:, None]
     idx_n = rn[None, :]
     mask = (idx_m < M) & (idx_n < N)
-    {{store_output(("idx_m", "idx_n"), "out", "mask")}}
+    {{store_output(("idx_m", "idx_n"), "out", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
 """
 
 
