@@ -5,10 +5,11 @@ row-wise, torch._int_mm int8, our W4A4 and W8A8 GEMMs, the fused
 rotate+quantize alone (GB/s, against measured copy bandwidth), and
 rotate+quantize+GEMM together. W4A4 "GEMM" is the default path (int4 weights
 unpacked to a transient int8 buffer, then the int8 GEMM; the unpack time is
-included). ``--schemes`` adds the fp8-tensor-core forms of W4A4 (see
-kernels/int_gemm.py); "diff vs int8 TC" is their largest difference from the int8
-GEMM on the same operands. Each of ours is checked against the reference in the
-same run. Also the W4A16 weight-only GEMM at M = 1.
+included). ``--schemes`` adds the fp8-tensor-core forms of W4A4 and the persistent
+TMA-descriptor form of the int8 GEMM (see kernels/int_gemm.py); "diff vs int8 TC" is
+their largest difference from the default int8 GEMM on the same operands (list that
+first). Each of ours is checked against the reference in the same run. Also the W4A16
+weight-only GEMM at M = 1.
 
     python bench/gemm.py [--quick] [--no-rotate] [--schemes w4a4,w4a4-fp8,...] [--out DIR]
 """
@@ -41,12 +42,14 @@ SHAPES = [  # (name, K, N)
     ("ff down 12288->3072", 12288, 3072),
     ("single proj_out 15360->3072", 15360, 3072),
 ]
-# scheme -> (activation bits, activation container, fp8 promote_every); see kernels/int_gemm.py
+# scheme -> (activation bits, activation container, fp8 promote_every, persistent TMA GEMM); see kernels/int_gemm.py
 SCHEMES = {
-    "w4a4": (4, torch.int8, 0),
-    "w4a4-fp8": (4, torch.float8_e4m3fn, 0),
-    "w4a4-fp8-nopromote": (4, torch.float8_e4m3fn, -1),
-    "w8a8": (8, torch.int8, 0),
+    "w4a4": (4, torch.int8, 0, False),
+    "w4a4-fp8": (4, torch.float8_e4m3fn, 0, False),
+    "w4a4-fp8-nopromote": (4, torch.float8_e4m3fn, -1, False),
+    "w4a4-persistent": (4, torch.int8, 0, True),
+    "w8a8": (8, torch.int8, 0, False),
+    "w8a8-persistent": (8, torch.int8, 0, True),
 }
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
 
@@ -84,18 +87,19 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
     weights = {bits: quantize_weight(w, "w4a4" if bits == 4 else "w8a8", rot) for bits in needed}
     int8_fp32_out = {}
     for scheme in schemes:
-        bits, act_dtype, promote = SCHEMES[scheme]
+        bits, act_dtype, promote, persistent = SCHEMES[scheme]
         qw = weights[bits]
         qa, sa = rotate_quantize(x, h16, 256, bits, act_dtype)
         packed = bits == 4
         gemm = lambda qa, sa: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,  # noqa: E731
-                                       promote_every=promote)
+                                       promote_every=promote, persistent=persistent)
         # correctness: GEMM vs reference on the same quantized operands; end to end vs float;
         # fp8 vs int8 tensor cores on the same int4 operands (equal when the fp8 accumulation is exact)
         g_ref = ops.int_gemm_reference(qa.to(torch.int8), sa, qw.values, qw.scale, None, packed, 256, torch.float32)
         g_out = gemm(qa, sa)
-        g32 = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32, promote_every=promote)
-        if act_dtype == torch.int8:
+        g32 = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32, promote_every=promote,
+                       persistent=persistent)
+        if act_dtype == torch.int8 and not persistent:
             int8_fp32_out[bits] = g32
         base = int8_fp32_out.get(bits)
         vs_int8 = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()

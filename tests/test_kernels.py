@@ -84,7 +84,8 @@ def test_rotate_quantize_non_finite_rows_and_poisoned_output():
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("m,n,k", [(1, 16, 256), (33, 40, 512)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias, persistent):
     g = torch.Generator().manual_seed(m * n + k)
     lim = 7 if packed else 127
     qx = torch.randint(-lim, lim + 1, (m, k), generator=g, dtype=torch.int8)
@@ -95,7 +96,21 @@ def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias):
     bias = torch.randn(n, generator=g) if with_bias else None
     ref = ops.int_gemm_reference(qx, sx, qw, sw, bias, packed, 256, torch.float32)
     out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), None if bias is None else bias.to(DEV),
-                   packed, 256, torch.float32)
+                   packed, 256, torch.float32, persistent=persistent)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_persistent_int_gemm_covers_more_tiles_than_programs():
+    """The persistent GEMM's programs each walk several tiles (4 programs in the interpreter, one
+    per SM on a GPU): 3 x 5 tiles of 16 here, ragged in M and N, with a bias."""
+    g = torch.Generator().manual_seed(11)
+    m, n, k = 45, 70, 512
+    qx = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sx, sw, bias = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    ref = ops.int_gemm_reference(qx, sx, qw, sw, bias, False, 256, torch.float32)
+    out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), bias.to(DEV), False, 256, torch.float32,
+                   persistent=True)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 

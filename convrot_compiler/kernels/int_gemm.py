@@ -100,6 +100,55 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the TMA descriptors' block shapes follow the config being run."""
+    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+    nargs["x_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+
+
+_TMA_GPU_CONFIGS = [
+    triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w, pre_hook=_set_tma_blocks)
+    for bn, bm, bk, s, w in [
+        (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
+        (128, 128, 64, 5, 4), (256, 128, 64, 3, 8), (128, 128, 128, 3, 4),
+    ]
+]
+_TMA_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4,
+                                        pre_hook=_set_tma_blocks)
+
+
+@triton.autotune(configs=autotune_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG), key=["M", "N", "K"])
+@triton.jit
+def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
+                         HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                         BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
+    """The int8 GEMM of _int_gemm_kernel, persistent (one program per SM walks the tiles) with
+    operands loaded by TMA descriptors, after Triton's persistent-matmul tutorial; the flattened
+    tile loop lets the next tile's loads overlap this tile's epilogue. Same tile order, same epilogue."""
+    num_n = tl.cdiv(N, BN)
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_N * num_m
+    for tile in tl.range(tl.program_id(0), num_n * num_m, NUM_PROGRAMS, flatten=True):
+        first_n = (tile // per_group) * GROUP_N
+        size_n = min(num_n - first_n, GROUP_N)
+        pid_n = first_n + ((tile % per_group) % size_n)
+        pid_m = (tile % per_group) // size_n
+        acc = tl.zeros([BN, BM], dtype=tl.int32)
+        for kb in range(0, K, BK):
+            acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        nmask = rn < N
+        mmask = rm < M
+        sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
+        sx = tl.load(sx_ptr + rm, mask=mmask, other=0.0)
+        out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
 @triton.jit
 def _unpack_int4_kernel(p_ptr, q_ptr, N, KB, HALF: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -158,7 +207,8 @@ def stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtyp
 
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.Tensor],
              sw: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None | list[torch.Tensor | None],
-             packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0) -> torch.Tensor:
+             packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0,
+             persistent: bool = False) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
@@ -170,7 +220,10 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     K tile, -1 = never (Triton's default, inexact for long K).
 
     Lists of weights, scales and biases (one entry per linear that reads qx) run as one GEMM
-    whose output is their outputs side by side, [M, sum N]."""
+    whose output is their outputs side by side, [M, sum N].
+
+    ``persistent`` (int8 only): the persistent, TMA-descriptor form of the same GEMM
+    (_int_gemm_tma_kernel); equal results, not yet the default (its speed is unmeasured)."""
     qws, sws, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (qw, sw, bias))
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
@@ -208,8 +261,27 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
+    if persistent:
+        if fp8:
+            raise ValueError("persistent=True runs int8 operands only")
+        _persistent_gemm(qx, w_all, sx, s_all, b_all, c)
+        return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
                            qx.stride(0), w_all.stride(0), c.stride(0), HAS_BIAS=b_all is not None, FP8=fp8,
                            PROMOTE_EVERY=promote_every)
     return c
+
+
+def _persistent_gemm(qx, w_all, sx, s_all, b_all, c) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = qx.shape
+    n = w_all.shape[0]
+    programs = 4 if interpreting() else torch.cuda.get_device_properties(qx.device).multi_processor_count
+    # block shapes are placeholders: the autotune pre-hook sets them per config
+    w_desc = TensorDescriptor.from_tensor(w_all, [16, 32])
+    x_desc = TensorDescriptor.from_tensor(qx, [16, 32])
+    grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
+    _int_gemm_tma_kernel[grid](w_desc, x_desc, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
+                               c.stride(0), HAS_BIAS=b_all is not None, NUM_PROGRAMS=programs)
