@@ -129,34 +129,42 @@ def prepare(variant: str, model):
     return compiled, prepared, note
 
 
-def kernel_breakdown(fn, kwargs) -> dict[str, float]:
-    """CUDA kernel time (ms) of one forward, grouped by what the kernel does. Inductor template kernels
-    (``triton_tem_*``: the GEMM template of gemm='template', with its fused epilogue) count as GEMMs."""
+KERNEL_GROUPS = {"attention": ("flash", "attention", "fmha", "sdpa"),
+                 "quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "triton_tem_"),
+                 "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
+                 "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
+
+
+def kernel_group(name: str) -> str:
+    """The breakdown part a CUDA kernel belongs to, by name. Inductor template kernels (``triton_tem_*``:
+    the GEMM template of gemm='template', with its fused epilogue) count as GEMMs."""
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS.items():
+        if any(k.lower() in low for k in keys):
+            return group
+    return "other"
+
+
+def kernel_breakdown(fn, kwargs, top: int = 20) -> tuple[dict[str, float], list[dict]]:
+    """CUDA kernel time (ms) of one forward, grouped by what the kernel does, and the ``top`` kernels
+    by time with their group, so that what lands in each part (and in "other") can be checked."""
     from torch.profiler import ProfilerActivity, profile
 
-    groups = {"attention": ("flash", "attention", "fmha", "sdpa"), "quantized GEMM": ("_int_gemm_kernel", "triton_tem_"),
-              "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
-              "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
     with torch.no_grad():
         fn(**kwargs)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn(**kwargs)
             torch.cuda.synchronize()
-    out = {k: 0.0 for k in groups}
-    out["other"] = 0.0
+    out = {k: 0.0 for k in (*KERNEL_GROUPS, "other")}
+    kernels = []
     for evt in prof.key_averages():
         if evt.device_type.name != "CUDA":
             continue
-        name = evt.key.lower()
-        ms = evt.device_time_total / 1e3
-        for group, keys in groups.items():
-            if any(k.lower() in name for k in keys):
-                out[group] += ms
-                break
-        else:
-            out["other"] += ms
-    return out
+        group, ms = kernel_group(evt.key), evt.device_time_total / 1e3
+        out[group] += ms
+        kernels.append({"kernel": evt.key[:90], "group": group, "ms": ms, "calls": evt.count})
+    return out, sorted(kernels, key=lambda k: -k["ms"])[:top]
 
 
 def run(args) -> dict:
@@ -198,8 +206,8 @@ def run(args) -> dict:
                            peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                            rel_err_vs_bf16=relative_error(out, ref))
                 if args.profile and variant.startswith("w4a4") and breakdown is None and dev.type == "cuda":
-                    breakdown = {"variant": variant, "forward_ms": row["ms"],
-                                 "kernels_ms": kernel_breakdown(fn, inputs.kwargs)}
+                    parts, top = kernel_breakdown(fn, inputs.kwargs)
+                    breakdown = {"variant": variant, "forward_ms": row["ms"], "kernels_ms": parts, "top_kernels": top}
             except RuntimeError as e:
                 row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
@@ -258,6 +266,10 @@ def to_markdown(result: dict) -> str:
                f"(kernels sum to {total:.1f} ms; the forward took {result['breakdown']['forward_ms']:.1f} ms):\n\n")
         md += tabulate([[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
                        headers=["part", "ms", "share"], tablefmt="github") + "\n"
+        if result["breakdown"].get("top_kernels"):
+            md += "\nThe kernels taking the most time:\n\n" + tabulate(
+                [[k["kernel"], k["group"], f"{k['ms']:.2f}", k["calls"]] for k in result["breakdown"]["top_kernels"]],
+                headers=["kernel", "part", "ms", "calls"], tablefmt="github", disable_numparse=True) + "\n"
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
            "measure (bench/results/compiler_gpu_diag.md).\n")
     return md

@@ -63,3 +63,23 @@ def test_merge_refuses_files_that_are_not_results(tmp_path):
     bad.write_text("{}")
     with pytest.raises(SystemExit):
         bench_model.main(["--merge", str(bad), "--out", str(tmp_path)])
+
+
+def test_kernel_groups_and_the_top_kernels_table():
+    group = bench_model.kernel_group
+    assert group("_int_gemm_kernel") == group("triton_tem_fused_add_mul_scaled_int_mm_3") == "quantized GEMM"
+    assert group("_int_gemm_tma_kernel") == "quantized GEMM"
+    assert group("_rotate_quant_kernel") == "rotate+quantize"
+    assert group("_unpack_int4_kernel") == "int4 unpack"
+    assert group("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (kept layers)"
+    assert group("triton_poi_fused_gelu_view_7") == "other"
+    env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
+    result = {"env": env, "config": "flux-tiny", "rows": [], "breakdown": {
+        "variant": "w4a4", "forward_ms": 3.0, "kernels_ms": {"quantized GEMM": 2.0, "other": 1.0},
+        "top_kernels": [{"kernel": "_int_gemm_kernel", "group": "quantized GEMM", "ms": 2.0, "calls": 7},
+                        {"kernel": "triton_poi_fused_gelu_view_7", "group": "other", "ms": 1.0, "calls": 3}]}}
+    md = bench_model.to_markdown(result)
+    assert "The kernels taking the most time" in md
+    line = next(li for li in md.splitlines() if "triton_poi_fused_gelu_view_7" in li)
+    assert [c.strip() for c in line.strip("|").split("|")] == ["triton_poi_fused_gelu_view_7", "other", "1.00", "3"]
