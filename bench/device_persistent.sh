@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call: the persistent TMA-descriptor int8 GEMM (kernels/int_gemm.py, persistent=True), its GPU
-# tests at FLUX shapes, then the GEMM benchmark against the default GEMM in the same process. Results under $OUT.
+# One device call: GPU tests of the kernels written without a GPU (the persistent TMA-descriptor int8 GEMM,
+# int_gemm(..., persistent=True); rotate+quantize with the GELU applied as it loads), then the GEMM
+# benchmark of the persistent GEMM against the default one in the same process. Results under $OUT.
 source bench/device_setup.sh
-CONVROT_AUTOTUNE=quick timeout 200 python3 -m pytest -q -p no:warnings -x tests/test_kernels_gpu.py -k "int_gemm_at_flux" \
+CONVROT_AUTOTUNE=quick timeout 200 python3 -m pytest -q -p no:warnings -x tests/test_kernels_gpu.py -k "int_gemm_at_flux or gelu" \
   2>&1 | tee "$OUT/pytest_persistent.log" | tail -3
 timeout 350 python3 bench/gemm.py --no-rotate --schemes w4a4,w4a4-persistent,w8a8,w8a8-persistent --out "$OUT" 2>&1 \
   | grep -v "it/s\]" | tee "$OUT/gemm_persistent.log" | tail -24

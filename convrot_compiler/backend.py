@@ -32,6 +32,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
     "fuse_gemms": True,    # linears reading the same input at the same precision run as one GEMM
     "gemm": "kernel",      # "kernel": opaque GEMM op; "template": Inductor Triton template (epilogue fusion)
+    "fuse_producers": False,  # apply a GELU (+ concatenation) feeding a quantized linear inside its quantization
 }
 
 
@@ -51,7 +52,7 @@ def validate_options(options: dict | None) -> dict:
     GroupHadamardRotation(opts["rotation"], opts["group_size"])  # validates group_size for the kind
     if opts["inductor"] not in (None, True, False):
         raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
-    for key in ("dry_run", "fuse_gemms"):
+    for key in ("dry_run", "fuse_gemms", "fuse_producers"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
     if opts["gemm"] not in GEMM_LOWERINGS:
@@ -77,6 +78,7 @@ class CompileReport:
     fused_gemms: int = 0                      # GEMMs that compute two or more linears
     fused_linears: int = 0                    # linears computed by those
     gemm: str = "kernel"                      # how the quantized GEMMs are lowered (option 'gemm')
+    fused_producers: int = 0                  # quantizations that apply the GELU (+ concatenation) feeding them
 
     @property
     def counts(self) -> dict[str, int]:
@@ -169,10 +171,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
         specs.append(spec)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
-    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"]) if rewrites else None
+    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"],
+                             fuse_producers=opts["fuse_producers"]) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
+        report.fused_producers = result.fused_producers
     report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
     if opts["dry_run"] or not rewrites:
@@ -254,7 +258,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
-            fuse_gemms: bool = True, gemm: str = "kernel") -> "CompiledModel | nn.Module":
+            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool = False) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -273,13 +277,18 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     ``gemm="template"`` lowers the quantized GEMMs through an Inductor Triton template, so that the
     bias and the pointwise ops after each linear run in its epilogue (kernels/inductor_gemm.py);
-    the default ``"kernel"`` calls the opaque GEMM op."""
+    the default ``"kernel"`` calls the opaque GEMM op.
+
+    ``fuse_producers`` applies the GELU (and the concatenation with the attention output) that produce
+    FLUX's ff-down and single-block proj_out inputs inside their rotate+quantize, so they are never
+    written to memory (passes/producers.py). Off by default until measured on a GPU."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
-                             "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm})
+                             "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm,
+                             "fuse_producers": fuse_producers})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     todo = [d for d in decisions if d.precision != "bf16"]

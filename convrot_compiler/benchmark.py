@@ -72,7 +72,7 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | None =
 
 CONVROT = ("w8a8", "w4a4", "mix")
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT,
-            *(f"{p}-{how}" for how in ("nograph", "template") for p in CONVROT))
+            *(f"{p}-{how}" for how in ("nograph", "template", "producers") for p in CONVROT))
 
 
 def _sync(dev):
@@ -121,11 +121,14 @@ def prepare(variant: str, model):
         return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
     plan, _, launch = variant.partition("-")
     compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False,
-                               gemm="template" if launch == "template" else "kernel")
+                               gemm="template" if launch == "template" else "kernel",
+                               fuse_producers=launch == "producers")
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
     if launch == "template":
         note += "; GEMMs as Inductor templates (epilogue fusion)"
+    if launch == "producers":
+        note += "; GELU (+ cat) applied inside rotate+quantize"
     return compiled, prepared, note
 
 

@@ -67,6 +67,33 @@ def _(x, h, group_size, bits):
     return q, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
+def gelu_cat_reference(x: Optional[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
+    """cat([x, gelu_tanh(x2)], -1), or gelu_tanh(x2) when x is None: what FLUX feeds ff down and proj_out."""
+    g = torch.nn.functional.gelu(x2, approximate="tanh")
+    return g if x is None else torch.cat([x, g], -1)
+
+
+@torch.library.custom_op("convrot::rotate_quantize_gelu", mutates_args=())
+def rotate_quantize_gelu(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                         bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quantize of cat([x, gelu_tanh(x2)], -1) (x may be None); on CUDA the kernel applies the GELU
+    as it loads x2, so the GELU output and the concatenation are never written to memory."""
+    return rotate_quantize_reference(gelu_cat_reference(x, x2), h, group_size, bits)
+
+
+@rotate_quantize_gelu.register_kernel("cuda")
+def _rotate_quantize_gelu_cuda(x, x2, h, group_size, bits):
+    from .kernels.rotate_quant import rotate_quantize as kernel
+
+    return kernel(x, h, group_size, bits, gelu_x2=x2)
+
+
+@rotate_quantize_gelu.register_fake
+def _(x, x2, h, group_size, bits):
+    kp = padded_size((0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
+    return x2.new_empty(x2.shape[0], kp, dtype=torch.int8), x2.new_empty(x2.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
              bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -167,6 +194,13 @@ def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: 
 
 
 GEMM_LOWERINGS = ("kernel", "template")
+
+
+def quantize_gelu_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                             bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation of cat([x, gelu_tanh(x2)], -1) (or of gelu_tanh(x2)) without materializing it:
+    the compiler pass inserts it where a GELU (and a concatenation) feed a quantized linear."""
+    return torch.ops.convrot.rotate_quantize_gelu(None if x is None else _rows(x), _rows(x2), h, group_size, bits)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,

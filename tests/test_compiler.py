@@ -245,3 +245,45 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
     model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
     cc.compile(model, inductor=True, progress=False)(torch.randn(24, 512))
     assert seen == [(256, 256), (256,), (16, 16)]  # packed int4 values, scales, the 16x16 Hadamard factor
+
+
+def test_gelu_and_concatenation_fold_into_the_activation_quantization():
+    """fuse_producers: FLUX's ff-down input gelu(up) and the single blocks' proj_out input
+    cat([attn, gelu(mlp)]) are quantized by one op that applies the GELU itself; the GELU and cat
+    nodes leave the graph, and the result is the unfused graph's, exactly (same GELU on CPU)."""
+    from convrot_compiler.ops import quantize_gelu_activation
+
+    kwargs = _inputs(build_flux("flux-tiny", seed=2))
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False)(**kwargs)[0]
+    torch._dynamo.reset()
+    out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=True)(**kwargs)[0]
+    report = REPORTS[-1]
+    gm = report.graph_modules["after"]
+    fused = [n for n in gm.graph.nodes if n.target is quantize_gelu_activation]
+    assert report.fused_producers == len(fused) == 2 * 2 + 2  # ff + ff_context per double block, proj_out per single
+    assert sum(n.args[0] is not None for n in fused) == 2  # the single blocks' concatenation
+    assert not any(n.op == "call_function" and n.target is torch._C._nn.gelu for n in gm.graph.nodes)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+def test_producer_fusion_leaves_other_patterns_alone():
+    from convrot_compiler.passes.producers import match_gelu_producer
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.GELU(), nn.Linear(256, 8)))
+    gelu = next(n for n in gm.graph.nodes if n.op == "call_module" or n.op == "call_function")
+    assert match_gelu_producer(gelu, 256) is None  # a module call / exact GELU is not the tanh pattern
+
+    g = torch.fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    exact = g.call_function(torch._C._nn.gelu, (b,))
+    tanh = g.call_function(torch._C._nn.gelu, (b,), {"approximate": "tanh"})
+    assert match_gelu_producer(exact, 256) is None
+    assert match_gelu_producer(tanh, 256) == (None, b)
+    cat = g.call_function(torch.cat, ([a, tanh],), {"dim": -1})
+    for n, v in ((a, torch.empty(2, 100)), (b, torch.empty(2, 512)), (tanh, torch.empty(2, 512)),
+                 (cat, torch.empty(2, 612))):
+        n.meta["example_value"] = v
+    assert match_gelu_producer(cat, 256) is None  # 100 channels before the GELU: off the group grid
+    a.meta["example_value"] = torch.empty(2, 256)
+    cat.meta["example_value"] = torch.empty(2, 768)
+    assert match_gelu_producer(cat, 256) == (a, b)

@@ -79,8 +79,9 @@ def test_template_gemm_fuses_the_epilogue_and_matches_the_kernel_form(dims, epil
     assert relative_error(out, kernel_form) < 4e-3
 
 
-@pytest.mark.parametrize("plan,gemm", [("w4a4", "kernel"), ("mix", "kernel"), ("w4a4", "template")])
-def test_flux_dev_widths(plan, gemm):
+@pytest.mark.parametrize("plan,gemm,producers", [("w4a4", "kernel", False), ("mix", "kernel", False),
+                                                ("w4a4", "template", False), ("w4a4", "kernel", True)])
+def test_flux_dev_widths(plan, gemm, producers):
     model = build_flux("flux-dev-short", seed=0, device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 128, device="cuda").kwargs
     with torch.no_grad():
@@ -99,9 +100,10 @@ def test_flux_dev_widths(plan, gemm):
     assert REPORTS[-1].rewritten == expected
     torch._dynamo.reset()
     before = model_bytes(model)
-    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm)
+    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm, fuse_producers=producers)
     out = compiled(**kwargs)[0]
     assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all() and REPORTS[-1].gemm == gemm
+    assert REPORTS[-1].fused_producers == (2 * 2 + 2 if producers else 0)  # flux-dev-short: 2 double, 2 single
     assert compiled.cuda_graphs
     other = make_flux_inputs(model, 512, 512, 128, seed=1, device="cuda").kwargs
     replayed = compiled(**other)[0]

@@ -208,3 +208,37 @@ def test_kernels_reject_bad_input(monkeypatch):
         with pytest.raises(ValueError, match="CUDA tensors"):
             rotate_quantize(x, None, 256, 4)
 
+
+
+def _gelu_tanh_fp32(v: torch.Tensor) -> torch.Tensor:
+    """The kernel's GELU form in float32, rounded to v's dtype (torch's own tanh form loses precision
+    where tanh is near -1, so its bf16 result differs there by tiny amounts)."""
+    f = v.float()
+    return (f / (1 + torch.exp(-2 * 0.7978845608028654 * (f + 0.044715 * f ** 3)))).to(v.dtype)
+
+
+@pytest.mark.parametrize("with_x1", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_applies_gelu_and_concatenation_as_it_loads(with_x1, bits):
+    """rotate_quantize(x1, gelu_x2=x2) == rotate_quantize(cat([x1, gelu(x2)])): the same values when the
+    GELU is computed the kernel's way (up to a rare last-bit difference of exp), and within one step of
+    torch's GELU (the op reference); x2's width is not a multiple of the group (zero-padded tail)."""
+    g = torch.Generator().manual_seed(bits)
+    h = hadamard_matrix("regular", 16)
+    x1 = torch.randn(5, 512, generator=g).bfloat16() if with_x1 else None
+    x2 = (torch.randn(5, 700, generator=g) * 3).bfloat16()
+    q, s = rotate_quantize(None if x1 is None else x1.to(DEV), h.to(DEV), 256, bits, gelu_x2=x2.to(DEV))
+    same = _gelu_tanh_fp32(x2) if x1 is None else torch.cat([x1, _gelu_tanh_fp32(x2)], -1)
+    q_ref, s_ref = ops.rotate_quantize_reference(same, h, 256, bits)
+    assert q.shape == (5, 1280 if with_x1 else 768)
+    assert (q.cpu() != q_ref).float().mean() < 1e-3
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    q_op, s_op = ops.rotate_quantize_gelu(x1, x2, h, 256, bits)  # the op's reference: torch's GELU
+    assert (q.cpu().int() - q_op.int()).abs().max() <= 1 and (q.cpu() != q_op).float().mean() < 1e-2
+    torch.testing.assert_close(s.cpu(), s_op, rtol=1e-3, atol=0)
+
+
+def test_rotate_quantize_gelu_rejects_a_concatenation_off_the_group_grid():
+    x1, x2 = torch.randn(3, 100).bfloat16(), torch.randn(3, 256).bfloat16()
+    with pytest.raises(ValueError, match="multiple of group_size=256"):
+        rotate_quantize(x1.to(DEV), None, 256, 4, gelu_x2=x2.to(DEV))

@@ -38,6 +38,23 @@ def test_rotate_quantize_at_flux_shapes(k, bits):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("k1", [0, 3072])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_with_gelu_at_flux_shapes(k1, bits):
+    """ff down (gelu(up), K = 12288) and the single blocks' proj_out (cat([attn, gelu(mlp)]), K = 15360):
+    the kernel's GELU against torch's, then rotate+quantize; within one step, on a few values."""
+    m = 4608
+    x1 = _dit_activations(m, k1) if k1 else None
+    x2 = _dit_activations(m, 12288)
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = ops.rotate_quantize_gelu(x1, x2, h, 256, bits)
+    _poison_allocator()
+    q, s = rotate_quantize(x1, h, 256, bits, gelu_x2=x2)
+    torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert q.shape == (m, k1 + 12288) and diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
+
+
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)])
 @pytest.mark.parametrize("m", [4608, 77])
 @pytest.mark.parametrize("packed", [True, False])

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops import quantize_activation, quantized_linear, quantized_matmul
+from ..ops import quantize_activation, quantize_gelu_activation, quantized_linear, quantized_matmul
 from .match import LinearMatch
+from .producers import match_gelu_producer
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
@@ -47,6 +48,7 @@ class RewriteResult:
     shared: int                  # linears that reuse another linear's quantized activations
     fused_gemms: int = 0         # GEMMs computing two or more linears
     fused_linears: int = 0       # linears computed by those
+    fused_producers: int = 0     # activation quantizations that apply the GELU (and concatenation) before them
 
 
 def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
@@ -58,10 +60,23 @@ def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
     graph.erase_node(old)
 
 
+def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase node if nothing uses it any more, then its node inputs that this leaves unused."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op != "call_function":
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        todo.extend(inputs)
+
+
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True,
-                    gemm: str = "kernel") -> RewriteResult:
+                    gemm: str = "kernel", fuse_producers: bool = False) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates.
-    ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul)."""
+    ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul). ``fuse_producers``: a GELU
+    (and concatenation) producing a quantized input is applied inside its quantization (producers.py)."""
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
@@ -83,11 +98,21 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
         if rw.scheme != "w4a16":
             groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
 
-    fused_gemms = fused_linears = 0
+    fused_gemms = fused_linears = fused_producers = 0
+    dropped: list[fx.Node] = []
     for (x, bits, group_size, with_rotation), members in groups.items():
         first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
+        producer = match_gelu_producer(x, group_size) if fuse_producers else None
+        shape_of = x  # what the GEMMs read for the output's shape and dtype (not its values)
         with graph.inserting_before(first):
-            qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits))
+            if producer is not None:
+                qs = graph.call_function(quantize_gelu_activation, (*producer, h if with_rotation else None,
+                                                                   group_size, bits))
+                shape_of = producer[1]  # same leading dims and dtype as x: the GELU and cat can go
+                fused_producers += 1
+                dropped.append(x)
+            else:
+                qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits))
             q = graph.call_function(operator.getitem, (qs, 0))
             s = graph.call_function(operator.getitem, (qs, 1))
         # one GEMM for the group when every bias is computed before the group's first linear
@@ -99,8 +124,8 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             total = sum(rewrites[i].match.out_features for i in members)
             with graph.inserting_before(first):
                 out = graph.call_function(quantized_matmul, (
-                    q, s, x, [weights[i][0] for i in members], [weights[i][1] for i in members], biases, scheme,
-                    group_size, total, gemm))
+                    q, s, shape_of, [weights[i][0] for i in members], [weights[i][1] for i in members], biases,
+                    scheme, group_size, total, gemm))
                 out.meta["convrot"] = {"modules": [rewrites[i].match.name for i in members], "scheme": scheme}
                 start, parts = 0, []
                 for i in members:
@@ -114,9 +139,9 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
         for i in members:
             rw = rewrites[i]
             with graph.inserting_before(rw.match.node):
-                new = graph.call_function(quantized_matmul, (q, s, x, weights[i][0], weights[i][1], rw.match.bias,
-                                                             rw.scheme, rw.group_size, rw.match.out_features,
-                                                             gemm))
+                new = graph.call_function(quantized_matmul, (q, s, shape_of, weights[i][0], weights[i][1],
+                                                             rw.match.bias, rw.scheme, rw.group_size,
+                                                             rw.match.out_features, gemm))
             _replace_linear(graph, rw, new)
 
     for i, rw in enumerate(rewrites):
@@ -126,7 +151,10 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                                                              rw.match.bias, rw.scheme, rw.group_size,
                                                              rw.match.out_features))
             _replace_linear(graph, rw, new)
+    for node in dropped:  # a GELU / concatenation (/ inference dropout) that only fed the quantization
+        _erase_unused_chain(graph, node)
     graph.lint()
     gm.recompile()
     n_quantized = sum(len(m) for m in groups.values())
-    return RewriteResult(h is not None, len(groups), n_quantized - len(groups), fused_gemms, fused_linears)
+    return RewriteResult(h is not None, len(groups), n_quantized - len(groups), fused_gemms, fused_linears,
+                         fused_producers)
