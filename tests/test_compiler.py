@@ -287,3 +287,20 @@ def test_producer_fusion_leaves_other_patterns_alone():
     a.meta["example_value"] = torch.empty(2, 256)
     cat.meta["example_value"] = torch.empty(2, 768)
     assert match_gelu_producer(cat, 256) == (a, b)
+
+
+def test_inspect_reports_folded_producers(tmp_path):
+    import subprocess
+    import sys
+
+    model = build_flux("flux-tiny", device="meta")
+    kwargs = make_flux_inputs(model, 128, 128, 16, device="meta").kwargs
+    assert inspect(model, example_kwargs=kwargs, plan="w4a4").totals()["fused_producers"] == 0
+    report = inspect(model, example_kwargs=kwargs, plan="w4a4", fuse_producers=True)
+    assert report.totals()["fused_producers"] == 6
+    assert "6 GELU (+ concatenation) producers applied inside their rotate+quantize" in report.summary()
+    proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "inspect", "--config", "flux-tiny", "--height",
+                           "128", "--width", "128", "--text-tokens", "16", "--fuse-producers"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 GELU (+ concatenation) producers" in proc.stdout
