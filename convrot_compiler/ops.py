@@ -34,12 +34,18 @@ def _as_list(t):
     return list(t) if isinstance(t, (list, tuple)) else [t]
 
 
+def stacked_weights_reference(qws: list[torch.Tensor], packed: bool, group_size: int) -> torch.Tensor:
+    """Several linears' weights as one int8 operand [sum N, K'], unpacked when ``packed``
+    (the reference form of kernels.int_gemm.stacked_weights)."""
+    return torch.cat([unpack_int4(w, group_size) if packed else w for w in qws])
+
+
 def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed: bool, group_size: int,
                        out_dtype: torch.dtype) -> torch.Tensor:
     """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device.
     qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side."""
     qws, sws, biases = _as_list(qw), _as_list(sw), _as_list(bias)
-    w = torch.cat([unpack_int4(w, group_size) if packed else w for w in qws])
+    w = stacked_weights_reference(qws, packed, group_size)
     b = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype)
 
@@ -117,7 +123,7 @@ def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
 def unpack_int4_rows(qw: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Packed int4 weights [N_i, K'/2] -> int8 values [sum N_i, K'], one linear's rows after another:
     the weight operand of ``scaled_int_mm`` (the GEMM Inductor may lower through its template)."""
-    return torch.cat([unpack_int4(w, group_size) for w in qw])
+    return stacked_weights_reference(qw, True, group_size)
 
 
 @unpack_int4_rows.register_kernel("cuda")

@@ -22,13 +22,11 @@ import os
 
 import torch
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): the int8 GEMM's autotune list (kernels/int_gemm.py),
-# rows and columns swapped since the template computes C = X W^T with X as the first operand.
-CONFIGS = [
-    (128, 128, 128, 4, 8), (256, 128, 64, 3, 8), (256, 128, 128, 3, 8), (128, 128, 64, 4, 4),
-    (128, 64, 128, 4, 4), (128, 256, 64, 3, 8), (64, 128, 128, 4, 4), (256, 64, 128, 3, 4),
-    (128, 128, 64, 5, 4),
-]
+from .int_gemm import GEMM_TILES
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): the int8 GEMM's autotune list, rows and columns
+# swapped since the template computes C = X W^T with X as the first operand.
+CONFIGS = [(bm, bn, bk, stages, warps) for bn, bm, bk, stages, warps in GEMM_TILES]
 QUICK_CONFIG = (128, 128, 64, 5, 4)
 
 TEMPLATE_NAME = "convrot_scaled_int_mm"

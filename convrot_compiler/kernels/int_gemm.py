@@ -32,6 +32,8 @@ containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,15 +41,42 @@ import triton.language as tl
 from ..quant import concat_biases
 from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
-_GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
-    for bn, bm, bk, s, w in [
-        (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
-        (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
-        (128, 128, 64, 5, 4),  # the best int8 config at 4608x3072->3072/12288 in bench/results/gemm_fp8.md
-    ]
+# (BN weight rows, BM tokens, BK, stages, warps)
+GEMM_TILES = [
+    (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
+    (128, 128, 64, 5, 4),  # the best int8 config at 4608x3072->3072/12288 in bench/results/gemm_fp8.md
 ]
+_GPU_CONFIGS = [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
+                for bn, bm, bk, s, w in GEMM_TILES]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
+
+
+@triton.jit
+def _tile_of(pid, num_n, num_m, GROUP_N: tl.constexpr):
+    """(pid_n, pid_m) of program/tile pid: GROUP_N weight-row tiles walk down all token tiles
+    together, so a group's weight tiles stay in L2 while the activations stream past."""
+    per_group = GROUP_N * num_m
+    first_n = (pid // per_group) * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    return first_n + ((pid % per_group) % size_n), (pid % per_group) // size_n
+
+
+@triton.jit
+def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm,
+                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Epilogue of a [BN, BM] tile of C^T: x token scale x channel scale (+ bias), stored into C [M, N]."""
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
+    sx = tl.load(sx_ptr + rm, mask=mmask, other=0.0)
+    out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
 @triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
@@ -56,15 +85,7 @@ _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}
 def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, PROMOTE_EVERY: tl.constexpr,
                      BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    num_m = tl.cdiv(M, BM)
-    per_group = GROUP_N * num_m
-    first_n = (pid // per_group) * GROUP_N
-    size_n = min(num_n - first_n, GROUP_N)
-    pid_n = first_n + ((pid % per_group) % size_n)
-    pid_m = (pid % per_group) // size_n
-
+    pid_n, pid_m = _tile_of(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
@@ -88,16 +109,7 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
         for kb in range(0, K, BK):
             acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
             w_ptrs += BK
-
-    nmask = rn < N
-    mmask = rm < M
-    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
-    sx = tl.load(sx_ptr + rm, mask=mmask, other=0.0)
-    out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-    c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+    _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, BN, BM)
 
 
 def _set_tma_blocks(nargs):
@@ -127,26 +139,12 @@ def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, 
     tile loop lets the next tile's loads overlap this tile's epilogue. Same tile order, same epilogue."""
     num_n = tl.cdiv(N, BN)
     num_m = tl.cdiv(M, BM)
-    per_group = GROUP_N * num_m
     for tile in tl.range(tl.program_id(0), num_n * num_m, NUM_PROGRAMS, flatten=True):
-        first_n = (tile // per_group) * GROUP_N
-        size_n = min(num_n - first_n, GROUP_N)
-        pid_n = first_n + ((tile % per_group) % size_n)
-        pid_m = (tile % per_group) // size_n
+        pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
         acc = tl.zeros([BN, BM], dtype=tl.int32)
         for kb in range(0, K, BK):
             acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rm = pid_m * BM + tl.arange(0, BM)
-        nmask = rn < N
-        mmask = rm < M
-        sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0)
-        sx = tl.load(sx_ptr + rm, mask=mmask, other=0.0)
-        out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+        _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, BN, BM)
 
 
 @triton.jit
@@ -273,12 +271,18 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     return c
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _persistent_gemm(qx, w_all, sx, s_all, b_all, c) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = qx.shape
     n = w_all.shape[0]
-    programs = 4 if interpreting() else torch.cuda.get_device_properties(qx.device).multi_processor_count
+    index = torch.cuda.current_device() if qx.device.index is None and not interpreting() else qx.device.index
+    programs = 4 if interpreting() else _sm_count(index)
     # block shapes are placeholders: the autotune pre-hook sets them per config
     w_desc = TensorDescriptor.from_tensor(w_all, [16, 32])
     x_desc = TensorDescriptor.from_tensor(qx, [16, 32])
