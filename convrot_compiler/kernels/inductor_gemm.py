@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -108,8 +109,12 @@ def _lower_scaled_int_mm(qx, sx, w, sw, group_size, out_dtype):
     op = torch.ops.convrot.scaled_int_mm.default
     m, k = qx.get_size()
     n = w.get_size()[0]
-    if qx.get_device().type != "cuda" or not all(isinstance(d, int) or getattr(d, "is_number", False)
-                                                 for d in (m, n, k)) or int(m) * int(n) == 0:
+    static = all(isinstance(d, int) or getattr(d, "is_number", False) for d in (m, n, k))
+    if qx.get_device().type == "cuda" and not static:
+        warnings.warn(f"convrot gemm='template': GEMM M={m}, N={n}, K={k} has symbolic sizes (dynamic shapes); "
+                      "it runs the opaque GEMM kernel, without epilogue fusion. Compile with dynamic=False to "
+                      "get the template.", stacklevel=2)
+    if qx.get_device().type != "cuda" or not static or int(m) * int(n) == 0:
         # CPU (the reference op), symbolic or empty shapes: the opaque op
         return fallback_handler(op, add_to_fallback_set=False)(qx, sx, w, sw, group_size, out_dtype)
     inputs = [ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t)) for t in (qx, w, sx, sw)]
