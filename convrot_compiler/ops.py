@@ -41,13 +41,14 @@ def stacked_weights_reference(qws: list[torch.Tensor], packed: bool, group_size:
 
 
 def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed: bool, group_size: int,
-                       out_dtype: torch.dtype) -> torch.Tensor:
+                       out_dtype: torch.dtype, gelu_from: Optional[int] = None) -> torch.Tensor:
     """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device.
-    qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side."""
+    qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side.
+    ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, before the cast to out_dtype."""
     qws, sws, biases = _as_list(qw), _as_list(sw), _as_list(bias)
     w = stacked_weights_reference(qws, packed, group_size)
     b = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-    return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype)
+    return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype, gelu_from)
 
 
 w4a16_gemm_reference = weight_only_gemm
@@ -73,49 +74,52 @@ def _(x, h, group_size, bits):
     return q, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-def gelu_cat_reference(x: Optional[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
-    """cat([x, gelu_tanh(x2)], -1), or gelu_tanh(x2) when x is None: what FLUX feeds ff down and proj_out."""
-    g = torch.nn.functional.gelu(x2, approximate="tanh")
+def cat_reference(x: Optional[torch.Tensor], x2: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """cat([x, f(x2)], -1), or f(x2) when x is None, f = GELU (tanh form) if ``gelu`` else the identity:
+    what FLUX feeds the single blocks' proj_out (and, with the GELU, ff down)."""
+    g = torch.nn.functional.gelu(x2, approximate="tanh") if gelu else x2
     return g if x is None else torch.cat([x, g], -1)
 
 
-@torch.library.custom_op("convrot::rotate_quantize_gelu", mutates_args=())
-def rotate_quantize_gelu(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                         bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rotate_quantize of cat([x, gelu_tanh(x2)], -1) (x may be None); on CUDA the kernel applies the GELU
-    as it loads x2, so the GELU output and the concatenation are never written to memory."""
-    return rotate_quantize_reference(gelu_cat_reference(x, x2), h, group_size, bits)
+@torch.library.custom_op("convrot::rotate_quantize_cat", mutates_args=())
+def rotate_quantize_cat(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                        bits: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quantize of cat([x, x2], -1), or of cat([x, gelu_tanh(x2)], -1) (``gelu``; x may be None);
+    on CUDA the kernel reads both as it loads (and applies the GELU), so the concatenation (and the
+    GELU output) are never written to memory."""
+    return rotate_quantize_reference(cat_reference(x, x2, gelu), h, group_size, bits)
 
 
-@rotate_quantize_gelu.register_kernel("cuda")
-def _rotate_quantize_gelu_cuda(x, x2, h, group_size, bits):
+@rotate_quantize_cat.register_kernel("cuda")
+def _rotate_quantize_cat_cuda(x, x2, h, group_size, bits, gelu):
     from .kernels.rotate_quant import rotate_quantize as kernel
 
-    return kernel(x, h, group_size, bits, gelu_x2=x2)
+    return kernel(x, h, group_size, bits, x2=x2, gelu_x2=gelu)
 
 
-@rotate_quantize_gelu.register_fake
-def _(x, x2, h, group_size, bits):
+@rotate_quantize_cat.register_fake
+def _(x, x2, h, group_size, bits, gelu):
     kp = padded_size((0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
     return x2.new_empty(x2.shape[0], kp, dtype=torch.int8), x2.new_empty(x2.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
-             bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+             bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
+             gelu_from: Optional[int] = None) -> torch.Tensor:
     """Quantized GEMM of one or several linears on the same activations, [M, sum N]; see ``int_gemm_reference``."""
-    return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype)
+    return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from)
 
 
 @int_gemm.register_kernel("cuda")
-def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
+def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     from .kernels.int_gemm import int_gemm as kernel
 
-    return kernel(qx, sx, qw, sw, bias, packed, group_size, out_dtype)
+    return kernel(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=gelu_from)
 
 
 @int_gemm.register_fake
-def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype):
+def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
 
 
@@ -192,6 +196,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
+def _strided_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as rows [M, K] that may have a row stride larger than K (a column slice), which the
+    rotate+quantize kernel reads in place; copied only when its last dimension is not contiguous."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
                         bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate and quantize x [..., K] as rows [M, K']: the first half of a quantized linear.
@@ -202,15 +213,18 @@ def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: 
 GEMM_LOWERINGS = ("kernel", "template")
 
 
-def quantize_gelu_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                             bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_activation of cat([x, gelu_tanh(x2)], -1) (or of gelu_tanh(x2)) without materializing it:
-    the compiler pass inserts it where a GELU (and a concatenation) feed a quantized linear."""
-    return torch.ops.convrot.rotate_quantize_gelu(None if x is None else _rows(x), _rows(x2), h, group_size, bits)
+def quantize_cat_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
+                            bits: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation of cat([x, x2], -1) or cat([x, gelu_tanh(x2)], -1) (``gelu``; x may be None)
+    without materializing it: the compiler pass inserts it where a concatenation (and a GELU) feed a
+    quantized linear. x2 may be a column slice of a larger tensor: its rows are read in place."""
+    return torch.ops.convrot.rotate_quantize_cat(None if x is None else _strided_rows(x), _strided_rows(x2), h,
+                                                 group_size, bits, gelu)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
-                     group_size: int, out_features: int, gemm: str = "kernel") -> torch.Tensor:
+                     group_size: int, out_features: int, gemm: str = "kernel",
+                     gelu_from: Optional[int] = None) -> torch.Tensor:
     """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype).
     values, scale and bias may be lists, one entry per linear reading x: one GEMM then computes all
     of them, their outputs side by side in the last dimension (out_features in total).
@@ -218,10 +232,14 @@ def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, 
     ``gemm="kernel"``: one opaque op that unpacks, multiplies and adds the bias. ``"template"``: the
     weights are unpacked by one op and the bias added in torch after ``scaled_int_mm``, so that under
     Inductor (with kernels/inductor_gemm.py registered) the bias and whatever pointwise ops follow
-    run in the GEMM's epilogue."""
+    run in the GEMM's epilogue.
+
+    ``gelu_from`` (kernel only): GELU (tanh form) on output columns >= gelu_from, in the GEMM's epilogue."""
     values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
+    if gelu_from is not None and gemm != "kernel":
+        raise ValueError(f"gelu_from runs in the opaque kernel's epilogue (gemm='kernel'), not with gemm={gemm!r}")
     if gemm == "kernel":
-        out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype)
+        out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype, gelu_from)
     elif gemm == "template":
         if scheme == "w4a4":
             w = torch.ops.convrot.unpack_int4(values, group_size)

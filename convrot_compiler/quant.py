@@ -200,11 +200,14 @@ def integer_matmul(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
 
 
 def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The quantized GEMM on unpacked int8 values: float32(qa @ qw^T) * sa * sw (+ bias), in out_dtype."""
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, gelu_from: int | None = None) -> torch.Tensor:
+    """The quantized GEMM on unpacked int8 values: float32(qa @ qw^T) * sa * sw (+ bias), in out_dtype;
+    GELU (tanh form, in float32) on output columns >= gelu_from when given."""
     out = integer_matmul(qa, qw) * sa.unsqueeze(-1) * sw.unsqueeze(0)
     if bias is not None:
         out = out + bias.float()
+    if gelu_from is not None:
+        out = torch.cat([out[:, :gelu_from], torch.nn.functional.gelu(out[:, gelu_from:], approximate="tanh")], -1)
     return out.to(out_dtype)
 
 

@@ -220,25 +220,99 @@ def _gelu_tanh_fp32(v: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("with_x1", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rotate_quantize_applies_gelu_and_concatenation_as_it_loads(with_x1, bits):
-    """rotate_quantize(x1, gelu_x2=x2) == rotate_quantize(cat([x1, gelu(x2)])): the same values when the
+    """rotate_quantize(x1, x2=x2, gelu_x2=True) == rotate_quantize(cat([x1, gelu(x2)])): the same values when the
     GELU is computed the kernel's way (up to a rare last-bit difference of exp), and within one step of
     torch's GELU (the op reference); x2's width is not a multiple of the group (zero-padded tail)."""
     g = torch.Generator().manual_seed(bits)
     h = hadamard_matrix("regular", 16)
     x1 = torch.randn(5, 512, generator=g).bfloat16() if with_x1 else None
     x2 = (torch.randn(5, 700, generator=g) * 3).bfloat16()
-    q, s = rotate_quantize(None if x1 is None else x1.to(DEV), h.to(DEV), 256, bits, gelu_x2=x2.to(DEV))
+    q, s = rotate_quantize(None if x1 is None else x1.to(DEV), h.to(DEV), 256, bits, x2=x2.to(DEV), gelu_x2=True)
     same = _gelu_tanh_fp32(x2) if x1 is None else torch.cat([x1, _gelu_tanh_fp32(x2)], -1)
     q_ref, s_ref = ops.rotate_quantize_reference(same, h, 256, bits)
     assert q.shape == (5, 1280 if with_x1 else 768)
     assert (q.cpu() != q_ref).float().mean() < 1e-3
     torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
-    q_op, s_op = ops.rotate_quantize_gelu(x1, x2, h, 256, bits)  # the op's reference: torch's GELU
+    q_op, s_op = ops.rotate_quantize_cat(x1, x2, h, 256, bits, True)  # the op's reference: torch's GELU
     assert (q.cpu().int() - q_op.int()).abs().max() <= 1 and (q.cpu() != q_op).float().mean() < 1e-2
     torch.testing.assert_close(s.cpu(), s_op, rtol=1e-3, atol=0)
 
 
-def test_rotate_quantize_gelu_rejects_a_concatenation_off_the_group_grid():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_reads_a_concatenation_from_both_parts(bits):
+    """rotate_quantize(x1, x2=x2) == rotate_quantize(cat([x1, x2])) bit for bit, with x2 a column slice
+    of a wider tensor (as the MLP part of a fused GEMM's output), K not a multiple of the group."""
+    g = torch.Generator().manual_seed(20 + bits)
+    h = hadamard_matrix("regular", 16)
+    x1 = torch.randn(6, 512, generator=g).bfloat16()
+    wide = (torch.randn(6, 1000, generator=g) * 3).bfloat16()
+    x2 = wide[:, 300:]
+    q, s = rotate_quantize(x1.to(DEV), h.to(DEV), 256, bits, x2=wide.to(DEV)[:, 300:])
+    q_ref, s_ref = ops.rotate_quantize_reference(torch.cat([x1, x2], -1), h, 256, bits)
+    assert q.shape == (6, 1280)
+    assert torch.equal(q.cpu(), q_ref)
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    q_op, s_op = ops.rotate_quantize_cat(x1, x2, h, 256, bits, False)
+    assert torch.equal(q_op, q_ref) and torch.equal(s_op, s_ref)
+
+
+def test_rotate_quantize_rejects_a_concatenation_off_the_group_grid():
     x1, x2 = torch.randn(3, 100).bfloat16(), torch.randn(3, 256).bfloat16()
     with pytest.raises(ValueError, match="multiple of group_size=256"):
-        rotate_quantize(x1.to(DEV), None, 256, 4, gelu_x2=x2.to(DEV))
+        rotate_quantize(x1.to(DEV), None, 256, 4, x2=x2.to(DEV), gelu_x2=True)
+    with pytest.raises(ValueError, match="pass x2"):
+        rotate_quantize(x1.to(DEV), None, 256, 4, gelu_x2=True)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("gelu_from", [0, 24])
+def test_int_gemm_applies_gelu_in_its_epilogue(persistent, gelu_from):
+    """gelu_from: GELU (tanh form) on output columns >= gelu_from, in float32 before the cast, as the
+    reference computes it; columns before it untouched. Ragged N across the GELU boundary."""
+    g = torch.Generator().manual_seed(31 + gelu_from)
+    m, n, k = 19, 40, 512
+    qx = torch.randint(-7, 8, (m, k), generator=g, dtype=torch.int8)
+    qws = [pack_int4(torch.randint(-7, 8, (r, k), generator=g, dtype=torch.int8), 256) for r in (24, 16)]
+    sws = [torch.rand(r, generator=g) * 0.02 + 1e-3 for r in (24, 16)]
+    biases = [torch.randn(24, generator=g), None]
+    sx = torch.rand(m, generator=g) + 0.1
+    ref = ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32, gelu_from)
+    plain = ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32)
+    gelu = torch.nn.functional.gelu(plain[:, gelu_from:], approximate="tanh")
+    assert torch.equal(ref[:, :gelu_from], plain[:, :gelu_from]) and torch.equal(ref[:, gelu_from:], gelu)
+    out = int_gemm(qx.to(DEV), sx.to(DEV), [w.to(DEV) for w in qws], [s.to(DEV) for s in sws],
+                   [biases[0].to(DEV), None], True, 256, torch.float32, persistent=persistent, gelu_from=gelu_from)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gelu_from"):
+        int_gemm(qx.to(DEV), sx.to(DEV), qws[0].to(DEV), sws[0].to(DEV), None, True, 256, torch.float32,
+                 gelu_from=25)
+
+
+def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
+    """persistent=None: persistent from PERSISTENT_MIN_M rows (int8 only); forced_schedule overrides
+    the rule for benchmarks; an explicit persistent= overrides both."""
+    from convrot_compiler.kernels import int_gemm as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append("persistent"))
+    monkeypatch.setattr(mod, "PERSISTENT_MIN_M", 8)
+    g = torch.Generator().manual_seed(3)
+    qw = torch.randint(-127, 128, (16, 256), generator=g, dtype=torch.int8).to(DEV)
+    sw = (torch.rand(16, generator=g) + 0.1).to(DEV)
+
+    def run(m, **kw):
+        calls.clear()
+        qx = torch.randint(-127, 128, (m, 256), generator=g, dtype=torch.int8).to(DEV)
+        int_gemm(qx, torch.ones(m, device=DEV), qw, sw, None, False, 256, torch.float32, **kw)
+        return bool(calls)
+
+    assert not run(7) and run(8)
+    with mod.forced_schedule("flat"):
+        assert not run(8)
+        assert run(8, persistent=True)
+    with mod.forced_schedule("persistent"):
+        assert run(1)
+    assert not run(8, persistent=False)
+    with pytest.raises(ValueError, match="schedule"):
+        with mod.forced_schedule("fast"):
+            pass

@@ -47,9 +47,9 @@ def test_rotate_quantize_with_gelu_at_flux_shapes(k1, bits):
     x1 = _dit_activations(m, k1) if k1 else None
     x2 = _dit_activations(m, 12288)
     h = hadamard_matrix("regular", 16, device="cuda")
-    q_ref, s_ref = ops.rotate_quantize_gelu(x1, x2, h, 256, bits)
+    q_ref, s_ref = ops.rotate_quantize_cat(x1, x2, h, 256, bits, True)
     _poison_allocator()
-    q, s = rotate_quantize(x1, h, 256, bits, gelu_x2=x2)
+    q, s = rotate_quantize(x1, h, 256, bits, x2=x2, gelu_x2=True)
     torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=0)
     diff = (q.int() - q_ref.int()).abs()
     assert q.shape == (m, k1 + 12288) and diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
@@ -115,6 +115,40 @@ def test_fused_qkv_mlp_gemm_at_flux_shapes(m):
         alone = int_gemm(qx, sx, w, sw, b, True, 256, torch.float32)
         assert torch.equal(out[:, col:col + w.shape[0]], alone)
         col += w.shape[0]
+
+
+@pytest.mark.parametrize("m", [4608, 512])
+def test_fused_qkv_mlp_gemm_with_gelu_epilogue_at_flux_shapes(m):
+    """The single blocks' fused GEMM with the GELU of its MLP part in the epilogue (gelu_from = 9216):
+    equal to the reference (GELU in float32 on the scaled output) within float32 rounding; the Q/K/V
+    columns untouched. m = 4608 runs the persistent GEMM, 512 the one-program-per-tile one."""
+    k, ns = 3072, (3072, 3072, 3072, 12288)
+    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
+    qws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda"), 256) for n in ns]
+    sws = [torch.rand(n, device="cuda") * 1e-2 + 1e-3 for n in ns]
+    biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns]
+    ref = ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32, 9216)
+    _poison_allocator()
+    out = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.float32, gelu_from=9216)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, :9216], int_gemm(qx, sx, qws[:3], sws[:3], biases[:3], True, 256, torch.float32))
+    bf16 = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.bfloat16, gelu_from=9216)
+    torch.testing.assert_close(bf16.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_reads_a_concatenation_at_flux_shape(bits):
+    """The single blocks' proj_out input cat([attn, mlp]) with mlp a column slice of the fused GEMM's
+    [M, 21504] output: read in place, bit-equal to rotate+quantize of the concatenation."""
+    m = 4608
+    x1 = _dit_activations(m, 3072)
+    wide = _dit_activations(m, 21504)
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = rotate_quantize(torch.cat([x1, wide[:, 9216:]], -1), h, 256, bits)
+    _poison_allocator()
+    q, s = rotate_quantize(x1, h, 256, bits, x2=wide[:, 9216:])
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 def test_rotate_quantize_fp8_container_equals_int8():

@@ -52,3 +52,12 @@ def round_half_even(y):
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
     up = (d > 0.5) | ((d == 0.5) & odd)
     return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def gelu_tanh(x):
+    """GELU, tanh approximation, in float32: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+    computed as x / (1 + exp(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))). This form
+    has no cancellation where tanh(u) is near -1 and needs no libdevice tanh (not in the interpreter)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * u))

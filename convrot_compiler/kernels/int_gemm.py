@@ -32,14 +32,16 @@ containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 i
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
 from ..quant import concat_biases
-from ._common import autotune_configs, check_2d_rows, check_device, interpreting
+from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting
 
 # (BN weight rows, BM tokens, BK, stages, warps)
 GEMM_TILES = [
@@ -50,6 +52,35 @@ GEMM_TILES = [
 _GPU_CONFIGS = [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
                 for bn, bm, bk, s, w in GEMM_TILES]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
+
+# Measured on an H100 (bench/results/gemm_persistent.md): the persistent TMA form is 7-13% faster at
+# M = 4608 on every FLUX shape, and 0.5-0.95x the one-program-per-tile form at M = 512 (too few tiles
+# to amortize one program per SM). M in between is unmeasured; 2048 splits the two.
+PERSISTENT_MIN_M = 2048
+_forced_schedule: str | None = None
+
+
+@contextlib.contextmanager
+def forced_schedule(schedule: str) -> Iterator[None]:
+    """Within the block, int_gemm calls that do not pass ``persistent`` run the ``"persistent"``
+    or the ``"flat"`` (one program per tile) form whatever M is: for benchmarks that compare the two
+    in one process. A CUDA graph captured inside the block keeps the form it captured."""
+    global _forced_schedule
+    if schedule not in ("persistent", "flat"):
+        raise ValueError(f"schedule must be 'persistent' or 'flat', got {schedule!r}")
+    before, _forced_schedule = _forced_schedule, schedule
+    try:
+        yield
+    finally:
+        _forced_schedule = before
+
+
+def _use_persistent(m: int, fp8: bool) -> bool:
+    if fp8:
+        return False
+    if _forced_schedule is not None:
+        return _forced_schedule == "persistent"
+    return m >= PERSISTENT_MIN_M
 
 
 @triton.jit
@@ -63,9 +94,10 @@ def _tile_of(pid, num_n, num_m, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm,
-                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """Epilogue of a [BN, BM] tile of C^T: x token scale x channel scale (+ bias), stored into C [M, N]."""
+def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
+                  HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Epilogue of a [BN, BM] tile of C^T: x token scale x channel scale (+ bias), GELU (tanh form)
+    on output channels >= gelu_from (HAS_GELU), stored into C [M, N]."""
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = rn < N
@@ -75,6 +107,8 @@ def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stri
     out = acc.to(tl.float32) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    if HAS_GELU:
+        out = tl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
     c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
@@ -83,7 +117,8 @@ def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stri
                  key=["M", "N", "K", "FP8", "PROMOTE_EVERY"])
 @triton.jit
 def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
-                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, PROMOTE_EVERY: tl.constexpr,
+                     gelu_from, HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FP8: tl.constexpr,
+                     PROMOTE_EVERY: tl.constexpr,
                      BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
     pid_n, pid_m = _tile_of(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -109,7 +144,8 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
         for kb in range(0, K, BK):
             acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
             w_ptrs += BK
-    _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, BN, BM)
+    _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
+                  HAS_BIAS, HAS_GELU, BN, BM)
 
 
 def _set_tma_blocks(nargs):
@@ -131,8 +167,8 @@ _TMA_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N"
 
 @triton.autotune(configs=autotune_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG), key=["M", "N", "K"])
 @triton.jit
-def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
-                         HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, gelu_from,
+                         HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                          BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
     """The int8 GEMM of _int_gemm_kernel, persistent (one program per SM walks the tiles) with
     operands loaded by TMA descriptors, after Triton's persistent-matmul tutorial; the flattened
@@ -144,7 +180,8 @@ def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, 
         acc = tl.zeros([BN, BM], dtype=tl.int32)
         for kb in range(0, K, BK):
             acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
-        _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, HAS_BIAS, BN, BM)
+        _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
+                      HAS_BIAS, HAS_GELU, BN, BM)
 
 
 @triton.jit
@@ -206,7 +243,7 @@ def stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtyp
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.Tensor],
              sw: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None | list[torch.Tensor | None],
              packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0,
-             persistent: bool = False) -> torch.Tensor:
+             persistent: bool | None = None, gelu_from: int | None = None) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
@@ -220,8 +257,13 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     Lists of weights, scales and biases (one entry per linear that reads qx) run as one GEMM
     whose output is their outputs side by side, [M, sum N].
 
-    ``persistent`` (int8 only): the persistent, TMA-descriptor form of the same GEMM
-    (_int_gemm_tma_kernel); equal results, not yet the default (its speed is unmeasured)."""
+    ``gelu_from``: the epilogue applies GELU (tanh form, in float32) to output columns >= gelu_from
+    (FLUX's MLP up-projection, alone or last in a fused GEMM), so the bf16 output is not written
+    and read back by a separate GELU kernel.
+
+    ``persistent`` (int8 only): True runs the persistent, TMA-descriptor form of the same GEMM
+    (_int_gemm_tma_kernel; equal results), False the one-program-per-tile form; None (default)
+    picks persistent for int8 when M >= PERSISTENT_MIN_M (see forced_schedule)."""
     qws, sws, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (qw, sw, bias))
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
@@ -253,21 +295,23 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     if sx.shape != (m,) or sx.dtype != torch.float32:
         raise ValueError(f"activation scales must be float32 [M]={m}, got {tuple(sx.shape)} {sx.dtype}")
     n = sum(w.shape[0] for w in qws)
+    if gelu_from is not None and not 0 <= gelu_from <= n:
+        raise ValueError(f"gelu_from must lie in [0, N={n}], got {gelu_from}")
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-    if persistent:
-        if fp8:
-            raise ValueError("persistent=True runs int8 operands only")
-        _persistent_gemm(qx, w_all, sx, s_all, b_all, c)
+    if persistent and fp8:
+        raise ValueError("persistent=True runs int8 operands only")
+    if persistent or (persistent is None and _use_persistent(m, fp8)):
+        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from)
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
-                           qx.stride(0), w_all.stride(0), c.stride(0), HAS_BIAS=b_all is not None, FP8=fp8,
-                           PROMOTE_EVERY=promote_every)
+                           qx.stride(0), w_all.stride(0), c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
+                           HAS_GELU=gelu_from is not None, FP8=fp8, PROMOTE_EVERY=promote_every)
     return c
 
 
@@ -276,7 +320,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _persistent_gemm(qx, w_all, sx, s_all, b_all, c) -> None:
+def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = qx.shape
@@ -288,4 +332,5 @@ def _persistent_gemm(qx, w_all, sx, s_all, b_all, c) -> None:
     x_desc = TensorDescriptor.from_tensor(qx, [16, 32])
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     _int_gemm_tma_kernel[grid](w_desc, x_desc, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
-                               c.stride(0), HAS_BIAS=b_all is not None, NUM_PROGRAMS=programs)
+                               c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
+                               HAS_GELU=gelu_from is not None, NUM_PROGRAMS=programs)

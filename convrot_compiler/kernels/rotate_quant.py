@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
+from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, round_half_even
 
 METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
@@ -70,15 +70,6 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
 
 
 @triton.jit
-def _gelu_tanh(x):
-    """GELU, tanh approximation, in float32: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
-    computed as x / (1 + exp(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))). This form
-    has no cancellation where tanh(u) is near -1 and needs no libdevice tanh (not in the interpreter)."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return x / (1.0 + tl.exp(-2.0 * u))
-
-
-@triton.jit
 def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
     """y (float32) rounded to nearest-even in ``dtype``. The interpreter's float32 -> bfloat16 cast
     truncates, so there the rounding is done on the bits first (the cast of the result is exact)."""
@@ -90,17 +81,19 @@ def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
 
 
 @triton.jit
-def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, GELU_X2: tl.constexpr,
-                GPU_MATH: tl.constexpr):
-    """Group g of the rows: channels [0, K1) from x, channels [K1, K) = GELU of x2 (GELU_X2), so
-    that cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never written to memory; K1 is a multiple of G."""
+def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
+                GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr):
+    """Group g of the rows. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the
+    GELU of x2 (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never
+    written to memory; K1 is a multiple of G."""
     k = g * G + cols
-    if GELU_X2:
+    if TWO_SOURCES:
         if g * G < K1:
             x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
         else:
-            v = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-            x = _round_to(_gelu_tanh(v.to(tl.float32)), v.dtype, GPU_MATH)
+            x = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
+            if GELU_X2:
+                x = _round_to(gelu_tanh(x.to(tl.float32)), x.dtype, GPU_MATH)
     else:
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
     return x
@@ -157,12 +150,13 @@ def _prune(configs, named_args, **kwargs):
         triton.Config({"BM": 16}, num_warps=4),
         quick=triton.Config({"BM": 2}, num_warps=2, num_stages=3),
     ),
-    key=["K", "G", "METHOD", "QMAX", "GELU_X2"],
+    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "GELU_X2"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm, stride_x2m, stride_qm,
-                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, GELU_X2: tl.constexpr,
+                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, TWO_SOURCES: tl.constexpr,
+                         GELU_X2: tl.constexpr,
                          DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -179,7 +173,7 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     else:
         amax_t = tl.zeros([BM, G], dtype=tl.float32)
     for g in range(0, n_groups):
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, GELU_X2, GPU_MATH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         # a non-finite input rotates to inf or NaN (as in the reference, which checks the rotated
         # row): keep NaN through the max, then one check per element after the loop
@@ -207,7 +201,7 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
         rmask16 = (pid * BM + r16 // 16) < M
     for g in range(0, n_groups):
         k = g * G + cols
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, GELU_X2, GPU_MATH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         if KRON_ORDER:  # stored from the Kronecker order through strided addresses: no permute
             q = _quantize_tile(y, p16, s16, inv16, usable16, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
@@ -218,8 +212,8 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
 
 
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int,
-                    out_dtype: torch.dtype = torch.int8, *,
-                    gelu_x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    out_dtype: torch.dtype = torch.int8, *, x2: torch.Tensor | None = None,
+                    gelu_x2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
@@ -227,24 +221,28 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     Returns (values [M, K'] in [-qmax, qmax] as ``out_dtype``, scale float32 [M]); ``out_dtype``
     float8_e4m3fn (4 bits only: every int4 value is exact in e4m3) feeds the fp8-tensor-core GEMM.
 
-    ``gelu_x2`` [M, K2]: the activations are cat([x, gelu_tanh(gelu_x2)], -1), or gelu_tanh(gelu_x2)
-    when x is None, computed as the kernel loads them (x's width a multiple of group_size): what
-    follows FLUX's MLP (ff down; the single blocks' proj_out) without writing the GELU out first.
+    ``x2`` [M, K2]: the activations are cat([x, x2], -1), with ``gelu_x2`` cat([x, gelu_tanh(x2)], -1)
+    (x's width a multiple of group_size; x None: x2 or gelu_tanh(x2) alone), read from both as the
+    kernel loads them: what feeds FLUX's single blocks' proj_out (and, GELU applied, ff down)
+    without writing the concatenation (and the GELU) out first. x2 may be a column slice (row stride
+    larger than its width), e.g. of a fused GEMM's output.
     """
-    if gelu_x2 is not None:
-        check_device(gelu_x2)
-        check_2d_rows("gelu_x2", gelu_x2)
+    if gelu_x2 and x2 is None:
+        raise ValueError("gelu_x2=True applies the GELU to x2: pass x2")
+    if x2 is not None:
+        check_device(x2)
+        check_2d_rows("x2", x2)
         if x is None:
-            x = gelu_x2
+            x = x2
             k1 = 0
         else:
             k1 = x.shape[1]
-            if x.dtype != gelu_x2.dtype or x.shape[0] != gelu_x2.shape[0] or k1 % group_size:
-                raise ValueError(f"cat([x, gelu(x2)]) needs one dtype, as many rows, and x's width a multiple of "
-                                 f"group_size={group_size}; got {x.dtype} {tuple(x.shape)} and {gelu_x2.dtype} "
-                                 f"{tuple(gelu_x2.shape)}")
+            if x.dtype != x2.dtype or x.shape[0] != x2.shape[0] or k1 % group_size:
+                raise ValueError(f"cat([x, x2]) needs one dtype, as many rows, and x's width a multiple of "
+                                 f"group_size={group_size}; got {x.dtype} {tuple(x.shape)} and {x2.dtype} "
+                                 f"{tuple(x2.shape)}")
     elif x is None:
-        raise ValueError("rotate_quantize needs x (or gelu_x2)")
+        raise ValueError("rotate_quantize needs x (or x2)")
     check_device(x)
     check_2d_rows("x", x)
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -268,15 +266,16 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     dot_f32 = interpreting() or x.dtype == torch.float32
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m = x.shape[0]
-    k = x.shape[1] if gelu_x2 is None else k1 + gelu_x2.shape[1]
+    k = x.shape[1] if x2 is None else k1 + x2.shape[1]
     kp = -(-k // group_size) * group_size
     q = torch.empty(m, kp, dtype=out_dtype, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    x2 = x if gelu_x2 is None else gelu_x2
-    _rotate_quant_kernel[grid](x, x2, h, q, scale, m, k, 0 if gelu_x2 is None else k1, x.stride(0), x2.stride(0),
+    two = x2 is not None
+    x2 = x if x2 is None else x2
+    _rotate_quant_kernel[grid](x, x2, h, q, scale, m, k, k1 if two else 0, x.stride(0), x2.stride(0),
                                q.stride(0), G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127,
-                               GELU_X2=gelu_x2 is not None, DOT_F32=dot_f32, GPU_MATH=not interpreting())
+                               TWO_SOURCES=two, GELU_X2=gelu_x2, DOT_F32=dot_f32, GPU_MATH=not interpreting())
     return q, scale
