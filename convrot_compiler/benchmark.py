@@ -13,6 +13,7 @@ With --profile, a kernel-time breakdown of the convrot w4a4 forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -26,6 +27,7 @@ import torch
 from .backend import compile as convrot_compile
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
+from .kernels.int_gemm import forced_schedule
 from .models import build_flux, make_flux_inputs, model_bytes, relative_error
 
 
@@ -72,7 +74,8 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | None =
 
 CONVROT = ("w8a8", "w4a4", "mix")
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT,
-            *(f"{p}-{how}" for how in ("nograph", "template", "producers") for p in CONVROT))
+            *(f"{p}-{how}" for how in ("nograph", "template", "producers", "epilogue", "unfused", "flat")
+               for p in CONVROT))
 
 
 def _sync(dev):
@@ -120,27 +123,41 @@ def prepare(variant: str, model):
         n = swap_fp8_rowwise(model)
         return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
     plan, _, launch = variant.partition("-")
+    # producers: the GELU and concatenation read inside rotate+quantize (no GELU epilogue); epilogue: the
+    # GELU in the GEMM epilogue, the concatenation left to Inductor; unfused: both left to Inductor
     compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False,
                                gemm="template" if launch == "template" else "kernel",
-                               fuse_producers=launch == "producers")
+                               fuse_producers="gelu" if launch == "producers" else launch not in ("epilogue", "unfused"),
+                               gelu_epilogue=None if launch not in ("producers", "unfused") else False)
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
     if launch == "template":
         note += "; GEMMs as Inductor templates (epilogue fusion)"
     if launch == "producers":
-        note += "; GELU (+ cat) applied inside rotate+quantize"
+        note += "; GELU and cat read inside rotate+quantize"
+    if launch == "epilogue":
+        note += "; GELU in the GEMM epilogue, cat by Inductor"
+    if launch == "unfused":
+        note += "; GELU and cat by Inductor"
+    if launch == "flat":
+        note += "; int8 GEMM one program per tile at every M (not persistent)"
     return compiled, prepared, note
 
 
-KERNEL_GROUPS = {"attention": ("flash", "attention", "fmha", "sdpa"),
-                 "quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "triton_tem_"),
+INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
+KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "triton_tem_"),
+                 INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
+                 "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
                  "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
 
 
 def kernel_group(name: str) -> str:
-    """The breakdown part a CUDA kernel belongs to, by name. Inductor template kernels (``triton_tem_*``:
-    the GEMM template of gemm='template', with its fused epilogue) count as GEMMs."""
+    """The breakdown part a CUDA kernel belongs to, by name, in KERNEL_GROUPS order. Inductor template
+    kernels (``triton_tem_*``: the GEMM template of gemm='template', with its fused epilogue) count as
+    GEMMs. Inductor's generated kernels are named after every op they fuse, including the custom op or
+    SDPA their output feeds (``triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...``
+    is the RMSNorm + RoPE before attention), so they form their own group instead of matching those."""
     low = name.lower()
     for group, keys in KERNEL_GROUPS.items():
         if any(k.lower() in low for k in keys):
@@ -194,25 +211,27 @@ def run(args) -> dict:
             row = {"variant": variant, "resolution": res, "batch": args.batch,
                    "tokens": inputs.image_tokens + inputs.text_tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
-            try:
-                t0 = time.perf_counter()
-                fn, prepared, note = prepare(variant, model)
-                with torch.no_grad():
-                    out = fn(**inputs.kwargs)[0]
-                _sync(dev)
-                row["first_call_s"] = time.perf_counter() - t0
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                times = time_forward(fn, inputs.kwargs, dev, args.iters)
-                row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
-                           weight_bytes=model_bytes(model) + prepared,
-                           peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                           rel_err_vs_bf16=relative_error(out, ref))
-                if args.profile and variant.startswith("w4a4") and breakdown is None and dev.type == "cuda":
-                    parts, top = kernel_breakdown(fn, inputs.kwargs)
-                    breakdown = {"variant": variant, "forward_ms": row["ms"], "kernels_ms": parts, "top_kernels": top}
-            except RuntimeError as e:
-                row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
+            # "<plan>-flat": the one-program-per-tile int8 GEMM at every M (the default is persistent at large M)
+            with forced_schedule("flat") if variant.endswith("-flat") else contextlib.nullcontext():
+                try:
+                    t0 = time.perf_counter()
+                    fn, prepared, note = prepare(variant, model)
+                    with torch.no_grad():
+                        out = fn(**inputs.kwargs)[0]
+                    _sync(dev)
+                    row["first_call_s"] = time.perf_counter() - t0
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    times = time_forward(fn, inputs.kwargs, dev, args.iters)
+                    row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
+                               weight_bytes=model_bytes(model) + prepared,
+                               peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                               rel_err_vs_bf16=relative_error(out, ref))
+                    if args.profile and variant.startswith("w4a4") and breakdown is None and dev.type == "cuda":
+                        parts, top = kernel_breakdown(fn, inputs.kwargs)
+                        breakdown = {"variant": variant, "forward_ms": row["ms"], "kernels_ms": parts, "top_kernels": top}
+                except RuntimeError as e:
+                    row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
             partial = _result(args, dev, rows, breakdown, bf16_bytes)  # a run cut short keeps what it measured

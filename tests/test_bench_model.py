@@ -73,7 +73,13 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert group("_unpack_int4_kernel") == "int4 unpack"
     assert group("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (kept layers)"
-    assert group("triton_poi_fused_gelu_view_7") == "other"
+    inductor = bench_model.INDUCTOR_FUSED
+    assert group("triton_poi_fused_gelu_view_7") == inductor
+    # named after the SDPA / custom op they feed, but RMSNorm + RoPE and LayerNorm + modulation
+    assert group("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add_") == inductor
+    assert group("triton_red_fused_add_cat_mul_native_layer_norm_rotate_quantize_slice_split") == inductor
+    assert group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert group("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy") == "other"
     env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
     result = {"env": env, "config": "flux-tiny", "rows": [], "breakdown": {
         "variant": "w4a4", "forward_ms": 3.0, "kernels_ms": {"quantized GEMM": 2.0, "other": 1.0},
