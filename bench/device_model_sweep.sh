@@ -8,7 +8,8 @@
 #   bash bench/device_model_sweep.sh batch4    # bf16, w4a4, bf16-compile at 1024^2, batch 4
 #   bash bench/device_model_sweep.sh torchao   # bf16, torchao fp8 row-wise (its first call did not finish in ~420 s, twice)
 #   bash bench/device_model_sweep.sh template  # bf16, w4a4 with gemm="template", kernel-time breakdown (--profile)
-#   bash bench/device_model_sweep.sh producers # bf16, w4a4 with the GELU (+ cat) inside rotate+quantize, w4a4
+#   bash bench/device_model_sweep.sh producers # bf16, w4a4 (profiled), w4a4 with the GELU (+ cat) inside
+#                                              # rotate+quantize, w4a4 with the one-program-per-tile GEMM
 case "${1:-}" in
   mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
   w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
@@ -17,7 +18,7 @@ case "${1:-}" in
   batch4)  args=(--resolution 1024 --batch 4 --variants bf16,w4a4,bf16-compile) ;;
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
   template) args=(--resolution 1024 --variants bf16,w4a4-template --profile) ;;
-  producers) args=(--resolution 1024 --variants bf16,w4a4-producers,w4a4 --profile) ;;
+  producers) args=(--resolution 1024 --variants bf16,w4a4,w4a4-producers,w4a4-flat --profile) ;;
   *) echo "usage: $0 mix|w8a8|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh

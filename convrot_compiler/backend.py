@@ -32,7 +32,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
     "fuse_gemms": True,    # linears reading the same input at the same precision run as one GEMM
     "gemm": "kernel",      # "kernel": opaque GEMM op; "template": Inductor Triton template (epilogue fusion)
-    "fuse_producers": False,  # apply a GELU (+ concatenation) feeding a quantized linear inside its quantization
+    "fuse_producers": True,  # read a concatenation feeding a quantized linear in its quantization; "gelu": + GELU
+    "gelu_epilogue": None,   # GELU after a quantized linear in its GEMM's epilogue: None = when gemm is "kernel"
 }
 
 
@@ -52,11 +53,20 @@ def validate_options(options: dict | None) -> dict:
     GroupHadamardRotation(opts["rotation"], opts["group_size"])  # validates group_size for the kind
     if opts["inductor"] not in (None, True, False):
         raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
-    for key in ("dry_run", "fuse_gemms", "fuse_producers"):
+    if opts["fuse_producers"] not in (True, False, "gelu"):
+        raise ValueError(f"option 'fuse_producers' must be True, False or 'gelu', got {opts['fuse_producers']!r}")
+    for key in ("dry_run", "fuse_gemms"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
     if opts["gemm"] not in GEMM_LOWERINGS:
         raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {opts['gemm']!r}")
+    if opts["gelu_epilogue"] is None:
+        opts["gelu_epilogue"] = opts["gemm"] == "kernel"
+    if not isinstance(opts["gelu_epilogue"], bool):
+        raise ValueError(f"option 'gelu_epilogue' must be None or a bool, got {opts['gelu_epilogue']!r}")
+    if opts["gelu_epilogue"] and opts["gemm"] != "kernel":
+        raise ValueError("option 'gelu_epilogue' needs gemm='kernel' (the Inductor template fuses the GELU "
+                         "itself): leave it None or set it False")
     if opts["report"] is not None and not callable(opts["report"]):
         raise TypeError("option 'report' must be a callable taking a CompileReport")
     return opts
@@ -78,7 +88,8 @@ class CompileReport:
     fused_gemms: int = 0                      # GEMMs that compute two or more linears
     fused_linears: int = 0                    # linears computed by those
     gemm: str = "kernel"                      # how the quantized GEMMs are lowered (option 'gemm')
-    fused_producers: int = 0                  # quantizations that apply the GELU (+ concatenation) feeding them
+    fused_producers: int = 0                  # quantizations that read the concatenation (+ GELU) feeding them
+    gelu_epilogues: int = 0                   # GELUs computed in the epilogue of the GEMM before them
 
     @property
     def counts(self) -> dict[str, int]:
@@ -172,11 +183,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         specs.append(spec)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
     result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"],
-                             fuse_producers=opts["fuse_producers"]) if rewrites else None
+                             fuse_producers=opts["fuse_producers"],
+                             gelu_epilogue=opts["gelu_epilogue"]) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
-        report.fused_producers = result.fused_producers
+        report.fused_producers, report.gelu_epilogues = result.fused_producers, result.gelu_epilogues
     report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
     if opts["dry_run"] or not rewrites:
@@ -258,7 +270,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
-            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool = False) -> "CompiledModel | nn.Module":
+            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
+            gelu_epilogue: bool | None = None) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -279,16 +292,20 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     bias and the pointwise ops after each linear run in its epilogue (kernels/inductor_gemm.py);
     the default ``"kernel"`` calls the opaque GEMM op.
 
-    ``fuse_producers`` applies the GELU (and the concatenation with the attention output) that produce
-    FLUX's ff-down and single-block proj_out inputs inside their rotate+quantize, so they are never
-    written to memory (passes/producers.py). Off by default until measured on a GPU."""
+    ``gelu_epilogue`` (default: with ``gemm="kernel"``) computes the GELU after FLUX's MLP up-projections
+    in their GEMM's epilogue, so the bf16 pre-activation is never written and read back.
+
+    ``fuse_producers`` reads the concatenation of the attention output and the MLP activation (FLUX's
+    single-block proj_out input) inside its rotate+quantize, from both tensors, so it is never written
+    to memory. ``fuse_producers="gelu"`` applies a GELU left before a quantized linear (gelu_epilogue
+    off) there too: measured slower on an H100 (passes/producers.py)."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
                              "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm,
-                             "fuse_producers": fuse_producers})
+                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     todo = [d for d in decisions if d.precision != "bf16"]

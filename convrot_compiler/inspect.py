@@ -35,6 +35,7 @@ class InspectReport:
                 "fused_gemms": sum(r.fused_gemms for r in self.reports),
                 "fused_linears": sum(r.fused_linears for r in self.reports),
                 "fused_producers": sum(r.fused_producers for r in self.reports),
+                "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
@@ -60,7 +61,8 @@ class InspectReport:
                 f"{t['activation_quantizations']} activation rotate+quantize ops, "
                 f"{t['shared_activation_quantizations']} linears sharing one with another linear on the same input; "
                 f"{t['fused_linears']} linears computed by {t['fused_gemms']} fused GEMMs"
-                + (f"; {t['fused_producers']} GELU (+ concatenation) producers applied inside their rotate+quantize"
+                + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
+                + (f"; {t['fused_producers']} concatenations (+ GELU) read inside their rotate+quantize"
                    if t["fused_producers"] else ""))
 
     def to_json(self) -> str:
@@ -102,13 +104,13 @@ def _mib(n: int) -> str:
 
 def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
             plan="w4a4", group_size: int = 256, rotation: str = "regular", fuse_gemms: bool = True,
-            fuse_producers: bool = False) -> InspectReport:
+            fuse_producers: bool | str = True, gelu_epilogue: bool | None = None) -> InspectReport:
     """Trace ``model`` on the example inputs and report what the convrot pass would do to each linear.
 
     Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
     reports: list[CompileReport] = []
     options = {"plan": plan, "group_size": group_size, "rotation": rotation, "dry_run": True, "fuse_gemms": fuse_gemms,
-               "fuse_producers": fuse_producers, "report": reports.append}
+               "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue, "report": reports.append}
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(model, backend=convrot_backend, options=options)

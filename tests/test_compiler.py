@@ -42,7 +42,9 @@ def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan,
     kwargs = _inputs(model)
     expected = sum(d.precision != "bf16" for d in plan_linears(model, plan))
     ref = _eager_reference(3, plan, rotation, kwargs)
-    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False)
+    # the eager modules round each GEMM output to bf16 before the GELU; the default GELU epilogue does
+    # not (tested against this path in test_gelu_runs_in_the_gemm_epilogue_...)
+    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False, gelu_epilogue=False)
     out = compiled(**kwargs)[0]
     report = REPORTS[-1]
     assert report.rewritten == expected > 0
@@ -82,7 +84,7 @@ def test_two_instances_of_one_class_keep_their_own_weights():
     kwargs = _inputs(a)
     ref_a = _eager_reference(10, "w4a4", "regular", kwargs)
     ref_b = _eager_reference(11, "w4a4", "regular", kwargs)
-    opts = {"plan": "w4a4"}
+    opts = {"plan": "w4a4", "gelu_epilogue": False}  # bit-equal to the eager modules (see above)
     ca = torch.compile(a, backend="convrot", options=opts, fullgraph=True)
     cb = torch.compile(b, backend="convrot", options=opts, fullgraph=True)
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_new_sequence_length_recompiles_and_stays_correct():
     model = build_flux("flux-tiny", seed=4)
     small, large = _inputs(model, 128, 16), _inputs(model, 192, 24, seed=1)
     refs = [_eager_reference(4, "w4a4", "regular", k) for k in (small, large)]
-    compiled = cc.compile(model, progress=False)
+    compiled = cc.compile(model, progress=False, gelu_epilogue=False)  # bit-equal to the eager modules
     n = len(REPORTS)
     outs = [compiled(**k)[0] for k in (small, large)]
     assert len(REPORTS) - n == 2  # dynamic=False: one graph per sequence length
@@ -162,7 +164,8 @@ def test_inspect_flux_tiny_on_meta_device(tmp_path):
     # per double block 2 streams x (qkv, out, ff up, ff down), per single block (qkv+mlp, proj_out)
     assert t["activation_quantizations"] == 2 * 8 + 2 * 2 and t["shared_activation_quantizations"] == 2 * 4 + 2 * 3
     gm = report.reports[0].graph_modules["after"]
-    assert sum(n.target is quantize_activation for n in gm.graph.nodes) == 20
+    # the single blocks' proj_out input is a concatenation, read by rotate+quantize from both parts
+    assert sum(n.target is quantize_activation for n in gm.graph.nodes) == 20 - 2 == 20 - t["fused_producers"]
     assert "kept by plan rule 'x_embedder'" in report.table()
     assert '"linears_matched": 50' in report.to_json()
     # ... and one GEMM: per double block Q/K/V of each stream, per single block Q/K/V + MLP input
@@ -212,7 +215,7 @@ def test_template_gemm_form_equals_the_opaque_kernel_form():
     assert report.gemm == "template"
     gemms = [n for n in report.graph_modules["after"].graph.nodes if n.target is quantized_matmul]
     assert len(gemms) == report.fused_gemms + (report.rewritten - 12 - report.fused_linears) == 20
-    assert all(n.args[-1] == "template" for n in gemms)
+    assert all(n.args[9] == "template" and n.args[10] is None for n in gemms)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -242,45 +245,89 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
 
 
 def test_gelu_and_concatenation_fold_into_the_activation_quantization():
-    """fuse_producers: FLUX's ff-down input gelu(up) and the single blocks' proj_out input
-    cat([attn, gelu(mlp)]) are quantized by one op that applies the GELU itself; the GELU and cat
-    nodes leave the graph, and the result is the unfused graph's, exactly (same GELU on CPU)."""
-    from convrot_compiler.ops import quantize_gelu_activation
+    """fuse_producers="gelu" without the GELU epilogue: FLUX's ff-down input gelu(up) and the single blocks'
+    proj_out input cat([attn, gelu(mlp)]) are quantized by one op that applies the GELU itself; the
+    GELU and cat nodes leave the graph, and the result is the unfused graph's, exactly (same GELU on CPU)."""
+    from convrot_compiler.ops import quantize_cat_activation
 
     kwargs = _inputs(build_flux("flux-tiny", seed=2))
-    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False)(**kwargs)[0]
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=False,
+                       gelu_epilogue=False)(**kwargs)[0]
     torch._dynamo.reset()
-    out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=True)(**kwargs)[0]
+    out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers="gelu",
+                     gelu_epilogue=False)(**kwargs)[0]
     report = REPORTS[-1]
     gm = report.graph_modules["after"]
-    fused = [n for n in gm.graph.nodes if n.target is quantize_gelu_activation]
+    fused = [n for n in gm.graph.nodes if n.target is quantize_cat_activation]
     assert report.fused_producers == len(fused) == 2 * 2 + 2  # ff + ff_context per double block, proj_out per single
+    assert all(n.args[5] is True for n in fused) and report.gelu_epilogues == 0
     assert sum(n.args[0] is not None for n in fused) == 2  # the single blocks' concatenation
     assert not any(n.op == "call_function" and n.target is torch._C._nn.gelu for n in gm.graph.nodes)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
 
 
+def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantization():
+    """The defaults: each MLP up-projection's GELU runs in its GEMM's epilogue (in the single blocks the
+    MLP goes last in the fused Q/K/V/MLP GEMM, which applies the GELU from its first MLP column), and
+    the single blocks' cat([attn, mlp]) is read by rotate+quantize from both parts. No GELU or cat is
+    left; the output stays within bf16 rounding of the unfused graph's (the GELU now reads the GEMM's
+    float32 output instead of its bf16 rounding)."""
+    from convrot_compiler.ops import quantize_cat_activation, quantized_matmul
+
+    model = build_flux("flux-tiny", seed=2)
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    kwargs = _inputs(model)
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=False,
+                       gelu_epilogue=False)(**kwargs)[0]
+    cats_before = sum(n.target is torch.cat for n in REPORTS[-1].graph_modules["after"].graph.nodes)
+    torch._dynamo.reset()
+    out = cc.compile(model, plan="w4a4", progress=False)(**kwargs)[0]
+    report = REPORTS[-1]
+    gm = report.graph_modules["after"]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    gelu_gemms = [n for n in nodes if n.target is quantized_matmul and n.args[10] is not None]
+    assert report.gelu_epilogues == len(gelu_gemms) == 2 * 2 + 2
+    assert sorted(n.args[10] for n in gelu_gemms) == [0] * 4 + [3 * dim] * 2  # single blocks: after Q, K, V
+    cats = [n for n in nodes if n.target is quantize_cat_activation]
+    assert report.fused_producers == len(cats) == 2 and all(n.args[5] is False for n in cats)
+    assert not any(n.target is torch._C._nn.gelu for n in nodes)
+    assert sum(n.target is torch.cat for n in nodes) == cats_before - 2
+    assert relative_error(out, plain) < 2e-2
+    assert "6 GELUs computed in their GEMM's epilogue" in inspect(
+        build_flux("flux-tiny", device="meta"), example_kwargs=make_flux_inputs(
+            build_flux("flux-tiny", device="meta"), 128, 128, 16, device="meta").kwargs, plan="w4a4").summary()
+    with pytest.raises(ValueError, match="gelu_epilogue"):
+        cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, gemm="template", gelu_epilogue=True)
+
+
 def test_producer_fusion_leaves_other_patterns_alone():
-    from convrot_compiler.passes.producers import match_gelu_producer
+    from convrot_compiler.passes.producers import match_cat_producer
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.GELU(), nn.Linear(256, 8)))
     gelu = next(n for n in gm.graph.nodes if n.op == "call_module" or n.op == "call_function")
-    assert match_gelu_producer(gelu, 256) is None  # a module call / exact GELU is not the tanh pattern
+    assert match_cat_producer(gelu, 256, gelu=True) is None  # a module call / exact GELU is not the tanh pattern
 
     g = torch.fx.Graph()
     a, b = g.placeholder("a"), g.placeholder("b")
     exact = g.call_function(torch._C._nn.gelu, (b,))
     tanh = g.call_function(torch._C._nn.gelu, (b,), {"approximate": "tanh"})
-    assert match_gelu_producer(exact, 256) is None
-    assert match_gelu_producer(tanh, 256) == (None, b)
+    assert match_cat_producer(exact, 256, gelu=True) is None
+    assert match_cat_producer(tanh, 256, gelu=True) == (None, b, True)
+    assert match_cat_producer(tanh, 256) is None  # GELUs only when asked
     cat = g.call_function(torch.cat, ([a, tanh],), {"dim": -1})
     for n, v in ((a, torch.empty(2, 100)), (b, torch.empty(2, 512)), (tanh, torch.empty(2, 512)),
                  (cat, torch.empty(2, 612))):
         n.meta["example_value"] = v
-    assert match_gelu_producer(cat, 256) is None  # 100 channels before the GELU: off the group grid
+    assert match_cat_producer(cat, 256, gelu=True) is None  # 100 channels before the GELU: off the group grid
     a.meta["example_value"] = torch.empty(2, 256)
     cat.meta["example_value"] = torch.empty(2, 768)
-    assert match_gelu_producer(cat, 256) == (a, b)
+    assert match_cat_producer(cat, 256, gelu=True) == (a, b, True)
+    assert match_cat_producer(cat, 256) == (a, tanh, False)  # the GELU's output read as the second part
+    plain_cat = g.call_function(torch.cat, ([a, b],), {"dim": -1})
+    plain_cat.meta["example_value"] = torch.empty(2, 768)
+    assert match_cat_producer(plain_cat, 256) == (a, b, False)
+    a.meta["example_value"] = torch.empty(2, 256, dtype=torch.float16)
+    assert match_cat_producer(plain_cat, 256) is None  # two dtypes
 
 
 def test_inspect_reports_folded_producers(tmp_path):
@@ -289,12 +336,12 @@ def test_inspect_reports_folded_producers(tmp_path):
 
     model = build_flux("flux-tiny", device="meta")
     kwargs = make_flux_inputs(model, 128, 128, 16, device="meta").kwargs
-    assert inspect(model, example_kwargs=kwargs, plan="w4a4").totals()["fused_producers"] == 0
-    report = inspect(model, example_kwargs=kwargs, plan="w4a4", fuse_producers=True)
-    assert report.totals()["fused_producers"] == 6
-    assert "6 GELU (+ concatenation) producers applied inside their rotate+quantize" in report.summary()
+    assert inspect(model, example_kwargs=kwargs, plan="w4a4", fuse_producers=False).totals()["fused_producers"] == 0
+    report = inspect(model, example_kwargs=kwargs, plan="w4a4", gelu_epilogue=False, fuse_producers="gelu")
+    assert report.totals()["fused_producers"] == 6 and report.totals()["gelu_epilogues"] == 0
+    assert "6 concatenations (+ GELU) read inside their rotate+quantize" in report.summary()
     proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "inspect", "--config", "flux-tiny", "--height",
-                           "128", "--width", "128", "--text-tokens", "16", "--fuse-producers"],
+                           "128", "--width", "128", "--text-tokens", "16", "--no-gelu-epilogue"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "6 GELU (+ concatenation) producers" in proc.stdout
+    assert "2 concatenations (+ GELU)" in proc.stdout and "GELUs computed" not in proc.stdout

@@ -79,9 +79,18 @@ def test_template_gemm_fuses_the_epilogue_and_matches_the_kernel_form(dims, epil
     assert relative_error(out, kernel_form) < 4e-3
 
 
-@pytest.mark.parametrize("plan,gemm,producers", [("w4a4", "kernel", False), ("mix", "kernel", False),
-                                                ("w4a4", "template", False), ("w4a4", "kernel", True)])
-def test_flux_dev_widths(plan, gemm, producers):
+FUSIONS = {"default": {}, "gelu-in-rotate": {"fuse_producers": "gelu", "gelu_epilogue": False},
+           "unfused": {"fuse_producers": False, "gelu_epilogue": False}}
+# flux-dev-short has 2 double and 2 single blocks: (concatenations / GELUs read by rotate+quantize,
+# GELUs in a GEMM epilogue) under each fusion, with the kernel GEMM and with the template
+FUSED = {("kernel", "default"): (2, 6), ("template", "default"): (2, 0), ("kernel", "gelu-in-rotate"): (6, 0),
+         ("kernel", "unfused"): (0, 0)}
+
+
+@pytest.mark.parametrize("plan,gemm,fusion", [("w4a4", "kernel", "default"), ("mix", "kernel", "default"),
+                                              ("w4a4", "template", "default"), ("w4a4", "kernel", "gelu-in-rotate"),
+                                              ("w4a4", "kernel", "unfused")])
+def test_flux_dev_widths(plan, gemm, fusion):
     model = build_flux("flux-dev-short", seed=0, device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 128, device="cuda").kwargs
     with torch.no_grad():
@@ -95,15 +104,17 @@ def test_flux_dev_widths(plan, gemm, producers):
         ref = ref_model(**kwargs)[0]
     del ref_model
     expected = sum(d.precision != "bf16" for d in plan_linears(model, plan))
-    plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), plan=plan, inductor=False, progress=False)
+    # without Inductor, bit-equal to the eager modules (which round each GEMM output to bf16 before the GELU)
+    plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), plan=plan, inductor=False, progress=False,
+                       gelu_epilogue=False)
     torch.testing.assert_close(plain(**kwargs)[0], ref, rtol=0, atol=0)
     assert REPORTS[-1].rewritten == expected
     torch._dynamo.reset()
     before = model_bytes(model)
-    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm, fuse_producers=producers)
+    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm, **FUSIONS[fusion])
     out = compiled(**kwargs)[0]
     assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all() and REPORTS[-1].gemm == gemm
-    assert REPORTS[-1].fused_producers == (2 * 2 + 2 if producers else 0)  # flux-dev-short: 2 double, 2 single
+    assert (REPORTS[-1].fused_producers, REPORTS[-1].gelu_epilogues) == FUSED[gemm, fusion]
     assert compiled.cuda_graphs
     other = make_flux_inputs(model, 512, 512, 128, seed=1, device="cuda").kwargs
     replayed = compiled(**other)[0]

@@ -1,11 +1,15 @@
 """Producers of a quantized linear's input that its activation quantization can absorb.
 
-After FLUX's MLP up-projection comes a GELU (tanh form). In the double blocks its output
-feeds ff down; in the single blocks it is concatenated after the attention output and
-feeds proj_out. Unfused, Inductor writes the GELU output (and the concatenation) to memory
-only for rotate+quantize to read it back: at 1024x1024 that is 113 MB (141 MB) each way per
-block. ``convrot::rotate_quantize_gelu`` applies the GELU as it loads instead. This module
-recognises the pattern in the Dynamo graph; rewrite.py inserts the op.
+FLUX's single blocks concatenate the attention output and the GELU of the MLP up-projection
+and feed that to proj_out; the double blocks feed the GELU of the up-projection to ff down.
+Unfused, Inductor writes the concatenation (and the GELU) to memory only for rotate+quantize
+to read it back: at 1024x1024 that is 141 MB (113 MB) each way per block.
+``convrot::rotate_quantize_cat`` reads both parts of the concatenation as it loads, and can
+apply the GELU there too (``fuse_producers="gelu"``; measured slower on an H100: the two-pass
+kernel computes each GELU twice, bench/results/model_flux_dev_producers.md). By default the
+GELU runs in the up-projection's GEMM epilogue (rewrite.py, ``gelu_epilogue``) or, with the
+Inductor template GEMM, in the template's, and only the concatenation is left for rotate+quantize. This module recognises the patterns
+in the Dynamo graph; rewrite.py inserts the ops.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import fx
 
 
-def _is_gelu_tanh(n) -> bool:
+def is_gelu_tanh(n) -> bool:
     return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch._C._nn.gelu
             and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh")
 
@@ -32,13 +36,14 @@ def _value(n: fx.Node):
     return n.meta.get("example_value", n.meta.get("val"))
 
 
-def match_gelu_producer(x: fx.Node, group_size: int) -> tuple[fx.Node | None, fx.Node] | None:
-    """(a, b) when x is cat([a, gelu_tanh(b)], -1) with a's width a multiple of group_size,
-    (None, b) when x is gelu_tanh(b) (either behind an inference dropout); else None."""
+def match_cat_producer(x: fx.Node, group_size: int, gelu: bool = False) -> tuple[fx.Node | None, fx.Node, bool] | None:
+    """(a, b, False) when x is cat([a, b], -1) with a's width a multiple of group_size (possibly behind
+    an inference dropout). With ``gelu``, GELUs (tanh form) are taken in as well: (a, b, True) when x is
+    cat([a, gelu_tanh(b)], -1), (None, b, True) when x is gelu_tanh(b). Else None."""
     if _is_inference_dropout(x):
         x = x.args[0]
-    if _is_gelu_tanh(x):
-        return None, x.args[0]
+    if gelu and is_gelu_tanh(x):
+        return None, x.args[0], True
     if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.cat):
         return None
     tensors = x.args[0] if x.args else x.kwargs.get("tensors")
@@ -46,10 +51,10 @@ def match_gelu_producer(x: fx.Node, group_size: int) -> tuple[fx.Node | None, fx
     out = _value(x)
     if out is None or not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-1, out.dim() - 1):
         return None
-    a, g = tensors
-    if not (isinstance(a, fx.Node) and _is_gelu_tanh(g)):
+    a, b = tensors
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
-    va, vb = _value(a), _value(g)  # the GELU keeps its input's shape and dtype (its input may be a new node)
+    va, vb = _value(a), _value(b)  # a GELU keeps its input's shape and dtype (its input may be a new node)
     if va is None or vb is None or va.dtype != vb.dtype or va.shape[:-1] != vb.shape[:-1] or va.shape[-1] % group_size:
         return None
-    return a, g.args[0]
+    return (a, b.args[0], True) if gelu and is_gelu_tanh(b) else (a, b, False)

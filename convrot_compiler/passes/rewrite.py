@@ -13,7 +13,9 @@ times. With ``fuse`` they also share one GEMM: ``quantized_matmul`` takes their
 weights as lists and computes the outputs side by side, and each linear's output
 becomes a ``narrow`` of it. Three 3072->3072 GEMMs fill an H100 worse than one
 3072->9216 (bench/results/gemm.md), and the weights stay separate tensors, so no
-memory is duplicated. values, scale and h are *new graph inputs* (appended after
+memory is duplicated. With ``gelu_epilogue`` a GELU (tanh form) that is a linear's only user runs in
+its GEMM's epilogue (the linear goes last in a fused GEMM, and the GEMM applies the GELU from its
+first column): FLUX's MLP up-projections. values, scale and h are *new graph inputs* (appended after
 the existing placeholders; one h for the whole graph): the caller supplies the
 prepared weights at every call (see weights.py), so the graph holds no weight constants.
 """
@@ -26,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops import quantize_activation, quantize_gelu_activation, quantized_linear, quantized_matmul
+from ..ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
 from .match import LinearMatch
-from .producers import match_gelu_producer
+from .producers import is_gelu_tanh, match_cat_producer
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
@@ -48,7 +50,8 @@ class RewriteResult:
     shared: int                  # linears that reuse another linear's quantized activations
     fused_gemms: int = 0         # GEMMs computing two or more linears
     fused_linears: int = 0       # linears computed by those
-    fused_producers: int = 0     # activation quantizations that apply the GELU (and concatenation) before them
+    fused_producers: int = 0     # activation quantizations that read a concatenation (and apply a GELU) as they load
+    gelu_epilogues: int = 0      # GELUs computed in the epilogue of the GEMM before them
 
 
 def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
@@ -56,6 +59,9 @@ def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
     old = rw.match.node
     new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     new.meta["convrot"] = {"module": rw.match.name, "scheme": rw.scheme}
+    for key in ("example_value", "val"):  # its shape and dtype, which later pattern matches read
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
     old.replace_all_uses_with(new)
     graph.erase_node(old)
 
@@ -72,11 +78,27 @@ def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
         todo.extend(inputs)
 
 
+def _sole_gelu_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and is_gelu_tanh(users[0]) and users[0].args[0] is node else None
+
+
+def _drop_gelu(graph: fx.Graph, gelu: fx.Node, replacement: fx.Node) -> None:
+    gelu.replace_all_uses_with(replacement)
+    graph.erase_node(gelu)
+
+
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True,
-                    gemm: str = "kernel", fuse_producers: bool = False) -> RewriteResult:
+                    gemm: str = "kernel", fuse_producers: bool | str = False,
+                    gelu_epilogue: bool = False) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates.
-    ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul). ``fuse_producers``: a GELU
-    (and concatenation) producing a quantized input is applied inside its quantization (producers.py)."""
+    ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul). ``fuse_producers``: a
+    concatenation producing a quantized input is read inside its quantization; ``"gelu"``: a GELU
+    producing it (or its concatenation's second part) is applied there too (producers.py).
+    ``gelu_epilogue`` (gemm="kernel" only): a GELU after a quantized linear runs in its GEMM's epilogue."""
+    if gelu_epilogue and gemm != "kernel":
+        raise ValueError(f"gelu_epilogue runs in the opaque GEMM kernel's epilogue (gemm='kernel'), not gemm={gemm!r}; "
+                         "the Inductor template fuses the GELU itself")
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
@@ -98,17 +120,20 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
         if rw.scheme != "w4a16":
             groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
 
-    fused_gemms = fused_linears = fused_producers = 0
+    fused_gemms = fused_linears = fused_producers = gelu_epilogues = 0
     dropped: list[fx.Node] = []
     for (x, bits, group_size, with_rotation), members in groups.items():
         first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
-        producer = match_gelu_producer(x, group_size) if fuse_producers else None
+        producer = match_cat_producer(x, group_size, gelu=fuse_producers == "gelu") if fuse_producers else None
         shape_of = x  # what the GEMMs read for the output's shape and dtype (not its values)
+        gelus = {i: g for i in members if gelu_epilogue and (g := _sole_gelu_user(rewrites[i].match.node))}
+        members = sorted(members, key=lambda i: i in gelus)  # GELU outputs last: one gelu_from column
         with graph.inserting_before(first):
             if producer is not None:
-                qs = graph.call_function(quantize_gelu_activation, (*producer, h if with_rotation else None,
-                                                                   group_size, bits))
-                shape_of = producer[1]  # same leading dims and dtype as x: the GELU and cat can go
+                a, b, gelu = producer
+                qs = graph.call_function(quantize_cat_activation, (a, b, h if with_rotation else None,
+                                                                  group_size, bits, gelu))
+                shape_of = b  # same leading dims and dtype as x: the GELU and cat can go
                 fused_producers += 1
                 dropped.append(x)
             else:
@@ -122,10 +147,11 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
         if fusable:
             scheme = rewrites[members[0]].scheme
             total = sum(rewrites[i].match.out_features for i in members)
+            gelu_from = sum(rewrites[i].match.out_features for i in members if i not in gelus) if gelus else None
             with graph.inserting_before(first):
                 out = graph.call_function(quantized_matmul, (
-                    q, s, shape_of, [weights[i][0] for i in members], [weights[i][1] for i in members], biases,
-                    scheme, group_size, total, gemm))
+                    q, s, shape_of, [weights[i][0] for i in members], [weights[i][1] for i in members],
+                    [rewrites[i].match.bias for i in members], scheme, group_size, total, gemm, gelu_from))
                 out.meta["convrot"] = {"modules": [rewrites[i].match.name for i in members], "scheme": scheme}
                 start, parts = 0, []
                 for i in members:
@@ -133,6 +159,9 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                     start += rewrites[i].match.out_features
             for i, part in zip(members, parts):
                 _replace_linear(graph, rewrites[i], part)
+                if i in gelus:
+                    _drop_gelu(graph, gelus[i], part)
+            gelu_epilogues += len(gelus)
             fused_gemms += 1
             fused_linears += len(members)
             continue
@@ -141,8 +170,11 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             with graph.inserting_before(rw.match.node):
                 new = graph.call_function(quantized_matmul, (q, s, shape_of, weights[i][0], weights[i][1],
                                                              rw.match.bias, rw.scheme, rw.group_size,
-                                                             rw.match.out_features, gemm))
+                                                             rw.match.out_features, gemm, 0 if i in gelus else None))
             _replace_linear(graph, rw, new)
+            if i in gelus:
+                _drop_gelu(graph, gelus[i], new)
+                gelu_epilogues += 1
 
     for i, rw in enumerate(rewrites):
         if rw.scheme == "w4a16":
@@ -157,4 +189,4 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
     gm.recompile()
     n_quantized = sum(len(m) for m in groups.values())
     return RewriteResult(h is not None, len(groups), n_quantized - len(groups), fused_gemms, fused_linears,
-                         fused_producers)
+                         fused_producers, gelu_epilogues)
