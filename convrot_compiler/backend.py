@@ -194,7 +194,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
     if opts["dry_run"] or not rewrites:
         return original, report
     h = rotation.kernel_matrix()
-    device_h: dict[torch.device, torch.Tensor] = {}
+    device_h: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def extra_inputs(args) -> list[torch.Tensor]:
         extra = []
@@ -203,10 +203,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
         if result.uses_h:
-            dev = args[rewrites[0].match.weight_index].device
-            if dev not in device_h:
-                device_h[dev] = h.to(dev)
-            extra.append(device_h[dev])
+            # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
+            # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16
+            w = args[rewrites[0].match.weight_index]
+            key = (w.device, w.dtype)
+            if key not in device_h:
+                device_h[key] = h.to(w.device, w.dtype if w.is_floating_point() else h.dtype)
+            extra.append(device_h[key])
         return extra
 
     use_inductor = opts["inductor"]

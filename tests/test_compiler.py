@@ -235,13 +235,14 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
 
     def spy(gm, inputs, **kwargs):
         mode = torch._guards.TracingContext.get().fake_mode
-        seen.extend(tuple(mode.from_tensor(t).shape) for t in inputs[-3:])
+        seen.extend((tuple(mode.from_tensor(t).shape), t.dtype) for t in inputs[-3:])
         return real(gm, inputs, **kwargs)
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
-    model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
-    cc.compile(model, inductor=True, progress=False)(torch.randn(24, 512))
-    assert seen == [(256, 256), (256,), (16, 16)]  # packed int4 values, scales, the 16x16 Hadamard factor
+    model = nn.Sequential(nn.Linear(512, 256), nn.GELU()).to(torch.bfloat16)
+    cc.compile(model, inductor=True, progress=False)(torch.randn(24, 512, dtype=torch.bfloat16))
+    # packed int4 values, scales, the 16x16 Hadamard factor (in the activations' dtype: no cast per call)
+    assert seen == [((256, 256), torch.int8), ((256,), torch.float32), ((16, 16), torch.bfloat16)]
 
 
 def test_gelu_and_concatenation_fold_into_the_activation_quantization():
