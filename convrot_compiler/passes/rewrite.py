@@ -151,7 +151,7 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             with graph.inserting_before(first):
                 out = graph.call_function(quantized_matmul, (
                     q, s, shape_of, [weights[i][0] for i in members], [weights[i][1] for i in members],
-                    [rewrites[i].match.bias for i in members], scheme, group_size, total, gemm, gelu_from))
+                    biases, scheme, group_size, total, gemm, gelu_from))
                 out.meta["convrot"] = {"modules": [rewrites[i].match.name for i in members], "scheme": scheme}
                 start, parts = 0, []
                 for i in members:
