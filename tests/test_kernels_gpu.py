@@ -98,16 +98,23 @@ def test_fp8_tensor_core_w4a4_is_exact(k, n, m):
     torch.testing.assert_close(via_fp8, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [4608, 512])
-def test_fused_qkv_mlp_gemm_at_flux_shapes(m):
-    """The single blocks' Q, K, V and MLP-in linears as one GEMM: each block of the output equals
-    that linear alone."""
+def _single_block_gemm_operands(m):
+    """int4 activations, scales, and the packed weights, scales and biases of a FLUX.1-dev single
+    block's Q, K, V and MLP-in linears (3072 -> 3072 x 3 + 12288)."""
     k, ns = 3072, (3072, 3072, 3072, 12288)
     qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
     sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
     qws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda"), 256) for n in ns]
     sws = [torch.rand(n, device="cuda") * 1e-2 + 1e-3 for n in ns]
     biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns]
+    return qx, sx, qws, sws, biases
+
+
+@pytest.mark.parametrize("m", [4608, 512])
+def test_fused_qkv_mlp_gemm_at_flux_shapes(m):
+    """The single blocks' Q, K, V and MLP-in linears as one GEMM: each block of the output equals
+    that linear alone."""
+    qx, sx, qws, sws, biases = _single_block_gemm_operands(m)
     _poison_allocator()
     out = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.float32)
     col = 0
@@ -122,12 +129,7 @@ def test_fused_qkv_mlp_gemm_with_gelu_epilogue_at_flux_shapes(m):
     """The single blocks' fused GEMM with the GELU of its MLP part in the epilogue (gelu_from = 9216):
     equal to the reference (GELU in float32 on the scaled output) within float32 rounding; the Q/K/V
     columns untouched. m = 4608 runs the persistent GEMM, 512 the one-program-per-tile one."""
-    k, ns = 3072, (3072, 3072, 3072, 12288)
-    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
-    sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
-    qws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda"), 256) for n in ns]
-    sws = [torch.rand(n, device="cuda") * 1e-2 + 1e-3 for n in ns]
-    biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns]
+    qx, sx, qws, sws, biases = _single_block_gemm_operands(m)
     ref = ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32, 9216)
     _poison_allocator()
     out = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.float32, gelu_from=9216)
