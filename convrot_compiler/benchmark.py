@@ -73,9 +73,17 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str | None =
 
 
 CONVROT = ("w8a8", "w4a4", "mix")
+# "<plan>-<launch>": convrot_compile options and the note each launch suffix adds to the plan's defaults
+LAUNCHES = {
+    "nograph": ({"cuda_graphs": False}, ""),
+    "template": ({"gemm": "template"}, "GEMMs as Inductor templates (epilogue fusion)"),
+    "producers": ({"fuse_producers": "gelu", "gelu_epilogue": False}, "GELU and cat read inside rotate+quantize"),
+    "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
+    "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
+    "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
+}
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT,
-            *(f"{p}-{how}" for how in ("nograph", "template", "producers", "epilogue", "unfused", "flat")
-               for p in CONVROT))
+            *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
 def _sync(dev):
@@ -123,24 +131,12 @@ def prepare(variant: str, model):
         n = swap_fp8_rowwise(model)
         return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
     plan, _, launch = variant.partition("-")
-    # producers: the GELU and concatenation read inside rotate+quantize (no GELU epilogue); epilogue: the
-    # GELU in the GEMM epilogue, the concatenation left to Inductor; unfused: both left to Inductor
-    compiled = convrot_compile(model, plan=plan, progress=False, cuda_graphs=None if launch != "nograph" else False,
-                               gemm="template" if launch == "template" else "kernel",
-                               fuse_producers="gelu" if launch == "producers" else launch not in ("epilogue", "unfused"),
-                               gelu_epilogue=None if launch not in ("producers", "unfused") else False)
+    options, launch_note = LAUNCHES.get(launch, ({}, ""))
+    compiled = convrot_compile(model, plan=plan, progress=False, **options)
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
-    if launch == "template":
-        note += "; GEMMs as Inductor templates (epilogue fusion)"
-    if launch == "producers":
-        note += "; GELU and cat read inside rotate+quantize"
-    if launch == "epilogue":
-        note += "; GELU in the GEMM epilogue, cat by Inductor"
-    if launch == "unfused":
-        note += "; GELU and cat by Inductor"
-    if launch == "flat":
-        note += "; int8 GEMM one program per tile at every M (not persistent)"
+    if launch_note:
+        note += f"; {launch_note}"
     return compiled, prepared, note
 
 
