@@ -294,6 +294,8 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
                          "pad K to the rotation group size")
     if sx.shape != (m,) or sx.dtype != torch.float32:
         raise ValueError(f"activation scales must be float32 [M]={m}, got {tuple(sx.shape)} {sx.dtype}")
+    if persistent and fp8:
+        raise ValueError("persistent=True runs int8 operands only")
     n = sum(w.shape[0] for w in qws)
     if gelu_from is not None and not 0 <= gelu_from <= n:
         raise ValueError(f"gelu_from must lie in [0, N={n}], got {gelu_from}")
@@ -303,8 +305,6 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-    if persistent and fp8:
-        raise ValueError("persistent=True runs int8 operands only")
     if persistent or (persistent is None and _use_persistent(m, fp8)):
         _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from)
         return c
