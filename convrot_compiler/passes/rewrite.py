@@ -95,10 +95,8 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
     ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul). ``fuse_producers``: a
     concatenation producing a quantized input is read inside its quantization; ``"gelu"``: a GELU
     producing it (or its concatenation's second part) is applied there too (producers.py).
-    ``gelu_epilogue`` (gemm="kernel" only): a GELU after a quantized linear runs in its GEMM's epilogue."""
-    if gelu_epilogue and gemm != "kernel":
-        raise ValueError(f"gelu_epilogue runs in the opaque GEMM kernel's epilogue (gemm='kernel'), not gemm={gemm!r}; "
-                         "the Inductor template fuses the GELU itself")
+    ``gelu_epilogue`` (gemm="kernel" only, as backend.validate_options checks): a GELU after a quantized
+    linear runs in its GEMM's epilogue."""
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
