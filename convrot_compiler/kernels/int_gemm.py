@@ -95,9 +95,12 @@ def _tile_of(pid, num_n, num_m, GROUP_N: tl.constexpr):
 
 @triton.jit
 def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
-                  HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """Epilogue of a [BN, BM] tile of C^T: x token scale x channel scale (+ bias), GELU (tanh form)
-    on output channels >= gelu_from (HAS_GELU), stored into C [M, N]."""
+                  HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FAST_GELU: tl.constexpr,
+                  BN: tl.constexpr, BM: tl.constexpr):
+    """Epilogue of a [BN, BM] tile of C^T: x token scale x channel scale (+ bias), GELU (tanh form;
+    FAST_GELU: the hardware tanh) on output channels >= gelu_from (HAS_GELU), stored into C [M, N].
+    A tile wholly below gelu_from skips the GELU: the epilogue is not overlapped with the MMAs, and
+    in FLUX's fused Q/K/V/MLP GEMM 9216 of 21504 columns take no GELU."""
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     nmask = rn < N
@@ -108,16 +111,18 @@ def _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stri
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
     if HAS_GELU:
-        out = tl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
+        if pid_n * BN + BN > gelu_from:
+            out = tl.where((rn >= gelu_from)[:, None], gelu_tanh(out, FAST_GELU), out)
     c_ptrs = c_ptr + rm[None, :].to(tl.int64) * stride_cm + rn[:, None]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
 @triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-                 key=["M", "N", "K", "FP8", "PROMOTE_EVERY"])
+                 key=["M", "N", "K", "FP8", "PROMOTE_EVERY", "HAS_GELU"])
 @triton.jit
 def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_cm,
-                     gelu_from, HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FP8: tl.constexpr,
+                     gelu_from, HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FAST_GELU: tl.constexpr,
+                     FP8: tl.constexpr,
                      PROMOTE_EVERY: tl.constexpr,
                      BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
     pid_n, pid_m = _tile_of(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
@@ -145,7 +150,7 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
             acc = tl.dot(tl.load(w_ptrs), tl.trans(tl.load(x_rows + kb)), acc, out_dtype=tl.int32)
             w_ptrs += BK
     _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
-                  HAS_BIAS, HAS_GELU, BN, BM)
+                  HAS_BIAS, HAS_GELU, FAST_GELU, BN, BM)
 
 
 def _set_tma_blocks(nargs):
@@ -165,10 +170,12 @@ _TMA_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N"
                                         pre_hook=_set_tma_blocks)
 
 
-@triton.autotune(configs=autotune_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG), key=["M", "N", "K"])
+@triton.autotune(configs=autotune_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG),
+                 key=["M", "N", "K", "HAS_GELU"])
 @triton.jit
 def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, gelu_from,
-                         HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FAST_GELU: tl.constexpr,
+                         NUM_PROGRAMS: tl.constexpr,
                          BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
     """The int8 GEMM of _int_gemm_kernel, persistent (one program per SM walks the tiles) with
     operands loaded by TMA descriptors, after Triton's persistent-matmul tutorial; the flattened
@@ -181,7 +188,7 @@ def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, 
         for kb in range(0, K, BK):
             acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
         _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
-                      HAS_BIAS, HAS_GELU, BN, BM)
+                      HAS_BIAS, HAS_GELU, FAST_GELU, BN, BM)
 
 
 @triton.jit
@@ -243,7 +250,8 @@ def stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int, dtyp
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.Tensor],
              sw: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None | list[torch.Tensor | None],
              packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0,
-             persistent: bool | None = None, gelu_from: int | None = None) -> torch.Tensor:
+             persistent: bool | None = None, gelu_from: int | None = None,
+             exact_gelu: bool = False) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
@@ -259,7 +267,9 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
 
     ``gelu_from``: the epilogue applies GELU (tanh form, in float32) to output columns >= gelu_from
     (FLUX's MLP up-projection, alone or last in a fused GEMM), so the bf16 output is not written
-    and read back by a separate GELU kernel.
+    and read back by a separate GELU kernel. On a GPU its tanh is the hardware approximation
+    (_common.gelu_tanh: error at most about 2^-12 |x|); ``exact_gelu`` computes the exact form there
+    too, at about twice the epilogue cost (for comparisons; the interpreter is always exact).
 
     ``persistent`` (int8 only): True runs the persistent, TMA-descriptor form of the same GEMM
     (_int_gemm_tma_kernel; equal results), False the one-program-per-tile form; None (default)
@@ -305,13 +315,15 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
+    fast_gelu = not (exact_gelu or interpreting())
     if persistent or (persistent is None and _use_persistent(m, fp8)):
-        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from)
+        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu)
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
                            qx.stride(0), w_all.stride(0), c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
-                           HAS_GELU=gelu_from is not None, FP8=fp8, PROMOTE_EVERY=promote_every)
+                           HAS_GELU=gelu_from is not None, FAST_GELU=fast_gelu, FP8=fp8,
+                           PROMOTE_EVERY=promote_every)
     return c
 
 
@@ -320,7 +332,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from) -> None:
+def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = qx.shape
@@ -333,4 +345,4 @@ def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from) -> None:
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     _int_gemm_tma_kernel[grid](w_desc, x_desc, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
                                c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
-                               HAS_GELU=gelu_from is not None, NUM_PROGRAMS=programs)
+                               HAS_GELU=gelu_from is not None, FAST_GELU=fast_gelu, NUM_PROGRAMS=programs)
