@@ -16,10 +16,13 @@ import triton.language as tl
 
 from ._common import autotune_configs, check_2d_rows, check_device
 
+# The fastest launch configs of a sweep at FLUX's shapes (bench/results/gemv_configs.md; M = 1
+# 3072->18432: 33.4 us, M = 1 3072->9216: 20.3 us, M = 4 3072->18432: 55.8 us on an H100). A longer
+# list let the autotuner's noise pick configs 1.6x slower. Tiles spanning several groups, with the
+# scales gathered per byte, were slower still (gemv_configs_wide.md: 53.5 us at M = 1 3072->18432).
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
-    for bn, bk, s, w in [(8, 128, 3, 4), (16, 128, 3, 4), (16, 64, 4, 4), (32, 64, 3, 4), (8, 64, 4, 2),
-                         (4, 128, 4, 2), (16, 128, 4, 8)]
+    for bn, bk, s, w in [(4, 128, 2, 2), (8, 128, 2, 4), (8, 128, 2, 2)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
 

@@ -1,0 +1,84 @@
+"""Time W4A16 weight-only GEMM launch configs (BN, BKB, warps, stages) at FLUX's few-row shapes,
+with long repetitions, against cuBLAS bf16 on the same shape.
+
+The kernel's autotuned time at M = 1, 3072->18432 moved between 33 and 57 us from run to run; this
+probe picks the configs the kernel keeps. bench/results/gemv_configs.md is the first kernel (tiles
+within one group, BKB <= 128); gemv_configs_wide.md the kernel with tiles across groups.
+
+    python bench/probe_gemv_configs.py   # writes gemv_configs.{json,md} under $OUT (or ./)
+"""
+
+import itertools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import bench_ms, environment, write_results  # noqa: E402
+from convrot_compiler import ops  # noqa: E402
+from convrot_compiler.kernels import weight_only as wo  # noqa: E402
+from convrot_compiler.models import relative_error  # noqa: E402
+from convrot_compiler.quant import quantize_weight  # noqa: E402
+
+SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]  # (M, K, N)
+CONFIGS = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (2, 3)))  # BN, BKB, warps, stages
+MAX_ACC_PER_THREAD = 256  # float32 partial sums per thread; more spill
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    from tabulate import tabulate
+    from tqdm.auto import tqdm
+
+    kern = wo._w4a16_kernel.fn  # the undecorated kernel: launch each config directly
+    rows, best = [], []
+    for m, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        qw = quantize_weight(w, "w4a16", None, group_size=256)
+        ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, None, 256)
+        c = torch.empty(m, n, dtype=x.dtype, device="cuda")
+        kb = qw.values.shape[1]
+        bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+        wbytes = qw.values.numel() + qw.scale.numel() * 4
+        t_bf16 = bench_ms(lambda: torch.mm(x, w.T), warmup_ms=100, rep_ms=400)
+        shape_rows = []
+        for bn, bkb, warps, stages in tqdm(CONFIGS, desc=f"M={m} {k}->{n}"):
+            if bm * bn * bkb > MAX_ACC_PER_THREAD * 32 * warps:
+                continue
+            def launch():
+                kern[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+                    x, qw.values, qw.scale, qw.scale, c, m, n, k, kb, x.stride(0), qw.values.stride(0),
+                    qw.scale.stride(0), c.stride(0), HALF=128, HAS_BIAS=False, BM=bm, BN=bn, BKB=bkb,
+                    num_warps=warps, num_stages=stages)
+            try:
+                launch()
+            except Exception as e:  # out of resources for this config
+                print(f"BN={bn} BKB={bkb} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
+                continue
+            err = relative_error(c, ref)
+            t = bench_ms(launch, warmup_ms=25, rep_ms=120)
+            shape_rows.append(dict(M=m, K=k, N=n, BN=bn, BKB=bkb, warps=warps, stages=stages, us=t * 1e3,
+                                   gbs=wbytes / t / 1e6, vs_bf16=t_bf16 / t, bf16_us=t_bf16 * 1e3, rel_err=err))
+        rows += shape_rows
+        top = sorted(shape_rows, key=lambda r: r["us"])[:5]
+        best += top
+    table = tabulate([[f"{r['M']}x{r['K']}->{r['N']}", r["BN"], r["BKB"], r["warps"], r["stages"], f"{r['us']:.1f}",
+                       f"{r['gbs']:.0f}", f"{r['bf16_us']:.1f}", f"{r['vs_bf16']:.2f}", f"{r['rel_err']:.1e}"]
+                      for r in best],
+                     headers=["shape", "BN", "BKB", "warps", "stages", "us", "GB/s", "bf16 us", "x bf16", "err vs ref"],
+                     tablefmt="github")
+    env = environment()
+    md = (f"# W4A16 launch configs, five fastest per shape (of {len(CONFIGS)})\n\nGPU {env.get('gpu')} | "
+          f"torch {env['torch']} | triton {env['triton']} | {env['date']}\n\n{table}\n")
+    print(md)
+    write_results(os.environ.get("PROBE_NAME", "gemv_configs"), dict(env=env, rows=rows), md, os.environ.get("OUT"))
+
+
+if __name__ == "__main__":
+    main()
