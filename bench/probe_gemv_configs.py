@@ -2,8 +2,8 @@
 with long repetitions, against cuBLAS bf16 on the same shape.
 
 The kernel's autotuned time at M = 1, 3072->18432 moved between 33 and 57 us from run to run; this
-probe picks the configs the kernel keeps. bench/results/gemv_configs.md is the first kernel (tiles
-within one group, BKB <= 128); gemv_configs_wide.md the kernel with tiles across groups.
+probe picks the configs the kernel keeps (bench/results/gemv_configs.md). gemv_configs_wide.md
+measured a variant of the kernel whose tiles spanned several groups (BKB 256-1024): slower.
 
     python bench/probe_gemv_configs.py   # writes gemv_configs.{json,md} under $OUT (or ./)
 """
@@ -24,7 +24,8 @@ from convrot_compiler.models import relative_error  # noqa: E402
 from convrot_compiler.quant import quantize_weight  # noqa: E402
 
 SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]  # (M, K, N)
-CONFIGS = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (2, 3)))  # BN, BKB, warps, stages
+# BN, BKB, warps, stages; the kernel needs BKB to divide the half group (128 bytes at group size 256)
+CONFIGS = list(itertools.product((4, 8, 16, 32), (64, 128), (1, 2, 4, 8), (2, 4)))
 MAX_ACC_PER_THREAD = 256  # float32 partial sums per thread; more spill
 
 

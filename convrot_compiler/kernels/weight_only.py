@@ -32,6 +32,7 @@ _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_cm,
                   HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    tl.static_assert(HALF % BKB == 0, "a tile of packed bytes must lie within one group's half")
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
