@@ -125,3 +125,32 @@ def test_flux_dev_widths(plan, gemm, fusion):
     assert relative_error(out, ref) < 2 * stock_departure + 0.05
     prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
     assert model_bytes(model) + prepared < (0.3 if plan == "w4a4" else 0.4) * before
+
+
+def test_post_grad_pass_at_flux_widths_shares_and_fuses():
+    """The Inductor post-grad pass form (stock backend, frozen weights) on a GPU: Q/K/V-like linears
+    at FLUX.1-dev width share one rotate+quantize and one GEMM, and the output matches the eager
+    ConvLinear4bit modules within bf16 rounding of the linears' outputs."""
+    import torch._inductor.config as inductor_config
+
+    from convrot_compiler.passes.inductor_pass import ConvRotInductorPass
+
+    class QKV(nn.Module):
+        def __init__(self, lins):
+            super().__init__()
+            self.q, self.k, self.v = lins
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.v(x)
+
+    torch.manual_seed(0)
+    lins = [nn.Linear(3072, 3072).cuda().bfloat16() for _ in range(3)]
+    x = torch.randn(2, 600, 3072, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = QKV([cc.ConvLinear4bit.from_linear(lin) for lin in lins])(x)
+    p = ConvRotInductorPass()
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p), torch.no_grad():
+        out = torch.compile(QKV(lins))(x)
+    assert [d.precision for d in p.decisions] == ["w4a4"] * 3
+    assert (p.activation_quantizations, p.fused_gemms) == (1, 1)
+    assert relative_error(out, ref) < 1e-2

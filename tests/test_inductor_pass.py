@@ -71,3 +71,38 @@ def test_post_grad_pass_refuses_prepacked_cpu_linears():
 
     proc = subprocess.run([sys.executable, "-c", _PREPACK_SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "weight_prepack = False" in proc.stderr
+
+
+class _SharedInput(nn.Module):
+    """Q/K/V-like linears reading one activation (one without bias), and a linear reading another."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.q, self.k, self.v = nn.Linear(256, 256), nn.Linear(256, 256, bias=False), nn.Linear(256, 512)
+        self.out = nn.Linear(256, 256)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.out(q * k) + v[..., :256] - v[..., 256:]
+
+
+@pytest.mark.parametrize("fuse_gemms", [True, False])
+def test_post_grad_pass_shares_the_quantization_and_fuses_gemms(fuse_gemms):
+    """Linears reading one activation share one rotate+quantize and (fuse_gemms) one GEMM sliced per
+    linear, as in the convrot backend; the output equals the eager ConvLinear4bit modules either way."""
+    model = _SharedInput().eval()
+    x = torch.randn(3, 10, 256)
+    with torch.no_grad():
+        ref = nn.Module()
+        for name in ("q", "k", "v", "out"):
+            setattr(ref, name, cc.ConvLinear4bit.from_linear(getattr(model, name)))
+        expected = _SharedInput.forward(ref, x)
+    p = ConvRotInductorPass(fuse_gemms=fuse_gemms)
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p, **{"cpp.weight_prepack": False}):
+        with torch.no_grad():
+            out = torch.compile(model)(x)
+    assert sorted(d.name for d in p.decisions if d.precision == "w4a4") == ["k", "out", "q", "v"]
+    assert p.activation_quantizations == 2  # x once for q/k/v, q * k once for out
+    assert p.fused_gemms == (1 if fuse_gemms else 0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,9 @@
 Under freezing a linear reaches the post-grad graph as ``mm`` / ``addmm`` of a reshaped
 activation and a frozen (already transposed) weight constant. The pass quantizes that
 constant, registers the prepared tensors as new constants and replaces the GEMM with the
-convrot custom ops. Its ``uuid()`` is None on purpose: prepared weights are graph constants
+convrot custom ops; GEMMs of one activation node (AOTAutograd's CSE makes Q/K/V's reshapes one
+node) share its rotate+quantize and one GEMM. The backend's GELU epilogue and producer fusions
+are not done here. Its ``uuid()`` is None on purpose: prepared weights are graph constants
 here, and a cacheable pass would pickle them into every FX-cache entry (gigabytes for FLUX),
 so graphs compiled with it bypass the FX graph cache. The ``convrot`` backend has no such
 cost (its prepared weights are graph inputs); prefer it.
@@ -23,6 +25,7 @@ pass runs; set ``torch._inductor.config.cpp.weight_prepack = False`` (the pass s
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -34,14 +37,35 @@ from ..rotations import GroupHadamardRotation
 from .match import module_name
 
 aten = torch.ops.aten
+ACT_BITS = {"w4a4": 4, "w8a8": 8}
+
+
+@dataclass
+class _Prepared:
+    """A GEMM the pass quantizes: its node, activation, bias and the get_attr nodes of its prepared weights."""
+    node: fx.Node
+    x: fx.Node
+    bias: fx.Node | None
+    scheme: str
+    values: fx.Node
+    scale: fx.Node
 
 
 class ConvRotInductorPass(CustomGraphPass):
-    def __init__(self, plan: PlanSpec = "w4a4", group_size: int = 256, rotation: str = "regular"):
+    """Linears that read the same activation at the same precision share one rotate+quantize and,
+    with ``fuse_gemms`` (default), one GEMM whose output they slice, as in the ``convrot`` backend
+    (FLUX's Q/K/V, and Q/K/V/MLP-in in the single blocks). After a compile, ``decisions`` says what
+    happened to each linear, ``activation_quantizations`` and ``fused_gemms`` what was shared."""
+
+    def __init__(self, plan: PlanSpec = "w4a4", group_size: int = 256, rotation: str = "regular",
+                 fuse_gemms: bool = True):
         self.plan = make_plan(plan)
         self.group_size = group_size
         self.rotation = GroupHadamardRotation(rotation, group_size)
+        self.fuse_gemms = fuse_gemms
         self.decisions: list[LayerDecision] = []
+        self.activation_quantizations = 0
+        self.fused_gemms = 0
 
     def uuid(self):
         return None  # deliberately uncacheable: see module docstring
@@ -52,19 +76,39 @@ class ConvRotInductorPass(CustomGraphPass):
         if prepacked:
             raise RuntimeError(f"{len(prepacked)} linear(s) were prepacked for MKL before the convrot pass could see them; "
                                "set torch._inductor.config.cpp.weight_prepack = False")
-        fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
-                          if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
-                continue
-            self._rewrite(gm, graph, node, fake_mode)
+        self._fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
+                                if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
+        self._anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        self._h = None
+        prepared = [p for node in list(graph.nodes)
+                    if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
+                    and (p := self._prepare(gm, graph, node)) is not None]
+        groups: dict[tuple[fx.Node, int], list[_Prepared]] = {}
+        for p in prepared:
+            if p.scheme == "w4a16":
+                self._emit_w4a16(graph, p)
+            else:
+                groups.setdefault((p.x, ACT_BITS[p.scheme]), []).append(p)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for (x, bits), members in groups.items():
+            self._emit_group(graph, x, bits, sorted(members, key=lambda p: order[p.node]), order)
         graph.lint()
 
-    def _rewrite(self, gm, graph: fx.Graph, node: fx.Node, fake_mode) -> None:
+    def _constant(self, gm, graph: fx.Graph, name: str, t: torch.Tensor) -> fx.Node:
+        """t as a new graph constant, read by a get_attr before the graph's first computation (so that
+        every GEMM of a fused group can use it)."""
+        gm.register_buffer(name, t)
+        with graph.inserting_before(self._anchor):
+            node = graph.get_attr(name)
+        node.meta["val"] = self._fake_mode.from_tensor(t, static_shapes=True) if self._fake_mode else t
+        return node
+
+    def _prepare(self, gm, graph: fx.Graph, node: fx.Node) -> _Prepared | None:
+        """Plan one GEMM and quantize its frozen weight; None when it stays bf16 (the decision says why)."""
         if node.target is aten.addmm.default:
             bias, x, wt = node.args[:3]
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                return
+                return None
         else:
             (x, wt), bias = node.args[:2], None
         name = module_name(node) or f"<{node.name}>"
@@ -75,7 +119,7 @@ class ConvRotInductorPass(CustomGraphPass):
             reason = "weight is not a frozen constant: set torch._inductor.config.freezing = True and run under no_grad"
             n_out = int(node.meta["val"].shape[-1]) if "val" in node.meta else 0
             self.decisions.append(LayerDecision(name, 0, n_out, planned, "bf16", reason, rule, rows=rows))
-            return
+            return None
         w = getattr(gm, wt.target).T  # frozen constants hold W^T [K, N]
         n_out, k_in = w.shape
         decision = LayerDecision(name, k_in, n_out, planned, planned, f"plan rule {rule!r}", rule, rows=rows,
@@ -84,37 +128,58 @@ class ConvRotInductorPass(CustomGraphPass):
         why = "kept by plan" if planned == "bf16" else eligibility(planned, k_in, n_out, w.dtype, self.group_size)
         if why:
             decision.precision, decision.reason, decision.bytes_after = "bf16", why, decision.bytes_before
-            return
+            return None
         rotation = None if planned == "w4a16" else self.rotation
         qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size)
         decision.bytes_after = qw.nbytes()
-        base = f"_convrot_{node.name}"
-        consts = {"values": qw.values, "scale": qw.scale}
-        if rotation is not None and self.rotation.kind != "none":
-            consts["h"] = self.rotation.kernel_matrix().to(w.device)
-        with graph.inserting_before(node):
-            attrs = {}
-            for key, t in consts.items():
-                gm.register_buffer(f"{base}_{key}", t)
-                attrs[key] = graph.get_attr(f"{base}_{key}")
-                attrs[key].meta["val"] = fake_mode.from_tensor(t) if fake_mode else t
-            if planned == "w4a16":
-                new = graph.call_function(torch.ops.convrot.w4a16_gemm.default,
-                                          (x, attrs["values"], attrs["scale"], bias, self.group_size))
-            else:
-                bits = 4 if planned == "w4a4" else 8
-                rq = graph.call_function(torch.ops.convrot.rotate_quantize.default,
-                                         (x, attrs.get("h"), self.group_size, bits))
-                q = graph.call_function(operator.getitem, (rq, 0))
-                s = graph.call_function(operator.getitem, (rq, 1))
-                new = graph.call_function(torch.ops.convrot.int_gemm.default,
-                                          (q, s, [attrs["values"]], [attrs["scale"]], [bias], bits == 4, self.group_size,
-                                           node.meta["val"].dtype))
-                _set_val([rq, q, s], fake_mode)
-            _set_val([new], fake_mode)
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        if rotation is not None and self.rotation.kind != "none" and self._h is None:
+            self._h = self._constant(gm, graph, "_convrot_h", self.rotation.kernel_matrix().to(w.device))
+        return _Prepared(node, x, bias, planned, self._constant(gm, graph, f"_convrot_{node.name}_values", qw.values),
+                         self._constant(gm, graph, f"_convrot_{node.name}_scale", qw.scale))
+
+    def _emit_w4a16(self, graph: fx.Graph, p: _Prepared) -> None:
+        with graph.inserting_before(p.node):
+            new = graph.call_function(torch.ops.convrot.w4a16_gemm.default,
+                                      (p.x, p.values, p.scale, p.bias, self.group_size))
+            _set_val([new], self._fake_mode)
+        _replace(graph, p.node, new)
+
+    def _emit_group(self, graph: fx.Graph, x: fx.Node, bits: int, members: list[_Prepared], order) -> None:
+        """One rotate+quantize of x before the first member, then one GEMM for all members (when their
+        biases exist there: constants or none) or one per member."""
+        first = members[0].node
+        with graph.inserting_before(first):
+            rq = graph.call_function(torch.ops.convrot.rotate_quantize.default, (x, self._h, self.group_size, bits))
+            q = graph.call_function(operator.getitem, (rq, 0))
+            s = graph.call_function(operator.getitem, (rq, 1))
+            _set_val([rq, q, s], self._fake_mode)
+        self.activation_quantizations += 1
+        fusable = self.fuse_gemms and len(members) > 1 and all(
+            p.bias is None or order[p.bias] < order[first] for p in members)
+        for gemm_members in ([members] if fusable else [[p] for p in members]):
+            anchor = gemm_members[0].node
+            with graph.inserting_before(anchor):
+                new = graph.call_function(torch.ops.convrot.int_gemm.default, (
+                    q, s, [p.values for p in gemm_members], [p.scale for p in gemm_members],
+                    [p.bias for p in gemm_members], bits == 4, self.group_size, anchor.meta["val"].dtype))
+                _set_val([new], self._fake_mode)
+                outs, col = [], 0
+                for p in gemm_members:
+                    n = int(p.node.meta["val"].shape[-1])
+                    outs.append(new if len(gemm_members) == 1 else
+                                graph.call_function(aten.slice.Tensor, (new, 1, col, col + n)))
+                    col += n
+                _set_val([o for o in outs if o is not new], self._fake_mode)
+            if len(gemm_members) > 1:
+                self.fused_gemms += 1
+            for p, out in zip(gemm_members, outs):
+                _replace(graph, p.node, out)
+
+
+def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    new.meta["nn_module_stack"] = old.meta.get("nn_module_stack")
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
 
 
 def _set_val(nodes: list[fx.Node], fake_mode) -> None:
