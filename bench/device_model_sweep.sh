@@ -3,6 +3,7 @@
 # (a first compile of a FLUX.1-dev variant takes 100-190 s). bf16 eager anchors every call.
 #   bash bench/device_model_sweep.sh row1024   # bf16, bf16-compile, mix, w4a4 (profiled) at 1024^2: the target row
 #   bash bench/device_model_sweep.sh mix       # bf16, mix, bf16-compile at 1024^2
+#   bash bench/device_model_sweep.sh regional  # bf16, regional compiles (bf16 and w4a4), w4a4: first-call time
 #   bash bench/device_model_sweep.sh w8a8      # bf16, w8a8, fp8-scaled-mm at 1024^2
 #   bash bench/device_model_sweep.sh res512    # bf16, w4a4, bf16-compile at 512^2
 #   bash bench/device_model_sweep.sh res2048   # bf16, w4a4, bf16-compile at 2048^2
@@ -13,6 +14,7 @@
 #                                              # rotate+quantize, w4a4 with the one-program-per-tile GEMM
 case "${1:-}" in
   row1024) args=(--resolution 1024 --variants bf16,bf16-compile,mix,w4a4 --profile) ;;
+  regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
   mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
   w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
   res512)  args=(--resolution 512 --variants bf16,w4a4,bf16-compile) ;;
@@ -21,7 +23,7 @@ case "${1:-}" in
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
   template) args=(--resolution 1024 --variants bf16,w4a4-template --profile) ;;
   producers) args=(--resolution 1024 --variants bf16,w4a4,w4a4-producers,w4a4-flat --profile) ;;
-  *) echo "usage: $0 row1024|mix|w8a8|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
+  *) echo "usage: $0 row1024|regional|mix|w8a8|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
 timeout 585 python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \

@@ -20,6 +20,7 @@ from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
 from .quant import quantized_nbytes
+from .regional import block_classes, block_instances, block_plans
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, PrepSpec, is_released, release
 
@@ -274,7 +275,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
             fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
-            gelu_epilogue: bool | None = None) -> "CompiledModel | nn.Module":
+            gelu_epilogue: bool | None = None, regional: bool | list[str] = False) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -301,7 +302,12 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     ``fuse_producers`` reads the concatenation of the attention output and the MLP activation (FLUX's
     single-block proj_out input) inside its rotate+quantize, from both tensors, so it is never written
     to memory. ``fuse_producers="gelu"`` applies a GELU left before a quantized linear (gelu_epilogue
-    off) there too: measured slower on an H100 (passes/producers.py)."""
+    off) there too: measured slower on an H100 (passes/producers.py).
+
+    ``regional`` compiles each repeated block class once instead of the whole model (True: the
+    classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
+    which cuts compile time; linears outside those blocks then run eagerly in bf16 (regional.py). The
+    blocks are compiled in place; with CUDA graphs the whole forward is still replayed as one."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
@@ -311,6 +317,9 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
                              "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
+    if regional:
+        instances = block_instances(model, block_classes(model, regional))
+        plans = block_plans(opts["plan"], decisions, instances)
     todo = [d for d in decisions if d.precision != "bf16"]
     released = 0
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
@@ -320,11 +329,21 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
         if release_weights:
             released += release(lin.weight)
+    if cuda_graphs is None:
+        cuda_graphs = not in_place and any(p.is_cuda for p in model.parameters())
+    if regional:
+        for cls, names in instances.items():
+            block_opts = {**opts, "plan": plans[cls]}  # one dict per class: Dynamo reuses the graph across instances
+            for name in names:
+                model.get_submodule(name).compile(backend=convrot_backend, options=block_opts, fullgraph=fullgraph,
+                                                  dynamic=dynamic)
+        if in_place:
+            model.convrot_decisions = decisions
+            return model
+        return CompiledModel(model, model, decisions, released, cuda_graphs=cuda_graphs)
     if in_place:
         model.compile(backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
         model.convrot_decisions = decisions
         return model
-    if cuda_graphs is None:
-        cuda_graphs = any(p.is_cuda for p in model.parameters())
     compiled = torch.compile(model, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
     return CompiledModel(model, compiled, decisions, released, cuda_graphs=cuda_graphs)

@@ -81,8 +81,9 @@ LAUNCHES = {
     "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
     "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
+    "regional": ({"regional": True}, "one graph per block class; linears outside the blocks eager bf16"),
 }
-VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "fp8", "fp8-scaled-mm", *CONVROT,
+VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm", *CONVROT,
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
@@ -118,6 +119,9 @@ def prepare(variant: str, model):
         return model, 0, ""
     if variant == "bf16-compile":
         return torch.compile(model), 0, ""
+    if variant == "bf16-compile-regional":
+        model.compile_repeated_blocks()
+        return model, 0, "diffusers compile_repeated_blocks: one graph per block class"
     if variant == "bf16-compile-cg":
         return torch.compile(model, mode="reduce-overhead"), 0, "Inductor CUDA graphs"
     if variant == "fp8":

@@ -11,7 +11,7 @@ from convrot_compiler import benchmark as bench_model  # noqa: E402
 
 def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     result = bench_model.main(["--config", "flux-tiny", "--resolution", "128", "--text-tokens", "16",
-                               "--variants", "bf16,w4a4,fp8", "--iters", "2", "--device", "cpu",
+                               "--variants", "bf16,w4a4,w4a4-regional,fp8", "--iters", "2", "--device", "cpu",
                                "--out", str(tmp_path), "--name", "smoke"])
     data = json.loads((tmp_path / "smoke.json").read_text())
     md = (tmp_path / "smoke.md").read_text()
@@ -21,6 +21,9 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert rows["w4a4"]["weight_ratio_vs_bf16"] < 0.3
     assert rows["w4a4"]["speedup_vs_bf16"] > 0
     assert rows["bf16"]["ms"] > 0 and rows["w4a4"]["ms"] > 0
+    regional = rows["w4a4-regional"]  # embedders and norm_out stay bf16: more weight memory than w4a4
+    assert 0 < regional["rel_err_vs_bf16"] < 0.1 and rows["w4a4"]["weight_ratio_vs_bf16"] < regional[
+        "weight_ratio_vs_bf16"] < 0.35 and "one graph per block class" in regional["note"]
     assert "fp8" in rows and (rows["fp8"]["ms"] is None) == rows["fp8"]["note"].startswith("skipped")
     assert "w4a4" in md and "x bf16-compile" in md
     assert result["rows"] == data["rows"]
