@@ -41,6 +41,18 @@ ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
 
 @dataclass
+class _Target:
+    """The graph being rewritten, for one call of the pass. Kept off the pass object, which Inductor's
+    config holds for the life of the process: fx nodes and a fake mode kept alive until interpreter
+    exit crash its teardown."""
+    gm: fx.GraphModule
+    graph: fx.Graph
+    fake_mode: object
+    anchor: fx.Node | None  # the first non-placeholder node: new constants are read before it
+    h: fx.Node | None = None
+
+
+@dataclass
 class _Prepared:
     """A GEMM the pass quantizes: its node, activation, bias and the get_attr nodes of its prepared weights."""
     node: fx.Node
@@ -76,34 +88,34 @@ class ConvRotInductorPass(CustomGraphPass):
         if prepacked:
             raise RuntimeError(f"{len(prepacked)} linear(s) were prepacked for MKL before the convrot pass could see them; "
                                "set torch._inductor.config.cpp.weight_prepack = False")
-        self._fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
-                                if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
-        self._anchor = next((n for n in graph.nodes if n.op != "placeholder"), None)
-        self._h = None
+        fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
+                          if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
+        g = _Target(gm, graph, fake_mode, next((n for n in graph.nodes if n.op != "placeholder"), None))
         prepared = [p for node in list(graph.nodes)
                     if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
-                    and (p := self._prepare(gm, graph, node)) is not None]
+                    and (p := self._prepare(g, node)) is not None]
         groups: dict[tuple[fx.Node, int], list[_Prepared]] = {}
         for p in prepared:
             if p.scheme == "w4a16":
-                self._emit_w4a16(graph, p)
+                self._emit_w4a16(g, p)
             else:
                 groups.setdefault((p.x, ACT_BITS[p.scheme]), []).append(p)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for (x, bits), members in groups.items():
-            self._emit_group(graph, x, bits, sorted(members, key=lambda p: order[p.node]), order)
+            self._emit_group(g, x, bits, sorted(members, key=lambda p: order[p.node]), order)
         graph.lint()
 
-    def _constant(self, gm, graph: fx.Graph, name: str, t: torch.Tensor) -> fx.Node:
+    @staticmethod
+    def _constant(g: _Target, name: str, t: torch.Tensor) -> fx.Node:
         """t as a new graph constant, read by a get_attr before the graph's first computation (so that
         every GEMM of a fused group can use it)."""
-        gm.register_buffer(name, t)
-        with graph.inserting_before(self._anchor):
-            node = graph.get_attr(name)
-        node.meta["val"] = self._fake_mode.from_tensor(t, static_shapes=True) if self._fake_mode else t
+        g.gm.register_buffer(name, t)
+        with g.graph.inserting_before(g.anchor):
+            node = g.graph.get_attr(name)
+        node.meta["val"] = g.fake_mode.from_tensor(t, static_shapes=True) if g.fake_mode else t
         return node
 
-    def _prepare(self, gm, graph: fx.Graph, node: fx.Node) -> _Prepared | None:
+    def _prepare(self, g: _Target, node: fx.Node) -> _Prepared | None:
         """Plan one GEMM and quantize its frozen weight; None when it stays bf16 (the decision says why)."""
         if node.target is aten.addmm.default:
             bias, x, wt = node.args[:3]
@@ -120,7 +132,7 @@ class ConvRotInductorPass(CustomGraphPass):
             n_out = int(node.meta["val"].shape[-1]) if "val" in node.meta else 0
             self.decisions.append(LayerDecision(name, 0, n_out, planned, "bf16", reason, rule, rows=rows))
             return None
-        w = getattr(gm, wt.target).T  # frozen constants hold W^T [K, N]
+        w = getattr(g.gm, wt.target).T  # frozen constants hold W^T [K, N]
         n_out, k_in = w.shape
         decision = LayerDecision(name, k_in, n_out, planned, planned, f"plan rule {rule!r}", rule, rows=rows,
                                  bytes_before=w.numel() * w.element_size())
@@ -132,27 +144,27 @@ class ConvRotInductorPass(CustomGraphPass):
         rotation = None if planned == "w4a16" else self.rotation
         qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size)
         decision.bytes_after = qw.nbytes()
-        if rotation is not None and self.rotation.kind != "none" and self._h is None:
-            self._h = self._constant(gm, graph, "_convrot_h", self.rotation.kernel_matrix().to(w.device))
-        return _Prepared(node, x, bias, planned, self._constant(gm, graph, f"_convrot_{node.name}_values", qw.values),
-                         self._constant(gm, graph, f"_convrot_{node.name}_scale", qw.scale))
+        if rotation is not None and self.rotation.kind != "none" and g.h is None:
+            g.h = self._constant(g, "_convrot_h", self.rotation.kernel_matrix().to(w.device))
+        return _Prepared(node, x, bias, planned, self._constant(g, f"_convrot_{node.name}_values", qw.values),
+                         self._constant(g, f"_convrot_{node.name}_scale", qw.scale))
 
-    def _emit_w4a16(self, graph: fx.Graph, p: _Prepared) -> None:
-        with graph.inserting_before(p.node):
-            new = graph.call_function(torch.ops.convrot.w4a16_gemm.default,
-                                      (p.x, p.values, p.scale, p.bias, self.group_size))
-            _set_val([new], self._fake_mode)
-        _replace(graph, p.node, new)
+    def _emit_w4a16(self, g: _Target, p: _Prepared) -> None:
+        with g.graph.inserting_before(p.node):
+            new = g.graph.call_function(torch.ops.convrot.w4a16_gemm.default,
+                                        (p.x, p.values, p.scale, p.bias, self.group_size))
+            _set_val([new], g.fake_mode)
+        _replace(g.graph, p.node, new)
 
-    def _emit_group(self, graph: fx.Graph, x: fx.Node, bits: int, members: list[_Prepared], order) -> None:
+    def _emit_group(self, g: _Target, x: fx.Node, bits: int, members: list[_Prepared], order) -> None:
         """One rotate+quantize of x before the first member, then one GEMM for all members (when their
         biases exist there: constants or none) or one per member."""
-        first = members[0].node
+        graph, first = g.graph, members[0].node
         with graph.inserting_before(first):
-            rq = graph.call_function(torch.ops.convrot.rotate_quantize.default, (x, self._h, self.group_size, bits))
+            rq = graph.call_function(torch.ops.convrot.rotate_quantize.default, (x, g.h, self.group_size, bits))
             q = graph.call_function(operator.getitem, (rq, 0))
             s = graph.call_function(operator.getitem, (rq, 1))
-            _set_val([rq, q, s], self._fake_mode)
+            _set_val([rq, q, s], g.fake_mode)
         self.activation_quantizations += 1
         fusable = self.fuse_gemms and len(members) > 1 and all(
             p.bias is None or order[p.bias] < order[first] for p in members)
@@ -162,14 +174,14 @@ class ConvRotInductorPass(CustomGraphPass):
                 new = graph.call_function(torch.ops.convrot.int_gemm.default, (
                     q, s, [p.values for p in gemm_members], [p.scale for p in gemm_members],
                     [p.bias for p in gemm_members], bits == 4, self.group_size, anchor.meta["val"].dtype))
-                _set_val([new], self._fake_mode)
+                _set_val([new], g.fake_mode)
                 outs, col = [], 0
                 for p in gemm_members:
                     n = int(p.node.meta["val"].shape[-1])
                     outs.append(new if len(gemm_members) == 1 else
                                 graph.call_function(aten.slice.Tensor, (new, 1, col, col + n)))
                     col += n
-                _set_val([o for o in outs if o is not new], self._fake_mode)
+                _set_val([o for o in outs if o is not new], g.fake_mode)
             if len(gemm_members) > 1:
                 self.fused_gemms += 1
             for p, out in zip(gemm_members, outs):
