@@ -267,7 +267,14 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
-            return (self.replay or self.compiled)(*args, **kwargs)
+            try:
+                return (self.replay or self.compiled)(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+                limit = getattr(torch._dynamo.config, "recompile_limit", None)
+                raise RuntimeError(
+                    f"torch.compile's recompile limit ({limit}) is reached: every new input shape compiles the "
+                    "graphs again (dynamic=False), and a regional compile has two or three graphs per shape. "
+                    "Raise torch._dynamo.config.recompile_limit before compiling for more shapes") from e
 
 
 def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",

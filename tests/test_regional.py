@@ -62,3 +62,12 @@ def test_regional_compile_needs_block_classes():
         cc.compile(model, regional=True, progress=False)
     with pytest.raises(ValueError, match="no module of class"):
         cc.compile(model, regional=["FluxTransformerBlock"], progress=False)
+
+
+def test_running_out_of_recompiles_says_what_to_raise():
+    model = _flux()
+    compiled = cc.compile(model, regional=True, progress=False)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled(**make_flux_inputs(model, 64, 64, 16).kwargs)  # the single blocks' two graphs
+        with pytest.raises(RuntimeError, match="recompile_limit"):
+            compiled(**make_flux_inputs(model, 96, 96, 16).kwargs)
