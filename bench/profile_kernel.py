@@ -1,0 +1,51 @@
+"""One launch of a convrot kernel, bracketed for ncu --profile-from-start off (autotuning runs before).
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python bench/profile_kernel.py rotate
+    ... python bench/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
+from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
+from convrot_compiler.quant import quantize_weight  # noqa: E402
+from convrot_compiler.rotations import GroupHadamardRotation  # noqa: E402
+
+
+def rotate(m: int = 4608, k: int = 3072, bits: int = 4):
+    x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
+    return lambda: rotate_quantize(x, h, 256, bits)
+
+
+def gemv(m: int = 1, k: int = 3072, n: int = 18432):
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    qw = quantize_weight((torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16), "w4a16", None, group_size=256)
+    return lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256)
+
+
+KERNELS = {"rotate": rotate, "gemv": gemv}
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "rotate"
+    if name not in KERNELS:
+        sys.exit(f"usage: python bench/profile_kernel.py {'|'.join(KERNELS)}")
+    launch = KERNELS[name]()
+    launch()  # autotune outside the profiled range
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    launch()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
