@@ -71,3 +71,15 @@ def test_running_out_of_recompiles_says_what_to_raise():
         compiled(**make_flux_inputs(model, 64, 64, 16).kwargs)  # the single blocks' two graphs
         with pytest.raises(RuntimeError, match="recompile_limit"):
             compiled(**make_flux_inputs(model, 96, 96, 16).kwargs)
+
+
+def test_regional_in_place_returns_the_model_with_its_blocks_compiled():
+    model = _flux()
+    kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
+    with torch.no_grad():
+        out = cc.compile(model, regional=True, in_place=True, progress=False, gelu_epilogue=False)
+        assert out is model
+        assert all(b._compiled_call_impl is not None for b in model.single_transformer_blocks)
+        ref = _flux()
+        quantize_model(ref, [(d.name, d.precision) for d in model.convrot_decisions], progress=False)
+        torch.testing.assert_close(model(**kwargs)[0], ref(**kwargs)[0], rtol=0, atol=0)
