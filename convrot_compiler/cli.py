@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--regional", action="store_true",
+                      help="compile each repeated block class once instead of the whole model (see README: Compile time)")
 
     ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
     ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import demo_json, format_demo, run_demo
 
         result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
-                          args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress)
+                          args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress,
+                          regional=args.regional)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(demo_json(result))

@@ -32,6 +32,7 @@ class DemoResult:
     quantize_s: float
     first_call_s: float
     inductor: bool
+    regional: bool = False
 
 
 def _timed_forward(model, kwargs, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -56,7 +57,8 @@ def resolve_device(device: str) -> torch.device:
 
 def run_demo(model_path: str | None = None, config: str = "auto", device: str = "auto", plan: str = "w4a4",
              rotation: str = "regular", group_size: int = 256, height: int | None = None, width: int | None = None,
-             text_tokens: int | None = None, seed: int = 0, progress: bool = True) -> DemoResult:
+             text_tokens: int | None = None, seed: int = 0, progress: bool = True,
+             regional: bool = False) -> DemoResult:
     dev = resolve_device(device)
     if config == "auto":
         config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
@@ -75,7 +77,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     inductor = dev.type == "cuda"
     start = time.perf_counter()
     compiled = convrot_compile(model, plan=plan, group_size=group_size, rotation=rotation, inductor=inductor,
-                               progress=progress)
+                               progress=progress, regional=regional)
     quantize_s = time.perf_counter() - start
     decisions = compiled.decisions
     start = time.perf_counter()
@@ -90,7 +92,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
         linear_bytes_bf16=sum(d.bytes_before for d in decisions),
         linear_bytes_quantized=sum(d.bytes_after for d in decisions),
         rel_error=relative_error(out, ref), bf16_ms=bf16_ms, quantized_ms=q_ms, quantize_s=quantize_s,
-        first_call_s=first_call_s, inductor=inductor,
+        first_call_s=first_call_s, inductor=inductor, regional=regional,
     )
 
 
@@ -105,6 +107,8 @@ def format_demo(r: DemoResult) -> str:
          f"{r.linear_bytes_quantized * mib:,.1f}", f"{r.rel_error:.4f}", f"{r.quantized_ms:,.1f}"],
     ]
     compiler = "convrot backend + Inductor" if r.inductor else "convrot backend (rewritten graph, no Inductor)"
+    if r.regional:
+        compiler += ", regional (one graph per repeated block class)"
     head = (f"model: {r.model} | device: {r.device} | tokens: {r.tokens} | rotation: {r.rotation}, "
             f"group {r.group_size}\n"
             f"compiled with torch.compile: {compiler}; weights prepared in {r.quantize_s:.2f} s, "
