@@ -20,7 +20,7 @@ from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
 from .quant import quantized_nbytes
-from .regional import block_classes, block_instances, block_plans
+from .regional import block_classes, block_instances, compiled_units, unit_plans
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, PrepSpec, is_released, release
 
@@ -313,8 +313,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     ``regional`` compiles each repeated block class once instead of the whole model (True: the
     classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
-    which cuts compile time; linears outside those blocks then run eagerly in bf16 (regional.py). The
-    blocks are compiled in place; with CUDA graphs the whole forward is still replayed as one."""
+    and each other top-level module holding a quantized linear alone (regional.py). The modules are
+    compiled in place; with CUDA graphs the whole forward is still replayed as one."""
     from tqdm.auto import tqdm
 
     from .modules import plan_linears
@@ -325,8 +325,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     if regional:
-        instances = block_instances(model, block_classes(model, regional))
-        plans = block_plans(opts["plan"], decisions, instances)
+        units, eager = compiled_units(model, block_instances(model, block_classes(model, regional)), decisions)
+        plans = unit_plans(opts["plan"], decisions, units, eager)
     todo = [d for d in decisions if d.precision != "bf16"]
     released = 0
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
@@ -339,10 +339,10 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     if cuda_graphs is None:
         cuda_graphs = not in_place and any(p.is_cuda for p in model.parameters())
     if regional:
-        for cls, names in instances.items():
-            block_opts = {**opts, "plan": plans[cls]}  # one dict per class: Dynamo reuses the graph across instances
+        for unit, names in units.items():
+            unit_opts = {**opts, "plan": plans[unit]}  # one dict per unit: Dynamo reuses its graph across instances
             for name in names:
-                model.get_submodule(name).compile(backend=convrot_backend, options=block_opts, fullgraph=fullgraph,
+                model.get_submodule(name).compile(backend=convrot_backend, options=unit_opts, fullgraph=fullgraph,
                                                   dynamic=dynamic)
         if in_place:
             model.convrot_decisions = decisions

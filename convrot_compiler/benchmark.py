@@ -81,7 +81,7 @@ LAUNCHES = {
     "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
     "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
-    "regional": ({"regional": True}, "one graph per block class; linears outside the blocks eager bf16"),
+    "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
 }
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm", *CONVROT,
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))

@@ -5,7 +5,10 @@ One compiled graph serves every instance of a class: Dynamo passes each instance
 graph inputs, and the backend looks its prepared weights up by parameter at every call (weights.py).
 So the plan must treat every instance of a class alike. Names inside a block's graph are relative to
 the block: the block's plan is the whole-model plan's decisions written out per relative name.
-Linears outside the repeated blocks run eagerly and stay bf16; their decisions say so.
+Each other top-level child that holds a quantized linear (FLUX: the time/text embedders, norm_out)
+is compiled alone, so the decisions are those of a whole-model compile; what runs eagerly is the
+glue between them. A linear in a top-level child that also holds blocks, or in a top-level torch.nn
+module (whose frames Dynamo skips when compiled alone), stays bf16, with the reason.
 """
 
 from __future__ import annotations
@@ -41,25 +44,49 @@ def block_instances(model: nn.Module, classes: Sequence[str]) -> dict[str, list[
     return found
 
 
-def block_plans(plan: Plan, decisions: list[LayerDecision], instances: dict[str, list[str]]) -> dict[str, Plan]:
-    """One plan per block class, with a rule per linear (relative name -> precision). Decisions of
-    linears outside every block become bf16 in place, with the reason. Raises when the whole-model
-    plan gives instances of one class different precisions: one graph cannot serve them."""
-    owner = {name: cls for cls, names in instances.items() for name in names}
-    per_class: dict[str, dict[str, tuple[str, str]]] = {c: {} for c in instances}
+def compiled_units(model: nn.Module, instances: dict[str, list[str]],
+                   decisions: list[LayerDecision]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """What to compile: ({unit: module names}, {top-level child left eager: why}). Each block class is
+    one unit (its instances share a graph); each top-level child that holds a quantized linear and no
+    block is a unit of its own, unless it is a torch.nn module (Dynamo skips their frames when they
+    are compiled alone)."""
+    blocks = [n for names in instances.values() for n in names]
+    quantized = [d.name for d in decisions if d.precision != "bf16"]
+    units, eager = dict(instances), {}
+    for child, module in model.named_children():
+        if child in blocks or not any(q == child or q.startswith(child + ".") for q in quantized):
+            continue
+        if any(b.startswith(child + ".") for b in blocks):
+            eager[child] = f"its top-level module {child!r} also holds repeated blocks"
+        elif type(module).__module__.startswith("torch.nn"):
+            eager[child] = f"its top-level module {child!r} is a torch.nn {type(module).__name__}, not compiled alone"
+        else:
+            units[child] = [child]
+    return units, eager
+
+
+def unit_plans(plan: Plan, decisions: list[LayerDecision], units: dict[str, list[str]],
+               eager: dict[str, str]) -> dict[str, Plan]:
+    """One plan per unit, with a rule per linear (name relative to the unit's module -> precision).
+    Decisions of linears in no unit become bf16 in place, with the reason (``eager``: why, by top-level
+    child). Raises when the whole-model plan gives instances of one block class different precisions:
+    one graph cannot serve them."""
+    owner = {name: unit for unit, names in units.items() for name in names}
+    per_unit: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in units}
     for d in decisions:
-        block = next((b for b in owner if d.name.startswith(b + ".")), None)
-        if block is None:
+        module = next((m for m in owner if d.name == m or d.name.startswith(m + ".")), None)
+        if module is None:
             if d.precision != "bf16":
                 d.precision = "bf16"
-                d.reason = "outside the repeated blocks: regional compilation runs it eagerly"
+                why = eager.get(d.name.split(".")[0], "not in a compiled region")
+                d.reason = f"regional compilation runs it eagerly: {why}"
                 d.bytes_after = d.bytes_before
             continue
-        cls, rel = owner[block], d.name[len(block) + 1:]
-        seen = per_class[cls].setdefault(rel, (d.precision, d.name))
+        unit, rel = owner[module], d.name[len(module) + 1:]
+        seen = per_unit[unit].setdefault(rel, (d.precision, d.name))
         if seen[0] != d.precision:
             raise ValueError(f"regional compilation compiles one graph per block class, but the plan gives "
                              f"{seen[1]} {seen[0]} and {d.name} {d.precision}; use a plan that treats every "
-                             f"{cls} alike, or compile without regional")
-    return {cls: Plan(f"{plan.name} ({cls})", tuple((rel, p) for rel, (p, _) in rules.items()))
-            for cls, rules in per_class.items()}
+                             f"{unit} alike, or compile without regional")
+    return {unit: Plan(f"{plan.name} ({unit})", tuple((rel, p) for rel, (p, _) in rules.items()))
+            for unit, rules in per_unit.items()}

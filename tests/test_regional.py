@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from torch import nn
+
 import convrot_compiler as cc
 from convrot_compiler.models import FLUX_CONFIGS, build_flux, make_flux_inputs
-from convrot_compiler.modules import quantize_model
+from convrot_compiler.modules import plan_linears, quantize_model
+from convrot_compiler.weights import is_released
 
 
 @pytest.fixture(autouse=True)
@@ -21,23 +24,21 @@ def _flux(seed=0):
 
 def test_regional_compile_equals_eager_modules_with_one_graph_per_block_class():
     """3 double and 4 single blocks compile as 3 graphs (the first single block gets a hidden state
-    with other strides, a second graph of its class), not 7; the forward equals the eager quantized
-    modules with the same per-layer precisions, and linears outside the blocks stay bf16 with the reason."""
+    with other strides, a second graph of its class), not 7, plus one graph each for the embedders
+    and norm_out, which hold quantized linears too: every linear gets the precision of a
+    whole-model compile, and the forward equals the eager quantized modules."""
     model = _flux()
     kwargs = make_flux_inputs(model, 128, 128, 32).kwargs
+    whole = {d.name: d.precision for d in plan_linears(model, "w4a4")}
     graphs = []
     compiled = cc.compile(model, regional=True, progress=False, gelu_epilogue=False, report=graphs.append)
     out = compiled(**kwargs)[0]
-    assert len(graphs) <= 3, [g.plan for g in graphs]
-    assert {g.plan for g in graphs} == {"w4a4 (FluxTransformerBlock)", "w4a4 (FluxSingleTransformerBlock)"}
-    outside = [d for d in compiled.decisions if "outside the repeated blocks" in d.reason]
-    assert outside and all(d.precision == "bf16" and not d.name.startswith(("transformer_blocks",
-                                                                            "single_transformer_blocks"))
-                           for d in outside)
-    inside = [d for d in compiled.decisions if d.name.startswith("transformer_blocks.2.")]
-    assert {d.precision for d in inside} == {"w4a4", "w4a16"}
+    assert {d.name: d.precision for d in compiled.decisions} == whole
+    assert len(graphs) <= 5, [g.plan for g in graphs]
+    assert {g.plan for g in graphs} == {"w4a4 (FluxTransformerBlock)", "w4a4 (FluxSingleTransformerBlock)",
+                                        "w4a4 (time_text_embed)", "w4a4 (norm_out)"}
     ref = _flux()
-    quantize_model(ref, [(d.name, d.precision) for d in compiled.decisions], progress=False)
+    quantize_model(ref, "w4a4", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(out, ref(**kwargs)[0], rtol=0, atol=0)
     other = make_flux_inputs(model, 128, 128, 32, seed=1).kwargs
@@ -46,10 +47,61 @@ def test_regional_compile_equals_eager_modules_with_one_graph_per_block_class():
     assert len(graphs) == n, "a second call recompiled"
 
 
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(256, 256)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class _Model(nn.Module):
+    _repeated_blocks = ["_Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(256, 256)
+        self.stack = _Stack()
+
+    def forward(self, x):
+        return self.stack(self.embed(x))
+
+
+def test_regional_compile_says_why_a_linear_runs_eagerly():
+    """A linear beside the blocks in one top-level module, and a top-level torch.nn module (which Dynamo
+    does not compile alone), stay bf16 with the reason, and keep their float weights."""
+    torch.manual_seed(0)
+    model = _Model().eval()
+    graphs = []
+    compiled = cc.compile(model, plan=[("*", "w4a4")], regional=True, progress=False, report=graphs.append)
+    x = torch.randn(2, 16, 256)
+    out = compiled(x)
+    d = {x.name: x for x in compiled.decisions}
+    assert [d[f"stack.blocks.{i}.lin"].precision for i in (0, 1)] == ["w4a4", "w4a4"] and len(graphs) == 1
+    assert d["stack.head"].precision == "bf16" and "also holds repeated blocks" in d["stack.head"].reason
+    assert d["embed"].precision == "bf16" and "torch.nn Linear" in d["embed"].reason
+    assert not is_released(model.embed.weight) and not is_released(model.stack.head.weight)
+    assert is_released(model.stack.blocks[0].lin.weight)
+    with torch.no_grad():
+        h = model.stack.blocks[1](model.stack.blocks[0](model.embed(x)))  # the blocks compiled, weights prepared
+        torch.testing.assert_close(out, model.stack.head(h), rtol=0, atol=0)
+
+
 def test_regional_compile_refuses_a_plan_that_tells_instances_apart():
     """Before any weight is prepared or released: the model stays usable."""
-    from convrot_compiler.weights import is_released
-
     model = _flux()
     with pytest.raises(ValueError, match="one graph per block class.*transformer_blocks.0.* w8a8 and transformer_blocks.1"):
         cc.compile(model, plan=[("transformer_blocks.0.*", "w8a8"), ("*", "w4a4")], regional=True, progress=False)
