@@ -154,3 +154,26 @@ def test_post_grad_pass_at_flux_widths_shares_and_fuses():
     assert [d.precision for d in p.decisions] == ["w4a4"] * 3
     assert (p.activation_quantizations, p.fused_gemms) == (1, 1)
     assert relative_error(out, ref) < 1e-2
+
+
+def test_regional_compile_at_flux_dev_widths_matches_the_whole_model_compile():
+    """Regional compilation on a GPU (Inductor, CUDA-graph replay of the whole forward with the glue
+    between regions running eagerly): the same decisions as the whole-model compile, and the output
+    within the stock compile's own departure from eager of it."""
+    kwargs = make_flux_inputs(build_flux("flux-dev-short", seed=0, device="meta"), 512, 512, 128, device="cuda").kwargs
+    with torch.no_grad():
+        bf16 = build_flux("flux-dev-short", seed=0, device="cuda")(**kwargs)[0]
+        stock = torch.compile(build_flux("flux-dev-short", seed=0, device="cuda"))(**kwargs)[0]
+    torch._dynamo.reset()
+    whole = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False)
+    ref = whole(**kwargs)[0]
+    torch._dynamo.reset()
+    graphs = []
+    regional = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), regional=True, progress=False,
+                          report=graphs.append)
+    out = regional(**kwargs)[0]
+    assert regional.cuda_graphs and len(graphs) <= 5
+    assert [(d.name, d.precision) for d in regional.decisions] == [(d.name, d.precision) for d in whole.decisions]
+    assert relative_error(out, ref) < 2 * relative_error(stock, bf16) + 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(regional(**kwargs)[0], regional.compiled(**kwargs)[0], rtol=0, atol=0)
