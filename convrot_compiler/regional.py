@@ -20,6 +20,11 @@ from torch import nn
 from .plans import LayerDecision, Plan
 
 
+def _inside(name: str, module: str) -> bool:
+    """Whether the module or parameter path ``name`` lies strictly under ``module``."""
+    return name.startswith(module + ".")
+
+
 def block_classes(model: nn.Module, regional: bool | Sequence[str]) -> list[str]:
     """The class names to compile: ``regional`` itself, or the model's ``_repeated_blocks`` (diffusers)."""
     classes = list(getattr(model, "_repeated_blocks", None) or []) if regional is True else list(regional)
@@ -35,7 +40,7 @@ def block_instances(model: nn.Module, classes: Sequence[str]) -> dict[str, list[
     taken: list[str] = []
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if cls in found and name and not any(name.startswith(t + ".") for t in taken):
+        if cls in found and name and not any(_inside(name, t) for t in taken):
             found[cls].append(name)
             taken.append(name)
     missing = [c for c, names in found.items() if not names]
@@ -54,9 +59,9 @@ def compiled_units(model: nn.Module, instances: dict[str, list[str]],
     quantized = [d.name for d in decisions if d.precision != "bf16"]
     units, eager = dict(instances), {}
     for child, module in model.named_children():
-        if child in blocks or not any(q == child or q.startswith(child + ".") for q in quantized):
+        if child in blocks or not any(q == child or _inside(q, child) for q in quantized):
             continue
-        if any(b.startswith(child + ".") for b in blocks):
+        if any(_inside(b, child) for b in blocks):
             eager[child] = f"its top-level module {child!r} also holds repeated blocks"
         elif type(module).__module__.startswith("torch.nn"):
             eager[child] = f"its top-level module {child!r} is a torch.nn {type(module).__name__}, not compiled alone"
@@ -74,7 +79,7 @@ def unit_plans(plan: Plan, decisions: list[LayerDecision], units: dict[str, list
     owner = {name: unit for unit, names in units.items() for name in names}
     per_unit: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in units}
     for d in decisions:
-        module = next((m for m in owner if d.name == m or d.name.startswith(m + ".")), None)
+        module = next((m for m in owner if d.name == m or _inside(d.name, m)), None)
         if module is None:
             if d.precision != "bf16":
                 d.precision = "bf16"

@@ -35,9 +35,9 @@ from ..plans import LayerDecision, PlanSpec, eligibility, make_plan
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
 from .match import module_name
+from .rewrite import ACT_BITS
 
 aten = torch.ops.aten
-ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
 
 @dataclass
@@ -46,10 +46,13 @@ class _Target:
     config holds for the life of the process: fx nodes and a fake mode kept alive until interpreter
     exit crash its teardown."""
     gm: fx.GraphModule
-    graph: fx.Graph
     fake_mode: object
     anchor: fx.Node | None  # the first non-placeholder node: new constants are read before it
     h: fx.Node | None = None
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
 
 
 @dataclass
@@ -90,7 +93,7 @@ class ConvRotInductorPass(CustomGraphPass):
                                "set torch._inductor.config.cpp.weight_prepack = False")
         fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
                           if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
-        g = _Target(gm, graph, fake_mode, next((n for n in graph.nodes if n.op != "placeholder"), None))
+        g = _Target(gm, fake_mode, next((n for n in graph.nodes if n.op != "placeholder"), None))
         prepared = [p for node in list(graph.nodes)
                     if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
                     and (p := self._prepare(g, node)) is not None]

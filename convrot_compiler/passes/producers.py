@@ -8,8 +8,9 @@ to read it back: at 1024x1024 that is 141 MB (113 MB) each way per block.
 apply the GELU there too (``fuse_producers="gelu"``; measured slower on an H100: the two-pass
 kernel computes each GELU twice, bench/results/model_flux_dev_producers.md). By default the
 GELU runs in the up-projection's GEMM epilogue (rewrite.py, ``gelu_epilogue``) or, with the
-Inductor template GEMM, in the template's, and only the concatenation is left for rotate+quantize. This module recognises the patterns
-in the Dynamo graph; rewrite.py inserts the ops.
+Inductor template GEMM, in the template's, and only the concatenation is left for
+rotate+quantize. This module recognises the patterns in the Dynamo graph; rewrite.py inserts
+the ops.
 """
 
 from __future__ import annotations
