@@ -106,3 +106,34 @@ def test_post_grad_pass_shares_the_quantization_and_fuses_gemms(fuse_gemms):
     assert p.activation_quantizations == 2  # x once for q/k/v, q * k once for out
     assert p.fused_gemms == (1 if fuse_gemms else 0)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class _QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.q, self.k, self.v = (nn.Linear(256, 256) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def test_post_grad_pass_splits_gemms_inductor_concatenated_and_applies_the_plan_by_name():
+    """Inductor's freezing concatenates linears reading one input (on CUDA always; here on CPU through
+    cpp.enable_concat_linear) before the pass runs, and the merged GEMM has no name: the pass splits it
+    back so that a plan giving v another precision (as mix does for FLUX's to_v) still applies by name."""
+    model = _QKV().eval()
+    x = torch.randn(2, 12, 256)
+    ref = nn.Module()
+    ref.q, ref.k = (cc.ConvLinear4bit.from_linear(lin) for lin in (model.q, model.k))
+    ref.v = cc.ConvLinear4bit.from_linear(model.v, bits=8)
+    with torch.no_grad():
+        expected = _QKV.forward(ref, x)
+    p = ConvRotInductorPass(plan=[("v", "w8a8"), ("*", "w4a4")])
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p,
+                               **{"cpp.weight_prepack": False, "cpp.enable_concat_linear": True}):
+        with torch.no_grad():
+            out = torch.compile(model)(x)
+    assert {d.name: d.precision for d in p.decisions} == {"q": "w4a4", "k": "w4a4", "v": "w8a8"}
+    assert (p.activation_quantizations, p.fused_gemms) == (2, 1)  # x at 4 and at 8 bits; q and k in one GEMM
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -94,6 +94,7 @@ class ConvRotInductorPass(CustomGraphPass):
         fake_mode = next((n.meta["val"].fake_mode for n in graph.nodes
                           if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)), None)
         g = _Target(gm, fake_mode, next((n for n in graph.nodes if n.op != "placeholder"), None))
+        self._undo_concatenations(g)
         prepared = [p for node in list(graph.nodes)
                     if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
                     and (p := self._prepare(g, node)) is not None]
@@ -117,6 +118,49 @@ class ConvRotInductorPass(CustomGraphPass):
             node = g.graph.get_attr(name)
         node.meta["val"] = g.fake_mode.from_tensor(t, static_shapes=True) if g.fake_mode else t
         return node
+
+    def _undo_concatenations(self, g: _Target) -> None:
+        """Split each GEMM that Inductor's freezing concatenated back into one GEMM per linear.
+
+        Before this pass runs, freezing merges linears that read one input into one GEMM of their
+        concatenated weights (always on CUDA; on CPU with ``cpp.enable_concat_linear``). That GEMM has
+        lost the linears' names, which only its split outputs still carry, so the plan could not be
+        applied by name (``mix`` gives FLUX's to_v another precision than to_q/to_k). Each linear gets
+        its GEMM back on a view of the concatenated weight; the grouping below fuses them again where
+        their precisions agree."""
+        graph = g.graph
+        for node in list(graph.nodes):
+            if not (node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)) \
+                    or module_name(node) is not None or node.kwargs:
+                continue
+            split = next(iter(node.users)) if len(node.users) == 1 else None
+            if split is None or split.target is not aten.split_with_sizes.default or split.args[0] is not node:
+                continue
+            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            items = sorted(split.users, key=lambda u: u.args[1] if len(u.args) > 1 else -1)
+            if dim not in (1, -1) or not all(u.target is operator.getitem and module_name(u) for u in items):
+                continue
+            bias, x, wt = node.args if node.target is aten.addmm.default else (None, *node.args)
+            if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (wt, bias) if t is not None):
+                continue
+            w, b = getattr(g.gm, wt.target), None if bias is None else getattr(g.gm, bias.target)
+            starts = [0]
+            for size in split.args[1]:
+                starts.append(starts[-1] + int(size))
+            for item in items:
+                i = item.args[1]
+                lo, hi = starts[i], starts[i + 1]
+                w_i = self._constant(g, f"_convrot_{node.name}_w{i}", w[:, lo:hi])
+                with graph.inserting_before(item):
+                    if b is None:
+                        new = graph.call_function(aten.mm.default, (x, w_i))
+                    else:
+                        b_i = self._constant(g, f"_convrot_{node.name}_b{i}", b[lo:hi])
+                        new = graph.call_function(aten.addmm.default, (b_i, x, w_i))
+                    _set_val([new], g.fake_mode)
+                _replace(graph, item, new)
+            graph.erase_node(split)
+            graph.erase_node(node)
 
     def _prepare(self, g: _Target, node: fx.Node) -> _Prepared | None:
         """Plan one GEMM and quantize its frozen weight; None when it stays bf16 (the decision says why)."""
