@@ -294,24 +294,29 @@ def test_int_gemm_applies_gelu_in_its_epilogue(persistent, gelu_from, assert_gel
 
 
 def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
-    """persistent=None: persistent from PERSISTENT_MIN_M rows (int8 only); forced_schedule overrides
-    the rule for benchmarks; an explicit persistent= overrides both."""
+    """persistent=None: persistent from PERSISTENT_MIN_M rows, or from PERSISTENT_WIDE_MIN_M rows when
+    N >= PERSISTENT_WIDE_N (int8 only); forced_schedule overrides the rule for benchmarks; an explicit
+    persistent= overrides both."""
     from convrot_compiler.kernels import int_gemm as mod
 
     calls = []
     monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append("persistent"))
     monkeypatch.setattr(mod, "PERSISTENT_MIN_M", 8)
+    monkeypatch.setattr(mod, "PERSISTENT_WIDE_MIN_M", 4)
+    monkeypatch.setattr(mod, "PERSISTENT_WIDE_N", 32)
     g = torch.Generator().manual_seed(3)
     qw = torch.randint(-127, 128, (16, 256), generator=g, dtype=torch.int8).to(DEV)
     sw = (torch.rand(16, generator=g) + 0.1).to(DEV)
 
-    def run(m, **kw):
+    def run(m, n=16, **kw):
         calls.clear()
         qx = torch.randint(-127, 128, (m, 256), generator=g, dtype=torch.int8).to(DEV)
-        int_gemm(qx, torch.ones(m, device=DEV), qw, sw, None, False, 256, torch.float32, **kw)
+        int_gemm(qx, torch.ones(m, device=DEV), qw.repeat(n // 16, 1), sw.repeat(n // 16), None, False, 256,
+                 torch.float32, **kw)
         return bool(calls)
 
     assert not run(7) and run(8)
+    assert run(4, n=32) and not run(3, n=32) and not run(4, n=16)
     with mod.forced_schedule("flat"):
         assert not run(8)
         assert run(8, persistent=True)

@@ -53,10 +53,12 @@ _GPU_CONFIGS = [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_
                 for bn, bm, bk, s, w in GEMM_TILES]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
-# Measured on an H100 (bench/results/gemm_persistent.md): the persistent TMA form is 7-13% faster at
-# M = 4608 on every FLUX shape, and 0.5-0.95x the one-program-per-tile form at M = 512 (too few tiles
-# to amortize one program per SM). M in between is unmeasured; 2048 splits the two.
+# Measured on an H100 (bench/results/gemm_persistent.md, gemm_crossover.md): the persistent TMA form is
+# 7-13% faster at M = 4608 on every FLUX shape and 0.5-0.95x the one-program-per-tile form at M = 512
+# (too few tiles to amortize one program per SM). At M = 1024-1536 it wins by 4-13% only on wide outputs
+# (ff up 3072->12288, the single blocks' fused 3072->21504) and loses up to 27% on fused Q/K/V (N = 9216).
 PERSISTENT_MIN_M = 2048
+PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
 _forced_schedule: str | None = None
 
 
@@ -75,12 +77,12 @@ def forced_schedule(schedule: str) -> Iterator[None]:
         _forced_schedule = before
 
 
-def _use_persistent(m: int, fp8: bool) -> bool:
+def _use_persistent(m: int, n: int, fp8: bool) -> bool:
     if fp8:
         return False
     if _forced_schedule is not None:
         return _forced_schedule == "persistent"
-    return m >= PERSISTENT_MIN_M
+    return m >= PERSISTENT_MIN_M or (m >= PERSISTENT_WIDE_MIN_M and n >= PERSISTENT_WIDE_N)
 
 
 @triton.jit
@@ -273,7 +275,8 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
 
     ``persistent`` (int8 only): True runs the persistent, TMA-descriptor form of the same GEMM
     (_int_gemm_tma_kernel; equal results), False the one-program-per-tile form; None (default)
-    picks persistent for int8 when M >= PERSISTENT_MIN_M (see forced_schedule)."""
+    picks persistent for int8 when M >= PERSISTENT_MIN_M, or M >= PERSISTENT_WIDE_MIN_M and
+    N >= PERSISTENT_WIDE_N (see forced_schedule)."""
     qws, sws, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (qw, sw, bias))
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
@@ -316,7 +319,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     fast_gelu = not (exact_gelu or interpreting())
-    if persistent or (persistent is None and _use_persistent(m, fp8)):
+    if persistent or (persistent is None and _use_persistent(m, n, fp8)):
         _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu)
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
