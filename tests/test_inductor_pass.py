@@ -118,7 +118,20 @@ class _QKV(nn.Module):
         return self.q(x) * self.k(x) + self.v(x)
 
 
-def test_post_grad_pass_splits_gemms_inductor_concatenated_and_applies_the_plan_by_name():
+def _as_torch_2_11(graph):
+    """The concatenation as torch 2.11 leaves it (seen on the GPU image): ``chunk`` (aten.split.Tensor)
+    instead of split_with_sizes, and the linears' names only on the reshapes after the getitems."""
+    import operator
+
+    for n in graph.nodes:
+        if n.target is torch.ops.aten.split_with_sizes.default and len(set(n.args[1])) == 1:
+            n.target, n.args = torch.ops.aten.split.Tensor, (n.args[0], n.args[1][0], *n.args[2:])
+        elif n.target is operator.getitem:
+            n.meta.pop("nn_module_stack", None)
+
+
+@pytest.mark.parametrize("torch_form", ["2.13", "2.11"])
+def test_post_grad_pass_splits_gemms_inductor_concatenated_and_applies_the_plan_by_name(torch_form):
     """Inductor's freezing concatenates linears reading one input (on CUDA always; here on CPU through
     cpp.enable_concat_linear) before the pass runs, and the merged GEMM has no name: the pass splits it
     back so that a plan giving v another precision (as mix does for FLUX's to_v) still applies by name."""
@@ -130,7 +143,8 @@ def test_post_grad_pass_splits_gemms_inductor_concatenated_and_applies_the_plan_
     with torch.no_grad():
         expected = _QKV.forward(ref, x)
     p = ConvRotInductorPass(plan=[("v", "w8a8"), ("*", "w4a4")])
-    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p,
+    run = p if torch_form == "2.13" else (lambda graph: (_as_torch_2_11(graph), p(graph)))
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=run,
                                **{"cpp.weight_prepack": False, "cpp.enable_concat_linear": True}):
         with torch.no_grad():
             out = torch.compile(model)(x)

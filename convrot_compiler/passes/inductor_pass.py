@@ -124,30 +124,29 @@ class ConvRotInductorPass(CustomGraphPass):
 
         Before this pass runs, freezing merges linears that read one input into one GEMM of their
         concatenated weights (always on CUDA; on CPU with ``cpp.enable_concat_linear``). That GEMM has
-        lost the linears' names, which only its split outputs still carry, so the plan could not be
+        lost the linears' names, which only the nodes after its split still carry, so the plan could not be
         applied by name (``mix`` gives FLUX's to_v another precision than to_q/to_k). Each linear gets
         its GEMM back on a view of the concatenated weight; the grouping below fuses them again where
         their precisions agree."""
         graph = g.graph
         for node in list(graph.nodes):
             if not (node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)) \
-                    or module_name(node) is not None or node.kwargs:
+                    or module_name(node) is not None or node.kwargs or len(node.users) != 1:
                 continue
-            split = next(iter(node.users)) if len(node.users) == 1 else None
-            if split is None or split.target is not aten.split_with_sizes.default or split.args[0] is not node:
-                continue
-            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            split = next(iter(node.users))
+            sizes = _split_sizes(split, node)
             items = sorted(split.users, key=lambda u: u.args[1] if len(u.args) > 1 else -1)
-            if dim not in (1, -1) or not all(u.target is operator.getitem and module_name(u) for u in items):
+            named = [_named_source(u) for u in items]
+            if sizes is None or not all(u.target is operator.getitem for u in items) or None in named:
                 continue
             bias, x, wt = node.args if node.target is aten.addmm.default else (None, *node.args)
             if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (wt, bias) if t is not None):
                 continue
             w, b = getattr(g.gm, wt.target), None if bias is None else getattr(g.gm, bias.target)
             starts = [0]
-            for size in split.args[1]:
-                starts.append(starts[-1] + int(size))
-            for item in items:
+            for size in sizes:
+                starts.append(starts[-1] + size)
+            for item, source in zip(items, named):
                 i = item.args[1]
                 lo, hi = starts[i], starts[i + 1]
                 w_i = self._constant(g, f"_convrot_{node.name}_w{i}", w[:, lo:hi])
@@ -158,7 +157,9 @@ class ConvRotInductorPass(CustomGraphPass):
                         b_i = self._constant(g, f"_convrot_{node.name}_b{i}", b[lo:hi])
                         new = graph.call_function(aten.addmm.default, (b_i, x, w_i))
                     _set_val([new], g.fake_mode)
+                stack = source.meta["nn_module_stack"]
                 _replace(graph, item, new)
+                new.meta["nn_module_stack"] = stack
             graph.erase_node(split)
             graph.erase_node(node)
 
@@ -233,6 +234,36 @@ class ConvRotInductorPass(CustomGraphPass):
                 self.fused_gemms += 1
             for p, out in zip(gemm_members, outs):
                 _replace(graph, p.node, out)
+
+
+def _split_sizes(split: fx.Node, node: fx.Node) -> list[int] | None:
+    """The column widths a split of a GEMM's output along its last dim cuts, or None when it is not one:
+    ``split_with_sizes`` (torch 2.13's concatenation) or ``split`` into equal chunks (2.11's ``chunk``)."""
+    if split.op != "call_function" or split.args[0] is not node:
+        return None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    n = node.meta["val"].shape[-1] if "val" in node.meta else None
+    if dim not in (1, -1) or not isinstance(n, int):
+        return None
+    if split.target is aten.split_with_sizes.default:
+        return [int(s) for s in split.args[1]]
+    if split.target is aten.split.Tensor and isinstance(split.args[1], int) and split.args[1] > 0:
+        return [min(split.args[1], n - lo) for lo in range(0, n, split.args[1])]
+    return None
+
+
+def _named_source(item: fx.Node) -> fx.Node | None:
+    """The node that still names the linear an output column block of a concatenated GEMM belongs to:
+    the block itself (torch 2.13 keeps the name on the split's getitem), or else its reshapes back to
+    the input's batch shape when they all carry one name (torch 2.11 keeps it only there)."""
+    if module_name(item) is not None:
+        return item
+    reshapes = (aten.reshape.default, aten.view.default)
+    users = list(item.users)
+    if not users or not all(u.op == "call_function" and u.target in reshapes for u in users):
+        return None
+    names = {module_name(u) for u in users}
+    return users[0] if len(names) == 1 and None not in names else None
 
 
 def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
