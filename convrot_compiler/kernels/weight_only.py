@@ -5,7 +5,10 @@ too little arithmetic for tensor cores to matter, so each program multiplies on
 CUDA cores and reduces: it owns BN output channels and BM rows and walks K, a
 tile of packed bytes at a time. Weights use the per-group layout of
 quant.pack_int4, so the low and high nibbles of a byte tile meet two contiguous
-tiles of the input. A small BN gives many programs and many loads in flight.
+tiles of the input. A small BN gives many programs and many loads in flight. The kernel is bound by
+instruction issue as much as by memory (bench/results/ncu_gemv.txt: 60% issue slots busy, 29% of DRAM
+bandwidth), so nibbles become floats through bit tricks, and each group's scale multiplies the
+partial products of a tile once rather than every weight.
 """
 
 from __future__ import annotations
@@ -16,15 +19,24 @@ import triton.language as tl
 
 from ._common import autotune_configs, check_2d_rows, check_device
 
-# The fastest launch configs of a sweep at FLUX's shapes (bench/results/gemv_configs.md; M = 1
-# 3072->18432: 33.4 us, M = 1 3072->9216: 20.3 us, M = 4 3072->18432: 55.8 us on an H100). A longer
-# list let the autotuner's noise pick configs 1.6x slower. Tiles spanning several groups, with the
-# scales gathered per byte, were slower still (gemv_configs_wide.md: 53.5 us at M = 1 3072->18432).
+# The fastest launch configs of a sweep at FLUX's shapes (bench/results/gemv_configs_v4.md, H100: M = 1
+# 3072->18432 30.2 us (1.80x bf16; 33.4 us before the nibble and scale tricks, gemv_configs.md),
+# M = 1 3072->9216 18.8 us, M = 4 3072->18432 48.3 us). A longer list let the autotuner's noise pick
+# configs 1.6x slower. Tiles spanning several groups, with the scales gathered per byte, were slower
+# still (gemv_configs_wide.md: 53.5 us at M = 1 3072->18432).
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
-    for bn, bk, s, w in [(4, 128, 2, 2), (8, 128, 2, 4), (8, 128, 2, 2)]
+    for bn, bk, s, w in [(8, 128, 2, 1), (8, 128, 4, 2), (8, 128, 2, 2)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BKB": 32}, num_warps=4)
+
+
+@triton.jit
+def _nibble_to_float(u):
+    """A two's-complement nibble u (0..15, int32) as its float value -8..7, without an int-to-float
+    conversion (a quarter-rate instruction on Hopper): u ^ 8 is the value + 8, OR-ed into the mantissa
+    of 2^23 (one LOP3 together with the mask) and the exponent's 2^23 + 8 subtracted (exact)."""
+    return (u ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
 
 
 @triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "BM"])
@@ -52,11 +64,11 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
         k_hi = k_lo + HALF
         x_lo = tl.load(x_rows + k_lo[None, :], mask=mmask[:, None] & (k_lo[None, :] < K), other=0.0).to(tl.float32)
         x_hi = tl.load(x_rows + k_hi[None, :], mask=mmask[:, None] & (k_hi[None, :] < K), other=0.0).to(tl.float32)
-        w_lo = ((w << 4) >> 4).to(tl.float32)
-        w_hi = (w >> 4).to(tl.float32)
-        ws_lo = w_lo * s[:, None]
-        ws_hi = w_hi * s[:, None]
-        acc += x_lo[:, None, :] * ws_lo[None, :, :] + x_hi[:, None, :] * ws_hi[None, :, :]
+        wi = w.to(tl.int32)
+        w_lo = _nibble_to_float(wi & 0xF)
+        w_hi = _nibble_to_float((wi >> 4) & 0xF)
+        part = x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
+        acc += part * s[None, :, None]
         w_ptrs += BKB
     out = tl.sum(acc, axis=2)
     if HAS_BIAS:
