@@ -5,6 +5,7 @@
 #   bash bench/device_model_sweep.sh mix       # bf16, mix, bf16-compile at 1024^2
 #   bash bench/device_model_sweep.sh regional  # bf16, regional compiles (bf16 and w4a4), w4a4: first-call time
 #   bash bench/device_model_sweep.sh w8a8      # bf16, w8a8, fp8-scaled-mm at 1024^2
+#   bash bench/device_model_sweep.sh fp8row    # bf16, w4a4, fp8-scaled-mm at 1024^2: the fp8 target, one process
 #   bash bench/device_model_sweep.sh res512    # bf16, w4a4, bf16-compile at 512^2
 #   bash bench/device_model_sweep.sh res2048   # bf16, w4a4, bf16-compile at 2048^2
 #   bash bench/device_model_sweep.sh batch4    # bf16, w4a4, bf16-compile at 1024^2, batch 4
@@ -17,14 +18,15 @@ case "${1:-}" in
   regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
   mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
   w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
+  fp8row)  args=(--resolution 1024 --variants bf16,w4a4,fp8-scaled-mm --profile) ;;
   res512)  args=(--resolution 512 --variants bf16,w4a4,bf16-compile) ;;
   res2048) args=(--resolution 2048 --variants bf16,w4a4,bf16-compile) ;;
   batch4)  args=(--resolution 1024 --batch 4 --variants bf16,w4a4,bf16-compile) ;;
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
   template) args=(--resolution 1024 --variants bf16,w4a4-template --profile) ;;
   producers) args=(--resolution 1024 --variants bf16,w4a4,w4a4-producers,w4a4-flat --profile) ;;
-  *) echo "usage: $0 row1024|regional|mix|w8a8|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
+  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
-timeout 585 python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \
+timeout "${SWEEP_TIMEOUT:-585}" python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \
   | grep --line-buffered -v "it/s\]" | tee "$OUT/model_$1.log" | tail -30
