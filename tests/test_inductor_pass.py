@@ -151,3 +151,19 @@ def test_post_grad_pass_splits_gemms_inductor_concatenated_and_applies_the_plan_
     assert {d.name: d.precision for d in p.decisions} == {"q": "w4a4", "k": "w4a4", "v": "w8a8"}
     assert (p.activation_quantizations, p.fused_gemms) == (2, 1)  # x at 4 and at 8 bits; q and k in one GEMM
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_post_grad_pass_gives_the_hadamard_factor_in_the_weights_dtype():
+    """As the backend does: an fp32 factor would be cast to the activations' dtype on every call."""
+    seen = []
+    p = ConvRotInductorPass()
+
+    def run(graph):
+        p(graph)
+        seen.append(graph.owning_module._convrot_h.dtype)
+
+    model = nn.Sequential(nn.Linear(256, 256)).eval().bfloat16()
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=run, **{"cpp.weight_prepack": False}):
+        with torch.no_grad():
+            torch.compile(model)(torch.randn(4, 256, dtype=torch.bfloat16))
+    assert seen == [torch.bfloat16] and p.decisions[0].precision == "w4a4"

@@ -193,7 +193,9 @@ class ConvRotInductorPass(CustomGraphPass):
         qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size)
         decision.bytes_after = qw.nbytes()
         if rotation is not None and self.rotation.kind != "none" and g.h is None:
-            g.h = self._constant(g, "_convrot_h", self.rotation.kernel_matrix().to(w.device))
+            # in the weights' (= activations') dtype, as the backend passes it: the kernel would otherwise
+            # cast it on every call; group-Hadamard entries are exact in bf16/fp16
+            g.h = self._constant(g, "_convrot_h", self.rotation.kernel_matrix().to(w.device, w.dtype))
         return _Prepared(node, x, bias, planned, self._constant(g, f"_convrot_{node.name}_values", qw.values),
                          self._constant(g, f"_convrot_{node.name}_scale", qw.scale))
 
