@@ -34,8 +34,10 @@ def main() -> None:
         nbytes = m * k * 3 + m * 4
         for bm, w, st in cfgs:
             def launch():
-                kern[(triton.cdiv(m, bm),)](x, h, q, s, m, k, x.stride(0), q.stride(0), G=256, METHOD=rq.METHOD_KRON,
-                                            QMAX=7, DOT_F32=False, GPU_MATH=True, BM=bm, num_warps=w, num_stages=st)
+                kern[(triton.cdiv(m, bm),)](x, x, h, q, s, m, k, 0, x.stride(0), x.stride(0), q.stride(0),
+                                            s, s, 0, 0, 1, 0.0, G=256, METHOD=rq.METHOD_KRON, QMAX=7,
+                                            TWO_SOURCES=False, GELU_X2=False, HAS_NORM=False, DOT_F32=False,
+                                            GPU_MATH=True, BM=bm, num_warps=w, num_stages=st)
             launch()
             t = bench_ms(launch, warmup_ms=50, rep_ms=200)
             rows.append(dict(M=m, K=k, BM=bm, warps=w, stages=st, gbs=nbytes / t / 1e6))

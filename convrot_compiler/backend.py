@@ -35,6 +35,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "gemm": "kernel",      # "kernel": opaque GEMM op; "template": Inductor Triton template (epilogue fusion)
     "fuse_producers": True,  # read a concatenation feeding a quantized linear in its quantization; "gelu": + GELU
     "gelu_epilogue": None,   # GELU after a quantized linear in its GEMM's epilogue: None = when gemm is "kernel"
+    "fuse_norms": False,     # compute the adaLN LayerNorm + modulation feeding quantized linears in their quantization
 }
 
 
@@ -56,7 +57,7 @@ def validate_options(options: dict | None) -> dict:
         raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
     if opts["fuse_producers"] not in (True, False, "gelu"):
         raise ValueError(f"option 'fuse_producers' must be True, False or 'gelu', got {opts['fuse_producers']!r}")
-    for key in ("dry_run", "fuse_gemms"):
+    for key in ("dry_run", "fuse_gemms", "fuse_norms"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
     if opts["gemm"] not in GEMM_LOWERINGS:
@@ -90,6 +91,7 @@ class CompileReport:
     fused_linears: int = 0                    # linears computed by those
     gemm: str = "kernel"                      # how the quantized GEMMs are lowered (option 'gemm')
     fused_producers: int = 0                  # quantizations that read the concatenation (+ GELU) feeding them
+    fused_norms: int = 0                      # quantizations that compute the adaLN normalization feeding them
     gelu_epilogues: int = 0                   # GELUs computed in the epilogue of the GEMM before them
 
     @property
@@ -185,11 +187,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
     result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"],
                              fuse_producers=opts["fuse_producers"],
-                             gelu_epilogue=opts["gelu_epilogue"]) if rewrites else None
+                             gelu_epilogue=opts["gelu_epilogue"], fuse_norms=opts["fuse_norms"]) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
         report.fused_producers, report.gelu_epilogues = result.fused_producers, result.gelu_epilogues
+        report.fused_norms = result.fused_norms
     report.graph_after = gm.print_readable(print_output=False) if rewrites else before
     report.graph_modules["after"] = gm
     if opts["dry_run"] or not rewrites:
@@ -282,7 +285,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
             fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
-            gelu_epilogue: bool | None = None, regional: bool | list[str] = False) -> "CompiledModel | nn.Module":
+            gelu_epilogue: bool | None = None, regional: bool | list[str] = False, fuse_norms: bool = False) -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -311,6 +314,10 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     to memory. ``fuse_producers="gelu"`` applies a GELU left before a quantized linear (gelu_epilogue
     off) there too: measured slower on an H100 (passes/producers.py).
 
+    ``fuse_norms`` computes FLUX's adaLN normalization, layer_norm(x) * (1 + scale) + shift, inside the
+    rotate+quantize of the linears it feeds, so the normalized activations are never written to memory
+    (off by default until measured on a GPU).
+
     ``regional`` compiles each repeated block class once instead of the whole model (True: the
     classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
     and each other top-level module holding a quantized linear alone (regional.py). The modules are
@@ -321,7 +328,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
                              "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm,
-                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue})
+                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
+                             "fuse_norms": fuse_norms})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     if regional:

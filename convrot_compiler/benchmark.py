@@ -82,6 +82,7 @@ LAUNCHES = {
     "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
+    "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
 }
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm", *CONVROT,
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))

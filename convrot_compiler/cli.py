@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
     ins.add_argument("--no-fuse-producers", dest="fuse_producers", action="store_false",
                      help="show the pass without reading the concatenation inside rotate+quantize")
+    ins.add_argument("--fuse-norms", action="store_true",
+                     help="show the pass computing the adaLN LayerNorm + modulation inside rotate+quantize")
     ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_const", const=False, default=None,
                      help="show the pass with the GELU after the MLP up-projections left to Inductor")
     sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench -h)",
@@ -96,7 +98,8 @@ def _inspect(args) -> None:
         model, device = build_flux(args.config, device="meta"), "meta"
     inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
     report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
-                     rotation=args.rotation, fuse_producers=args.fuse_producers, gelu_epilogue=args.gelu_epilogue)
+                     rotation=args.rotation, fuse_producers=args.fuse_producers, gelu_epilogue=args.gelu_epilogue,
+                     fuse_norms=args.fuse_norms)
     print(report.table())
     print(report.summary())
     if args.json:

@@ -36,6 +36,7 @@ class InspectReport:
                 "fused_linears": sum(r.fused_linears for r in self.reports),
                 "fused_producers": sum(r.fused_producers for r in self.reports),
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
+                "fused_norms": sum(r.fused_norms for r in self.reports),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
@@ -63,7 +64,9 @@ class InspectReport:
                 f"{t['fused_linears']} linears computed by {t['fused_gemms']} fused GEMMs"
                 + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
                 + (f"; {t['fused_producers']} concatenations (+ GELU) read inside their rotate+quantize"
-                   if t["fused_producers"] else ""))
+                   if t["fused_producers"] else "")
+                + (f"; {t['fused_norms']} adaLN normalizations computed inside their rotate+quantize"
+                   if t["fused_norms"] else ""))
 
     def to_json(self) -> str:
         return json.dumps({"totals": self.totals(), "layers": [
@@ -104,13 +107,15 @@ def _mib(n: int) -> str:
 
 def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
             plan="w4a4", group_size: int = 256, rotation: str = "regular", fuse_gemms: bool = True,
-            fuse_producers: bool | str = True, gelu_epilogue: bool | None = None) -> InspectReport:
+            fuse_producers: bool | str = True, gelu_epilogue: bool | None = None,
+            fuse_norms: bool = False) -> InspectReport:
     """Trace ``model`` on the example inputs and report what the convrot pass would do to each linear.
 
     Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
     reports: list[CompileReport] = []
     options = {"plan": plan, "group_size": group_size, "rotation": rotation, "dry_run": True, "fuse_gemms": fuse_gemms,
-               "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue, "report": reports.append}
+               "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue, "fuse_norms": fuse_norms,
+               "report": reports.append}
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(model, backend=convrot_backend, options=options)

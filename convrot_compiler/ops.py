@@ -103,6 +103,37 @@ def _(x, x2, h, group_size, bits, gelu):
     return x2.new_empty(x2.shape[0], kp, dtype=torch.int8), x2.new_empty(x2.shape[0], dtype=torch.float32)
 
 
+def norm_reference(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """FLUX's adaLN input, layer_norm(x) * (1 + scale) + shift, of rows x [M, K] forming B samples of M / B
+    rows with scale and shift [B, K]; computed in float32 and rounded once to x's dtype, as Inductor's
+    fused kernel writes it (eager torch rounds after each op)."""
+    b, k = mod_scale.shape
+    xf = x.float().reshape(b, -1, k)
+    y = torch.nn.functional.layer_norm(xf, (k,), eps=eps) * (1 + mod_scale.float()[:, None]) + mod_shift.float()[:, None]
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@torch.library.custom_op("convrot::rotate_quantize_norm", mutates_args=())
+def rotate_quantize_norm(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float,
+                         h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quantize of norm_reference(x, mod_scale, mod_shift, eps); on CUDA the kernel normalizes and
+    modulates the rows as it loads them, so the normalized activations are never written to memory."""
+    return rotate_quantize_reference(norm_reference(x, mod_scale, mod_shift, eps), h, group_size, bits)
+
+
+@rotate_quantize_norm.register_kernel("cuda")
+def _rotate_quantize_norm_cuda(x, mod_scale, mod_shift, eps, h, group_size, bits):
+    from .kernels.rotate_quant import rotate_quantize as kernel
+
+    return kernel(x, h, group_size, bits, norm=(mod_scale, mod_shift, eps))
+
+
+@rotate_quantize_norm.register_fake
+def _(x, mod_scale, mod_shift, eps, h, group_size, bits):
+    kp = padded_size(x.shape[-1], group_size)
+    return x.new_empty(x.shape[0], kp, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
              bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
@@ -220,6 +251,14 @@ def quantize_cat_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Opti
     quantized linear. x2 may be a column slice of a larger tensor: its rows are read in place."""
     return torch.ops.convrot.rotate_quantize_cat(None if x is None else _strided_rows(x), _strided_rows(x2), h,
                                                  group_size, bits, gelu)
+
+
+def quantize_norm_activation(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float,
+                             h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation of layer_norm(x) * (1 + scale[:, None]) + shift[:, None], x [B, T, K] and scale,
+    shift [B, K], without materializing it: the compiler pass inserts it where FLUX's adaLN
+    normalization feeds quantized linears (producers.match_norm_producer)."""
+    return torch.ops.convrot.rotate_quantize_norm(_rows(x), mod_scale, mod_shift, eps, h, group_size, bits)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,

@@ -1,5 +1,7 @@
 """The convrot torch.compile backend on a small FluxTransformer2DModel (CPU)."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -347,3 +349,61 @@ def test_inspect_reports_folded_producers(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "2 concatenations (+ GELU)" in proc.stdout and "GELUs computed" not in proc.stdout
+
+
+@pytest.mark.parametrize("plan", ["w4a4", "mix"])
+def test_adaln_normalization_folds_into_the_activation_quantization(plan):
+    """fuse_norms: every adaLN normalization layer_norm(x) * (1 + scale) + shift that feeds quantized
+    linears is computed by their rotate+quantize (norm1/norm1_context/norm2/norm2_context per double block,
+    norm per single block; under mix the single blocks' to_v is w8a8 and gets its own), the LayerNorm
+    nodes leave the graph (norm_out's stays: it feeds the bf16 proj_out), and the output stays within
+    bf16 rounding of the unfused graph's (the normalization is rounded once instead of after every op)."""
+    from convrot_compiler.ops import quantize_norm_activation
+
+    kwargs = _inputs(build_flux("flux-tiny", seed=2))
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False)(**kwargs)[0]
+    norms_before = sum(n.target is torch.nn.functional.layer_norm
+                       for n in REPORTS[-1].graph_modules["after"].graph.nodes)
+    torch._dynamo.reset()
+    reports = []
+    out = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False, fuse_norms=True,
+                     report=reports.append)(**kwargs)[0]
+    gm = reports[-1].graph_modules["after"]
+    fused = [n for n in gm.graph.nodes if n.target is quantize_norm_activation]
+    per_single = 2 if plan == "mix" else 1
+    assert reports[-1].fused_norms == len(fused) == 2 * 4 + 2 * per_single
+    assert sum(n.target is torch.nn.functional.layer_norm for n in gm.graph.nodes) == norms_before - 2 * 4 - 2 == 1
+    assert relative_error(out, plain) < 2e-2
+    assert "10 adaLN normalizations computed inside their rotate+quantize" in inspect(
+        build_flux("flux-tiny", device="meta"), example_kwargs=make_flux_inputs(
+            build_flux("flux-tiny", device="meta"), 128, 128, 16, device="meta").kwargs, plan="w4a4",
+        fuse_norms=True).summary()
+
+
+def test_norm_fusion_leaves_other_normalizations_alone():
+    """Only layer_norm without affine parameters, over a K on the group grid, modulated per sample."""
+    from convrot_compiler.passes.producers import match_norm_producer
+
+    def graph(k, affine=False, unsqueeze=False, one_first=True):
+        g = torch.fx.Graph()
+        x, emb = g.placeholder("x"), g.placeholder("emb")
+        w = g.placeholder("w") if affine else None
+        ln = g.call_function(torch.nn.functional.layer_norm, (x, (k,), w, None, 1e-6))
+        scale = g.call_function(operator.getitem, (emb, 0))
+        shift = g.call_function(operator.getitem, (emb, 1))
+        per = ((lambda v: g.call_method("unsqueeze", (v, 1))) if unsqueeze
+               else (lambda v: g.call_function(operator.getitem, (v, (slice(None, None, None), None)))))
+        s3, t3 = per(scale), per(shift)
+        one_plus = g.call_function(operator.add, (1, s3) if one_first else (s3, 1))
+        out = g.call_function(operator.add, (g.call_function(operator.mul, (ln, one_plus)), t3))
+        for n, v in ((x, torch.empty(2, 5, k)), (emb, torch.empty(2, 2, k)), (scale, torch.empty(2, k)),
+                     (shift, torch.empty(2, k))):
+            n.meta["example_value"] = v
+        return out, x, scale, shift
+
+    out, x, scale, shift = graph(512)
+    assert match_norm_producer(out, 256) == (x, scale, shift, 1e-6)
+    out, x, scale, shift = graph(512, unsqueeze=True, one_first=False)
+    assert match_norm_producer(out, 256) == (x, scale, shift, 1e-6)
+    assert match_norm_producer(graph(300)[0], 256) is None  # off the group grid
+    assert match_norm_producer(graph(512, affine=True)[0], 256) is None  # LayerNorm with a weight

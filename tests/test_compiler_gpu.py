@@ -177,3 +177,18 @@ def test_regional_compile_at_flux_dev_widths_matches_the_whole_model_compile():
     assert relative_error(out, ref) < 2 * relative_error(stock, bf16) + 0.05
     with torch.no_grad():
         torch.testing.assert_close(regional(**kwargs)[0], regional.compiled(**kwargs)[0], rtol=0, atol=0)
+
+
+def test_adaln_norm_fusion_at_flux_dev_widths():
+    """fuse_norms under Inductor with CUDA-graph replay at FLUX.1-dev widths: every adaLN normalization
+    feeding quantized linears runs inside rotate+quantize (4 per double block, 1 per single block), and
+    the output stays within bf16 rounding of the unfused compile's."""
+    kwargs = make_flux_inputs(build_flux("flux-dev-short", seed=0, device="meta"), 512, 512, 128, device="cuda").kwargs
+    plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False)(**kwargs)[0]
+    torch._dynamo.reset()
+    reports = []
+    fused = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False, fuse_norms=True,
+                       report=reports.append)
+    out = fused(**kwargs)[0]
+    assert fused.cuda_graphs and sum(r.fused_norms for r in reports) == 2 * 4 + 2
+    assert relative_error(out, plain) < 2e-2

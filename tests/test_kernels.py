@@ -326,3 +326,35 @@ def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
     with pytest.raises(ValueError, match="schedule"):
         with mod.forced_schedule("fast"):
             pass
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_normalizes_and_modulates_as_it_loads(bits):
+    """rotate_quantize(x, norm=(scale, shift, eps)) == the op reference, rotate_quantize of FLUX's adaLN
+    input layer_norm(x) * (1 + scale) + shift (per sample, rounded once to bf16): up to a rare last-bit
+    difference of that rounding (mean and variance are summed in another order). Two samples of three
+    rows, a large offset on the rows (the variance must not cancel), scale and shift as column slices
+    of a wider tensor (as chunks of the modulation output are)."""
+    g = torch.Generator().manual_seed(30 + bits)
+    h = hadamard_matrix("regular", 16)
+    x = (torch.randn(6, 768, generator=g) * 4 + 300).bfloat16()
+    emb = (torch.randn(2, 3 * 768, generator=g) * 0.5).bfloat16()
+    mod_scale, mod_shift = emb[:, 768:1536], emb[:, 1536:]
+    q, s = rotate_quantize(x.to(DEV), h.to(DEV), 256, bits, norm=(mod_scale.to(DEV), mod_shift.to(DEV), 1e-6))
+    q_ref, s_ref = ops.rotate_quantize_norm(x, mod_scale, mod_shift, 1e-6, h, 256, bits)
+    assert q.shape == (6, 768)
+    assert (q.cpu().int() - q_ref.int()).abs().max() <= 1 and (q.cpu() != q_ref).float().mean() < 1e-2
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-4, atol=0)
+    y = ops.norm_reference(x, mod_scale, mod_shift, 1e-6)
+    assert torch.equal(ops.rotate_quantize(y, h, 256, bits)[0], q_ref)  # the op is rotate_quantize of that
+    unmodulated = torch.nn.functional.layer_norm(x.float(), (768,), eps=1e-6)
+    assert not torch.allclose(y.float(), unmodulated, atol=0.1)  # the modulation is applied
+
+
+def test_rotate_quantize_norm_rejects_bad_modulation():
+    x = torch.randn(6, 512).bfloat16().to(DEV)
+    ms = torch.zeros(4, 512).bfloat16().to(DEV)  # 4 samples do not divide 6 rows
+    with pytest.raises(ValueError, match="B dividing"):
+        rotate_quantize(x, None, 256, 4, norm=(ms, ms, 1e-6))
+    with pytest.raises(ValueError, match="cannot be combined with x2"):
+        rotate_quantize(x, None, 256, 4, x2=x, norm=(ms[:2], ms[:2], 1e-6))

@@ -55,6 +55,24 @@ def test_rotate_quantize_with_gelu_at_flux_shapes(k1, bits):
     assert q.shape == (m, k1 + 12288) and diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
 
 
+@pytest.mark.parametrize("batch,m", [(1, 4608), (2, 4096), (1, 512)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_with_adaln_norm_at_flux_shapes(batch, m, bits):
+    """FLUX's adaLN input layer_norm(x) * (1 + scale) + shift computed by the kernel as it loads (K = 3072,
+    scale and shift chunks of the modulation output) against the op reference: within one step, on a few
+    values (the mean and variance are summed in another order, which can flip a bf16 rounding)."""
+    x = (_dit_activations(m, 3072) * 8).contiguous()
+    emb = (torch.randn(batch, 6 * 3072, device="cuda") * 0.5).to(torch.bfloat16)
+    mod_scale, mod_shift = emb[:, 3072:6144], emb[:, :3072]
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = ops.rotate_quantize_reference(ops.norm_reference(x, mod_scale, mod_shift, 1e-6), h, 256, bits)
+    _poison_allocator()
+    q, s = rotate_quantize(x, h, 256, bits, norm=(mod_scale, mod_shift, 1e-6))
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
+
+
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)])
 @pytest.mark.parametrize("m", [4608, 77])
 @pytest.mark.parametrize("packed", [True, False])

@@ -82,11 +82,20 @@ def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
 
 @triton.jit
 def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
-                GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr):
+                GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr, HAS_NORM: tl.constexpr = False,
+                mean=None, rstd=None, ms_rows=None, mt_rows=None):
     """Group g of the rows. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the
     GELU of x2 (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never
-    written to memory; K1 is a multiple of G."""
+    written to memory; K1 is a multiple of G. HAS_NORM: the row's LayerNorm (mean, rstd) and its
+    sample's adaLN modulation, (x - mean) * rstd * (1 + ms) + mt in float32, rounded once to x's
+    dtype as Inductor's own fused kernel writes it."""
     k = g * G + cols
+    if HAS_NORM:
+        x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
+        ms = tl.load(ms_rows + k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        mt = tl.load(mt_rows + k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * (1.0 + ms) + mt
+        return _round_to(y, x.dtype, GPU_MATH)
     if TWO_SOURCES:
         if g * G < K1:
             x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
@@ -97,6 +106,26 @@ def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOU
     else:
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
     return x
+
+
+@triton.jit
+def _row_stats(x_rows, rmask, K, eps, BM: tl.constexpr, G: tl.constexpr):
+    """Per row: (mean, 1 / sqrt(var + eps)) over K channels (K a multiple of G), as LayerNorm takes
+    them. Each of the G lanes runs Welford's update over its K / G channels; the lanes are combined
+    once after the loop (Chan et al.), so no E[x^2] - E[x]^2 cancellation."""
+    cols = tl.arange(0, G)
+    mean_l = tl.zeros([BM, G], dtype=tl.float32)
+    m2_l = tl.zeros([BM, G], dtype=tl.float32)
+    n_groups = K // G
+    for g in range(0, n_groups):
+        x = tl.load(x_rows + (g * G + cols)[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        delta = x - mean_l
+        mean_l += delta * (1.0 / (g + 1))
+        m2_l += delta * (x - mean_l)
+    mean = tl.sum(mean_l, axis=1) / G
+    d = mean_l - mean[:, None]
+    var = (tl.sum(m2_l, axis=1) + n_groups * tl.sum(d * d, axis=1)) / K
+    return mean, 1.0 / tl.sqrt_rn(var + eps)
 
 
 @triton.jit
@@ -150,13 +179,14 @@ def _prune(configs, named_args, **kwargs):
         triton.Config({"BM": 16}, num_warps=4),
         quick=triton.Config({"BM": 2}, num_warps=2, num_stages=3),
     ),
-    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "GELU_X2"],
+    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "GELU_X2", "HAS_NORM"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm, stride_x2m, stride_qm,
+                         ms_ptr, mt_ptr, stride_msb, stride_mtb, T, eps,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, TWO_SOURCES: tl.constexpr,
-                         GELU_X2: tl.constexpr,
+                         GELU_X2: tl.constexpr, HAS_NORM: tl.constexpr,
                          DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -165,6 +195,14 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     x2_rows = x2_ptr + rows[:, None].to(tl.int64) * stride_x2m
     n_groups = tl.cdiv(K, G)
+    sample = (tl.where(rmask, rows, 0) // T).to(tl.int64)
+    ms_rows = ms_ptr + sample[:, None] * stride_msb
+    mt_rows = mt_ptr + sample[:, None] * stride_mtb
+    if HAS_NORM:
+        mean, rstd = _row_stats(x_rows, rmask, K, eps, BM, G)
+    else:
+        mean = tl.zeros([BM], dtype=tl.float32)
+        rstd = mean
 
     # element-wise running max, reduced across threads once after the loop
     KRON_ORDER: tl.constexpr = METHOD == 2
@@ -173,7 +211,8 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     else:
         amax_t = tl.zeros([BM, G], dtype=tl.float32)
     for g in range(0, n_groups):
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH,
+                        HAS_NORM, mean, rstd, ms_rows, mt_rows)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         # a non-finite input rotates to inf or NaN (as in the reference, which checks the rotated
         # row): keep NaN through the max, then one check per element after the loop
@@ -201,7 +240,8 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
         rmask16 = (pid * BM + r16 // 16) < M
     for g in range(0, n_groups):
         k = g * G + cols
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH,
+                        HAS_NORM, mean, rstd, ms_rows, mt_rows)
         y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
         if KRON_ORDER:  # stored from the Kronecker order through strided addresses: no permute
             q = _quantize_tile(y, p16, s16, inv16, usable16, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
@@ -213,7 +253,8 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
 
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int,
                     out_dtype: torch.dtype = torch.int8, *, x2: torch.Tensor | None = None,
-                    gelu_x2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    gelu_x2: bool = False, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
@@ -226,9 +267,16 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     kernel loads them: what feeds FLUX's single blocks' proj_out (and, GELU applied, ff down)
     without writing the concatenation (and the GELU) out first. x2 may be a column slice (row stride
     larger than its width), e.g. of a fused GEMM's output.
+
+    ``norm`` = (scale [B, K], shift [B, K], eps): the activations are FLUX's adaLN input
+    layer_norm(x) * (1 + scale) + shift, rows r of sample r // (M / B), computed as the kernel loads x
+    (see _load_group), so the normalized activations are never written to memory. K must be a
+    multiple of group_size.
     """
     if gelu_x2 and x2 is None:
         raise ValueError("gelu_x2=True applies the GELU to x2: pass x2")
+    if norm is not None and x2 is not None:
+        raise ValueError("norm applies to x alone: it cannot be combined with x2")
     if x2 is not None:
         check_device(x2)
         check_2d_rows("x2", x2)
@@ -263,6 +311,15 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     else:
         raise ValueError(f"h must be the [G, G] rotation for G <= 64 or, for G = 256, its [16, 16] Kronecker factor; "
                          f"got {tuple(h.shape)} for G = {group_size}")
+    if norm is not None:
+        mod_scale, mod_shift, eps = norm
+        check_device(mod_scale, mod_shift)
+        b = mod_scale.shape[0] if mod_scale.dim() == 2 else 0
+        if (mod_scale.shape != (b, x.shape[1]) or mod_shift.shape != (b, x.shape[1]) or b == 0
+                or x.shape[0] % b or x.shape[1] % group_size or mod_scale.stride(1) != 1 or mod_shift.stride(1) != 1):
+            raise ValueError(f"norm needs scale and shift [B, K] with unit column stride, B dividing the {x.shape[0]} "
+                             f"rows and K={x.shape[1]} a multiple of group_size={group_size}; got "
+                             f"{tuple(mod_scale.shape)} and {tuple(mod_shift.shape)}")
     dot_f32 = interpreting() or x.dtype == torch.float32
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m = x.shape[0]
@@ -275,7 +332,11 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
     two = x2 is not None
     x2 = x if x2 is None else x2
+    ms, mt, eps = norm if norm is not None else (scale, scale, 0.0)
+    rows_per_sample = m // ms.shape[0] if norm is not None else 1
     _rotate_quant_kernel[grid](x, x2, h, q, scale, m, k, k1 if two else 0, x.stride(0), x2.stride(0),
-                               q.stride(0), G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127,
-                               TWO_SOURCES=two, GELU_X2=gelu_x2, DOT_F32=dot_f32, GPU_MATH=not interpreting())
+                               q.stride(0), ms, mt, ms.stride(0), mt.stride(0), rows_per_sample, float(eps),
+                               G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127,
+                               TWO_SOURCES=two, GELU_X2=gelu_x2, HAS_NORM=norm is not None, DOT_F32=dot_f32,
+                               GPU_MATH=not interpreting())
     return q, scale

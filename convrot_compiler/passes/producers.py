@@ -9,11 +9,16 @@ apply the GELU there too (``fuse_producers="gelu"``; measured slower on an H100:
 kernel computes each GELU twice, bench/results/model_flux_dev_producers.md). By default the
 GELU runs in the up-projection's GEMM epilogue (rewrite.py, ``gelu_epilogue``) or, with the
 Inductor template GEMM, in the template's, and only the concatenation is left for
-rotate+quantize. This module recognises the patterns in the Dynamo graph; rewrite.py inserts
-the ops.
+rotate+quantize. Every quantized input of FLUX's blocks but those two is the adaLN
+normalization layer_norm(x) * (1 + scale) + shift, which Inductor otherwise writes in bf16 for
+rotate+quantize to read back; ``convrot::rotate_quantize_norm`` normalizes and modulates as it
+loads (``fuse_norms``). This module recognises the patterns in the Dynamo graph; rewrite.py
+inserts the ops.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -59,3 +64,60 @@ def match_cat_producer(x: fx.Node, group_size: int, gelu: bool = False) -> tuple
     if va is None or vb is None or va.dtype != vb.dtype or va.shape[:-1] != vb.shape[:-1] or va.shape[-1] % group_size:
         return None
     return (a, b.args[0], True) if gelu and is_gelu_tanh(b) else (a, b, False)
+
+
+def _is_call(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _per_sample(n) -> fx.Node | None:
+    """v when n is v[:, None] or v.unsqueeze(1) of a [B, K] tensor v: a per-sample vector over tokens."""
+    if _is_call(n, operator.getitem) and n.args[1] == (slice(None, None, None), None):
+        v = n.args[0]
+    elif isinstance(n, fx.Node) and n.op == "call_method" and n.target == "unsqueeze" and tuple(n.args[1:]) == (1,):
+        v = n.args[0]
+    else:
+        return None
+    val = _value(v) if isinstance(v, fx.Node) else None
+    return v if val is not None and val.dim() == 2 else None
+
+
+def _operands(n, *targets) -> tuple | None:
+    return tuple(n.args[:2]) if _is_call(n, *targets) and len(n.args) == 2 and not n.kwargs else None
+
+
+def match_norm_producer(x: fx.Node, group_size: int) -> tuple[fx.Node, fx.Node, fx.Node, float] | None:
+    """(inp, scale, shift, eps) when x is FLUX's adaLN normalization
+    ``layer_norm(inp, (K,), None, None, eps) * (1 + scale[:, None]) + shift[:, None]`` with inp [B, T, K],
+    scale and shift [B, K] and K a multiple of group_size (what ``rotate_quantize_norm`` computes); else None."""
+    added = _operands(x, operator.add, torch.add)
+    if added is None:
+        return None
+    for mul, shift3 in (added, added[::-1]):
+        factors = _operands(mul, operator.mul, torch.mul)
+        shift = _per_sample(shift3)
+        if factors is None or shift is None:
+            continue
+        for ln, one_plus in (factors, factors[::-1]):
+            terms = _operands(one_plus, operator.add, torch.add)
+            if not (_is_call(ln, torch.nn.functional.layer_norm) and terms is not None):
+                continue
+            scale = next((_per_sample(t) for t, c in (terms, terms[::-1]) if c == 1), None)
+            matched = scale is not None and _layer_norm_without_affine(ln, group_size)
+            if matched and _value(scale).shape == _value(shift).shape == (_value(ln.args[0]).shape[0],
+                                                                          _value(ln.args[0]).shape[-1]):
+                return ln.args[0], scale, shift, matched[0]
+    return None
+
+
+def _layer_norm_without_affine(ln: fx.Node, group_size: int) -> tuple[float] | None:
+    """(eps,) when ln is layer_norm over the last dim of a [B, T, K] input without weight or bias, K a
+    multiple of group_size."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    args = dict(zip(names, ln.args)) | dict(ln.kwargs)
+    inp = _value(args["input"]) if isinstance(args.get("input"), fx.Node) else None
+    if inp is None or inp.dim() != 3 or args.get("weight") is not None or args.get("bias") is not None:
+        return None
+    if tuple(args.get("normalized_shape", ())) != (inp.shape[-1],) or inp.shape[-1] % group_size:
+        return None
+    return (float(args.get("eps", 1e-5)),)

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
+from ..ops import (quantize_activation, quantize_cat_activation, quantize_norm_activation, quantized_linear,
+                   quantized_matmul)
 from .match import LinearMatch
-from .producers import is_gelu_tanh, match_cat_producer
+from .producers import is_gelu_tanh, match_cat_producer, match_norm_producer
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
@@ -52,6 +53,7 @@ class RewriteResult:
     fused_linears: int = 0       # linears computed by those
     fused_producers: int = 0     # activation quantizations that read a concatenation (and apply a GELU) as they load
     gelu_epilogues: int = 0      # GELUs computed in the epilogue of the GEMM before them
+    fused_norms: int = 0         # activation quantizations that compute the adaLN normalization feeding them
 
 
 def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
@@ -90,13 +92,14 @@ def _drop_gelu(graph: fx.Graph, gelu: fx.Node, replacement: fx.Node) -> None:
 
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = True,
                     gemm: str = "kernel", fuse_producers: bool | str = False,
-                    gelu_epilogue: bool = False) -> RewriteResult:
+                    gelu_epilogue: bool = False, fuse_norms: bool = False) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite rotates.
     ``gemm``: how each quantized_matmul computes (see ops.quantized_matmul). ``fuse_producers``: a
     concatenation producing a quantized input is read inside its quantization; ``"gelu"``: a GELU
     producing it (or its concatenation's second part) is applied there too (producers.py).
     ``gelu_epilogue`` (gemm="kernel" only, as backend.validate_options checks): a GELU after a quantized
-    linear runs in its GEMM's epilogue."""
+    linear runs in its GEMM's epilogue. ``fuse_norms``: FLUX's adaLN normalization producing a quantized
+    input, when only quantized linears read it, is computed inside its quantization (producers.py)."""
     graph = gm.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
@@ -118,11 +121,14 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
         if rw.scheme != "w4a16":
             groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
 
-    fused_gemms = fused_linears = fused_producers = gelu_epilogues = 0
+    quantized_nodes = {rewrites[i].match.node for m in groups.values() for i in m}
+    fused_gemms = fused_linears = fused_producers = gelu_epilogues = fused_norms = 0
     dropped: list[fx.Node] = []
     for (x, bits, group_size, with_rotation), members in groups.items():
         first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
         producer = match_cat_producer(x, group_size, gelu=fuse_producers == "gelu") if fuse_producers else None
+        norm = (match_norm_producer(x, group_size) if fuse_norms and producer is None and x.users.keys() <= quantized_nodes
+                else None)
         shape_of = x  # what the GEMMs read for the output's shape and dtype (not its values)
         gelus = {i: g for i in members if gelu_epilogue and (g := _sole_gelu_user(rewrites[i].match.node))}
         members = sorted(members, key=lambda i: i in gelus)  # GELU outputs last: one gelu_from column
@@ -133,6 +139,13 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                                                                   group_size, bits, gelu))
                 shape_of = b  # same leading dims and dtype as x: the GELU and cat can go
                 fused_producers += 1
+                dropped.append(x)
+            elif norm is not None:
+                inp, mod_scale, mod_shift, eps = norm
+                qs = graph.call_function(quantize_norm_activation, (inp, mod_scale, mod_shift, eps,
+                                                                   h if with_rotation else None, group_size, bits))
+                shape_of = inp  # same leading dims and dtype as x: the normalization can go
+                fused_norms += 1
                 dropped.append(x)
             else:
                 qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits))
@@ -181,10 +194,10 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                                                              rw.match.bias, rw.scheme, rw.group_size,
                                                              rw.match.out_features))
             _replace_linear(graph, rw, new)
-    for node in dropped:  # a GELU / concatenation (/ inference dropout) that only fed the quantization
+    for node in dict.fromkeys(dropped):  # a GELU / concatenation / normalization that only fed quantizations
         _erase_unused_chain(graph, node)
     graph.lint()
     gm.recompile()
     n_quantized = sum(len(m) for m in groups.values())
     return RewriteResult(h is not None, len(groups), n_quantized - len(groups), fused_gemms, fused_linears,
-                         fused_producers, gelu_epilogues)
+                         fused_producers, gelu_epilogues, fused_norms)
