@@ -68,7 +68,7 @@ def test_rotate_quantize_with_adaln_norm_at_flux_shapes(batch, m, bits):
     q_ref, s_ref = ops.rotate_quantize_reference(ops.norm_reference(x, mod_scale, mod_shift, 1e-6), h, 256, bits)
     _poison_allocator()
     q, s = rotate_quantize(x, h, 256, bits, norm=(mod_scale, mod_shift, 1e-6))
-    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=0)  # a flipped rounding may move a row's absmax
     diff = (q.int() - q_ref.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
 
