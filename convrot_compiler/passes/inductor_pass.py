@@ -135,9 +135,11 @@ class ConvRotInductorPass(CustomGraphPass):
                 continue
             split = next(iter(node.users))
             sizes = _split_sizes(split, node)
-            items = sorted(split.users, key=lambda u: u.args[1] if len(u.args) > 1 else -1)
+            if sizes is None or not all(u.target is operator.getitem for u in split.users):
+                continue
+            items = sorted(split.users, key=lambda u: u.args[1])
             named = [_named_source(u) for u in items]
-            if sizes is None or not all(u.target is operator.getitem for u in items) or None in named:
+            if None in named:
                 continue
             bias, x, wt = node.args if node.target is aten.addmm.default else (None, *node.args)
             if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (wt, bias) if t is not None):
