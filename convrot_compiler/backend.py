@@ -316,7 +316,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
 
     ``fuse_norms`` computes FLUX's adaLN normalization, layer_norm(x) * (1 + scale) + shift, inside the
     rotate+quantize of the linears it feeds, so the normalized activations are never written to memory
-    (off by default until measured on a GPU).
+    (off by default: no faster on an H100, because Inductor's kernel before it still writes the gated
+    residual; bench/results/model_flux_dev_norms.md).
 
     ``regional`` compiles each repeated block class once instead of the whole model (True: the
     classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
