@@ -67,11 +67,16 @@ def _rotate_quantize_cuda(x, h, group_size, bits):
     return kernel(x, h, group_size, bits)
 
 
+def _quantized_rows_like(x: torch.Tensor, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (int8 values [M, K'], float32 scale [M]) for x's M rows of K channels: the fake of every
+    rotate+quantize op."""
+    kp = padded_size(k, group_size)
+    return x.new_empty(x.shape[0], kp, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
 @rotate_quantize.register_fake
 def _(x, h, group_size, bits):
-    kp = padded_size(x.shape[-1], group_size)
-    q = x.new_empty(x.shape[0], kp, dtype=torch.int8)
-    return q, x.new_empty(x.shape[0], dtype=torch.float32)
+    return _quantized_rows_like(x, x.shape[-1], group_size)
 
 
 def cat_reference(x: Optional[torch.Tensor], x2: torch.Tensor, gelu: bool) -> torch.Tensor:
@@ -99,8 +104,7 @@ def _rotate_quantize_cat_cuda(x, x2, h, group_size, bits, gelu):
 
 @rotate_quantize_cat.register_fake
 def _(x, x2, h, group_size, bits, gelu):
-    kp = padded_size((0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
-    return x2.new_empty(x2.shape[0], kp, dtype=torch.int8), x2.new_empty(x2.shape[0], dtype=torch.float32)
+    return _quantized_rows_like(x2, (0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
 
 
 def norm_reference(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,8 +134,7 @@ def _rotate_quantize_norm_cuda(x, mod_scale, mod_shift, eps, h, group_size, bits
 
 @rotate_quantize_norm.register_fake
 def _(x, mod_scale, mod_shift, eps, h, group_size, bits):
-    kp = padded_size(x.shape[-1], group_size)
-    return x.new_empty(x.shape[0], kp, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+    return _quantized_rows_like(x, x.shape[-1], group_size)
 
 
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())

@@ -82,8 +82,8 @@ def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
 
 @triton.jit
 def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
-                GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr, HAS_NORM: tl.constexpr = False,
-                mean=None, rstd=None, ms_rows=None, mt_rows=None):
+                GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr, HAS_NORM: tl.constexpr,
+                mean, rstd, ms_rows, mt_rows):
     """Group g of the rows. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the
     GELU of x2 (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never
     written to memory; K1 is a multiple of G. HAS_NORM: the row's LayerNorm (mean, rstd) and its
@@ -195,12 +195,13 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     x2_rows = x2_ptr + rows[:, None].to(tl.int64) * stride_x2m
     n_groups = tl.cdiv(K, G)
-    sample = (tl.where(rmask, rows, 0) // T).to(tl.int64)
-    ms_rows = ms_ptr + sample[:, None] * stride_msb
-    mt_rows = mt_ptr + sample[:, None] * stride_mtb
     if HAS_NORM:
+        sample = (tl.where(rmask, rows, 0) // T).to(tl.int64)
+        ms_rows = ms_ptr + sample[:, None] * stride_msb
+        mt_rows = mt_ptr + sample[:, None] * stride_mtb
         mean, rstd = _row_stats(x_rows, rmask, K, eps, BM, G)
-    else:
+    else:  # unused by _load_group
+        ms_rows, mt_rows = x_rows, x_rows
         mean = tl.zeros([BM], dtype=tl.float32)
         rstd = mean
 

@@ -24,6 +24,7 @@ pass runs; set ``torch._inductor.config.cpp.weight_prepack = False`` (the pass s
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 
@@ -145,9 +146,7 @@ class ConvRotInductorPass(CustomGraphPass):
             if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (wt, bias) if t is not None):
                 continue
             w, b = getattr(g.gm, wt.target), None if bias is None else getattr(g.gm, bias.target)
-            starts = [0]
-            for size in sizes:
-                starts.append(starts[-1] + size)
+            starts = [0, *itertools.accumulate(sizes)]
             for item, source in zip(items, named):
                 i = item.args[1]
                 lo, hi = starts[i], starts[i + 1]

@@ -24,14 +24,18 @@ import torch
 from torch import fx
 
 
+def _is_call(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
 def is_gelu_tanh(n) -> bool:
-    return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch._C._nn.gelu
+    return (_is_call(n, torch._C._nn.gelu)
             and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh")
 
 
 def _is_inference_dropout(n) -> bool:
     """F.dropout(x, p, training=False, ...) or p = 0: the identity."""
-    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch.nn.functional.dropout):
+    if not _is_call(n, torch.nn.functional.dropout):
         return False
     p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
     training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
@@ -50,7 +54,7 @@ def match_cat_producer(x: fx.Node, group_size: int, gelu: bool = False) -> tuple
         x = x.args[0]
     if gelu and is_gelu_tanh(x):
         return None, x.args[0], True
-    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.cat):
+    if not _is_call(x, torch.cat):
         return None
     tensors = x.args[0] if x.args else x.kwargs.get("tensors")
     dim = x.kwargs.get("dim", x.args[1] if len(x.args) > 1 else 0)
@@ -64,10 +68,6 @@ def match_cat_producer(x: fx.Node, group_size: int, gelu: bool = False) -> tuple
     if va is None or vb is None or va.dtype != vb.dtype or va.shape[:-1] != vb.shape[:-1] or va.shape[-1] % group_size:
         return None
     return (a, b.args[0], True) if gelu and is_gelu_tanh(b) else (a, b, False)
-
-
-def _is_call(n, *targets) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
 def _per_sample(n) -> fx.Node | None:
@@ -103,16 +103,19 @@ def match_norm_producer(x: fx.Node, group_size: int) -> tuple[fx.Node, fx.Node, 
             if not (_is_call(ln, torch.nn.functional.layer_norm) and terms is not None):
                 continue
             scale = next((_per_sample(t) for t, c in (terms, terms[::-1]) if c == 1), None)
-            matched = scale is not None and _layer_norm_without_affine(ln, group_size)
-            if matched and _value(scale).shape == _value(shift).shape == (_value(ln.args[0]).shape[0],
-                                                                          _value(ln.args[0]).shape[-1]):
-                return ln.args[0], scale, shift, matched[0]
+            normalized = _layer_norm_without_affine(ln, group_size)
+            if scale is None or normalized is None:
+                continue
+            inp, eps = normalized
+            batch, k = _value(inp).shape[0], _value(inp).shape[-1]
+            if _value(scale).shape == _value(shift).shape == (batch, k):
+                return inp, scale, shift, eps
     return None
 
 
-def _layer_norm_without_affine(ln: fx.Node, group_size: int) -> tuple[float] | None:
-    """(eps,) when ln is layer_norm over the last dim of a [B, T, K] input without weight or bias, K a
-    multiple of group_size."""
+def _layer_norm_without_affine(ln: fx.Node, group_size: int) -> tuple[fx.Node, float] | None:
+    """(input, eps) when ln is layer_norm over the last dim of a [B, T, K] input without weight or bias,
+    K a multiple of group_size."""
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     args = dict(zip(names, ln.args)) | dict(ln.kwargs)
     inp = _value(args["input"]) if isinstance(args.get("input"), fx.Node) else None
@@ -120,4 +123,4 @@ def _layer_norm_without_affine(ln: fx.Node, group_size: int) -> tuple[float] | N
         return None
     if tuple(args.get("normalized_shape", ())) != (inp.shape[-1],) or inp.shape[-1] % group_size:
         return None
-    return (float(args.get("eps", 1e-5)),)
+    return args["input"], float(args.get("eps", 1e-5))
