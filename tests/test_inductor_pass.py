@@ -118,6 +118,14 @@ class _QKV(nn.Module):
         return self.q(x) * self.k(x) + self.v(x)
 
 
+def _without_names(graph):
+    """The concatenation with no name left anywhere after it: the pass cannot split it back."""
+    _as_torch_2_11(graph)
+    for n in graph.nodes:
+        if n.target in (torch.ops.aten.reshape.default, torch.ops.aten.view.default):
+            n.meta.pop("nn_module_stack", None)
+
+
 def _as_torch_2_11(graph):
     """The concatenation as torch 2.11 leaves it (seen on the GPU image): ``chunk`` (aten.split.Tensor)
     instead of split_with_sizes, and the linears' names only on the reshapes after the getitems."""
@@ -167,3 +175,15 @@ def test_post_grad_pass_gives_the_hadamard_factor_in_the_weights_dtype():
         with torch.no_grad():
             torch.compile(model)(torch.randn(4, 256, dtype=torch.bfloat16))
     assert seen == [torch.bfloat16] and p.decisions[0].precision == "w4a4"
+
+
+def test_post_grad_pass_says_when_a_gemm_has_no_name():
+    """A concatenated GEMM whose linears' names are gone stays one GEMM, planned by the rule matching its
+    placeholder name, and its decision says so (not a silent catch-all)."""
+    p = ConvRotInductorPass(plan=[("v", "w8a8"), ("*", "w4a4")])
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=lambda graph: (_without_names(graph), p(graph)),
+                               **{"cpp.weight_prepack": False, "cpp.enable_concat_linear": True}):
+        with torch.no_grad():
+            torch.compile(_QKV().eval())(torch.randn(2, 12, 256))
+    [d] = p.decisions
+    assert d.name.startswith("<") and d.out_features == 768 and "has no module name" in d.reason

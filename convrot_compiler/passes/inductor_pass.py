@@ -168,22 +168,28 @@ class ConvRotInductorPass(CustomGraphPass):
         """Plan one GEMM and quantize its frozen weight; None when it stays bf16 (the decision says why)."""
         if node.target is aten.addmm.default:
             bias, x, wt = node.args[:3]
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                return None
         else:
             (x, wt), bias = node.args[:2], None
-        name = module_name(node) or f"<{node.name}>"
+        known = module_name(node)
+        name = known or f"<{node.name}>"
         x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
         rows = int(x_val.shape[0]) if x_val is not None and isinstance(x_val.shape[0], int) else None
         planned, rule = self.plan.match(name)
-        if not (isinstance(wt, fx.Node) and wt.op == "get_attr"):
-            reason = "weight is not a frozen constant: set torch._inductor.config.freezing = True and run under no_grad"
+        unsupported = None
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            unsupported = "addmm with beta or alpha other than 1 is not a plain linear"
+        elif not (isinstance(wt, fx.Node) and wt.op == "get_attr"):
+            unsupported = "weight is not a frozen constant: set torch._inductor.config.freezing = True and run under no_grad"
+        if unsupported:
             n_out = int(node.meta["val"].shape[-1]) if "val" in node.meta else 0
-            self.decisions.append(LayerDecision(name, 0, n_out, planned, "bf16", reason, rule, rows=rows))
+            self.decisions.append(LayerDecision(name, 0, n_out, planned, "bf16", unsupported, rule, rows=rows))
             return None
         w = getattr(g.gm, wt.target).T  # frozen constants hold W^T [K, N]
         n_out, k_in = w.shape
-        decision = LayerDecision(name, k_in, n_out, planned, planned, f"plan rule {rule!r}", rule, rows=rows,
+        reason = f"plan rule {rule!r}" + ("" if known else
+                                          f" on {name!r}: the GEMM has no module name (Inductor built it), so only "
+                                          "a rule matching that placeholder applies")
+        decision = LayerDecision(name, k_in, n_out, planned, planned, reason, rule, rows=rows,
                                  bytes_before=w.numel() * w.element_size())
         self.decisions.append(decision)
         why = "kept by plan" if planned == "bf16" else eligibility(planned, k_in, n_out, w.dtype, self.group_size)
