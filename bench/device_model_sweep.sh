@@ -13,6 +13,7 @@
 #   bash bench/device_model_sweep.sh template  # bf16, w4a4 with gemm="template", kernel-time breakdown (--profile)
 #   bash bench/device_model_sweep.sh producers # bf16, w4a4 (profiled), w4a4 with the GELU (+ cat) inside
 #                                              # rotate+quantize, w4a4 with the one-program-per-tile GEMM
+#   bash bench/device_model_sweep.sh ws        # bf16, w4a4 (profiled), bf16-compile, w4a4 without warp specialization
 case "${1:-}" in
   row1024) args=(--resolution 1024 --variants bf16,bf16-compile,mix,w4a4 --profile) ;;
   regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
@@ -25,7 +26,8 @@ case "${1:-}" in
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
   template) args=(--resolution 1024 --variants bf16,w4a4-template --profile) ;;
   producers) args=(--resolution 1024 --variants bf16,w4a4,w4a4-producers,w4a4-flat --profile) ;;
-  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers" >&2; exit 2 ;;
+  ws)      args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,w4a4-nows --profile) ;;
+  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
 timeout "${SWEEP_TIMEOUT:-585}" python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \

@@ -2,6 +2,7 @@
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python bench/profile_kernel.py rotate
     ... python bench/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
+    ... python bench/profile_kernel.py gemm     # persistent int8 GEMM, 4608 x 3072 -> 12288 (no unpack)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from convrot_compiler.kernels.int_gemm import int_gemm  # noqa: E402
 from convrot_compiler.kernels.rotate_quant import rotate_quantize  # noqa: E402
 from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
 from convrot_compiler.quant import quantize_weight  # noqa: E402
@@ -31,7 +33,15 @@ def gemv(m: int = 1, k: int = 3072, n: int = 18432):
     return lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256)
 
 
-KERNELS = {"rotate": rotate, "gemv": gemv}
+def gemm(m: int = 4608, k: int = 3072, n: int = 12288):
+    x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
+    sx = torch.rand(m, device="cuda") + 0.5
+    sw = torch.rand(n, device="cuda") + 0.5
+    return lambda: int_gemm(x, sx, w, sw, None, False, 256, torch.bfloat16, persistent=True)
+
+
+KERNELS = {"rotate": rotate, "gemv": gemv, "gemm": gemm}
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ LAUNCHES = {
     "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
     "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
+    "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
 }
@@ -212,8 +213,10 @@ def run(args) -> dict:
             row = {"variant": variant, "resolution": res, "batch": args.batch,
                    "tokens": inputs.image_tokens + inputs.text_tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
-            # "<plan>-flat": the one-program-per-tile int8 GEMM at every M (the default is persistent at large M)
-            with forced_schedule("flat") if variant.endswith("-flat") else contextlib.nullcontext():
+            # "<plan>-flat": the one-program-per-tile int8 GEMM at every M (the default is persistent at large M);
+            # "<plan>-nows": the persistent form without warp specialization
+            schedule = {"flat": "flat", "nows": "unspecialized"}.get(variant.rsplit("-", 1)[-1])
+            with forced_schedule(schedule) if schedule else contextlib.nullcontext():
                 try:
                     t0 = time.perf_counter()
                     fn, prepared, note = prepare(variant, model)

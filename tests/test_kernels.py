@@ -100,9 +100,11 @@ def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias, persisten
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_persistent_int_gemm_covers_more_tiles_than_programs():
+@pytest.mark.parametrize("warp_specialize", [True, False])
+def test_persistent_int_gemm_covers_more_tiles_than_programs(warp_specialize):
     """The persistent GEMM's programs each walk several tiles (4 programs in the interpreter, one
-    per SM on a GPU): 3 x 5 tiles of 16 here, ragged in M and N, with a bias."""
+    per SM on a GPU): 3 x 5 tiles of 16 here, ragged in M and N, with a bias; its warp-specialized
+    and flattened tile loops alike."""
     g = torch.Generator().manual_seed(11)
     m, n, k = 45, 70, 512
     qx = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
@@ -110,7 +112,7 @@ def test_persistent_int_gemm_covers_more_tiles_than_programs():
     sx, sw, bias = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
     ref = ops.int_gemm_reference(qx, sx, qw, sw, bias, False, 256, torch.float32)
     out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), bias.to(DEV), False, 256, torch.float32,
-                   persistent=True)
+                   persistent=True, warp_specialize=warp_specialize)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
@@ -294,13 +296,17 @@ def test_int_gemm_applies_gelu_in_its_epilogue(persistent, gelu_from, assert_gel
 
 
 def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
-    """persistent=None: persistent from PERSISTENT_MIN_M rows, or from PERSISTENT_WIDE_MIN_M rows when
-    N >= PERSISTENT_WIDE_N (int8 only); forced_schedule overrides the rule for benchmarks; an explicit
-    persistent= overrides both."""
+    """persistent=None, int8 only: warp-specialized persistent when the output has PERSISTENT_MIN_WAVES tiles
+    of PERSISTENT_TILE^2 per program (4 programs in the interpreter); with a GELU epilogue, unspecialized
+    persistent from PERSISTENT_MIN_M rows, or PERSISTENT_WIDE_MIN_M rows when N >= PERSISTENT_WIDE_N;
+    forced_schedule overrides the rules for benchmarks; an explicit persistent= overrides both."""
     from convrot_compiler.kernels import int_gemm as mod
 
     calls = []
-    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append("persistent"))
+    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append(a[-1]))  # a[-1]: warp_specialize
+    monkeypatch.setattr(mod, "_programs", lambda device: 2)
+    monkeypatch.setattr(mod, "PERSISTENT_TILE", 16)
+    monkeypatch.setattr(mod, "PERSISTENT_MIN_WAVES", 2)  # from 4 output tiles of 16 x 16
     monkeypatch.setattr(mod, "PERSISTENT_MIN_M", 8)
     monkeypatch.setattr(mod, "PERSISTENT_WIDE_MIN_M", 4)
     monkeypatch.setattr(mod, "PERSISTENT_WIDE_N", 32)
@@ -315,14 +321,19 @@ def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
                  torch.float32, **kw)
         return bool(calls)
 
-    assert not run(7) and run(8)
-    assert run(4, n=32) and not run(3, n=32) and not run(4, n=16)
+    assert not run(48) and run(49) and not run(16, n=32) and run(17, n=32) and run(1, n=64)
     with mod.forced_schedule("flat"):
-        assert not run(8)
-        assert run(8, persistent=True)
+        assert not run(49)
+        assert run(49, persistent=True)
     with mod.forced_schedule("persistent"):
         assert run(1)
-    assert not run(8, persistent=False)
+    assert not run(49, persistent=False)
+    assert run(49) and calls == [True]
+    gelu = dict(gelu_from=0)
+    assert not run(7, **gelu) and run(8, **gelu) and calls == [False]
+    assert run(4, n=32, **gelu) and not run(3, n=32, **gelu) and not run(4, **gelu)
+    with mod.forced_schedule("unspecialized"):
+        assert not run(7) and run(8) and calls == [False]
     with pytest.raises(ValueError, match="schedule"):
         with mod.forced_schedule("fast"):
             pass

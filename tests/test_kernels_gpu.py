@@ -76,8 +76,8 @@ def test_rotate_quantize_with_adaln_norm_at_flux_shapes(batch, m, bits):
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)])
 @pytest.mark.parametrize("m", [4608, 77])
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_int_gemm_at_flux_shapes(k, n, m, packed, persistent):
+@pytest.mark.parametrize("persistent,warp_specialize", [(False, True), (True, True), (True, False)])
+def test_int_gemm_at_flux_shapes(k, n, m, packed, persistent, warp_specialize):
     lim = 7 if packed else 127
     qx = torch.randint(-lim, lim + 1, (m, k), dtype=torch.int8, device="cuda")
     qw = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8, device="cuda")
@@ -88,9 +88,11 @@ def test_int_gemm_at_flux_shapes(k, n, m, packed, persistent):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     ref = ops.int_gemm_reference(qx, sx, qw, sw, bias, packed, 256, torch.float32)
     _poison_allocator()
-    out = int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.bfloat16, persistent=persistent)
+    out = int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.bfloat16, persistent=persistent,
+                   warp_specialize=warp_specialize)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-    out32 = int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.float32, persistent=persistent)
+    out32 = int_gemm(qx, sx, qw, sw, bias, packed, 256, torch.float32, persistent=persistent,
+                     warp_specialize=warp_specialize)
     # the integer part is exact; the epilogue may contract multiply-add into FMA, hence 1e-6
     torch.testing.assert_close(out32, ref, rtol=1e-6, atol=1e-6)
 

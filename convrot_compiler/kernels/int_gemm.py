@@ -53,23 +53,30 @@ _GPU_CONFIGS = [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_
                 for bn, bm, bk, s, w in GEMM_TILES]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
-# Measured on an H100 (bench/results/gemm_persistent.md, gemm_crossover.md): the persistent TMA form is
-# 7-13% faster at M = 4608 on every FLUX shape and 0.5-0.95x the one-program-per-tile form at M = 512
-# (too few tiles to amortize one program per SM). At M = 1024-1536 it wins by 4-13% only on wide outputs
-# (ff up 3072->12288, the single blocks' fused 3072->21504) and loses up to 27% on fused Q/K/V (N = 9216).
+# When the persistent form pays, measured on an H100:
+# * warp-specialized (no GELU epilogue; bench/results/ws_gemm_m512_1024_2048.md, ws_gemm_m4608.md): wherever
+#   the output has at least two 128 x 128 tiles per SM (M = 512 with N >= 9216: 1.14-1.34x cuBLAS bf16 against
+#   0.89-1.18x one program per tile; every FLUX shape from M = 2048); it loses below that (M = 512 and 1024
+#   at 3072 -> 3072: 1.11-1.15x against 1.23-1.24x);
+# * not specialized (GELU epilogue; gemm_persistent.md, gemm_crossover.md): from M = 2048, or from M = 1024
+#   on wide outputs (N >= 12288). Warp-specialized, a GELU epilogue ran 1.27-1.36x slower than this form
+#   (bench/results/model_gemms.md: the consumer warps compute the epilogue with no MMAs to hide it behind).
+PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
 PERSISTENT_MIN_M = 2048
 PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
+SCHEDULES = ("persistent", "flat", "unspecialized")
 _forced_schedule: str | None = None
 
 
 @contextlib.contextmanager
 def forced_schedule(schedule: str) -> Iterator[None]:
     """Within the block, int_gemm calls that do not pass ``persistent`` run the ``"persistent"``
-    or the ``"flat"`` (one program per tile) form whatever M is: for benchmarks that compare the two
-    in one process. A CUDA graph captured inside the block keeps the form it captured."""
+    or the ``"flat"`` (one program per tile) form whatever M is, or (``"unspecialized"``) never
+    warp-specialize, choosing forms by the unspecialized rule as before warp specialization: for
+    benchmarks that compare them in one process. A CUDA graph captured inside the block keeps the form it captured."""
     global _forced_schedule
-    if schedule not in ("persistent", "flat"):
-        raise ValueError(f"schedule must be 'persistent' or 'flat', got {schedule!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     before, _forced_schedule = _forced_schedule, schedule
     try:
         yield
@@ -77,11 +84,13 @@ def forced_schedule(schedule: str) -> Iterator[None]:
         _forced_schedule = before
 
 
-def _use_persistent(m: int, n: int, fp8: bool) -> bool:
+def _use_persistent(m: int, n: int, fp8: bool, programs: int, specialized: bool) -> bool:
     if fp8:
         return False
-    if _forced_schedule is not None:
+    if _forced_schedule in ("persistent", "flat"):
         return _forced_schedule == "persistent"
+    if specialized:
+        return triton.cdiv(m, PERSISTENT_TILE) * triton.cdiv(n, PERSISTENT_TILE) >= PERSISTENT_MIN_WAVES * programs
     return m >= PERSISTENT_MIN_M or (m >= PERSISTENT_WIDE_MIN_M and n >= PERSISTENT_WIDE_N)
 
 
@@ -155,36 +164,51 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
                   HAS_BIAS, HAS_GELU, FAST_GELU, BN, BM)
 
 
-def _set_tma_blocks(nargs):
-    """Autotune pre-hook: the TMA descriptors' block shapes follow the config being run."""
-    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
-    nargs["x_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+# (BN, BM, BK, stages, warps). With Hopper's automatic warp specialization, (128, 128, 128, 4, 4) was the
+# fastest of 7-9 configs at every FLUX.1-dev shape and M = 512-4608 (bench/results/ws_gemm_m4608.md,
+# ws_gemm_m512_1024_2048.md): 1.64x cuBLAS bf16 (geomean, M = 4608) against 1.51x for the unspecialized
+# form in the same process. It is the only one: autotuning it against (128, 128, 128, 3, 4) picked the
+# latter where it ran at half the speed (M = 512 and 2048, 3072 -> 3072).
+_WS_TILES = [(128, 128, 128, 4, 4)]
+_TMA_TILES = [(128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
+              (128, 128, 64, 5, 4), (256, 128, 64, 3, 8), (128, 128, 128, 3, 4)]
+_TMA_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
 
-_TMA_GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w, pre_hook=_set_tma_blocks)
-    for bn, bm, bk, s, w in [
-        (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
-        (128, 128, 64, 5, 4), (256, 128, 64, 3, 8), (128, 128, 128, 3, 4),
-    ]
-]
-_TMA_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4,
-                                        pre_hook=_set_tma_blocks)
+def _tile(config: triton.Config) -> tuple[int, int, int, int, int]:
+    return config.kwargs["BN"], config.kwargs["BM"], config.kwargs["BK"], config.num_stages, config.num_warps
 
 
-@triton.autotune(configs=autotune_configs(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG),
-                 key=["M", "N", "K", "HAS_GELU"])
+def _prune_tma(configs, named_args, **kwargs):
+    """The warp-specialized form autotunes over _WS_TILES, the other over _TMA_TILES."""
+    tiles = _WS_TILES if kwargs.get("WARP_SPECIALIZE", named_args.get("WARP_SPECIALIZE")) else _TMA_TILES
+    return [c for c in configs if _tile(c) in tiles] or configs
+
+
+@triton.autotune(
+    configs=autotune_configs([triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
+                              for bn, bm, bk, s, w in dict.fromkeys(_WS_TILES + _TMA_TILES)],
+                             _TMA_INTERPRETER_CONFIG),
+    key=["M", "N", "K", "HAS_GELU", "WARP_SPECIALIZE"], prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
-def _int_gemm_tma_kernel(w_desc, x_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, gelu_from,
-                         HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FAST_GELU: tl.constexpr,
-                         NUM_PROGRAMS: tl.constexpr,
+def _int_gemm_tma_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_wn, stride_xm, stride_cm,
+                         gelu_from, HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr, FAST_GELU: tl.constexpr,
+                         NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                          BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
-    """The int8 GEMM of _int_gemm_kernel, persistent (one program per SM walks the tiles) with
-    operands loaded by TMA descriptors, after Triton's persistent-matmul tutorial; the flattened
-    tile loop lets the next tile's loads overlap this tile's epilogue. Same tile order, same epilogue."""
+    """The int8 GEMM of _int_gemm_kernel, persistent (one program per SM walks the tiles) with operands
+    loaded by TMA, after Triton's persistent-matmul tutorial. Same tile order, same epilogue.
+
+    WARP_SPECIALIZE: Triton's automatic warp specialization splits the tile loop into a producer
+    (TMA loads) and consumer warps (MMAs, epilogue), so one tile's epilogue overlaps the next tile's
+    loads; on Hopper it does not flatten the loop nest. Otherwise the flattened loop lets the next
+    tile's loads overlap this tile's epilogue. The descriptors are built on the device (host-side ones
+    do not warp-specialize on Hopper), in a scratch buffer from triton.set_allocator."""
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BN, BK])
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
     num_n = tl.cdiv(N, BN)
     num_m = tl.cdiv(M, BM)
-    for tile in tl.range(tl.program_id(0), num_n * num_m, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_n * num_m, NUM_PROGRAMS, flatten=not WARP_SPECIALIZE,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
         acc = tl.zeros([BN, BM], dtype=tl.int32)
         for kb in range(0, K, BK):
@@ -253,7 +277,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
              sw: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None | list[torch.Tensor | None],
              packed: bool, group_size: int, out_dtype: torch.dtype, *, promote_every: int = 0,
              persistent: bool | None = None, gelu_from: int | None = None,
-             exact_gelu: bool = False) -> torch.Tensor:
+             exact_gelu: bool = False, warp_specialize: bool | None = None) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias).
 
     qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
@@ -274,9 +298,12 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     too, at about twice the epilogue cost (for comparisons; the interpreter is always exact).
 
     ``persistent`` (int8 only): True runs the persistent, TMA-descriptor form of the same GEMM
-    (_int_gemm_tma_kernel; equal results), False the one-program-per-tile form; None (default)
-    picks persistent for int8 when M >= PERSISTENT_MIN_M, or M >= PERSISTENT_WIDE_MIN_M and
-    N >= PERSISTENT_WIDE_N (see forced_schedule)."""
+    (_int_gemm_tma_kernel; equal results), False the one-program-per-tile form. ``warp_specialize``
+    (persistent form only): True warp-specializes its tile loop, False runs the flattened loop (equal
+    results); None (default): specialized unless there is a GELU epilogue. With ``persistent`` None
+    (default), int8 runs persistent when the output has at least PERSISTENT_MIN_WAVES tiles of
+    PERSISTENT_TILE^2 per SM (specialized), or from PERSISTENT_MIN_M rows, or PERSISTENT_WIDE_MIN_M rows
+    and N >= PERSISTENT_WIDE_N (not specialized); see the measurements above them and forced_schedule."""
     qws, sws, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (qw, sw, bias))
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
@@ -319,8 +346,10 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     fast_gelu = not (exact_gelu or interpreting())
-    if persistent or (persistent is None and _use_persistent(m, n, fp8)):
-        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu)
+    if warp_specialize is None:
+        warp_specialize = gelu_from is None and _forced_schedule != "unspecialized"
+    if persistent or (persistent is None and _use_persistent(m, n, fp8, _programs(qx.device), warp_specialize)):
+        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize)
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
@@ -335,17 +364,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu) -> None:
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
+
+def _programs(device: torch.device) -> int:
+    """Programs of the persistent form: one per SM (4 in the interpreter)."""
+    if interpreting():
+        return 4
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize) -> None:
     m, k = qx.shape
     n = w_all.shape[0]
-    index = torch.cuda.current_device() if qx.device.index is None and not interpreting() else qx.device.index
-    programs = 4 if interpreting() else _sm_count(index)
-    # block shapes are placeholders: the autotune pre-hook sets them per config
-    w_desc = TensorDescriptor.from_tensor(w_all, [16, 32])
-    x_desc = TensorDescriptor.from_tensor(qx, [16, 32])
+    programs = _programs(qx.device)
+    if interpreting():
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+    else:
+        triton.set_allocator(_scratch)  # the device-side TMA descriptors' scratch, as Inductor sets it per launch
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-    _int_gemm_tma_kernel[grid](w_desc, x_desc, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
-                               c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
-                               HAS_GELU=gelu_from is not None, FAST_GELU=fast_gelu, NUM_PROGRAMS=programs)
+    _int_gemm_tma_kernel[grid](w_all, qx, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
+                               w_all.stride(0), qx.stride(0), c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
+                               HAS_GELU=gelu_from is not None, FAST_GELU=fast_gelu, NUM_PROGRAMS=programs,
+                               WARP_SPECIALIZE=warp_specialize)
