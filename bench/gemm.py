@@ -42,13 +42,16 @@ SHAPES = [  # (name, K, N)
     ("ff down 12288->3072", 12288, 3072),
     ("single proj_out 15360->3072", 15360, 3072),
 ]
-# scheme -> (activation bits, activation container, fp8 promote_every, persistent TMA GEMM); see kernels/int_gemm.py
+# scheme -> (activation bits, activation container, fp8 promote_every, persistent TMA GEMM: None = the
+# compiler's choice by shape); see kernels/int_gemm.py
 SCHEMES = {
-    "w4a4": (4, torch.int8, 0, False),
+    "w4a4": (4, torch.int8, 0, None),
+    "w4a4-flat": (4, torch.int8, 0, False),
     "w4a4-fp8": (4, torch.float8_e4m3fn, 0, False),
     "w4a4-fp8-nopromote": (4, torch.float8_e4m3fn, -1, False),
     "w4a4-persistent": (4, torch.int8, 0, True),
-    "w8a8": (8, torch.int8, 0, False),
+    "w8a8": (8, torch.int8, 0, None),
+    "w8a8-flat": (8, torch.int8, 0, False),
     "w8a8-persistent": (8, torch.int8, 0, True),
 }
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
@@ -99,7 +102,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
         g_out = gemm(qa, sa)
         g32 = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32, promote_every=promote,
                        persistent=persistent)
-        if act_dtype == torch.int8 and not persistent:
+        if act_dtype == torch.int8 and persistent is None:
             int8_fp32_out[bits] = g32
         base = int8_fp32_out.get(bits)
         vs_int8 = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()
