@@ -201,8 +201,9 @@ def _int_gemm_tma_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
     WARP_SPECIALIZE: Triton's automatic warp specialization splits the tile loop into a producer
     (TMA loads) and consumer warps (MMAs, epilogue), so one tile's epilogue overlaps the next tile's
     loads; on Hopper it does not flatten the loop nest. Otherwise the flattened loop lets the next
-    tile's loads overlap this tile's epilogue. The descriptors are built on the device (host-side ones
-    do not warp-specialize on Hopper), in a scratch buffer from triton.set_allocator."""
+    tile's loads overlap this tile's epilogue. The descriptors are built on the device, as Triton's Hopper
+    warp-specialization examples build them (host-side ones were not tried specialized), in a scratch
+    buffer from triton.set_allocator; unspecialized, the two forms measured the same (ws_gemm_m4608.md)."""
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BN, BK])
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
     num_n = tl.cdiv(N, BN)
@@ -364,10 +365,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _programs(device: torch.device) -> int:
     """Programs of the persistent form: one per SM (4 in the interpreter)."""
     if interpreting():
@@ -379,10 +376,8 @@ def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_
     m, k = qx.shape
     n = w_all.shape[0]
     programs = _programs(qx.device)
-    if interpreting():
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
-    else:
-        triton.set_allocator(_scratch)  # the device-side TMA descriptors' scratch, as Inductor sets it per launch
+    # scratch for the device-side TMA descriptors, on the operands' device; Inductor sets one per launch too
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=qx.device))
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     _int_gemm_tma_kernel[grid](w_all, qx, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
                                w_all.stride(0), qx.stride(0), c.stride(0), gelu_from or 0, HAS_BIAS=b_all is not None,
