@@ -4,7 +4,7 @@ bias and GELU epilogues, under each schedule of kernels/int_gemm.py: which form 
 For every GEMM kind (M, K, N, bias, GELU columns, calls per forward), int8 operands (no unpack, no
 rotation), one process:
 * ``flat``, ``persistent``, ``persistent-ws``: int_gemm's forms as the compiler runs them (autotuned);
-* ``ws:<config>``: the warp-specialized persistent loop (bench/probe_ws_gemm.py's copy) per config.
+* ``ws:<config>``: int_gemm's warp-specialized persistent kernel per config (bench/probe_ws_gemm.py).
 Each result is checked against the reference GEMM (GELU columns within 1e-2 of max |C|). The table
 prints each kind's times and the per-forward total (time x calls) of each schedule, and of the best
 form per kind.
@@ -23,8 +23,8 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import bench_ms, environment, write_results  # noqa: E402
-from bench.probe_ws_gemm import CONFIGS, run_variant  # noqa: E402
+from bench._common import environment, write_results  # noqa: E402
+from bench.probe_ws_gemm import CONFIGS, checked_time, int8_operands, run_variant  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm  # noqa: E402
 
@@ -53,11 +53,7 @@ def main() -> None:
     env = environment()
     rows = []
     for name, m, k, n, gelu_from, calls in tqdm(KINDS, desc="GEMM kinds"):
-        torch.manual_seed(0)
-        x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
-        w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
-        sx = torch.rand(m, device="cuda") * 0.01 + 1e-3
-        sw = torch.rand(n, device="cuda") * 0.01 + 1e-3
+        x, w, sx, sw = int8_operands(m, k, n)
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         ref = ops.int_gemm_reference(x, sx, w, sw, bias, False, 256, torch.float32)
         if gelu_from is not None:
@@ -67,15 +63,11 @@ def main() -> None:
         cases += [(f"ws:{cfg}", run_variant("ws-persistent", cfg, x, w, sx, sw, sms, bias, gelu_from)) for cfg in CONFIGS]
         for variant, launch in cases:
             row = dict(kind=name, M=m, K=k, N=n, gelu=gelu_from is not None, calls=calls, variant=variant)
-            try:
-                out = launch()
-                torch.cuda.synchronize()
-                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                t = bench_ms(launch)
-            except Exception as e:  # a config that does not compile is reported, not fatal
-                rows.append(dict(row, us=None, error=f"{type(e).__name__}: {str(e)[:160]}"))
+            r = checked_time(launch, ref)
+            if "error" in r:
+                rows.append(dict(row, us=None, error=r["error"]))
                 continue
-            rows.append(dict(row, us=t * 1e3, tops=2 * m * n * k / t / 1e9, err=err))
+            rows.append(dict(row, us=r["us"], tops=2 * m * n * k / r["us"] / 1e6, err=r["err"]))
     ok = [r for r in rows if r.get("us") is not None and r["err"] < 1e-2]
     table, totals = [], {v: 0.0 for v in list(LIBRARY) + ["best ws config", "best of all"]}
     for name, m, k, n, gelu_from, calls in KINDS:

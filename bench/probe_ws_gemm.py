@@ -5,14 +5,14 @@ Variants, one process, int8 operands (no unpack, no rotation), bf16 out with tok
 * ``flat``, ``persistent``, ``persistent-ws``: kernels/int_gemm.py's one-program-per-tile form, its
   persistent form with the flattened tile loop, and with the warp-specialized one, each autotuned over
   its own config list as the compiler runs them;
-* ``dev-desc``: a copy of the persistent loop with device-side descriptors (``tl.make_tensor_descriptor``),
-  not specialized (isolates the descriptor change; the first version of int_gemm's kernel used host-side
-  descriptors);
-* ``ws-persistent``: that copy with the tile loop warp-specialized (Hopper autoWS does not flatten, so
-  flatten=False);
-* ``ws-flat``: one program per tile, its K loop warp-specialized.
-The copies run each config of CONFIGS compiled and timed on its own (no autotuner noise) and keep the
-best per shape. Every result is checked against the reference GEMM in the same run. cuBLAS bf16 for scale.
+* ``dev-desc``: int_gemm's persistent kernel (device-side descriptors, ``tl.make_tensor_descriptor``),
+  not specialized, per config (the descriptor change alone: its first version used host-side descriptors;
+  ws_gemm_m4608.md was measured with a copy of this loop, equal to it but for the strides);
+* ``ws-persistent``: the same kernel with its tile loop warp-specialized (Hopper autoWS does not flatten,
+  so flatten=False), per config;
+* ``ws-flat``: one program per tile, its K loop warp-specialized (a kernel of this probe's own).
+The per-config variants run each config of CONFIGS compiled and timed on its own (no autotuner noise) and
+keep the best per shape. Every result is checked against the reference GEMM in the same run. cuBLAS bf16 for scale.
 
     python bench/probe_ws_gemm.py [--m 4608[,512,...]] [--variants ...] [--out DIR]
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
-from convrot_compiler.kernels.int_gemm import _store_scaled, _tile_of, int_gemm  # noqa: E402
+from convrot_compiler.kernels.int_gemm import _int_gemm_tma_kernel, _store_scaled, _tile_of, int_gemm  # noqa: E402
 
 SHAPES = [("qkv/out 3072->3072", 3072, 3072), ("fused qkv 3072->9216", 3072, 9216),
           ("ff up 3072->12288", 3072, 12288), ("ff down 12288->3072", 12288, 3072),
@@ -48,45 +48,58 @@ COPIES = ("dev-desc", "ws-persistent", "ws-flat")
 
 
 @triton.jit
-def _dev_desc_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, gelu_from,
-                     HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr,
-                     NUM_PROGRAMS: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr,
-                     BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
+def _ws_flat_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, gelu_from,
+                    HAS_BIAS: tl.constexpr, HAS_GELU: tl.constexpr,
+                    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr):
+    """One program per tile, device-side descriptors, the K loop warp-specialized."""
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
-    num_n = tl.cdiv(N, BN)
-    num_m = tl.cdiv(M, BM)
-    if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), num_n * num_m, NUM_PROGRAMS, flatten=not WS, warp_specialize=WS):
-            pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-            acc = tl.zeros([BN, BM], dtype=tl.int32)
-            for kb in range(0, K, BK):
-                acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
-            _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
-                          HAS_BIAS, HAS_GELU, True, BN, BM)
-    else:
-        pid_n, pid_m = _tile_of(tl.program_id(0), num_n, num_m, GROUP_N)
-        acc = tl.zeros([BN, BM], dtype=tl.int32)
-        for kb in tl.range(0, K, BK, warp_specialize=WS):
-            acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
-        _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
-                      HAS_BIAS, HAS_GELU, True, BN, BM)
+    pid_n, pid_m = _tile_of(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
+    acc = tl.zeros([BN, BM], dtype=tl.int32)
+    for kb in tl.range(0, K, BK, warp_specialize=True):
+        acc = tl.dot(w_desc.load([pid_n * BN, kb]), x_desc.load([pid_m * BM, kb]).T, acc, out_dtype=tl.int32)
+    _store_scaled(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, stride_cm, gelu_from,
+                  HAS_BIAS, HAS_GELU, True, BN, BM)
+
+
+def int8_operands(m: int, k: int, n: int):
+    """Seeded int4-valued int8 activations and weights [M, K], [N, K] with token and channel scales."""
+    torch.manual_seed(0)
+    x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
+    return x, w, torch.rand(m, device="cuda") * 0.01 + 1e-3, torch.rand(n, device="cuda") * 0.01 + 1e-3
+
+
+def checked_time(launch, ref: torch.Tensor) -> dict:
+    """{err: max error / max |ref|, us} of one launch, or {error} when it does not compile or run
+    (shared memory, warp-specialization limits): reported, not fatal."""
+    try:
+        out = launch()
+        torch.cuda.synchronize()
+        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        return dict(err=err, us=bench_ms(launch) * 1e3)
+    except Exception as e:
+        return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
 
 
 def run_variant(variant, cfg, x, w, sx, sw, sms, bias=None, gelu_from=None):
+    """A launcher of ``variant`` (one of COPIES) with one config (BN, BM, BK, stages, warps)."""
     bn, bm, bk, stages, warps = cfg
     m, k = x.shape
     n = w.shape[0]
     c = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    persistent = variant != "ws-flat"
-    grid = (min(sms, tiles),) if persistent else (tiles,)
+    common = dict(HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, BN=bn, BM=bm, BK=bk, GROUP_N=8,
+                  num_stages=stages, num_warps=warps)
+    b = sw if bias is None else bias
 
     def launch():
-        _dev_desc_kernel[grid](w, x, sx, sw, sw if bias is None else bias, c, m, n, k, c.stride(0), gelu_from or 0,
-                               HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, NUM_PROGRAMS=sms,
-                               WS=variant.startswith("ws"), PERSISTENT=persistent,
-                               BN=bn, BM=bm, BK=bk, GROUP_N=8, num_stages=stages, num_warps=warps)
+        if variant == "ws-flat":
+            _ws_flat_kernel[(tiles,)](w, x, sx, sw, b, c, m, n, k, c.stride(0), gelu_from or 0, **common)
+        else:
+            _int_gemm_tma_kernel.fn[(min(sms, tiles),)](
+                w, x, sx, sw, b, c, m, n, k, w.stride(0), x.stride(0), c.stride(0), gelu_from or 0,
+                FAST_GELU=True, NUM_PROGRAMS=sms, WARP_SPECIALIZE=variant == "ws-persistent", **common)
         return c
     return launch
 
@@ -95,11 +108,7 @@ def bench_m(m, variants, sms, rows, best):
     from tqdm.auto import tqdm
 
     for name, k, n in tqdm(SHAPES, desc=f"M={m}"):
-        torch.manual_seed(0)
-        x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
-        w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
-        sx = torch.rand(m, device="cuda") * 0.01 + 1e-3
-        sw = torch.rand(n, device="cuda") * 0.01 + 1e-3
+        x, w, sx, sw = int8_operands(m, k, n)
         ref = ops.int_gemm_reference(x, sx, w, sw, None, False, 256, torch.float32)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -112,19 +121,16 @@ def bench_m(m, variants, sms, rows, best):
             else:
                 cases = [(str(cfg), run_variant(variant, cfg, x, w, sx, sw, sms)) for cfg in CONFIGS]
             for config, launch in cases:
-                row = dict(M=m, shape=name, variant=variant, config=config)
-                try:
-                    out = launch()
-                    torch.cuda.synchronize()
-                    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                    t = bench_ms(launch)
-                except Exception as e:  # a config that does not compile (shared memory, WS limits) is reported
-                    rows.append(dict(row, us=float("nan"), tops=0.0, x_bf16=0.0, err=float("nan"),
-                                     error=f"{type(e).__name__}: {str(e)[:160]}"))
+                r = checked_time(launch, ref)
+                if "error" in r:
+                    rows.append(dict(M=m, shape=name, variant=variant, config=config, us=float("nan"), tops=0.0,
+                                     x_bf16=0.0, err=float("nan"), error=r["error"]))
                     continue
-                rows.append(dict(row, us=t * 1e3, tops=flop / t / 1e9, x_bf16=t_bf16 / t, err=err))
+                t = r["us"] / 1e3
+                rows.append(dict(M=m, shape=name, variant=variant, config=config, us=r["us"], tops=flop / t / 1e9,
+                                 x_bf16=t_bf16 / t, err=r["err"]))
                 key = (m, name, variant)
-                if err < 1e-2 and (key not in best or t * 1e3 < best[key]["us"]):
+                if r["err"] < 1e-2 and (key not in best or r["us"] < best[key]["us"]):
                     best[key] = rows[-1]
 
 
