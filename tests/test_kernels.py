@@ -303,7 +303,7 @@ def test_int_gemm_picks_the_persistent_form_by_m_unless_told(monkeypatch):
     from convrot_compiler.kernels import int_gemm as mod
 
     calls = []
-    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append(a[-1]))  # a[-1]: warp_specialize
+    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append(a[-2]))  # a[-2]: warp_specialize
     monkeypatch.setattr(mod, "_programs", lambda device: 2)
     monkeypatch.setattr(mod, "PERSISTENT_TILE", 16)
     monkeypatch.setattr(mod, "PERSISTENT_MIN_WAVES", 2)  # from 4 output tiles of 16 x 16

@@ -349,8 +349,9 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     fast_gelu = not (exact_gelu or interpreting())
     if warp_specialize is None:
         warp_specialize = gelu_from is None and _forced_schedule != "unspecialized"
-    if persistent or (persistent is None and _use_persistent(m, n, fp8, _programs(qx.device), warp_specialize)):
-        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize)
+    programs = _programs(qx.device)
+    if persistent or (persistent is None and _use_persistent(m, n, fp8, programs, warp_specialize)):
+        _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize, programs)
         return c
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _int_gemm_kernel[grid](qx, w_all, sx, s_all, b_all if b_all is not None else s_all, c, m, n, k,
@@ -372,10 +373,9 @@ def _programs(device: torch.device) -> int:
     return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
-def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize) -> None:
+def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize, programs) -> None:
     m, k = qx.shape
     n = w_all.shape[0]
-    programs = _programs(qx.device)
     # scratch for the device-side TMA descriptors, on the operands' device; Inductor sets one per launch too
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=qx.device))
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
