@@ -97,7 +97,7 @@ class ConvRotInductorPass(CustomGraphPass):
         g = _Target(gm, fake_mode, next((n for n in graph.nodes if n.op != "placeholder"), None))
         self._undo_concatenations(g)
         prepared = [p for node in list(graph.nodes)
-                    if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
+                    if _is_gemm(node)
                     and (p := self._prepare(g, node)) is not None]
         groups: dict[tuple[fx.Node, int], list[_Prepared]] = {}
         for p in prepared:
@@ -131,8 +131,7 @@ class ConvRotInductorPass(CustomGraphPass):
         their precisions agree."""
         graph = g.graph
         for node in list(graph.nodes):
-            if not (node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)) \
-                    or module_name(node) is not None or node.kwargs or len(node.users) != 1:
+            if not _is_gemm(node) or module_name(node) is not None or node.kwargs or len(node.users) != 1:
                 continue
             split = next(iter(node.users))
             sizes = _split_sizes(split, node)
@@ -142,7 +141,7 @@ class ConvRotInductorPass(CustomGraphPass):
             named = [_named_source(u) for u in items]
             if None in named:
                 continue
-            bias, x, wt = node.args if node.target is aten.addmm.default else (None, *node.args)
+            x, wt, bias = _gemm_operands(node)
             if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (wt, bias) if t is not None):
                 continue
             w, b = getattr(g.gm, wt.target), None if bias is None else getattr(g.gm, bias.target)
@@ -166,10 +165,7 @@ class ConvRotInductorPass(CustomGraphPass):
 
     def _prepare(self, g: _Target, node: fx.Node) -> _Prepared | None:
         """Plan one GEMM and quantize its frozen weight; None when it stays bf16 (the decision says why)."""
-        if node.target is aten.addmm.default:
-            bias, x, wt = node.args[:3]
-        else:
-            (x, wt), bias = node.args[:2], None
+        x, wt, bias = _gemm_operands(node)
         known = module_name(node)
         name = known or f"<{node.name}>"
         x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
@@ -243,6 +239,18 @@ class ConvRotInductorPass(CustomGraphPass):
                 self.fused_gemms += 1
             for p, out in zip(gemm_members, outs):
                 _replace(graph, p.node, out)
+
+
+def _is_gemm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default)
+
+
+def _gemm_operands(node: fx.Node) -> tuple:
+    """(x, W^T, bias or None) of an aten mm / addmm node."""
+    if node.target is aten.addmm.default:
+        bias, x, wt = node.args[:3]
+        return x, wt, bias
+    return node.args[0], node.args[1], None
 
 
 def _split_sizes(split: fx.Node, node: fx.Node) -> list[int] | None:
