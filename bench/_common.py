@@ -10,3 +10,22 @@ def bench_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def bench_graph_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time in ms of ``fn`` replayed from a CUDA graph, L2 flushed between replays.
+
+    The model replays its whole forward from one CUDA graph, so the Python and launch path of a kernel's
+    wrapper never reaches the GPU's timeline there. Timed eagerly, a kernel shorter than that path (tens
+    of us: autotuner dispatch, argument checks, allocations) measures the host instead, and differently
+    on every machine. ``fn`` is called once first, outside the capture, so that autotuning and
+    compilation happen there."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return bench_ms(graph.replay, warmup_ms, rep_ms)

@@ -11,7 +11,11 @@ their largest difference from the default int8 GEMM on the same operands (list t
 first). Each of ours is checked against the reference in the same run. Also the W4A16
 weight-only GEMM at M = 1.
 
-    python bench/gemm.py [--quick] [--no-rotate] [--schemes w4a4,w4a4-fp8,...] [--out DIR]
+Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
+forward (bench/_common.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
+wrapper's host time wherever it is longer than the kernel.
+
+    python bench/gemm.py [--quick] [--no-rotate] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name gemm] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import bench_ms, environment, write_results  # noqa: E402
+from bench._common import bench_graph_ms, bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.baselines import quantize_rowwise_fp8  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4  # noqa: E402
@@ -57,10 +61,18 @@ SCHEMES = {
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
 
 
+TIMER = {"fn": bench_graph_ms}
+
+
+def timed_ms(fn) -> float:
+    """Median ms of fn: replayed from a CUDA graph as the model runs it (default), or called eagerly (--eager)."""
+    return TIMER["fn"](fn)
+
+
 def copy_bandwidth() -> float:
     x = torch.randn(256 * 2**20 // 4, device="cuda")
     y = torch.empty_like(x)
-    ms = bench_ms(lambda: y.copy_(x))
+    ms = timed_ms(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / ms / 1e6  # GB/s, read + write
 
 
@@ -77,15 +89,15 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
     flop = 2 * m * n * k
     ref = x.float() @ w.float().T
 
-    t_bf16 = bench_ms(lambda: torch.mm(x, w.T))
+    t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
     xq, wq, sx, sw = fp8_rowwise(x, w)
-    t_fp8 = bench_ms(lambda: torch._scaled_mm(xq, wq, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16))
+    t_fp8 = timed_ms(lambda: torch._scaled_mm(xq, wq, scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16))
     a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda").T
-    t_int = bench_ms(lambda: torch._int_mm(a8, b8))
+    t_int = timed_ms(lambda: torch._int_mm(a8, b8))
 
     rot = GroupHadamardRotation("regular", 256)
-    h16 = rot.kernel_matrix().to("cuda")
+    h16 = rot.kernel_matrix().to("cuda", torch.bfloat16)  # the model passes it in the activations dtype
     needed = {SCHEMES[scheme][0] for scheme in schemes}
     weights = {bits: quantize_weight(w, "w4a4" if bits == 4 else "w8a8", rot) for bits in needed}
     int8_fp32_out = {}
@@ -111,10 +123,10 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
         mismatch = ((qa.float() - q_ref.float()).abs() > 0).float().mean().item()
         e2e_err = relative_error(g_out, ref)
 
-        t_gemm = bench_ms(lambda: gemm(qa, sa))
-        t_unpack = bench_ms(lambda: unpack_int4(qw.values, 256, act_dtype)) if packed else 0.0
-        t_rq = bench_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype))
-        t_all = bench_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype)))
+        t_gemm = timed_ms(lambda: gemm(qa, sa))
+        t_unpack = timed_ms(lambda: unpack_int4(qw.values, 256, act_dtype)) if packed else 0.0
+        t_rq = timed_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype))
+        t_all = timed_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype)))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
         rows.append(dict(
             shape=name, M=m, K=k, N=n, scheme=scheme,
@@ -133,11 +145,11 @@ def bench_rotate(m, k, bits, copy_gbs, rows):
     """rotate+quantize alone: GB/s (bytes read + written) and agreement with the reference."""
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
-    h16 = GroupHadamardRotation("regular", 256).kernel_matrix().to("cuda")
+    h16 = GroupHadamardRotation("regular", 256).kernel_matrix().to("cuda", torch.bfloat16)
     q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
     nbytes = m * k * 2 + q_ref.numel() + m * 4
     q, s = rotate_quantize(x, h16, 256, bits)
-    gbs = nbytes / bench_ms(lambda: rotate_quantize(x, h16, 256, bits)) / 1e6
+    gbs = nbytes / timed_ms(lambda: rotate_quantize(x, h16, 256, bits)) / 1e6
     rows.append(dict(M=m, K=k, bits=bits, gbs=gbs, frac_copy=gbs / copy_gbs,
                      int_mismatch=(q != q_ref).float().mean().item()))
 
@@ -148,8 +160,8 @@ def bench_skinny(name, m, k, n, rows):
     qw = quantize_weight(w, "w4a16", None, group_size=256)
     ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, None, 256)
     out = w4a16_gemm(x, qw.values, qw.scale, None, 256)
-    t_bf16 = bench_ms(lambda: torch.mm(x, w.T))
-    t_ours = bench_ms(lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256))
+    t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
+    t_ours = timed_ms(lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256))
     wbytes = qw.values.numel() + qw.scale.numel() * 4
     rows.append(dict(shape=name, M=m, K=k, N=n, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
@@ -167,8 +179,14 @@ def main() -> None:
     p.add_argument("--no-rotate", action="store_true", help="skip the rotate+quantize-alone table")
     p.add_argument("--schemes", default="w4a4,w8a8",
                    help=f"comma-separated subset of {', '.join(SCHEMES)} (default: w4a4,w8a8, what the compiler uses)")
+    p.add_argument("--eager", action="store_true",
+                   help="time eager calls instead of CUDA-graph replays (includes each wrapper's host time "
+                        "wherever it is longer than the kernel)")
+    p.add_argument("--name", default="gemm", help="result file stem")
     p.add_argument("--out", help="result folder (default $OUT or bench/results)")
     args = p.parse_args()
+    if args.eager:
+        TIMER["fn"] = bench_ms
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
     from tabulate import tabulate
@@ -176,8 +194,9 @@ def main() -> None:
 
     env = environment()
     copy_gbs = copy_bandwidth()
+    timing = "eager calls" if args.eager else "CUDA-graph replays"
     head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
-            f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)\n")
+            f"copy bandwidth {copy_gbs:.0f} GB/s (read+write) | timed: {timing}, median, L2 flushed\n")
     rot_rows = []
     rot_jobs = [] if args.no_rotate else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
     for m, k, bits in tqdm(rot_jobs,
@@ -231,7 +250,7 @@ f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
                                       "rot+q min frac of copy", "M=512 GEMM x bf16 min"], tablefmt="github")
     md = (f"# GEMM benchmark\n\n{head}\n{table}\n\n{skinny_table}\n\n{summary_table}\n\n"
           f"rotate+quantize alone:\n\n{rot_table}\n")
-    paths = write_results("gemm", dict(env=env, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary,
+    paths = write_results(args.name, dict(env=env, timing=timing, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary,
                                        rotate=rot_rows), md, args.out)
     print(md)
     print("written:", *paths)
