@@ -11,20 +11,18 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_ms  # noqa: E402
+from bench.probe_rotate_forms import launch_library  # noqa: E402
 from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
-from convrot_compiler.kernels import rotate_quant as rq  # noqa: E402
 
 
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     h = hadamard_matrix("regular", 16, device="cuda").to(torch.bfloat16)
-    kern = rq._rotate_quant_kernel.fn  # the undecorated kernel: launch each config directly
     rows = []
     cfgs = [(bm, w, st) for bm in (2, 4, 8, 16, 32) for w in (2, 4, 8) for st in (1, 2, 3)]
     for m, k in [(4608, 3072), (4608, 12288), (512, 3072)]:
@@ -33,11 +31,8 @@ def main() -> None:
         s = torch.empty(m, device="cuda")
         nbytes = m * k * 3 + m * 4
         for bm, w, st in cfgs:
-            def launch():
-                kern[(triton.cdiv(m, bm),)](x, x, h, q, s, m, k, 0, x.stride(0), x.stride(0), q.stride(0),
-                                            s, s, 0, 0, 1, 0.0, G=256, METHOD=rq.METHOD_KRON, QMAX=7,
-                                            TWO_SOURCES=False, GELU_X2=False, HAS_NORM=False, DOT_F32=False,
-                                            GPU_MATH=True, BM=bm, num_warps=w, num_stages=st)
+            def launch(bm=bm, w=w, st=st):
+                launch_library(x, q, s, h, bm, w, st)
             launch()
             t = bench_ms(launch, warmup_ms=50, rep_ms=200)
             rows.append(dict(M=m, K=k, BM=bm, warps=w, stages=st, gbs=nbytes / t / 1e6))

@@ -33,7 +33,7 @@ from bench._common import bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
 from convrot_compiler.kernels import rotate_quant as rq  # noqa: E402
-from convrot_compiler.kernels.rotate_quant import _kron_rotate, _quantize_tile, _row_divisor  # noqa: E402
+from convrot_compiler.kernels.rotate_quant import _kron_rotate, _quantize_tile, _repeat_each, _row_divisor  # noqa: E402
 
 SHAPES = [(4608, 3072), (4608, 12288), (4608, 15360), (512, 3072)]
 # two-pass tilings (BM, CH, warps, stages) per set; one-pass configs are built from the row width
@@ -75,13 +75,21 @@ def _rot(x, h_ptr, R: tl.constexpr, KRON: tl.constexpr, GPU_MATH: tl.constexpr):
 
 
 @triton.jit
+def _load_rotated(x_rows, g, src, rmask, K, h_ptr, R: tl.constexpr, KRON: tl.constexpr, GPU_MATH: tl.constexpr):
+    """Groups g (one per tile row) of the tile's rows, rotated."""
+    col = g[:, None] * 256 + src
+    x = tl.load(x_rows + g[:, None] * 256, mask=rmask[:, None] & (col < K), other=0.0)
+    return _rot(x, h_ptr, R, KRON, GPU_MATH)
+
+
+@triton.jit
 def _store_q(q_ptr, m_idx, stride_qm, g, rmask, K, q, R: tl.constexpr, KRON: tl.constexpr):
     if KRON:  # element (r * 16 + j, i) of the Kronecker order is channel 16 i + j of group r
         r16 = tl.arange(0, R * 16)
         i16 = tl.arange(0, 16)
-        gm = tl.reshape(tl.broadcast_to(g[:, None], (R, 16)), (R * 16,))
-        mm = tl.reshape(tl.broadcast_to(m_idx[:, None], (R, 16)), (R * 16,))
-        ok = tl.reshape(tl.broadcast_to((rmask & (g * 256 < K))[:, None], (R, 16)), (R * 16,))
+        gm = _repeat_each(g, R, 16)
+        mm = _repeat_each(m_idx, R, 16)
+        ok = _repeat_each(rmask & (g * 256 < K), R, 16)
         ptrs = q_ptr + mm[:, None].to(tl.int64) * stride_qm + gm[:, None] * 256 + (r16 % 16)[:, None] + 16 * i16[None, :]
         tl.store(ptrs, q, mask=ok[:, None])
     else:
@@ -112,9 +120,7 @@ def _block(pid, x_ptr, q_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_qm, QMAX: tl
     rmask = m_idx < M
     x_rows = x_ptr + m_idx.to(tl.int64)[:, None] * stride_xm + src
     if ONE_PASS:
-        col = c_idx[:, None] * 256 + src
-        x = tl.load(x_rows + c_idx[:, None] * 256, mask=rmask[:, None] & (col < K), other=0.0)
-        t = _rot(x, h_ptr, R, KRON, GPU_MATH)
+        t = _load_rotated(x_rows, c_idx, src, rmask, K, h_ptr, R, KRON, GPU_MATH)
         amax_t = tl.abs(t)
     else:
         if KRON:
@@ -122,10 +128,7 @@ def _block(pid, x_ptr, q_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_qm, QMAX: tl
         else:
             amax_t = tl.zeros([R, 256], dtype=tl.float32)
         for ci in range(0, tl.cdiv(K, 256 * CH)):
-            g = ci * CH + c_idx
-            col = g[:, None] * 256 + src
-            x = tl.load(x_rows + g[:, None] * 256, mask=rmask[:, None] & (col < K), other=0.0)
-            t = _rot(x, h_ptr, R, KRON, GPU_MATH)
+            t = _load_rotated(x_rows, ci * CH + c_idx, src, rmask, K, h_ptr, R, KRON, GPU_MATH)
             amax_t = tl.maximum(amax_t, tl.abs(t), propagate_nan=tl.PropagateNan.ALL)
     amax_t = tl.reshape(amax_t, (BM, CH * 256))  # the Kronecker order [R * 16, 16] holds a group per 16 rows too
     bad = tl.max((~(amax_t < float("inf"))).to(tl.int32), axis=1)
@@ -135,15 +138,16 @@ def _block(pid, x_ptr, q_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_qm, QMAX: tl
     rows = pid * BM + tl.arange(0, BM)
     tl.store(s_ptr + rows, scale, mask=rows < M)
     p, s, inv = _row_divisor(scale, usable)
-    pr = tl.reshape(tl.broadcast_to(p[:, None], (BM, CH)), (R,)) * 0.0625
-    sr = tl.reshape(tl.broadcast_to(s[:, None], (BM, CH)), (R,))
-    ir = tl.reshape(tl.broadcast_to(inv[:, None], (BM, CH)), (R,))
-    ur = tl.reshape(tl.broadcast_to(usable[:, None], (BM, CH)), (R,))
+    # per tile row: the rotation left the values 16x the rotated ones, hence p / 16
+    pr = _repeat_each(p, BM, CH) * 0.0625
+    sr = _repeat_each(s, BM, CH)
+    ir = _repeat_each(inv, BM, CH)
+    ur = _repeat_each(usable, BM, CH)
     if KRON:
-        pr = tl.reshape(tl.broadcast_to(pr[:, None], (R, 16)), (R * 16,))
-        sr = tl.reshape(tl.broadcast_to(sr[:, None], (R, 16)), (R * 16,))
-        ir = tl.reshape(tl.broadcast_to(ir[:, None], (R, 16)), (R * 16,))
-        ur = tl.reshape(tl.broadcast_to(ur[:, None], (R, 16)), (R * 16,))
+        pr = _repeat_each(pr, R, 16)
+        sr = _repeat_each(sr, R, 16)
+        ir = _repeat_each(ir, R, 16)
+        ur = _repeat_each(ur, R, 16)
     if ONE_PASS:
         q = _quantize_tile(t, pr, sr, ir, ur, QMAX, GPU_MATH).to(tl.int8)
         _store_q(q_ptr, m_idx, stride_qm, c_idx, rmask, K, q, R, KRON)
@@ -152,9 +156,7 @@ def _block(pid, x_ptr, q_ptr, s_ptr, h_ptr, M, K, stride_xm, stride_qm, QMAX: tl
         for cj in range(0, n_chunks):
             ci = n_chunks - 1 - cj if REV else cj
             g = ci * CH + c_idx
-            col = g[:, None] * 256 + src
-            x = tl.load(x_rows + g[:, None] * 256, mask=rmask[:, None] & (col < K), other=0.0)
-            t = _rot(x, h_ptr, R, KRON, GPU_MATH)
+            t = _load_rotated(x_rows, g, src, rmask, K, h_ptr, R, KRON, GPU_MATH)
             q = _quantize_tile(t, pr, sr, ir, ur, QMAX, GPU_MATH).to(tl.int8)
             _store_q(q_ptr, m_idx, stride_qm, g, rmask, K, q, R, KRON)
 
@@ -167,8 +169,9 @@ def _launch(x, q, s, h16, kron, one, bm, ch, w, st, nprog=0, rev=False):
     return q, s
 
 
-def _library(x, q, s, h16, bm=2, w=2, st=3):
-    """The library kernel with its leading config (BM = 2 rows, 2 warps, 3 stages), no autotuner."""
+def launch_library(x, q, s, h16, bm=2, w=2, st=3):
+    """The library kernel (W4, Kronecker form, one source) with one config, no autotuner: by default its
+    leading config (BM = 2 rows, 2 warps, 3 stages)."""
     m, k = x.shape
     rq._rotate_quant_kernel.fn[(triton.cdiv(m, bm),)](
         x, x, h16, q, s, m, k, 0, x.stride(0), x.stride(0), q.stride(0), s, s, 0, 0, 1, 0.0, G=256,
@@ -233,7 +236,7 @@ def main() -> None:
         q = torch.empty(m, k, dtype=torch.int8, device="cuda")
         s = torch.empty(m, device="cuda")
         for form, cfg, kw in cases_of(args.set, m, k, sms):
-            launch = (lambda: _library(x, q, s, h16)) if kw is None else (lambda kw=kw: _launch(x, q, s, h16, **kw))
+            launch = (lambda: launch_library(x, q, s, h16)) if kw is None else (lambda kw=kw: _launch(x, q, s, h16, **kw))
             try:
                 q.fill_(99)
                 launch()

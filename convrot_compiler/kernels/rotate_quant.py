@@ -70,6 +70,13 @@ def _rotate_group(x, h_ptr, BM: tl.constexpr, G: tl.constexpr, METHOD: tl.conste
 
 
 @triton.jit
+def _repeat_each(v, N: tl.constexpr, REPS: tl.constexpr):
+    """[N] -> [N * REPS], each entry repeated REPS times in a row (per-row values for a tile whose rows
+    are REPS sub-rows of each row, as the Kronecker order's 16 rows per group)."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (N, REPS)), (N * REPS,))
+
+
+@triton.jit
 def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
     """y (float32) rounded to nearest-even in ``dtype``. The interpreter's float32 -> bfloat16 cast
     truncates, so there the rounding is done on the bits first (the cast of the result is exact)."""
@@ -229,10 +236,10 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
 
     q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
     if KRON_ORDER:
-        p16 = tl.reshape(tl.broadcast_to(p[:, None], (BM, 16)), (BM * 16,))
-        s16 = tl.reshape(tl.broadcast_to(s[:, None], (BM, 16)), (BM * 16,))
-        inv16 = tl.reshape(tl.broadcast_to(inv[:, None], (BM, 16)), (BM * 16,))
-        usable16 = tl.reshape(tl.broadcast_to(usable[:, None], (BM, 16)), (BM * 16,))
+        p16 = _repeat_each(p, BM, 16)
+        s16 = _repeat_each(s, BM, 16)
+        inv16 = _repeat_each(inv, BM, 16)
+        usable16 = _repeat_each(usable, BM, 16)
         r16 = tl.arange(0, BM * 16)
         i16 = tl.arange(0, 16)
         # element (r * 16 + j, i) of the Kronecker order is channel 16 i + j of row r
