@@ -15,7 +15,7 @@ Every time is the median of CUDA-graph replays with L2 flushed between them, as 
 forward (bench/_common.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
 wrapper's host time wherever it is longer than the kernel.
 
-    python bench/gemm.py [--quick] [--no-rotate] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name gemm] [--out DIR]
+    python bench/gemm.py [--quick] [--no-rotate] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name STEM] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,15 +61,7 @@ SCHEMES = {
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
 
 
-TIMER = {"fn": bench_graph_ms}
-
-
-def timed_ms(fn) -> float:
-    """Median ms of fn: replayed from a CUDA graph as the model runs it (default), or called eagerly (--eager)."""
-    return TIMER["fn"](fn)
-
-
-def copy_bandwidth() -> float:
+def copy_bandwidth(timed_ms) -> float:
     x = torch.randn(256 * 2**20 // 4, device="cuda")
     y = torch.empty_like(x)
     ms = timed_ms(lambda: y.copy_(x))
@@ -82,7 +74,7 @@ def fp8_rowwise(x: torch.Tensor, w: torch.Tensor):
     return xq, wq.T, sx, sw.T
 
 
-def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
+def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -141,7 +133,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes):
         ))
 
 
-def bench_rotate(m, k, bits, copy_gbs, rows):
+def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms):
     """rotate+quantize alone: GB/s (bytes read + written) and agreement with the reference."""
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
@@ -154,7 +146,7 @@ def bench_rotate(m, k, bits, copy_gbs, rows):
                      int_mismatch=(q != q_ref).float().mean().item()))
 
 
-def bench_skinny(name, m, k, n, rows):
+def bench_skinny(name, m, k, n, rows, timed_ms):
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     qw = quantize_weight(w, "w4a16", None, group_size=256)
@@ -182,18 +174,18 @@ def main() -> None:
     p.add_argument("--eager", action="store_true",
                    help="time eager calls instead of CUDA-graph replays (includes each wrapper's host time "
                         "wherever it is longer than the kernel)")
-    p.add_argument("--name", default="gemm", help="result file stem")
+    p.add_argument("--name", help="result file stem (default: gemm, or rotate with --rotate-only)")
     p.add_argument("--out", help="result folder (default $OUT or bench/results)")
     args = p.parse_args()
-    if args.eager:
-        TIMER["fn"] = bench_ms
+    # timed_ms(fn): median ms of fn, replayed from a CUDA graph as the model runs it, or called eagerly
+    timed_ms = bench_ms if args.eager else bench_graph_ms
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
     from tabulate import tabulate
     from tqdm.auto import tqdm
 
     env = environment()
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth(timed_ms)
     timing = "eager calls" if args.eager else "CUDA-graph replays"
     head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
             f"copy bandwidth {copy_gbs:.0f} GB/s (read+write) | timed: {timing}, median, L2 flushed\n")
@@ -201,14 +193,15 @@ def main() -> None:
     rot_jobs = [] if args.no_rotate else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
     for m, k, bits in tqdm(rot_jobs,
                            desc="rotate+quantize"):
-        bench_rotate(m, k, bits, copy_gbs, rot_rows)
+        bench_rotate(m, k, bits, copy_gbs, rot_rows, timed_ms)
     rot_table = tabulate(
         [[r["M"], r["K"], r["bits"], f"{r['gbs']:.0f}", f"{r['frac_copy']:.0%}", f"{r['int_mismatch']:.1e}"]
          for r in rot_rows], headers=["M", "K", "bits", "rot+q GB/s", "of copy", "int mismatch"], tablefmt="github")
     if args.rotate_only:
         md = f"# rotate+quantize kernels\n\n{head}\n{rot_table}\n"
         print(md)
-        print("written:", *write_results("rotate", dict(env=env, copy_gbs=copy_gbs, rows=rot_rows), md, args.out))
+        print("written:", *write_results(args.name or "rotate",
+                                         dict(env=env, timing=timing, copy_gbs=copy_gbs, rows=rot_rows), md, args.out))
         return
     schemes = args.schemes.split(",")
     if unknown := set(schemes) - set(SCHEMES):
@@ -217,10 +210,10 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     jobs = [(s, m) for m in (4608, 512) for s in shapes]
     for (name, k, n), m in tqdm(jobs, desc="GEMM shapes"):
-        bench_shape(name, m, k, n, copy_gbs, rows, schemes)
+        bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms)
     for name, k, n in SKINNY:
         for m in (1, 4):
-            bench_skinny(name, m, k, n, skinny)
+            bench_skinny(name, m, k, n, skinny, timed_ms)
 
     table = tabulate(
         [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}",
@@ -250,8 +243,8 @@ f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
                                       "rot+q min frac of copy", "M=512 GEMM x bf16 min"], tablefmt="github")
     md = (f"# GEMM benchmark\n\n{head}\n{table}\n\n{skinny_table}\n\n{summary_table}\n\n"
           f"rotate+quantize alone:\n\n{rot_table}\n")
-    paths = write_results(args.name, dict(env=env, timing=timing, copy_gbs=copy_gbs, rows=rows, skinny=skinny, summary=summary,
-                                       rotate=rot_rows), md, args.out)
+    paths = write_results(args.name or "gemm", dict(env=env, timing=timing, copy_gbs=copy_gbs, rows=rows, skinny=skinny,
+                                                    summary=summary, rotate=rot_rows), md, args.out)
     print(md)
     print("written:", *paths)
 
