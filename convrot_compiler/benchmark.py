@@ -5,7 +5,8 @@ dynamic (torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.com
 installed; otherwise reported as skipped), and convrot plans (w8a8, w4a4, mix) compiled with the
 convrot backend + Inductor. Per variant: median latency, speedups, weight memory, peak memory,
 first-call (compile) time, output relative error vs bf16 eager on the same inputs.
-With --profile, a kernel-time breakdown of the convrot w4a4 forward.
+With --profile, a kernel-time breakdown of the convrot w4a4 forward, and of the bf16 torch.compile
+forward when it runs too (the baseline's parts are what a speedup target can be set against).
 
     convrot bench --config flux-dev --resolution 1024 --variants bf16,bf16-compile,fp8,w4a4
 """
@@ -151,7 +152,7 @@ KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", 
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
-                 "weight-only GEMV": ("_w4a16",), "bf16 GEMM (kept layers)": ("gemm", "sm90_xmma", "cutlass")}
+                 "weight-only GEMV": ("_w4a16",), "bf16 GEMM (cuBLAS)": ("gemm", "sm90_xmma", "cutlass", "nvjet")}
 
 
 def kernel_group(name: str) -> str:
@@ -195,7 +196,7 @@ def run(args) -> dict:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {VARIANTS}")
-    rows, breakdown = [], None
+    rows, breakdown, baseline_breakdown = [], None, None
     for res in args.resolution:
         torch._dynamo.reset()
         base = build_flux(args.config, seed=0, device=dev)
@@ -224,27 +225,37 @@ def run(args) -> dict:
                         out = fn(**inputs.kwargs)[0]
                     _sync(dev)
                     row["first_call_s"] = time.perf_counter() - t0
+                    # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
+                    err = relative_error(out, ref)
+                    del out
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                     times = time_forward(fn, inputs.kwargs, dev, args.iters)
                     row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
                                weight_bytes=model_bytes(model) + prepared,
                                peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                               rel_err_vs_bf16=relative_error(out, ref))
-                    if args.profile and variant.startswith("w4a4") and breakdown is None and dev.type == "cuda":
-                        parts, top = kernel_breakdown(fn, inputs.kwargs)
-                        breakdown = {"variant": variant, "forward_ms": row["ms"], "kernels_ms": parts, "top_kernels": top}
+                               rel_err_vs_bf16=err)
+                    if args.profile and dev.type == "cuda":
+                        if variant.startswith("w4a4") and breakdown is None:
+                            breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
+                        elif variant == "bf16-compile":
+                            baseline_breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
                 except RuntimeError as e:
                     row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
-            partial = _result(args, dev, rows, breakdown, bf16_bytes)  # a run cut short keeps what it measured
+            partial = _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)  # a run cut short keeps what it measured
             write_results(args.name, partial, to_markdown(partial), args.out)
             del model
-    return _result(args, dev, rows, breakdown, bf16_bytes)
+    return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
 
 
-def _result(args, dev, rows: list[dict], breakdown, bf16_bytes: int) -> dict:
+def _profiled(variant: str, fn, kwargs, forward_ms: float) -> dict:
+    parts, top = kernel_breakdown(fn, kwargs)
+    return {"variant": variant, "forward_ms": forward_ms, "kernels_ms": parts, "top_kernels": top}
+
+
+def _result(args, dev, rows: list[dict], breakdown, baseline_breakdown, bf16_bytes: int) -> dict:
     for r in rows:
         same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
         for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
@@ -253,7 +264,8 @@ def _result(args, dev, rows: list[dict], breakdown, bf16_bytes: int) -> dict:
         if r.get("ms"):
             r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
             r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
-    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown}
+    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown,
+            "baseline_breakdown": baseline_breakdown}
 
 
 def _rows_table(rows: list[dict], with_call: bool = False) -> str:
@@ -285,19 +297,27 @@ def to_markdown(result: dict) -> str:
     md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
           f"{env['date']}\n\n{table}\n")
-    if result.get("breakdown"):
-        b = result["breakdown"]["kernels_ms"]
-        total = sum(b.values())
-        md += (f"\nconvrot {result['breakdown']['variant']}, CUDA kernel time of one forward "
-               f"(kernels sum to {total:.1f} ms; the forward took {result['breakdown']['forward_ms']:.1f} ms):\n\n")
-        md += tabulate([[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
-                       headers=["part", "ms", "share"], tablefmt="github") + "\n"
-        if result["breakdown"].get("top_kernels"):
-            md += "\nThe kernels taking the most time:\n\n" + tabulate(
-                [[k["kernel"], k["group"], f"{k['ms']:.2f}", k["calls"]] for k in result["breakdown"]["top_kernels"]],
-                headers=["kernel", "part", "ms", "calls"], tablefmt="github", disable_numparse=True) + "\n"
+    for key in ("breakdown", "baseline_breakdown"):
+        if result.get(key):
+            md += _breakdown_markdown(result[key])
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
            "measure (bench/results/compiler_gpu_diag.md).\n")
+    return md
+
+
+def _breakdown_markdown(breakdown: dict) -> str:
+    from tabulate import tabulate
+
+    b = breakdown["kernels_ms"]
+    total = sum(b.values())
+    md = (f"\n{breakdown['variant']}, CUDA kernel time of one forward "
+          f"(kernels sum to {total:.1f} ms; the forward took {breakdown['forward_ms']:.1f} ms):\n\n")
+    md += tabulate([[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
+                   headers=["part", "ms", "share"], tablefmt="github") + "\n"
+    if breakdown.get("top_kernels"):
+        md += "\nThe kernels taking the most time:\n\n" + tabulate(
+            [[k["kernel"], k["group"], f"{k['ms']:.2f}", k["calls"]] for k in breakdown["top_kernels"]],
+            headers=["kernel", "part", "ms", "calls"], tablefmt="github", disable_numparse=True) + "\n"
     return md
 
 

@@ -75,7 +75,8 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert group("_rotate_quant_kernel") == "rotate+quantize"
     assert group("_unpack_int4_kernel") == "int4 unpack"
     assert group("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
-    assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (kept layers)"
+    assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (cuBLAS)"
+    assert group("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "bf16 GEMM (cuBLAS)"  # cuBLAS 13
     inductor = bench_model.INDUCTOR_FUSED
     assert group("triton_poi_fused_gelu_view_7") == inductor
     # named after the SDPA / custom op they feed, but RMSNorm + RoPE and LayerNorm + modulation
@@ -88,7 +89,13 @@ def test_kernel_groups_and_the_top_kernels_table():
         "variant": "w4a4", "forward_ms": 3.0, "kernels_ms": {"quantized GEMM": 2.0, "other": 1.0},
         "top_kernels": [{"kernel": "_int_gemm_kernel", "group": "quantized GEMM", "ms": 2.0, "calls": 7},
                         {"kernel": "triton_poi_fused_gelu_view_7", "group": "other", "ms": 1.0, "calls": 3}]}}
+    result["baseline_breakdown"] = {"variant": "bf16-compile", "forward_ms": 5.0,
+                                    "kernels_ms": {"bf16 GEMM (cuBLAS)": 4.0, "attention": 1.0}}
     md = bench_model.to_markdown(result)
     assert "The kernels taking the most time" in md
+    assert "w4a4, CUDA kernel time of one forward (kernels sum to 3.0 ms" in md
+    baseline = md[md.index("bf16-compile, CUDA kernel time of one forward (kernels sum to 5.0 ms"):]
+    first_part = [c.strip() for c in baseline.splitlines()[4].strip("|").split("|")]
+    assert first_part == ["bf16 GEMM (cuBLAS)", "4", "80%"]
     line = next(li for li in md.splitlines() if "triton_poi_fused_gelu_view_7" in li)
     assert [c.strip() for c in line.strip("|").split("|")] == ["triton_poi_fused_gelu_view_7", "other", "1.00", "3"]
