@@ -170,15 +170,16 @@ def test_unpack_kernel_matches_reference():
     assert torch.equal(unpack_int4(packed, 256), q)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 16, 600), (6, 24, 512)])
-def test_w4a16_kernel_matches_reference(m, n, k):
+@pytest.mark.parametrize("m,n,k,row_kernel", [(1, 40, 256, True), (1, 40, 600, True), (1, 24, 512, False),
+                                              (3, 16, 600, True), (6, 24, 512, True)])
+def test_w4a16_kernel_matches_reference(m, n, k, row_kernel):
     g = torch.Generator().manual_seed(m + n + k)
     w = torch.randn(n, k, generator=g) * 0.05
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g)
     qw = quantize_weight(w, "w4a16", None, group_size=256)
     ref = ops.w4a16_gemm(x, qw.values, qw.scale, bias, 256)
-    out = w4a16_gemm(x.to(DEV), qw.values.to(DEV), qw.scale.to(DEV), bias.to(DEV), 256)
+    out = w4a16_gemm(x.to(DEV), qw.values.to(DEV), qw.scale.to(DEV), bias.to(DEV), 256, row_kernel=row_kernel)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -187,8 +187,8 @@ def test_rotate_quantize_fp8_container_equals_int8():
 
 
 @pytest.mark.parametrize("n", [18432, 9216, 3072])
-@pytest.mark.parametrize("m", [1, 4])
-def test_w4a16_at_flux_shapes(n, m):
+@pytest.mark.parametrize("m,row_kernel", [(1, True), (1, False), (4, True)])
+def test_w4a16_at_flux_shapes(n, m, row_kernel):
     k = 3072
     w = torch.randn(n, k, device="cuda") * 0.02
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
@@ -196,7 +196,7 @@ def test_w4a16_at_flux_shapes(n, m):
     qw = quantize_weight(w, "w4a16", None, group_size=256)
     ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, bias, 256)
     _poison_allocator()
-    out = w4a16_gemm(x, qw.values, qw.scale, bias, 256)
+    out = w4a16_gemm(x, qw.values, qw.scale, bias, 256, row_kernel=row_kernel)
     assert torch.isfinite(out).all()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2

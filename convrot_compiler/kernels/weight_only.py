@@ -77,10 +77,57 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+# One activation row (M = 1: the adaLN modulation and the embedders at batch 1). The fastest configs of a
+# sweep of 72 (bench/results/gemv_row.md, H100, CUDA-graph replays): 28.4 us at 3072->18432 (1.92x bf16),
+# 19.0 us at 3072->9216 (1.70x); the general kernel took 30.8 us at 3072->18432 (gemm_graph_run1.md).
+_ROW_GPU_CONFIGS = [
+    triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
+    for bn, bk, s, w in [(32, 128, 1, 4), (8, 128, 1, 4), (16, 128, 3, 2)]
+]
+
+
+@triton.autotune(configs=autotune_configs(_ROW_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["N", "K"])
+@triton.jit
+def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KB, stride_wn, stride_sn,
+                      HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BN: tl.constexpr, BKB: tl.constexpr):
+    """_w4a16_kernel for one row, on 2-D tiles: the weight tile stays in the layout it was loaded in and
+    the input is loaded straight into the matching slice of it. The 3-D [BM, BN, BKB] form of the general
+    kernel moves every weight tile through shared memory to broadcast it against the rows (byte
+    permutes, stores, a barrier and loads per tile in its sm_90 SASS)."""
+    tl.static_assert(HALF % BKB == 0, "a tile of packed bytes must lie within one group's half")
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rkb = tl.arange(0, BKB)
+    nmask = rn < N
+    rn_safe = (rn % N).to(tl.int64)
+    w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rkb[None, :]
+    acc = tl.zeros([BN, BKB], dtype=tl.float32)
+    for kb in range(0, KB, BKB):
+        w = tl.load(w_ptrs)
+        s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
+        k_lo = (kb // HALF) * (2 * HALF) + (kb % HALF) + rkb
+        k_hi = k_lo + HALF
+        if EVEN_K:
+            x_lo = tl.load(x_ptr + k_lo).to(tl.float32)
+            x_hi = tl.load(x_ptr + k_hi).to(tl.float32)
+        else:
+            x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
+        wi = w.to(tl.int32)
+        part = _nibble_to_float(wi & 0xF) * x_lo[None, :] + _nibble_to_float((wi >> 4) & 0xF) * x_hi[None, :]
+        acc += part * s[:, None]
+        w_ptrs += BKB
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + rn, out.to(c_ptr.dtype.element_ty), mask=nmask)
+
+
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
+               group_size: int, row_kernel: bool = True) -> torch.Tensor:
     """[M, N] = x @ dequant(qw)^T (+ bias): qw packed int4 [N, K'/2] (per-group layout of quant.pack_int4)
-    with float32 scales [N, K'/group_size]. Meant for M of 1 to 8; larger M works but rereads weights."""
+    with float32 scales [N, K'/group_size]. Meant for M of 1 to 8; larger M works but rereads weights.
+    M = 1 runs the one-row kernel unless ``row_kernel`` is False (the general kernel, for comparisons)."""
     check_device(x, qw, scale)
     check_2d_rows("x", x)
     check_2d_rows("qw", qw)
@@ -98,6 +145,12 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
         raise ValueError(f"scale must be float32 [{n}, {2 * kb // group_size}], got {tuple(scale.shape)} {scale.dtype}")
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
+        return c
+    if m == 1 and row_kernel:
+        grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        _w4a16_row_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, n, k, kb, qw.stride(0),
+                                scale.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None,
+                                EVEN_K=k == 2 * kb)
         return c
     bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
     grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
