@@ -30,7 +30,7 @@ from convrot_compiler.quant import quantize_weight  # noqa: E402
 SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]  # (M, K, N)
 # BN, BKB, warps, stages; the kernel needs BKB to divide the half group (128 bytes at group size 256)
 CONFIGS = list(itertools.product((4, 8, 16, 32), (64, 128), (1, 2, 4, 8), (2, 4)))
-ROW_CONFIGS = list(itertools.product((4, 8, 16, 32), (64, 128), (1, 2, 4), (1, 2, 3)))
+ROW_CONFIGS = list(itertools.product((4, 8, 16, 32, 64), (8, 16, 32), (1, 2, 4, 8), (1, 2)))  # BN, BW (words)
 MAX_ACC_PER_THREAD = 256  # float32 partial sums per thread; more spill
 
 
@@ -64,13 +64,16 @@ def main() -> None:
         t_bf16 = timer(lambda: torch.mm(x, w.T), warmup_ms=100, rep_ms=400)
         shape_rows = []
         for bn, bkb, warps, stages in tqdm(configs, desc=f"M={m} {k}->{n}"):
-            if bm * bn * bkb > MAX_ACC_PER_THREAD * 32 * warps:
+            if bm * bn * bkb * (8 if row else 1) > MAX_ACC_PER_THREAD * 32 * warps:  # row: two [BN, BW] fp32 tiles
                 continue
             if row:
+                words = qw.values.view(torch.int32)
+
                 def launch():
                     kern[(triton.cdiv(n, bn),)](
-                        x, qw.values, qw.scale, qw.scale, c, n, k, kb, qw.values.stride(0), qw.scale.stride(0),
-                        HALF=128, HAS_BIAS=False, EVEN_K=True, BN=bn, BKB=bkb, num_warps=warps, num_stages=stages)
+                        x, words, qw.scale, qw.scale, c, n, k, kb // 4, words.stride(0), qw.scale.stride(0),
+                        HALF=128, HAS_BIAS=False, EVEN_K=True, USE_ASM=True, BN=bn, BW=bkb, num_warps=warps,
+                        num_stages=stages)
             else:
                 def launch():
                     kern[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
@@ -98,7 +101,8 @@ def main() -> None:
     timing = "launched from Python (--eager)" if args.eager else "CUDA-graph replays, L2 flushed"
     md = (f"# W4A16 launch configs of the {args.kernel} kernel, five fastest per shape (of {len(configs)})\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']}\n\n"
-          f"Timing: {timing}; cuBLAS bf16 timed the same way.\n\n{table}\n")
+          f"Timing: {timing}; cuBLAS bf16 timed the same way."
+          f"{' BKB: the tile width in 4-byte words (the kernel calls it BW).' if row else ''}\n\n{table}\n")
     print(md)
     write_results(args.name, dict(env=env, kernel=args.kernel, timing=timing, rows=rows), md, os.environ.get("OUT"))
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, check_2d_rows, check_device
+from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
 # The fastest launch configs of a sweep at FLUX's shapes (bench/results/gemv_configs_v4.md, H100: M = 1
 # 3072->18432 30.2 us (1.80x bf16; 33.4 us before the nibble and scale tricks, gemv_configs.md),
@@ -78,45 +78,74 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
 
 
 # One activation row (M = 1: the adaLN modulation and the embedders at batch 1). The fastest configs of a
-# sweep of 72 (bench/results/gemv_row.md, H100, CUDA-graph replays): 28.4 us at 3072->18432 (1.92x bf16),
-# 19.0 us at 3072->9216 (1.70x); the general kernel took 30.8 us at 3072->18432 (gemm_graph_run1.md).
+# sweep of 120 (bench/results/gemv_row_v3.md, H100, CUDA-graph replays): 25.7 us at 3072->18432 (2.12x cuBLAS
+# bf16; the general kernel 30.8 us), 17.6 us at 3072->9216 (1.84x). What limits it: ncu_gemv_row.txt.
 _ROW_GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
-    for bn, bk, s, w in [(32, 128, 1, 4), (8, 128, 1, 4), (16, 128, 3, 2)]
+    triton.Config({"BN": bn, "BW": bw}, num_stages=s, num_warps=w)
+    for bn, bw, s, w in [(32, 32, 1, 4), (4, 32, 2, 2), (16, 32, 1, 2)]
 ]
+_ROW_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BW": 8}, num_warps=4)
 
 
-@triton.autotune(configs=autotune_configs(_ROW_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["N", "K"])
 @triton.jit
-def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KB, stride_wn, stride_sn,
-                      HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                      BN: tl.constexpr, BKB: tl.constexpr):
-    """_w4a16_kernel for one row, on 2-D tiles: the weight tile stays in the layout it was loaded in and
-    the input is loaded straight into the matching slice of it. The 3-D [BM, BN, BKB] form of the general
-    kernel moves every weight tile through shared memory to broadcast it against the rows (byte
-    permutes, stores, a barrier and loads per tile in its sm_90 SASS)."""
-    tl.static_assert(HALF % BKB == 0, "a tile of packed bytes must lie within one group's half")
+def _nibble_at_19(w, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
+    """The nibble u at bits SHIFT..SHIFT+3 of each uint32 word w as the float 1 + (u ^ 8) / 16: the nibble,
+    its sign bit flipped, becomes the top four mantissa bits of 1.0. Two instructions on the GPU (a funnel
+    shift and one LOP3 for the mask and the exponent; PTX through inline assembly, which the interpreter
+    lacks, so it runs the same bits as plain shifts)."""
+    if USE_ASM:
+        bits = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shf.l.wrap.b32 t, $1, $1, $2; lop3.b32 $0, t, 7864320, 1069547520, 0x6a; }",
+            "=r,r,r", [w, tl.full(w.shape, (19 - SHIFT) % 32, tl.uint32)], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        if SHIFT <= 19:
+            moved = w << (19 - SHIFT)
+        else:
+            moved = w >> (SHIFT - 19)
+        bits = (moved & 0x780000) ^ 0x3FC00000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=autotune_configs(_ROW_GPU_CONFIGS, _ROW_INTERPRETER_CONFIG), key=["N", "K"])
+@triton.jit
+def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KW, stride_wn, stride_sn,
+                      HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+                      BN: tl.constexpr, BW: tl.constexpr):
+    """_w4a16_kernel for one row, with the weights read as uint32 words (four packed bytes: the low nibbles
+    meet inputs k .. k+3 of a group's first half, the high nibbles the same places of its second half).
+
+    Fewer instructions per weight byte than the general kernel, which is bound by instruction issue
+    (bench/results/ncu_gemv.txt): 2-D tiles only (its 3-D [BM, BN, BKB] tile moved every weight tile
+    through shared memory); each nibble becomes f = 1 + (u ^ 8) / 16 in two instructions and meets its input
+    in one FMA; sum x (u ^ 8 - 8) = 16 sum x f - 24 sum x, the last sum taken once per input, not per
+    output channel. f x and x have the same magnitude, so nothing cancels catastrophically."""
+    HALF_W: tl.constexpr = HALF // 4
+    tl.static_assert(HALF_W % BW == 0, "a tile of words must lie within one group's half")
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rkb = tl.arange(0, BKB)
+    rw = tl.arange(0, BW)
     nmask = rn < N
     rn_safe = (rn % N).to(tl.int64)
-    w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rkb[None, :]
-    acc = tl.zeros([BN, BKB], dtype=tl.float32)
-    for kb in range(0, KB, BKB):
-        w = tl.load(w_ptrs)
-        s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
-        k_lo = (kb // HALF) * (2 * HALF) + (kb % HALF) + rkb
-        k_hi = k_lo + HALF
-        if EVEN_K:
-            x_lo = tl.load(x_ptr + k_lo).to(tl.float32)
-            x_hi = tl.load(x_ptr + k_hi).to(tl.float32)
-        else:
-            x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
-        wi = w.to(tl.int32)
-        part = _nibble_to_float(wi & 0xF) * x_lo[None, :] + _nibble_to_float((wi >> 4) & 0xF) * x_hi[None, :]
-        acc += part * s[:, None]
-        w_ptrs += BKB
+    w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rw[None, :]
+    acc = tl.zeros([BN, BW], dtype=tl.float32)
+    for kw in range(0, KW, BW):
+        w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + rn_safe * stride_sn + kw // HALF_W)
+        k0 = (kw // HALF_W) * (2 * HALF) + (kw % HALF_W) * 4 + rw * 4
+        x0 = x_ptr + k0
+        t = tl.zeros([BN, BW], dtype=tl.float32)
+        xs = tl.zeros([BW], dtype=tl.float32)
+        for j in tl.static_range(4):
+            if EVEN_K:
+                x_lo = tl.load(x0 + j).to(tl.float32)
+                x_hi = tl.load(x0 + (j + HALF)).to(tl.float32)
+            else:
+                x_lo = tl.load(x0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(x0 + (j + HALF), mask=k0 + (j + HALF) < K, other=0.0).to(tl.float32)
+            t += _nibble_at_19(w, 8 * j, USE_ASM) * x_lo[None, :]
+            t += _nibble_at_19(w, 8 * j + 4, USE_ASM) * x_hi[None, :]
+            xs += x_lo + x_hi
+        acc += s[:, None] * (16.0 * t - 24.0 * xs[None, :])
+        w_ptrs += BW
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -146,11 +175,12 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return c
-    if m == 1 and row_kernel:
+    if m == 1 and row_kernel and qw.stride(0) % 4 == 0 and qw.data_ptr() % 4 == 0:
+        words = qw.view(torch.int32)  # kb is a multiple of group_size // 2, itself of 128
         grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
-        _w4a16_row_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, n, k, kb, qw.stride(0),
-                                scale.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None,
-                                EVEN_K=k == 2 * kb)
+        _w4a16_row_kernel[grid](x, words, scale, bias if bias is not None else scale, c, n, k, kb // 4,
+                                qw.stride(0) // 4, scale.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None,
+                                EVEN_K=k == 2 * kb, USE_ASM=not interpreting())
         return c
     bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
     grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
