@@ -14,6 +14,7 @@ nvidia-cudnn-frontend. This probe times, as CUDA-graph replays with L2 flushed:
 and the relative error of each against an fp32 reference, on diffuse (logit std 1) and peaky (std 9) inputs
 with outlier channels in V.
 
+    pip install nvidia-cudnn-frontend==1.16.0   # not a dependency of the package: this probe only
     python bench/probe_fp8_attention.py --out bench/results
 """
 
@@ -121,8 +122,14 @@ def main() -> None:
     args = ap.parse_args()
     from tabulate import tabulate
 
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (Hopper or newer for fp8 attention)")
+    try:
+        import cudnn
+    except ImportError:
+        sys.exit("needs cuDNN's Python frontend: pip install nvidia-cudnn-frontend==1.16.0 (it uses the cuDNN "
+                 "library that PyTorch installed)")
     dev = torch.device("cuda")
-    import cudnn
 
     env = environment() | {"cudnn_backend": cudnn.backend_version(), "cudnn_frontend": cudnn.__version__}
     prologue = torch.compile(lambda q, k, v: (*quantize_e4m3(q), *quantize_e4m3(k), *quantize_e4m3(v)))
