@@ -30,9 +30,7 @@ from convrot_compiler.quant import quantize_weight  # noqa: E402
 SHAPES = [(1, 3072, 18432), (1, 3072, 9216), (4, 3072, 18432)]  # (M, K, N)
 # BN, BKB, warps, stages; the kernel needs BKB to divide the half group (128 bytes at group size 256)
 CONFIGS = list(itertools.product((4, 8, 16, 32), (64, 128), (1, 2, 4, 8), (2, 4)))
-# BN, BW (words), warps, stages, UNROLL
-ROW_CONFIGS = list(itertools.product((4, 8, 16, 32, 64), (8, 16, 32), (1, 2, 4, 8), (1, 2), (1,)))
-ROW_CONFIGS += list(itertools.product((8, 16, 32), (32,), (1, 2, 4), (1, 2), (2,)))
+ROW_CONFIGS = list(itertools.product((4, 8, 16, 32, 64), (8, 16, 32), (1, 2, 4, 8), (1, 2)))  # BN, BW (words)
 MAX_ACC_PER_THREAD = 256  # float32 partial sums per thread; more spill
 
 
@@ -65,8 +63,7 @@ def main() -> None:
         wbytes = qw.values.numel() + qw.scale.numel() * 4
         t_bf16 = timer(lambda: torch.mm(x, w.T), warmup_ms=100, rep_ms=400)
         shape_rows = []
-        for bn, bkb, warps, stages, *unroll in tqdm(configs, desc=f"M={m} {k}->{n}"):
-            unroll = unroll[0] if unroll else 1
+        for bn, bkb, warps, stages in tqdm(configs, desc=f"M={m} {k}->{n}"):
             if bm * bn * bkb * (8 if row else 1) > MAX_ACC_PER_THREAD * 32 * warps:  # row: two [BN, BW] fp32 tiles
                 continue
             if row:
@@ -75,8 +72,8 @@ def main() -> None:
                 def launch():
                     kern[(triton.cdiv(n, bn),)](
                         x, words, qw.scale, qw.scale, c, n, k, kb // 4, words.stride(0), qw.scale.stride(0),
-                        HALF=128, HAS_BIAS=False, EVEN_K=True, USE_ASM=True, BN=bn, BW=bkb, UNROLL=unroll,
-                        num_warps=warps, num_stages=stages)
+                        HALF=128, HAS_BIAS=False, EVEN_K=True, USE_ASM=True, BN=bn, BW=bkb, num_warps=warps,
+                        num_stages=stages)
             else:
                 def launch():
                     kern[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
@@ -90,18 +87,15 @@ def main() -> None:
                 continue
             err = relative_error(c, ref)
             t = timer(launch, warmup_ms=25, rep_ms=120)
-            shape_rows.append(dict(M=m, K=k, N=n, BN=bn, BKB=bkb, warps=warps, stages=stages, unroll=unroll,
-                                   us=t * 1e3, gbs=wbytes / t / 1e6, vs_bf16=t_bf16 / t, bf16_us=t_bf16 * 1e3,
-                                   rel_err=err))
+            shape_rows.append(dict(M=m, K=k, N=n, BN=bn, BKB=bkb, warps=warps, stages=stages, us=t * 1e3,
+                                   gbs=wbytes / t / 1e6, vs_bf16=t_bf16 / t, bf16_us=t_bf16 * 1e3, rel_err=err))
         rows += shape_rows
         top = sorted(shape_rows, key=lambda r: r["us"])[:5]
         best += top
-    table = tabulate([[f"{r['M']}x{r['K']}->{r['N']}", r["BN"], r["BKB"], r["warps"], r["stages"], r["unroll"],
-                       f"{r['us']:.1f}",
+    table = tabulate([[f"{r['M']}x{r['K']}->{r['N']}", r["BN"], r["BKB"], r["warps"], r["stages"], f"{r['us']:.1f}",
                        f"{r['gbs']:.0f}", f"{r['bf16_us']:.1f}", f"{r['vs_bf16']:.2f}", f"{r['rel_err']:.1e}"]
                       for r in best],
-                     headers=["shape", "BN", "BKB", "warps", "stages", "unroll", "us", "GB/s", "bf16 us", "x bf16",
-                              "err vs ref"],
+                     headers=["shape", "BN", "BKB", "warps", "stages", "us", "GB/s", "bf16 us", "x bf16", "err vs ref"],
                      tablefmt="github")
     env = environment()
     timing = "launched from Python (--eager)" if args.eager else "CUDA-graph replays, L2 flushed"

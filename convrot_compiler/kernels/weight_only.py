@@ -81,11 +81,10 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
 # sweep of 120 (bench/results/gemv_row_v3.md, H100, CUDA-graph replays): 25.7 us at 3072->18432 (2.12x cuBLAS
 # bf16; the general kernel 30.8 us), 17.6 us at 3072->9216 (1.84x). What limits it: ncu_gemv_row.txt.
 _ROW_GPU_CONFIGS = [
-    triton.Config({"BN": bn, "BW": bw, "UNROLL": 1}, num_stages=s, num_warps=w)
+    triton.Config({"BN": bn, "BW": bw}, num_stages=s, num_warps=w)
     for bn, bw, s, w in [(32, 32, 1, 4), (4, 32, 2, 2), (16, 32, 1, 2)]
 ]
-_ROW_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BW": 8, "UNROLL": 2}, num_warps=4)
-_ROW_FALLBACK_CONFIG = triton.Config({"BN": 16, "BW": 8, "UNROLL": 1}, num_warps=4)  # KW is a multiple of 32
+_ROW_INTERPRETER_CONFIG = triton.Config({"BN": 16, "BW": 8}, num_warps=4)
 
 
 @triton.jit
@@ -107,40 +106,11 @@ def _nibble_at_19(w, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _row_tile(w, s, x_ptr, kw, rw, K, HALF: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-              BN: tl.constexpr, BW: tl.constexpr):
-    """One [BN, BW] tile of weight words against its inputs, scaled per output channel: [BN, BW] partial sums."""
-    HALF_W: tl.constexpr = HALF // 4
-    k0 = (kw // HALF_W) * (2 * HALF) + (kw % HALF_W) * 4 + rw * 4
-    x0 = x_ptr + k0
-    t = tl.zeros([BN, BW], dtype=tl.float32)
-    xs = tl.zeros([BW], dtype=tl.float32)
-    for j in tl.static_range(4):
-        if EVEN_K:
-            x_lo = tl.load(x0 + j).to(tl.float32)
-            x_hi = tl.load(x0 + (j + HALF)).to(tl.float32)
-        else:
-            x_lo = tl.load(x0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
-            x_hi = tl.load(x0 + (j + HALF), mask=k0 + (j + HALF) < K, other=0.0).to(tl.float32)
-        t += _nibble_at_19(w, 8 * j, USE_ASM) * x_lo[None, :]
-        t += _nibble_at_19(w, 8 * j + 4, USE_ASM) * x_hi[None, :]
-        xs += x_lo + x_hi
-    return s[:, None] * (16.0 * t - 24.0 * xs[None, :])
-
-
-def _row_prune(configs, named_args, **kwargs):
-    """A config must step through the row in whole tiles: KW a multiple of BW * UNROLL."""
-    kw = named_args["KW"]
-    return [c for c in configs if kw % (c.kwargs["BW"] * c.kwargs["UNROLL"]) == 0] or [_ROW_FALLBACK_CONFIG]
-
-
-@triton.autotune(configs=autotune_configs(_ROW_GPU_CONFIGS, _ROW_INTERPRETER_CONFIG), key=["N", "K"],
-                 prune_configs_by={"early_config_prune": _row_prune})
+@triton.autotune(configs=autotune_configs(_ROW_GPU_CONFIGS, _ROW_INTERPRETER_CONFIG), key=["N", "K"])
 @triton.jit
 def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KW, stride_wn, stride_sn,
                       HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
-                      BN: tl.constexpr, BW: tl.constexpr, UNROLL: tl.constexpr):
+                      BN: tl.constexpr, BW: tl.constexpr):
     """_w4a16_kernel for one row, with the weights read as uint32 words (four packed bytes: the low nibbles
     meet inputs k .. k+3 of a group's first half, the high nibbles the same places of its second half).
 
@@ -148,29 +118,34 @@ def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KW, stride_wn,
     (bench/results/ncu_gemv.txt): 2-D tiles only (its 3-D [BM, BN, BKB] tile moved every weight tile
     through shared memory); each nibble becomes f = 1 + (u ^ 8) / 16 in two instructions and meets its input
     in one FMA; sum x (u ^ 8 - 8) = 16 sum x f - 24 sum x, the last sum taken once per input, not per
-    output channel. f x and x have the same magnitude, so nothing cancels catastrophically. UNROLL = 2 loads
-    the next tile before the current one is used (more bytes in flight: the kernel waits on its loads,
-    bench/results/ncu_gemv_row.txt)."""
+    output channel. f x and x have the same magnitude, so nothing cancels catastrophically."""
     HALF_W: tl.constexpr = HALF // 4
     tl.static_assert(HALF_W % BW == 0, "a tile of words must lie within one group's half")
-    tl.static_assert(UNROLL == 1 or UNROLL == 2, "UNROLL is 1 or 2")
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rw = tl.arange(0, BW)
     nmask = rn < N
     rn_safe = (rn % N).to(tl.int64)
     w_ptrs = w_ptr + rn_safe[:, None] * stride_wn + rw[None, :]
-    s_ptrs = s_ptr + rn_safe * stride_sn
     acc = tl.zeros([BN, BW], dtype=tl.float32)
-    for kw in range(0, KW, BW * UNROLL):
-        w_a = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
-        s_a = tl.load(s_ptrs + kw // HALF_W)
-        if UNROLL == 2:
-            w_b = tl.load(w_ptrs + BW).to(tl.uint32, bitcast=True)
-            s_b = tl.load(s_ptrs + (kw + BW) // HALF_W)
-        acc += _row_tile(w_a, s_a, x_ptr, kw, rw, K, HALF, EVEN_K, USE_ASM, BN, BW)
-        if UNROLL == 2:
-            acc += _row_tile(w_b, s_b, x_ptr, kw + BW, rw, K, HALF, EVEN_K, USE_ASM, BN, BW)
-        w_ptrs += BW * UNROLL
+    for kw in range(0, KW, BW):
+        w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + rn_safe * stride_sn + kw // HALF_W)
+        k0 = (kw // HALF_W) * (2 * HALF) + (kw % HALF_W) * 4 + rw * 4
+        x0 = x_ptr + k0
+        t = tl.zeros([BN, BW], dtype=tl.float32)
+        xs = tl.zeros([BW], dtype=tl.float32)
+        for j in tl.static_range(4):
+            if EVEN_K:
+                x_lo = tl.load(x0 + j).to(tl.float32)
+                x_hi = tl.load(x0 + (j + HALF)).to(tl.float32)
+            else:
+                x_lo = tl.load(x0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(x0 + (j + HALF), mask=k0 + (j + HALF) < K, other=0.0).to(tl.float32)
+            t += _nibble_at_19(w, 8 * j, USE_ASM) * x_lo[None, :]
+            t += _nibble_at_19(w, 8 * j + 4, USE_ASM) * x_hi[None, :]
+            xs += x_lo + x_hi
+        acc += s[:, None] * (16.0 * t - 24.0 * xs[None, :])
+        w_ptrs += BW
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
