@@ -16,6 +16,7 @@
 #   bash bench/device_model_sweep.sh ws        # bf16, w4a4 (profiled), bf16-compile, w4a4 without warp specialization
 #   bash bench/device_model_sweep.sh breakdown # bf16, bf16-compile, w4a4 at 1024^2, both compiled forwards profiled
 #   bash bench/device_model_sweep.sh graphs    # bf16, w4a4, bf16-compile with Inductor's CUDA graphs, bf16-compile
+#   bash bench/device_model_sweep.sh gelu      # bf16, w4a4 with the GELU inside rotate+quantize (profiled), w4a4
 case "${1:-}" in
   row1024) args=(--resolution 1024 --variants bf16,bf16-compile,mix,w4a4 --profile) ;;
   regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
@@ -28,10 +29,11 @@ case "${1:-}" in
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
   template) args=(--resolution 1024 --variants bf16,w4a4-template --profile) ;;
   producers) args=(--resolution 1024 --variants bf16,w4a4,w4a4-producers,w4a4-flat --profile) ;;
+  gelu)    args=(--resolution 1024 --variants bf16,w4a4-producers,w4a4 --profile) ;;
   graphs)  args=(--resolution 1024 --variants bf16,w4a4,bf16-compile-cg,bf16-compile --profile) ;;
   breakdown) args=(--resolution 1024 --variants bf16,bf16-compile,w4a4 --profile) ;;
   ws)      args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,w4a4-nows --profile) ;;
-  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws|breakdown|graphs" >&2; exit 2 ;;
+  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws|breakdown|graphs|gelu" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
 timeout "${SWEEP_TIMEOUT:-585}" python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \

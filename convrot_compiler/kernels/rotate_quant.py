@@ -109,7 +109,7 @@ def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOU
         else:
             x = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
             if GELU_X2:
-                x = _round_to(gelu_tanh(x.to(tl.float32), False), x.dtype, GPU_MATH)
+                x = _round_to(gelu_tanh(x.to(tl.float32), GPU_MATH), x.dtype, GPU_MATH)
     else:
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
     return x
