@@ -29,7 +29,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import bench_ms, environment, write_results  # noqa: E402
+from bench._common import bench_graph_ms, bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
 from convrot_compiler.kernels import rotate_quant as rq  # noqa: E402
@@ -43,6 +43,9 @@ SETS = {
     "reversed": [(1, 4, 4, 3), (2, 2, 2, 3), (1, 8, 8, 3), (1, 8, 4, 3), (1, 2, 2, 3), (1, 4, 4, 2)],
     "wide": [(1, 4, 4, 3), (1, 16, 16, 3), (1, 16, 16, 2), (1, 32, 16, 2), (1, 16, 8, 3), (1, 8, 8, 4),
              (1, 32, 32, 2), (1, 64, 32, 2), (1, 16, 16, 4), (1, 8, 8, 3)],
+    # the text stream's few rows: one row per program, a few groups per step
+    "small": [(1, 1, 1, 3), (1, 2, 2, 3), (1, 4, 2, 3), (1, 4, 4, 3), (1, 8, 4, 3), (1, 8, 8, 3), (1, 16, 8, 3),
+              (2, 2, 2, 3), (2, 4, 4, 3)],
 }
 
 
@@ -169,14 +172,14 @@ def _launch(x, q, s, h16, kron, one, bm, ch, w, st, nprog=0, rev=False):
     return q, s
 
 
-def launch_library(x, q, s, h16, bm=2, w=2, st=3):
+def launch_library(x, q, s, h16, bm=2, w=2, st=3, ch=1):
     """The library kernel (W4, Kronecker form, one source) with one config, no autotuner: by default its
-    leading config (BM = 2 rows, 2 warps, 3 stages)."""
+    leading config at large M (BM = 2 rows, one group per step, 2 warps, 3 stages)."""
     m, k = x.shape
     rq._rotate_quant_kernel.fn[(triton.cdiv(m, bm),)](
         x, x, h16, q, s, m, k, 0, x.stride(0), x.stride(0), q.stride(0), s, s, 0, 0, 1, 0.0, G=256,
         METHOD=rq.METHOD_KRON, QMAX=7, TWO_SOURCES=False, GELU_X2=False, HAS_NORM=False, DOT_F32=False,
-        GPU_MATH=True, BM=bm, num_warps=w, num_stages=st)
+        GPU_MATH=True, SMALL_M=False, BM=bm, CH=ch, num_warps=w, num_stages=st)
     return q, s
 
 
@@ -184,7 +187,7 @@ def cases_of(which, m, k, sms):
     """(form, config, kwargs of _launch or None for the library kernel) of one variant set."""
     out = [("library", (2, 2, 3), None)]
     ch1 = 1 << (-(-k // 256) - 1).bit_length()
-    for kron in (False, True) if which in ("forms", "persistent") else (False,):
+    for kron in (False, True) if which in ("forms", "persistent", "small") else (False,):
         name = "kron" if kron else "bfly"
         for bm, ch, w, st in SETS[which]:
             if which == "persistent":
@@ -198,7 +201,7 @@ def cases_of(which, m, k, sms):
                                 dict(kron=kron, one=False, bm=bm, ch=ch, w=w, st=st, rev=rev)))
             else:
                 out.append((f"{name}-2pass", (bm, ch, w, st), dict(kron=kron, one=False, bm=bm, ch=ch, w=w, st=st)))
-        if which == "forms":
+        if which in ("forms", "small"):
             for bm, w in [(1, 4), (1, 8), (1, 16), (2, 8), (2, 16)]:
                 if ch1 * bm * 256 / (32 * w) <= 128:
                     out.append((f"{name}-1pass", (bm, ch1, w, 1), dict(kron=kron, one=True, bm=bm, ch=ch1, w=w, st=1)))
@@ -209,8 +212,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--set", default="forms", choices=sorted(SETS))
     p.add_argument("--ncu", nargs=8, type=int, metavar="N", help="M K KRON BM CH WARPS STAGES NPROG: launch one config")
+    p.add_argument("--shapes", help="MxK,MxK,... (default: the FLUX shapes of SHAPES)")
+    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays (default: launches from Python)")
     p.add_argument("--out")
     args = p.parse_args()
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else SHAPES
+    timer = bench_graph_ms if args.graph else bench_ms
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     h16 = hadamard_matrix("regular", 16, device="cuda").to(torch.bfloat16)
@@ -226,13 +233,13 @@ def main() -> None:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows, best, copy = [], {}, {}
-    for m, k in SHAPES:
+    for m, k in shapes:
         torch.manual_seed(0)
         x = (torch.randn(m, k, device="cuda") * 2 + torch.randn(m, 1, device="cuda") * 4).to(torch.bfloat16)
         q_ref, s_ref = ops.rotate_quantize_reference(x, h16.float(), 256, 4)
         nbytes = m * k * 3 + m * 4
         y = torch.empty_like(x)
-        copy[(m, k)] = 2 * x.numel() * 2 / bench_ms(lambda: y.copy_(x), warmup_ms=50, rep_ms=200) / 1e6
+        copy[(m, k)] = 2 * x.numel() * 2 / timer(lambda: y.copy_(x), warmup_ms=50, rep_ms=200) / 1e6
         q = torch.empty(m, k, dtype=torch.int8, device="cuda")
         s = torch.empty(m, device="cuda")
         for form, cfg, kw in cases_of(args.set, m, k, sms):
@@ -242,7 +249,7 @@ def main() -> None:
                 launch()
                 torch.cuda.synchronize()
                 qd = (q.int() - q_ref.int()).abs()
-                t = bench_ms(launch, warmup_ms=50, rep_ms=200)
+                t = timer(launch, warmup_ms=50, rep_ms=200)
                 r = dict(M=m, K=k, form=form, cfg=cfg, us=t * 1e3, gbs=nbytes / t / 1e6,
                          of_copy=nbytes / t / 1e6 / copy[(m, k)], q_maxdiff=qd.max().item(),
                          q_mismatch=(qd > 0).float().mean().item(), s_relerr=((s - s_ref).abs() / s_ref).max().item())
@@ -256,12 +263,14 @@ def main() -> None:
     tab = [[m, k, form, r["cfg"], f"{r['us']:.1f}", f"{r['gbs']:.0f}", f"{r['of_copy']:.2f}", r["q_maxdiff"],
             f"{r['q_mismatch']:.1e}"] for (m, k, form), r in best.items()]
     md = (f"# rotate+quantize forms ({args.set})\n\nGPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']}"
-          f" | {env['date']}\n\nBest config (BM, CH, warps, stages) per form; copy bandwidth per shape: "
+          f" | {env['date']}\n\nBest config (BM, CH, warps, stages) per form; "
+          f"{'CUDA-graph replays' if args.graph else 'launched from Python'}; copy bandwidth per shape: "
           + ", ".join(f"{m}x{k} {v:.0f} GB/s" for (m, k), v in copy.items()) + "\n\n"
           + tabulate(tab, headers=["M", "K", "form", "cfg", "us", "GB/s", "of copy", "q maxdiff", "q mismatch"],
                      tablefmt="github") + "\n")
     print(md)
-    print("written:", *write_results(f"rotate_forms_{args.set}", dict(env=env, rows=rows), md, args.out))
+    name = f"rotate_forms_{args.set}" + ("_graph" if args.graph else "")
+    print("written:", *write_results(name, dict(env=env, rows=rows), md, args.out))
 
 
 if __name__ == "__main__":
