@@ -1,7 +1,8 @@
 """Fused group-wise Hadamard rotation + per-token symmetric quantization.
 
-One program owns BM rows. Pass 1 rotates every group of the rows and keeps the
-running absmax; pass 2 rotates again (the rows' input is then in L2) and writes
+One program owns BM rows and walks them CH groups at a time (CH > 1 for the few rows
+of FLUX's text stream, where one program's chain of steps is what takes the time).
+Pass 1 rotates every group of the rows and keeps the running absmax; pass 2 rotates again (the rows' input is then in L2) and writes
 the values as int8 (int4 values in [-7, 7] also go out in int8 containers: the
 GEMM then loads them with no unpacking, see kernels/int_gemm.py). The
 per-token scale needs the whole rotated row, and a row of K up to 15360 does not
@@ -90,28 +91,43 @@ def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
 @triton.jit
 def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
                 GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr, HAS_NORM: tl.constexpr,
-                mean, rstd, ms_rows, mt_rows):
-    """Group g of the rows. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the
-    GELU of x2 (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never
-    written to memory; K1 is a multiple of G. HAS_NORM: the row's LayerNorm (mean, rstd) and its
-    sample's adaLN modulation, (x - mean) * rstd * (1 + ms) + mt in float32, rounded once to x's
-    dtype as Inductor's own fused kernel writes it."""
-    k = g * G + cols
+                mean, rstd, ms_rows, mt_rows, CH: tl.constexpr = 1):
+    """Step g of the rows: groups g * CH .. g * CH + CH - 1 (cols: arange(CH * G)); channels past K
+    read as zeros. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the GELU of x2
+    (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never written to
+    memory; K1 is a multiple of G (a step of several groups may straddle it). HAS_NORM: the row's
+    LayerNorm (mean, rstd) and its sample's adaLN modulation, (x - mean) * rstd * (1 + ms) + mt in
+    float32, rounded once to x's dtype as Inductor's own fused kernel writes it."""
+    k = g * (CH * G) + cols
     if HAS_NORM:
-        x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
-        ms = tl.load(ms_rows + k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        mt = tl.load(mt_rows + k[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        kmask = rmask[:, None] & (k[None, :] < K)
+        x = tl.load(x_rows + k[None, :], mask=kmask, other=0.0)
+        ms = tl.load(ms_rows + k[None, :], mask=kmask, other=0.0).to(tl.float32)
+        mt = tl.load(mt_rows + k[None, :], mask=kmask, other=0.0).to(tl.float32)
         y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * (1.0 + ms) + mt
-        return _round_to(y, x.dtype, GPU_MATH)
+        return _round_to(tl.where(kmask, y, 0.0), x.dtype, GPU_MATH)
     if TWO_SOURCES:
-        if g * G < K1:
-            x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
+        if CH == 1:
+            if g * G < K1:
+                x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
+            else:
+                x = _load_second(x2_rows, k - K1, rmask[:, None] & (k[None, :] < K), GELU_X2, GPU_MATH)
         else:
-            x = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-            if GELU_X2:
-                x = _round_to(gelu_tanh(x.to(tl.float32), GPU_MATH), x.dtype, GPU_MATH)
+            first = k[None, :] < K1
+            xa = tl.load(x_rows + k[None, :], mask=rmask[:, None] & first, other=0.0)
+            xb = _load_second(x2_rows, k - K1, rmask[:, None] & ~first & (k[None, :] < K), GELU_X2, GPU_MATH)
+            x = tl.where(first, xa, xb)
     else:
         x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
+    return x
+
+
+@triton.jit
+def _load_second(x2_rows, k2, mask, GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr):
+    """Channels k2 of the second source (x2, or its GELU)."""
+    x = tl.load(x2_rows + k2[None, :], mask=mask, other=0.0)
+    if GELU_X2:
+        x = _round_to(gelu_tanh(x.to(tl.float32), GPU_MATH), x.dtype, GPU_MATH)
     return x
 
 
@@ -167,26 +183,40 @@ def _quantize_tile(y, p, s, inv, usable, QMAX: tl.constexpr, GPU_MATH: tl.conste
     return tl.where(usable[:, None], q, 0.0)
 
 
+SMALL_M = 1024  # rows up to which a program takes one row and several groups per step
+
+
+def _config(bm: int, ch: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BM": bm, "CH": ch}, num_warps=warps, num_stages=stages)
+
+
 def _prune(configs, named_args, **kwargs):
-    """The dense form's dot has BM rows and needs at least 16; the Kronecker form's has BM * 16."""
-    if kwargs.get("METHOD", named_args.get("METHOD")) == METHOD_DENSE:
-        return [c for c in configs if c.kwargs["BM"] >= 16] or [triton.Config({"BM": 16}, num_warps=4, num_stages=3)]
-    return configs
+    """The configs for this call. The dense form's dot has BM * CH rows and needs at least 16; the
+    Kronecker form's has BM * CH * 16. Few rows (SMALL_M) in the Kronecker form take the configs with
+    several groups per step (CH > 1), all other calls those with one."""
+    method = kwargs.get("METHOD", named_args.get("METHOD"))
+    if method == METHOD_DENSE:
+        return [c for c in configs if c.kwargs["BM"] >= 16 and c.kwargs["CH"] == 1] or [_config(16, 1, 4, 3)]
+    wide = bool(kwargs.get("SMALL_M", named_args.get("SMALL_M"))) and method == METHOD_KRON
+    return [c for c in configs if (c.kwargs["CH"] > 1) == wide] or [_config(1, 4, 2, 3) if wide else _config(2, 1, 2, 3)]
 
 
 # Every (BM, warps, stages) in {2..32} x {2, 4, 8} x {1, 2, 3} was timed at 4608 x 3072/12288 and
 # 512 x 3072 on an H100 (bench/results/rotate_configs.md): two rows per program, two warps, three
 # stages won everywhere (1182-1372 GB/s against 350-373 for the worst). Autotuning over all of them
 # picked badly at K = 3072 (candidate timings noisier than their differences), so only the leaders
-# are kept, plus BM >= 16 for the dense form.
+# are kept, plus BM >= 16 for the dense form. At M <= 1024 (the text stream's 512 rows) a program's
+# two passes over its groups are a dependent chain that too few programs cannot hide: one row and
+# 4-8 groups per step ran 11.2 us instead of 14.5 at 512 x 3072 and 22.2 instead of 38.7 at 512 x 12288
+# (bench/results/rotate_forms_small_graph.md, CUDA-graph replays).
 @triton.autotune(
     configs=autotune_configs(
-        [triton.Config({"BM": bm}, num_warps=w, num_stages=st)
-         for bm, w, st in ((2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (16, 4, 3), (32, 4, 3))],
-        triton.Config({"BM": 16}, num_warps=4),
-        quick=triton.Config({"BM": 2}, num_warps=2, num_stages=3),
+        [_config(bm, 1, w, st) for bm, w, st in ((2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (16, 4, 3), (32, 4, 3))]
+        + [_config(1, ch, w, 3) for ch, w in ((4, 2), (8, 4), (4, 4), (2, 2))],
+        _config(8, 2, 4, 1),  # the interpreter: two groups per step, so that the CPU tests run that path
+        quick=_config(2, 1, 2, 3),
     ),
-    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "GELU_X2", "HAS_NORM"],
+    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "GELU_X2", "HAS_NORM", "SMALL_M"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -194,14 +224,18 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
                          ms_ptr, mt_ptr, stride_msb, stride_mtb, T, eps,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, TWO_SOURCES: tl.constexpr,
                          GELU_X2: tl.constexpr, HAS_NORM: tl.constexpr,
-                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, BM: tl.constexpr):
+                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, SMALL_M: tl.constexpr,
+                         BM: tl.constexpr, CH: tl.constexpr):
+    """BM rows per program, CH groups of each per step: a step's tile is [BM * CH, G], tile row r * CH + c
+    holding group c of row r. SMALL_M only selects the configs (see _prune)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
-    cols = tl.arange(0, G)
+    cols = tl.arange(0, CH * G)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     x2_rows = x2_ptr + rows[:, None].to(tl.int64) * stride_x2m
     n_groups = tl.cdiv(K, G)
+    n_steps = tl.cdiv(n_groups, CH)
     if HAS_NORM:
         sample = (tl.where(rmask, rows, 0) // T).to(tl.int64)
         ms_rows = ms_ptr + sample[:, None] * stride_msb
@@ -213,19 +247,20 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
         rstd = mean
 
     # element-wise running max, reduced across threads once after the loop
+    R: tl.constexpr = BM * CH
     KRON_ORDER: tl.constexpr = METHOD == 2
     if KRON_ORDER:
-        amax_t = tl.zeros([BM * 16, 16], dtype=tl.float32)
+        amax_t = tl.zeros([R * 16, 16], dtype=tl.float32)
     else:
-        amax_t = tl.zeros([BM, G], dtype=tl.float32)
-    for g in range(0, n_groups):
+        amax_t = tl.zeros([R, G], dtype=tl.float32)
+    for g in range(0, n_steps):
         x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH,
-                        HAS_NORM, mean, rstd, ms_rows, mt_rows)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
+                        HAS_NORM, mean, rstd, ms_rows, mt_rows, CH)
+        y = _rotate_group(tl.reshape(x, (R, G)), h_ptr, R, G, METHOD, DOT_F32)
         # a non-finite input rotates to inf or NaN (as in the reference, which checks the rotated
         # row): keep NaN through the max, then one check per element after the loop
         amax_t = tl.maximum(amax_t, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
-    amax_t = tl.reshape(amax_t, (BM, G))
+    amax_t = tl.reshape(amax_t, (BM, CH * G))
     bad = tl.max((~(amax_t < float("inf"))).to(tl.int32), axis=1)
     amax = tl.max(tl.where(amax_t < float("inf"), amax_t, 0.0), axis=1)
 
@@ -234,29 +269,30 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     tl.store(s_ptr + rows, scale, mask=rmask)
     p, s, inv = _row_divisor(scale, usable)
 
-    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+    # per tile row (group c of row r), and in the Kronecker order per each of its 16 sub-rows
+    SUB: tl.constexpr = 16 if KRON_ORDER else 1
+    p_t = _repeat_each(p, BM, CH * SUB)
+    s_t = _repeat_each(s, BM, CH * SUB)
+    inv_t = _repeat_each(inv, BM, CH * SUB)
+    usable_t = _repeat_each(usable, BM, CH * SUB)
+    rt = tl.arange(0, R * SUB)
+    row_t = pid * BM + rt // (CH * SUB)
+    c_t = (rt // SUB) % CH
     if KRON_ORDER:
-        p16 = _repeat_each(p, BM, 16)
-        s16 = _repeat_each(s, BM, 16)
-        inv16 = _repeat_each(inv, BM, 16)
-        usable16 = _repeat_each(usable, BM, 16)
-        r16 = tl.arange(0, BM * 16)
+        # element ((r * CH + c) * 16 + j, i) of the Kronecker order is channel 16 i + j of group c of row r
         i16 = tl.arange(0, 16)
-        # element (r * 16 + j, i) of the Kronecker order is channel 16 i + j of row r
-        q_t_ptrs = (q_ptr + (pid * BM + r16 // 16)[:, None].to(tl.int64) * stride_qm
-                    + (r16 % 16)[:, None] + 16 * i16[None, :])
-        rmask16 = (pid * BM + r16 // 16) < M
-    for g in range(0, n_groups):
-        k = g * G + cols
+        q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G + rt % 16)[:, None]
+                    + 16 * i16[None, :])
+    else:
+        q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G)[:, None]
+                    + tl.arange(0, G)[None, :])
+    for g in range(0, n_steps):
         x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, GELU_X2, GPU_MATH,
-                        HAS_NORM, mean, rstd, ms_rows, mt_rows)
-        y = _rotate_group(x, h_ptr, BM, G, METHOD, DOT_F32)
-        if KRON_ORDER:  # stored from the Kronecker order through strided addresses: no permute
-            q = _quantize_tile(y, p16, s16, inv16, usable16, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
-            tl.store(q_t_ptrs + g * G, q, mask=rmask16[:, None])
-        else:
-            q = _quantize_tile(y, p, s, inv, usable, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
-            tl.store(q_rows + k[None, :], q, mask=rmask[:, None])
+                        HAS_NORM, mean, rstd, ms_rows, mt_rows, CH)
+        y = _rotate_group(tl.reshape(x, (R, G)), h_ptr, R, G, METHOD, DOT_F32)
+        # stored from the Kronecker order through strided addresses: no permute
+        q = _quantize_tile(y, p_t, s_t, inv_t, usable_t, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
+        tl.store(q_t_ptrs + g * (CH * G), q, mask=((row_t < M) & (g * CH + c_t < n_groups))[:, None])
 
 
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int,
@@ -346,5 +382,5 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
                                q.stride(0), ms, mt, ms.stride(0), mt.stride(0), rows_per_sample, float(eps),
                                G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127,
                                TWO_SOURCES=two, GELU_X2=gelu_x2, HAS_NORM=norm is not None, DOT_F32=dot_f32,
-                               GPU_MATH=not interpreting())
+                               GPU_MATH=not interpreting(), SMALL_M=m <= SMALL_M)
     return q, scale
