@@ -165,20 +165,20 @@ def main() -> None:
             t_bf16_cudnn = bench_graph_ms(lambda: F.scaled_dot_product_attention(bhsd(q), bhsd(k), bhsd(v)))
         t_kernel = bench_graph_ms(lambda: attn(q8, k8, v8, dq, dk, dv, inv, o8))
         t_full = bench_graph_ms(full)
-        rows.append({"batch": batch, "tokens": tokens, "bf16_us": t_bf16 * 1e3, "bf16_cudnn_us": t_bf16_cudnn * 1e3, "fp8_kernel_us": t_kernel * 1e3,
-                     "fp8_full_us": t_full * 1e3, "bf16_tflops": flops / t_bf16 / 1e9,
+        rows.append({"batch": batch, "tokens": tokens, "bf16_us": t_bf16 * 1e3, "bf16_cudnn_us": t_bf16_cudnn * 1e3,
+                     "fp8_kernel_us": t_kernel * 1e3, "fp8_full_us": t_full * 1e3, "bf16_tflops": flops / t_bf16 / 1e9,
                      "fp8_tflops": flops / t_kernel / 1e9,
                      "err_bf16_diffuse": errs[1.0][0], "err_fp8_diffuse": errs[1.0][1],
                      "err_bf16_peaky": errs[9.0][0], "err_fp8_peaky": errs[9.0][1]})
         print(rows[-1], flush=True)
         del attn
-    table = tabulate([[r["batch"], r["tokens"], f"{r['bf16_us']:.1f}", f"{r['bf16_cudnn_us']:.1f}", f"{r['fp8_kernel_us']:.1f}",
-                       f"{r['fp8_full_us']:.1f}", f"{r['bf16_tflops']:.0f}", f"{r['fp8_tflops']:.0f}",
+    table = tabulate([[r["batch"], r["tokens"], f"{r['bf16_us']:.1f}", f"{r['bf16_cudnn_us']:.1f}",
+                       f"{r['fp8_kernel_us']:.1f}", f"{r['fp8_full_us']:.1f}", f"{r['bf16_tflops']:.0f}", f"{r['fp8_tflops']:.0f}",
                        f"{r['bf16_us'] / r['fp8_kernel_us']:.2f}", f"{r['bf16_us'] / r['fp8_full_us']:.2f}",
                        f"{r['err_bf16_diffuse']:.4f} / {r['err_fp8_diffuse']:.4f}",
                        f"{r['err_bf16_peaky']:.4f} / {r['err_fp8_peaky']:.4f}"] for r in rows],
-                     headers=["batch", "tokens", "bf16 us", "bf16 cuDNN us", "fp8 kernel us", "fp8 + casts us", "bf16 TFLOPS",
-                              "fp8 TFLOPS", "x kernel", "x with casts", "err bf16 / fp8 (logit std 1)",
+                     headers=["batch", "tokens", "bf16 us", "bf16 cuDNN us", "fp8 kernel us", "fp8 + casts us",
+                              "bf16 TFLOPS", "fp8 TFLOPS", "x kernel", "x with casts", "err bf16 / fp8 (logit std 1)",
                               "err bf16 / fp8 (std 9)"], tablefmt="github")
     md = (f"# cuDNN fp8 attention vs bf16 SDPA, FLUX.1-dev shapes ({HEADS} heads x {HEAD_DIM})\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | cuDNN {env['cudnn_backend']} | "

@@ -244,7 +244,8 @@ def run(args) -> dict:
                     row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
-            partial = _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)  # a run cut short keeps what it measured
+            # a run cut short keeps what it measured
+            partial = _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
             write_results(args.name, partial, to_markdown(partial), args.out)
             del model
     return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)

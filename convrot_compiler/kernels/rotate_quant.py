@@ -2,10 +2,10 @@
 
 One program owns BM rows and walks them CH groups at a time (CH > 1 for the few rows
 of FLUX's text stream, where one program's chain of steps is what takes the time).
-Pass 1 rotates every group of the rows and keeps the running absmax; pass 2 rotates again (the rows' input is then in L2) and writes
-the values as int8 (int4 values in [-7, 7] also go out in int8 containers: the
-GEMM then loads them with no unpacking, see kernels/int_gemm.py). The
-per-token scale needs the whole rotated row, and a row of K up to 15360 does not
+Pass 1 rotates every group of the rows and keeps the running absmax; pass 2 rotates
+again (the rows' input is then in L2) and writes the values as int8 (int4 values in
+[-7, 7] also go out in int8 containers: the GEMM then loads them with no unpacking,
+see kernels/int_gemm.py). The per-token scale needs the whole rotated row, and a row of K up to 15360 does not
 fit on chip, hence two passes over a cached input rather than one over DRAM.
 
 The rotation of a group of G channels runs one of two ways:
@@ -198,7 +198,8 @@ def _prune(configs, named_args, **kwargs):
     if method == METHOD_DENSE:
         return [c for c in configs if c.kwargs["BM"] >= 16 and c.kwargs["CH"] == 1] or [_config(16, 1, 4, 3)]
     wide = bool(kwargs.get("SMALL_M", named_args.get("SMALL_M"))) and method == METHOD_KRON
-    return [c for c in configs if (c.kwargs["CH"] > 1) == wide] or [_config(1, 4, 2, 3) if wide else _config(2, 1, 2, 3)]
+    fallback = _config(1, 4, 2, 3) if wide else _config(2, 1, 2, 3)
+    return [c for c in configs if (c.kwargs["CH"] > 1) == wide] or [fallback]
 
 
 # Every (BM, warps, stages) in {2..32} x {2, 4, 8} x {1, 2, 3} was timed at 4608 x 3072/12288 and
