@@ -183,6 +183,18 @@ def test_w4a16_kernel_matches_reference(m, n, k, row_kernel):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_w4a16_says_when_unaligned_weights_take_the_general_kernel():
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(24, 256, generator=g) * 0.05, torch.randn(1, 256, generator=g)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    padded = torch.zeros(24, qw.values.shape[1] + 1, dtype=torch.int8, device=DEV)
+    padded[:, 1:] = qw.values.to(DEV)
+    unaligned = padded[:, 1:]  # same values, rows one byte off a 4-byte boundary
+    with pytest.warns(UserWarning, match="not 4-byte aligned"):
+        out = w4a16_gemm(x.to(DEV), unaligned, qw.scale.to(DEV), None, 256)
+    torch.testing.assert_close(out.cpu(), ops.w4a16_gemm(x, qw.values, qw.scale, None, 256), rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_reject_bad_input(monkeypatch):
     x = torch.randn(4, 256, device=DEV)
     with pytest.raises(TypeError, match="bf16, fp16 or fp32"):

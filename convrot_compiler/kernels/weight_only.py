@@ -13,6 +13,8 @@ partial products of a tile once rather than every weight.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -175,7 +177,11 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return c
-    if m == 1 and row_kernel and qw.stride(0) % 4 == 0 and qw.data_ptr() % 4 == 0:
+    aligned = qw.stride(0) % 4 == 0 and qw.data_ptr() % 4 == 0
+    if m == 1 and row_kernel and not aligned:
+        warnings.warn("w4a16_gemm: the packed weights' rows are not 4-byte aligned, so M = 1 runs the general "
+                      "kernel (same result, slower); pass a contiguous weight tensor for the one-row kernel")
+    if m == 1 and row_kernel and aligned:
         words = qw.view(torch.int32)  # kb is a multiple of group_size // 2, itself of 128
         grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
         _w4a16_row_kernel[grid](x, words, scale, bias if bias is not None else scale, c, n, k, kb // 4,
