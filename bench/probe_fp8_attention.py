@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import bench_graph_ms, environment, write_results  # noqa: E402
+from convrot_compiler.models import relative_error  # noqa: E402
 
 E4M3_MAX = 448.0
 # (batch, tokens): FLUX.1-dev at 512², 1024², 2048² (image + 512 text tokens) and batch 4 at 1024²
@@ -111,10 +112,6 @@ def bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref).norm() / ref.norm()).item()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results")
@@ -148,7 +145,7 @@ def main() -> None:
                 o8 = torch.empty_like(q8)
                 attn(q8, k8, v8, dq, dk, dv, 1.0 / dv, o8)
                 fp8 = epilogue(o8, dv)
-            errs[logit_std] = (rel_err(bf16, ref), rel_err(fp8, ref))
+            errs[logit_std] = (relative_error(bf16, ref), relative_error(fp8, ref))
             del ref
         q, k, v = make_inputs(batch, tokens, 1.0, dev)
         q8, dq, k8, dk, v8, dv = prologue(q, k, v)

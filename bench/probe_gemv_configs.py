@@ -62,13 +62,13 @@ def main() -> None:
         bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
         wbytes = qw.values.numel() + qw.scale.numel() * 4
         t_bf16 = timer(lambda: torch.mm(x, w.T), warmup_ms=100, rep_ms=400)
+        words = qw.values.view(torch.int32)  # the row kernel's operand
         shape_rows = []
         for bn, bkb, warps, stages in tqdm(configs, desc=f"M={m} {k}->{n}"):
-            if bm * bn * bkb * (8 if row else 1) > MAX_ACC_PER_THREAD * 32 * warps:  # row: two [BN, BW] fp32 tiles
+            # the row kernel's BKB counts 4-byte words, and it keeps two fp32 tiles: a factor 8 on the same bound
+            if bm * bn * bkb * (8 if row else 1) > MAX_ACC_PER_THREAD * 32 * warps:
                 continue
             if row:
-                words = qw.values.view(torch.int32)
-
                 def launch():
                     kern[(triton.cdiv(n, bn),)](
                         x, words, qw.scale, qw.scale, c, n, k, kb // 4, words.stride(0), qw.scale.stride(0),

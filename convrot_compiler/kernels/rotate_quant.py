@@ -91,7 +91,7 @@ def _round_to(y, dtype: tl.constexpr, GPU_MATH: tl.constexpr):
 @triton.jit
 def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
                 GELU_X2: tl.constexpr, GPU_MATH: tl.constexpr, HAS_NORM: tl.constexpr,
-                mean, rstd, ms_rows, mt_rows, CH: tl.constexpr = 1):
+                mean, rstd, ms_rows, mt_rows, CH: tl.constexpr):
     """Step g of the rows: groups g * CH .. g * CH + CH - 1 (cols: arange(CH * G)); channels past K
     read as zeros. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, or the GELU of x2
     (GELU_X2), so that cat([x, x2]), cat([x, gelu(x2)]) or gelu(x2) (K1 = 0) is never written to
