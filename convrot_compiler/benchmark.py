@@ -83,6 +83,7 @@ LAUNCHES = {
     "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
     "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
+    "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
 }
@@ -148,7 +149,7 @@ def prepare(variant: str, model):
 
 
 INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
-KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "triton_tem_"),
+KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel", "triton_tem_"),
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
@@ -215,8 +216,8 @@ def run(args) -> dict:
                    "tokens": inputs.image_tokens + inputs.text_tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
             # "<plan>-flat": the one-program-per-tile int8 GEMM at every M (the default is persistent at large M);
-            # "<plan>-nows": the persistent form without warp specialization
-            schedule = {"flat": "flat", "nows": "unspecialized"}.get(variant.rsplit("-", 1)[-1])
+            # "<plan>-nows": the persistent form without warp specialization; "<plan>-unpack": no packed GEMM
+            schedule = {"flat": "flat", "nows": "unspecialized", "unpack": "unpack"}.get(variant.rsplit("-", 1)[-1])
             with forced_schedule(schedule) if schedule else contextlib.nullcontext():
                 try:
                     t0 = time.perf_counter()

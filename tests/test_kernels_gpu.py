@@ -6,7 +6,7 @@ import torch
 
 from convrot_compiler import ops
 from convrot_compiler.hadamard import hadamard_matrix
-from convrot_compiler.kernels.int_gemm import int_gemm
+from convrot_compiler.kernels.int_gemm import forced_schedule, int_gemm
 from convrot_compiler.kernels.rotate_quant import rotate_quantize
 from convrot_compiler.kernels.weight_only import w4a16_gemm
 from convrot_compiler.quant import pack_int4, quantize_weight
@@ -128,6 +128,57 @@ def _single_block_gemm_operands(m):
     sws = [torch.rand(n, device="cuda") * 1e-2 + 1e-3 for n in ns]
     biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns]
     return qx, sx, qws, sws, biases
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the Gluon packed GEMM is sm_90 only")
+
+
+@needs_sm90
+@pytest.mark.parametrize("k,n", [(3072, 3072), (12288, 3072), (15360, 3072), (512, 320)])
+@pytest.mark.parametrize("m", [4608, 512, 77, 1])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_packed_gemm_equals_the_unpack_path(k, n, m, out_dtype):
+    """The Gluon GEMM (weights split in registers) against unpack + int8 GEMM on the same operands:
+    bit-equal, partial tiles included (M = 77, 1; N = 320), every output element written."""
+    from convrot_compiler.kernels.packed_gemm_sm90 import packed_gemm
+
+    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    qx[0] = 7  # the largest partial sums: 16 * 7 * 7 * K in the kernel's accumulator
+    qw = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
+    qw[0] = -7
+    packed = pack_int4(qw, 256)
+    sx = torch.rand(m, device="cuda") * 1e-2 + 1e-3
+    sw = torch.rand(n, device="cuda") * 1e-2 + 1e-3
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    with forced_schedule("unpack"):
+        ref = int_gemm(qx, sx, packed, sw, bias, True, 256, out_dtype)
+    _poison_allocator()
+    out = packed_gemm(qx, sx, [packed], sw, bias, 256, out_dtype)
+    assert torch.equal(out, ref)
+    assert torch.equal(int_gemm(qx, sx, packed, sw, bias, True, 256, out_dtype), ref)  # int_gemm's default here
+
+
+@needs_sm90
+@pytest.mark.parametrize("m", [4608, 512])
+def test_packed_gemm_fused_weights_and_gelu_equal_the_unpack_path(m):
+    """Four weights in one GEMM (TMA descriptors chosen per tile) with the GELU epilogue on the last
+    one, bit-equal to the unpack path; a fused linear whose width is not a tile multiple runs the
+    unpack path (packed_gemm_sm90.supported says why), with equal results."""
+    from convrot_compiler.kernels import packed_gemm_sm90
+
+    qx, sx, qws, sws, biases = _single_block_gemm_operands(m)
+    with forced_schedule("unpack"):
+        ref = int_gemm(qx, sx, qws, sws, biases, True, 256, torch.bfloat16, gelu_from=9216)
+    _poison_allocator()
+    assert packed_gemm_sm90.supported(qx, qws, 256, torch.bfloat16) is None
+    assert torch.equal(int_gemm(qx, sx, qws, sws, biases, True, 256, torch.bfloat16, gelu_from=9216), ref)
+    odd = [qws[0][:3000], qws[1]]
+    assert "multiple of 128" in packed_gemm_sm90.supported(qx, odd, 256, torch.bfloat16)
+    odd_scales = [sws[0][:3000], sws[1]]
+    with forced_schedule("unpack"):
+        ref_odd = int_gemm(qx, sx, odd, odd_scales, [None, None], True, 256, torch.bfloat16)
+    assert torch.equal(int_gemm(qx, sx, odd, odd_scales, [None, None], True, 256, torch.bfloat16), ref_odd)
 
 
 @pytest.mark.parametrize("m", [4608, 512])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,16 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"a Triton kernel got a {t.device.type} tensor; pass CUDA tensors, use the reference ops "
                 "(convrot_compiler.ops) on CPU, or set TRITON_INTERPRET=1 to run the kernel in the interpreter")
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: the grid of the persistent kernels."""
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def check_2d_rows(name: str, t: torch.Tensor) -> None:

@@ -19,7 +19,9 @@ in Triton 3.6, unpacking in the K loop costs more than the int8 MMAs it feeds. S
 the weights of the one layer being run are unpacked into a transient int8 buffer
 by a memory-bound kernel, then the plain int8 GEMM runs: weights stay int4 in
 memory, the extra traffic is 1.5 bytes per weight. (Both in-loop versions are in
-the git history before this note.)
+the git history before this note.) On Hopper, kernels/packed_gemm_sm90.py (Gluon) does what
+Triton could not: weights split in registers as wgmma's A operand, faster than this module's
+int8 GEMM on unpacked weights; int_gemm runs it there.
 
 The same kernel also runs int4 values held in float8_e4m3fn containers on fp8
 tensor cores (every int4 value is exact in e4m3). On Hopper that is not faster
@@ -33,7 +35,6 @@ containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 i
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 
 import torch
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..quant import concat_biases
-from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting
+from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, sm_count
 
 # (BN weight rows, BM tokens, BK, stages, warps)
 GEMM_TILES = [
@@ -64,7 +65,7 @@ _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}
 PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
 PERSISTENT_MIN_M = 2048
 PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
-SCHEDULES = ("persistent", "flat", "unspecialized")
+SCHEDULES = ("persistent", "flat", "unspecialized", "unpack")
 _forced_schedule: str | None = None
 
 
@@ -72,8 +73,10 @@ _forced_schedule: str | None = None
 def forced_schedule(schedule: str) -> Iterator[None]:
     """Within the block, int_gemm calls that do not pass ``persistent`` run the ``"persistent"``
     or the ``"flat"`` (one program per tile) form whatever M is, or (``"unspecialized"``) never
-    warp-specialize, choosing forms by the unspecialized rule as before warp specialization: for
-    benchmarks that compare them in one process. A CUDA graph captured inside the block keeps the form it captured."""
+    warp-specialize, choosing forms by the unspecialized rule as before warp specialization, or
+    (``"unpack"``) unpack packed weights and run the int8 GEMM by the usual rule instead of the
+    sm_90 packed GEMM (each of the first three also implies that): for benchmarks that compare
+    them in one process. A CUDA graph captured inside the block keeps the form it captured."""
     global _forced_schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -284,8 +287,11 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     qx: activations [M, K'], int8, or float8_e4m3fn holding int4 values (then ``packed`` is
     required and the product runs on fp8 tensor cores); qw: weights [N, K'/2] packed int4
     (``packed``, per-group layout of quant.pack_int4) or [N, K'] int8; K' a multiple of
-    ``group_size`` (256 or 128k). Packed weights are unpacked to a transient buffer of qx's
-    dtype first (see the module docstring). ``promote_every`` (fp8 only): products per
+    ``group_size`` (256 or 128k). On an sm_90 GPU, packed weights with int8 activations run
+    kernels.packed_gemm_sm90 (split in registers, no unpack pass; equal results) where it takes
+    the shapes, unless ``persistent``, ``warp_specialize`` or ``exact_gelu`` is given or a schedule
+    is forced (forced_schedule). Otherwise they are unpacked to a transient buffer of qx's dtype
+    first (see the module docstring). ``promote_every`` (fp8 only): products per
     reduced-precision partial sum before it is added into the fp32 accumulator; 0 = once per
     K tile, -1 = never (Triton's default, inexact for long K).
 
@@ -343,6 +349,12 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
+    if packed and not fp8 and persistent is None and warp_specialize is None and not exact_gelu:
+        packed_gemm = _packed_gemm_for(qx, qws, group_size, out_dtype)
+        if packed_gemm is not None:
+            s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+            b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
+            return packed_gemm(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from)
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
     b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
@@ -361,16 +373,25 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     return c
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _packed_gemm_for(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype):
+    """kernels.packed_gemm_sm90.packed_gemm where it runs these operands (an sm_90 GPU, no forced
+    schedule, shapes it takes), else None: the unpack + int8 GEMM path, whose results are equal."""
+    if interpreting() or _forced_schedule is not None or qx.device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(qx.device) != (9, 0):
+        return None
+    from . import packed_gemm_sm90  # Gluon: imported where it can run
+
+    if packed_gemm_sm90.supported(qx, qws, group_size, out_dtype) is not None:
+        return None
+    return packed_gemm_sm90.packed_gemm
 
 
 def _programs(device: torch.device) -> int:
     """Programs of the persistent form: one per SM (4 in the interpreter)."""
     if interpreting():
         return 4
-    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    return sm_count(device)
 
 
 def _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize, programs) -> None:

@@ -26,7 +26,6 @@ GPU (tests/test_kernels_gpu.py); on CPU the compiler keeps the Triton path.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._common import sm_count
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,33 @@ def _nibbles_times_16(packed):
 
 
 @gluon.jit
-def _load_partition(w_desc, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, M, N, K,
-                    HALF: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr):
-    BN: gl.constexpr = w_desc.block_type.shape[0]
-    BKP: gl.constexpr = w_desc.block_type.shape[1]
+def _load_weights(w_descs, starts, row, kp, bar, buf, NUM_W: gl.constexpr):
+    """TMA of weight rows [row, row + BN) of the linears' weights stacked along N: w_descs[j] holds
+    rows [starts[j - 1], starts[j]), and no tile straddles two (packed_gemm checks)."""
+    w0, w1, w2, w3 = w_descs
+    n1, n2, n3 = starts
+    if NUM_W == 1:
+        tma.async_copy_global_to_shared(w0, [row, kp], bar, buf)
+    elif row < n1:
+        tma.async_copy_global_to_shared(w0, [row, kp], bar, buf)
+    elif NUM_W == 2 or row < n2:
+        tma.async_copy_global_to_shared(w1, [row - n1, kp], bar, buf)
+    elif NUM_W == 3 or row < n3:
+        tma.async_copy_global_to_shared(w2, [row - n2, kp], bar, buf)
+    else:
+        tma.async_copy_global_to_shared(w3, [row - n3, kp], bar, buf)
+
+
+@gluon.jit
+def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, M, N, K,
+                    HALF: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, NUM_W: gl.constexpr):
+    BN: gl.constexpr = w_bufs.type.shape[1]
+    BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = x_desc.block_type.shape[0]
     STAGES: gl.constexpr = w_bufs.type.shape[0]
     num_n = gl.cdiv(N, BN)
     num_m = gl.cdiv(M, BM)
-    stage_bytes: gl.constexpr = w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes
+    stage_bytes: gl.constexpr = BN * BKP + 2 * x_desc.block_type.nbytes
     i = 0
     for tile in range(gl.program_id(0), num_n * num_m, NUM_PROGRAMS):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
@@ -102,7 +121,7 @@ def _load_partition(w_desc, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, M,
             bar = ready.index(s)
             mbarrier.expect(bar, stage_bytes)
             kx = (kp // HALF) * (2 * HALF) + kp % HALF
-            tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kp], bar, w_bufs.index(s))
+            _load_weights(w_descs, starts, pid_n * BN, kp, bar, w_bufs.index(s), NUM_W)
             tma.async_copy_global_to_shared(x_desc, [pid_m * BM, kx], bar, xlo_bufs.index(s))
             tma.async_copy_global_to_shared(x_desc, [pid_m * BM, kx + HALF], bar, xhi_bufs.index(s))
             i += 1
@@ -198,10 +217,12 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
 
 
 @gluon.jit
-def _packed_gemm_kernel(w_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, M, N, K, gelu_from,
-                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr,
+def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
+                        M, N, K, n1, n2, n3, gelu_from,
+                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
+    w_desc = w0_desc
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -214,8 +235,8 @@ def _packed_gemm_kernel(w_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, M, N, 
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
                           M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
-        (_load_partition, (w_desc, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, M, N, K, HALF, GROUP_N,
-                           NUM_PROGRAMS)),
+        (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
+                           ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
 
 
@@ -232,44 +253,51 @@ def _instr_n(bm: int, bn: int, warps: int) -> int:
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+MAX_WEIGHTS = 4  # linears per GEMM (FLUX's single blocks fuse Q, K, V and the MLP input)
 
 
-def supported(qx: torch.Tensor, n: int, group_size: int, out_dtype: torch.dtype,
+def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype,
               config: PackedGemmConfig = DEFAULT_CONFIG) -> str | None:
-    """None when packed_gemm can run these operands, else why not (for the caller to report)."""
+    """None when packed_gemm can run these operands, else why not."""
     if qx.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(qx.device) != (9, 0):
-        return "Gluon wgmma kernel is sm_90 only"
-    if qx.dtype != torch.int8:
-        return f"activations are {qx.dtype}, not int8"
+        return "the Gluon wgmma kernel is for sm_90 only"
+    if qx.dtype != torch.int8 or any(w.dtype != torch.int8 for w in qws):
+        return "operands are not int8"
     if out_dtype not in _GL_DTYPES:
         return f"output dtype {out_dtype}"
-    if (n * torch.empty((), dtype=out_dtype).element_size()) % 16 or qx.stride(0) % 16:
+    if not 1 <= len(qws) <= MAX_WEIGHTS:
+        return f"{len(qws)} weights in one GEMM (at most {MAX_WEIGHTS})"
+    if any(w.shape[0] % config.BN for w in qws[:-1]):
+        return f"a fused linear's output width is not a multiple of {config.BN}"
+    n = sum(w.shape[0] for w in qws)
+    if (n * torch.empty((), dtype=out_dtype).element_size()) % 16 or qx.stride(0) % 16 or qx.data_ptr() % 16:
         return "rows not 16-byte aligned (TMA)"
-    if (group_size // 2) % config.BKP:
-        return f"group size {group_size} is not a multiple of 2 * BKP = {2 * config.BKP}"
+    if any(not w.is_contiguous() or w.data_ptr() % 16 or w.shape[1] % 16 for w in qws):
+        return "weights not contiguous with 16-byte aligned rows (TMA)"
+    if (group_size // 2) % config.BKP or (qx.shape[1] // 2) % (2 * config.BKP):
+        return f"K = {qx.shape[1]} or group size {group_size} is not a multiple of {4 * config.BKP}"
     return None
 
 
-def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-                group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
+def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
+                bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
                 config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """[M, N] = (qx @ W^T) * sx * sw (+ bias), W packed int4 ([N, K/2] int8 bytes, quant.pack_int4's
-    per-group layout), qx int8 [M, K] holding int4 values; the same arithmetic and results as
-    int_gemm(..., packed=True) without its unpack pass. ``gelu_from`` as in int_gemm (hardware tanh)."""
-    why = supported(qx, qw.shape[0], group_size, out_dtype, config)
+    """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
+    quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
+    holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
+    why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.int_gemm.int_gemm")
     m, k = qx.shape
-    n, kb = qw.shape
-    if kb * 2 != k or k % group_size:
-        raise ValueError(f"K mismatch: activations [{m}, {k}], packed weights [{n}, {kb}], group {group_size}")
-    if qw.dtype != torch.int8 or not qw.is_contiguous() or not qx.stride(1) == 1:
-        raise ValueError("packed_gemm takes contiguous int8 packed weights and row-major int8 activations")
+    n = sum(w.shape[0] for w in qws)
+    if any(w.shape[1] * 2 != k for w in qws) or k % group_size:
+        raise ValueError(f"K mismatch: activations [{m}, {k}], packed weights {[tuple(w.shape) for w in qws]}, "
+                         f"group {group_size}")
+    if sw.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(torch.empty((), dtype=out_dtype).element_size()) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
@@ -280,15 +308,16 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.
     w_layout = gl.NVMMASharedLayout.get_default_for([cfg.BN, cfg.BKP], gl.int8)
     c_layout = gl.NVMMASharedLayout.get_default_for([cfg.BM, cfg.BN], _GL_DTYPES[out_dtype])
     x_desc = TensorDescriptor.from_tensor(qx, [cfg.BM, cfg.BKP], x_layout)
-    w_desc = TensorDescriptor.from_tensor(qw, [cfg.BN, cfg.BKP], w_layout)
+    w_descs = [TensorDescriptor.from_tensor(w, [cfg.BN, cfg.BKP], w_layout) for w in qws]
+    w_descs += [w_descs[0]] * (MAX_WEIGHTS - len(w_descs))
+    starts = [sum(w.shape[0] for w in qws[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN], c_layout)
-    programs = min(_sm_count(qx.device.index if qx.device.index is not None else torch.cuda.current_device()),
-                   triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
+    programs = min(sm_count(qx.device), triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
-        w_desc, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, gelu_from or 0,
-        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, STAGES=cfg.STAGES,
-        GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
+        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
+        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
+        STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
         num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
