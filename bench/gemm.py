@@ -3,9 +3,11 @@
 For every shape, in one process: cuBLAS bf16 (torch.mm), torch._scaled_mm fp8
 row-wise, torch._int_mm int8, our W4A4 and W8A8 GEMMs, the fused
 rotate+quantize alone (GB/s, against measured copy bandwidth), and
-rotate+quantize+GEMM together. W4A4 "GEMM" is the default path (int4 weights
-unpacked to a transient int8 buffer, then the int8 GEMM; the unpack time is
-included). ``--schemes`` adds the fp8-tensor-core forms of W4A4 and the persistent
+rotate+quantize+GEMM together. W4A4 "GEMM" is int_gemm's default path: on an sm_90
+GPU the packed GEMM (kernels/packed_gemm_sm90.py, weights split in registers, no
+unpack), elsewhere int4 weights unpacked to a transient int8 buffer, then the int8
+GEMM (the unpack time included); "unpack alone us" times that unpack kernel by
+itself, whichever path the GEMM took. ``--schemes`` adds the fp8-tensor-core forms of W4A4 and the persistent
 TMA-descriptor form of the int8 GEMM (see kernels/int_gemm.py); "diff vs int8 TC" is
 their largest difference from the default int8 GEMM on the same operands (list that
 first). Each of ours is checked against the reference in the same run. Also the W4A16
@@ -221,7 +223,7 @@ def main() -> None:
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}", f"{r['max_diff_vs_int8_tc']:.1e}"] for r in rows],
-        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
+        headers=["shape", "M", "scheme", "GEMM TOPS", "unpack alone us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
 "rot+q+GEMM x bf16", "GEMM err", "int mismatch", "diff vs int8 TC"], tablefmt="github")
     skinny_table = tabulate(
         [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
