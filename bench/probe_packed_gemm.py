@@ -3,8 +3,9 @@ against the compiler's W4A4 path (unpack to int8, then the int8 GEMM), its W8A8 
 the unpack-free ceiling of that path) and cuBLAS bf16, at FLUX.1-dev token-GEMM shapes.
 
 Every packed_gemm result is compared with the library W4A4 call on the same operands in the same run
-(bit-equal expected: same integer products, same epilogue arithmetic). Timing: CUDA-graph replays
-(bench_graph_ms), as the model runs them.
+(bit-equal expected: same integer products, same epilogue arithmetic). The library W4A4 and W8A8
+calls run under forced_schedule("unpack"): int_gemm itself runs packed_gemm on sm_90 otherwise.
+Timing: CUDA-graph replays (bench_graph_ms), as the model runs them.
 
     python bench/probe_packed_gemm.py [--m 4608,512] [--configs BN,BM,BKP,STAGES,WARPS;...] [--out DIR]
 """
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import bench_graph_ms, environment, write_results  # noqa: E402
-from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4  # noqa: E402
+from convrot_compiler.kernels.int_gemm import forced_schedule, int_gemm, unpack_int4  # noqa: E402
 from convrot_compiler.kernels.packed_gemm_sm90 import PackedGemmConfig, packed_gemm  # noqa: E402
 from convrot_compiler.quant import pack_int4  # noqa: E402
 
@@ -60,9 +61,10 @@ def main() -> None:
     edge = []
     for m, k, n in EDGE_CASES:
         qx, sx, packed, _, sw, bias = _operands(m, k, n, gen)
-        ref = int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16)
+        with forced_schedule("unpack"):
+            ref = int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16)
         for cfg in configs:
-            out = packed_gemm(qx, sx, packed, sw, bias, 256, torch.bfloat16, config=cfg)
+            out = packed_gemm(qx, sx, [packed], sw, bias, 256, torch.bfloat16, config=cfg)
             equal, diff = _compare(out, ref)
             edge.append(dict(m=m, k=k, n=n, config=cfg.__dict__, bit_equal=equal, max_abs_diff=diff))
             print(f"edge M={m} K={k} N={n} {tuple(cfg.__dict__.values())}: equal={equal} max diff {diff:.3g}",
@@ -77,21 +79,22 @@ def main() -> None:
             wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             w8 = unpack_int4(packed, 256)
             assert torch.equal(w8, qw.cuda())
-            ref = int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16, gelu_from=gelu_from)
             t_bf16 = bench_graph_ms(lambda: xb @ wb.T)
-            t_w4a4 = bench_graph_ms(lambda: int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16,
-                                                     gelu_from=gelu_from))
-            t_w8a8 = bench_graph_ms(lambda: int_gemm(qx, sx, w8, sw, bias, False, 256, torch.bfloat16,
-                                                     gelu_from=gelu_from))
+            with forced_schedule("unpack"):  # captured graphs keep the form they captured
+                ref = int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16, gelu_from=gelu_from)
+                t_w4a4 = bench_graph_ms(lambda: int_gemm(qx, sx, packed, sw, bias, True, 256, torch.bfloat16,
+                                                         gelu_from=gelu_from))
+                t_w8a8 = bench_graph_ms(lambda: int_gemm(qx, sx, w8, sw, bias, False, 256, torch.bfloat16,
+                                                         gelu_from=gelu_from))
             flop = 2 * m * n * k
             row = dict(shape=name, m=m, k=k, n=n, bf16_us=t_bf16 * 1e3, w4a4_lib_us=t_w4a4 * 1e3,
                        w8a8_lib_us=t_w8a8 * 1e3, packed={})
             for cfg in configs:
                 key = ",".join(str(v) for v in cfg.__dict__.values())
                 try:
-                    out = packed_gemm(qx, sx, packed, sw, bias, 256, torch.bfloat16, gelu_from, config=cfg)
+                    out = packed_gemm(qx, sx, [packed], sw, bias, 256, torch.bfloat16, gelu_from, config=cfg)
                     equal, diff = _compare(out, ref)
-                    t = bench_graph_ms(lambda: packed_gemm(qx, sx, packed, sw, bias, 256, torch.bfloat16, gelu_from,
+                    t = bench_graph_ms(lambda: packed_gemm(qx, sx, [packed], sw, bias, 256, torch.bfloat16, gelu_from,
                                                            config=cfg))
                     row["packed"][key] = dict(us=t * 1e3, bit_equal=equal, max_abs_diff=diff)
                 except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is recorded

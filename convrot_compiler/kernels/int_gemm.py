@@ -35,6 +35,7 @@ containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 i
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -346,18 +347,16 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     n = sum(w.shape[0] for w in qws)
     if gelu_from is not None and not 0 <= gelu_from <= n:
         raise ValueError(f"gelu_from must lie in [0, N={n}], got {gelu_from}")
-    c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
-        return c
+        return torch.empty(m, n, dtype=out_dtype, device=qx.device)
+    s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+    b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     if packed and not fp8 and persistent is None and warp_specialize is None and not exact_gelu:
         packed_gemm = _packed_gemm_for(qx, qws, group_size, out_dtype)
         if packed_gemm is not None:
-            s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
-            b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
             return packed_gemm(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from)
+    c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
-    s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
-    b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     fast_gelu = not (exact_gelu or interpreting())
     if warp_specialize is None:
         warp_specialize = gelu_from is None and _forced_schedule != "unspecialized"
@@ -374,17 +373,20 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
 
 
 def _packed_gemm_for(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype):
-    """kernels.packed_gemm_sm90.packed_gemm where it runs these operands (an sm_90 GPU, no forced
-    schedule, shapes it takes), else None: the unpack + int8 GEMM path, whose results are equal."""
+    """kernels.packed_gemm_sm90's launch where it runs these operands (an sm_90 GPU, no forced
+    schedule, shapes it takes), else None: the unpack + int8 GEMM path, whose results are equal. On
+    an sm_90 GPU that path is slower, so taking it for the shapes says why (a warning)."""
     if interpreting() or _forced_schedule is not None or qx.device.type != "cuda":
-        return None
-    if torch.cuda.get_device_capability(qx.device) != (9, 0):
         return None
     from . import packed_gemm_sm90  # Gluon: imported where it can run
 
-    if packed_gemm_sm90.supported(qx, qws, group_size, out_dtype) is not None:
-        return None
-    return packed_gemm_sm90.packed_gemm
+    why = packed_gemm_sm90.supported(qx, qws, group_size, out_dtype)
+    if why is None:
+        return packed_gemm_sm90.packed_gemm_unchecked
+    if torch.cuda.get_device_capability(qx.device) == (9, 0):
+        warnings.warn(f"int_gemm: the sm_90 packed GEMM cannot run these operands ({why}); unpacking the weights "
+                      "and running the int8 GEMM instead (same result, slower)")
+    return None
 
 
 def _programs(device: torch.device) -> int:

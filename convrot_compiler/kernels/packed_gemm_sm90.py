@@ -272,7 +272,7 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
     if any(w.shape[0] % config.BN for w in qws[:-1]):
         return f"a fused linear's output width is not a multiple of {config.BN}"
     n = sum(w.shape[0] for w in qws)
-    if (n * torch.empty((), dtype=out_dtype).element_size()) % 16 or qx.stride(0) % 16 or qx.data_ptr() % 16:
+    if (n * out_dtype.itemsize) % 16 or qx.stride(0) % 16 or qx.data_ptr() % 16:
         return "rows not 16-byte aligned (TMA)"
     if any(not w.is_contiguous() or w.data_ptr() % 16 or w.shape[1] % 16 for w in qws):
         return "weights not contiguous with 16-byte aligned rows (TMA)"
@@ -298,8 +298,18 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
                          f"group {group_size}")
     if sw.shape != (n,) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"scales and bias must have shape [{n}]")
-    if config.smem_bytes(torch.empty((), dtype=out_dtype).element_size()) > SMEM_LIMIT:
+    if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
+
+
+def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
+                          bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
+                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """packed_gemm without its checks, for a caller that has validated the operands and found
+    ``supported`` None (int_gemm, on every call of a forward)."""
+    m, k = qx.shape
+    n = sum(w.shape[0] for w in qws)
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
