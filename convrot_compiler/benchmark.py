@@ -29,6 +29,7 @@ from .backend import compile as convrot_compile
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
 from .kernels.int_gemm import forced_schedule
+from .kernels.rotate_quant import forced_rotate_kernel
 from .models import build_flux, make_flux_inputs, model_bytes, relative_error
 
 
@@ -84,6 +85,7 @@ LAUNCHES = {
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under forced_schedule
     "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
+    "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # under forced_rotate_kernel
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
 }
@@ -217,8 +219,11 @@ def run(args) -> dict:
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
             # "<plan>-flat": the one-program-per-tile int8 GEMM at every M (the default is persistent at large M);
             # "<plan>-nows": the persistent form without warp specialization; "<plan>-unpack": no packed GEMM
-            schedule = {"flat": "flat", "nows": "unspecialized", "unpack": "unpack"}.get(variant.rsplit("-", 1)[-1])
-            with forced_schedule(schedule) if schedule else contextlib.nullcontext():
+            # "<plan>-tritonrq": the Triton rotate+quantize kernel where the sm_90 one would run
+            launch = variant.rsplit("-", 1)[-1]
+            schedule = {"flat": "flat", "nows": "unspecialized", "unpack": "unpack"}.get(launch)
+            with forced_schedule(schedule) if schedule else contextlib.nullcontext(), \
+                    forced_rotate_kernel("triton") if launch == "tritonrq" else contextlib.nullcontext():
                 try:
                     t0 = time.perf_counter()
                     fn, prepared, note = prepare(variant, model)

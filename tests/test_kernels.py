@@ -387,6 +387,19 @@ def test_rotate_quantize_norm_rejects_bad_modulation():
         rotate_quantize(x, None, 256, 4, x2=x, norm=(ms[:2], ms[:2], 1e-6))
 
 
+def test_rotate_kernel_choice_is_checked():
+    """forced_rotate_kernel takes the kernels' names only; the Gluon kernel (no interpreter) says it cannot take
+    CPU tensors, and the interpreted Triton kernel runs them (rotate_quantize's own CPU tests)."""
+    from convrot_compiler.kernels import rotate_quant, rotate_quant_sm90
+
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with rotate_quant.forced_rotate_kernel("cuda"):
+            pass
+    x = torch.randn(4, 1024).bfloat16()
+    h = hadamard_matrix("regular", 16)
+    assert rotate_quant_sm90.supported(x, None, h, 256) == "not a CUDA tensor"
+
+
 def test_packed_gemm_refuses_what_it_cannot_run():
     """The Gluon GEMM has no interpreter: on CPU tensors supported() says so and packed_gemm raises
     with what to use instead; int_gemm runs the unpack path there (the interpreter under test)."""

@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._common import sm_count
+from ._gluon_common import gelu_tanh
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,7 @@ def _epilogue(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_desc, c_smem, M, N,
         out += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
     if HAS_GELU:
         if pid_n * BN + BN > gelu_from:
-            u = 0.7978845608028654 * (out + 0.044715 * out * out * out)
-            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32,
-                                          is_pure=True, pack=1)
-            out = gl.where((rn >= gelu_from)[:, None], 0.5 * out * (1.0 + t), out)
+            out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
     tma.store_wait(0)  # the previous tile's store has left c_smem
     c_smem.store(gl.permute(out.to(c_desc.dtype), (1, 0)))
     fence_async_shared()

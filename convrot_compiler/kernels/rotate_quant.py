@@ -20,6 +20,10 @@ The rotation of a group of G channels runs one of two ways:
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from typing import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -183,6 +187,46 @@ def _quantize_tile(y, p, s, inv, usable, QMAX: tl.constexpr, GPU_MATH: tl.conste
     return tl.where(usable[:, None], q, 0.0)
 
 
+ROTATE_KERNELS = ("sm90", "triton")
+_forced_kernel: str | None = None
+
+
+@contextlib.contextmanager
+def forced_rotate_kernel(kernel: str) -> Iterator[None]:
+    """Within the block, rotate_quantize runs ``kernel``: "triton" (this module's kernel, on any GPU)
+    even where the sm_90 Gluon kernel (rotate_quant_sm90.py) would run, for comparisons; "sm90" (the
+    default choice where it can run) raises where it cannot instead of warning and running Triton's."""
+    global _forced_kernel
+    if kernel not in ROTATE_KERNELS:
+        raise ValueError(f"kernel must be one of {ROTATE_KERNELS}, got {kernel!r}")
+    before, _forced_kernel = _forced_kernel, kernel
+    try:
+        yield
+    finally:
+        _forced_kernel = before
+
+
+def _sm90_kernel_for(x, x2, h, group_size, norm):
+    """rotate_quant_sm90's launch where it takes these activations (rotate_quantize's x, x2, h, norm;
+    an sm_90 GPU, not forced to the Triton kernel), else None. On an sm_90 GPU the Triton kernel is
+    slower, so taking it says why."""
+    device = (x if x is not None else x2).device
+    if interpreting() or _forced_kernel == "triton" or device.type != "cuda":
+        return None
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    from . import rotate_quant_sm90  # Gluon: imported where it can run
+
+    why = rotate_quant_sm90.supported(x, x2, h, group_size, norm)
+    if why is None:
+        return rotate_quant_sm90.rotate_quantize_sm90
+    if _forced_kernel == "sm90":
+        raise ValueError(f"rotate_quantize: forced to the sm_90 kernel, which cannot take these activations: {why}")
+    warnings.warn(f"rotate_quantize: the sm_90 kernel cannot take these activations ({why}); running the "
+                  "Triton kernel instead (same numerics, slower)")
+    return None
+
+
 SMALL_M = 1024  # rows up to which a program takes one row and several groups per step
 
 
@@ -318,6 +362,7 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     (see _load_group), so the normalized activations are never written to memory. K must be a
     multiple of group_size.
     """
+    x_in = x
     if gelu_x2 and x2 is None:
         raise ValueError("gelu_x2=True applies the GELU to x2: pass x2")
     if norm is not None and x2 is not None:
@@ -365,6 +410,9 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
             raise ValueError(f"norm needs scale and shift [B, K] with unit column stride, B dividing the {x.shape[0]} "
                              f"rows and K={x.shape[1]} a multiple of group_size={group_size}; got "
                              f"{tuple(mod_scale.shape)} and {tuple(mod_shift.shape)}")
+    sm90 = _sm90_kernel_for(x_in, x2, h if method == METHOD_KRON else None, group_size, norm)
+    if sm90 is not None:
+        return sm90(x_in, h, bits, out_dtype, x2=x2, gelu_x2=gelu_x2)
     dot_f32 = interpreting() or x.dtype == torch.float32
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m = x.shape[0]

@@ -1,0 +1,238 @@
+"""Fused rotate + quantize for Hopper in Gluon: each row read from DRAM once, kept in shared memory.
+
+The per-token scale needs the absmax of the whole rotated row before any value can be written, so
+the Triton kernel (rotate_quant.py) walks each row twice and reads it twice: Triton cannot keep a
+row of up to 30 KB on chip. At K >= 12288 the second read misses L2 (bench/NOTES.md, session 9),
+and the kernel moves ~4.8 bytes per element where 3 are needed. Gluon exposes shared memory and
+TMA, so here:
+
+* one program owns one row: it issues TMA loads for all of the row's 256-channel groups at once
+  (one mbarrier per step of NB groups), so the whole row is in flight from the start;
+* pass 1 rotates each group as it lands and keeps the running absmax; pass 2 rotates the groups
+  again from shared memory (not DRAM) and writes the quantized values;
+* a group X [16, 16] (channel 16 i + j) rotates to Y = h^T X h (h the 16 x 16 Kronecker factor of
+  the 256-point Hadamard) with two mma.sync products per group, batched over the step's NB groups
+  (a 3-D dot, one group per warp): C1 = h^T X^T takes X^T straight from shared memory as the B
+  operand, and C1's accumulator registers are already the A-operand layout of the second product
+  W = C1 h = Y^T, so nothing moves between threads. The second product takes C1 as a sum of two
+  bf16 parts, as the Triton kernel's Kronecker form does, so its numerics are the same.
+
+The quantizer's arithmetic (correctly rounded quotient by the scale through a row reciprocal, ties
+to even) is the Triton kernel's, written again because a Gluon function cannot call a Triton one;
+the GPU tests hold both to the reference. Runs on sm_90 only (Gluon has no CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.extra import libdevice
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._gluon_common import gelu_tanh
+
+GROUP_SIZE = 256
+WARPS = 4
+STEP_GROUPS = WARPS  # groups per step: one per warp
+GROUP = gl.constexpr(GROUP_SIZE)
+GROUPS_PER_STEP = gl.constexpr(STEP_GROUPS)
+SMEM_LIMIT = 227 * 1024
+
+
+@gluon.jit
+def _load_step(xs, step, GELU_X2: gl.constexpr, GROUPS1: gl.constexpr, layout: gl.constexpr):
+    """The step's NB groups as the first product's B operand X^T [NB, 16 (j), 16 (i)]; GELU_X2: the GELU
+    of those from the second source (a step never straddles GROUPS1)."""
+    NB: gl.constexpr = GROUPS_PER_STEP
+    x = xs.index(step).permute((0, 2, 1)).load(layout)
+    if GELU_X2:
+        if step * NB >= GROUPS1:
+            x = gelu_tanh(x.to(gl.float32)).to(gl.bfloat16)
+    return x
+
+
+@gluon.jit
+def _rotate(xt, h_a, h_b, layout: gl.constexpr):
+    """W = (h^T X h)^T for each group of the step, in float32: W[b, j, i] is channel 16 i + j."""
+    zero = gl.zeros([GROUPS_PER_STEP, 16, 16], gl.float32, layout)
+    c1 = mma_v2(h_a, xt, zero)
+    a_layout: gl.constexpr = h_a.type.layout
+    hi = c1.to(gl.bfloat16)
+    lo = (c1 - hi.to(gl.float32)).to(gl.bfloat16)
+    w = mma_v2(gl.convert_layout(hi, a_layout), h_b, zero)
+    return mma_v2(gl.convert_layout(lo, a_layout), h_b, w)
+
+
+@gluon.jit
+def _index3(NB: gl.constexpr, layout: gl.constexpr):
+    """(b, r, c) index tensors [NB, 1, 1], [1, 16, 1], [1, 1, 16] in ``layout``."""
+    b = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    r = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    c = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    return (gl.expand_dims(gl.expand_dims(b, 1), 2), gl.expand_dims(gl.expand_dims(r, 0), 2),
+            gl.expand_dims(gl.expand_dims(c, 0), 1))
+
+
+@gluon.jit
+def _row_divisor(scale, usable):
+    """rotate_quant._row_divisor: (p, s, inv), p a power of two, s = scale * p, inv = 1 / s rounded."""
+    safe = gl.where(usable, scale, 1.0)
+    e = (safe.to(gl.int32, bitcast=True) >> 23) & 0xFF
+    p = (gl.maximum(254 - e, 1) << 23).to(gl.float32, bitcast=True)
+    s = safe * p
+    return p, s, gl.div_rn(1.0, s)
+
+
+@gluon.jit
+def _quantize(y, p, s, inv, usable, QMAX: gl.constexpr):
+    """rotate_quant._quantize_tile's GPU form: the correctly rounded y / scale, to nearest even, clamped."""
+    yp = y * p
+    q0 = yp * inv
+    q = gl.fma(gl.fma(-q0, s, yp), inv, q0)
+    q = libdevice.rint(gl.minimum(gl.maximum(q, -QMAX), QMAX))
+    return gl.where(usable, q, 0.0)
+
+
+@gluon.jit
+def _load_row(x_desc, x2_desc, xs_tma, bars, STEPS: gl.constexpr, GROUPS1: gl.constexpr):
+    """TMA loads of the whole row, one [1, NB, 256] box per step (one elected thread issues them)."""
+    NB: gl.constexpr = GROUPS_PER_STEP
+    row = gl.program_id(0)
+    for step in range(STEPS):
+        bar = bars.index(step)
+        mbarrier.expect(bar, NB * GROUP * 2)
+        g = step * NB
+        if g < GROUPS1:
+            tma.async_copy_global_to_shared(x_desc, [row, g, 0], bar, xs_tma.index(step))
+        else:
+            tma.async_copy_global_to_shared(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(step))
+
+
+@gluon.jit
+def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, GROUPS1: gl.constexpr,
+                        QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
+    """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store)."""
+    NB: gl.constexpr = GROUPS_PER_STEP
+    row = gl.program_id(0)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1, 1],
+                                                  instr_shape=[1, 16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    bi, ri, ci = _index3(NB, mma)
+    h_a = gl.convert_layout(gl.load(h_ptr + ci * 16 + ri + bi * 0).to(gl.bfloat16), a_layout)  # h^T
+    h_b = gl.convert_layout(gl.load(h_ptr + ri * 16 + ci + bi * 0).to(gl.bfloat16), b_layout)  # h
+
+    amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
+    for step in range(STEPS):
+        mbarrier.wait(bars.index(step), 0)
+        y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma)
+        # NaN rides through the max; one finiteness check after the loop
+        amax_t = gl.maximum(amax_t, gl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+
+    finite = amax_t < float("inf")
+    bad = gl.max(gl.max(gl.max((~finite).to(gl.int32), axis=2), axis=1), axis=0)
+    amax = gl.max(gl.max(gl.max(gl.where(finite, amax_t, 0.0), axis=2), axis=1), axis=0)
+    scale = gl.where(bad > 0, float("nan"), gl.div_rn(amax, QMAX * 1.0))
+    usable = (bad == 0) & (scale > 0.0)
+    gl.store(s_ptr + row, scale)
+    p, s, inv = _row_divisor(scale, usable)
+
+    q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (bi * GROUP + ci * 16 + ri)
+    for step in range(STEPS):
+        y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma)
+        q = _quantize(y, p, s, inv, usable, QMAX).to(q_ptr.dtype.element_ty)
+        if MASKED:
+            gl.store(q_ptrs + step * (NB * GROUP), q, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
+        else:
+            gl.store(q_ptrs + step * (NB * GROUP), q)
+
+
+@gluon.jit
+def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, kp,
+                              STEPS: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
+                              GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
+    """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc (GELU_X2: their
+    GELU); STEPS steps of NB groups cover the padded row (TMA reads zeros past either tensor's end;
+    MASKED: the last step reaches past the row's padded width kp, whose groups are not stored)."""
+    NB: gl.constexpr = GROUPS_PER_STEP
+    xs_tma = gl.allocate_shared_memory(gl.bfloat16, [STEPS, 1, NB, GROUP], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STEPS, 1], mbarrier.MBarrierLayout())
+    for step in gl.static_range(STEPS):
+        mbarrier.init(bars.index(step), count=1)
+    plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+    xs = xs_tma._reinterpret(gl.bfloat16, [STEPS, NB, 16, 16], plain)
+    fence_async_shared()
+    gl.thread_barrier()  # the barriers are initialized before any warp waits on one
+    _load_row(x_desc, x2_desc, xs_tma, bars, STEPS, GROUPS1)
+    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, GROUPS1, QMAX, GELU_X2, MASKED, num_warps)
+    # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
+    # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
+    xs_tma._keep_alive()
+    bars._keep_alive()
+
+
+def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int,
+              norm: object = None) -> str | None:
+    """None when rotate_quantize_sm90 can take these activations (rotate_quant.rotate_quantize's
+    x, x2, h, group_size and norm), else why not."""
+    srcs = [t for t in (x, x2) if t is not None]
+    if any(t.device.type != "cuda" for t in srcs):
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(srcs[0].device) != (9, 0):
+        return "the Gluon kernel is for sm_90 only"
+    if norm is not None:
+        return "the adaLN normalization is computed by the Triton kernel only"
+    if group_size != GROUP_SIZE or h is None or tuple(h.shape) != (16, 16):
+        return "only the 256-channel groups' Kronecker form is implemented"
+    if any(t.dtype != torch.bfloat16 for t in srcs):
+        return "activations are not bf16"
+    if any(t.stride(1) != 1 or (t.stride(0) * 2) % 16 or t.data_ptr() % 16 for t in srcs):
+        return "rows not 16-byte aligned with unit column stride (TMA)"
+    if any(t.shape[1] % GROUP_SIZE for t in srcs):
+        return f"a width is not a multiple of {GROUP_SIZE} (the TMA boxes are whole groups)"
+    k1 = x.shape[1] if x is not None and x2 is not None else 0
+    if (k1 // GROUP_SIZE) % STEP_GROUPS:
+        return f"the first part of the concatenation is not a multiple of {STEP_GROUPS * GROUP_SIZE} channels"
+    k = sum(t.shape[1] for t in srcs)
+    steps = triton.cdiv(triton.cdiv(k, GROUP_SIZE), STEP_GROUPS)
+    if steps * STEP_GROUPS * GROUP_SIZE * 2 + 8 * steps > SMEM_LIMIT:
+        return f"a row of {k} channels does not fit in shared memory"
+    return None
+
+
+def _group_descriptor(t: torch.Tensor) -> TensorDescriptor:
+    """TMA descriptor of rows [M, K] viewed as [M, K / 256, 256], one box per step of NB groups."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    return TensorDescriptor.from_tensor(t.unflatten(1, (t.shape[1] // GROUP_SIZE, GROUP_SIZE)), [1, STEP_GROUPS, GROUP_SIZE], layout)
+
+
+def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out_dtype: torch.dtype = torch.int8, *,
+                         x2: torch.Tensor | None = None, gelu_x2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
+    bf16 rows, on sm_90: same arguments (no ``norm``), same numerics. Check ``supported`` first
+    (rotate_quant.rotate_quantize does, and runs the Triton kernel where this one cannot)."""
+    first = x if x is not None else x2
+    m = first.shape[0]
+    k = sum(t.shape[1] for t in (x, x2) if t is not None)
+    groups = k // GROUP_SIZE
+    steps = triton.cdiv(groups, STEP_GROUPS)
+    q = torch.empty(m, k, dtype=out_dtype, device=first.device)
+    scale = torch.empty(m, dtype=torch.float32, device=first.device)
+    if m == 0:
+        return q, scale
+    desc1 = _group_descriptor(first)
+    desc2 = _group_descriptor(x2) if x is not None and x2 is not None else desc1
+    if x2 is None:
+        groups1 = steps * STEP_GROUPS  # every group from x
+    else:
+        groups1 = x.shape[1] // GROUP_SIZE if x is not None else 0
+    h = h.contiguous()  # any float dtype: its entries (+-1/4) are exact in each, and the kernel casts on load
+    _rotate_quant_sm90_kernel[(m,)](
+        desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, GROUPS1=groups1,
+        QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups, num_warps=WARPS)
+    return q, scale
