@@ -6,7 +6,9 @@ Pass 1 rotates every group of the rows and keeps the running absmax; pass 2 rota
 again (the rows' input is then in L2) and writes the values as int8 (int4 values in
 [-7, 7] also go out in int8 containers: the GEMM then loads them with no unpacking,
 see kernels/int_gemm.py). The per-token scale needs the whole rotated row, and a row of K up to 15360 does not
-fit on chip, hence two passes over a cached input rather than one over DRAM.
+fit on chip, hence two passes over a cached input rather than one over DRAM. On sm_90 rotate_quantize runs
+rotate_quant_sm90.py instead where it can (bf16 rows on the 256-group grid): Gluon keeps the row in shared
+memory, so it is read from DRAM once.
 
 The rotation of a group of G channels runs one of two ways:
 * dense (G <= 64): y = x @ H, one [BM, G] x [G, G] tensor-core product. For

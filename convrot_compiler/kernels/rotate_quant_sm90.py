@@ -231,7 +231,9 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
         groups1 = steps * STEP_GROUPS  # every group from x
     else:
         groups1 = x.shape[1] // GROUP_SIZE if x is not None else 0
-    h = h.contiguous()  # any float dtype: its entries (+-1/4) are exact in each, and the kernel casts on load
+    # any float dtype (its entries, +-1/4, are exact in each; the kernel casts on load): the compiler's constant
+    # is already on the device in the activations' dtype, so nothing is copied per call
+    h = h.to(device=first.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, GROUPS1=groups1,
         QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups, num_warps=WARPS)
