@@ -115,7 +115,7 @@ def _load_row(x_desc, x2_desc, xs_tma, bars, STEPS: gl.constexpr, GROUPS1: gl.co
 
 @gluon.jit
 def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, GROUPS1: gl.constexpr,
-                        QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
+                  QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store)."""
     NB: gl.constexpr = GROUPS_PER_STEP
     row = gl.program_id(0)
