@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -36,6 +38,25 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"a Triton kernel got a {t.device.type} tensor; pass CUDA tensors, use the reference ops "
                 "(convrot_compiler.ops) on CPU, or set TRITON_INTERPRET=1 to run the kernel in the interpreter")
+
+
+class ForcedChoice:
+    """A module-wide choice (a kernel, a schedule) that a ``with forced(choice):`` block sets and
+    restores on exit; ``value`` is None outside any block. For benchmarks and tests that compare the
+    choices in one process."""
+
+    def __init__(self, what: str, choices: tuple[str, ...]):
+        self.what, self.choices, self.value = what, choices, None
+
+    @contextlib.contextmanager
+    def forced(self, choice: str) -> Iterator[None]:
+        if choice not in self.choices:
+            raise ValueError(f"{self.what} must be one of {self.choices}, got {choice!r}")
+        before, self.value = self.value, choice
+        try:
+            yield
+        finally:
+            self.value = before
 
 
 @functools.cache

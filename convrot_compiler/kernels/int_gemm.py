@@ -34,7 +34,6 @@ containers; the fp8 path is kept, tested, for accelerators that accumulate fp8 i
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..quant import concat_biases
-from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, sm_count
+from ._common import ForcedChoice, autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, sm_count
 
 # (BN weight rows, BM tokens, BK, stages, warps)
 GEMM_TILES = [
@@ -67,10 +66,9 @@ PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
 PERSISTENT_MIN_M = 2048
 PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
 SCHEDULES = ("persistent", "flat", "unspecialized", "unpack")
-_forced_schedule: str | None = None
+_schedule = ForcedChoice("schedule", SCHEDULES)
 
 
-@contextlib.contextmanager
 def forced_schedule(schedule: str) -> Iterator[None]:
     """Within the block, int_gemm calls that do not pass ``persistent`` run the ``"persistent"``
     or the ``"flat"`` (one program per tile) form whatever M is, or (``"unspecialized"``) never
@@ -78,21 +76,14 @@ def forced_schedule(schedule: str) -> Iterator[None]:
     (``"unpack"``) unpack packed weights and run the int8 GEMM by the usual rule instead of the
     sm_90 packed GEMM (each of the first three also implies that): for benchmarks that compare
     them in one process. A CUDA graph captured inside the block keeps the form it captured."""
-    global _forced_schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    before, _forced_schedule = _forced_schedule, schedule
-    try:
-        yield
-    finally:
-        _forced_schedule = before
+    return _schedule.forced(schedule)
 
 
 def _use_persistent(m: int, n: int, fp8: bool, programs: int, specialized: bool) -> bool:
     if fp8:
         return False
-    if _forced_schedule in ("persistent", "flat"):
-        return _forced_schedule == "persistent"
+    if _schedule.value in ("persistent", "flat"):
+        return _schedule.value == "persistent"
     if specialized:
         return triton.cdiv(m, PERSISTENT_TILE) * triton.cdiv(n, PERSISTENT_TILE) >= PERSISTENT_MIN_WAVES * programs
     return m >= PERSISTENT_MIN_M or (m >= PERSISTENT_WIDE_MIN_M and n >= PERSISTENT_WIDE_N)
@@ -359,7 +350,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor | list[torch.T
     w_all = stacked_weights(qws, packed, group_size, qx.dtype)
     fast_gelu = not (exact_gelu or interpreting())
     if warp_specialize is None:
-        warp_specialize = gelu_from is None and _forced_schedule != "unspecialized"
+        warp_specialize = gelu_from is None and _schedule.value != "unspecialized"
     programs = _programs(qx.device)
     if persistent or (persistent is None and _use_persistent(m, n, fp8, programs, warp_specialize)):
         _persistent_gemm(qx, w_all, sx, s_all, b_all, c, gelu_from, fast_gelu, warp_specialize, programs)
@@ -376,7 +367,7 @@ def _packed_gemm_for(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int,
     """kernels.packed_gemm_sm90's launch where it runs these operands (an sm_90 GPU, no forced
     schedule, shapes it takes), else None: the unpack + int8 GEMM path, whose results are equal. On
     an sm_90 GPU that path is slower, so taking it for the shapes says why (a warning)."""
-    if interpreting() or _forced_schedule is not None or qx.device.type != "cuda":
+    if interpreting() or _schedule.value is not None or qx.device.type != "cuda":
         return None
     from . import packed_gemm_sm90  # Gluon: imported where it can run
 

@@ -22,16 +22,16 @@ The rotation of a group of G channels runs one of two ways:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, round_half_even
+from ._common import (ForcedChoice, autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting,
+                      round_half_even)
 
 METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
@@ -190,22 +190,14 @@ def _quantize_tile(y, p, s, inv, usable, QMAX: tl.constexpr, GPU_MATH: tl.conste
 
 
 ROTATE_KERNELS = ("sm90", "triton")
-_forced_kernel: str | None = None
+_kernel = ForcedChoice("kernel", ROTATE_KERNELS)
 
 
-@contextlib.contextmanager
 def forced_rotate_kernel(kernel: str) -> Iterator[None]:
     """Within the block, rotate_quantize runs ``kernel``: "triton" (this module's kernel, on any GPU)
     even where the sm_90 Gluon kernel (rotate_quant_sm90.py) would run, for comparisons; "sm90" (the
     default choice where it can run) raises where it cannot instead of warning and running Triton's."""
-    global _forced_kernel
-    if kernel not in ROTATE_KERNELS:
-        raise ValueError(f"kernel must be one of {ROTATE_KERNELS}, got {kernel!r}")
-    before, _forced_kernel = _forced_kernel, kernel
-    try:
-        yield
-    finally:
-        _forced_kernel = before
+    return _kernel.forced(kernel)
 
 
 def _sm90_kernel_for(x, x2, h, group_size, norm):
@@ -213,7 +205,7 @@ def _sm90_kernel_for(x, x2, h, group_size, norm):
     an sm_90 GPU, not forced to the Triton kernel), else None. On an sm_90 GPU the Triton kernel is
     slower, so taking it says why."""
     device = (x if x is not None else x2).device
-    if interpreting() or _forced_kernel == "triton" or device.type != "cuda":
+    if interpreting() or _kernel.value == "triton" or device.type != "cuda":
         return None
     if torch.cuda.get_device_capability(device) != (9, 0):
         return None
@@ -222,7 +214,7 @@ def _sm90_kernel_for(x, x2, h, group_size, norm):
     why = rotate_quant_sm90.supported(x, x2, h, group_size, norm)
     if why is None:
         return rotate_quant_sm90.rotate_quantize_sm90
-    if _forced_kernel == "sm90":
+    if _kernel.value == "sm90":
         raise ValueError(f"rotate_quantize: forced to the sm_90 kernel, which cannot take these activations: {why}")
     warnings.warn(f"rotate_quantize: the sm_90 kernel cannot take these activations ({why}); running the "
                   "Triton kernel instead (same numerics, slower)")

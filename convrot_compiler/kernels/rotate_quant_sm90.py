@@ -208,7 +208,8 @@ def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor |
 def _group_descriptor(t: torch.Tensor) -> TensorDescriptor:
     """TMA descriptor of rows [M, K] viewed as [M, K / 256, 256], one box per step of NB groups."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
-    return TensorDescriptor.from_tensor(t.unflatten(1, (t.shape[1] // GROUP_SIZE, GROUP_SIZE)), [1, STEP_GROUPS, GROUP_SIZE], layout)
+    groups = t.unflatten(1, (t.shape[1] // GROUP_SIZE, GROUP_SIZE))
+    return TensorDescriptor.from_tensor(groups, [1, STEP_GROUPS, GROUP_SIZE], layout)
 
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out_dtype: torch.dtype = torch.int8, *,
