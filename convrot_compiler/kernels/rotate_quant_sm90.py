@@ -20,6 +20,14 @@ TMA, so here:
 The quantizer's arithmetic (correctly rounded quotient by the scale through a row reciprocal, ties
 to even) is the Triton kernel's, written again because a Gluon function cannot call a Triton one;
 the GPU tests hold both to the reference. Runs on sm_90 only (Gluon has no CPU interpreter).
+
+The kernel is bound by instruction issue as much as by memory (bench/NOTES.md, session 13: 1.5x fewer
+instructions per element took K = 12288 from 65% to 76% of copy bandwidth), so the per-element work is
+kept small: no clamp (the absmax scale bounds every quotient), the rounding and the conversion to an
+integer done by one float add, |y| folded into the NaN-propagating max, one row reduction, and a row
+without a usable scale branching once to zeros instead of a select per element. A persistent version
+(several rows per program, row buffers double-buffered, values leaving through shared memory by TMA)
+was slower at every shape (bench/NOTES.md, session 13).
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.extra import libdevice
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -80,22 +87,39 @@ def _index3(NB: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _row_divisor(scale, usable):
-    """rotate_quant._row_divisor: (p, s, inv), p a power of two, s = scale * p, inv = 1 / s rounded."""
+    """rotate_quant._row_divisor: (p, -s, inv), p a power of two, s = scale * p, inv = 1 / s rounded."""
     safe = gl.where(usable, scale, 1.0)
     e = (safe.to(gl.int32, bitcast=True) >> 23) & 0xFF
     p = (gl.maximum(254 - e, 1) << 23).to(gl.float32, bitcast=True)
     s = safe * p
-    return p, s, gl.div_rn(1.0, s)
+    return p, -s, gl.div_rn(1.0, s)
+
+
+ROUNDER = gl.constexpr(12582912.0)  # 1.5 * 2^23
 
 
 @gluon.jit
-def _quantize(y, p, s, inv, usable, QMAX: gl.constexpr):
-    """rotate_quant._quantize_tile's GPU form: the correctly rounded y / scale, to nearest even, clamped."""
+def _quantize(y, p, neg_s, inv):
+    """rotate_quant._quantize_tile's GPU form for a row with a usable scale: the correctly rounded y / scale
+    (Markstein), rounded to nearest even and returned plus ROUNDER. No clamp: the scale is absmax / qmax rounded,
+    so |y / scale| <= qmax (1 + 2^-23), which rounds to at most qmax. Adding 1.5 * 2^23 rounds to an integer
+    (ties to even) in one full-rate FADD and leaves it in the low bits of the sum, where a byte store takes it
+    (rint and the conversion were two quarter-rate instructions)."""
     yp = y * p
     q0 = yp * inv
-    q = gl.fma(gl.fma(-q0, s, yp), inv, q0)
-    q = libdevice.rint(gl.minimum(gl.maximum(q, -QMAX), QMAX))
-    return gl.where(usable, q, 0.0)
+    return gl.fma(gl.fma(q0, neg_s, yp), inv, q0) + ROUNDER
+
+
+@gluon.jit
+def _max_abs_nan(acc, y):
+    """max(acc, |y|) per element, NaN-propagating: one FMNMX.NAN with an |operand| (gl.abs added a LOP3)."""
+    return gl.inline_asm_elementwise("{ .reg .f32 t; abs.f32 t, $2; max.NaN.f32 $0, $1, t; }", "=f,f,f", [acc, y],
+                                     dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _max_nan(a, b):
+    return gl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @gluon.jit
@@ -132,24 +156,30 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
         mbarrier.wait(bars.index(step), 0)
         y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma)
         # NaN rides through the max; one finiteness check after the loop
-        amax_t = gl.maximum(amax_t, gl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+        amax_t = _max_abs_nan(amax_t, y)
 
-    finite = amax_t < float("inf")
-    bad = gl.max(gl.max(gl.max((~finite).to(gl.int32), axis=2), axis=1), axis=0)
-    amax = gl.max(gl.max(gl.max(gl.where(finite, amax_t, 0.0), axis=2), axis=1), axis=0)
-    scale = gl.where(bad > 0, float("nan"), gl.div_rn(amax, QMAX * 1.0))
-    usable = (bad == 0) & (scale > 0.0)
+    amax = gl.reduce(gl.reduce(gl.reduce(amax_t, 2, _max_nan), 1, _max_nan), 0, _max_nan)
+    finite = amax < float("inf")
+    scale = gl.where(finite, gl.div_rn(amax, QMAX * 1.0), float("nan"))
+    usable = finite & (scale > 0.0)
     gl.store(s_ptr + row, scale)
-    p, s, inv = _row_divisor(scale, usable)
+    p, neg_s, inv = _row_divisor(scale, usable)
 
     q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (bi * GROUP + ci * 16 + ri)
+    FP8: gl.constexpr = q_ptr.dtype.element_ty == gl.float8e4nv
     for step in range(STEPS):
-        y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma)
-        q = _quantize(y, p, s, inv, usable, QMAX).to(q_ptr.dtype.element_ty)
-        if MASKED:
-            gl.store(q_ptrs + step * (NB * GROUP), q, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
+        if usable:  # uniform over the row; a zero or non-finite row stores zeros
+            q = _quantize(_rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma), p, neg_s, inv)
         else:
-            gl.store(q_ptrs + step * (NB * GROUP), q)
+            q = gl.full([NB, 16, 16], ROUNDER, gl.float32, mma)
+        if FP8:
+            v = (q - ROUNDER).to(gl.float8e4nv)
+        else:
+            v = q.to(gl.int32, bitcast=True).to(gl.int8)
+        if MASKED:
+            gl.store(q_ptrs + step * (NB * GROUP), v, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
+        else:
+            gl.store(q_ptrs + step * (NB * GROUP), v)
 
 
 @gluon.jit
