@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # The model-level measurements of the benchmark issue, split so that each fits one 600 s device call
 # (a first compile of a FLUX.1-dev variant takes 100-190 s). bf16 eager anchors every call.
+#   bash bench/device_model_sweep.sh all       # every variant of the benchmark issue at 1024^2 in one process, w4a4 and
+#                                              # bf16-compile profiled (~590 s: a first compile takes 40-170 s)
+#   bash bench/device_model_sweep.sh allregional # every variant at 1024^2 in one process: each compiled per block
+#                                              # class (cold compiles of 11-30 s, where full ones take 120-190 s),
+#                                              # mix (whose plan differs between blocks) and then w4a4 and
+#                                              # bf16-compile fully compiled
 #   bash bench/device_model_sweep.sh row1024   # bf16, bf16-compile, mix, w4a4 (profiled) at 1024^2: the target row
 #   bash bench/device_model_sweep.sh mix       # bf16, mix, bf16-compile at 1024^2
 #   bash bench/device_model_sweep.sh regional  # bf16, regional compiles (bf16 and w4a4), w4a4: first-call time
@@ -18,6 +24,8 @@
 #   bash bench/device_model_sweep.sh graphs    # bf16, w4a4, bf16-compile with Inductor's CUDA graphs, bf16-compile
 #   bash bench/device_model_sweep.sh gelu      # bf16, w4a4 with the GELU inside rotate+quantize (profiled), w4a4
 case "${1:-}" in
+  all)     args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,fp8-scaled-mm,mix,w8a8 --profile) ;;
+  allregional) args=(--resolution 1024 --variants bf16,w4a4-regional,bf16-compile-regional,fp8-scaled-mm-regional,w8a8-regional,mix,w4a4,bf16-compile) ;;
   row1024) args=(--resolution 1024 --variants bf16,bf16-compile,mix,w4a4 --profile) ;;
   regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
   mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
@@ -33,7 +41,7 @@ case "${1:-}" in
   graphs)  args=(--resolution 1024 --variants bf16,w4a4,bf16-compile-cg,bf16-compile --profile) ;;
   breakdown) args=(--resolution 1024 --variants bf16,bf16-compile,w4a4 --profile) ;;
   ws)      args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,w4a4-nows --profile) ;;
-  *) echo "usage: $0 row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws|breakdown|graphs|gelu" >&2; exit 2 ;;
+  *) echo "usage: $0 all|allregional|row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws|breakdown|graphs|gelu" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
 timeout "${SWEEP_TIMEOUT:-585}" python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \

@@ -89,7 +89,8 @@ LAUNCHES = {
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
 }
-VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm", *CONVROT,
+VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm",
+            "fp8-scaled-mm-regional", *CONVROT,
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
@@ -137,9 +138,13 @@ def prepare(variant: str, model):
             raise RuntimeError(f"torchao not available ({e})") from e
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         return torch.compile(model), 0, "torchao fp8 row-wise dynamic"
-    if variant == "fp8-scaled-mm":
+    if variant in ("fp8-scaled-mm", "fp8-scaled-mm-regional"):
         n = swap_fp8_rowwise(model)
-        return torch.compile(model), 0, f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
+        note = f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
+        if variant.endswith("-regional"):
+            model.compile_repeated_blocks()
+            return model, 0, note + "; diffusers compile_repeated_blocks"
+        return torch.compile(model), 0, note
     plan, _, launch = variant.partition("-")
     options, launch_note = LAUNCHES.get(launch, ({}, ""))
     compiled = convrot_compile(model, plan=plan, progress=False, **options)
@@ -246,7 +251,7 @@ def run(args) -> dict:
                             breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
                         elif variant == "bf16-compile":
                             baseline_breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
-                except RuntimeError as e:
+                except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
                     row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
@@ -266,8 +271,10 @@ def _result(args, dev, rows: list[dict], breakdown, baseline_breakdown, bf16_byt
     for r in rows:
         same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
         for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
-            if r.get("ms") and b in same:
-                r[f"speedup_vs_{b}"] = same[b]["ms"] / r["ms"]
+            # a run of regional compiles only compares against the baselines compiled the same way
+            base = same.get(b) or same.get(f"{b}-regional")
+            if r.get("ms") and base:
+                r[f"speedup_vs_{b}"] = base["ms"] / r["ms"]
         if r.get("ms"):
             r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
             r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
