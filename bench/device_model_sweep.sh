@@ -2,9 +2,10 @@
 # The model-level measurements of the benchmark issue, split so that each fits one 600 s device call
 # (a first compile of a FLUX.1-dev variant takes 100-190 s). bf16 eager anchors every call.
 #   bash bench/device_model_sweep.sh all       # every variant of the benchmark issue at 1024^2 in one process, w4a4 and
-#                                              # bf16-compile profiled (~590 s: a first compile takes 40-170 s)
+#                                              # bf16-compile profiled; cold first compiles of 100-194 s each do not
+#                                              # all fit one call (it ended during mix: model_flux_dev_all_cold.md)
 #   bash bench/device_model_sweep.sh allregional # every variant at 1024^2 in one process: each compiled per block
-#                                              # class (cold compiles of 11-30 s, where full ones take 120-190 s),
+#                                              # class (compiles of 11-48 s, where full ones take 100-194 s),
 #                                              # mix (whose plan differs between blocks) and then w4a4 and
 #                                              # bf16-compile fully compiled
 #   bash bench/device_model_sweep.sh row1024   # bf16, bf16-compile, mix, w4a4 (profiled) at 1024^2: the target row

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import bench_graph_ms  # noqa: E402
 from convrot_compiler.kernels.weight_only import w4a16_gemm  # noqa: E402
 
+
 @triton.jit
 def strided_read(w_ptr, out_ptr, KW, BN: tl.constexpr, BW: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -26,6 +27,7 @@ def strided_read(w_ptr, out_ptr, KW, BN: tl.constexpr, BW: tl.constexpr):
         p += BW
     tl.store(out_ptr + rn, tl.sum(acc, axis=1))
 
+
 @triton.jit
 def contiguous_read(w_ptr, out_ptr, CHUNK, B: tl.constexpr):
     base = tl.program_id(0).to(tl.int64) * CHUNK
@@ -34,6 +36,7 @@ def contiguous_read(w_ptr, out_ptr, CHUNK, B: tl.constexpr):
     for off in range(0, CHUNK, B):
         acc ^= tl.load(w_ptr + base + off + r)
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
 
 def main() -> None:
     N, K = 18432, 3072
