@@ -23,6 +23,10 @@
 #   bash bench/device_model_sweep.sh ws        # bf16, w4a4 (profiled), bf16-compile, w4a4 without warp specialization
 #   bash bench/device_model_sweep.sh breakdown # bf16, bf16-compile, w4a4 at 1024^2, both compiled forwards profiled
 #   bash bench/device_model_sweep.sh graphs    # bf16, w4a4, bf16-compile with Inductor's CUDA graphs, bf16-compile
+#   bash bench/device_model_sweep.sh fp8attn2048 # bf16, w4a4 with fp8 attention, bf16-compile, w4a4 at 2048^2
+#   bash bench/device_model_sweep.sh fp8attn1024 # bf16, w4a4 with fp8 attention (profiled), w4a4, bf16-compile at 1024^2
+#   bash bench/device_model_sweep.sh fp8attn512 # bf16, w4a4 with fp8 attention, w4a4, bf16-compile at 512^2
+#   bash bench/device_model_sweep.sh fp8attnb4  # w4a4 with fp8 attention, w4a4, bf16-compile at 1024^2, batch 4 (no bf16 eager: the three compiles fill the call)
 #   bash bench/device_model_sweep.sh gelu      # bf16, w4a4 with the GELU inside rotate+quantize (profiled), w4a4
 case "${1:-}" in
   all)     args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,fp8-scaled-mm,mix,w8a8 --profile) ;;
@@ -33,6 +37,10 @@ case "${1:-}" in
   w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
   fp8row)  args=(--resolution 1024 --variants bf16,w4a4,fp8-scaled-mm --profile) ;;
   res512)  args=(--resolution 512 --variants bf16,w4a4,bf16-compile) ;;
+  fp8attn2048) args=(--resolution 2048 --variants bf16,w4a4-fp8attn,bf16-compile,w4a4) ;;
+  fp8attn1024) args=(--resolution 1024 --variants bf16,w4a4-fp8attn,w4a4,bf16-compile --profile) ;;
+  fp8attn512) args=(--resolution 512 --variants bf16,w4a4-fp8attn,w4a4,bf16-compile) ;;
+  fp8attnb4) args=(--resolution 1024 --batch 4 --variants w4a4-fp8attn,w4a4,bf16-compile) ;;
   res2048) args=(--resolution 2048 --variants bf16,w4a4,bf16-compile) ;;
   batch4)  args=(--resolution 1024 --batch 4 --variants bf16,w4a4,bf16-compile) ;;
   torchao) args=(--resolution 1024 --variants bf16,fp8) ;;
@@ -42,7 +50,7 @@ case "${1:-}" in
   graphs)  args=(--resolution 1024 --variants bf16,w4a4,bf16-compile-cg,bf16-compile --profile) ;;
   breakdown) args=(--resolution 1024 --variants bf16,bf16-compile,w4a4 --profile) ;;
   ws)      args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,w4a4-nows --profile) ;;
-  *) echo "usage: $0 all|allregional|row1024|regional|mix|w8a8|fp8row|res512|res2048|batch4|torchao|template|producers|ws|breakdown|graphs|gelu" >&2; exit 2 ;;
+  *) echo "usage: $0 all|allregional|row1024|regional|mix|w8a8|fp8row|res512|res2048|fp8attn512|fp8attn1024|fp8attn2048|fp8attnb4|batch4|torchao|template|producers|ws|breakdown|graphs|gelu" >&2; exit 2 ;;
 esac
 source bench/device_setup.sh
 timeout "${SWEEP_TIMEOUT:-585}" python3 bench/model.py --config flux-dev "${args[@]}" --name "model_flux_dev_$1" --out "$OUT" 2>&1 \

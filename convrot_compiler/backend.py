@@ -16,6 +16,7 @@ from torch import fx, nn
 from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
 from .ops import GEMM_LOWERINGS, has_kernel
+from .passes.attention import ATTENTION_MODES, AttentionDecision, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
@@ -36,6 +37,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "fuse_producers": True,  # read a concatenation feeding a quantized linear in its quantization; "gelu": + GELU
     "gelu_epilogue": None,   # GELU after a quantized linear in its GEMM's epilogue: None = when gemm is "kernel"
     "fuse_norms": False,     # compute the adaLN LayerNorm + modulation feeding quantized linears in their quantization
+    "attention": "keep",     # "keep": attention as the model runs it; "fp8": per-tensor e4m3 Q, K, V (cuDNN on CUDA)
 }
 
 
@@ -60,6 +62,8 @@ def validate_options(options: dict | None) -> dict:
     for key in ("dry_run", "fuse_gemms", "fuse_norms"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
+    if opts["attention"] not in ATTENTION_MODES:
+        raise ValueError(f"option 'attention' must be one of {ATTENTION_MODES}, got {opts['attention']!r}")
     if opts["gemm"] not in GEMM_LOWERINGS:
         raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {opts['gemm']!r}")
     if opts["gelu_epilogue"] is None:
@@ -93,6 +97,7 @@ class CompileReport:
     fused_producers: int = 0                  # quantizations that read the concatenation (+ GELU) feeding them
     fused_norms: int = 0                      # quantizations that compute the adaLN normalization feeding them
     gelu_epilogues: int = 0                   # GELUs computed in the epilogue of the GEMM before them
+    attention: list[AttentionDecision] = field(default_factory=list)  # every SDPA of the graph, fp8 or kept
 
     @property
     def counts(self) -> dict[str, int]:
@@ -193,20 +198,26 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
         report.fused_producers, report.gelu_epilogues = result.fused_producers, result.gelu_epilogues
         report.fused_norms = result.fused_norms
-    report.graph_after = gm.print_readable(print_output=False) if rewrites else before
+    planned_attention = plan_attention(gm, opts["attention"])
+    report.attention = [d for _, d in planned_attention]
+    attention_rewrites = rewrite_attention(gm, planned_attention)
+    changed = bool(rewrites) or attention_rewrites > 0
+    report.graph_after = gm.print_readable(print_output=False) if changed else before
     report.graph_modules["after"] = gm
-    if opts["dry_run"] or not rewrites:
+    if opts["dry_run"] or not changed:
         return original, report
     h = rotation.kernel_matrix()
     device_h: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def extra_inputs(args) -> list[torch.Tensor]:
         extra = []
+        if not rewrites:
+            return extra
         for rw, spec in zip(rewrites, specs):
             w = args[rw.match.weight_index]
             qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
-        if result.uses_h:
+        if result is not None and result.uses_h:
             # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
             # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16
             w = args[rewrites[0].match.weight_index]
@@ -285,7 +296,8 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
             dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
             cuda_graphs: bool | None = None, in_place: bool = False,
             fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
-            gelu_epilogue: bool | None = None, regional: bool | list[str] = False, fuse_norms: bool = False) -> "CompiledModel | nn.Module":
+            gelu_epilogue: bool | None = None, regional: bool | list[str] = False, fuse_norms: bool = False,
+            attention: str = "keep") -> "CompiledModel | nn.Module":
     """Compile ``model`` with the convrot backend, preparing quantized weights up front.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the
@@ -319,6 +331,11 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     (off by default: no faster on an H100, because Inductor's kernel before it still writes the gated
     residual; bench/results/model_flux_dev_norms.md).
 
+    ``attention="fp8"`` runs every eligible scaled-dot-product attention on per-tensor e4m3 Q, K, V (cuDNN's
+    fp8 flash attention on Hopper, needs the ``fp8-attention`` extra; the reference on CPU): not part of
+    ConvRot, which leaves attention alone, and an error of its own (attention.py). The default ``"keep"``
+    runs attention as the model does. Each attention's decision is in the compile report.
+
     ``regional`` compiles each repeated block class once instead of the whole model (True: the
     classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
     and each other top-level module holding a quantized linear alone (regional.py). The modules are
@@ -330,7 +347,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
                              "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm,
                              "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
-                             "fuse_norms": fuse_norms})
+                             "fuse_norms": fuse_norms, "attention": attention})
     rot = GroupHadamardRotation(rotation, group_size)
     decisions = plan_linears(model, opts["plan"], group_size)
     if regional:

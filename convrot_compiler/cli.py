@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .hadamard import ROTATION_KINDS
+from .passes.attention import ATTENTION_MODES
 from .plans import PRESETS
 
 
@@ -13,6 +14,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default="w4a4", choices=sorted(PRESETS), help="precision plan (default: w4a4)")
     p.add_argument("--rotation", default="regular", choices=ROTATION_KINDS, help="rotation kind (default: regular)")
     p.add_argument("--group-size", type=int, default=256, help="rotation group size, a power of 4 (default: 256)")
+    p.add_argument("--attention", default="keep", choices=ATTENTION_MODES,
+                   help="keep: attention as the model runs it (default); fp8: per-tensor e4m3 Q, K, V "
+                        "(cuDNN on Hopper, pip install 'convrot-compiler[fp8-attention]'; not part of ConvRot)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
                           args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress,
-                          regional=args.regional)
+                          regional=args.regional, attention=args.attention)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(demo_json(result))
@@ -99,8 +103,10 @@ def _inspect(args) -> None:
     inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
     report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
                      rotation=args.rotation, fuse_producers=args.fuse_producers, gelu_epilogue=args.gelu_epilogue,
-                     fuse_norms=args.fuse_norms)
+                     fuse_norms=args.fuse_norms, attention=args.attention)
     print(report.table())
+    if args.attention != "keep":
+        print(report.attention_table())
     print(report.summary())
     if args.json:
         with open(args.json, "w") as f:

@@ -33,6 +33,7 @@ class DemoResult:
     first_call_s: float
     inductor: bool
     regional: bool = False
+    attention: str = "keep"
 
 
 def _timed_forward(model, kwargs, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -58,7 +59,7 @@ def resolve_device(device: str) -> torch.device:
 def run_demo(model_path: str | None = None, config: str = "auto", device: str = "auto", plan: str = "w4a4",
              rotation: str = "regular", group_size: int = 256, height: int | None = None, width: int | None = None,
              text_tokens: int | None = None, seed: int = 0, progress: bool = True,
-             regional: bool = False) -> DemoResult:
+             regional: bool = False, attention: str = "keep") -> DemoResult:
     dev = resolve_device(device)
     if config == "auto":
         config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
@@ -77,7 +78,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     inductor = dev.type == "cuda"
     start = time.perf_counter()
     compiled = convrot_compile(model, plan=plan, group_size=group_size, rotation=rotation, inductor=inductor,
-                               progress=progress, regional=regional)
+                               progress=progress, regional=regional, attention=attention)
     quantize_s = time.perf_counter() - start
     decisions = compiled.decisions
     start = time.perf_counter()
@@ -92,7 +93,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
         linear_bytes_bf16=sum(d.bytes_before for d in decisions),
         linear_bytes_quantized=sum(d.bytes_after for d in decisions),
         rel_error=relative_error(out, ref), bf16_ms=bf16_ms, quantized_ms=q_ms, quantize_s=quantize_s,
-        first_call_s=first_call_s, inductor=inductor, regional=regional,
+        first_call_s=first_call_s, inductor=inductor, regional=regional, attention=attention,
     )
 
 
@@ -103,7 +104,7 @@ def format_demo(r: DemoResult) -> str:
     layers = ", ".join(f"{v} {k}" for k, v in r.layers.items() if v)
     rows = [
         ["bf16", "-", f"{r.weight_bytes_bf16 * mib:,.1f}", f"{r.linear_bytes_bf16 * mib:,.1f}", "0", f"{r.bf16_ms:,.1f}"],
-        [f"convrot {r.plan}", layers, f"{r.weight_bytes_quantized * mib:,.1f}",
+        [f"convrot {r.plan}" + (" + fp8 attention" if r.attention == "fp8" else ""), layers, f"{r.weight_bytes_quantized * mib:,.1f}",
          f"{r.linear_bytes_quantized * mib:,.1f}", f"{r.rel_error:.4f}", f"{r.quantized_ms:,.1f}"],
     ]
     compiler = "convrot backend + Inductor" if r.inductor else "convrot backend (rewritten graph, no Inductor)"

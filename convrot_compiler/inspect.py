@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .backend import CompileReport, convrot_backend
+from .passes.attention import AttentionDecision
 from .plans import PRECISIONS, LayerDecision
 
 
@@ -19,6 +20,10 @@ class InspectReport:
     @property
     def decisions(self) -> list[LayerDecision]:
         return [d for r in self.reports for d in r.decisions]
+
+    @property
+    def attention(self) -> list[AttentionDecision]:
+        return [a for r in self.reports for a in r.attention]
 
     @property
     def graphs(self) -> int:
@@ -37,6 +42,8 @@ class InspectReport:
                 "fused_producers": sum(r.fused_producers for r in self.reports),
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
                 "fused_norms": sum(r.fused_norms for r in self.reports),
+                "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
+                "attention_kept": sum(a.precision != "fp8" for a in self.attention),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
@@ -53,6 +60,14 @@ class InspectReport:
         return tabulate(rows, headers=["module", "in->out", "rows M", "precision", "rotation", "MiB before",
                                        "MiB after", "left alone because"], tablefmt="github")
 
+    def attention_table(self) -> str:
+        """One row per scaled-dot-product attention: fp8 or kept, and why it was kept."""
+        from tabulate import tabulate
+
+        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.reason]
+                for a in self.attention]
+        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "kept because"], tablefmt="github")
+
     def summary(self) -> str:
         t = self.totals()
         counts = ", ".join(f"{v} {k}" for k, v in t["by_precision"].items() if v)
@@ -66,11 +81,13 @@ class InspectReport:
                 + (f"; {t['fused_producers']} concatenations (+ GELU) read inside their rotate+quantize"
                    if t["fused_producers"] else "")
                 + (f"; {t['fused_norms']} adaLN normalizations computed inside their rotate+quantize"
-                   if t["fused_norms"] else ""))
+                   if t["fused_norms"] else "")
+                + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8")
 
     def to_json(self) -> str:
         return json.dumps({"totals": self.totals(), "layers": [
-            {k: v for k, v in asdict(d).items() if k != "extra"} for d in self.decisions]}, indent=2)
+            {k: v for k, v in asdict(d).items() if k != "extra"} for d in self.decisions],
+            "attention": [asdict(a) for a in self.attention]}, indent=2)
 
     def dump(self, directory: str) -> list[str]:
         """Write each graph before/after the pass as readable code, and as DOT when pydot is installed."""
@@ -108,14 +125,14 @@ def _mib(n: int) -> str:
 def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
             plan="w4a4", group_size: int = 256, rotation: str = "regular", fuse_gemms: bool = True,
             fuse_producers: bool | str = True, gelu_epilogue: bool | None = None,
-            fuse_norms: bool = False) -> InspectReport:
+            fuse_norms: bool = False, attention: str = "keep") -> InspectReport:
     """Trace ``model`` on the example inputs and report what the convrot pass would do to each linear.
 
     Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
     reports: list[CompileReport] = []
     options = {"plan": plan, "group_size": group_size, "rotation": rotation, "dry_run": True, "fuse_gemms": fuse_gemms,
                "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue, "fuse_norms": fuse_norms,
-               "report": reports.append}
+               "attention": attention, "report": reports.append}
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(model, backend=convrot_backend, options=options)

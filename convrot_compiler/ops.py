@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .attention import fp8_attention_reference, output_like
 from .hadamard import padded_size, rotate_with
 from .quant import QuantizedWeight, concat_biases, quantize_symmetric, reference_int_gemm, unpack_int4, weight_only_gemm
 from .rotations import GroupHadamardRotation
@@ -213,6 +214,27 @@ def _w4a16_cuda(x, qw, scale, bias, group_size):
 @w4a16_gemm.register_fake
 def _(x, qw, scale, bias, group_size):
     return x.new_empty(x.shape[0], qw.shape[0])
+
+
+@torch.library.custom_op("convrot::fp8_attention", mutates_args=())
+def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                  softmax_scale: float) -> torch.Tensor:
+    """Attention on per-tensor e4m3 [B, H, S, D] Q, K, V; e4m3 output scaled by scale_o; see
+    ``attention.fp8_attention_reference``. On CUDA: cuDNN's fp8 flash attention."""
+    return fp8_attention_reference(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
+
+
+@fp8_attention.register_kernel("cuda")
+def _fp8_attention_cuda(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
+    from .kernels.cudnn_attention import fp8_attention as kernel
+
+    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
+
+
+@fp8_attention.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
+    return output_like(q8)
 
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
