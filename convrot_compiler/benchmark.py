@@ -88,7 +88,7 @@ LAUNCHES = {
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # under forced_rotate_kernel
     "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
-    "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN; not part of ConvRot)"),
+    "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
 }
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm",
             "fp8-scaled-mm-regional", *CONVROT,

@@ -29,6 +29,25 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert result["rows"] == data["rows"]
 
 
+def test_a_variant_that_fails_is_recorded_as_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    prepare = bench_model.prepare
+
+    def failing(variant, model):
+        if variant == "mix":
+            raise ValueError("mix: this plan cannot compile here\nsecond line")
+        return prepare(variant, model)
+
+    monkeypatch.setattr(bench_model, "prepare", failing)
+    result = bench_model.main(["--config", "flux-tiny", "--resolution", "64", "--text-tokens", "16",
+                               "--variants", "bf16,mix,w4a4-fp8attn", "--iters", "1", "--device", "cpu",
+                               "--out", str(tmp_path), "--name", "skip"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["mix"]["ms"] is None and rows["mix"]["note"] == "skipped: mix: this plan cannot compile here"
+    assert rows["w4a4-fp8attn"]["ms"] > 0 and "attention in fp8" in rows["w4a4-fp8attn"]["note"]
+    assert 0 < rows["w4a4-fp8attn"]["rel_err_vs_bf16"] < 0.1
+    assert "skipped: mix" in (tmp_path / "skip.md").read_text()
+
+
 def test_convrot_bench_cli_forwards_to_the_harness(tmp_path):
     import subprocess
 
