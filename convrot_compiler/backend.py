@@ -16,7 +16,7 @@ from torch import fx, nn
 from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
 from .ops import GEMM_LOWERINGS, has_kernel
-from .passes.attention import ATTENTION_MODES, AttentionDecision, plan_attention, rewrite_attention
+from .passes.attention import AttentionDecision, check_attention_mode, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
@@ -62,8 +62,7 @@ def validate_options(options: dict | None) -> dict:
     for key in ("dry_run", "fuse_gemms", "fuse_norms"):
         if not isinstance(opts[key], bool):
             raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
-    if opts["attention"] not in ATTENTION_MODES:
-        raise ValueError(f"option 'attention' must be one of {ATTENTION_MODES}, got {opts['attention']!r}")
+    check_attention_mode(opts["attention"])
     if opts["gemm"] not in GEMM_LOWERINGS:
         raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {opts['gemm']!r}")
     if opts["gelu_epilogue"] is None:
@@ -217,7 +216,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             w = args[rw.match.weight_index]
             qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
-        if result is not None and result.uses_h:
+        if result.uses_h:
             # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
             # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16
             w = args[rewrites[0].match.weight_index]

@@ -1,25 +1,27 @@
 """Find the scaled-dot-product attentions of a Dynamo FX graph and rewrite them to fp8 (option ``attention``).
 
-Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes
+Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes a call of
+``attention.fp8_scaled_dot_product_attention(q, k, v, scale=scale)``, the one definition of the fp8 form
+(eager models run it too):
 
     q8, dq = quantize_e4m3(q); k8, dk = quantize_e4m3(k); v8, dv = quantize_e4m3(v)
     o8 = convrot::fp8_attention(q8, k8, v8, dq, dk, dv, 1 / dv, scale)
     o  = dequantize_e4m3(o8, dv, q.dtype)
 
-The quantizations and the dequantization are plain torch ops, so Inductor fuses them into the kernels
-around them (FLUX's RMSNorm + RoPE before, the reshape after); only the attention itself is opaque.
+The quantizations and the dequantization are plain torch ops, so Inductor, tracing through the call,
+fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
+attention itself is opaque.
 An attention that cannot run in fp8 keeps its op, and its decision says why.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from ..attention import default_softmax_scale, dequantize_e4m3, inverse_descale, quantize_e4m3
+from ..attention import default_softmax_scale, fp8_scaled_dot_product_attention
 from .match import _example, module_name
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -69,10 +71,14 @@ def _ineligible(args: dict, device_check) -> str | None:
     return None
 
 
-def plan_attention(gm: fx.GraphModule, mode: str) -> list[tuple[fx.Node, AttentionDecision]]:
-    """Every SDPA node of the graph with what ``mode`` does to it."""
+def check_attention_mode(mode: str) -> None:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"option 'attention' must be one of {ATTENTION_MODES}, got {mode!r}")
+
+
+def plan_attention(gm: fx.GraphModule, mode: str) -> list[tuple[fx.Node, AttentionDecision]]:
+    """Every SDPA node of the graph with what ``mode`` does to it."""
+    check_attention_mode(mode)
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ATTENTION_TARGETS:
@@ -98,19 +104,9 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[tuple[fx.Node, Attention
         if decision.precision != "fp8":
             continue
         args = _arguments(node)
-        q_val = _example(args["query"])
-        softmax_scale = default_softmax_scale(q_val.shape[-1], args["scale"])
         with graph.inserting_before(node):
-            quantized = []
-            for n in ("query", "key", "value"):
-                pair = graph.call_function(quantize_e4m3, (args[n],))
-                quantized += [graph.call_function(operator.getitem, (pair, 0)),
-                              graph.call_function(operator.getitem, (pair, 1))]
-            (q8, dq), (k8, dk), (v8, dv) = quantized[0:2], quantized[2:4], quantized[4:6]
-            scale_o = graph.call_function(inverse_descale, (dv,))
-            o8 = graph.call_function(torch.ops.convrot.fp8_attention.default,
-                                     (q8, k8, v8, dq, dk, dv, scale_o, softmax_scale))
-            out = graph.call_function(dequantize_e4m3, (o8, dv, q_val.dtype))
+            out = graph.call_function(fp8_scaled_dot_product_attention,
+                                      (args["query"], args["key"], args["value"]), {"scale": args["scale"]})
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
