@@ -95,6 +95,51 @@ def unpack_int4(p: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat((lo, hi), dim=-2).reshape(*p.shape[:-1], kb * 2)
 
 
+TILE_ROWS, TILE_K = 16, 64  # output channels x inputs per tile of pack_int4_tiles
+
+
+def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """Int4 values [N, K] (int8 in [-8, 7], K a multiple of 64) in the tile layout of the W4A16
+    tensor-core GEMV (kernels/weight_only_sm90.py): int32 words [ceil(N / 16), K / 64, 32, 4].
+
+    Word (b, c, lane, s) is what lane ``lane`` of a warp holds as the A operand of mma.m16n8k16's
+    step s over the tile of channels 16b .. 16b + 15 and inputs 64c .. 64c + 63, so that a lane
+    loads 16 contiguous bytes and decodes them without exchanging data with other lanes. With
+    g = lane // 4 and t = lane % 4, nibble i of the word holds the value at channel
+    16b + g + 8 (i % 2) and input 64c + 16t + 4s + 2 ((i % 4) // 2) + i // 4, stored as value + 8
+    (0..15): ``(w >> 4i) & 0x000F000F | 0x43004300`` is then two bf16 values (value + 136) in the
+    register order mma expects. Input k of lane t's four steps are 16 contiguous activations. Rows
+    past N are zero."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"pack_int4_tiles takes 2-D int8 values, got {q.dtype} of shape {tuple(q.shape)}")
+    n, k = q.shape
+    if k % TILE_K:
+        raise ValueError(f"the tile layout needs K a multiple of {TILE_K}, got {k}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4_tiles values must lie in [-8, 7]")
+    nb = -(-n // TILE_ROWS)
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, 0, 0, nb * TILE_ROWS - n), value=8)
+    # channel = 16b + 8 rh + g, input = 64c + 16t + 4s + 2 eh + half; nibble i = rh + 2 eh + 4 half
+    u = u.reshape(nb, 2, 8, k // TILE_K, 4, 4, 2, 2)  # b, rh, g, c, t, s, eh, half
+    u = u.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(nb, k // TILE_K, 32, 4, 8)  # b, c, lane, s, (half, eh, rh)
+    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
+    return (words - ((words >= 2**31).to(torch.int64) << 32)).to(torch.int32)
+
+
+def unpack_int4_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of ``pack_int4_tiles``: int8 values [out_features, K]."""
+    if t.dtype != torch.int32 or t.dim() != 4 or tuple(t.shape[2:]) != (32, 4):
+        raise ValueError(f"tile-layout weights are int32 [N/16, K/64, 32, 4], got {t.dtype} {tuple(t.shape)}")
+    nb, kc = t.shape[:2]
+    if not nb * TILE_ROWS - TILE_ROWS < out_features <= nb * TILE_ROWS:
+        raise ValueError(f"{nb} tiles of {TILE_ROWS} channels do not hold {out_features} output channels")
+    w = t.to(torch.int64) & 0xFFFFFFFF
+    u = (w.unsqueeze(-1) >> (4 * torch.arange(8, device=t.device))) & 0xF  # b, c, lane, s, nibble
+    u = u.reshape(nb, kc, 8, 4, 4, 2, 2, 2)  # b, c, g, t, s, half, eh, rh
+    u = u.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(nb * TILE_ROWS, kc * TILE_K)
+    return (u[:out_features] - 8).to(torch.int8)
+
+
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 """(weight [N, K'] float32 in the rotated space, bits) -> (int8 values [N, K'], scale [N]).
 Round-to-nearest (``quantize_symmetric``) is ConvRot's; GPTQ-style quantizers plug in here."""

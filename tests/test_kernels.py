@@ -414,3 +414,12 @@ def test_packed_gemm_refuses_what_it_cannot_run():
     if interpreting():
         ref = ops.int_gemm_reference(qx, sx, qw, sw, None, True, 256, torch.float32)
         torch.testing.assert_close(int_gemm(qx, sx, qw, sw, None, True, 256, torch.float32), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_w4a16_kernel_refuses_cpu_tensors_with_what_to_use():
+    from convrot_compiler.kernels.weight_only_sm90 import w4a16_gemm_tiles
+    from convrot_compiler.quant import pack_int4_tiles
+
+    tiles = pack_int4_tiles(torch.zeros(16, 256, dtype=torch.int8))
+    with pytest.raises(ValueError, match="not a CUDA tensor.*pack_int4"):
+        w4a16_gemm_tiles(torch.zeros(1, 256, dtype=torch.bfloat16), tiles, torch.ones(16, 1), None, 256)

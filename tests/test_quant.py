@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from convrot_compiler.quant import (
-    dequantize, pack_int4, quantize_activation, quantize_symmetric, quantize_weight, reference_linear, unpack_int4,
+    dequantize, pack_int4, pack_int4_tiles, quantize_activation, quantize_symmetric, quantize_weight, reference_linear,
+    unpack_int4, unpack_int4_tiles,
 )
 from convrot_compiler.rotations import GroupHadamardRotation, make_rotation
 
@@ -23,6 +24,64 @@ def test_pack_layout_first_half_of_group_low_nibble_second_half_high_nibble():
     q = torch.tensor([[1, 2, -3, 4, 5, -6, 7, -8]], dtype=torch.int8)  # one group of 8
     b = pack_int4(q, 8).view(torch.uint8)
     assert b.tolist() == [[1 | (5 << 4), 2 | ((-6 & 0xF) << 4), (-3 & 0xF) | (7 << 4), 4 | ((-8 & 0xF) << 4)]]
+
+
+def _mma_emulation(x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ W^T as the tensor-core kernel computes it, written from PTX's m16n8k16 fragment
+    rules (not from pack_int4_tiles): lane (g, t) = (lane // 4, lane % 4) holds A elements a0..a7 at
+    row g + 8 ((i // 2) % 2), column 2t + i % 2 + 8 (i // 4), register i // 2 = nibbles (i // 2, i // 2 + 4)
+    of its word decoded as nibble - 8; B elements b0..b3 at row 2t + i % 2 + 8 (i // 2), column g,
+    which the kernel loads as x[16t + 4s + i] of the 64-input chunk."""
+    nb, kc = tiles.shape[:2]
+    m = x.shape[0]
+    out = torch.zeros(m, nb * 16, dtype=torch.float64)
+    words = tiles.to(torch.int64) & 0xFFFFFFFF
+    for b in range(nb):
+        for c in range(kc):
+            for s in range(4):
+                a = torch.zeros(16, 16, dtype=torch.float64)
+                bm = torch.zeros(16, 8, dtype=torch.float64)
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    w = int(words[b, c, lane, s])
+                    for i in range(8):
+                        r = i // 2
+                        nibble = (w >> (4 * (r + 4 * (i % 2)))) & 0xF
+                        a[g + 8 * (r % 2), 2 * t + i % 2 + 8 * (i // 4)] = nibble - 8
+                    for i in range(4):
+                        if g < m:
+                            bm[2 * t + i % 2 + 8 * (i // 2), g] = x[g, 64 * c + 16 * t + 4 * s + i]
+                out[:, 16 * b:16 * b + 16] += (a @ bm).T[:m]
+    return out
+
+
+def test_tile_layout_is_what_the_mma_fragments_read():
+    torch.manual_seed(0)
+    q = torch.randint(-8, 8, (24, 128), dtype=torch.int8)  # 2 tiles of rows (the second half padding), 2 chunks
+    x = torch.randn(3, 128, dtype=torch.float64)
+    out = _mma_emulation(x, pack_int4_tiles(q))
+    torch.testing.assert_close(out[:, :24], x @ q.double().T)
+    assert torch.equal(out[:, 24:], torch.zeros(3, 8, dtype=torch.float64))
+
+
+def test_tile_pack_round_trip_and_padding():
+    vals = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.stack([vals.roll(i) for i in range(16)]).repeat(3, 12)[:37]  # [37, 192]: ragged N
+    tiles = pack_int4_tiles(q)
+    assert tiles.shape == (3, 3, 32, 4) and tiles.dtype == torch.int32
+    assert torch.equal(unpack_int4_tiles(tiles, 37), q)
+    assert torch.equal(unpack_int4_tiles(tiles, 48)[37:], torch.zeros(11, 192, dtype=torch.int8))
+
+
+def test_tile_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pack_int4_tiles(torch.zeros(16, 96, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4_tiles(torch.full((16, 64), -9, dtype=torch.int8))
+    with pytest.raises(TypeError):
+        pack_int4_tiles(torch.zeros(16, 64))
+    with pytest.raises(ValueError, match="do not hold"):
+        unpack_int4_tiles(pack_int4_tiles(torch.zeros(16, 64, dtype=torch.int8)), 17)
 
 
 def test_pack_rejects_bad_input():
