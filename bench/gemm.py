@@ -11,13 +11,14 @@ itself, whichever path the GEMM took. ``--schemes`` adds the fp8-tensor-core for
 TMA-descriptor form of the int8 GEMM (see kernels/int_gemm.py); "diff vs int8 TC" is
 their largest difference from the default int8 GEMM on the same operands (list that
 first). Each of ours is checked against the reference in the same run. Also the W4A16
-weight-only GEMM at M = 1.
+weight-only GEMM at M = 1, 4 and 8: the op as the compiler calls it (on sm_90 the tensor-core kernel on
+tile-layout weights) and the CUDA-core kernel on group-layout weights.
 
 Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
 forward (bench/_common.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
 wrapper's host time wherever it is longer than the kernel.
 
-    python bench/gemm.py [--quick] [--no-rotate] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name STEM] [--out DIR]
+    python bench/gemm.py [--quick] [--no-rotate] [--w4a16-only] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name STEM] [--out DIR]
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ SCHEMES = {
     "w8a8-flat": (8, torch.int8, 0, False),
     "w8a8-persistent": (8, torch.int8, 0, True),
 }
-SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216)]
+SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216),
+          ("norm_out 3072->6144", 3072, 6144)]
 
 
 def copy_bandwidth(timed_ms) -> float:
@@ -149,17 +151,36 @@ def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms):
 
 
 def bench_skinny(name, m, k, n, rows, timed_ms):
+    """The W4A16 op as the compiler prepares and calls it (on sm_90 the tensor-core kernel on tile-layout
+    weights, kernels/weight_only_sm90.py), and the CUDA-core kernel on the group layout (kernels/weight_only.py)."""
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    qw = quantize_weight(w, "w4a16", None, group_size=256)
-    ref = ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, None, 256)
-    out = w4a16_gemm(x, qw.values, qw.scale, None, 256)
+    layout = ops.w4a16_layout(w, 256)
+    qw = quantize_weight(w, "w4a16", None, group_size=256, layout=layout)
+    groups = quantize_weight(w, "w4a16", None, group_size=256)
+    ref = ops.w4a16_gemm_reference(x.float(), groups.values, groups.scale, None, 256)
+    out = torch.ops.convrot.w4a16_gemm(x, qw.values, qw.scale, None, 256)
+    out_cc = w4a16_gemm(x, groups.values, groups.scale, None, 256)
     t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
-    t_ours = timed_ms(lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256))
-    wbytes = qw.values.numel() + qw.scale.numel() * 4
-    rows.append(dict(shape=name, M=m, K=k, N=n, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
-                     speedup=t_bf16 / t_ours, w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
-                     rel_err_vs_ref=relative_error(out, ref), rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T)))
+    t_ours = timed_ms(lambda: torch.ops.convrot.w4a16_gemm(x, qw.values, qw.scale, None, 256))
+    t_cc = timed_ms(lambda: w4a16_gemm(x, groups.values, groups.scale, None, 256))
+    wbytes = qw.values.numel() * qw.values.element_size() + qw.scale.numel() * 4
+    rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
+                     speedup=t_bf16 / t_ours, cuda_core_us=t_cc * 1e3, cuda_core_speedup=t_bf16 / t_cc,
+                     w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
+                     rel_err_vs_ref=relative_error(out, ref), cuda_core_rel_err_vs_ref=relative_error(out_cc, ref),
+                     rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T)))
+
+
+def skinny_table_of(skinny: list[dict]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(
+        [[r["shape"], r["M"], r["layout"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
+          f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}", f"{r['cuda_core_us']:.1f}",
+          f"{r['cuda_core_speedup']:.2f}", f"{r['cuda_core_rel_err_vs_ref']:.1e}"] for r in skinny],
+        headers=["W4A16 shape", "M", "layout", "bf16 us", "w4a16 us", "x bf16", "GB/s", "err vs ref", "CUDA-core us",
+                 "CUDA-core x bf16", "CUDA-core err"], tablefmt="github")
 
 
 def geomean(xs):
@@ -171,6 +192,7 @@ def main() -> None:
     p.add_argument("--rotate-only", action="store_true", help="only the rotate+quantize kernel")
     p.add_argument("--quick", action="store_true", help="only the first shape")
     p.add_argument("--no-rotate", action="store_true", help="skip the rotate+quantize-alone table")
+    p.add_argument("--w4a16-only", action="store_true", help="only the W4A16 weight-only table")
     p.add_argument("--schemes", default="w4a4,w8a8",
                    help=f"comma-separated subset of {', '.join(SCHEMES)} (default: w4a4,w8a8, what the compiler uses)")
     p.add_argument("--eager", action="store_true",
@@ -192,13 +214,22 @@ def main() -> None:
     head = (f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | {env['date']} | "
             f"copy bandwidth {copy_gbs:.0f} GB/s (read+write) | timed: {timing}, median, L2 flushed\n")
     rot_rows = []
-    rot_jobs = [] if args.no_rotate else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
+    rot_jobs = [] if args.no_rotate or args.w4a16_only else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
     for m, k, bits in tqdm(rot_jobs,
                            desc="rotate+quantize"):
         bench_rotate(m, k, bits, copy_gbs, rot_rows, timed_ms)
     rot_table = tabulate(
         [[r["M"], r["K"], r["bits"], f"{r['gbs']:.0f}", f"{r['frac_copy']:.0%}", f"{r['int_mismatch']:.1e}"]
          for r in rot_rows], headers=["M", "K", "bits", "rot+q GB/s", "of copy", "int mismatch"], tablefmt="github")
+    if args.w4a16_only:
+        skinny = []
+        for name, k, n in SKINNY:
+            for m in (1, 4, 8):
+                bench_skinny(name, m, k, n, skinny, timed_ms)
+        md = f"# W4A16 weight-only GEMM\n\n{head}\n{skinny_table_of(skinny)}\n"
+        print(md)
+        print("written:", *write_results(args.name or "w4a16", dict(env=env, timing=timing, skinny=skinny), md, args.out))
+        return
     if args.rotate_only:
         md = f"# rotate+quantize kernels\n\n{head}\n{rot_table}\n"
         print(md)
@@ -214,7 +245,7 @@ def main() -> None:
     for (name, k, n), m in tqdm(jobs, desc="GEMM shapes"):
         bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms)
     for name, k, n in SKINNY:
-        for m in (1, 4):
+        for m in (1, 4, 8):
             bench_skinny(name, m, k, n, skinny, timed_ms)
 
     table = tabulate(
@@ -225,10 +256,7 @@ f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
           f"{r['rq_int_mismatch']:.1e}", f"{r['max_diff_vs_int8_tc']:.1e}"] for r in rows],
         headers=["shape", "M", "scheme", "GEMM TOPS", "unpack alone us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
 "rot+q+GEMM x bf16", "GEMM err", "int mismatch", "diff vs int8 TC"], tablefmt="github")
-    skinny_table = tabulate(
-        [[r["shape"], r["M"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
-          f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}"] for r in skinny],
-        headers=["W4A16 shape", "M", "bf16 us", "w4a16 us", "speedup", "GB/s", "err vs ref"], tablefmt="github")
+    skinny_table = skinny_table_of(skinny)
     summary = {}
     for scheme in schemes:
         big = [r for r in rows if r["scheme"] == scheme and r["M"] == 4608]

@@ -54,10 +54,9 @@ def main() -> None:
             err_row = rel_err(w4a16_gemm(x, qw.values, qw.scale, None, 256), ref)
             timings = []
             for u, warps, pre in configs:
-                out = w4a16_gemm_tiles(x, tiles, qw.scale, None, 256, u=u, num_warps=warps, prefetch=pre)
+                out = w4a16_gemm_tiles(x, tiles, qw.scale, None, 256, config=(u, warps, pre))
                 err = rel_err(out, ref)
-                t = bench_graph_ms(lambda: w4a16_gemm_tiles(x, tiles, qw.scale, None, 256, u=u, num_warps=warps,
-                                                            prefetch=pre)) * 1e3
+                t = bench_graph_ms(lambda: w4a16_gemm_tiles(x, tiles, qw.scale, None, 256, config=(u, warps, pre))) * 1e3
                 timings.append((t, u, warps, pre, err))
                 rows.append(dict(shape=name, M=m, U=u, warps=warps, prefetch=pre, us=t, rel_err=err))
             t, u, warps, pre, err = min(timings)

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
-from .ops import GEMM_LOWERINGS, has_kernel
+from .ops import GEMM_LOWERINGS, has_kernel, w4a16_layout
 from .passes.attention import AttentionDecision, check_attention_mode, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
@@ -138,8 +138,10 @@ def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
     return d
 
 
-def _spec(precision: str, rotation: str, group_size: int) -> PrepSpec:
-    return PrepSpec(precision, "none" if precision == "w4a16" else rotation, group_size)
+def _spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
+    if precision == "w4a16":
+        return PrepSpec(precision, "none", group_size, w4a16_layout(weight, group_size))
+    return PrepSpec(precision, rotation, group_size)
 
 
 def _rotation_for(precision: str, rotation: GroupHadamardRotation) -> GroupHadamardRotation | None:
@@ -177,9 +179,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
-        spec = _spec(d.precision, rotation_kind, group_size)
+        spec = _spec(d.precision, rotation_kind, group_size, m.weight)
+        if d.precision == "w4a16":
+            d.extra["layout"] = spec.layout
         if opts["dry_run"]:
-            d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size)
+            d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size, spec.layout)
         else:
             qw = PREPARED.get(m.weight, spec, _rotation_for(d.precision, rotation))
             if m.weight.is_cuda and not has_kernel(qw):
@@ -356,7 +360,7 @@ def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str 
     released = 0
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
         lin = model.get_submodule(d.name)
-        spec = _spec(d.precision, rotation, group_size)
+        spec = _spec(d.precision, rotation, group_size, lin.weight)
         qw = PREPARED.get(lin.weight, spec, _rotation_for(d.precision, rot))
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
         if release_weights:

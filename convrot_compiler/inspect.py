@@ -55,7 +55,7 @@ class InspectReport:
         for d in self.decisions:
             rotation = "-" if d.precision in ("bf16", "w4a16") else "/".join(sorted(rot))
             rows.append([d.name, f"{d.in_features}->{d.out_features}", d.rows if d.rows is not None else "?",
-                         d.precision, rotation, _mib(d.bytes_before), _mib(d.bytes_after),
+                         _precision_label(d), rotation, _mib(d.bytes_before), _mib(d.bytes_after),
                          d.reason if d.precision == "bf16" else ""])
         return tabulate(rows, headers=["module", "in->out", "rows M", "precision", "rotation", "MiB before",
                                        "MiB after", "left alone because"], tablefmt="github")
@@ -116,6 +116,14 @@ class InspectReport:
                 except (ImportError, RuntimeError) as e:
                     written.append(f"(DOT skipped: {e}; pip install pydot for DOT, plus graphviz for SVG)")
         return written
+
+
+def _precision_label(d: LayerDecision) -> str:
+    """The precision, and for w4a16 which kernel its weight layout is for (ops.w4a16_layout)."""
+    layout = d.extra.get("layout")
+    if layout is None:
+        return d.precision
+    return f"{d.precision} ({'tensor-core tiles' if layout == 'tiles' else 'CUDA-core groups'})"
 
 
 def _mib(n: int) -> str:

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .ops import has_kernel, quantized_linear
+from .ops import has_kernel, quantized_linear, w4a16_layout
 from .plans import LayerDecision, PlanSpec, eligibility, make_plan
 from .quant import QuantizedWeight, WeightQuantizer, quantize_weight, reference_linear, rtn_weight_quantizer
 from .rotations import Rotation, make_rotation
@@ -43,6 +43,7 @@ class _QuantizedLinearBase(nn.Module):
         return QuantizedWeight(
             self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
             self.padded_in_features, self.group_size, self.rotation,
+            "tiles" if self.qweight.dtype == torch.int32 else "groups",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,8 @@ class Int4WeightOnlyLinear(_QuantizedLinearBase):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, "w4a16", None, group_size=group_size)
+            layout = w4a16_layout(linear.weight, group_size)
+            qw = quantize_weight(linear.weight, "w4a16", None, group_size=group_size, layout=layout)
         return cls(qw, linear.bias, linear.weight.dtype)
 
 

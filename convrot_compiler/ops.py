@@ -206,14 +206,28 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Opt
 
 @w4a16_gemm.register_kernel("cuda")
 def _w4a16_cuda(x, qw, scale, bias, group_size):
-    from .kernels.weight_only import w4a16_gemm as kernel
+    if qw.dtype == torch.int32:  # quant.pack_int4_tiles' layout
+        from .kernels.weight_only_sm90 import w4a16_gemm_tiles as kernel
+    else:
+        from .kernels.weight_only import w4a16_gemm as kernel
 
     return kernel(x, qw, scale, bias, group_size)
 
 
 @w4a16_gemm.register_fake
 def _(x, qw, scale, bias, group_size):
-    return x.new_empty(x.shape[0], qw.shape[0])
+    return x.new_empty(x.shape[0], scale.shape[0])
+
+
+def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
+    """The packed layout a W4A16 weight is prepared in for where it runs: ``"tiles"`` for the
+    tensor-core kernel (a CUDA sm_90 weight in bf16 or fp16, which a linear's activations share, and
+    groups of a multiple of 64 inputs), else ``"groups"`` for the CUDA-core kernels and the reference."""
+    if weight.device.type != "cuda" or group_size % 64:
+        return "groups"
+    from .kernels.weight_only_sm90 import unsupported_reason
+
+    return "groups" if unsupported_reason(weight.device, weight.dtype) else "tiles"
 
 
 @torch.library.custom_op("convrot::fp8_attention", mutates_args=())
@@ -239,9 +253,10 @@ def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
     """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
-    groups of 256, and w4a16 with groups of 256. Other weights run the reference ops."""
+    groups of 256, and w4a16 with groups of 256 (or of 64k in the tile layout). Other weights run the
+    reference ops."""
     if qweight.act_bits is None:
-        return qweight.group_size == 256
+        return qweight.group_size == 256 or (qweight.layout == "tiles" and qweight.group_size % 64 == 0)
     rot = qweight.rotation
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 

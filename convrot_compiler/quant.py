@@ -140,6 +140,17 @@ def unpack_int4_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
     return (u[:out_features] - 8).to(torch.int8)
 
 
+def unpack_int4_values(values: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
+    """Int8 values [N, K'] of packed int4 weights in either layout: int8 [N, K'/2] (``pack_int4``) or
+    int32 tiles (``pack_int4_tiles``), told apart by dtype."""
+    if values.dtype == torch.int32:
+        return unpack_int4_tiles(values, out_features)
+    return unpack_int4(values, group_size)
+
+
+W4A16_LAYOUTS = ("groups", "tiles")
+
+
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 """(weight [N, K'] float32 in the rotated space, bits) -> (int8 values [N, K'], scale [N]).
 Round-to-nearest (``quantize_symmetric``) is ConvRot's; GPTQ-style quantizers plug in here."""
@@ -153,7 +164,9 @@ def rtn_weight_quantizer(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 class QuantizedWeight:
     """A linear's weight, rotated, quantized and (for 4 bits) packed.
 
-    ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits.
+    ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits (``pack_int4``), or for
+    w4a16 in ``layout="tiles"`` int32 [ceil(N/16), K'/64, 32, 4] (``pack_int4_tiles``, what the
+    tensor-core W4A16 kernel reads).
     ``scale``: float32 [N] (per output channel), or [N, K'/group_size] for w4a16,
     whose scales cover ``group_size`` input channels each.
     """
@@ -166,6 +179,7 @@ class QuantizedWeight:
     padded_in_features: int
     group_size: int
     rotation: Rotation | None
+    layout: str = "groups"
 
     @property
     def weight_bits(self) -> int:
@@ -177,17 +191,18 @@ class QuantizedWeight:
 
     def int_values(self) -> torch.Tensor:
         """Unpacked int8 values [N, K']."""
-        return unpack_int4(self.values, self.group_size) if self.weight_bits == 4 else self.values
+        return unpack_int4_values(self.values, self.group_size, self.out_features) if self.weight_bits == 4 else self.values
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
 
 
-def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int) -> int:
+def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int, layout: str = "groups") -> int:
     """Bytes of a prepared weight (values + scales), without preparing it."""
     _check_scheme(scheme)
     kp = -(-in_features // group_size) * group_size
-    values = out_features * kp // (2 if SCHEME_BITS[scheme][0] == 4 else 1)
+    rows = -(-out_features // TILE_ROWS) * TILE_ROWS if layout == "tiles" else out_features
+    values = rows * kp // (2 if SCHEME_BITS[scheme][0] == 4 else 1)
     scales = out_features * (kp // group_size if scheme == "w4a16" else 1)
     return values + 4 * scales
 
@@ -203,13 +218,20 @@ def quantize_weight(
     rotation: Rotation | None,
     group_size: int = 256,
     weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+    layout: str = "groups",
 ) -> QuantizedWeight:
     """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
 
     W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
     so there is no activation outlier to spread; its weights get one scale per
-    output channel and per ``group_size`` input channels instead."""
+    output channel and per ``group_size`` input channels instead. Its ``layout`` is
+    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel)."""
     _check_scheme(scheme)
+    if layout not in W4A16_LAYOUTS:
+        raise ValueError(f"layout must be one of {W4A16_LAYOUTS}, got {layout!r}")
+    if layout == "tiles" and (scheme != "w4a16" or group_size % TILE_K):
+        raise ValueError(f"the tile layout is for w4a16 with group_size a multiple of {TILE_K}, got {scheme} "
+                         f"with group_size {group_size}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -229,8 +251,11 @@ def quantize_weight(
         if kp % group_size:
             raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
         q, scale = weight_quantizer(w, wbits)
-    values = pack_int4(q, group_size) if wbits == 4 else q
-    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation)
+    if layout == "tiles":
+        values = pack_int4_tiles(q)
+    else:
+        values = pack_int4(q, group_size) if wbits == 4 else q
+    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,9 +296,9 @@ def concat_biases(biases: list, sizes: list[int], device: torch.device) -> torch
 def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      group_size: int) -> torch.Tensor:
     """W4A16 reference: x [M, K] @ dequant(values)^T (+ bias), dequantized per (channel, group) in
-    float32; output in x's dtype."""
-    n = values.shape[0]
-    w = (unpack_int4(values, group_size).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    float32; output in x's dtype. values in either layout (``unpack_int4_values``)."""
+    n = scale.shape[0]
+    w = (unpack_int4_values(values, group_size, n).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
     out = x.float() @ w[:, : x.shape[-1]].T
     if bias is not None:
         out = out + bias.float()

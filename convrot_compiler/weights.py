@@ -25,6 +25,7 @@ class PrepSpec:
     scheme: str
     rotation_kind: str
     group_size: int
+    layout: str = "groups"  # w4a16's packed layout (quant.W4A16_LAYOUTS)
 
 
 class PreparedWeights:
@@ -44,7 +45,7 @@ class PreparedWeights:
             raise RuntimeError("a released weight (its float storage was freed by convrot_compiler.compile) has no "
                                f"prepared form for {spec}; compile the model again from its original weights")
         with torch.no_grad():
-            qw = quantize_weight(param.detach(), spec.scheme, rotation, group_size=spec.group_size)
+            qw = quantize_weight(param.detach(), spec.scheme, rotation, group_size=spec.group_size, layout=spec.layout)
         self.prepared_count += 1
         per_param[spec] = (version, qw)
         return qw

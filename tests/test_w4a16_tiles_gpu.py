@@ -43,7 +43,7 @@ def test_tiles_kernel_configs_and_ragged_k(u, warps, prefetch):
     for n, k, m in [(3072, 3072, 1), (100, 320, 13), (40, 448, 9)]:
         x, tiles, qw, bias, ref = _case(n, k, m, torch.bfloat16, group_size=64 if k == 448 else 256)
         gs = 64 if k == 448 else 256
-        _check(w4a16_gemm_tiles(x, tiles, qw.scale, bias, gs, u=u, num_warps=warps, prefetch=prefetch), ref,
+        _check(w4a16_gemm_tiles(x, tiles, qw.scale, bias, gs, config=(u, warps, prefetch)), ref,
                torch.bfloat16)
 
 
@@ -74,3 +74,22 @@ def test_tiles_kernel_rejects_bad_input():
         w4a16_gemm_tiles(x, tiles, qw.scale[:, :0], None, 256)
     with pytest.raises(ValueError, match="do not hold"):
         w4a16_gemm_tiles(x, tiles, qw.scale[:40], None, 256)
+
+
+def test_eager_module_and_compiler_take_the_tile_layout_on_sm90():
+    import convrot_compiler as cc
+    from convrot_compiler.backend import REPORTS
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3072, 6144).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 3072, device="cuda", dtype=torch.bfloat16)
+    mod = cc.Int4WeightOnlyLinear.from_linear(lin)
+    assert mod.quantized_weight.layout == "tiles"
+    groups = quantize_weight(lin.weight, "w4a16", None, group_size=256)
+    ref = weight_only_gemm(x.float(), groups.values, groups.scale, lin.bias.float(), 256)
+    with torch.no_grad():
+        _check(mod(x), ref, torch.bfloat16)
+    torch._dynamo.reset()
+    out = cc.compile(torch.nn.Sequential(lin), plan=[("*", "w4a16")], progress=False, release_weights=False)(x)
+    assert REPORTS[-1].decisions[0].extra["layout"] == "tiles"
+    _check(out, ref, torch.bfloat16)

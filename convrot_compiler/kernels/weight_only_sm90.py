@@ -119,26 +119,36 @@ def _w4a16_tiles_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, KC, stride_x
     gl.store(c_ptr + token.to(gl.int64) * stride_cm + channel, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-DEFAULT_U, DEFAULT_WARPS = 2, 4
+def launch_config(n: int, m: int) -> tuple[int, int, bool]:
+    """(U, warps, prefetch) for N output channels and M tokens: the fastest or within 4% of it at every
+    FLUX.1-dev shape of a sweep of 18 (bench/results/w4a16_tiles_probe.md, H100). 16 channels per program:
+    from about 1024 programs every one is resident at once and a smaller tile per step wins at M = 1."""
+    if n >= 16384:
+        return (2, 4, False) if m == 1 else (4, 2, True)
+    return 4, 4, True
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when w4a16_gemm_tiles can take activations of this dtype on this device, else why not."""
+    if device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return "the tensor-core W4A16 kernel is for sm_90 only"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"activations are {dtype}, not bf16 or fp16 (the mma's operand type)"
+    return None
 
 
 def supported(x: torch.Tensor) -> str | None:
     """None when w4a16_gemm_tiles can take these activations, else why not."""
-    if x.device.type != "cuda":
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
-        return "the tensor-core W4A16 kernel is for sm_90 only"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"activations are {x.dtype}, not bf16 or fp16 (the mma's operand type)"
-    return None
+    return unsupported_reason(x.device, x.dtype)
 
 
 def w4a16_gemm_tiles(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group_size: int, *, u: int = DEFAULT_U, num_warps: int = DEFAULT_WARPS,
-                     prefetch: bool = False) -> torch.Tensor:
+                     group_size: int, *, config: tuple[int, int, bool] | None = None) -> torch.Tensor:
     """[M, N] = x @ dequant(W)^T (+ bias), W in quant.pack_int4_tiles' layout ([ceil(N/16), K'/64, 32, 4]
     int32) with float32 scales [N, K'/group_size]; x bf16 or fp16 [M, K], K <= K'. Any M (8 tokens per
-    program: each 8 more re-read the weights)."""
+    program: each 8 more re-read the weights). ``config``: (U, warps, prefetch), default ``launch_config``."""
     reason = supported(x)
     if reason is not None:
         raise ValueError(f"w4a16_gemm_tiles cannot run: {reason}; use kernels.weight_only.w4a16_gemm with "
@@ -168,6 +178,7 @@ def w4a16_gemm_tiles(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, 
         return c
     if k != kp or x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
         x = torch.nn.functional.pad(x, (0, kp - k)).contiguous()
+    u, num_warps, prefetch = config or launch_config(n, m)
     grid = (nb, triton.cdiv(m, 8))
     _w4a16_tiles_kernel[grid](x.view(torch.int64), tiles, scale, bias if bias is not None else scale, c, m, n, kc, x.stride(0) // 4,
                               scale.stride(0), c.stride(0), CHUNKS_PER_GROUP=group_size // TILE_K,

@@ -32,6 +32,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..ops import w4a16_layout
 from ..plans import LayerDecision, PlanSpec, eligibility, make_plan
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
@@ -193,7 +194,8 @@ class ConvRotInductorPass(CustomGraphPass):
             decision.precision, decision.reason, decision.bytes_after = "bf16", why, decision.bytes_before
             return None
         rotation = None if planned == "w4a16" else self.rotation
-        qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size)
+        layout = w4a16_layout(w, self.group_size) if planned == "w4a16" else "groups"
+        qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size, layout=layout)
         decision.bytes_after = qw.nbytes()
         if rotation is not None and self.rotation.kind != "none" and g.h is None:
             # in the weights' (= activations') dtype, as the backend passes it: the kernel would otherwise
