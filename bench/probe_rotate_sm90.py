@@ -4,6 +4,7 @@ other, and GB/s (bytes read + written) against the measured copy bandwidth, time
 replays with L2 flushed.
 
     python bench/probe_rotate_sm90.py [--name STEM] [--out DIR]
+    python bench/probe_rotate_sm90.py --variants default,tma-store --name rotate_sm90_variants   # launch variants
 """
 
 from __future__ import annotations
@@ -73,6 +74,33 @@ def case(m, k1, k2, gelu, bits, copy_gbs, rows):
     ))
 
 
+VARIANTS = {"default": {}, "keep": {"keep": True}, "no-keep": {"keep": False}}
+
+
+def variant_case(m, k1, k2, gelu, bits, copy_gbs, rows, names):
+    """The Gluon kernel under launch variants (VARIANTS: rotate_quantize_sm90's keyword arguments): time,
+    and bit-equality with the default launch."""
+    from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
+
+    x1 = activations(m, k1, 1) if k1 else None
+    x2 = activations(m, k2, 2)
+    h = hadamard_matrix("regular", 16, device="cuda")
+    first, second = (x1, x2) if x1 is not None else (x2, None)
+    q0, s0 = rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu)
+    k = k1 + k2
+    nbytes = m * k * 3 + m * 4
+    for name in names:
+        kw = VARIANTS[name]
+        if kw.get("keep") and -(-k // 1024) > 4:  # more than 4 steps of 4 groups: nothing to keep
+            continue
+        torch.full((1 << 28,), 0x7F, dtype=torch.uint8, device="cuda")  # poison what the allocator hands out next
+        q, s = rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu, **kw)
+        ms = bench_graph_ms(lambda: rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu, **kw))
+        rows.append(dict(M=m, K=k, cat=bool(k1), gelu=gelu, bits=bits, variant=name, us=ms * 1e3, gbs=nbytes / ms / 1e6,
+                         frac_copy=nbytes / ms / 1e6 / copy_gbs,
+                         equal_to_default=bool(torch.equal(q, q0) and torch.equal(s, s0))))
+
+
 def exactness_checks() -> list[str]:
     """Integer-valued rows (every rotation exact in float32 whatever the order), zero and non-finite rows,
     poisoned outputs, fp8 containers, M = 1: the Gluon kernel against the reference, bit for bit."""
@@ -106,8 +134,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="rotate_sm90")
     p.add_argument("--out", default=None)
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated launch variants of the Gluon kernel ({', '.join(VARIANTS)}): time each "
+                        "instead of comparing with the Triton kernel")
     args = p.parse_args()
     env = environment()
+    if args.variants:
+        copy_gbs = copy_bandwidth(bench_graph_ms)
+        rows = []
+        names = args.variants.split(",")
+        for m, k1, k2, gelu in CASES + [(37, 0, 3072, False), (301, 3072, 12288, False), (64, 0, 1280, False)]:
+            variant_case(m, k1, k2, gelu, 4, copy_gbs, rows, names)
+        table = tabulate([[r["M"], r["K"], "cat" if r["cat"] else "", "gelu" if r["gelu"] else "", r["variant"],
+                           f"{r['us']:.1f}", f"{r['gbs']:.0f} ({r['frac_copy']:.0%})", r["equal_to_default"]]
+                          for r in rows],
+                         headers=["M", "K", "", "", "variant", "us", "GB/s (copy)", "bit-equal to default"],
+                         tablefmt="github")
+        head = (f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['date']} | copy {copy_gbs:.0f} "
+                "GB/s (read+write) | CUDA-graph replays, L2 flushed, median | bits 4\n")
+        print(table)
+        print("written:", *write_results(args.name, dict(env=env, copy_gbs=copy_gbs, rows=rows),
+                                         f"# rotate+quantize: launch variants of the Gluon kernel\n\n{head}\n{table}\n",
+                                         args.out))
+        sys.exit(0 if all(r["equal_to_default"] for r in rows) else 1)
     failures = exactness_checks()
     print("exactness:", "ok" if not failures else failures, flush=True)
     copy_gbs = copy_bandwidth(bench_graph_ms)

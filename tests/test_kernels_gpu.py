@@ -289,6 +289,29 @@ def test_sm90_rotate_quantize_matches_the_triton_kernel(k1, gelu):
 
 
 @sm90
+@pytest.mark.parametrize("m,k1,k2,gelu", [(4608, 0, 3072, False), (512, 0, 4096, False), (37, 0, 1280, False),
+                                          (300, 1024, 2048, True)])
+@pytest.mark.parametrize("out_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_sm90_rotated_row_kept_in_registers_equals_rotating_twice(m, k1, k2, gelu, out_dtype):
+    """Rows of up to 16 groups keep their rotated values in registers between the passes (KEEP): bit-equal
+    to rotating each step again from shared memory, masked last step and concatenation (with GELU) included;
+    a longer row cannot keep them."""
+    from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
+
+    x1 = _dit_activations(m, k1) if k1 else None
+    x2 = _dit_activations(m, k2)
+    x2[min(3, m - 1)] = 0
+    h = hadamard_matrix("regular", 16, device="cuda")
+    first, second = (x1, x2) if x1 is not None else (x2, None)
+    q0, s0 = rotate_quantize_sm90(first, h, 4, out_dtype, x2=second, gelu_x2=gelu, keep=False)
+    _poison_allocator()
+    q1, s1 = rotate_quantize_sm90(first, h, 4, out_dtype, x2=second, gelu_x2=gelu, keep=True)
+    assert torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1)
+    with pytest.raises(ValueError, match="at most 4 steps"):
+        rotate_quantize_sm90(_dit_activations(4, 5120), h, 4, keep=True)
+
+
+@sm90
 def test_sm90_rotate_quantize_says_where_it_cannot_run():
     """A width off the 256-channel grid: forced to the Gluon kernel it raises; by default rotate_quantize warns
     and runs the Triton kernel."""

@@ -8,8 +8,12 @@ TMA, so here:
 
 * one program owns one row: it issues TMA loads for all of the row's 256-channel groups at once
   (one mbarrier per step of NB groups), so the whole row is in flight from the start;
-* pass 1 rotates each group as it lands and keeps the running absmax; pass 2 rotates the groups
-  again from shared memory (not DRAM) and writes the quantized values;
+* pass 1 rotates each group as it lands and keeps the running absmax; pass 2 writes the quantized
+  values. A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps its rotated values in registers
+  between the passes (KEEP, 8 floats a thread per step); a longer one is rotated again in pass 2,
+  from shared memory (not DRAM). At K = 3072 the kernel is bound by instruction issue (ncu: 62% of
+  issue slots busy, 724 instructions per warp and row), and not rotating twice took it from 55% to
+  63% of copy bandwidth (bench/results/rotate_sm90_keep.md);
 * a group X [16, 16] (channel 16 i + j) rotates to Y = h^T X h (h the 16 x 16 Kronecker factor of
   the 256-point Hadamard) with two mma.sync products per group, batched over the step's NB groups
   (a 3-D dot, one group per warp): C1 = h^T X^T takes X^T straight from shared memory as the B
@@ -49,6 +53,7 @@ STEP_GROUPS = WARPS  # groups per step: one per warp
 GROUP = gl.constexpr(GROUP_SIZE)
 GROUPS_PER_STEP = gl.constexpr(STEP_GROUPS)
 SMEM_LIMIT = 227 * 1024
+KEEP_MAX_STEPS = 4  # rows of at most this many steps keep their rotated values in registers (KEEP)
 
 
 @gluon.jit
@@ -138,9 +143,45 @@ def _load_row(x_desc, x2_desc, xs_tma, bars, STEPS: gl.constexpr, GROUPS1: gl.co
 
 
 @gluon.jit
+def _landed_step(xs, bars, step, h_a, h_b, amax_t, GELU_X2: gl.constexpr, GROUPS1: gl.constexpr,
+                 layout: gl.constexpr, b_layout: gl.constexpr):
+    """Pass 1 on one step: wait for its groups, rotate them, fold |y| into the running max. Returns (y, max)."""
+    mbarrier.wait(bars.index(step), 0)
+    y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, layout)
+    # NaN rides through the max; one finiteness check after the loop
+    return y, _max_abs_nan(amax_t, y)
+
+
+@gluon.jit
+def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, ROTATE: gl.constexpr,
+                GELU_X2: gl.constexpr, GROUPS1: gl.constexpr, FP8: gl.constexpr, MASKED: gl.constexpr,
+                layout: gl.constexpr, b_layout: gl.constexpr):
+    """Pass 2 on one step: quantize the rotated groups (y, or ROTATE: the step's groups rotated again from
+    shared memory) and store them; zeros for a row without a usable scale."""
+    NB: gl.constexpr = GROUPS_PER_STEP
+    if usable:  # uniform over the row
+        if ROTATE:
+            y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, layout)
+        q = _quantize(y, p, neg_s, inv)
+    else:
+        q = gl.full([NB, 16, 16], ROUNDER, gl.float32, layout)
+    if FP8:
+        v = (q - ROUNDER).to(gl.float8e4nv)
+    else:
+        v = q.to(gl.int32, bitcast=True).to(gl.int8)
+    if MASKED:
+        gl.store(q_ptrs + step * (NB * GROUP), v, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
+    else:
+        gl.store(q_ptrs + step * (NB * GROUP), v)
+
+
+@gluon.jit
 def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, GROUPS1: gl.constexpr,
-                  QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
-    """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store)."""
+                  QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store).
+    KEEP (STEPS <= 4): the rotated groups stay in registers between the passes (8 floats a thread per
+    step), so pass 2 does not rotate them again; longer rows rotate each step twice."""
     NB: gl.constexpr = GROUPS_PER_STEP
     row = gl.program_id(0)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1, 1],
@@ -152,11 +193,18 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     h_b = gl.convert_layout(gl.load(h_ptr + ri * 16 + ci + bi * 0).to(gl.bfloat16), b_layout)  # h
 
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
-    for step in range(STEPS):
-        mbarrier.wait(bars.index(step), 0)
-        y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma)
-        # NaN rides through the max; one finiteness check after the loop
-        amax_t = _max_abs_nan(amax_t, y)
+    if KEEP:
+        gl.static_assert(STEPS <= 4, "KEEP holds at most 4 steps")
+        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+        if STEPS > 1:
+            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+        if STEPS > 2:
+            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+        if STEPS > 3:
+            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+    else:
+        for step in range(STEPS):
+            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
 
     amax = gl.reduce(gl.reduce(gl.reduce(amax_t, 2, _max_nan), 1, _max_nan), 0, _max_nan)
     finite = amax < float("inf")
@@ -167,25 +215,29 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
 
     q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (bi * GROUP + ci * 16 + ri)
     FP8: gl.constexpr = q_ptr.dtype.element_ty == gl.float8e4nv
-    for step in range(STEPS):
-        if usable:  # uniform over the row; a zero or non-finite row stores zeros
-            q = _quantize(_rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, mma), p, neg_s, inv)
-        else:
-            q = gl.full([NB, 16, 16], ROUNDER, gl.float32, mma)
-        if FP8:
-            v = (q - ROUNDER).to(gl.float8e4nv)
-        else:
-            v = q.to(gl.int32, bitcast=True).to(gl.int8)
-        if MASKED:
-            gl.store(q_ptrs + step * (NB * GROUP), v, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
-        else:
-            gl.store(q_ptrs + step * (NB * GROUP), v)
+    if KEEP:
+        _store_step(y0, xs, 0, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8, MASKED,
+                    mma, b_layout)
+        if STEPS > 1:
+            _store_step(y1, xs, 1, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, mma, b_layout)
+        if STEPS > 2:
+            _store_step(y2, xs, 2, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, mma, b_layout)
+        if STEPS > 3:
+            _store_step(y3, xs, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, mma, b_layout)
+    else:
+        for step in range(STEPS):
+            _store_step(amax_t, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, True, GELU_X2, GROUPS1, FP8,
+                        MASKED, mma, b_layout)
 
 
 @gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, kp,
                               STEPS: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
-                              GELU_X2: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
+                              GELU_X2: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr,
+                              num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc (GELU_X2: their
     GELU); STEPS steps of NB groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored)."""
@@ -199,7 +251,8 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, k
     fence_async_shared()
     gl.thread_barrier()  # the barriers are initialized before any warp waits on one
     _load_row(x_desc, x2_desc, xs_tma, bars, STEPS, GROUPS1)
-    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, GROUPS1, QMAX, GELU_X2, MASKED, num_warps)
+    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, GROUPS1, QMAX, GELU_X2, MASKED, KEEP,
+                  num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
     # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
     xs_tma._keep_alive()
@@ -243,10 +296,13 @@ def _group_descriptor(t: torch.Tensor) -> TensorDescriptor:
 
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out_dtype: torch.dtype = torch.int8, *,
-                         x2: torch.Tensor | None = None, gelu_x2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         x2: torch.Tensor | None = None, gelu_x2: bool = False,
+                         keep: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments (no ``norm``), same numerics. Check ``supported`` first
-    (rotate_quant.rotate_quantize does, and runs the Triton kernel where this one cannot)."""
+    (rotate_quant.rotate_quantize does, and runs the Triton kernel where this one cannot).
+    ``keep``: hold the rotated row in registers between the passes (default: rows of at most
+    KEEP_MAX_STEPS steps); for comparisons."""
     first = x if x is not None else x2
     m = first.shape[0]
     k = sum(t.shape[1] for t in (x, x2) if t is not None)
@@ -265,7 +321,10 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     # any float dtype (its entries, +-1/4, are exact in each; the kernel casts on load): the compiler's constant
     # is already on the device in the activations' dtype, so nothing is copied per call
     h = h.to(device=first.device).contiguous()
+    if keep and steps > 4:
+        raise ValueError(f"keep=True holds at most 4 steps of {STEP_GROUPS} groups in registers; this row has {steps}")
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, GROUPS1=groups1,
-        QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups, num_warps=WARPS)
+        QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups,
+        KEEP=steps <= KEEP_MAX_STEPS if keep is None else keep, num_warps=WARPS)
     return q, scale
