@@ -74,7 +74,8 @@ def case(m, k1, k2, gelu, bits, copy_gbs, rows):
     ))
 
 
-VARIANTS = {"default": {}, "keep": {"keep": True}, "no-keep": {"keep": False}}
+VARIANTS = {"default": {}, "keep": {"keep": True}, "no-keep": {"keep": False},
+            "keep-one-box": {"keep": True, "one_box": True}, "keep-box-per-step": {"keep": True, "one_box": False}}
 
 
 def variant_case(m, k1, k2, gelu, bits, copy_gbs, rows, names):
@@ -92,6 +93,8 @@ def variant_case(m, k1, k2, gelu, bits, copy_gbs, rows, names):
     for name in names:
         kw = VARIANTS[name]
         if kw.get("keep") and -(-k // 1024) > 4:  # more than 4 steps of 4 groups: nothing to keep
+            continue
+        if kw.get("one_box") and (k1 or k > 4096):  # one box: a single tensor of at most 16 groups
             continue
         torch.full((1 << 28,), 0x7F, dtype=torch.uint8, device="cuda")  # poison what the allocator hands out next
         q, s = rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu, **kw)

@@ -293,9 +293,10 @@ def test_sm90_rotate_quantize_matches_the_triton_kernel(k1, gelu):
                                           (300, 1024, 2048, True)])
 @pytest.mark.parametrize("out_dtype", [torch.int8, torch.float8_e4m3fn])
 def test_sm90_rotated_row_kept_in_registers_equals_rotating_twice(m, k1, k2, gelu, out_dtype):
-    """Rows of up to 16 groups keep their rotated values in registers between the passes (KEEP): bit-equal
-    to rotating each step again from shared memory, masked last step and concatenation (with GELU) included;
-    a longer row cannot keep them."""
+    """Rows of up to 16 groups keep their rotated values in registers between the passes (KEEP), loaded by
+    one TMA box unless they are a concatenation: bit-equal to rotating each step again from shared memory,
+    masked last step (K = 1280 in a box of 8 groups) and concatenation (with GELU) included; a longer row
+    cannot keep them, a concatenation cannot take one box."""
     from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
 
     x1 = _dit_activations(m, k1) if k1 else None
@@ -304,11 +305,15 @@ def test_sm90_rotated_row_kept_in_registers_equals_rotating_twice(m, k1, k2, gel
     h = hadamard_matrix("regular", 16, device="cuda")
     first, second = (x1, x2) if x1 is not None else (x2, None)
     q0, s0 = rotate_quantize_sm90(first, h, 4, out_dtype, x2=second, gelu_x2=gelu, keep=False)
-    _poison_allocator()
-    q1, s1 = rotate_quantize_sm90(first, h, 4, out_dtype, x2=second, gelu_x2=gelu, keep=True)
-    assert torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1)
+    for one_box in (None, False):  # default: one TMA box for a row that is not a concatenation
+        _poison_allocator()
+        q1, s1 = rotate_quantize_sm90(first, h, 4, out_dtype, x2=second, gelu_x2=gelu, keep=True, one_box=one_box)
+        assert torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1)
     with pytest.raises(ValueError, match="at most 4 steps"):
         rotate_quantize_sm90(_dit_activations(4, 5120), h, 4, keep=True)
+    if x1 is not None:
+        with pytest.raises(ValueError, match="not a concatenation"):
+            rotate_quantize_sm90(first, h, 4, x2=second, keep=True, one_box=True)
 
 
 @sm90

@@ -10,10 +10,12 @@ TMA, so here:
   (one mbarrier per step of NB groups), so the whole row is in flight from the start;
 * pass 1 rotates each group as it lands and keeps the running absmax; pass 2 writes the quantized
   values. A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps its rotated values in registers
-  between the passes (KEEP, 8 floats a thread per step); a longer one is rotated again in pass 2,
-  from shared memory (not DRAM). At K = 3072 the kernel is bound by instruction issue (ncu: 62% of
-  issue slots busy, 724 instructions per warp and row), and not rotating twice took it from 55% to
-  63% of copy bandwidth (bench/results/rotate_sm90_keep.md);
+  between the passes (KEEP, 8 floats a thread per step) and, unless it is a concatenation, is loaded
+  by one TMA box (a power of two of groups, zeros past the row) with one mbarrier, where each step's
+  box costs Triton 3.6's barriers around its issue; a longer row is rotated again in pass 2, from
+  shared memory (not DRAM). At K = 3072 the kernel is bound by instruction issue (ncu: 62% of issue
+  slots busy, 724 instructions per warp and row), and these took it from 55% to 66% of copy
+  bandwidth (bench/results/rotate_sm90_keep.md, rotate_sm90_onebox.md);
 * a group X [16, 16] (channel 16 i + j) rotates to Y = h^T X h (h the 16 x 16 Kronecker factor of
   the 256-point Hadamard) with two mma.sync products per group, batched over the step's NB groups
   (a 3-D dot, one group per warp): C1 = h^T X^T takes X^T straight from shared memory as the B
@@ -128,25 +130,25 @@ def _max_nan(a, b):
 
 
 @gluon.jit
-def _load_row(x_desc, x2_desc, xs_tma, bars, STEPS: gl.constexpr, GROUPS1: gl.constexpr):
-    """TMA loads of the whole row, one [1, NB, 256] box per step (one elected thread issues them)."""
-    NB: gl.constexpr = GROUPS_PER_STEP
+def _load_row(x_desc, x2_desc, xs_tma, bars, LOADS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr):
+    """TMA loads of the whole row, LOADS boxes [1, BOX, 256], each with its mbarrier (one elected thread issues
+    them; a box never straddles GROUPS1)."""
     row = gl.program_id(0)
-    for step in range(STEPS):
-        bar = bars.index(step)
-        mbarrier.expect(bar, NB * GROUP * 2)
-        g = step * NB
+    for i in range(LOADS):
+        bar = bars.index(i)
+        mbarrier.expect(bar, BOX * GROUP * 2)
+        g = i * BOX
         if g < GROUPS1:
-            tma.async_copy_global_to_shared(x_desc, [row, g, 0], bar, xs_tma.index(step))
+            tma.async_copy_global_to_shared(x_desc, [row, g, 0], bar, xs_tma.index(i))
         else:
-            tma.async_copy_global_to_shared(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(step))
+            tma.async_copy_global_to_shared(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(i))
 
 
 @gluon.jit
-def _landed_step(xs, bars, step, h_a, h_b, amax_t, GELU_X2: gl.constexpr, GROUPS1: gl.constexpr,
+def _landed_step(xs, bars, step, h_a, h_b, amax_t, BOX: gl.constexpr, GELU_X2: gl.constexpr, GROUPS1: gl.constexpr,
                  layout: gl.constexpr, b_layout: gl.constexpr):
-    """Pass 1 on one step: wait for its groups, rotate them, fold |y| into the running max. Returns (y, max)."""
-    mbarrier.wait(bars.index(step), 0)
+    """Pass 1 on one step: wait for its groups' box, rotate them, fold |y| into the running max. Returns (y, max)."""
+    mbarrier.wait(bars.index((step * GROUPS_PER_STEP) // BOX), 0)
     y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
@@ -176,9 +178,9 @@ def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, RO
 
 
 @gluon.jit
-def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, GROUPS1: gl.constexpr,
-                  QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr,
-                  num_warps: gl.constexpr):
+def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
+                  GROUPS1: gl.constexpr, QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr,
+                  KEEP: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store).
     KEEP (STEPS <= 4): the rotated groups stay in registers between the passes (8 floats a thread per
     step), so pass 2 does not rotate them again; longer rows rotate each step twice."""
@@ -195,18 +197,26 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
     if KEEP:
         gl.static_assert(STEPS <= 4, "KEEP holds at most 4 steps")
-        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, BOX, GELU_X2, GROUPS1, mma, b_layout)
         if STEPS > 1:
-            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, BOX, GELU_X2, GROUPS1, mma, b_layout)
         if STEPS > 2:
-            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, BOX, GELU_X2, GROUPS1, mma, b_layout)
         if STEPS > 3:
-            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, BOX, GELU_X2, GROUPS1, mma, b_layout)
     else:
         for step in range(STEPS):
-            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, GELU_X2, GROUPS1, mma, b_layout)
+            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, BOX, GELU_X2, GROUPS1, mma, b_layout)
 
-    amax = gl.reduce(gl.reduce(gl.reduce(amax_t, 2, _max_nan), 1, _max_nan), 0, _max_nan)
+    # each warp's max, then across warps through shared memory behind one barrier (the generic reduction
+    # over the warps' axis took two)
+    per_warp = gl.reduce(gl.reduce(amax_t, 2, _max_nan), 1, _max_nan)
+    maxes = gl.allocate_shared_memory(gl.float32, [NB], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                                                   order=[0]))
+    maxes.store(per_warp)
+    gl.thread_barrier()
+    every: gl.constexpr = gl.BlockedLayout([NB], [32], [num_warps], [0])
+    amax = gl.reduce(maxes.load(every), 0, _max_nan)
     finite = amax < float("inf")
     scale = gl.where(finite, gl.div_rn(amax, QMAX * 1.0), float("nan"))
     usable = finite & (scale > 0.0)
@@ -235,23 +245,24 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
 
 @gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, kp,
-                              STEPS: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
+                              STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               GELU_X2: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr,
                               num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc (GELU_X2: their
     GELU); STEPS steps of NB groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored)."""
     NB: gl.constexpr = GROUPS_PER_STEP
-    xs_tma = gl.allocate_shared_memory(gl.bfloat16, [STEPS, 1, NB, GROUP], x_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STEPS, 1], mbarrier.MBarrierLayout())
-    for step in gl.static_range(STEPS):
-        mbarrier.init(bars.index(step), count=1)
+    LOADS: gl.constexpr = (STEPS * NB + BOX - 1) // BOX
+    xs_tma = gl.allocate_shared_memory(gl.bfloat16, [LOADS, 1, BOX, GROUP], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [LOADS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(LOADS):
+        mbarrier.init(bars.index(i), count=1)
     plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-    xs = xs_tma._reinterpret(gl.bfloat16, [STEPS, NB, 16, 16], plain)
+    xs = xs_tma._reinterpret(gl.bfloat16, [LOADS * BOX // NB, NB, 16, 16], plain)  # step slots
     fence_async_shared()
     gl.thread_barrier()  # the barriers are initialized before any warp waits on one
-    _load_row(x_desc, x2_desc, xs_tma, bars, STEPS, GROUPS1)
-    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, GROUPS1, QMAX, GELU_X2, MASKED, KEEP,
+    _load_row(x_desc, x2_desc, xs_tma, bars, LOADS, BOX, GROUPS1)
+    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, GROUPS1, QMAX, GELU_X2, MASKED, KEEP,
                   num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
     # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
@@ -288,21 +299,23 @@ def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor |
     return None
 
 
-def _group_descriptor(t: torch.Tensor) -> TensorDescriptor:
-    """TMA descriptor of rows [M, K] viewed as [M, K / 256, 256], one box per step of NB groups."""
+def _group_descriptor(t: torch.Tensor, box: int) -> TensorDescriptor:
+    """TMA descriptor of rows [M, K] viewed as [M, K / 256, 256], boxes of ``box`` groups."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
     groups = t.unflatten(1, (t.shape[1] // GROUP_SIZE, GROUP_SIZE))
-    return TensorDescriptor.from_tensor(groups, [1, STEP_GROUPS, GROUP_SIZE], layout)
+    return TensorDescriptor.from_tensor(groups, [1, box, GROUP_SIZE], layout)
 
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out_dtype: torch.dtype = torch.int8, *,
                          x2: torch.Tensor | None = None, gelu_x2: bool = False,
-                         keep: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         keep: bool | None = None, one_box: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments (no ``norm``), same numerics. Check ``supported`` first
     (rotate_quant.rotate_quantize does, and runs the Triton kernel where this one cannot).
     ``keep``: hold the rotated row in registers between the passes (default: rows of at most
-    KEEP_MAX_STEPS steps); for comparisons."""
+    KEEP_MAX_STEPS steps); ``one_box``: load a row that is not a concatenation with one TMA box of a power
+    of two of groups (zeros past its end) instead of one per step (default: with ``keep``, for a row that is
+    not a concatenation); for comparisons."""
     first = x if x is not None else x2
     m = first.shape[0]
     k = sum(t.shape[1] for t in (x, x2) if t is not None)
@@ -312,8 +325,16 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     scale = torch.empty(m, dtype=torch.float32, device=first.device)
     if m == 0:
         return q, scale
-    desc1 = _group_descriptor(first)
-    desc2 = _group_descriptor(x2) if x is not None and x2 is not None else desc1
+    keep = steps <= KEEP_MAX_STEPS if keep is None else keep
+    if keep and steps > 4:
+        raise ValueError(f"keep=True holds at most 4 steps of {STEP_GROUPS} groups in registers; this row has {steps}")
+    concatenation = x is not None and x2 is not None
+    one_box = keep and not concatenation if one_box is None else one_box
+    if one_box and (concatenation or groups > 16):
+        raise ValueError("one_box=True takes a row that is not a concatenation, of at most 16 groups")
+    box = max(STEP_GROUPS, triton.next_power_of_2(groups)) if one_box else STEP_GROUPS
+    desc1 = _group_descriptor(first, box)
+    desc2 = _group_descriptor(x2, box) if x is not None and x2 is not None else desc1
     if x2 is None:
         groups1 = steps * STEP_GROUPS  # every group from x
     else:
@@ -321,10 +342,8 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     # any float dtype (its entries, +-1/4, are exact in each; the kernel casts on load): the compiler's constant
     # is already on the device in the activations' dtype, so nothing is copied per call
     h = h.to(device=first.device).contiguous()
-    if keep and steps > 4:
-        raise ValueError(f"keep=True holds at most 4 steps of {STEP_GROUPS} groups in registers; this row has {steps}")
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, GROUPS1=groups1,
-        QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups,
-        KEEP=steps <= KEEP_MAX_STEPS if keep is None else keep, num_warps=WARPS)
+        desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, BOX=box, GROUPS1=groups1,
+        QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
+        num_warps=WARPS)
     return q, scale
