@@ -119,11 +119,8 @@ class InspectReport:
 
 
 def _precision_label(d: LayerDecision) -> str:
-    """The precision, and for w4a16 which kernel its weight layout is for (ops.w4a16_layout)."""
-    layout = d.extra.get("layout")
-    if layout is None:
-        return d.precision
-    return f"{d.precision} ({'tensor-core tiles' if layout == 'tiles' else 'CUDA-core groups'})"
+    """The precision, marked where a w4a16 weight is prepared for the tensor-core kernel (ops.w4a16_layout)."""
+    return f"{d.precision} (tensor-core tiles)" if d.extra.get("layout") == "tiles" else d.precision
 
 
 def _mib(n: int) -> str:

@@ -69,3 +69,10 @@ def test_compiler_prepares_the_chosen_layout_and_reports_it(monkeypatch):
     model = nn.Sequential(nn.Linear(512, 256), nn.SiLU(), nn.Linear(256, 64))
     table = inspect(model, (x,), plan=[("*", "w4a16")]).table()
     assert "w4a16 (tensor-core tiles)" in table  # the monkeypatched choice is still in force
+
+
+def test_inspect_marks_only_the_tile_layout():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(512, 256), nn.SiLU(), nn.Linear(256, 64))
+    table = inspect(model, (torch.randn(2, 512),), plan=[("*", "w4a16")]).table()
+    assert "w4a16" in table and "tensor-core" not in table  # CPU: the group layout
