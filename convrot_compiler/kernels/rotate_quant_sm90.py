@@ -191,8 +191,11 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     bi, ri, ci = _index3(NB, mma)
-    h_a = gl.convert_layout(gl.load(h_ptr + ci * 16 + ri + bi * 0).to(gl.bfloat16), a_layout)  # h^T
-    h_b = gl.convert_layout(gl.load(h_ptr + ri * 16 + ci + bi * 0).to(gl.bfloat16), b_layout)  # h
+    # loaded straight into the operand layouts: no shuffles
+    ba, ra, ca = _index3(NB, a_layout)
+    h_a = gl.load(h_ptr + ca * 16 + ra + ba * 0).to(gl.bfloat16)  # h^T
+    bb, rb, cb = _index3(NB, b_layout)
+    h_b = gl.load(h_ptr + rb * 16 + cb + bb * 0).to(gl.bfloat16)  # h
 
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
     if KEEP:
