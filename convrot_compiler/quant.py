@@ -23,6 +23,11 @@ two *contiguous* tiles of int8 activations, so the GEMM's K loop needs no
 register shuffle and its activation loads stay plain. Activations are kept as
 int8 containers (values in [-7, 7] for int4): see kernels/int_gemm.py for the
 measurement behind that choice.
+
+W4A16 weights have a second layout, ``pack_int4_tiles``: int32 words arranged as
+the A fragments of mma.m16n8k16, what the tensor-core W4A16 kernel reads
+(kernels/weight_only_sm90.py); ``QuantizedWeight.layout`` says which one a weight
+is in, and ``unpack_int4_values`` reads either.
 """
 
 from __future__ import annotations
