@@ -17,7 +17,8 @@ from torch import nn
 
 from .ops import has_kernel, quantized_linear, w4a16_layout
 from .plans import LayerDecision, PlanSpec, eligibility, make_plan
-from .quant import QuantizedWeight, WeightQuantizer, quantize_weight, reference_linear, rtn_weight_quantizer
+from .quant import (QuantizedWeight, WeightQuantizer, packed_layout, quantize_weight, reference_linear,
+                    rtn_weight_quantizer)
 from .rotations import Rotation, make_rotation
 
 
@@ -43,7 +44,7 @@ class _QuantizedLinearBase(nn.Module):
         return QuantizedWeight(
             self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
             self.padded_in_features, self.group_size, self.rotation,
-            "tiles" if self.qweight.dtype == torch.int32 else "groups",
+            packed_layout(self.qweight),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

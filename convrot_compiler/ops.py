@@ -14,7 +14,8 @@ import torch
 
 from .attention import fp8_attention_reference, output_like
 from .hadamard import padded_size, rotate_with
-from .quant import QuantizedWeight, concat_biases, quantize_symmetric, reference_int_gemm, unpack_int4, weight_only_gemm
+from .quant import (TILE_K, QuantizedWeight, concat_biases, packed_layout, quantize_symmetric, reference_int_gemm,
+                    unpack_int4, weight_only_gemm)
 from .rotations import GroupHadamardRotation
 
 
@@ -206,7 +207,7 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Opt
 
 @w4a16_gemm.register_kernel("cuda")
 def _w4a16_cuda(x, qw, scale, bias, group_size):
-    if qw.dtype == torch.int32:  # quant.pack_int4_tiles' layout
+    if packed_layout(qw) == "tiles":
         from .kernels.weight_only_sm90 import w4a16_gemm_tiles as kernel
     else:
         from .kernels.weight_only import w4a16_gemm as kernel
@@ -223,7 +224,7 @@ def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
     """The packed layout a W4A16 weight is prepared in for where it runs: ``"tiles"`` for the
     tensor-core kernel (a CUDA sm_90 weight in bf16 or fp16, which a linear's activations share, and
     groups of a multiple of 64 inputs), else ``"groups"`` for the CUDA-core kernels and the reference."""
-    if weight.device.type != "cuda" or group_size % 64:
+    if weight.device.type != "cuda" or group_size % TILE_K:
         return "groups"
     from .kernels.weight_only_sm90 import unsupported_reason
 
@@ -256,7 +257,7 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     groups of 256, and w4a16 with groups of 256 (or of 64k in the tile layout). Other weights run the
     reference ops."""
     if qweight.act_bits is None:
-        return qweight.group_size == 256 or (qweight.layout == "tiles" and qweight.group_size % 64 == 0)
+        return qweight.group_size == 256 or (qweight.layout == "tiles" and qweight.group_size % TILE_K == 0)
     rot = qweight.rotation
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 

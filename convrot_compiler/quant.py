@@ -145,10 +145,15 @@ def unpack_int4_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
     return (u[:out_features] - 8).to(torch.int8)
 
 
+def packed_layout(values: torch.Tensor) -> str:
+    """Which layout packed int4 weights are in, told apart by dtype: ``"tiles"`` (int32,
+    ``pack_int4_tiles``) or ``"groups"`` (int8, ``pack_int4``)."""
+    return "tiles" if values.dtype == torch.int32 else "groups"
+
+
 def unpack_int4_values(values: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
-    """Int8 values [N, K'] of packed int4 weights in either layout: int8 [N, K'/2] (``pack_int4``) or
-    int32 tiles (``pack_int4_tiles``), told apart by dtype."""
-    if values.dtype == torch.int32:
+    """Int8 values [N, K'] of packed int4 weights in either layout (``packed_layout``)."""
+    if packed_layout(values) == "tiles":
         return unpack_int4_tiles(values, out_features)
     return unpack_int4(values, group_size)
 

@@ -55,7 +55,7 @@ STEP_GROUPS = WARPS  # groups per step: one per warp
 GROUP = gl.constexpr(GROUP_SIZE)
 GROUPS_PER_STEP = gl.constexpr(STEP_GROUPS)
 SMEM_LIMIT = 227 * 1024
-KEEP_MAX_STEPS = 4  # rows of at most this many steps keep their rotated values in registers (KEEP)
+KEEP_MAX_STEPS = 4  # rows of at most this many steps keep their rotated values in registers (KEEP: y0 .. y3)
 
 
 @gluon.jit
@@ -241,7 +241,7 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
             _store_step(y3, xs, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
                         MASKED, mma, b_layout)
     else:
-        for step in range(STEPS):
+        for step in range(STEPS):  # y is rotated again inside (ROTATE): amax_t only fills the argument
             _store_step(amax_t, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, True, GELU_X2, GROUPS1, FP8,
                         MASKED, mma, b_layout)
 
@@ -329,15 +329,16 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     if m == 0:
         return q, scale
     keep = steps <= KEEP_MAX_STEPS if keep is None else keep
-    if keep and steps > 4:
-        raise ValueError(f"keep=True holds at most 4 steps of {STEP_GROUPS} groups in registers; this row has {steps}")
+    if keep and steps > KEEP_MAX_STEPS:
+        raise ValueError(f"keep=True holds at most {KEEP_MAX_STEPS} steps of {STEP_GROUPS} groups in registers; "
+                         f"this row has {steps}")
     concatenation = x is not None and x2 is not None
     one_box = keep and not concatenation if one_box is None else one_box
     if one_box and (concatenation or groups > 16):
         raise ValueError("one_box=True takes a row that is not a concatenation, of at most 16 groups")
     box = max(STEP_GROUPS, triton.next_power_of_2(groups)) if one_box else STEP_GROUPS
     desc1 = _group_descriptor(first, box)
-    desc2 = _group_descriptor(x2, box) if x is not None and x2 is not None else desc1
+    desc2 = _group_descriptor(x2, box) if concatenation else desc1
     if x2 is None:
         groups1 = steps * STEP_GROUPS  # every group from x
     else:
