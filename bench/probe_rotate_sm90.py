@@ -23,6 +23,7 @@ from bench.gemm import copy_bandwidth  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.hadamard import hadamard_matrix  # noqa: E402
 from convrot_compiler.kernels.rotate_quant import forced_rotate_kernel, rotate_quantize  # noqa: E402
+from convrot_compiler.quant import from_act_order  # noqa: E402
 
 # (M, K1, K2, GELU): K1 = 0 means x alone ([M, K2]), else cat([x [M, K1], x2 [M, K2]]) read in place
 CASES = [
@@ -75,7 +76,8 @@ def case(m, k1, k2, gelu, bits, copy_gbs, rows):
 
 
 VARIANTS = {"default": {}, "keep": {"keep": True}, "no-keep": {"keep": False},
-            "keep-one-box": {"keep": True, "one_box": True}, "keep-box-per-step": {"keep": True, "one_box": False}}
+            "keep-one-box": {"keep": True, "one_box": True}, "keep-box-per-step": {"keep": True, "one_box": False},
+            "mma-order": {"order": "mma"}, "natural-order": {"order": "natural"}}
 
 
 def variant_case(m, k1, k2, gelu, bits, copy_gbs, rows, names):
@@ -98,6 +100,7 @@ def variant_case(m, k1, k2, gelu, bits, copy_gbs, rows, names):
             continue
         torch.full((1 << 28,), 0x7F, dtype=torch.uint8, device="cuda")  # poison what the allocator hands out next
         q, s = rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu, **kw)
+        q = from_act_order(q, kw.get("order", "natural"), 256)  # compared in channel order
         ms = bench_graph_ms(lambda: rotate_quantize_sm90(first, h, bits, x2=second, gelu_x2=gelu, **kw))
         rows.append(dict(M=m, K=k, cat=bool(k1), gelu=gelu, bits=bits, variant=name, us=ms * 1e3, gbs=nbytes / ms / 1e6,
                          frac_copy=nbytes / ms / 1e6 / copy_gbs,

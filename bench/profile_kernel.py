@@ -1,6 +1,7 @@
 """One launch of a convrot kernel, bracketed for ncu --profile-from-start off (autotuning runs before).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python bench/profile_kernel.py rotate
+    ... python bench/profile_kernel.py rotate-mma   # the sm_90 kernel storing each group in the mma channel order
     ... python bench/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
     ... python bench/profile_kernel.py gemm     # persistent int8 GEMM, 4608 x 3072 -> 12288 (no unpack)
 """
@@ -27,6 +28,14 @@ def rotate(m: int = 4608, k: int = 3072, bits: int = 4):
     return lambda: rotate_quantize(x, h, 256, bits)
 
 
+def rotate_mma(m: int = 4608, k: int = 3072, bits: int = 4):
+    from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
+
+    x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
+    return lambda: rotate_quantize_sm90(x, h, bits, order="mma")
+
+
 def gemv(m: int = 1, k: int = 3072, n: int = 18432):
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     qw = quantize_weight((torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16), "w4a16", None, group_size=256)
@@ -41,7 +50,7 @@ def gemm(m: int = 4608, k: int = 3072, n: int = 12288):
     return lambda: int_gemm(x, sx, w, sw, None, False, 256, torch.bfloat16, persistent=True)
 
 
-KERNELS = {"rotate": rotate, "gemv": gemv, "gemm": gemm}
+KERNELS = {"rotate": rotate, "rotate-mma": rotate_mma, "gemv": gemv, "gemm": gemm}
 
 
 def main() -> None:

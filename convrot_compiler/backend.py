@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
-from .ops import GEMM_LOWERINGS, has_kernel, w4a16_layout
+from .ops import GEMM_LOWERINGS, act_order_for, has_kernel, w4a16_layout
 from .passes.attention import AttentionDecision, check_attention_mode, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
@@ -141,7 +141,8 @@ def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
 def _spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
     if precision == "w4a16":
         return PrepSpec(precision, "none", group_size, w4a16_layout(weight, group_size))
-    return PrepSpec(precision, rotation, group_size)
+    return PrepSpec(precision, rotation, group_size,
+                    act_order=act_order_for(weight.device, weight.dtype, group_size, rotation != "none"))
 
 
 def _rotation_for(precision: str, rotation: GroupHadamardRotation) -> GroupHadamardRotation | None:
@@ -182,6 +183,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         spec = _spec(d.precision, rotation_kind, group_size, m.weight)
         if d.precision == "w4a16":
             d.extra["layout"] = spec.layout
+        else:
+            d.extra["act_order"] = spec.act_order
         if opts["dry_run"]:
             d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size, spec.layout)
         else:
@@ -190,7 +193,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
                 raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {group_size} "
                                  f"({d.precision}, rotation {rotation.name}); other group sizes run on CPU only")
             d.bytes_after = qw.nbytes()
-        rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none"))
+        rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none",
+                                spec.act_order))
         specs.append(spec)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
     result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"],

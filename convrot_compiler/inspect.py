@@ -119,8 +119,13 @@ class InspectReport:
 
 
 def _precision_label(d: LayerDecision) -> str:
-    """The precision, marked where a w4a16 weight is prepared for the tensor-core kernel (ops.w4a16_layout)."""
-    return f"{d.precision} (tensor-core tiles)" if d.extra.get("layout") == "tiles" else d.precision
+    """The precision, marked where a w4a16 weight is prepared for the tensor-core kernel (ops.w4a16_layout)
+    and where W4A4/W8A8 activations and weights take the sm_90 kernel's channel order (ops.act_order_for)."""
+    if d.extra.get("layout") == "tiles":
+        return f"{d.precision} (tensor-core tiles)"
+    if d.extra.get("act_order") == "mma":
+        return f"{d.precision} (mma channel order)"
+    return d.precision
 
 
 def _mib(n: int) -> str:

@@ -15,10 +15,10 @@ import warnings
 import torch
 from torch import nn
 
-from .ops import has_kernel, quantized_linear, w4a16_layout
+from .ops import act_order_for, has_kernel, quantized_linear, w4a16_layout
 from .plans import LayerDecision, PlanSpec, eligibility, make_plan
-from .quant import (QuantizedWeight, WeightQuantizer, packed_layout, quantize_weight, reference_linear,
-                    rtn_weight_quantizer)
+from .quant import (QuantizedWeight, WeightQuantizer, check_act_order, packed_layout, quantize_weight,
+                    reference_linear, rtn_weight_quantizer)
 from .rotations import Rotation, make_rotation
 
 
@@ -32,6 +32,7 @@ class _QuantizedLinearBase(nn.Module):
         self.padded_in_features = qweight.padded_in_features
         self.group_size = qweight.group_size
         self.rotation = qweight.rotation
+        self.act_order = qweight.act_order
         self.out_dtype = out_dtype
         self.register_buffer("qweight", qweight.values)
         self.register_buffer("weight_scale", qweight.scale)
@@ -44,14 +45,24 @@ class _QuantizedLinearBase(nn.Module):
         return QuantizedWeight(
             self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
             self.padded_in_features, self.group_size, self.rotation,
-            packed_layout(self.qweight),
+            packed_layout(self.qweight), self.act_order,
         )
+
+    def get_extra_state(self) -> dict:
+        """The weight's channel order travels with its values: loaded into a module prepared in the other
+        order, they would multiply the wrong activations."""
+        return {"act_order": self.act_order}
+
+    def set_extra_state(self, state: dict) -> None:
+        order = state.get("act_order", "natural") if isinstance(state, dict) else "natural"
+        check_act_order(order, self.group_size)
+        self.act_order = order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.quantized_weight
         if has_kernel(qw):
             return quantized_linear(x, qw.values, qw.scale, self.rotation_matrix, self.bias, qw.scheme,
-                                    qw.group_size, qw.out_features)
+                                    qw.group_size, qw.out_features, qw.act_order)
         if x.is_cuda:
             warnings.warn(f"{type(self).__name__} ({qw.scheme}, group_size {qw.group_size}, rotation "
                           f"{getattr(qw.rotation, 'name', 'none')}): no CUDA kernel for this configuration, running the "
@@ -81,8 +92,13 @@ class ConvLinear4bit(_QuantizedLinearBase):
             raise ValueError(f"bits must be 4 (W4A4) or 8 (W8A8), got {bits!r}")
         rot = make_rotation(rotation, group_size)
         scheme = "w4a4" if bits == 4 else "w8a8"
+        kernel_matrix = getattr(rot, "kernel_matrix", None)
+        h = kernel_matrix() if kernel_matrix else None
+        act_order = act_order_for(linear.weight.device, linear.weight.dtype, group_size,
+                                  h is not None and tuple(h.shape) == (16, 16))
         with torch.no_grad():
-            qw = quantize_weight(linear.weight, scheme, rot, group_size=group_size, weight_quantizer=weight_quantizer)
+            qw = quantize_weight(linear.weight, scheme, rot, group_size=group_size, weight_quantizer=weight_quantizer,
+                                 act_order=act_order)
         mod = cls(qw, linear.bias, linear.weight.dtype)
         mod.scheme = scheme
         return mod

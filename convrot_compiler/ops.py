@@ -15,7 +15,7 @@ import torch
 from .attention import fp8_attention_reference, output_like
 from .hadamard import padded_size, rotate_with
 from .quant import (TILE_K, QuantizedWeight, concat_biases, packed_layout, quantize_symmetric, reference_int_gemm,
-                    unpack_int4, weight_only_gemm)
+                    to_act_order, unpack_int4, weight_only_gemm)
 from .rotations import GroupHadamardRotation
 
 
@@ -23,13 +23,15 @@ def _full_matrix(h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.kron(h, h) if h.shape[0] != group_size else h
 
 
-def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                              bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_reference(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int,
+                              order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise rotation + per-token quantization of [M, K] activations, on any device.
     h: [G, G] rotation, its [16, 16] Kronecker factor for G = 256, or None.
-    Returns (int8 values [M, K'], float32 scale [M])."""
+    Returns (int8 values [M, K'], float32 scale [M]), the values' channels in ``order`` within each group
+    (quant.to_act_order: "natural", or "mma", what the sm_90 kernel stores fastest)."""
     hf = None if h is None else _full_matrix(h.float(), group_size)
-    return quantize_symmetric(rotate_with(x.float(), hf, group_size), bits)
+    q, s = quantize_symmetric(rotate_with(x.float(), hf, group_size), bits)
+    return to_act_order(q, order, group_size), s
 
 
 def _as_list(t):
@@ -57,16 +59,17 @@ w4a16_gemm_reference = weight_only_gemm
 
 
 @torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
-def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int,
+                    order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise rotation + per-token quantization; see ``rotate_quantize_reference``."""
-    return rotate_quantize_reference(x, h, group_size, bits)
+    return rotate_quantize_reference(x, h, group_size, bits, order)
 
 
 @rotate_quantize.register_kernel("cuda")
-def _rotate_quantize_cuda(x, h, group_size, bits):
+def _rotate_quantize_cuda(x, h, group_size, bits, order="natural"):
     from .kernels.rotate_quant import rotate_quantize as kernel
 
-    return kernel(x, h, group_size, bits)
+    return kernel(x, h, group_size, bits, order=order)
 
 
 def _quantized_rows_like(x: torch.Tensor, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +80,7 @@ def _quantized_rows_like(x: torch.Tensor, k: int, group_size: int) -> tuple[torc
 
 
 @rotate_quantize.register_fake
-def _(x, h, group_size, bits):
+def _(x, h, group_size, bits, order="natural"):
     return _quantized_rows_like(x, x.shape[-1], group_size)
 
 
@@ -90,22 +93,22 @@ def cat_reference(x: Optional[torch.Tensor], x2: torch.Tensor, gelu: bool) -> to
 
 @torch.library.custom_op("convrot::rotate_quantize_cat", mutates_args=())
 def rotate_quantize_cat(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                        bits: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        bits: int, gelu: bool, order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quantize of cat([x, x2], -1), or of cat([x, gelu_tanh(x2)], -1) (``gelu``; x may be None);
     on CUDA the kernel reads both as it loads (and applies the GELU), so the concatenation (and the
     GELU output) are never written to memory."""
-    return rotate_quantize_reference(cat_reference(x, x2, gelu), h, group_size, bits)
+    return rotate_quantize_reference(cat_reference(x, x2, gelu), h, group_size, bits, order)
 
 
 @rotate_quantize_cat.register_kernel("cuda")
-def _rotate_quantize_cat_cuda(x, x2, h, group_size, bits, gelu):
+def _rotate_quantize_cat_cuda(x, x2, h, group_size, bits, gelu, order="natural"):
     from .kernels.rotate_quant import rotate_quantize as kernel
 
-    return kernel(x, h, group_size, bits, x2=x2, gelu_x2=gelu)
+    return kernel(x, h, group_size, bits, x2=x2, gelu_x2=gelu, order=order)
 
 
 @rotate_quantize_cat.register_fake
-def _(x, x2, h, group_size, bits, gelu):
+def _(x, x2, h, group_size, bits, gelu, order="natural"):
     return _quantized_rows_like(x2, (0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
 
 
@@ -121,21 +124,22 @@ def norm_reference(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Te
 
 @torch.library.custom_op("convrot::rotate_quantize_norm", mutates_args=())
 def rotate_quantize_norm(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float,
-                         h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         h: Optional[torch.Tensor], group_size: int, bits: int,
+                         order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quantize of norm_reference(x, mod_scale, mod_shift, eps); on CUDA the kernel normalizes and
     modulates the rows as it loads them, so the normalized activations are never written to memory."""
-    return rotate_quantize_reference(norm_reference(x, mod_scale, mod_shift, eps), h, group_size, bits)
+    return rotate_quantize_reference(norm_reference(x, mod_scale, mod_shift, eps), h, group_size, bits, order)
 
 
 @rotate_quantize_norm.register_kernel("cuda")
-def _rotate_quantize_norm_cuda(x, mod_scale, mod_shift, eps, h, group_size, bits):
+def _rotate_quantize_norm_cuda(x, mod_scale, mod_shift, eps, h, group_size, bits, order="natural"):
     from .kernels.rotate_quant import rotate_quantize as kernel
 
-    return kernel(x, h, group_size, bits, norm=(mod_scale, mod_shift, eps))
+    return kernel(x, h, group_size, bits, norm=(mod_scale, mod_shift, eps), order=order)
 
 
 @rotate_quantize_norm.register_fake
-def _(x, mod_scale, mod_shift, eps, h, group_size, bits):
+def _(x, mod_scale, mod_shift, eps, h, group_size, bits, order="natural"):
     return _quantized_rows_like(x, x.shape[-1], group_size)
 
 
@@ -231,6 +235,17 @@ def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
     return "groups" if unsupported_reason(weight.device, weight.dtype) else "tiles"
 
 
+def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rotated: bool) -> str:
+    """The channel order W4A4/W8A8 activations are quantized in, and their weights prepared in, for where a
+    linear runs: ``"mma"`` (quant.mma_channel_order) where the sm_90 rotate+quantize kernel can take them
+    (a CUDA sm_90 device, bf16 activations, rotated groups of 256), whose stores it makes whole; else
+    ``"natural"``. Either is correct on every path (the Triton kernel and the reference write both): the
+    choice only decides speed, so a call that falls back to another kernel at run time stays exact."""
+    if not rotated or group_size != 256 or device.type != "cuda" or dtype != torch.bfloat16:
+        return "natural"
+    return "mma" if torch.cuda.get_device_capability(device) == (9, 0) else "natural"
+
+
 @torch.library.custom_op("convrot::fp8_attention", mutates_args=())
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
@@ -275,31 +290,33 @@ def _strided_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                        bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate and quantize x [..., K] as rows [M, K']: the first half of a quantized linear.
-    The compiler pass inserts one per distinct input, shared by every linear that reads it."""
-    return torch.ops.convrot.rotate_quantize(_rows(x), h, group_size, bits)
+def quantize_activation(x: torch.Tensor, h: Optional[torch.Tensor], group_size: int, bits: int,
+                        order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and quantize x [..., K] as rows [M, K'], channels in ``order`` (act_order_for): the first half
+    of a quantized linear. The compiler pass inserts one per distinct input, shared by every linear that
+    reads it."""
+    return torch.ops.convrot.rotate_quantize(_rows(x), h, group_size, bits, order)
 
 
 GEMM_LOWERINGS = ("kernel", "template")
 
 
 def quantize_cat_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Optional[torch.Tensor], group_size: int,
-                            bits: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            bits: int, gelu: bool, order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_activation of cat([x, x2], -1) or cat([x, gelu_tanh(x2)], -1) (``gelu``; x may be None)
     without materializing it: the compiler pass inserts it where a concatenation (and a GELU) feed a
     quantized linear. x2 may be a column slice of a larger tensor: its rows are read in place."""
     return torch.ops.convrot.rotate_quantize_cat(None if x is None else _strided_rows(x), _strided_rows(x2), h,
-                                                 group_size, bits, gelu)
+                                                 group_size, bits, gelu, order)
 
 
 def quantize_norm_activation(x: torch.Tensor, mod_scale: torch.Tensor, mod_shift: torch.Tensor, eps: float,
-                             h: Optional[torch.Tensor], group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             h: Optional[torch.Tensor], group_size: int, bits: int,
+                             order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_activation of layer_norm(x) * (1 + scale[:, None]) + shift[:, None], x [B, T, K] and scale,
     shift [B, K], without materializing it: the compiler pass inserts it where FLUX's adaLN
     normalization feeds quantized linears (producers.match_norm_producer)."""
-    return torch.ops.convrot.rotate_quantize_norm(_rows(x), mod_scale, mod_shift, eps, h, group_size, bits)
+    return torch.ops.convrot.rotate_quantize_norm(_rows(x), mod_scale, mod_shift, eps, h, group_size, bits, order)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
@@ -336,11 +353,12 @@ def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, 
 
 
 def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int) -> torch.Tensor:
+                     bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int,
+                     order: str = "natural") -> torch.Tensor:
     """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
-    and .scale) and the rotation's ``kernel_matrix()``."""
+    and .scale, input channels in ``order``: its act_order) and the rotation's ``kernel_matrix()``."""
     if scheme == "w4a16":
         out = torch.ops.convrot.w4a16_gemm(_rows(x), values, scale, bias, group_size)
         return out.reshape(*x.shape[:-1], out_features)
-    q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8)
+    q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8, order)
     return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)

@@ -160,6 +160,61 @@ def unpack_int4_values(values: torch.Tensor, group_size: int, out_features: int)
 
 W4A16_LAYOUTS = ("groups", "tiles")
 
+ACT_ORDERS = ("natural", "mma")
+MMA_ORDER_GROUP = 256
+
+
+def mma_channel_order(device: torch.device | str | None = None) -> torch.Tensor:
+    """Position p -> channel of a 256-channel group stored in the ``"mma"`` order (int64 [256]).
+
+    The sm_90 rotate+quantize kernel (kernels/rotate_quant_sm90.py) ends with a group as the accumulator
+    of mma.m16n8k16 over W [16, 16], W[r, c] the rotated channel 16 c + r: lane 4 g + t holds rows g and
+    g + 8, columns 2 t, 2 t + 1, 2 t + 8 and 2 t + 9 (PTX's m16n8 accumulator fragment, twice along
+    the columns). Written in channel order those 8 values land 16 bytes apart, 8 one-byte stores per
+    lane and a quarter of every sector; in this order the lane's values are positions 8 (4 g + t) .. + 7,
+    register i = c0 + 2 r8 + 4 c8 (c = 8 c8 + 2 t + c0, r = 8 r8 + g): one 8-byte store. A GEMM reading
+    values in this order takes weights whose input channels were permuted the same way
+    (``quantize_weight(act_order="mma")``), which leaves every dot product unchanged."""
+    p = torch.arange(MMA_ORDER_GROUP, device=device)
+    lane, reg = p // 8, p % 8
+    g, t = lane // 4, lane % 4
+    c0, r8, c8 = reg % 2, (reg // 2) % 2, reg // 4
+    return 16 * (8 * c8 + 2 * t + c0) + 8 * r8 + g
+
+
+def check_act_order(order: str, group_size: int) -> None:
+    if order not in ACT_ORDERS:
+        raise ValueError(f"act_order must be one of {ACT_ORDERS}, got {order!r}")
+    if order == "mma" and group_size != MMA_ORDER_GROUP:
+        raise ValueError(f"the 'mma' channel order is defined on groups of {MMA_ORDER_GROUP} channels, "
+                         f"not {group_size}")
+
+
+def to_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
+    """t [..., K'] (K' a multiple of group_size, channels in natural order) with each group's channels in
+    ``order``: position p of group j holds channel j * G + mma_channel_order()[p]. Activations
+    and weights go through the same function, so a GEMM over both computes the same dot products."""
+    check_act_order(order, group_size)
+    if order == "natural":
+        return t
+    k = t.shape[-1]
+    if k % group_size:
+        raise ValueError(f"width {k} is not a multiple of the group size {group_size}")
+    idx = mma_channel_order(t.device)
+    return t.reshape(*t.shape[:-1], k // group_size, group_size)[..., idx].reshape(t.shape)
+
+
+def from_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
+    """Inverse of ``to_act_order``: each group's channels back in natural order."""
+    check_act_order(order, group_size)
+    if order == "natural":
+        return t
+    k = t.shape[-1]
+    if k % group_size:
+        raise ValueError(f"width {k} is not a multiple of the group size {group_size}")
+    inverse = torch.argsort(mma_channel_order(t.device))
+    return t.reshape(*t.shape[:-1], k // group_size, group_size)[..., inverse].reshape(t.shape)
+
 
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 """(weight [N, K'] float32 in the rotated space, bits) -> (int8 values [N, K'], scale [N]).
@@ -179,6 +234,8 @@ class QuantizedWeight:
     tensor-core W4A16 kernel reads).
     ``scale``: float32 [N] (per output channel), or [N, K'/group_size] for w4a16,
     whose scales cover ``group_size`` input channels each.
+    ``act_order``: the order of the input channels within each group (``to_act_order``), which the
+    activations quantized for this weight must share: ``"natural"``, or ``"mma"`` (w4a4/w8a8 only).
     """
 
     scheme: str
@@ -190,6 +247,7 @@ class QuantizedWeight:
     group_size: int
     rotation: Rotation | None
     layout: str = "groups"
+    act_order: str = "natural"
 
     @property
     def weight_bits(self) -> int:
@@ -200,7 +258,7 @@ class QuantizedWeight:
         return SCHEME_BITS[self.scheme][1]
 
     def int_values(self) -> torch.Tensor:
-        """Unpacked int8 values [N, K']."""
+        """Unpacked int8 values [N, K'], input channels in ``act_order``."""
         return unpack_int4_values(self.values, self.group_size, self.out_features) if self.weight_bits == 4 else self.values
 
     def nbytes(self) -> int:
@@ -229,14 +287,22 @@ def quantize_weight(
     group_size: int = 256,
     weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
     layout: str = "groups",
+    act_order: str = "natural",
 ) -> QuantizedWeight:
     """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
 
     W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
     so there is no activation outlier to spread; its weights get one scale per
     output channel and per ``group_size`` input channels instead. Its ``layout`` is
-    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel)."""
+    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel).
+
+    ``act_order`` (W4A4/W8A8): the quantized values' input channels are put in that order within each
+    group (``to_act_order``) after quantization, so any per-output-channel quantizer gives the same
+    values, only permuted."""
     _check_scheme(scheme)
+    check_act_order(act_order, group_size)
+    if act_order != "natural" and SCHEME_BITS[scheme][1] is None:
+        raise ValueError(f"act_order={act_order!r} orders quantized activations; w4a16 has none")
     if layout not in W4A16_LAYOUTS:
         raise ValueError(f"layout must be one of {W4A16_LAYOUTS}, got {layout!r}")
     if layout == "tiles" and (scheme != "w4a16" or group_size % TILE_K):
@@ -261,11 +327,12 @@ def quantize_weight(
         if kp % group_size:
             raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
         q, scale = weight_quantizer(w, wbits)
+        q = to_act_order(q, act_order, group_size)
     if layout == "tiles":
         values = pack_int4_tiles(q)
     else:
         values = pack_int4(q, group_size) if wbits == 4 else q
-    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout)
+    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout, act_order)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,5 +392,6 @@ def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tens
         out = weight_only_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
     else:
         qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
+        qa = to_act_order(qa, qweight.act_order, qweight.group_size)
         out = reference_int_gemm(qa, sa, qweight.int_values(), qweight.scale, bias, x.dtype)
     return out.reshape(*lead, qweight.out_features)

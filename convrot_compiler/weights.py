@@ -26,6 +26,7 @@ class PrepSpec:
     rotation_kind: str
     group_size: int
     layout: str = "groups"  # w4a16's packed layout (quant.W4A16_LAYOUTS)
+    act_order: str = "natural"  # w4a4/w8a8: the input channels' order (quant.ACT_ORDERS, ops.act_order_for)
 
 
 class PreparedWeights:
@@ -45,7 +46,8 @@ class PreparedWeights:
             raise RuntimeError("a released weight (its float storage was freed by convrot_compiler.compile) has no "
                                f"prepared form for {spec}; compile the model again from its original weights")
         with torch.no_grad():
-            qw = quantize_weight(param.detach(), spec.scheme, rotation, group_size=spec.group_size, layout=spec.layout)
+            qw = quantize_weight(param.detach(), spec.scheme, rotation, group_size=spec.group_size, layout=spec.layout,
+                                 act_order=spec.act_order)
         self.prepared_count += 1
         per_param[spec] = (version, qw)
         return qw

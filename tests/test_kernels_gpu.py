@@ -317,6 +317,43 @@ def test_sm90_rotated_row_kept_in_registers_equals_rotating_twice(m, k1, k2, gel
 
 
 @sm90
+@pytest.mark.parametrize("m,k", [(1, 3072), (37, 1280), (300, 15360), (4608, 3072)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_sm90_mma_order_is_exact_on_integer_rows(m, k, bits):
+    """The channel order the compiler picks on sm_90 (quant.mma_channel_order, one 8-byte store per lane and
+    step): bit for bit the reference in that order, kept rows (K = 3072), a masked last step (K = 1280) and
+    rows rotated twice (K = 15360) alike, output fully overwritten."""
+    g = torch.Generator(device="cuda").manual_seed(m + k + bits + 1)
+    x = torch.randint(-6, 7, (m, k), device="cuda", generator=g).to(torch.bfloat16)
+    x[min(3, m - 1)] = 0
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = ops.rotate_quantize_reference(x.cpu(), h.cpu(), 256, bits, "mma")
+    _poison_allocator()
+    with forced_rotate_kernel("sm90"):
+        q, s = rotate_quantize(x, h, 256, bits, order="mma")
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@sm90
+@pytest.mark.parametrize("kernel", ["sm90", "triton"])
+@pytest.mark.parametrize("k1,gelu,out_dtype", [(0, False, torch.int8), (3072, True, torch.int8),
+                                               (0, False, torch.float8_e4m3fn), (3072, False, torch.float8_e4m3fn)])
+def test_mma_order_is_the_natural_order_permuted_at_flux_shapes(kernel, k1, gelu, out_dtype):
+    """Each kernel in mma order writes its own natural-order values permuted within each group, bit for bit:
+    FLUX's ff down and proj_out inputs (a column slice of the fused GEMM's output, GELU), fp8 containers."""
+    from convrot_compiler.quant import to_act_order
+
+    x1 = _dit_activations(4608, k1) if k1 else None
+    x2 = _dit_activations(4608, 21504)[:, 9216:]
+    h = hadamard_matrix("regular", 16, device="cuda")
+    with forced_rotate_kernel(kernel):
+        q0, s0 = rotate_quantize(x1, h, 256, 4, out_dtype, x2=x2, gelu_x2=gelu)
+        _poison_allocator()
+        q1, s1 = rotate_quantize(x1, h, 256, 4, out_dtype, x2=x2, gelu_x2=gelu, order="mma")
+    assert torch.equal(q1.view(torch.int8), to_act_order(q0.view(torch.int8), "mma", 256)) and torch.equal(s1, s0)
+
+
+@sm90
 def test_sm90_rotate_quantize_says_where_it_cannot_run():
     """A width off the 256-channel grid: forced to the Gluon kernel it raises; by default rotate_quantize warns
     and runs the Triton kernel."""

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..quant import check_act_order
 from ._common import (ForcedChoice, autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting,
                       round_half_even)
 
@@ -263,10 +264,11 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
                          ms_ptr, mt_ptr, stride_msb, stride_mtb, T, eps,
                          G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, TWO_SOURCES: tl.constexpr,
                          GELU_X2: tl.constexpr, HAS_NORM: tl.constexpr,
-                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, SMALL_M: tl.constexpr,
+                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, SMALL_M: tl.constexpr, MMA_ORDER: tl.constexpr,
                          BM: tl.constexpr, CH: tl.constexpr):
     """BM rows per program, CH groups of each per step: a step's tile is [BM * CH, G], tile row r * CH + c
-    holding group c of row r. SMALL_M only selects the configs (see _prune)."""
+    holding group c of row r. SMALL_M only selects the configs (see _prune). MMA_ORDER (Kronecker form):
+    each group's values go out in quant.mma_channel_order."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -320,8 +322,15 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     if KRON_ORDER:
         # element ((r * CH + c) * 16 + j, i) of the Kronecker order is channel 16 i + j of group c of row r
         i16 = tl.arange(0, 16)
-        q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G + rt % 16)[:, None]
-                    + 16 * i16[None, :])
+        j16 = rt % 16
+        if MMA_ORDER:  # its position in quant.mma_channel_order: a sum of a j part and an i part
+            j_pos = 32 * (j16 % 8) + 2 * (j16 // 8)
+            i_pos = 8 * ((i16 // 2) % 4) + i16 % 2 + 4 * (i16 // 8)
+        else:
+            j_pos = j16
+            i_pos = 16 * i16
+        q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G + j_pos)[:, None]
+                    + i_pos[None, :])
     else:
         q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G)[:, None]
                     + tl.arange(0, G)[None, :])
@@ -337,7 +346,7 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int,
                     out_dtype: torch.dtype = torch.int8, *, x2: torch.Tensor | None = None,
                     gelu_x2: bool = False, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
@@ -355,8 +364,13 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     layer_norm(x) * (1 + scale) + shift, rows r of sample r // (M / B), computed as the kernel loads x
     (see _load_group), so the normalized activations are never written to memory. K must be a
     multiple of group_size.
+
+    ``order``: the values' channel order within each group, ``"natural"`` or ``"mma"``
+    (quant.mma_channel_order: what the sm_90 kernel stores with whole sectors; 256-channel groups with
+    the Kronecker factor h).
     """
     x_in = x
+    check_act_order(order, group_size)
     if gelu_x2 and x2 is None:
         raise ValueError("gelu_x2=True applies the GELU to x2: pass x2")
     if norm is not None and x2 is not None:
@@ -395,6 +409,8 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     else:
         raise ValueError(f"h must be the [G, G] rotation for G <= 64 or, for G = 256, its [16, 16] Kronecker factor; "
                          f"got {tuple(h.shape)} for G = {group_size}")
+    if order == "mma" and method != METHOD_KRON:
+        raise ValueError("order='mma' needs the rotation's [16, 16] Kronecker factor h (groups of 256)")
     if norm is not None:
         mod_scale, mod_shift, eps = norm
         check_device(mod_scale, mod_shift)
@@ -406,7 +422,7 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
                              f"{tuple(mod_scale.shape)} and {tuple(mod_shift.shape)}")
     sm90 = _sm90_kernel_for(x_in, x2, h if method == METHOD_KRON else None, group_size, norm)
     if sm90 is not None:
-        return sm90(x_in, h, bits, out_dtype, x2=x2, gelu_x2=gelu_x2)
+        return sm90(x_in, h, bits, out_dtype, x2=x2, gelu_x2=gelu_x2, order=order)
     dot_f32 = interpreting() or x.dtype == torch.float32
     h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
     m = x.shape[0]
@@ -425,5 +441,5 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
                                q.stride(0), ms, mt, ms.stride(0), mt.stride(0), rows_per_sample, float(eps),
                                G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127,
                                TWO_SOURCES=two, GELU_X2=gelu_x2, HAS_NORM=norm is not None, DOT_F32=dot_f32,
-                               GPU_MATH=not interpreting(), SMALL_M=m <= SMALL_M)
+                               GPU_MATH=not interpreting(), SMALL_M=m <= SMALL_M, MMA_ORDER=order == "mma")
     return q, scale

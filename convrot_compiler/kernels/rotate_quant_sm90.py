@@ -9,8 +9,10 @@ TMA, so here:
 * one program owns one row: it issues TMA loads for all of the row's 256-channel groups at once
   (one mbarrier per step of NB groups), so the whole row is in flight from the start;
 * pass 1 rotates each group as it lands and keeps the running absmax; pass 2 writes the quantized
-  values. A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps its rotated values in registers
-  between the passes (KEEP, 8 floats a thread per step) and, unless it is a concatenation, is loaded
+  values, in the "mma" channel order (quant.mma_channel_order) one 8-byte store per lane and step
+  where the natural order takes eight byte stores (K = 12288: 75% -> 81% of copy bandwidth,
+  bench/results/rotate_sm90_lane_order.md). A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps
+  its rotated values in registers between the passes (KEEP, 8 floats a thread per step) and, unless it is a concatenation, is loaded
   by one TMA box (a power of two of groups, zeros past the row) with one mbarrier, where each step's
   box costs Triton 3.6's barriers around its issue; a longer row is rotated again in pass 2, from
   shared memory (not DRAM). At K = 3072 the kernel is bound by instruction issue (ncu: 62% of issue
@@ -83,13 +85,24 @@ def _rotate(xt, h_a, h_b, layout: gl.constexpr):
 
 
 @gluon.jit
-def _index3(NB: gl.constexpr, layout: gl.constexpr):
-    """(b, r, c) index tensors [NB, 1, 1], [1, 16, 1], [1, 1, 16] in ``layout``."""
+def _index3(NB: gl.constexpr, R: gl.constexpr, C: gl.constexpr, layout: gl.constexpr):
+    """(b, r, c) index tensors [NB, 1, 1], [1, R, 1], [1, 1, C] in ``layout``."""
     b = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
-    r = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
-    c = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    r = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    c = gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
     return (gl.expand_dims(gl.expand_dims(b, 1), 2), gl.expand_dims(gl.expand_dims(r, 0), 2),
             gl.expand_dims(gl.expand_dims(c, 0), 1))
+
+
+@gluon.jit
+def _mma_order(v, lanes: gl.constexpr):
+    """[NB, 16, 16] in the mma accumulator layout (W[b, r, c]) -> [NB, 32, 8] in ``lanes`` (dim 1 the lane, dim 2
+    its eight registers) with no data movement (the conversion is asserted trivial): r = 8 r8 + g and
+    c = 8 c8 + 2 t + c0 go to lane 4 g + t, register c0 + 2 r8 + 4 c8, the group's position 8 lane + register
+    in quant.mma_channel_order."""
+    NB: gl.constexpr = v.shape[0]
+    v = gl.reshape(gl.permute(gl.reshape(v, [NB, 2, 8, 2, 4, 2]), (0, 2, 4, 3, 1, 5)), [NB, 32, 8])
+    return gl.convert_layout(v, lanes, assert_trivial=True)
 
 
 @gluon.jit
@@ -148,16 +161,19 @@ def _load_row(x_desc, x2_desc, xs_tma, bars, LOADS: gl.constexpr, BOX: gl.conste
 def _landed_step(xs, bars, step, h_a, h_b, amax_t, BOX: gl.constexpr, GELU_X2: gl.constexpr, GROUPS1: gl.constexpr,
                  layout: gl.constexpr, b_layout: gl.constexpr):
     """Pass 1 on one step: wait for its groups' box, rotate them, fold |y| into the running max. Returns (y, max)."""
-    mbarrier.wait(bars.index((step * GROUPS_PER_STEP) // BOX), 0)
+    if BOX == GROUPS_PER_STEP:
+        mbarrier.wait(bars.index(step), 0)
+    elif (step * GROUPS_PER_STEP) % BOX == 0:  # the box's first step; a wait per step costs a CTA barrier
+        mbarrier.wait(bars.index((step * GROUPS_PER_STEP) // BOX), 0)
     y = _rotate(_load_step(xs, step, GELU_X2, GROUPS1, b_layout), h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
 
 
 @gluon.jit
-def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, ROTATE: gl.constexpr,
+def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, ROTATE: gl.constexpr,
                 GELU_X2: gl.constexpr, GROUPS1: gl.constexpr, FP8: gl.constexpr, MASKED: gl.constexpr,
-                layout: gl.constexpr, b_layout: gl.constexpr):
+                MMA_ORDER: gl.constexpr, layout: gl.constexpr, b_layout: gl.constexpr, out_layout: gl.constexpr):
     """Pass 2 on one step: quantize the rotated groups (y, or ROTATE: the step's groups rotated again from
     shared memory) and store them; zeros for a row without a usable scale."""
     NB: gl.constexpr = GROUPS_PER_STEP
@@ -171,8 +187,10 @@ def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, RO
         v = (q - ROUNDER).to(gl.float8e4nv)
     else:
         v = q.to(gl.int32, bitcast=True).to(gl.int8)
+    if MMA_ORDER:  # a lane's 8 values to 8 adjacent bytes: one store
+        v = _mma_order(v, out_layout)
     if MASKED:
-        gl.store(q_ptrs + step * (NB * GROUP), v, mask=(step * (NB * GROUP) + bi * GROUP) < kp)
+        gl.store(q_ptrs + step * (NB * GROUP), v, mask=(step * (NB * GROUP) + starts) < kp)
     else:
         gl.store(q_ptrs + step * (NB * GROUP), v)
 
@@ -180,7 +198,7 @@ def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, RO
 @gluon.jit
 def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
                   GROUPS1: gl.constexpr, QMAX: gl.constexpr, GELU_X2: gl.constexpr, MASKED: gl.constexpr,
-                  KEEP: gl.constexpr, num_warps: gl.constexpr):
+                  KEEP: gl.constexpr, MMA_ORDER: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store).
     KEEP (STEPS <= 4): the rotated groups stay in registers between the passes (8 floats a thread per
     step), so pass 2 does not rotate them again; longer rows rotate each step twice."""
@@ -190,11 +208,10 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
                                                   instr_shape=[1, 16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    bi, ri, ci = _index3(NB, mma)
     # loaded straight into the operand layouts: no shuffles
-    ba, ra, ca = _index3(NB, a_layout)
+    ba, ra, ca = _index3(NB, 16, 16, a_layout)
     h_a = gl.load(h_ptr + ca * 16 + ra + ba * 0).to(gl.bfloat16)  # h^T
-    bb, rb, cb = _index3(NB, b_layout)
+    bb, rb, cb = _index3(NB, 16, 16, b_layout)
     h_b = gl.load(h_ptr + rb * 16 + cb + bb * 0).to(gl.bfloat16)  # h
 
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
@@ -226,31 +243,40 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     gl.store(s_ptr + row, scale)
     p, neg_s, inv = _row_divisor(scale, usable)
 
-    q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (bi * GROUP + ci * 16 + ri)
+    if MMA_ORDER:
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [num_warps, 1, 1], [2, 1, 0])
+        bi, li, ei = _index3(NB, 32, 8, out_layout)
+        offs = li * 8 + ei
+    else:
+        out_layout: gl.constexpr = mma
+        bi, ri, ci = _index3(NB, 16, 16, mma)
+        offs = ci * 16 + ri
+    starts = bi * GROUP
+    q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (starts + offs)
     FP8: gl.constexpr = q_ptr.dtype.element_ty == gl.float8e4nv
     if KEEP:
-        _store_step(y0, xs, 0, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8, MASKED,
-                    mma, b_layout)
+        _store_step(y0, xs, 0, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, GELU_X2, GROUPS1, FP8, MASKED,
+                    MMA_ORDER, mma, b_layout, out_layout)
         if STEPS > 1:
-            _store_step(y1, xs, 1, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
-                        MASKED, mma, b_layout)
+            _store_step(y1, xs, 1, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, MMA_ORDER, mma, b_layout, out_layout)
         if STEPS > 2:
-            _store_step(y2, xs, 2, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
-                        MASKED, mma, b_layout)
+            _store_step(y2, xs, 2, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, MMA_ORDER, mma, b_layout, out_layout)
         if STEPS > 3:
-            _store_step(y3, xs, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, False, GELU_X2, GROUPS1, FP8,
-                        MASKED, mma, b_layout)
+            _store_step(y3, xs, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, GELU_X2, GROUPS1, FP8,
+                        MASKED, MMA_ORDER, mma, b_layout, out_layout)
     else:
         for step in range(STEPS):  # y is rotated again inside (ROTATE): amax_t only fills the argument
-            _store_step(amax_t, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, bi, kp, True, GELU_X2, GROUPS1, FP8,
-                        MASKED, mma, b_layout)
+            _store_step(amax_t, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, True, GELU_X2, GROUPS1, FP8,
+                        MASKED, MMA_ORDER, mma, b_layout, out_layout)
 
 
 @gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, kp,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               GELU_X2: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              MMA_ORDER: gl.constexpr, num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc (GELU_X2: their
     GELU); STEPS steps of NB groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored)."""
@@ -266,7 +292,7 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, k
     gl.thread_barrier()  # the barriers are initialized before any warp waits on one
     _load_row(x_desc, x2_desc, xs_tma, bars, LOADS, BOX, GROUPS1)
     _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, GROUPS1, QMAX, GELU_X2, MASKED, KEEP,
-                  num_warps)
+                  MMA_ORDER, num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
     # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
     xs_tma._keep_alive()
@@ -311,10 +337,14 @@ def _group_descriptor(t: torch.Tensor, box: int) -> TensorDescriptor:
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out_dtype: torch.dtype = torch.int8, *,
                          x2: torch.Tensor | None = None, gelu_x2: bool = False,
-                         keep: bool | None = None, one_box: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         keep: bool | None = None, one_box: bool | None = None,
+                         order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments (no ``norm``), same numerics. Check ``supported`` first
     (rotate_quant.rotate_quantize does, and runs the Triton kernel where this one cannot).
+    ``order``: the values' channel order within each group, "natural" or "mma" (quant.mma_channel_order: each
+    lane's 8 values of a step go out in one 8-byte store instead of 8 byte stores 16 bytes apart, a quarter
+    of a sector each; what the compiler picks on sm_90, ops.act_order_for).
     ``keep``: hold the rotated row in registers between the passes (default: rows of at most
     KEEP_MAX_STEPS steps); ``one_box``: load a row that is not a concatenation with one TMA box of a power
     of two of groups (zeros past its end) instead of one per step (default: with ``keep``, for a row that is
@@ -349,5 +379,5 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, BOX=box, GROUPS1=groups1,
         QMAX=7 if bits == 4 else 127, GELU_X2=gelu_x2, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
-        num_warps=WARPS)
+        MMA_ORDER=order == "mma", num_warps=WARPS)
     return q, scale

@@ -32,7 +32,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from ..ops import w4a16_layout
+from ..ops import act_order_for, w4a16_layout
 from ..plans import LayerDecision, PlanSpec, eligibility, make_plan
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
@@ -66,6 +66,7 @@ class _Prepared:
     scheme: str
     values: fx.Node
     scale: fx.Node
+    act_order: str = "natural"  # the channel order its weight was prepared in (ops.act_order_for)
 
 
 class ConvRotInductorPass(CustomGraphPass):
@@ -105,10 +106,10 @@ class ConvRotInductorPass(CustomGraphPass):
             if p.scheme == "w4a16":
                 self._emit_w4a16(g, p)
             else:
-                groups.setdefault((p.x, ACT_BITS[p.scheme]), []).append(p)
+                groups.setdefault((p.x, ACT_BITS[p.scheme], p.act_order), []).append(p)
         order = {n: i for i, n in enumerate(graph.nodes)}
-        for (x, bits), members in groups.items():
-            self._emit_group(g, x, bits, sorted(members, key=lambda p: order[p.node]), order)
+        for (x, bits, act_order), members in groups.items():
+            self._emit_group(g, x, bits, act_order, sorted(members, key=lambda p: order[p.node]), order)
         graph.lint()
 
     @staticmethod
@@ -195,14 +196,17 @@ class ConvRotInductorPass(CustomGraphPass):
             return None
         rotation = None if planned == "w4a16" else self.rotation
         layout = w4a16_layout(w, self.group_size) if planned == "w4a16" else "groups"
-        qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size, layout=layout)
+        act_order = ("natural" if rotation is None else
+                     act_order_for(w.device, w.dtype, self.group_size, self.rotation.kind != "none"))
+        qw = quantize_weight(w.contiguous(), planned, rotation, group_size=self.group_size, layout=layout,
+                             act_order=act_order)
         decision.bytes_after = qw.nbytes()
         if rotation is not None and self.rotation.kind != "none" and g.h is None:
             # in the weights' (= activations') dtype, as the backend passes it: the kernel would otherwise
             # cast it on every call; group-Hadamard entries are exact in bf16/fp16
             g.h = self._constant(g, "_convrot_h", self.rotation.kernel_matrix().to(w.device, w.dtype))
         return _Prepared(node, x, bias, planned, self._constant(g, f"_convrot_{node.name}_values", qw.values),
-                         self._constant(g, f"_convrot_{node.name}_scale", qw.scale))
+                         self._constant(g, f"_convrot_{node.name}_scale", qw.scale), act_order)
 
     def _emit_w4a16(self, g: _Target, p: _Prepared) -> None:
         with g.graph.inserting_before(p.node):
@@ -211,12 +215,14 @@ class ConvRotInductorPass(CustomGraphPass):
             _set_val([new], g.fake_mode)
         _replace(g.graph, p.node, new)
 
-    def _emit_group(self, g: _Target, x: fx.Node, bits: int, members: list[_Prepared], order) -> None:
+    def _emit_group(self, g: _Target, x: fx.Node, bits: int, act_order: str, members: list[_Prepared],
+                    order) -> None:
         """One rotate+quantize of x before the first member, then one GEMM for all members (when their
         biases exist there: constants or none) or one per member."""
         graph, first = g.graph, members[0].node
         with graph.inserting_before(first):
-            rq = graph.call_function(torch.ops.convrot.rotate_quantize.default, (x, g.h, self.group_size, bits))
+            rq = graph.call_function(torch.ops.convrot.rotate_quantize.default,
+                                     (x, g.h, self.group_size, bits, act_order))
             q = graph.call_function(operator.getitem, (rq, 0))
             s = graph.call_function(operator.getitem, (rq, 1))
             _set_val([rq, q, s], g.fake_mode)

@@ -42,6 +42,7 @@ class Rewrite:
     scheme: str
     group_size: int
     with_rotation: bool  # whether the shared rotation input h is passed to its activation quantization
+    act_order: str = "natural"  # the channel order its weight was prepared in, which its activations must share
 
 
 @dataclass
@@ -119,12 +120,13 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
     groups: dict[tuple, list[int]] = {}
     for i, rw in enumerate(rewrites):
         if rw.scheme != "w4a16":
-            groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation), []).append(i)
+            groups.setdefault((rw.match.x, ACT_BITS[rw.scheme], rw.group_size, rw.with_rotation, rw.act_order),
+                              []).append(i)
 
     quantized_nodes = {rewrites[i].match.node for m in groups.values() for i in m}
     fused_gemms = fused_linears = fused_producers = gelu_epilogues = fused_norms = 0
     dropped: list[fx.Node] = []
-    for (x, bits, group_size, with_rotation), members in groups.items():
+    for (x, bits, group_size, with_rotation, act_order), members in groups.items():
         first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
         producer = match_cat_producer(x, group_size, gelu=fuse_producers == "gelu") if fuse_producers else None
         norm = (match_norm_producer(x, group_size) if fuse_norms and producer is None and x.users.keys() <= quantized_nodes
@@ -136,19 +138,21 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             if producer is not None:
                 a, b, gelu = producer
                 qs = graph.call_function(quantize_cat_activation, (a, b, h if with_rotation else None,
-                                                                  group_size, bits, gelu))
+                                                                  group_size, bits, gelu, act_order))
                 shape_of = b  # same leading dims and dtype as x: the GELU and cat can go
                 fused_producers += 1
                 dropped.append(x)
             elif norm is not None:
                 inp, mod_scale, mod_shift, eps = norm
                 qs = graph.call_function(quantize_norm_activation, (inp, mod_scale, mod_shift, eps,
-                                                                   h if with_rotation else None, group_size, bits))
+                                                                   h if with_rotation else None, group_size, bits,
+                                                                   act_order))
                 shape_of = inp  # same leading dims and dtype as x: the normalization can go
                 fused_norms += 1
                 dropped.append(x)
             else:
-                qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits))
+                qs = graph.call_function(quantize_activation, (x, h if with_rotation else None, group_size, bits,
+                                                               act_order))
             q = graph.call_function(operator.getitem, (qs, 0))
             s = graph.call_function(operator.getitem, (qs, 1))
         # one GEMM for the group when every bias is computed before the group's first linear
