@@ -29,3 +29,24 @@ def bench_graph_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
         fn()
     torch.cuda.synchronize()
     return bench_ms(graph.replay, warmup_ms, rep_ms)
+
+
+def bench_graph_per_call_ms(fns, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time in ms per call of ``fns`` replayed back to back from one CUDA graph, L2 flushed before
+    each replay.
+
+    A single replay of a ~20 us kernel carries the replay's own cost (an empty graph measures ~5 us on an
+    H100, bench/results/small_copy.md) and the write-back of the dirty L2 that the flush leaves; inside the
+    model's graph a kernel follows another with neither. Each fn should read its own buffers, so that none
+    finds its input in L2 (what the one before it wrote aside)."""
+    import torch
+
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    torch.cuda.synchronize()
+    return bench_ms(graph.replay, warmup_ms, rep_ms) / len(fns)

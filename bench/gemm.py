@@ -16,7 +16,10 @@ tile-layout weights) and the CUDA-core kernel on group-layout weights.
 
 Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
 forward (bench/_common.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
-wrapper's host time wherever it is longer than the kernel.
+wrapper's host time wherever it is longer than the kernel. rotate+quantize is also timed back to back
+(8 launches on distinct inputs per replay, bench_graph_per_call_ms): a single replay costs ~5 us by
+itself, a quarter of the kernel at K = 3072 (bench/results/small_copy.md). W4A4/W8A8 run in the channel
+order the compiler picks for the GPU (ops.act_order_for; "mma" on sm_90), weights prepared to match.
 
     python bench/gemm.py [--quick] [--no-rotate] [--w4a16-only] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name STEM] [--out DIR]
 """
@@ -32,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import bench_graph_ms, bench_ms, environment, write_results  # noqa: E402
+from bench._common import bench_graph_ms, bench_graph_per_call_ms, bench_ms, environment, write_results  # noqa: E402
 from convrot_compiler import ops  # noqa: E402
 from convrot_compiler.baselines import quantize_rowwise_fp8  # noqa: E402
 from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4  # noqa: E402
@@ -95,12 +98,13 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
     rot = GroupHadamardRotation("regular", 256)
     h16 = rot.kernel_matrix().to("cuda", torch.bfloat16)  # the model passes it in the activations dtype
     needed = {SCHEMES[scheme][0] for scheme in schemes}
-    weights = {bits: quantize_weight(w, "w4a4" if bits == 4 else "w8a8", rot) for bits in needed}
+    order = ops.act_order_for(x.device, x.dtype, 256, True)  # as the compiler prepares them for this GPU
+    weights = {bits: quantize_weight(w, "w4a4" if bits == 4 else "w8a8", rot, act_order=order) for bits in needed}
     int8_fp32_out = {}
     for scheme in schemes:
         bits, act_dtype, promote, persistent = SCHEMES[scheme]
         qw = weights[bits]
-        qa, sa = rotate_quantize(x, h16, 256, bits, act_dtype)
+        qa, sa = rotate_quantize(x, h16, 256, bits, act_dtype, order=order)
         packed = bits == 4
         gemm = lambda qa, sa: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,  # noqa: E731
                                        promote_every=promote, persistent=persistent)
@@ -115,14 +119,14 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
         base = int8_fp32_out.get(bits)
         vs_int8 = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()
         gemm_err = relative_error(g_out, g_ref)
-        q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
+        q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits, order)
         mismatch = ((qa.float() - q_ref.float()).abs() > 0).float().mean().item()
         e2e_err = relative_error(g_out, ref)
 
         t_gemm = timed_ms(lambda: gemm(qa, sa))
         t_unpack = timed_ms(lambda: unpack_int4(qw.values, 256, act_dtype)) if packed else 0.0
-        t_rq = timed_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype))
-        t_all = timed_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype)))
+        t_rq = timed_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype, order=order))
+        t_all = timed_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype, order=order)))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
         rows.append(dict(
             shape=name, M=m, K=k, N=n, scheme=scheme,
@@ -137,17 +141,29 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
         ))
 
 
-def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms):
-    """rotate+quantize alone: GB/s (bytes read + written) and agreement with the reference."""
+BACK_TO_BACK = 8  # launches per graph replay in the back-to-back timing of rotate+quantize
+
+
+def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
+    """rotate+quantize alone, in the channel order the compiler picks for this GPU (ops.act_order_for): GB/s
+    (bytes read + written) and agreement with the reference; with ``back_to_back`` also per launch of
+    BACK_TO_BACK launches on distinct inputs in one graph (bench_graph_per_call_ms: without the cost of a
+    replay and of the flush's dirty L2, which a single replay of a kernel this short cannot hide)."""
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
     h16 = GroupHadamardRotation("regular", 256).kernel_matrix().to("cuda", torch.bfloat16)
-    q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits)
+    order = ops.act_order_for(x.device, x.dtype, 256, True)
+    q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits, order)
     nbytes = m * k * 2 + q_ref.numel() + m * 4
-    q, s = rotate_quantize(x, h16, 256, bits)
-    gbs = nbytes / timed_ms(lambda: rotate_quantize(x, h16, 256, bits)) / 1e6
-    rows.append(dict(M=m, K=k, bits=bits, gbs=gbs, frac_copy=gbs / copy_gbs,
-                     int_mismatch=(q != q_ref).float().mean().item()))
+    q, s = rotate_quantize(x, h16, 256, bits, order=order)
+    gbs = nbytes / timed_ms(lambda: rotate_quantize(x, h16, 256, bits, order=order)) / 1e6
+    row = dict(M=m, K=k, bits=bits, order=order, gbs=gbs, frac_copy=gbs / copy_gbs,
+               int_mismatch=(q != q_ref).float().mean().item())
+    if back_to_back:
+        xs = [x] + [x.roll(i, 0) for i in range(1, BACK_TO_BACK)]
+        ms = bench_graph_per_call_ms([lambda xi=xi: rotate_quantize(xi, h16, 256, bits, order=order) for xi in xs])
+        row.update(b2b_gbs=nbytes / ms / 1e6, b2b_frac_copy=nbytes / ms / 1e6 / copy_gbs)
+    rows.append(row)
 
 
 def bench_skinny(name, m, k, n, rows, timed_ms):
@@ -217,10 +233,13 @@ def main() -> None:
     rot_jobs = [] if args.no_rotate or args.w4a16_only else [(m, k, b) for m in (4608, 512) for k in (3072, 12288, 15360) for b in (4, 8)]
     for m, k, bits in tqdm(rot_jobs,
                            desc="rotate+quantize"):
-        bench_rotate(m, k, bits, copy_gbs, rot_rows, timed_ms)
+        bench_rotate(m, k, bits, copy_gbs, rot_rows, timed_ms, back_to_back=not args.eager)
     rot_table = tabulate(
-        [[r["M"], r["K"], r["bits"], f"{r['gbs']:.0f}", f"{r['frac_copy']:.0%}", f"{r['int_mismatch']:.1e}"]
-         for r in rot_rows], headers=["M", "K", "bits", "rot+q GB/s", "of copy", "int mismatch"], tablefmt="github")
+        [[r["M"], r["K"], r["bits"], r["order"], f"{r['gbs']:.0f}", f"{r['frac_copy']:.0%}",
+          f"{r['b2b_gbs']:.0f}" if "b2b_gbs" in r else "", f"{r['b2b_frac_copy']:.0%}" if "b2b_gbs" in r else "",
+          f"{r['int_mismatch']:.1e}"] for r in rot_rows],
+        headers=["M", "K", "bits", "order", "rot+q GB/s", "of copy", f"back-to-back x{BACK_TO_BACK} GB/s", "of copy",
+                 "int mismatch"], tablefmt="github")
     if args.w4a16_only:
         skinny = []
         for name, k, n in SKINNY:
