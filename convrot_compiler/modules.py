@@ -58,6 +58,11 @@ class _QuantizedLinearBase(nn.Module):
         check_act_order(order, self.group_size)
         self.act_order = order
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict saved before the order existed holds natural-order weights
+        state_dict.setdefault(prefix + "_extra_state", {"act_order": "natural"})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.quantized_weight
         if has_kernel(qw):
@@ -75,7 +80,11 @@ class _QuantizedLinearBase(nn.Module):
 
 
 class ConvLinear4bit(_QuantizedLinearBase):
-    """W4A4 (``bits=4``) or W8A8 (``bits=8``) linear with group-wise Hadamard rotation."""
+    """W4A4 (``bits=4``) or W8A8 (``bits=8``) linear with group-wise Hadamard rotation.
+
+    ``from_linear`` prepares the weight in the channel order that is fastest where the linear's weight is
+    (ops.act_order_for: "mma" on an sm_90 GPU); the module runs correctly in either order on any device,
+    and its state dict records which."""
 
     @classmethod
     def from_linear(

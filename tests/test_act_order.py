@@ -183,13 +183,18 @@ def test_eager_module_keeps_its_order_through_its_state_dict(monkeypatch):
     lin = nn.Linear(512, 64)
     x = torch.randn(3, 512)
     natural = cc.ConvLinear4bit.from_linear(lin)
+    old = {k: v.clone() for k, v in natural.state_dict().items() if k != "_extra_state"}  # as saved before the order
     monkeypatch.setattr(modules, "act_order_for", lambda *args: "mma")
     mma = cc.ConvLinear4bit.from_linear(lin)
     assert natural.act_order == "natural" and mma.act_order == "mma"
     assert torch.equal(mma(x), natural(x))
-    natural.load_state_dict(mma.state_dict())  # the values and their order travel together
+    state = mma.state_dict()
+    assert state["_extra_state"] == {"act_order": "mma"}
+    natural.load_state_dict(state)  # the values and their order travel together
     assert natural.act_order == "mma" and torch.equal(natural(x), mma(x))
     assert natural.quantized_weight.act_order == "mma"
+    mma.load_state_dict(old)  # saved before the order existed: natural-order weights, loaded strictly
+    assert mma.act_order == "natural" and torch.equal(mma(x), natural(x))
 
 
 def test_order_choice_follows_the_device():
