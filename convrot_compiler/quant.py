@@ -194,6 +194,15 @@ def to_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
     """t [..., K'] (K' a multiple of group_size, channels in natural order) with each group's channels in
     ``order``: position p of group j holds channel j * G + mma_channel_order()[p]. Activations
     and weights go through the same function, so a GEMM over both computes the same dot products."""
+    return _reorder_groups(t, order, group_size, inverse=False)
+
+
+def from_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
+    """Inverse of ``to_act_order``: each group's channels back in natural order."""
+    return _reorder_groups(t, order, group_size, inverse=True)
+
+
+def _reorder_groups(t: torch.Tensor, order: str, group_size: int, inverse: bool) -> torch.Tensor:
     check_act_order(order, group_size)
     if order == "natural":
         return t
@@ -201,19 +210,9 @@ def to_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
     if k % group_size:
         raise ValueError(f"width {k} is not a multiple of the group size {group_size}")
     idx = mma_channel_order(t.device)
+    if inverse:
+        idx = torch.argsort(idx)
     return t.reshape(*t.shape[:-1], k // group_size, group_size)[..., idx].reshape(t.shape)
-
-
-def from_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
-    """Inverse of ``to_act_order``: each group's channels back in natural order."""
-    check_act_order(order, group_size)
-    if order == "natural":
-        return t
-    k = t.shape[-1]
-    if k % group_size:
-        raise ValueError(f"width {k} is not a multiple of the group size {group_size}")
-    inverse = torch.argsort(mma_channel_order(t.device))
-    return t.reshape(*t.shape[:-1], k // group_size, group_size)[..., inverse].reshape(t.shape)
 
 
 WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]

@@ -21,5 +21,13 @@ def _assert_gelu_epilogue_close(out: torch.Tensor, ref: torch.Tensor, pre_gelu: 
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """Dynamo reset before and after the test: each compile starts from no cached graphs or guards."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def assert_gelu_epilogue_close():
     return _assert_gelu_epilogue_close

@@ -21,11 +21,7 @@ from convrot_compiler.rotations import GroupHadamardRotation
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
 
 def test_mma_order_is_the_accumulator_fragment_of_each_lane():
@@ -120,7 +116,6 @@ def test_fused_loads_write_the_mma_order_too(form):
     g = torch.Generator().manual_seed(7)
     h = hadamard_matrix("regular", 16).to(DEV)
     x = (torch.randn(6, 512, generator=g) * 3).bfloat16().to(DEV)
-    kw = {}
     if form.startswith("cat"):
         kw = dict(x2=(torch.randn(6, 700, generator=g) * 3).bfloat16().to(DEV), gelu_x2=form == "cat+gelu")
     else:

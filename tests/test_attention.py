@@ -15,11 +15,7 @@ from convrot_compiler.inspect import inspect
 from convrot_compiler.models import build_flux, make_flux_inputs, relative_error
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
 
 def _bshd(b, s, h, d, seed=0, scale=1.0):

@@ -15,11 +15,7 @@ from convrot_compiler.ops import quantize_activation, quantized_linear, quantize
 from convrot_compiler.weights import PREPARED
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
 
 def _rewritten_nodes(gm) -> int:

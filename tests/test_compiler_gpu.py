@@ -15,14 +15,8 @@ from convrot_compiler.backend import REPORTS
 from convrot_compiler.models import build_flux, make_flux_inputs, model_bytes, relative_error
 from convrot_compiler.modules import plan_linears, quantize_model
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 
 
 @pytest.mark.parametrize("dims", [(3072, 3072), (3072, 12288), (15360, 3072)])

@@ -11,11 +11,7 @@ from convrot_compiler.modules import plan_linears, quantize_model
 from convrot_compiler.weights import is_released
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
 
 def _flux(seed=0):

@@ -13,11 +13,7 @@ from convrot_compiler.quant import quantize_weight, quantized_nbytes, reference_
 from convrot_compiler.rotations import GroupHadamardRotation
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
 
 def test_tile_layout_holds_the_same_values_and_gives_the_same_linear():

@@ -49,6 +49,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..quant import check_act_order
 from ._gluon_common import gelu_tanh
 
 GROUP_SIZE = 256
@@ -349,6 +350,7 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, out
     KEEP_MAX_STEPS steps); ``one_box``: load a row that is not a concatenation with one TMA box of a power
     of two of groups (zeros past its end) instead of one per step (default: with ``keep``, for a row that is
     not a concatenation); for comparisons."""
+    check_act_order(order, GROUP_SIZE)
     first = x if x is not None else x2
     m = first.shape[0]
     k = sum(t.shape[1] for t in (x, x2) if t is not None)
