@@ -1,26 +1,40 @@
 """CUDA-graph replay of a compiled forward: keys and errors on CPU, replay on the GPU."""
 
+import warnings
+
 import pytest
 import torch
 
-from convrot_compiler.cudagraphs import CUDAGraphReplay, signature
+from convrot_compiler.cudagraphs import CUDAGraphReplay, NotReplayable, signature
 
 
-def test_signature_separates_shapes_dtypes_and_values():
+def test_signature_separates_shapes_dtypes_values_and_grad_mode():
     a = torch.zeros(2, 3)
     assert signature((a,), {"flag": True}) == signature((torch.ones(2, 3),), {"flag": True})
     assert signature((a,), {"flag": True}) != signature((a,), {"flag": False})
     assert signature((a,), {}) != signature((torch.zeros(3, 2),), {})
     assert signature((a,), {}) != signature((a.double(),), {})
     assert signature((a,), {}) != signature((), {"x": a})
-    with pytest.raises(TypeError, match="not hashable"):
+    with torch.no_grad():
+        no_grad = signature((a,), {})
+    with torch.inference_mode():
+        inference = signature((a,), {})
+    assert len({no_grad, inference, signature((a,), {})}) == 3
+    with pytest.raises(NotReplayable, match="not hashable"):
         signature((), {"bad": bytearray(b"x")})
 
 
-def test_cpu_tensors_are_refused_with_a_way_out():
-    replay = CUDAGraphReplay(lambda x: x * 2)
-    with pytest.raises(ValueError, match="cuda_graphs=False"):
-        replay(torch.ones(3))
+def test_calls_it_cannot_serve_run_directly_and_say_why_once():
+    replay = CUDAGraphReplay(lambda x, flag=None: x * 2)
+    with pytest.warns(UserWarning, match="one CUDA device"):
+        assert torch.equal(replay(torch.ones(3)), torch.full((3,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(replay(torch.ones(3)), torch.full((3,), 2.0))  # remembered: no second warning
+    with pytest.warns(UserWarning, match="not hashable"):
+        assert torch.equal(replay(torch.ones(2), flag=bytearray(b"x")), torch.full((2,), 2.0))
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphReplay(lambda x: x, max_graphs=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
