@@ -30,9 +30,9 @@
 #   bash bench/device_model_sweep.sh gelu      # bf16, w4a4 with the GELU inside rotate+quantize (profiled), w4a4
 case "${1:-}" in
   all)     args=(--resolution 1024 --variants bf16,w4a4,bf16-compile,fp8-scaled-mm,mix,w8a8 --profile) ;;
-  allregional) args=(--resolution 1024 --variants bf16,w4a4-regional,bf16-compile-regional,fp8-scaled-mm-regional,w8a8-regional,mix,w4a4,bf16-compile) ;;
+  allregional) args=(--resolution 1024 --variants bf16,w4a4,bf16-compile-regional,fp8-scaled-mm-regional,w8a8,mix,w4a4,bf16-compile) ;;
   row1024) args=(--resolution 1024 --variants bf16,bf16-compile,mix,w4a4 --profile) ;;
-  regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4-regional,w4a4) ;;
+  regional) args=(--resolution 1024 --variants bf16,bf16-compile-regional,w4a4,w4a4) ;;
   mix)     args=(--resolution 1024 --variants bf16,mix,bf16-compile) ;;
   w8a8)    args=(--resolution 1024 --variants bf16,w8a8,fp8-scaled-mm) ;;
   fp8row)  args=(--resolution 1024 --variants bf16,w4a4,fp8-scaled-mm --profile) ;;

@@ -48,7 +48,8 @@ line("eager quantized modules vs bf16", ref, bf16)
 for ind in (False, True):
     torch._dynamo.reset()
     m = build_flux("flux-dev-short", seed=0, device="cuda")
-    out = cc.compile(m, inductor=ind, progress=False, release_weights=False)(**kwargs)[0]
+    with torch.no_grad():
+        out = cc.compile(m, inductor=ind, progress=False, release_weights=False)(**kwargs)[0]
     line(f"compiled inductor={ind} vs eager quantized", out, ref)
     line(f"compiled inductor={ind} vs bf16", out, bf16)
 torch._dynamo.reset()

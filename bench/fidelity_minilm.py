@@ -80,7 +80,7 @@ def evaluate(plan: str, rotation: str, group_size: int = 64) -> dict:
     cos = torch.cat([(cq * ref_q).sum(-1), (cd * ref_d).sum(-1)])
     ref_top = (ref_q @ ref_d.T).argmax(-1)
     top = (cq @ cd.T).argmax(-1)
-    layers = sum(x.precision != "bf16" for x in compiled.decisions)
+    layers = sum(x.precision != "bf16" for x in compiled.convrot_decisions)
     return dict(plan=plan, rotation=rotation, group_size=group_size, layers=layers,
                 cos_mean=cos.mean().item(), cos_min=cos.min().item(),
                 top1_agreement=(top == ref_top).float().mean().item(),

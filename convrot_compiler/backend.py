@@ -1,7 +1,7 @@
-"""The ``convrot`` torch.compile backend and ``convrot_compiler.compile``.
+"""The ``convrot`` torch.compile backend: one Dynamo FX graph in, its compiled form out.
 
-model -> Dynamo FX graph -> match linears -> plan each -> prepare weights ->
-rewrite into custom ops -> Inductor (or the rewritten graph as is) -> compiled model.
+FX graph -> match linears -> plan each -> prepare weights -> rewrite into custom ops ->
+Inductor (or the rewritten graph as is). ``compile_model.py`` applies it to a whole model.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from .cudagraphs import CUDAGraphReplay
 from .hadamard import ROTATION_KINDS
 from .ops import GEMM_LOWERINGS, act_order_for, has_kernel, w4a16_layout
 from .passes.attention import AttentionDecision, check_attention_mode, plan_attention, rewrite_attention
@@ -21,9 +20,8 @@ from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
 from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
 from .quant import quantized_nbytes
-from .regional import block_classes, block_instances, compiled_units, unit_plans
 from .rotations import GroupHadamardRotation
-from .weights import PREPARED, PrepSpec, is_released, release
+from .weights import PREPARED, PrepSpec, is_released
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "plan": "w4a4",        # preset name, list of (pattern, precision) rules, or a Plan
@@ -43,8 +41,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 
 def validate_options(options: dict | None) -> dict:
     opts = dict(DEFAULT_OPTIONS)
-    if options is None:
-        return opts
+    options = {} if options is None else options  # torch.compile passes no options for {} or none given
     if not isinstance(options, dict):
         raise TypeError(f"convrot options must be a dict, got {type(options).__name__}")
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
@@ -138,14 +135,15 @@ def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
     return d
 
 
-def _spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
+def weight_spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
+    """How a weight is prepared for ``precision`` on its device (layout, channel order)."""
     if precision == "w4a16":
         return PrepSpec(precision, "none", group_size, w4a16_layout(weight, group_size))
     return PrepSpec(precision, rotation, group_size,
                     act_order=act_order_for(weight.device, weight.dtype, group_size, rotation != "none"))
 
 
-def _rotation_for(precision: str, rotation: GroupHadamardRotation) -> GroupHadamardRotation | None:
+def weight_rotation(precision: str, rotation: GroupHadamardRotation) -> GroupHadamardRotation | None:
     """Weight-only int4 takes no rotation: its activations stay in float."""
     return None if precision == "w4a16" else rotation
 
@@ -180,7 +178,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
-        spec = _spec(d.precision, rotation_kind, group_size, m.weight)
+        spec = weight_spec(d.precision, rotation_kind, group_size, m.weight)
         if d.precision == "w4a16":
             d.extra["layout"] = spec.layout
         else:
@@ -188,7 +186,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         if opts["dry_run"]:
             d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size, spec.layout)
         else:
-            qw = PREPARED.get(m.weight, spec, _rotation_for(d.precision, rotation))
+            qw = PREPARED.get(m.weight, spec, weight_rotation(d.precision, rotation))
             if m.weight.is_cuda and not has_kernel(qw):
                 raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {group_size} "
                                  f"({d.precision}, rotation {rotation.name}); other group sizes run on CPU only")
@@ -222,7 +220,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             return extra
         for rw, spec in zip(rewrites, specs):
             w = args[rw.match.weight_index]
-            qw = PREPARED.get(w, spec, _rotation_for(spec.scheme, rotation))
+            qw = PREPARED.get(w, spec, weight_rotation(spec.scheme, rotation))
             extra += [qw.values, qw.scale]
         if result.uses_h:
             # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
@@ -265,125 +263,9 @@ def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     opts = validate_options(options)
     if torch.is_grad_enabled():
         raise RuntimeError("the convrot backend is inference-only: run the compiled model under torch.no_grad() "
-                           "or torch.inference_mode() (convrot_compiler.compile does this for you)")
+                           "or torch.inference_mode(), as diffusers pipelines do")
     fn, report = compile_graph(gm, example_inputs, opts)
     REPORTS.append(report)
     if opts["report"] is not None:
         opts["report"](report)
     return fn
-
-
-class CompiledModel(nn.Module):
-    """What ``convrot_compiler.compile`` returns: the torch.compile'd model, run under no_grad."""
-
-    def __init__(self, model: nn.Module, compiled: nn.Module, decisions: list[LayerDecision], released_bytes: int,
-                 cuda_graphs: bool = False):
-        super().__init__()
-        self.model = model
-        self.compiled = compiled
-        self.decisions = decisions
-        self.released_bytes = released_bytes
-        self.cuda_graphs = cuda_graphs
-        self.replay = CUDAGraphReplay(compiled) if cuda_graphs else None
-
-    def forward(self, *args, **kwargs):
-        with torch.no_grad():
-            try:
-                return (self.replay or self.compiled)(*args, **kwargs)
-            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-                limit = getattr(torch._dynamo.config, "recompile_limit", None)
-                raise RuntimeError(
-                    f"torch.compile's recompile limit ({limit}) is reached: every new input shape compiles the "
-                    "graphs again (dynamic=False), and a regional compile has two or three graphs per shape. "
-                    "Raise torch._dynamo.config.recompile_limit before compiling for more shapes") from e
-
-
-def compile(model: nn.Module, plan="w4a4", group_size: int = 256, rotation: str = "regular",
-            inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
-            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
-            cuda_graphs: bool | None = None, in_place: bool = False,
-            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
-            gelu_epilogue: bool | None = None, regional: bool | list[str] = False, fuse_norms: bool = False,
-            attention: str = "keep") -> "CompiledModel | nn.Module":
-    """Compile ``model`` with the convrot backend, preparing quantized weights up front.
-
-    With ``release_weights`` the float storage of every quantized weight is freed (the
-    parameter keeps its shape, dtype and device as a stride-0 view), so the model's resident
-    weight memory drops to the quantized size. The model is then only usable compiled.
-
-    ``cuda_graphs`` (default: when the model is on CUDA) replays each input shape's forward as
-    one CUDA graph (see cudagraphs.py); outputs are fresh tensors. Turn it off if the forward
-    must see changes to anything but its tensor arguments.
-
-    ``in_place`` compiles the module itself (``nn.Module.compile``) and returns it, so code that
-    holds the module and reads its attributes (a diffusers pipeline's ``transformer``) runs it
-    compiled. Call it under ``torch.no_grad()``; no CUDA-graph replay on this path.
-
-    ``fuse_gemms`` runs linears that read the same input at the same precision (Q/K/V) as one GEMM.
-
-    ``gemm="template"`` lowers the quantized GEMMs through an Inductor Triton template, so that the
-    bias and the pointwise ops after each linear run in its epilogue (kernels/inductor_gemm.py);
-    the default ``"kernel"`` calls the opaque GEMM op.
-
-    ``gelu_epilogue`` (default: with ``gemm="kernel"``) computes the GELU after FLUX's MLP up-projections
-    in their GEMM's epilogue, so the bf16 pre-activation is never written and read back.
-
-    ``fuse_producers`` reads the concatenation of the attention output and the MLP activation (FLUX's
-    single-block proj_out input) inside its rotate+quantize, from both tensors, so it is never written
-    to memory. ``fuse_producers="gelu"`` applies a GELU left before a quantized linear (gelu_epilogue
-    off) there too: measured slower on an H100 (passes/producers.py).
-
-    ``fuse_norms`` computes FLUX's adaLN normalization, layer_norm(x) * (1 + scale) + shift, inside the
-    rotate+quantize of the linears it feeds, so the normalized activations are never written to memory
-    (off by default: no faster on an H100, because Inductor's kernel before it still writes the gated
-    residual; bench/results/model_flux_dev_norms.md).
-
-    ``attention="fp8"`` runs every eligible scaled-dot-product attention on per-tensor e4m3 Q, K, V (cuDNN's
-    fp8 flash attention on Hopper, needs the ``fp8-attention`` extra; the reference on CPU): not part of
-    ConvRot, which leaves attention alone, and an error of its own (attention.py). The default ``"keep"``
-    runs attention as the model does. Each attention's decision is in the compile report.
-
-    ``regional`` compiles each repeated block class once instead of the whole model (True: the
-    classes in the model's ``_repeated_blocks``, as diffusers sets them; or a list of class names),
-    and each other top-level module holding a quantized linear alone (regional.py). The modules are
-    compiled in place; with CUDA graphs the whole forward is still replayed as one."""
-    from tqdm.auto import tqdm
-
-    from .modules import plan_linears
-
-    opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
-                             "report": report, "fuse_gemms": fuse_gemms, "gemm": gemm,
-                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
-                             "fuse_norms": fuse_norms, "attention": attention})
-    rot = GroupHadamardRotation(rotation, group_size)
-    decisions = plan_linears(model, opts["plan"], group_size)
-    if regional:
-        units, eager = compiled_units(model, block_instances(model, block_classes(model, regional)), decisions)
-        plans = unit_plans(opts["plan"], decisions, units, eager)
-    todo = [d for d in decisions if d.precision != "bf16"]
-    released = 0
-    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
-        lin = model.get_submodule(d.name)
-        spec = _spec(d.precision, rotation, group_size, lin.weight)
-        qw = PREPARED.get(lin.weight, spec, _rotation_for(d.precision, rot))
-        d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
-        if release_weights:
-            released += release(lin.weight)
-    if cuda_graphs is None:
-        cuda_graphs = not in_place and any(p.is_cuda for p in model.parameters())
-    if regional:
-        for unit, names in units.items():
-            unit_opts = {**opts, "plan": plans[unit]}  # one dict per unit: Dynamo reuses its graph across instances
-            for name in names:
-                model.get_submodule(name).compile(backend=convrot_backend, options=unit_opts, fullgraph=fullgraph,
-                                                  dynamic=dynamic)
-        if in_place:
-            model.convrot_decisions = decisions
-            return model
-        return CompiledModel(model, model, decisions, released, cuda_graphs=cuda_graphs)
-    if in_place:
-        model.compile(backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
-        model.convrot_decisions = decisions
-        return model
-    compiled = torch.compile(model, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
-    return CompiledModel(model, compiled, decisions, released, cuda_graphs=cuda_graphs)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .backend import compile as convrot_compile
+from .compile_model import compile as convrot_compile
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
 from .kernels.int_gemm import forced_schedule
@@ -86,7 +86,7 @@ LAUNCHES = {
     "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # under forced_rotate_kernel
-    "regional": ({"regional": True}, "one graph per block class, one per other module holding quantized linears"),
+    "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "norms": ({"fuse_norms": True}, "adaLN LayerNorm + modulation inside rotate+quantize"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
 }
@@ -148,12 +148,12 @@ def prepare(variant: str, model):
         return torch.compile(model), 0, note
     plan, _, launch = variant.partition("-")
     options, launch_note = LAUNCHES.get(launch, ({}, ""))
-    compiled = convrot_compile(model, plan=plan, progress=False, **options)
-    prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
-    note = "CUDA graph replay" if compiled.cuda_graphs else "kernels launched one by one"
+    convrot_compile(model, plan=plan, progress=False, **options)
+    prepared = sum(d.bytes_after for d in model.convrot_decisions if d.precision != "bf16")
+    note = "CUDA graph replay" if model.forward.replay else "kernels launched one by one"
     if launch_note:
         note += f"; {launch_note}"
-    return compiled, prepared, note
+    return model, prepared, note
 
 
 INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"

@@ -10,10 +10,11 @@ from .passes.attention import ATTENTION_MODES
 from .plans import PRESETS
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
+def add_quant_args(p: argparse.ArgumentParser, rotation: bool = True) -> None:
     p.add_argument("--plan", default="w4a4", choices=sorted(PRESETS), help="precision plan (default: w4a4)")
-    p.add_argument("--rotation", default="regular", choices=ROTATION_KINDS, help="rotation kind (default: regular)")
-    p.add_argument("--group-size", type=int, default=256, help="rotation group size, a power of 4 (default: 256)")
+    if rotation:
+        p.add_argument("--rotation", default="regular", choices=ROTATION_KINDS, help="rotation kind (default: regular)")
+        p.add_argument("--group-size", type=int, default=256, help="rotation group size, a power of 4 (default: 256)")
     p.add_argument("--attention", default="keep", choices=ATTENTION_MODES,
                    help="keep: attention as the model runs it (default); fp8: per-tensor e4m3 Q, K, V "
                         "(cuDNN on Hopper, pip install 'convrot-compiler[fp8-attention]'; not part of ConvRot)")
@@ -35,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
     _add_model_args(demo)
-    _add_quant_args(demo)
+    add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     demo.add_argument("--no-progress", action="store_true")
-    demo.add_argument("--regional", action="store_true",
-                      help="compile each repeated block class once instead of the whole model (see README: Compile time)")
+    demo.add_argument("--whole-model", action="store_true",
+                      help="compile the whole forward as one graph (default: one graph per repeated block class)")
 
     ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
     ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--height", type=int, default=1024)
     ins.add_argument("--width", type=int, default=1024)
     ins.add_argument("--text-tokens", type=int, default=512)
-    _add_quant_args(ins)
+    add_quant_args(ins)
     ins.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
     ins.add_argument("--no-fuse-producers", dest="fuse_producers", action="store_false",
@@ -57,15 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show the pass computing the adaLN LayerNorm + modulation inside rotate+quantize")
     ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_const", const=False, default=None,
                      help="show the pass with the GELU after the MLP up-projections left to Inductor")
-    sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench -h)",
+    sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench "
+                   "-h); with --pipeline, ms per denoising step through FluxPipeline (convrot bench --pipeline -h)",
                    add_help=False)
     sub.add_parser("eval", help="FLUX pipeline fidelity: PSNR/SSIM of convrot images vs bf16 (see convrot eval -h)",
                    add_help=False)
+    sub.add_parser("generate", help="text to image through FluxPipeline with the compiled transformer "
+                   "(see convrot generate -h)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and "--pipeline" in argv:
+        from .benchmark_pipeline import main as pipeline_bench_main
+
+        pipeline_bench_main([a for a in argv[1:] if a != "--pipeline"])
+        return 0
     if argv[:1] == ["bench"]:
         from .benchmark import main as bench_main
 
@@ -76,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
         eval_main(argv[1:])
         return 0
+    if argv[:1] == ["generate"]:
+        from .generate import main as generate_main
+
+        generate_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import demo_json, format_demo, run_demo
 
         result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
                           args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress,
-                          regional=args.regional, attention=args.attention)
+                          whole_model=args.whole_model, attention=args.attention)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(demo_json(result))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from .backend import compile as convrot_compile
+from .compile_model import compile as convrot_compile
 from .models import build_flux, load_flux, make_flux_inputs, model_bytes, relative_error
 from .plans import summarize
 
@@ -59,7 +59,7 @@ def resolve_device(device: str) -> torch.device:
 def run_demo(model_path: str | None = None, config: str = "auto", device: str = "auto", plan: str = "w4a4",
              rotation: str = "regular", group_size: int = 256, height: int | None = None, width: int | None = None,
              text_tokens: int | None = None, seed: int = 0, progress: bool = True,
-             regional: bool = False, attention: str = "keep") -> DemoResult:
+             whole_model: bool = False, attention: str = "keep") -> DemoResult:
     dev = resolve_device(device)
     if config == "auto":
         config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
@@ -77,14 +77,14 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     bytes_before = model_bytes(model)
     inductor = dev.type == "cuda"
     start = time.perf_counter()
-    compiled = convrot_compile(model, plan=plan, group_size=group_size, rotation=rotation, inductor=inductor,
-                               progress=progress, regional=regional, attention=attention)
+    convrot_compile(model, plan=plan, group_size=group_size, rotation=rotation, inductor=inductor,
+                    progress=progress, regional=False if whole_model else None, attention=attention)
     quantize_s = time.perf_counter() - start
-    decisions = compiled.decisions
+    decisions = model.convrot_decisions
     start = time.perf_counter()
-    _timed_forward(compiled, inputs.kwargs, dev)
+    _timed_forward(model, inputs.kwargs, dev)
     first_call_s = time.perf_counter() - start
-    out, q_ms = _timed_forward(compiled, inputs.kwargs, dev)
+    out, q_ms = _timed_forward(model, inputs.kwargs, dev)
     prepared = sum(d.bytes_after for d in decisions if d.precision != "bf16")
     return DemoResult(
         model=name, device=str(dev), tokens=f"{inputs.image_tokens} image + {inputs.text_tokens} text",
@@ -93,7 +93,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
         linear_bytes_bf16=sum(d.bytes_before for d in decisions),
         linear_bytes_quantized=sum(d.bytes_after for d in decisions),
         rel_error=relative_error(out, ref), bf16_ms=bf16_ms, quantized_ms=q_ms, quantize_s=quantize_s,
-        first_call_s=first_call_s, inductor=inductor, regional=regional, attention=attention,
+        first_call_s=first_call_s, inductor=inductor, regional=bool(model.forward.units), attention=attention,
     )
 
 

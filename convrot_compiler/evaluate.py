@@ -1,10 +1,11 @@
 """``convrot eval``: does the compiled W4A4 transformer keep a FLUX pipeline's images?
 
 Runs diffusers' ``FluxPipeline`` with the same prompts and seeds twice per plan:
-once with the bf16 transformer, once with the transformer compiled by the convrot
-backend (in place, so the pipeline calls it as usual), and compares the image
-pairs: PSNR, SSIM, and LPIPS where the ``lpips`` package and its weights load
-offline. Images and a side-by-side grid (rows: prompts; columns: bf16, then each
+once with the bf16 transformer, once with the transformer compiled by
+``convrot_compiler.compile`` (the path users run: the pipeline calls the compiled
+module as its transformer), and compares the image pairs: PSNR, SSIM, and LPIPS
+where the ``lpips`` package and its weights load offline. It also reports the
+median time of a denoising step. Images and a side-by-side grid (rows: prompts; columns: bf16, then each
 plan) are written as PNG.
 
 By default it builds a tiny randomly initialised pipeline (flux-tiny transformer,
@@ -20,15 +21,17 @@ import copy
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .backend import compile as convrot_compile
+from .compile_model import compile as convrot_compile
 from .demo import resolve_device
-from .models import build_flux
+from .pipelines import StepTimer, load_pipeline, random_pipeline, random_prompt_embeds
+from .plans import make_plan
 
 DEFAULT_PROMPTS = ["a red fox in fresh snow, morning light", "a lighthouse on a cliff at dusk, oil painting",
                    "a bowl of ramen, top view, studio photo"]
@@ -79,45 +82,23 @@ def lpips_metric():
     return score, ""
 
 
-# ---- pipelines ----
+# ---- images through the pipeline ----
 
-def tiny_pipeline(device: torch.device, seed: int = 0):
-    """A FluxPipeline of random modules: flux-tiny transformer, two-level VAE, no text encoders."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    transformer = build_flux("flux-tiny", seed=seed, device=device)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=16, scaling_factor=0.3611,
-                        shift_factor=0.1159).to(device=device, dtype=torch.bfloat16)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-
-
-def prompt_inputs(pipe, prompts: list[str], tiny: bool, device: torch.device, seed: int) -> list[dict]:
-    """Per prompt, what the pipeline takes: the text itself, or (tiny pipeline) seeded embeddings."""
-    if not tiny:
-        return [{"prompt": p} for p in prompts]
-    cfg = pipe.transformer.config
-    out = []
-    for i, _ in enumerate(prompts):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
-        out.append({"prompt_embeds": torch.randn(1, 32, cfg.joint_attention_dim, generator=g).to(device, torch.bfloat16),
-                     "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=g).to(
-                         device, torch.bfloat16)})
-    return out
-
-
-def generate(pipe, inputs: list[dict], size: int, steps: int, seed: int, device: torch.device) -> list[torch.Tensor]:
-    """One image per prompt input, each from its own seeded generator: float [3, H, W] in [0, 1]."""
-    images = []
+def make_images(pipe, inputs: list[dict], size: int, steps: int, seed: int,
+                timer: StepTimer | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """One image per prompt input, each from its own seeded generator: float [3, H, W] in [0, 1]; and the
+    milliseconds of each denoising step after each call's first."""
+    images, step_ms = [], []
     for i, kw in enumerate(inputs):
         g = torch.Generator(device="cpu").manual_seed(seed + i)
+        if timer:
+            timer.start()
         out = pipe(**kw, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, generator=g,
-                   output_type="pt")
+                   output_type="pt", callback_on_step_end=timer)
         images.append(out.images[0].float().cpu().clamp(0, 1))
-    return images
+        if timer:
+            step_ms += timer.step_ms()[1:]
+    return images, step_ms
 
 
 # ---- the evaluation ----
@@ -131,6 +112,7 @@ class EvalRow:
     ssim_min: float
     lpips_mean: float | None
     seconds: float
+    ms_per_step: float | None = None  # median over the steps after each call's first
     per_image: list[dict] = field(default_factory=list)
 
 
@@ -174,37 +156,33 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
              out_dir: str = "eval_out", progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
+    for plan in plans:
+        make_plan(plan)  # an unknown plan fails before any image is made
     dev = resolve_device(device)
     tiny = model_path is None
-    if tiny:
-        pipe = tiny_pipeline(dev, seed)
-    else:
-        from diffusers import FluxPipeline
-
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(f"--model {model_path!r} is not a folder: give a local FLUX.1-dev pipeline folder "
-                                    "(with model_index.json); nothing is downloaded")
-        pipe = FluxPipeline.from_pretrained(model_path, torch_dtype=torch.bfloat16).to(dev)
+    pipe = random_pipeline("flux-tiny", dev, seed) if tiny else load_pipeline(model_path).to(dev)
     pipe.set_progress_bar_config(disable=True)
     prompts = prompts or DEFAULT_PROMPTS
     size = size or (64 if tiny else 1024)
     steps = steps or (4 if tiny else 28)
-    inputs = prompt_inputs(pipe, prompts, tiny, dev, seed)
+    inputs = (random_prompt_embeds(pipe.transformer, len(prompts), 32, dev, seed) if tiny
+              else [{"prompt": p} for p in prompts])
     lpips_fn, lpips_note = lpips_metric()
+    timer = StepTimer(dev)
 
     bf16_transformer = pipe.transformer
-    images = {"bf16": generate(pipe, inputs, size, steps, seed, dev)}
+    images = {"bf16": make_images(pipe, inputs, size, steps, seed)[0]}
     rows = []
     t0 = time.perf_counter()
-    ref_again = generate(pipe, inputs, size, steps, seed, dev)  # the identical pipeline: the metrics' own floor
-    rows.append(_row("bf16 (again)", compare(images["bf16"], ref_again, lpips_fn), time.perf_counter() - t0))
+    ref_again, step_ms = make_images(pipe, inputs, size, steps, seed, timer)  # the metrics' own floor
+    rows.append(_row("bf16 (again)", compare(images["bf16"], ref_again, lpips_fn), time.perf_counter() - t0, step_ms))
     for plan in tqdm(plans, desc="plans", disable=not progress):
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        pipe.transformer = convrot_compile(copy.deepcopy(bf16_transformer), plan=plan, release_weights=False,
-                                           progress=False, in_place=True)
-        images[plan] = generate(pipe, inputs, size, steps, seed, dev)
-        rows.append(_row(plan, compare(images["bf16"], images[plan], lpips_fn), time.perf_counter() - t0))
+        pipe.transformer = convrot_compile(copy.deepcopy(bf16_transformer), plan=plan, progress=False)
+        make_images(pipe, inputs[:1], size, steps, seed)  # compiles (and captures CUDA graphs) outside the timing
+        images[plan], step_ms = make_images(pipe, inputs, size, steps, seed, timer)
+        rows.append(_row(plan, compare(images["bf16"], images[plan], lpips_fn), time.perf_counter() - t0, step_ms))
         pipe.transformer = bf16_transformer
     torch._dynamo.reset()
     written = save_images(images, out_dir)
@@ -216,10 +194,11 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
     return result
 
 
-def _row(plan: str, m: dict, seconds: float) -> EvalRow:
+def _row(plan: str, m: dict, seconds: float, step_ms: list[float]) -> EvalRow:
     lp = m["lpips"]
     return EvalRow(plan, sum(m["psnr"]) / len(m["psnr"]), min(m["psnr"]), sum(m["ssim"]) / len(m["ssim"]),
                    min(m["ssim"]), sum(lp) / len(lp) if lp else None, seconds,
+                   statistics.median(step_ms) if step_ms else None,
                    [{"psnr": p, "ssim": s} for p, s in zip(m["psnr"], m["ssim"])])
 
 
@@ -228,8 +207,10 @@ def format_eval(result: dict) -> str:
 
     table = tabulate([[r["plan"], f"{r['psnr_mean']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim_mean']:.4f}",
                        f"{r['ssim_min']:.4f}", "-" if r["lpips_mean"] is None else f"{r['lpips_mean']:.4f}",
-                       f"{r['seconds']:.1f}"] for r in result["rows"]],
-                     headers=["vs bf16 images", "PSNR dB mean", "PSNR min", "SSIM mean", "SSIM min", "LPIPS", "s"],
+                       f"{r['seconds']:.1f}", "-" if r.get("ms_per_step") is None else f"{r['ms_per_step']:.1f}"]
+                      for r in result["rows"]],
+                     headers=["vs bf16 images", "PSNR dB mean", "PSNR min", "SSIM mean", "SSIM min", "LPIPS", "s",
+                              "ms per step"],
                      tablefmt="github")
     return (f"model: {result['model']} | device: {result['device']} | {result['size']}x{result['size']}, "
             f"{result['steps']} steps, {len(result['prompts'])} prompts, seed {result['seed']}\n{table}\n"

@@ -31,13 +31,16 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
     drawn on ``device`` (so the same seed gives other weights on CPU and CUDA)."""
     from diffusers import FluxTransformer2DModel
 
-    cfg = FLUX_CONFIGS[config] if isinstance(config, str) else dict(config)
     if isinstance(config, str) and config not in FLUX_CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {tuple(FLUX_CONFIGS)}")
+    cfg = FLUX_CONFIGS[config] if isinstance(config, str) else dict(config)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg)
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules FLUX does not have. Cast on
+    # meta, so that the device only ever holds the model in its dtype (the peak a checkpoint load has).
+    model = nn.Module.to(model, dtype).eval()
     if torch.device(device).type == "meta":  # shapes only, e.g. to inspect FLUX.1-dev on a small machine
-        return nn.Module.to(model, dtype).eval()
+        return model
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -49,8 +52,7 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
         for _, b in model.named_buffers():
             if b.is_floating_point():
                 b.zero_()
-    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules FLUX does not have.
-    return nn.Module.to(model, dtype).eval()
+    return model
 
 
 def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
@@ -105,16 +107,27 @@ def make_flux_inputs(model, height: int = 1024, width: int = 1024, text_tokens: 
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of storage held by a model's parameters and buffers (each storage counted once,
-    so weights released by convrot_compiler.compile count as what they still hold)."""
+    """Bytes of storage held by a model's parameters and buffers (each storage counted once, so weights
+    released by convrot_compiler.compile count as what they still hold; a tensor subclass such as
+    torchao's float8 weights counts the tensors it is made of)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        st = t.untyped_storage()
-        key = (st.data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
+        for st in _storages(t):
+            key = (st.data_ptr(), st.device)
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
     return total
+
+
+def _storages(t: torch.Tensor):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

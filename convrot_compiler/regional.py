@@ -3,8 +3,8 @@ transformer blocks) instead of the whole model, as diffusers' ``compile_repeated
 
 One compiled graph serves every instance of a class: Dynamo passes each instance's parameters as
 graph inputs, and the backend looks its prepared weights up by parameter at every call (weights.py).
-So the plan must treat every instance of a class alike. Names inside a block's graph are relative to
-the block: the block's plan is the whole-model plan's decisions written out per relative name.
+Instances the plan treats alike share a graph; names inside a block's graph are relative to the block,
+so a unit's plan is the whole-model plan's decisions written out per relative name.
 Each other top-level child that holds a quantized linear (FLUX: the time/text embedders, norm_out)
 is compiled alone, so the decisions are those of a whole-model compile; what runs eagerly is the
 glue between them. A linear in a top-level child that also holds blocks, or in a top-level torch.nn
@@ -14,6 +14,7 @@ module (whose frames Dynamo skips when compiled alone), stays bf16, with the rea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -25,12 +26,30 @@ def _inside(name: str, module: str) -> bool:
     return name.startswith(module + ".")
 
 
+def repeated_block_classes(model: nn.Module) -> list[str]:
+    """The class names of a model's repeated blocks: its ``_repeated_blocks`` (diffusers), else the class of
+    each ``ModuleList`` holding two or more modules of one class that is not a torch.nn module. Empty when
+    it has neither."""
+    declared = getattr(model, "_repeated_blocks", None)
+    if declared:
+        return list(declared)
+    found: list[str] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            classes = {type(m) for m in module}
+            cls = next(iter(classes))
+            if len(classes) == 1 and not cls.__module__.startswith("torch.nn") and cls.__name__ not in found:
+                found.append(cls.__name__)
+    return found
+
+
 def block_classes(model: nn.Module, regional: bool | Sequence[str]) -> list[str]:
-    """The class names to compile: ``regional`` itself, or the model's ``_repeated_blocks`` (diffusers)."""
-    classes = list(getattr(model, "_repeated_blocks", None) or []) if regional is True else list(regional)
+    """The class names to compile: ``regional`` itself, or the model's repeated blocks."""
+    classes = repeated_block_classes(model) if regional is True else list(regional)
     if not classes or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"regional compilation needs the class names of the repeated blocks: "
-                         f"{type(model).__name__} has no _repeated_blocks attribute; pass regional=['BlockClass', ...]")
+                         f"{type(model).__name__} has no _repeated_blocks attribute and no ModuleList of one block "
+                         "class; pass regional=['BlockClass', ...], or regional=False to compile the whole model")
     return classes
 
 
@@ -70,14 +89,24 @@ def compiled_units(model: nn.Module, instances: dict[str, list[str]],
     return units, eager
 
 
+@dataclass
+class CompileUnit:
+    """Modules compiled under one plan. Instances of one block class that get the same plan share a graph;
+    a plan that tells instances apart (the FLUX mix keeps block 18's MLP outputs bf16) gives them units of
+    their own."""
+
+    name: str  # the block class, or the top-level child
+    modules: list[str]
+    plan: Plan
+
+
 def unit_plans(plan: Plan, decisions: list[LayerDecision], units: dict[str, list[str]],
-               eager: dict[str, str]) -> dict[str, Plan]:
-    """One plan per unit, with a rule per linear (name relative to the unit's module -> precision).
-    Decisions of linears in no unit become bf16 in place, with the reason (``eager``: why, by top-level
-    child). Raises when the whole-model plan gives instances of one block class different precisions:
-    one graph cannot serve them."""
+               eager: dict[str, str]) -> list[CompileUnit]:
+    """The units to compile, each with a plan of one rule per linear (name relative to the module ->
+    precision). Decisions of linears in no unit become bf16 in place, with the reason (``eager``: why, by
+    top-level child)."""
     owner = {name: unit for unit, names in units.items() for name in names}
-    per_unit: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in units}
+    per_module: dict[str, dict[str, str]] = {name: {} for name in owner}
     for d in decisions:
         module = next((m for m in owner if d.name == m or _inside(d.name, m)), None)
         if module is None:
@@ -87,11 +116,14 @@ def unit_plans(plan: Plan, decisions: list[LayerDecision], units: dict[str, list
                 d.reason = f"regional compilation runs it eagerly: {why}"
                 d.bytes_after = d.bytes_before
             continue
-        unit, rel = owner[module], d.name[len(module) + 1:]
-        seen = per_unit[unit].setdefault(rel, (d.precision, d.name))
-        if seen[0] != d.precision:
-            raise ValueError(f"regional compilation compiles one graph per block class, but the plan gives "
-                             f"{seen[1]} {seen[0]} and {d.name} {d.precision}; use a plan that treats every "
-                             f"{unit} alike, or compile without regional")
-    return {unit: Plan(f"{plan.name} ({unit})", tuple((rel, p) for rel, (p, _) in rules.items()))
-            for unit, rules in per_unit.items()}
+        per_module[module][d.name[len(module) + 1:]] = d.precision
+    out = []
+    for unit, names in units.items():
+        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for name in names:
+            groups.setdefault(tuple(sorted(per_module[name].items())), []).append(name)
+        for rules, members in groups.items():
+            label = unit if len(groups) == 1 else f"{unit}: {members[0]}" + (
+                f" and {len(members) - 1} more" if len(members) > 1 else "")
+            out.append(CompileUnit(unit, members, Plan(f"{plan.name} ({label})", rules)))
+    return out

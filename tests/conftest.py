@@ -31,3 +31,10 @@ def fresh_dynamo():
 @pytest.fixture
 def assert_gelu_epilogue_close():
     return _assert_gelu_epilogue_close
+
+
+@pytest.fixture
+def no_grad():
+    """The test runs under torch.no_grad(), as a pipeline runs its transformer: compiled models are inference-only."""
+    with torch.no_grad():
+        yield

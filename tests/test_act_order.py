@@ -21,7 +21,7 @@ from convrot_compiler.rotations import GroupHadamardRotation
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
 
 def test_mma_order_is_the_accumulator_fragment_of_each_lane():
@@ -146,7 +146,7 @@ def test_compiler_prepares_and_quantizes_in_the_chosen_order(monkeypatch):
     results = {}
     for order in ("natural", "mma"):
         monkeypatch.setattr(backend, "act_order_for", lambda *args, order=order: order)
-        results[order] = cc.compile(_model(), plan="w4a4", progress=False)(x)
+        results[order] = cc.compile(_model(), plan="w4a4", progress=False, regional=False)(x)
         report = REPORTS[-1]
         assert [d.extra.get("act_order") for d in report.decisions if d.precision != "bf16"] == [order] * 3
         quantizations = [n for n in report.graph_modules["after"].graph.nodes

@@ -15,7 +15,7 @@ from convrot_compiler.inspect import inspect
 from convrot_compiler.models import build_flux, make_flux_inputs, relative_error
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
 
 def _bshd(b, s, h, d, seed=0, scale=1.0):
@@ -91,7 +91,7 @@ def test_flux_attentions_run_in_fp8_when_asked():
     for mode in ("keep", "fp8"):
         torch._dynamo.reset()
         reports[mode] = []
-        compiled = cc.compile(build_flux("flux-tiny"), plan="none", attention=mode, progress=False,
+        compiled = cc.compile(build_flux("flux-tiny"), plan="none", attention=mode, progress=False, regional=False,
                               report=reports[mode].append)
         outs[mode] = compiled(**kwargs)[0]
     (keep,), (fp8,) = reports["keep"], reports["fp8"]
@@ -108,7 +108,7 @@ def test_fp8_attention_with_w4a4_plan_and_inductor():
     with torch.no_grad():
         ref = model(**kwargs)[0]
     reports = []
-    compiled = cc.compile(model, plan="w4a4", attention="fp8", inductor=True, progress=False, report=reports.append)
+    compiled = cc.compile(model, plan="w4a4", attention="fp8", inductor=True, progress=False, regional=False, report=reports.append)
     out = compiled(**kwargs)[0]
     assert reports[0].rewritten > 0 and all(a.precision == "fp8" for a in reports[0].attention)
     assert 0 < relative_error(out, ref) < 0.5
@@ -117,7 +117,7 @@ def test_fp8_attention_with_w4a4_plan_and_inductor():
 def test_rewritten_graph_equals_the_eager_model_with_fp8_attention(monkeypatch):
     model = build_flux("flux-tiny")
     kwargs = make_flux_inputs(model, 128, 128, 16).kwargs
-    compiled = cc.compile(model, plan="none", attention="fp8", inductor=False, progress=False)
+    compiled = cc.compile(model, plan="none", attention="fp8", inductor=False, progress=False, regional=False)
     out = compiled(**kwargs)[0]
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fp8_scaled_dot_product_attention)
     with torch.no_grad():

@@ -18,7 +18,8 @@ def _why_not() -> str | None:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or _why_not() is not None,
-                                                  reason=str(torch.cuda.is_available() and _why_not()))]
+                                                  reason=str(torch.cuda.is_available() and _why_not())),
+              pytest.mark.usefixtures("no_grad")]
 
 
 def _qkv(b, s, h, d, layout, seed=0):
@@ -49,10 +50,12 @@ def test_cudnn_fp8_attention_matches_the_reference(b, s, layout):
     assert relative_error(got, exact) < 0.1
 
 
-def _compiled_forward(model, kwargs, **options):
+def _compiled_forward(kwargs, **options):
+    """A fresh flux-dev-short (the seed's weights) compiled in place, run once."""
     torch._dynamo.reset()
     reports = []
-    out = cc.compile(model, plan="none", progress=False, release_weights=False, report=reports.append,
+    model = build_flux("flux-dev-short", device="cuda")
+    out = cc.compile(model, plan="none", progress=False, release_weights=False, report=reports.append, regional=False,
                      **options)(**kwargs)[0]
     return out, [a for r in reports for a in r.attention]
 
@@ -64,11 +67,11 @@ def test_flux_dev_widths_with_fp8_attention(monkeypatch):
     to round where eager does, it departs from eager no more than the stock compile does."""
     model = build_flux("flux-dev-short", device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
-    graph_only, decisions = _compiled_forward(model, kwargs, attention="fp8", inductor=False)
+    graph_only, decisions = _compiled_forward(kwargs, attention="fp8", inductor=False)
     assert [a.precision for a in decisions] == ["fp8"] * 4
     monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
-    fp8_inductor, _ = _compiled_forward(model, kwargs, attention="fp8")
-    keep_inductor, _ = _compiled_forward(model, kwargs, attention="keep")
+    fp8_inductor, _ = _compiled_forward(kwargs, attention="fp8")
+    keep_inductor, _ = _compiled_forward(kwargs, attention="keep")
     with torch.no_grad():
         eager = model(**kwargs)[0]
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fp8_scaled_dot_product_attention)

@@ -11,7 +11,7 @@ from convrot_compiler import benchmark as bench_model  # noqa: E402
 
 def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     result = bench_model.main(["--config", "flux-tiny", "--resolution", "128", "--text-tokens", "16",
-                               "--variants", "bf16,w4a4,w4a4-regional,fp8", "--iters", "2", "--device", "cpu",
+                               "--variants", "bf16,w4a4,w4a4-whole,fp8", "--iters", "2", "--device", "cpu",
                                "--out", str(tmp_path), "--name", "smoke"])
     data = json.loads((tmp_path / "smoke.json").read_text())
     md = (tmp_path / "smoke.md").read_text()
@@ -21,9 +21,9 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert rows["w4a4"]["weight_ratio_vs_bf16"] < 0.3
     assert rows["w4a4"]["speedup_vs_bf16"] > 0
     assert rows["bf16"]["ms"] > 0 and rows["w4a4"]["ms"] > 0
-    regional = rows["w4a4-regional"]  # the same layers quantized as w4a4, compiled region by region
-    assert 0 < regional["rel_err_vs_bf16"] < 0.1 and "one graph per block class" in regional["note"]
-    assert regional["weight_ratio_vs_bf16"] == rows["w4a4"]["weight_ratio_vs_bf16"]
+    whole = rows["w4a4-whole"]  # the same layers quantized as w4a4, the forward compiled as one graph
+    assert 0 < whole["rel_err_vs_bf16"] < 0.1 and "the whole forward as one graph" in whole["note"]
+    assert whole["weight_ratio_vs_bf16"] == rows["w4a4"]["weight_ratio_vs_bf16"]
     assert "fp8" in rows and (rows["fp8"]["ms"] is None) == rows["fp8"]["note"].startswith("skipped")
     assert "w4a4" in md and "x bf16-compile" in md
     assert result["rows"] == data["rows"]

@@ -15,7 +15,7 @@ from convrot_compiler.ops import quantize_activation, quantized_linear, quantize
 from convrot_compiler.weights import PREPARED
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
 
 def _rewritten_nodes(gm) -> int:
@@ -42,7 +42,7 @@ def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan,
     ref = _eager_reference(3, plan, rotation, kwargs)
     # the eager modules round each GEMM output to bf16 before the GELU; the default GELU epilogue does
     # not (tested against this path in test_gelu_runs_in_the_gemm_epilogue_...)
-    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False, gelu_epilogue=False)
+    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False, regional=False, gelu_epilogue=False)
     out = compiled(**kwargs)[0]
     report = REPORTS[-1]
     assert report.rewritten == expected > 0
@@ -54,7 +54,7 @@ def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan,
 
 def test_mix_plan_keeps_exactly_the_paper_exceptions():
     model = build_flux("flux-tiny", seed=0)
-    cc.compile(model, plan="mix", progress=False)(**_inputs(model))
+    cc.compile(model, plan="mix", progress=False, regional=False)(**_inputs(model))
     by_name = {d.name: d.precision for d in REPORTS[-1].decisions}
     w8 = sorted(n for n, p in by_name.items() if p == "w8a8")
     assert w8 == ["single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.attn.to_v",
@@ -67,12 +67,12 @@ def test_weights_are_prepared_once_and_float_storage_released():
     before_bytes = model_bytes(model)
     n_quant = sum(d.precision != "bf16" for d in plan_linears(model, "w4a4"))
     start = PREPARED.prepared_count
-    compiled = cc.compile(model, progress=False)
+    compiled = cc.compile(model, progress=False, regional=False)
     assert PREPARED.prepared_count - start == n_quant
     compiled(**kwargs)
     compiled(**kwargs)
     assert PREPARED.prepared_count - start == n_quant
-    prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
+    prepared = sum(d.bytes_after for d in compiled.convrot_decisions if d.precision != "bf16")
     assert model_bytes(model) + prepared < 0.3 * before_bytes
 
 
@@ -99,7 +99,7 @@ def test_new_sequence_length_recompiles_and_stays_correct():
     small, large = _inputs(model, 128, 16), _inputs(model, 192, 24, seed=1)
     refs = [_eager_reference(4, "w4a4", "regular", k) for k in (small, large)]
     graphs = []
-    compiled = cc.compile(model, progress=False, gelu_epilogue=False,  # bit-equal to the eager modules
+    compiled = cc.compile(model, progress=False, regional=False, gelu_epilogue=False,  # bit-equal to the eager modules
                           report=graphs.append)
     outs = [compiled(**k)[0] for k in (small, large)]
     assert len(graphs) == 2  # dynamic=False: one graph per sequence length
@@ -110,7 +110,7 @@ def test_new_sequence_length_recompiles_and_stays_correct():
 def test_compiled_graph_holds_no_weight_constants():
     """Prepared weights are graph inputs, so nothing large can land in a compile-cache entry."""
     model = build_flux("flux-tiny", seed=0)
-    cc.compile(model, progress=False)(**_inputs(model))
+    cc.compile(model, progress=False, regional=False)(**_inputs(model))
     gm = REPORTS[-1].graph_modules["after"]
     assert not any(n.op == "get_attr" for n in gm.graph.nodes)
     assert sum(t.numel() for t in list(gm.parameters()) + list(gm.buffers())) == 0
@@ -136,8 +136,21 @@ def test_bad_options_and_grad_mode_give_clear_errors():
     with pytest.raises(ValueError, match="power of 4"):
         validate_options({"group_size": 128})
     lin = nn.Sequential(nn.Linear(256, 64))
-    with pytest.raises(Exception, match="inference-only"):
+    with torch.enable_grad(), pytest.raises(Exception, match="inference-only"):
         torch.compile(lin, backend="convrot")(torch.randn(4, 256))
+
+
+def test_the_stock_backend_without_options_is_the_w4a4_default():
+    """torch.compile drops an empty options dict: no options, {} and the explicit default all quantize alike."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(256, 64)).bfloat16()
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    outs = []
+    for kwargs in ({}, {"options": {}}, {"options": {"plan": "w4a4"}}):
+        torch._dynamo.reset()
+        outs.append(torch.compile(lin, backend="convrot", **kwargs)(x))
+        assert REPORTS[-1].rewritten == 1 and REPORTS[-1].plan == "w4a4"
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], lin(x))
 
 
 def test_layers_left_alone_carry_their_reason():
@@ -194,7 +207,7 @@ def test_inductor_path_on_cpu_matches_reference(gemm):
     ref = nn.Sequential(cc.ConvLinear4bit.from_linear(model[0]), nn.GELU(), cc.ConvLinear4bit.from_linear(model[2]))
     with torch.no_grad():
         expected = ref(x)
-    out = cc.compile(model, inductor=True, gemm=gemm, progress=False)(x)
+    out = cc.compile(model, inductor=True, gemm=gemm, progress=False, regional=False)(x)
     if gemm == "template":
         assert inductor_gemm.is_registered()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -209,7 +222,7 @@ def test_template_gemm_form_equals_the_opaque_kernel_form():
     quantize_model(ref_model, "w4a4", progress=False)
     with torch.no_grad():
         ref = ref_model(**kwargs)[0]
-    out = cc.compile(model, plan="w4a4", gemm="template", progress=False)(**kwargs)[0]
+    out = cc.compile(model, plan="w4a4", gemm="template", progress=False, regional=False)(**kwargs)[0]
     report = REPORTS[-1]
     assert report.gemm == "template"
     gemms = [n for n in report.graph_modules["after"].graph.nodes if n.target is quantized_matmul]
@@ -239,7 +252,7 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
     model = nn.Sequential(nn.Linear(512, 256), nn.GELU()).to(torch.bfloat16)
-    cc.compile(model, inductor=True, progress=False)(torch.randn(24, 512, dtype=torch.bfloat16))
+    cc.compile(model, inductor=True, progress=False, regional=False)(torch.randn(24, 512, dtype=torch.bfloat16))
     # packed int4 values, scales, the 16x16 Hadamard factor (in the activations' dtype: no cast per call)
     assert seen == [((256, 256), torch.int8), ((256,), torch.float32), ((16, 16), torch.bfloat16)]
 
@@ -251,10 +264,10 @@ def test_gelu_and_concatenation_fold_into_the_activation_quantization():
     from convrot_compiler.ops import quantize_cat_activation
 
     kwargs = _inputs(build_flux("flux-tiny", seed=2))
-    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=False,
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, regional=False, fuse_producers=False,
                        gelu_epilogue=False)(**kwargs)[0]
     torch._dynamo.reset()
-    out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers="gelu",
+    out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, regional=False, fuse_producers="gelu",
                      gelu_epilogue=False)(**kwargs)[0]
     report = REPORTS[-1]
     gm = report.graph_modules["after"]
@@ -277,11 +290,11 @@ def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantizatio
     model = build_flux("flux-tiny", seed=2)
     dim = model.config.num_attention_heads * model.config.attention_head_dim
     kwargs = _inputs(model)
-    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, fuse_producers=False,
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, regional=False, fuse_producers=False,
                        gelu_epilogue=False)(**kwargs)[0]
     cats_before = sum(n.target is torch.cat for n in REPORTS[-1].graph_modules["after"].graph.nodes)
     torch._dynamo.reset()
-    out = cc.compile(model, plan="w4a4", progress=False)(**kwargs)[0]
+    out = cc.compile(model, plan="w4a4", progress=False, regional=False)(**kwargs)[0]
     report = REPORTS[-1]
     gm = report.graph_modules["after"]
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -297,7 +310,7 @@ def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantizatio
         build_flux("flux-tiny", device="meta"), example_kwargs=make_flux_inputs(
             build_flux("flux-tiny", device="meta"), 128, 128, 16, device="meta").kwargs, plan="w4a4").summary()
     with pytest.raises(ValueError, match="gelu_epilogue"):
-        cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, gemm="template", gelu_epilogue=True)
+        cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, regional=False, gemm="template", gelu_epilogue=True)
 
 
 def test_producer_fusion_leaves_other_patterns_alone():
@@ -357,12 +370,12 @@ def test_adaln_normalization_folds_into_the_activation_quantization(plan):
     from convrot_compiler.ops import quantize_norm_activation
 
     kwargs = _inputs(build_flux("flux-tiny", seed=2))
-    plain = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False)(**kwargs)[0]
+    plain = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False, regional=False)(**kwargs)[0]
     norms_before = sum(n.target is torch.nn.functional.layer_norm
                        for n in REPORTS[-1].graph_modules["after"].graph.nodes)
     torch._dynamo.reset()
     reports = []
-    out = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False, fuse_norms=True,
+    out = cc.compile(build_flux("flux-tiny", seed=2), plan=plan, progress=False, regional=False, fuse_norms=True,
                      report=reports.append)(**kwargs)[0]
     gm = reports[-1].graph_modules["after"]
     fused = [n for n in gm.graph.nodes if n.target is quantize_norm_activation]

@@ -16,7 +16,7 @@ from convrot_compiler.models import build_flux, make_flux_inputs, model_bytes, r
 from convrot_compiler.modules import plan_linears, quantize_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-              pytest.mark.usefixtures("fresh_dynamo")]
+              pytest.mark.usefixtures("fresh_dynamo", "no_grad")]
 
 
 @pytest.mark.parametrize("dims", [(3072, 3072), (3072, 12288), (15360, 3072)])
@@ -100,24 +100,24 @@ def test_flux_dev_widths(plan, gemm, fusion):
     expected = sum(d.precision != "bf16" for d in plan_linears(model, plan))
     # without Inductor, bit-equal to the eager modules (which round each GEMM output to bf16 before the GELU)
     plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), plan=plan, inductor=False, progress=False,
-                       gelu_epilogue=False)
+                       gelu_epilogue=False, regional=False)
     torch.testing.assert_close(plain(**kwargs)[0], ref, rtol=0, atol=0)
     assert REPORTS[-1].rewritten == expected
     torch._dynamo.reset()
     before = model_bytes(model)
-    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm, **FUSIONS[fusion])
+    compiled = cc.compile(model, plan=plan, inductor=True, progress=False, gemm=gemm, regional=False, **FUSIONS[fusion])
     out = compiled(**kwargs)[0]
     assert REPORTS[-1].rewritten == expected and torch.isfinite(out).all() and REPORTS[-1].gemm == gemm
     assert (REPORTS[-1].fused_producers, REPORTS[-1].gelu_epilogues) == FUSED[gemm, fusion]
-    assert compiled.cuda_graphs
+    assert compiled is model and compiled.forward.replay is not None
     other = make_flux_inputs(model, 512, 512, 128, seed=1, device="cuda").kwargs
     replayed = compiled(**other)[0]
     with torch.no_grad():
-        launched = compiled.compiled(**other)[0]  # the same compiled forward, kernels launched one by one
+        launched = compiled.forward.inner(**other)[0]  # the same compiled forward, kernels launched one by one
     torch.testing.assert_close(replayed, launched, rtol=0, atol=0)
     assert not torch.equal(replayed, out)
     assert relative_error(out, ref) < 2 * stock_departure + 0.05
-    prepared = sum(d.bytes_after for d in compiled.decisions if d.precision != "bf16")
+    prepared = sum(d.bytes_after for d in compiled.convrot_decisions if d.precision != "bf16")
     assert model_bytes(model) + prepared < (0.3 if plan == "w4a4" else 0.4) * before
 
 
@@ -159,18 +159,19 @@ def test_regional_compile_at_flux_dev_widths_matches_the_whole_model_compile():
         bf16 = build_flux("flux-dev-short", seed=0, device="cuda")(**kwargs)[0]
         stock = torch.compile(build_flux("flux-dev-short", seed=0, device="cuda"))(**kwargs)[0]
     torch._dynamo.reset()
-    whole = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False)
+    whole = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False, regional=False)
     ref = whole(**kwargs)[0]
     torch._dynamo.reset()
     graphs = []
     regional = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), regional=True, progress=False,
                           report=graphs.append)
     out = regional(**kwargs)[0]
-    assert regional.cuda_graphs and len(graphs) <= 5
-    assert [(d.name, d.precision) for d in regional.decisions] == [(d.name, d.precision) for d in whole.decisions]
+    assert regional.forward.replay is not None and len(graphs) <= 5
+    assert [(d.name, d.precision) for d in regional.convrot_decisions] == [
+        (d.name, d.precision) for d in whole.convrot_decisions]
     assert relative_error(out, ref) < 2 * relative_error(stock, bf16) + 0.05
     with torch.no_grad():
-        torch.testing.assert_close(regional(**kwargs)[0], regional.compiled(**kwargs)[0], rtol=0, atol=0)
+        torch.testing.assert_close(regional(**kwargs)[0], regional.forward.inner(**kwargs)[0], rtol=0, atol=0)
 
 
 def test_adaln_norm_fusion_at_flux_dev_widths():
@@ -183,14 +184,15 @@ def test_adaln_norm_fusion_at_flux_dev_widths():
         bf16 = build_flux("flux-dev-short", seed=0, device="cuda")(**kwargs)[0]
         stock = torch.compile(build_flux("flux-dev-short", seed=0, device="cuda"))(**kwargs)[0]
     torch._dynamo.reset()
-    plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False)(**kwargs)[0]
+    plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False,
+                       regional=False)(**kwargs)[0]
     torch._dynamo.reset()
     reports = []
     fused = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), progress=False, fuse_norms=True,
-                       report=reports.append)
+                       report=reports.append, regional=False)
     out = fused(**kwargs)[0]
     counts = [r.fused_norms for r in reports]
-    assert fused.cuda_graphs and sum(counts) == 2 * 4 + 2, counts
+    assert fused.forward.replay is not None and sum(counts) == 2 * 4 + 2, counts
     errors = dict(fused_vs_plain=relative_error(out, plain), stock_vs_eager=relative_error(stock, bf16),
                   plain_vs_eager=relative_error(plain, bf16), fused_vs_eager=relative_error(out, bf16))
     assert errors["fused_vs_plain"] < 2 * errors["stock_vs_eager"] + 0.05, errors

@@ -32,6 +32,7 @@ def test_tiny_pipeline_eval_scores_identical_runs_perfect_and_writes_images(tmp_
     rows = {r["plan"]: r for r in result["rows"]}
     assert rows["bf16 (again)"]["psnr_min"] == math.inf and rows["bf16 (again)"]["ssim_min"] == pytest.approx(1.0)
     w4 = rows["w4a4"]
+    assert w4["ms_per_step"] > 0 and rows["bf16 (again)"]["ms_per_step"] > 0
     assert math.isfinite(w4["psnr_mean"]) and w4["psnr_min"] > 20 and 0.9 < w4["ssim_min"] < 1
     assert REPORTS[-1] is not last_before and REPORTS[-1].rewritten > 0  # the pipeline ran the convrot-compiled transformer
     from PIL import Image
@@ -50,4 +51,4 @@ def test_eval_cli_refuses_bad_input(tmp_path):
     assert proc.returncode != 0 and "no prompts" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "eval", "--model", str(tmp_path / "nope"),
                            "--device", "cpu", "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "not a folder" in proc.stderr
+    assert proc.returncode != 0 and "not a diffusers pipeline folder" in proc.stderr

@@ -102,10 +102,10 @@ def test_demo_cli_runs_on_cpu(tmp_path):
     assert r["weight_bytes_quantized"] < 0.35 * r["weight_bytes_bf16"]
 
 
-def test_demo_regional_quantizes_what_the_whole_model_compile_does():
+def test_demo_regional_default_quantizes_what_the_whole_model_compile_does():
     from convrot_compiler.demo import format_demo, run_demo
 
-    whole, regional = (run_demo(device="cpu", progress=False, regional=flag) for flag in (False, True))
+    whole, regional = (run_demo(device="cpu", progress=False, whole_model=flag) for flag in (True, False))
     assert regional.layers == whole.layers and regional.weight_bytes_quantized == whole.weight_bytes_quantized
     assert 0 < regional.rel_error < 0.1
     assert "regional" in format_demo(regional) and "regional" not in format_demo(whole)

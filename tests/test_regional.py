@@ -11,7 +11,7 @@ from convrot_compiler.modules import plan_linears, quantize_model
 from convrot_compiler.weights import is_released
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
 
 def _flux(seed=0):
@@ -29,7 +29,7 @@ def test_regional_compile_equals_eager_modules_with_one_graph_per_block_class():
     graphs = []
     compiled = cc.compile(model, regional=True, progress=False, gelu_epilogue=False, report=graphs.append)
     out = compiled(**kwargs)[0]
-    assert {d.name: d.precision for d in compiled.decisions} == whole
+    assert compiled is model and {d.name: d.precision for d in model.convrot_decisions} == whole
     assert len(graphs) <= 5, [g.plan for g in graphs]
     assert {g.plan for g in graphs} == {"w4a4 (FluxTransformerBlock)", "w4a4 (FluxSingleTransformerBlock)",
                                         "w4a4 (time_text_embed)", "w4a4 (norm_out)"}
@@ -85,7 +85,7 @@ def test_regional_compile_says_why_a_linear_runs_eagerly():
     compiled = cc.compile(model, plan=[("*", "w4a4")], regional=True, progress=False, report=graphs.append)
     x = torch.randn(2, 16, 256)
     out = compiled(x)
-    d = {x.name: x for x in compiled.decisions}
+    d = {x.name: x for x in model.convrot_decisions}
     assert [d[f"stack.blocks.{i}.lin"].precision for i in (0, 1)] == ["w4a4", "w4a4"] and len(graphs) == 1
     assert d["stack.head"].precision == "bf16" and "also holds repeated blocks" in d["stack.head"].reason
     assert d["embed"].precision == "bf16" and "torch.nn Linear" in d["embed"].reason
@@ -96,17 +96,34 @@ def test_regional_compile_says_why_a_linear_runs_eagerly():
         torch.testing.assert_close(out, model.stack.head(h), rtol=0, atol=0)
 
 
-def test_regional_compile_refuses_a_plan_that_tells_instances_apart():
-    """Before any weight is prepared or released: the model stays usable."""
+def test_instances_a_plan_tells_apart_get_graphs_of_their_own():
+    """The FLUX mix keeps block 18's MLP outputs bf16: instances with other precisions are compiled under
+    their own plan (a graph of their own), the others still share one, and the forward equals the eager
+    modules with the same decisions."""
     model = _flux()
-    with pytest.raises(ValueError, match="one graph per block class.*transformer_blocks.0.* w8a8 and transformer_blocks.1"):
-        cc.compile(model, plan=[("transformer_blocks.0.*", "w8a8"), ("*", "w4a4")], regional=True, progress=False)
-    assert not any(is_released(p) for p in model.parameters())
+    kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
+    plan = [("transformer_blocks.2.ff.net.2", "bf16"), ("single_transformer_blocks.3.attn.to_v", "w8a8"),
+            ("x_embedder", "bf16"), ("proj_out", "bf16"), ("*norm*.linear", "w4a16"), ("time_text_embed.*", "w4a16"),
+            ("*", "w4a4")]
+    graphs = []
+    cc.compile(model, plan=plan, progress=False, gelu_epilogue=False, report=graphs.append)
+    units = {tuple(u.modules) for u in model.forward.units}
+    assert {("transformer_blocks.0", "transformer_blocks.1"), ("transformer_blocks.2",),
+            ("single_transformer_blocks.0", "single_transformer_blocks.1", "single_transformer_blocks.2"),
+            ("single_transformer_blocks.3",)} <= units
+    out = model(**kwargs)[0]
+    assert {g.plan for g in graphs} >= {"custom (FluxTransformerBlock: transformer_blocks.2)",
+                                        "custom (FluxTransformerBlock: transformer_blocks.0 and 1 more)"}
+    decisions = {d.name: d.precision for d in model.convrot_decisions}
+    assert decisions["transformer_blocks.2.ff.net.2"] == "bf16" and decisions["transformer_blocks.1.ff.net.2"] == "w4a4"
+    ref = _flux()
+    quantize_model(ref, list(decisions.items()), progress=False)
+    torch.testing.assert_close(out, ref(**kwargs)[0], rtol=0, atol=0)
 
 
 def test_regional_compile_needs_block_classes():
     model = torch.nn.Sequential(torch.nn.Linear(256, 256))
-    with pytest.raises(ValueError, match="_repeated_blocks"):
+    with pytest.raises(ValueError, match="_repeated_blocks.*regional=False"):
         cc.compile(model, regional=True, progress=False)
     with pytest.raises(ValueError, match="no module of class"):
         cc.compile(model, regional=["FluxTransformerBlock"], progress=False)
@@ -121,13 +138,26 @@ def test_running_out_of_recompiles_says_what_to_raise():
             compiled(**make_flux_inputs(model, 96, 96, 16).kwargs)
 
 
-def test_regional_in_place_returns_the_model_with_its_blocks_compiled():
+def test_regional_is_the_default_where_blocks_repeat_and_finds_module_lists():
+    """FLUX declares _repeated_blocks; a model without it is searched for a ModuleList of one block class
+    (SD3's case); regional=False and a model without repeated blocks compile the whole forward."""
+    from convrot_compiler.regional import repeated_block_classes
+
     model = _flux()
     kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
-    with torch.no_grad():
-        out = cc.compile(model, regional=True, in_place=True, progress=False, gelu_epilogue=False)
-        assert out is model
-        assert all(b._compiled_call_impl is not None for b in model.single_transformer_blocks)
-        ref = _flux()
-        quantize_model(ref, [(d.name, d.precision) for d in model.convrot_decisions], progress=False)
-        torch.testing.assert_close(model(**kwargs)[0], ref(**kwargs)[0], rtol=0, atol=0)
+    cc.compile(model, progress=False, gelu_epilogue=False)
+    assert all(b._compiled_call_impl is not None for b in model.single_transformer_blocks)
+    assert {u.name for u in model.forward.units} == {"FluxTransformerBlock", "FluxSingleTransformerBlock",
+                                                     "time_text_embed", "norm_out"}
+    ref = _flux()
+    quantize_model(ref, [(d.name, d.precision) for d in model.convrot_decisions], progress=False)
+    torch.testing.assert_close(model(**kwargs)[0], ref(**kwargs)[0], rtol=0, atol=0)
+
+    class Undeclared(_Model):
+        _repeated_blocks = None
+
+    assert repeated_block_classes(Undeclared()) == ["_Block"]
+    assert repeated_block_classes(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))) == []
+    whole = _flux()
+    cc.compile(whole, progress=False, regional=False)
+    assert whole.forward.units == [] and all(b._compiled_call_impl is None for b in whole.single_transformer_blocks)

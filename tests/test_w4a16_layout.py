@@ -13,7 +13,7 @@ from convrot_compiler.quant import quantize_weight, quantized_nbytes, reference_
 from convrot_compiler.rotations import GroupHadamardRotation
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
 
 def test_tile_layout_holds_the_same_values_and_gives_the_same_linear():

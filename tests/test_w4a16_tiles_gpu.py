@@ -8,7 +8,8 @@ from convrot_compiler.kernels.weight_only_sm90 import supported, w4a16_gemm_tile
 from convrot_compiler.quant import pack_int4_tiles, quantize_weight, unpack_int4, weight_only_gemm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"),
+    pytest.mark.usefixtures("no_grad")]
 
 
 def _case(n, k, m, dtype, group_size=256, with_bias=True):

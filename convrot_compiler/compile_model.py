@@ -1,0 +1,191 @@
+"""``convrot_compiler.compile``: a model, or a diffusers pipeline, in; the same object out, compiled.
+
+model -> plan every linear -> prepare (rotate, quantize, pack) its weight once -> release the float
+weights -> torch.compile with the convrot backend, one graph per repeated block class (regional) or
+one for the whole forward -> the module's ``forward`` replaced by a ``CompiledForward`` that replays
+each input signature as one CUDA graph on CUDA.
+
+The module keeps its class, config, device, dtype, hooks and attention processors, so code that holds
+it (a diffusers pipeline's ``transformer``) runs it compiled without knowing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backend import CompileReport, convrot_backend, validate_options, weight_rotation, weight_spec
+from .cudagraphs import CUDAGraphReplay
+from .models import model_bytes
+from .modules import plan_linears
+from .plans import LayerDecision
+from .regional import CompileUnit, block_classes, block_instances, compiled_units, repeated_block_classes, unit_plans
+from .rotations import GroupHadamardRotation
+from .weights import PREPARED, release
+
+
+class CompiledForward:
+    """A convrot-compiled module's ``forward``: the compiled callable, replayed as CUDA graphs on CUDA.
+
+    ``inner`` is the compiled forward without replay (kernels launched one by one); ``replay`` the
+    CUDA-graph replay of it, or None."""
+
+    def __init__(self, inner: Callable, original: Callable, cuda_graphs: bool, max_graphs: int,
+                 units: list[CompileUnit]):
+        self.inner = inner
+        self.replay = CUDAGraphReplay(inner, max_graphs=max_graphs) if cuda_graphs else None
+        self.units = units
+        functools.update_wrapper(self, original)  # the signature pipelines inspect, the name, the docstring
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("a convrot-compiled model is inference-only: call it under torch.no_grad() or "
+                               "torch.inference_mode(), as diffusers pipelines do")
+        try:
+            return (self.replay or self.inner)(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            raise RuntimeError(
+                f"torch.compile's recompile limit ({limit}) is reached: every new input shape compiles the "
+                "graphs again (dynamic=False), and a regional compile has one or two graphs per block class and "
+                "shape. Raise torch._dynamo.config.recompile_limit before compiling for more shapes") from e
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a convrot-compiled model cannot be copied (its float weights are released and its "
+                        "graphs hold device memory): copy the model before convrot_compiler.compile")
+
+    def __reduce__(self):
+        raise TypeError("a convrot-compiled model cannot be pickled: save the original model, or its weights "
+                        "before convrot_compiler.compile")
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` was compiled by ``convrot_compiler.compile``."""
+    return isinstance(model.__dict__.get("forward"), CompiledForward)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights as it runs: its parameters and buffers (released weights count as the
+    one element they keep), plus the prepared weights of a convrot-compiled model."""
+    prepared = sum(d.extra.get("prepared_bytes", 0) for d in getattr(model, "convrot_decisions", []))
+    return model_bytes(model) + prepared
+
+
+def _target(obj) -> tuple[object | None, nn.Module]:
+    """(the pipeline or None, the module to compile)."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(obj, DiffusionPipeline):
+        transformer = getattr(obj, "transformer", None)
+        if not isinstance(transformer, nn.Module):
+            raise ValueError(f"{type(obj).__name__} has no transformer to compile (its components: "
+                             f"{sorted(obj.components)}); convrot compiles diffusion transformers")
+        return obj, transformer
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"convrot_compiler.compile takes an nn.Module or a diffusers pipeline, got "
+                        f"{type(obj).__name__}")
+    return None, obj
+
+
+def _regions(model: nn.Module, regional: bool | list[str] | None) -> list[str]:
+    """The block classes to compile one graph each for; empty for a whole-model compile."""
+    if regional is None:
+        return repeated_block_classes(model)
+    if regional is False:
+        return []
+    return block_classes(model, regional)
+
+
+def compile(model, plan="w4a4", group_size: int = 256, rotation: str = "regular",
+            inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
+            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
+            cuda_graphs: bool | None = None, max_graphs: int = 8,
+            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
+            gelu_epilogue: bool | None = None, regional: bool | list[str] | None = None, fuse_norms: bool = False,
+            attention: str = "keep"):
+    """Compile ``model`` with the convrot backend, in place, and return it.
+
+    ``model`` is an ``nn.Module`` (returned, the same object, its forward compiled) or a diffusers
+    pipeline (its ``transformer`` compiled in place; the pipeline returned). The layer decisions are
+    ``model.convrot_decisions``, the compile report of each graph ``model.convrot_reports``. Inference
+    only: call the model under ``torch.no_grad()`` or ``torch.inference_mode()``.
+
+    ``regional`` (default: when the model has repeated blocks, its ``_repeated_blocks`` or a ``ModuleList``
+    of one block class) compiles one graph per block class, and each other top-level module holding a
+    quantized linear alone (regional.py); ``False`` compiles the whole forward as one graph; a list of
+    class names picks the blocks.
+
+    With ``release_weights`` the float storage of every quantized weight is freed (the parameter keeps
+    its shape, dtype and device as a stride-0 view), so the model's resident weight memory drops to the
+    quantized size.
+
+    ``cuda_graphs`` (default: when the model is on CUDA) replays each input signature's forward as one
+    CUDA graph (cudagraphs.py), keeping at most ``max_graphs`` (least recently used dropped first);
+    outputs are fresh tensors. Turn it off if the forward must see changes to anything but its arguments.
+
+    The other options are the backend's (backend.DEFAULT_OPTIONS): ``fuse_gemms`` (Q/K/V as one GEMM),
+    ``gemm`` ("kernel" or "template"), ``gelu_epilogue``, ``fuse_producers``, ``fuse_norms``, ``attention``
+    ("keep" or "fp8"); the README explains each."""
+    pipeline, module = _target(model)
+    if is_compiled(module):
+        raise RuntimeError(f"this {type(module).__name__} is already compiled by convrot_compiler.compile; "
+                           "compile a fresh model")
+    reports: list[CompileReport] = []
+
+    def collect(r: CompileReport) -> None:
+        reports.append(r)
+        if report is not None:
+            report(r)
+
+    if report is not None and not callable(report):
+        raise TypeError("option 'report' must be a callable taking a CompileReport")
+    opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
+                             "report": collect, "fuse_gemms": fuse_gemms, "gemm": gemm,
+                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
+                             "fuse_norms": fuse_norms, "attention": attention})
+    rot = GroupHadamardRotation(rotation, group_size)
+    decisions = plan_linears(module, opts["plan"], group_size)
+    if not decisions:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
+    classes = _regions(module, regional)
+    units: list[CompileUnit] = []
+    if classes:
+        blocks, eager = compiled_units(module, block_instances(module, classes), decisions)
+        units = unit_plans(opts["plan"], decisions, blocks, eager)
+    _prepare(module, decisions, rotation, group_size, rot, release_weights, progress)
+    if cuda_graphs is None:
+        cuda_graphs = any(p.is_cuda for p in module.parameters())
+    original = module.forward
+    if units:
+        for unit in units:
+            unit_opts = {**opts, "plan": unit.plan}  # one dict per unit: Dynamo reuses its graph across its modules
+            for name in unit.modules:
+                module.get_submodule(name).compile(backend=convrot_backend, options=unit_opts, fullgraph=fullgraph,
+                                                   dynamic=dynamic)
+        inner = original
+    else:
+        inner = torch.compile(original, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
+    module.forward = CompiledForward(inner, original, cuda_graphs, max_graphs, units)
+    module.convrot_decisions = decisions
+    module.convrot_reports = reports
+    return module if pipeline is None else pipeline
+
+
+def _prepare(model: nn.Module, decisions: list[LayerDecision], rotation: str, group_size: int,
+             rot: GroupHadamardRotation, release_weights: bool, progress: bool) -> None:
+    """Prepare every quantized weight once (the compiled graphs look them up) and free its float storage
+    right away, so that the peak is the float model plus one layer's prepared weight, not plus all of them."""
+    from tqdm.auto import tqdm
+
+    todo = [d for d in decisions if d.precision != "bf16"]
+    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
+        lin = model.get_submodule(d.name)
+        spec = weight_spec(d.precision, rotation, group_size, lin.weight)
+        qw = PREPARED.get(lin.weight, spec, weight_rotation(d.precision, rot))
+        d.extra["prepared_bytes"] = qw.nbytes()
+        d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
+        if release_weights:
+            release(lin.weight)

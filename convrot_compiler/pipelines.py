@@ -1,0 +1,97 @@
+"""diffusers FLUX pipelines for the tools: a built-in random one (nothing downloaded) or a local
+checkpoint, prompt embeddings for the random one, and the time of each denoising step."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .models import FLUX_CONFIGS, build_flux
+
+# FLUX.1's VAE (16 latent channels, 8x downsampling), and a two-level one for CPU-sized pipelines.
+VAE_CONFIGS: dict[str, dict] = {
+    "flux": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                 use_quant_conv=False, use_post_quant_conv=False),
+    "tiny": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32),
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 layers_per_block=1, norm_num_groups=16, scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+
+def random_pipeline(config: str = "flux-tiny", device: torch.device | str = "cpu", seed: int = 0,
+                    transformer: torch.nn.Module | None = None):
+    """A FluxPipeline of seeded random modules: a built-in transformer config (or ``transformer``), FLUX's
+    VAE (a two-level one for flux-tiny), and no text encoders: pass prompt embeddings
+    (``random_prompt_embeds``). Its images are noise; its speed is the real model's."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    if config not in FLUX_CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose one of {tuple(FLUX_CONFIGS)}")
+    transformer = transformer if transformer is not None else build_flux(config, seed=seed, device=device)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIGS["tiny" if config == "flux-tiny" else "flux"])
+    vae = torch.nn.Module.to(vae, device=device, dtype=torch.bfloat16)  # ModelMixin.to warns of fp32 modules it has not
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def load_pipeline(path: str, dtype: torch.dtype = torch.bfloat16):
+    """A FluxPipeline from a local diffusers folder (with model_index.json), in CPU memory; nothing is
+    downloaded."""
+    from diffusers import FluxPipeline
+
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"--model {path!r} is not a diffusers pipeline folder (no model_index.json): give "
+                                "a local FLUX.1 checkpoint; nothing is downloaded")
+    return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def random_prompt_embeds(transformer: torch.nn.Module, count: int, text_tokens: int, device: torch.device | str,
+                         seed: int = 0) -> list[dict]:
+    """Seeded random prompt embeddings for a pipeline without text encoders, one dict of pipeline
+    arguments per prompt."""
+    cfg = transformer.config
+    out = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        out.append({"prompt_embeds": torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g).to(
+                        device, torch.bfloat16),
+                    "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=g).to(
+                        device, torch.bfloat16)})
+    return out
+
+
+class StepTimer:
+    """The time of each denoising step of a pipeline call, as its ``callback_on_step_end``.
+
+    On CUDA an event is recorded on the stream at the start and at the end of every step, so an
+    interval is what the GPU spent on that step, idle gaps included; on CPU, the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = []
+
+    def start(self) -> None:
+        self.marks = [self._mark()]
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.marks.append(self._mark())
+        return {}
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds of each step of the last call, the first one measured from ``start``."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
