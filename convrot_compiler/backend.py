@@ -259,8 +259,12 @@ def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     """torch.compile backend: ``torch.compile(model, backend="convrot", options={...})``.
 
     Options: see ``DEFAULT_OPTIONS``. Inference only: call the compiled model under
-    ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    ``torch.no_grad()`` or ``torch.inference_mode()``. Using it sets Dynamo's
+    ``fail_on_recompile_limit_hit``: a new input shape past ``torch._dynamo.config.recompile_limit`` raises
+    instead of running the model unquantized."""
     opts = validate_options(options)
+    # Past the recompile limit Dynamo would run the frame eagerly: unquantized, in silence. Make it an error.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if torch.is_grad_enabled():
         raise RuntimeError("the convrot backend is inference-only: run the compiled model under torch.no_grad() "
                            "or torch.inference_mode(), as diffusers pipelines do")

@@ -30,7 +30,7 @@ from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
 from .kernels.int_gemm import forced_schedule
 from .kernels.rotate_quant import forced_rotate_kernel
-from .models import build_flux, make_flux_inputs, model_bytes, relative_error
+from .models import build_flux, image_tokens_for, make_flux_inputs, model_bytes, relative_error
 
 
 def environment() -> dict:
@@ -63,8 +63,8 @@ def environment() -> dict:
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: str | None = None) -> list[str]:
-    """Write NAME.json and NAME.md under out_dir (default: $OUT if set, else bench/results)."""
-    out_dir = out_dir or os.environ.get("OUT") or os.path.join("bench", "results")
+    """Write NAME.json and NAME.md under out_dir (default: $OUT if set, else ./convrot-out/bench)."""
+    out_dir = out_dir or os.environ.get("OUT") or os.path.join("convrot-out", "bench")
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")]
     with open(paths[0], "w") as f:
@@ -205,6 +205,8 @@ def run(args) -> dict:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    for res in args.resolution:
+        image_tokens_for(res, res)
     rows, breakdown, baseline_breakdown = [], None, None
     for res in args.resolution:
         torch._dynamo.reset()
@@ -375,7 +377,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--name", default="model")
-    p.add_argument("--out", help="result folder (default $OUT if set, else ./bench/results)")
+    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: merge result files of separate "
                    "calls into one report (<name>.md) with the latency per token by resolution and batch")
     args = p.parse_args(argv)

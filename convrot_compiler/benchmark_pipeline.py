@@ -29,7 +29,7 @@ from .compile_model import CompiledForward, weight_bytes
 from .compile_model import compile as convrot_compile
 from .cudagraphs import CUDAGraphReplay
 from .demo import resolve_device
-from .models import build_flux, relative_error
+from .models import build_flux, image_tokens_for, relative_error
 from .pipelines import StepTimer, random_pipeline, random_prompt_embeds
 
 PIPELINE_VARIANTS = ("bf16", "bf16-compile", "w4a4", "w4a4-fp8attn", "mix", "mix-fp8attn", "w8a8", "w4a4-whole",
@@ -116,6 +116,7 @@ def run(args) -> dict:
     if bad:
         raise SystemExit(f"unknown pipeline variant(s) {bad}; choose from {PIPELINE_VARIANTS}")
     res = args.resolution[0]
+    image_tokens_for(res, res)
     placeholder = build_flux(args.config, device="meta")  # holds the pipeline's place between variants
     pipe = random_pipeline(args.config, dev, transformer=placeholder)
     pipe.set_progress_bar_config(disable=True)
@@ -240,7 +241,7 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", default="bf16,w4a4,w4a4-fp8attn,mix,bf16-compile")
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default="pipeline")
-    p.add_argument("--out", help="result folder (default $OUT if set, else ./bench/results)")
+    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2: the first step of each call is not timed")

@@ -32,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers")
+    parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers; "
+                                     "--debug anywhere shows the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
     _add_model_args(demo)
@@ -69,7 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; an error a user can act on prints as one ``error: ...`` line (exit 2), with the
+    Python traceback only under ``--debug``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"] and "--pipeline" in argv:
         from .benchmark_pipeline import main as pipeline_bench_main
 

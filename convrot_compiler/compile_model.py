@@ -19,9 +19,10 @@ from torch import nn
 
 from .backend import CompileReport, convrot_backend, validate_options, weight_rotation, weight_spec
 from .cudagraphs import CUDAGraphReplay
+from .input_checks import input_check
 from .models import model_bytes
 from .modules import plan_linears
-from .plans import LayerDecision
+from .plans import LayerDecision, warn_if_ineffective
 from .regional import CompileUnit, block_classes, block_instances, compiled_units, repeated_block_classes, unit_plans
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, release
@@ -35,6 +36,7 @@ class CompiledForward:
 
     def __init__(self, inner: Callable, original: Callable, cuda_graphs: bool, max_graphs: int,
                  units: list[CompileUnit]):
+        self.check = input_check(original.__self__)
         self.inner = inner
         self.replay = CUDAGraphReplay(inner, max_graphs=max_graphs) if cuda_graphs else None
         self.units = units
@@ -44,6 +46,8 @@ class CompiledForward:
         if torch.is_grad_enabled():
             raise RuntimeError("a convrot-compiled model is inference-only: call it under torch.no_grad() or "
                                "torch.inference_mode(), as diffusers pipelines do")
+        if self.check is not None:
+            self.check(args, kwargs)
         try:
             return (self.replay or self.inner)(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:
@@ -147,9 +151,13 @@ def compile(model, plan="w4a4", group_size: int = 256, rotation: str = "regular"
                              "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
                              "fuse_norms": fuse_norms, "attention": attention})
     rot = GroupHadamardRotation(rotation, group_size)
+    if any(t.is_meta for t in module.parameters()):
+        raise ValueError(f"this {type(module).__name__} is on the meta device (shapes, no weights): load its weights "
+                         "before compiling it; convrot inspect traces a meta model without them")
     decisions = plan_linears(module, opts["plan"], group_size)
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
+    warn_if_ineffective(decisions, opts["plan"].name, group_size)
     classes = _regions(module, regional)
     units: list[CompileUnit] = []
     if classes:
@@ -169,9 +177,40 @@ def compile(model, plan="w4a4", group_size: int = 256, rotation: str = "regular"
     else:
         inner = torch.compile(original, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
     module.forward = CompiledForward(inner, original, cuda_graphs, max_graphs, units)
+    released = {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"}
+    if release_weights and released:
+        _guard_released(module, released)
     module.convrot_decisions = decisions
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
+
+
+def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
+    """Released weights are placeholders: a linear holding one refuses to run outside the compiled graphs,
+    and saving or loading a state dict that holds them raises, instead of either working on placeholders."""
+    n = len(released)
+
+    def refuse_save(module, prefix, keep_vars):
+        raise RuntimeError(f"convrot_compiler.compile released the float weights of {n} linears of this model, so its "
+                           "state_dict would hold placeholders, not weights: save the model (state_dict, "
+                           "save_pretrained) before compiling it, or compile with release_weights=False")
+
+    def refuse_load(module, state_dict, prefix, *args):
+        raise RuntimeError("weights loaded into a convrot-compiled model would not reach its prepared (quantized) "
+                           "weights: load them into a fresh model, then compile it")
+
+    def refuse_eager(name: str):
+        def hook(module, args):
+            if not torch.compiler.is_compiling():  # traced away inside the compiled graphs
+                raise RuntimeError(f"{name}: its float weight was released by convrot_compiler.compile, so it runs "
+                                   "only inside the compiled model; call the model, not this module on its own")
+        return hook
+
+    for m in [model, *released.values()]:
+        m.register_state_dict_pre_hook(refuse_save)
+        m.register_load_state_dict_pre_hook(refuse_load)
+    for name, m in released.items():
+        m.register_forward_pre_hook(refuse_eager(name))
 
 
 def _prepare(model: nn.Module, decisions: list[LayerDecision], rotation: str, group_size: int,

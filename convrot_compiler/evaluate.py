@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .compile_model import compile as convrot_compile
 from .demo import resolve_device
+from .models import image_tokens_for
 from .pipelines import StepTimer, load_pipeline, random_pipeline, random_prompt_embeds
 from .plans import make_plan
 
@@ -153,11 +154,13 @@ def save_images(images: dict[str, list[torch.Tensor]], out_dir: str) -> list[str
 
 def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "mix"), prompts: list[str] | None = None,
              size: int | None = None, steps: int | None = None, seed: int = 0, device: str = "auto",
-             out_dir: str = "eval_out", progress: bool = True) -> dict:
+             out_dir: str = os.path.join("convrot-out", "eval"), progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     for plan in plans:
-        make_plan(plan)  # an unknown plan fails before any image is made
+        make_plan(plan)  # bad arguments fail before any image is made
+    if size is not None:
+        image_tokens_for(size, size)
     dev = resolve_device(device)
     tiny = model_path is None
     pipe = random_pipeline("flux-tiny", dev, seed) if tiny else load_pipeline(model_path).to(dev)
@@ -226,11 +229,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="eval_out", help="folder for images, grid.png and eval.json")
+    p.add_argument("--out", default=os.path.join("convrot-out", "eval"), help="folder for images, grid.png and "
+                   "eval.json (default: ./convrot-out/eval)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     prompts = None
     if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file (give a text file, one prompt per line)")
         with open(args.prompts) as f:
             prompts = [line.strip() for line in f if line.strip()]
         if not prompts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,14 @@ FLUX_CONFIGS: dict[str, dict] = {
 
 
 def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu", std: float = 0.02):
+               device: torch.device | str = "cpu", std: float = 0.02, gate_bias: float = 0.0):
     """A diffusers FluxTransformer2DModel with seeded random N(0, std) weights (norm scales 1),
-    drawn on ``device`` (so the same seed gives other weights on CPU and CUDA)."""
+    drawn on ``device`` (so the same seed gives other weights on CPU and CUDA).
+
+    ``gate_bias`` is added to the adaLN gates (the bias of the gate chunks of every modulation linear).
+    With random weights the gates are near 0, so each block adds almost nothing to the residual stream
+    and the output hardly depends on the linears (flux-tiny: zeroing every quantized linear moves it by
+    5%); a trained model's gates are of order 1, and so the demo's built-in model sets 0.5."""
     from diffusers import FluxTransformer2DModel
 
     if isinstance(config, str) and config not in FLUX_CONFIGS:
@@ -52,6 +58,11 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
         for _, b in model.named_buffers():
             if b.is_floating_point():
                 b.zero_()
+        if gate_bias:
+            for module in model.modules():
+                gates = {"AdaLayerNormZero": (6, [2, 5]), "AdaLayerNormZeroSingle": (3, [2])}.get(type(module).__name__)
+                if gates is not None:
+                    module.linear.bias.view(gates[0], -1)[gates[1]] += gate_bias
     return model
 
 
@@ -67,10 +78,21 @@ def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, device: torch.devi
 
 
 @dataclass
-class FluxInputs:
+class FluxInputs(Mapping):
+    """One forward's keyword arguments (``model(**inputs)`` works) and its token counts."""
+
     kwargs: dict
     image_tokens: int
     text_tokens: int
+
+    def __getitem__(self, key):
+        return self.kwargs[key]
+
+    def __iter__(self):
+        return iter(self.kwargs)
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
 
 
 def image_tokens_for(height: int, width: int) -> int:

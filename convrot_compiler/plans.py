@@ -112,6 +112,24 @@ def eligibility(precision: str, in_features: int, out_features: int, weight_dtyp
     return None
 
 
+def warn_if_ineffective(decisions: list[LayerDecision], plan_name: str, group_size: int) -> None:
+    """Warn when a plan quantizes none of the linears it was given, or when the group size leaves more
+    than half of those the plan would quantize in bf16."""
+    import warnings
+
+    if not decisions or plan_name == "none":
+        return
+    planned = [d for d in decisions if d.planned != "bf16"]
+    if not any(d.precision != "bf16" for d in decisions):
+        warnings.warn(f"plan {plan_name!r} quantizes none of the {len(decisions)} linears: every layer runs in "
+                      "its float dtype (the decisions say why)", stacklevel=3)
+        return
+    too_small = [d for d in planned if d.precision == "bf16" and "smaller than the group size" in d.reason]
+    if planned and len(too_small) > len(planned) / 2:
+        warnings.warn(f"group_size={group_size} leaves {len(too_small)} of the {len(planned)} linears the plan would "
+                      f"quantize in bf16 (their K is smaller): use a smaller group size", stacklevel=3)
+
+
 def summarize(decisions: Iterable[LayerDecision]) -> dict[str, int]:
     counts: dict[str, int] = {p: 0 for p in PRECISIONS}
     for d in decisions:

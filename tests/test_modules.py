@@ -96,9 +96,11 @@ def test_demo_cli_runs_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "demo", "--device", "cpu", "--no-progress",
                            "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "convrot w4a4" in proc.stdout and "rel. error vs bf16" in proc.stdout
+    assert "convrot w4a4" in proc.stdout and "output error: ||out - ref|| / ||ref||" in proc.stdout
     r = json.loads(out.read_text())
-    assert r["layers"]["w4a4"] > 0 and 0 < r["rel_error"] < 0.1
+    assert r["layers"]["w4a4"] > 0 and 0 < r["rel_error"] < 0.3
+    assert r["yardstick_plan"] == "w8a8" and 0 < r["yardstick_error"] < r["rel_error"] / 5
+    assert f"with the w8a8 plan in this run: {r['yardstick_error']:.4f}" in proc.stdout
     assert r["weight_bytes_quantized"] < 0.35 * r["weight_bytes_bf16"]
 
 
@@ -107,5 +109,5 @@ def test_demo_regional_default_quantizes_what_the_whole_model_compile_does():
 
     whole, regional = (run_demo(device="cpu", progress=False, whole_model=flag) for flag in (True, False))
     assert regional.layers == whole.layers and regional.weight_bytes_quantized == whole.weight_bytes_quantized
-    assert 0 < regional.rel_error < 0.1
+    assert 0 < regional.rel_error < 0.3 and regional.rel_error == pytest.approx(whole.rel_error, rel=0.05)
     assert "regional" in format_demo(regional) and "regional" not in format_demo(whole)
