@@ -318,7 +318,7 @@ def to_markdown(result: dict) -> str:
         if result.get(key):
             md += _breakdown_markdown(result[key])
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
-           "measure (bench/results/compiler_gpu_diag.md).\n")
+           "measure.\n")
     return md
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .cli_options import add_quant_args
 from .compile_model import compile as convrot_compile
 from .compile_model import weight_bytes
 from .demo import resolve_device
@@ -164,8 +165,6 @@ def format_generate(r: GenerateResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_quant_args
-
     p = argparse.ArgumentParser(prog="convrot generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", metavar="PATH", help="local FLUX.1 pipeline folder (default: a built-in random pipeline)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 def _assert_gelu_epilogue_close(out: torch.Tensor, ref: torch.Tensor, pre_gelu: torch.Tensor) -> None:
     """A GEMM's GELU epilogue against the exact reference: within float32 rounding under the
     interpreter; on a GPU within the hardware tanh's documented error too (tanh.approx.f32, 2^-11
-    relative on tanh, so 2^-12 |x| on GELU(x); an H100 measured far less, bench/results/gelu_epilogue.md)."""
+    relative on tanh, so 2^-12 |x| on GELU(x); an H100 measured at most 5.6e-6)."""
     out, ref, pre_gelu = (t.float().cpu() for t in (out, ref, pre_gelu))
     err = (out - ref).abs()
     hardware = torch.cuda.is_available()  # kernels under test run on the GPU when there is one

@@ -2,7 +2,7 @@
 
 On random weights a FLUX-width model amplifies any rounding difference (stock bf16
 Inductor departs from bf16 eager by ~0.37 relative error on flux-dev-short:
-bench/results/compiler_gpu_diag.md). So exactness is checked where it is defined (the
+measured on an H100). So exactness is checked where it is defined (the
 rewritten graph without Inductor; single linears with Inductor) and the whole model
 with Inductor is held to the stock compile's own departure from eager."""
 

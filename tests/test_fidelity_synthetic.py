@@ -1,13 +1,8 @@
 """The outlier suite's claims, at a size CI can afford (K = 1024)."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.fidelity_synthetic import activations, evaluate, weights  # noqa: E402
+from benchmarks.fidelity_synthetic import activations, evaluate, weights
 
 M, K, N = 128, 1024, 128
 

@@ -102,7 +102,7 @@ def gelu_tanh(x, FAST: tl.constexpr):
     FAST (GPU only) takes tanh from tanh_approx: by the PTX bound, absolute error at most about
     2^-12 |x|, below half a bf16 step of the result for x > 0 and far below the absmax/7 steps in
     which the W4A4 linear reading it quantizes; an H100 measured 5.6e-6 at most on outputs up to
-    4.4 (bench/results/gelu_epilogue.md), near float32 rounding. Otherwise the
+    4.4, near float32 rounding. Otherwise the
     exact form x / (1 + exp(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))), which has
     no cancellation where tanh(u) is near -1 and needs no libdevice tanh (not in the interpreter)."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)

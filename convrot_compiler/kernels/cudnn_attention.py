@@ -1,7 +1,7 @@
 """cuDNN's fp8 flash attention (Hopper), reached through NVIDIA's cuDNN Python frontend.
 
 Why cuDNN and not a Triton kernel: it is the fp8 attention NVIDIA tunes for Hopper (warp-specialized,
-TMA, e4m3 wgmma), measured at 1.44-1.55x its bf16 kernel at FLUX's shapes (bench/results/fp8_attention.md),
+TMA, e4m3 wgmma), measured at 1.44-1.55x its bf16 kernel at FLUX's shapes,
 and the frontend (``pip install nvidia-cudnn-frontend``, the ``fp8-attention`` extra) drives the cuDNN
 library PyTorch already ships. The numerics are attention.fp8_attention_reference's.
 

@@ -2,7 +2,7 @@
 
 Hopper has no int4 tensor cores (mma s4 is emulated at ~1/20 the int8 rate), so
 W4A4 keeps int4 weights in memory and int4 numerics but multiplies on int8
-units. Measured on an H100 (bench/results/gemm_v1.md): unpacking *both* operands
+units. Measured on an H100: unpacking *both* operands
 from packed int4 in the K loop ran at 313-378 TOPS, 0.43-0.53x cuBLAS bf16,
 while the same kernel on int8 operands reached 865-1001 TOPS. Unpacked values
 must go back to shared memory before a wgmma can read its B operand. So:
@@ -14,7 +14,7 @@ must go back to shared memory before a wgmma can read its B operand. So:
 * weights are packed per group (byte j of a group holds values j and j + G/2), so
   one byte's two nibbles unpack to two contiguous runs.
 
-The register-unpacking version measured 239-289 TOPS, slower still (bench/results/gemm_v2.md):
+The register-unpacking version measured 239-289 TOPS, slower still:
 in Triton 3.6, unpacking in the K loop costs more than the int8 MMAs it feeds. So
 the weights of the one layer being run are unpacked into a transient int8 buffer
 by a memory-bound kernel, then the plain int8 GEMM runs: weights stay int4 in
@@ -25,7 +25,7 @@ int8 GEMM on unpacked weights; int_gemm runs it there.
 
 The same kernel also runs int4 values held in float8_e4m3fn containers on fp8
 tensor cores (every int4 value is exact in e4m3). On Hopper that is not faster
-when exact (bench/results/gemm_fp8.md): the fp8 MMAs add into a reduced-precision
+when exact: the fp8 MMAs add into a reduced-precision
 accumulator, and promoting its partial sums into fp32 once per K tile (exact for
 int4 operands) costs what fp8 gains; never promoting is 15-24% faster but wrong by
 up to 30% on rows of large same-sign values. The compiler therefore uses int8
@@ -48,20 +48,20 @@ from ._common import ForcedChoice, autotune_configs, check_2d_rows, check_device
 GEMM_TILES = [
     (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 128, 3, 8), (128, 128, 64, 4, 4),
     (64, 128, 128, 4, 4), (256, 128, 64, 3, 8), (128, 64, 128, 4, 4), (64, 256, 128, 3, 4),
-    (128, 128, 64, 5, 4),  # the best int8 config at 4608x3072->3072/12288 in bench/results/gemm_fp8.md
+    (128, 128, 64, 5, 4),  # the best int8 config at 4608x3072->3072/12288
 ]
 _GPU_CONFIGS = [triton.Config({"BN": bn, "BM": bm, "BK": bk, "GROUP_N": 8}, num_stages=s, num_warps=w)
                 for bn, bm, bk, s, w in GEMM_TILES]
 _INTERPRETER_CONFIG = triton.Config({"BN": 16, "BM": 16, "BK": 32, "GROUP_N": 2}, num_warps=4)
 
 # When the persistent form pays, measured on an H100:
-# * warp-specialized (no GELU epilogue; bench/results/ws_gemm_m512_1024_2048.md, ws_gemm_m4608.md): wherever
+# * warp-specialized (no GELU epilogue): wherever
 #   the output has at least two 128 x 128 tiles per SM (M = 512 with N >= 9216: 1.14-1.34x cuBLAS bf16 against
 #   0.89-1.18x one program per tile; every FLUX shape from M = 2048); it loses below that (M = 512 and 1024
 #   at 3072 -> 3072: 1.11-1.15x against 1.23-1.24x);
-# * not specialized (GELU epilogue; gemm_persistent.md, gemm_crossover.md): from M = 2048, or from M = 1024
+# * not specialized (GELU epilogue; H100): from M = 2048, or from M = 1024
 #   on wide outputs (N >= 12288). Warp-specialized, a GELU epilogue ran 1.27-1.36x slower than this form
-#   (bench/results/model_gemms.md: the consumer warps compute the epilogue with no MMAs to hide it behind).
+#   (the consumer warps compute the epilogue with no MMAs to hide it behind).
 PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
 PERSISTENT_MIN_M = 2048
 PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
@@ -160,8 +160,8 @@ def _int_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, str
 
 
 # (BN, BM, BK, stages, warps). With Hopper's automatic warp specialization, (128, 128, 128, 4, 4) was the
-# fastest of 7-9 configs at every FLUX.1-dev shape and M = 512-4608 (bench/results/ws_gemm_m4608.md,
-# ws_gemm_m512_1024_2048.md): 1.64x cuBLAS bf16 (geomean, M = 4608) against 1.51x for the unspecialized
+# fastest of 7-9 configs at every FLUX.1-dev shape and M = 512-4608 (H100):
+# 1.64x cuBLAS bf16 (geomean, M = 4608) against 1.51x for the unspecialized
 # form in the same process. It is the only one: autotuning it against (128, 128, 128, 3, 4) picked the
 # latter where it ran at half the speed (M = 512 and 2048, 3072 -> 3072).
 _WS_TILES = [(128, 128, 128, 4, 4)]
@@ -198,7 +198,7 @@ def _int_gemm_tma_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
     loads; on Hopper it does not flatten the loop nest. Otherwise the flattened loop lets the next
     tile's loads overlap this tile's epilogue. The descriptors are built on the device, as Triton's Hopper
     warp-specialization examples build them (host-side ones were not tried specialized), in a scratch
-    buffer from triton.set_allocator; unspecialized, the two forms measured the same (ws_gemm_m4608.md)."""
+    buffer from triton.set_allocator; unspecialized, the two forms measured the same."""
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BN, BK])
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
     num_n = tl.cdiv(N, BN)

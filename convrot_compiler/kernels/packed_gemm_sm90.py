@@ -3,7 +3,7 @@
 The Triton GEMM (int_gemm.py) cannot unpack in its K loop without losing most of its speed, so
 the compiler unpacks each layer's weights into a transient int8 buffer first: 1.5 extra bytes per
 weight, 4.7 ms of a 104 ms FLUX.1-dev forward, and the whole gap to cuBLAS bf16 at M = 512
-(bench/NOTES.md). Gluon exposes what Triton hides: wgmma with its A operand in registers, shared
+Gluon exposes what Triton hides: wgmma with its A operand in registers, shared
 memory, mbarriers and warp specialization. So, as CUTLASS's mixed-input Hopper GEMMs do, the
 packed weights are the A operand (the kernel computes C^T = W X^T):
 
@@ -61,7 +61,7 @@ class PackedGemmConfig:
 
 
 # The fastest of 6-8 configs at every FLUX.1-dev token-GEMM shape, M = 4608 and M = 512, on an H100
-# (bench/results/packed_gemm_m4608.md, packed_gemm_m512.md): 1.68-1.98x cuBLAS bf16 at M = 4608.
+# (H100): 1.68-1.98x cuBLAS bf16 at M = 4608.
 DEFAULT_CONFIG = PackedGemmConfig()
 SMEM_LIMIT = 227 * 1024
 

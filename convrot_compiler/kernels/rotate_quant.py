@@ -242,13 +242,13 @@ def _prune(configs, named_args, **kwargs):
 
 
 # Every (BM, warps, stages) in {2..32} x {2, 4, 8} x {1, 2, 3} was timed at 4608 x 3072/12288 and
-# 512 x 3072 on an H100 (bench/results/rotate_configs.md): two rows per program, two warps, three
+# 512 x 3072 on an H100: two rows per program, two warps, three
 # stages won everywhere (1182-1372 GB/s against 350-373 for the worst). Autotuning over all of them
 # picked badly at K = 3072 (candidate timings noisier than their differences), so only the leaders
 # are kept, plus BM >= 16 for the dense form. At M <= 1024 (the text stream's 512 rows) a program's
 # two passes over its groups are a dependent chain that too few programs cannot hide: one row and
 # 4-8 groups per step ran 11.2 us instead of 14.5 at 512 x 3072 and 22.2 instead of 38.7 at 512 x 12288
-# (bench/results/rotate_forms_small_graph.md, CUDA-graph replays).
+# (H100, CUDA-graph replays).
 @triton.autotune(
     configs=autotune_configs(
         [_config(bm, 1, w, st) for bm, w, st in ((2, 2, 3), (4, 2, 3), (4, 4, 3), (8, 4, 3), (16, 4, 3), (32, 4, 3))]

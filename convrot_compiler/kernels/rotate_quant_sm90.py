@@ -2,7 +2,7 @@
 
 The per-token scale needs the absmax of the whole rotated row before any value can be written, so
 the Triton kernel (rotate_quant.py) walks each row twice and reads it twice: Triton cannot keep a
-row of up to 30 KB on chip. At K >= 12288 the second read misses L2 (bench/NOTES.md, session 9),
+row of up to 30 KB on chip. At K >= 12288 the second read misses L2,
 and the kernel moves ~4.8 bytes per element where 3 are needed. Gluon exposes shared memory and
 TMA, so here:
 
@@ -11,13 +11,13 @@ TMA, so here:
 * pass 1 rotates each group as it lands and keeps the running absmax; pass 2 writes the quantized
   values, in the "mma" channel order (quant.mma_channel_order) one 8-byte store per lane and step
   where the natural order takes eight byte stores (K = 12288: 75% -> 81% of copy bandwidth,
-  bench/results/rotate_sm90_lane_order.md). A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps
+  H100). A row of up to 16 groups (K <= 4096: FLUX's 3072) keeps
   its rotated values in registers between the passes (KEEP, 8 floats a thread per step) and, unless it is a concatenation, is loaded
   by one TMA box (a power of two of groups, zeros past the row) with one mbarrier, where each step's
   box costs Triton 3.6's barriers around its issue; a longer row is rotated again in pass 2, from
   shared memory (not DRAM). At K = 3072 the kernel is bound by instruction issue (ncu: 62% of issue
   slots busy, 724 instructions per warp and row), and these took it from 55% to 66% of copy
-  bandwidth (bench/results/rotate_sm90_keep.md, rotate_sm90_onebox.md);
+  bandwidth;
 * a group X [16, 16] (channel 16 i + j) rotates to Y = h^T X h (h the 16 x 16 Kronecker factor of
   the 256-point Hadamard) with two mma.sync products per group, batched over the step's NB groups
   (a 3-D dot, one group per warp): C1 = h^T X^T takes X^T straight from shared memory as the B
@@ -29,13 +29,13 @@ The quantizer's arithmetic (correctly rounded quotient by the scale through a ro
 to even) is the Triton kernel's, written again because a Gluon function cannot call a Triton one;
 the GPU tests hold both to the reference. Runs on sm_90 only (Gluon has no CPU interpreter).
 
-The kernel is bound by instruction issue as much as by memory (bench/NOTES.md, session 13: 1.5x fewer
+The kernel is bound by instruction issue as much as by memory (1.5x fewer
 instructions per element took K = 12288 from 65% to 76% of copy bandwidth), so the per-element work is
 kept small: no clamp (the absmax scale bounds every quotient), the rounding and the conversion to an
 integer done by one float add, |y| folded into the NaN-propagating max, one row reduction, and a row
 without a usable scale branching once to zeros instead of a select per element. A persistent version
 (several rows per program, row buffers double-buffered, values leaving through shared memory by TMA)
-was slower at every shape (bench/NOTES.md, session 13).
+was slower at every shape.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ CUDA cores and reduces: it owns BN output channels and BM rows and walks K, a
 tile of packed bytes at a time. Weights use the per-group layout of
 quant.pack_int4, so the low and high nibbles of a byte tile meet two contiguous
 tiles of the input. A small BN gives many programs and many loads in flight. The kernel is bound by
-instruction issue as much as by memory (bench/results/ncu_gemv.txt: 60% issue slots busy, 29% of DRAM
+instruction issue as much as by memory (60% issue slots busy, 29% of DRAM
 bandwidth), so nibbles become floats through bit tricks, and each group's scale multiplies the
 partial products of a tile once rather than every weight.
 """
@@ -21,11 +21,11 @@ import triton.language as tl
 
 from ._common import autotune_configs, check_2d_rows, check_device, interpreting
 
-# The fastest launch configs of a sweep at FLUX's shapes (bench/results/gemv_configs_v4.md, H100: M = 1
-# 3072->18432 30.2 us (1.80x bf16; 33.4 us before the nibble and scale tricks, gemv_configs.md),
+# The fastest launch configs of a sweep at FLUX's shapes (H100: M = 1
+# 3072->18432 30.2 us (1.80x bf16; 33.4 us before the nibble and scale tricks),
 # M = 1 3072->9216 18.8 us, M = 4 3072->18432 48.3 us). A longer list let the autotuner's noise pick
 # configs 1.6x slower. Tiles spanning several groups, with the scales gathered per byte, were slower
-# still (gemv_configs_wide.md: 53.5 us at M = 1 3072->18432).
+# still (53.5 us at M = 1 3072->18432).
 _GPU_CONFIGS = [
     triton.Config({"BN": bn, "BKB": bk}, num_stages=s, num_warps=w)
     for bn, bk, s, w in [(8, 128, 2, 1), (8, 128, 4, 2), (8, 128, 2, 2)]
@@ -80,7 +80,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
 
 
 # One activation row (M = 1: the adaLN modulation and the embedders at batch 1). The fastest configs of a
-# sweep of 120 (bench/results/gemv_row_v3.md, H100, CUDA-graph replays): 25.7 us at 3072->18432 (2.12x cuBLAS
+# sweep of 120 (H100, CUDA-graph replays): 25.7 us at 3072->18432 (2.12x cuBLAS
 # bf16; the general kernel 30.8 us), 17.6 us at 3072->9216 (1.84x). What limits it: ncu_gemv_row.txt.
 _ROW_GPU_CONFIGS = [
     triton.Config({"BN": bn, "BW": bw}, num_stages=s, num_warps=w)
@@ -117,7 +117,7 @@ def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KW, stride_wn,
     meet inputs k .. k+3 of a group's first half, the high nibbles the same places of its second half).
 
     Fewer instructions per weight byte than the general kernel, which is bound by instruction issue
-    (bench/results/ncu_gemv.txt): 2-D tiles only (its 3-D [BM, BN, BKB] tile moved every weight tile
+    it: 2-D tiles only (its 3-D [BM, BN, BKB] tile moved every weight tile
     through shared memory); each nibble becomes f = 1 + (u ^ 8) / 16 in two instructions and meets its input
     in one FMA; sum x (u ^ 8 - 8) = 16 sum x f - 24 sum x, the last sum taken once per input, not per
     output channel. f x and x have the same magnitude, so nothing cancels catastrophically."""

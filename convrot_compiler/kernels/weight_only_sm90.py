@@ -2,7 +2,7 @@
 
 The CUDA-core kernels of weight_only.py spend about ten instructions per weight byte, and at
 M = 1 3072 -> 18432 they take 25.4 us where a bare read of the packed weights takes 18.3
-(bench/results/gemv_read_floor.md): the arithmetic's latency, not the memory, is what is left.
+(H100): the arithmetic's latency, not the memory, is what is left.
 Here the weights are mma.m16n8k16's A operand (16 output channels by 16 inputs) and the tokens its
 N = 8 columns: per 32-bit word of 8 weights a lane spends three shifts, four LOP3s (nibble to
 bf16 by OR-ing it into the mantissa of 128), four bf16x2 FMAs (subtracting the offset, exactly)
@@ -121,7 +121,7 @@ def _w4a16_tiles_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, KC, stride_x
 
 def launch_config(n: int, m: int) -> tuple[int, int, bool]:
     """(U, warps, prefetch) for N output channels and M tokens: the fastest or within 4% of it at every
-    FLUX.1-dev shape of a sweep of 18 (bench/results/w4a16_tiles_probe.md, H100). 16 channels per program:
+    FLUX.1-dev shape of a sweep of 18 (H100). 16 channels per program:
     from about 1024 programs every one is resident at once and a smaller tile per step wins at M = 1."""
     if n >= 16384:
         return (2, 4, False) if m == 1 else (4, 2, True)

@@ -6,8 +6,8 @@ Unfused, Inductor writes the concatenation (and the GELU) to memory only for rot
 to read it back: at 1024x1024 that is 141 MB (113 MB) each way per block.
 ``convrot::rotate_quantize_cat`` reads both parts of the concatenation as it loads, and can
 apply the GELU there too (``fuse_producers="gelu"``; measured slower on an H100: the two-pass
-kernel computes each GELU twice, bench/results/model_flux_dev_producers.md; with the hardware tanh and
-every GEMM warp-specialized still 104.8 vs 103.4 ms, model_flux_dev_gelu.md). By default the
+kernel computes each GELU twice, measured on an H100; with the hardware tanh and
+every GEMM warp-specialized still 104.8 vs 103.4 ms). By default the
 GELU runs in the up-projection's GEMM epilogue (rewrite.py, ``gelu_epilogue``) or, with the
 Inductor template GEMM, in the template's, and only the concatenation is left for
 rotate+quantize. Every quantized input of FLUX's blocks but those two is the adaLN

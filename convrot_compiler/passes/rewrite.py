@@ -12,7 +12,7 @@ where a rewrite per linear would rotate the same activations three or four
 times. With ``fuse`` they also share one GEMM: ``quantized_matmul`` takes their
 weights as lists and computes the outputs side by side, and each linear's output
 becomes a ``narrow`` of it. Three 3072->3072 GEMMs fill an H100 worse than one
-3072->9216 (bench/results/gemm.md), and the weights stay separate tensors, so no
+3072->9216, and the weights stay separate tensors, so no
 memory is duplicated. With ``gelu_epilogue`` a GELU (tanh form) that is a linear's only user runs in
 its GEMM's epilogue (the linear goes last in a fused GEMM, and the GEMM applies the GELU from its
 first column): FLUX's MLP up-projections. values, scale and h are *new graph inputs* (appended after

@@ -1,0 +1,67 @@
+"""One launch of a convrot kernel, bracketed for ncu --profile-from-start off (autotuning runs before).
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python benchmarks/profile_kernel.py rotate
+    ... python benchmarks/profile_kernel.py rotate-mma   # the sm_90 kernel storing each group in the mma channel order
+    ... python benchmarks/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
+    ... python benchmarks/profile_kernel.py gemm     # persistent int8 GEMM, 4608 x 3072 -> 12288 (no unpack)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from convrot_compiler.kernels.int_gemm import int_gemm
+from convrot_compiler.kernels.rotate_quant import rotate_quantize
+from convrot_compiler.kernels.weight_only import w4a16_gemm
+from convrot_compiler.quant import quantize_weight
+from convrot_compiler.rotations import GroupHadamardRotation
+
+
+def rotate(m: int = 4608, k: int = 3072, bits: int = 4):
+    x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
+    return lambda: rotate_quantize(x, h, 256, bits)
+
+
+def rotate_mma(m: int = 4608, k: int = 3072, bits: int = 4):
+    from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
+
+    x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
+    return lambda: rotate_quantize_sm90(x, h, bits, order="mma")
+
+
+def gemv(m: int = 1, k: int = 3072, n: int = 18432):
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    qw = quantize_weight((torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16), "w4a16", None, group_size=256)
+    return lambda: w4a16_gemm(x, qw.values, qw.scale, None, 256)
+
+
+def gemm(m: int = 4608, k: int = 3072, n: int = 12288):
+    x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
+    sx = torch.rand(m, device="cuda") + 0.5
+    sw = torch.rand(n, device="cuda") + 0.5
+    return lambda: int_gemm(x, sx, w, sw, None, False, 256, torch.bfloat16, persistent=True)
+
+
+KERNELS = {"rotate": rotate, "rotate-mma": rotate_mma, "gemv": gemv, "gemm": gemm}
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "rotate"
+    if name not in KERNELS:
+        sys.exit(f"usage: python benchmarks/profile_kernel.py {'|'.join(KERNELS)}")
+    launch = KERNELS[name]()
+    launch()  # autotune outside the profiled range
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    launch()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()

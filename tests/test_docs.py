@@ -1,0 +1,46 @@
+"""The README's options table is the API: every keyword argument of convrot_compiler.compile, with its
+default, and the backend options among them."""
+
+import inspect
+import pathlib
+
+import convrot_compiler as cc
+from convrot_compiler.backend import DEFAULT_OPTIONS
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _options_table() -> dict[str, tuple[str, str]]:
+    text = README.read_text()
+    section = text[text.index("## Options"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2])
+    return rows
+
+
+def test_the_options_table_lists_every_compile_argument_with_its_default():
+    rows = _options_table()
+    params = {name: p.default for name, p in inspect.signature(cc.compile).parameters.items() if name != "model"}
+    assert list(rows) == list(params)
+    for name, default in params.items():
+        assert rows[name][0] == repr(default).replace("'", '"'), name
+
+
+def test_the_options_the_backend_takes_are_those_not_marked_compile_only():
+    rows = _options_table()
+    backend = {name for name, (_, what) in rows.items() if "*compile only*" not in what}
+    assert backend == set(DEFAULT_OPTIONS) - {"dry_run"}  # dry_run: the inspection tool's, not a user option
+    for name in backend:
+        assert rows[name][0] == repr(DEFAULT_OPTIONS[name]).replace("'", '"'), name
+
+
+def test_the_readme_stays_short_and_points_to_existing_docs():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    root = README.parent
+    for path in ("docs/ARCHITECTURE.md", "docs/NUMERICS.md", "docs/PERFORMANCE.md", "benchmarks/README.md"):
+        assert path in text and (root / path).is_file(), path
