@@ -95,16 +95,25 @@ VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", 
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
-def _sync(dev):
+def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def parse_variants(spec: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated variants of ``spec``; an unknown one stops the run before any work."""
+    variants = spec.split(",")
+    bad = [v for v in variants if v not in known]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {known}")
+    return variants
 
 
 def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
     """Milliseconds per forward: CUDA events on GPU, perf_counter on CPU; one warm-up call first."""
     with torch.no_grad():
         fn(**kwargs)
-        _sync(dev)
+        sync(dev)
         times = []
         for _ in range(iters):
             if dev.type == "cuda":
@@ -201,10 +210,7 @@ def kernel_breakdown(fn, kwargs, top: int = 20) -> tuple[dict[str, float], list[
 
 def run(args) -> dict:
     dev = resolve_device(args.device)
-    variants = args.variants.split(",")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    variants = parse_variants(args.variants, VARIANTS)
     for res in args.resolution:
         image_tokens_for(res, res)
     rows, breakdown, baseline_breakdown = [], None, None
@@ -237,7 +243,7 @@ def run(args) -> dict:
                     fn, prepared, note = prepare(variant, model)
                     with torch.no_grad():
                         out = fn(**inputs.kwargs)[0]
-                    _sync(dev)
+                    sync(dev)
                     row["first_call_s"] = time.perf_counter() - t0
                     # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
                     err = relative_error(out, ref)

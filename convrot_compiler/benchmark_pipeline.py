@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .benchmark import LAUNCHES, environment, time_forward, write_results
+from .benchmark import LAUNCHES, environment, parse_variants, sync, time_forward, write_results
 from .compile_model import CompiledForward, weight_bytes
 from .compile_model import compile as convrot_compile
 from .cudagraphs import CUDAGraphReplay
@@ -104,17 +104,9 @@ def _graph_bytes(model) -> int | None:
     return None if replay is None else sum(g["pool_bytes"] + g["static_bytes"] for g in replay.memory())
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def run(args) -> dict:
     dev = resolve_device(args.device)
-    variants = args.variants.split(",")
-    bad = [v for v in variants if v not in PIPELINE_VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown pipeline variant(s) {bad}; choose from {PIPELINE_VARIANTS}")
+    variants = parse_variants(args.variants, PIPELINE_VARIANTS)
     res = args.resolution[0]
     image_tokens_for(res, res)
     placeholder = build_flux(args.config, device="meta")  # holds the pipeline's place between variants
@@ -139,7 +131,7 @@ def run(args) -> dict:
                 print(f"[{name}] first pipeline call ...", flush=True)
                 row = {"variant": name, "resolution": res, "steps": args.steps, "note": note}
                 latents = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images
-                _sync(dev)
+                sync(dev)
                 row["first_call_s"] = time.perf_counter() - t0
                 timer, step_ms, call_s = StepTimer(dev), [], []
                 for _ in range(args.iters):
@@ -178,10 +170,10 @@ def _decode_ms(pipe, latents, res: int, dev: torch.device) -> float:
         lat = pipe._unpack_latents(latents, res, res, pipe.vae_scale_factor)
         lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         pipe.vae.decode(lat, return_dict=False)
-        _sync(dev)
+        sync(dev)
         t = time.perf_counter()
         pipe.vae.decode(lat, return_dict=False)
-        _sync(dev)
+        sync(dev)
     return (time.perf_counter() - t) * 1e3
 
 

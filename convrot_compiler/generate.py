@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .benchmark import sync
 from .cli_options import add_quant_args
 from .compile_model import compile as convrot_compile
 from .compile_model import weight_bytes
@@ -50,11 +51,6 @@ class GenerateResult:
     peak_gpu_bytes: int | None
     transformer_weight_bytes: int
     noise: bool
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: int | None = None,
@@ -91,7 +87,7 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
             getattr(pipe, name).to(dev)
         with torch.no_grad():
             prompt_embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=dev)
-        _sync(dev)
+        sync(dev)
         encode_s = time.perf_counter() - t0
         if offload_text_encoders:
             for name in ("text_encoder", "text_encoder_2"):
