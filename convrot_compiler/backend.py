@@ -8,71 +8,20 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import fx
 
-from .hadamard import ROTATION_KINDS
-from .ops import GEMM_LOWERINGS, act_order_for, has_kernel, w4a16_layout
-from .passes.attention import AttentionDecision, check_attention_mode, plan_attention, rewrite_attention
+from .config import ConvRotConfig
+from .ops import act_order_for, has_kernel, w4a16_layout
+from .passes.attention import AttentionDecision, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
-from .plans import LayerDecision, Plan, eligibility, make_plan, summarize
+from .plans import LayerDecision, Plan, eligibility, summarize
 from .quant import quantized_nbytes
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, PrepSpec, is_released
-
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "plan": "w4a4",        # preset name, list of (pattern, precision) rules, or a Plan
-    "group_size": 256,     # rotation group, a power of 4
-    "rotation": "regular",  # "regular", "sylvester" or "none"
-    "inductor": None,      # compile the rewritten graph with Inductor: None = on CUDA only
-    "report": None,        # callable receiving the CompileReport of each graph
-    "dry_run": False,      # plan and rewrite for inspection only; the graph runs unchanged
-    "fuse_gemms": True,    # linears reading the same input at the same precision run as one GEMM
-    "gemm": "kernel",      # "kernel": opaque GEMM op; "template": Inductor Triton template (epilogue fusion)
-    "fuse_producers": True,  # read a concatenation feeding a quantized linear in its quantization; "gelu": + GELU
-    "gelu_epilogue": None,   # GELU after a quantized linear in its GEMM's epilogue: None = when gemm is "kernel"
-    "fuse_norms": False,     # compute the adaLN LayerNorm + modulation feeding quantized linears in their quantization
-    "attention": "keep",     # "keep": attention as the model runs it; "fp8": per-tensor e4m3 Q, K, V (cuDNN on CUDA)
-}
-
-
-def validate_options(options: dict | None) -> dict:
-    opts = dict(DEFAULT_OPTIONS)
-    options = {} if options is None else options  # torch.compile passes no options for {} or none given
-    if not isinstance(options, dict):
-        raise TypeError(f"convrot options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown convrot option(s) {unknown}; valid options: {sorted(DEFAULT_OPTIONS)}")
-    opts.update(options)
-    opts["plan"] = make_plan(opts["plan"])
-    if opts["rotation"] not in ROTATION_KINDS:
-        raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS}, got {opts['rotation']!r}")
-    GroupHadamardRotation(opts["rotation"], opts["group_size"])  # validates group_size for the kind
-    if opts["inductor"] not in (None, True, False):
-        raise ValueError(f"option 'inductor' must be None, True or False, got {opts['inductor']!r}")
-    if opts["fuse_producers"] not in (True, False, "gelu"):
-        raise ValueError(f"option 'fuse_producers' must be True, False or 'gelu', got {opts['fuse_producers']!r}")
-    for key in ("dry_run", "fuse_gemms", "fuse_norms"):
-        if not isinstance(opts[key], bool):
-            raise ValueError(f"option {key!r} must be a bool, got {opts[key]!r}")
-    check_attention_mode(opts["attention"])
-    if opts["gemm"] not in GEMM_LOWERINGS:
-        raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {opts['gemm']!r}")
-    if opts["gelu_epilogue"] is None:
-        opts["gelu_epilogue"] = opts["gemm"] == "kernel"
-    if not isinstance(opts["gelu_epilogue"], bool):
-        raise ValueError(f"option 'gelu_epilogue' must be None or a bool, got {opts['gelu_epilogue']!r}")
-    if opts["gelu_epilogue"] and opts["gemm"] != "kernel":
-        raise ValueError("option 'gelu_epilogue' needs gemm='kernel' (the Inductor template fuses the GELU "
-                         "itself): leave it None or set it False")
-    if opts["report"] is not None and not callable(opts["report"]):
-        raise TypeError("option 'report' must be a callable taking a CompileReport")
-    return opts
-
 
 @dataclass
 class CompileReport:
@@ -162,9 +111,9 @@ def _fakeify_static(tensors: list[torch.Tensor]) -> list:
     return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple[Callable, CompileReport]:
-    plan: Plan = opts["plan"]
-    group_size, rotation_kind = opts["group_size"], opts["rotation"]
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfig) -> tuple[Callable, CompileReport]:
+    plan: Plan = config.plan
+    group_size, rotation_kind = config.group_size, config.rotation
     rotation = GroupHadamardRotation(rotation_kind, group_size)
     gm = copy_graph_module(gm)  # Dynamo reads its own graph's placeholders after the backend returns
     original = gm.forward
@@ -174,7 +123,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
     rewrites, specs = [], []
     for m, d in zip(matches, decisions):
         if d.precision == "bf16":
-            if not opts["dry_run"] and m.weight is not None and is_released(m.weight):
+            if not config.dry_run and m.weight is not None and is_released(m.weight):
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
@@ -183,7 +132,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             d.extra["layout"] = spec.layout
         else:
             d.extra["act_order"] = spec.act_order
-        if opts["dry_run"]:
+        if config.dry_run:
             d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, group_size, spec.layout)
         else:
             qw = PREPARED.get(m.weight, spec, weight_rotation(d.precision, rotation))
@@ -194,22 +143,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none",
                                 spec.act_order))
         specs.append(spec)
-    report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=opts["gemm"])
-    result = rewrite_linears(gm, rewrites, fuse=opts["fuse_gemms"], gemm=opts["gemm"],
-                             fuse_producers=opts["fuse_producers"],
-                             gelu_epilogue=opts["gelu_epilogue"], fuse_norms=opts["fuse_norms"]) if rewrites else None
+    report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=config.gemm)
+    result = rewrite_linears(gm, rewrites, fuse=config.fuse_gemms, gemm=config.gemm,
+                             fuse_producers=config.fuse_producers,
+                             gelu_epilogue=config.use_gelu_epilogue, fuse_norms=config.fuse_norms) if rewrites else None
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
         report.fused_producers, report.gelu_epilogues = result.fused_producers, result.gelu_epilogues
         report.fused_norms = result.fused_norms
-    planned_attention = plan_attention(gm, opts["attention"])
+    planned_attention = plan_attention(gm, config.attention)
     report.attention = [d for _, d in planned_attention]
     attention_rewrites = rewrite_attention(gm, planned_attention)
     changed = bool(rewrites) or attention_rewrites > 0
     report.graph_after = gm.print_readable(print_output=False) if changed else before
     report.graph_modules["after"] = gm
-    if opts["dry_run"] or not changed:
+    if config.dry_run or not changed:
         return original, report
     h = rotation.kernel_matrix()
     device_h: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -232,14 +181,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
             extra.append(device_h[key])
         return extra
 
-    use_inductor = opts["inductor"]
+    use_inductor = config.inductor
     if use_inductor is None:
         use_inductor = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     inner: Callable = gm.forward
     if use_inductor:
         from torch._inductor.compile_fx import compile_fx
 
-        if opts["gemm"] == "template":
+        if config.gemm == "template":
             from .kernels.inductor_gemm import register
 
             register()
@@ -258,18 +207,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: dict) -> tuple
 def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
     """torch.compile backend: ``torch.compile(model, backend="convrot", options={...})``.
 
-    Options: see ``DEFAULT_OPTIONS``. Inference only: call the compiled model under
+    Options: the graph-level fields of ``ConvRotConfig`` by name, or ``{"config": ConvRotConfig(...)}``. Inference only: call the compiled model under
     ``torch.no_grad()`` or ``torch.inference_mode()``. Using it sets Dynamo's
     ``fail_on_recompile_limit_hit``: a new input shape past ``torch._dynamo.config.recompile_limit`` raises
     instead of running the model unquantized."""
-    opts = validate_options(options)
+    config = ConvRotConfig.from_backend_options(options)
     # Past the recompile limit Dynamo would run the frame eagerly: unquantized, in silence. Make it an error.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     if torch.is_grad_enabled():
         raise RuntimeError("the convrot backend is inference-only: run the compiled model under torch.no_grad() "
                            "or torch.inference_mode(), as diffusers pipelines do")
-    fn, report = compile_graph(gm, example_inputs, opts)
+    fn, report = compile_graph(gm, example_inputs, config)
     REPORTS.append(report)
-    if opts["report"] is not None:
-        opts["report"](report)
+    if config.report is not None:
+        config.report(report)
     return fn

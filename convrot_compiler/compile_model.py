@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backend import CompileReport, convrot_backend, validate_options, weight_rotation, weight_spec
+from .backend import CompileReport, convrot_backend, weight_rotation, weight_spec
+from .config import ConvRotConfig
 from .cudagraphs import CUDAGraphReplay
 from .input_checks import input_check
 from .models import model_bytes
@@ -94,7 +95,7 @@ def _target(obj) -> tuple[object | None, nn.Module]:
     return None, obj
 
 
-def _regions(model: nn.Module, regional: bool | list[str] | None) -> list[str]:
+def _regions(model: nn.Module, regional: bool | tuple[str, ...] | None) -> list[str]:
     """The block classes to compile one graph each for; empty for a whole-model compile."""
     if regional is None:
         return repeated_block_classes(model)
@@ -103,24 +104,20 @@ def _regions(model: nn.Module, regional: bool | list[str] | None) -> list[str]:
     return block_classes(model, regional)
 
 
-def compile(model, plan="w4a4", group_size: int = 256, rotation: str = "regular",
-            inductor: bool | None = None, release_weights: bool = True, fullgraph: bool = True,
-            dynamic: bool | None = False, progress: bool = True, report: Callable | None = None,
-            cuda_graphs: bool | None = None, max_graphs: int = 8,
-            fuse_gemms: bool = True, gemm: str = "kernel", fuse_producers: bool | str = True,
-            gelu_epilogue: bool | None = None, regional: bool | list[str] | None = None, fuse_norms: bool = False,
-            attention: str = "keep"):
+def compile(model, config: ConvRotConfig | None = None, **overrides):
     """Compile ``model`` with the convrot backend, in place, and return it.
 
     ``model`` is an ``nn.Module`` (returned, the same object, its forward compiled) or a diffusers
-    pipeline (its ``transformer`` compiled in place; the pipeline returned). The layer decisions are
-    ``model.convrot_decisions``, the compile report of each graph ``model.convrot_reports``. Inference
-    only: call the model under ``torch.no_grad()`` or ``torch.inference_mode()``.
+    pipeline (its ``transformer`` compiled in place; the pipeline returned). The options are a
+    ``ConvRotConfig`` (default: ``ConvRotConfig()``) with ``overrides`` by field name, e.g.
+    ``compile(model, plan="mix", attention="fp8")``. The layer decisions are ``model.convrot_decisions``,
+    the compile report of each graph ``model.convrot_reports``. Inference only: call the model under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     ``regional`` (default: when the model has repeated blocks, its ``_repeated_blocks`` or a ``ModuleList``
     of one block class) compiles one graph per block class, and each other top-level module holding a
-    quantized linear alone (regional.py); ``False`` compiles the whole forward as one graph; a list of
-    class names picks the blocks.
+    quantized linear alone (regional.py); ``False`` compiles the whole forward as one graph; class names
+    pick the blocks.
 
     With ``release_weights`` the float storage of every quantized weight is freed (the parameter keeps
     its shape, dtype and device as a stride-0 view), so the model's resident weight memory drops to the
@@ -128,57 +125,53 @@ def compile(model, plan="w4a4", group_size: int = 256, rotation: str = "regular"
 
     ``cuda_graphs`` (default: when the model is on CUDA) replays each input signature's forward as one
     CUDA graph (cudagraphs.py), keeping at most ``max_graphs`` (least recently used dropped first);
-    outputs are fresh tensors. Turn it off if the forward must see changes to anything but its arguments.
-
-    The other options are the backend's (backend.DEFAULT_OPTIONS): ``fuse_gemms`` (Q/K/V as one GEMM),
-    ``gemm`` ("kernel" or "template"), ``gelu_epilogue``, ``fuse_producers``, ``fuse_norms``, ``attention``
-    ("keep" or "fp8"); the README explains each."""
+    outputs are fresh tensors. Turn it off if the forward must see changes to anything but its arguments."""
     pipeline, module = _target(model)
     if is_compiled(module):
         raise RuntimeError(f"this {type(module).__name__} is already compiled by convrot_compiler.compile; "
                            "compile a fresh model")
+    if config is not None and not isinstance(config, ConvRotConfig):
+        raise TypeError(f"config must be a ConvRotConfig, got {type(config).__name__}")
+    config = (config or ConvRotConfig()).replace(**overrides)
     reports: list[CompileReport] = []
 
     def collect(r: CompileReport) -> None:
         reports.append(r)
-        if report is not None:
-            report(r)
+        if config.report is not None:
+            config.report(r)
 
-    if report is not None and not callable(report):
-        raise TypeError("option 'report' must be a callable taking a CompileReport")
-    opts = validate_options({"plan": plan, "group_size": group_size, "rotation": rotation, "inductor": inductor,
-                             "report": collect, "fuse_gemms": fuse_gemms, "gemm": gemm,
-                             "fuse_producers": fuse_producers, "gelu_epilogue": gelu_epilogue,
-                             "fuse_norms": fuse_norms, "attention": attention})
-    rot = GroupHadamardRotation(rotation, group_size)
+    graph_config = config.replace(report=collect)
     if any(t.is_meta for t in module.parameters()):
         raise ValueError(f"this {type(module).__name__} is on the meta device (shapes, no weights): load its weights "
                          "before compiling it; convrot inspect traces a meta model without them")
-    decisions = plan_linears(module, opts["plan"], group_size)
+    decisions = plan_linears(module, config.plan, config.group_size)
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
-    warn_if_ineffective(decisions, opts["plan"].name, group_size)
-    classes = _regions(module, regional)
+    warn_if_ineffective(decisions, config.plan.name, config.group_size)
+    classes = _regions(module, config.regional)
     units: list[CompileUnit] = []
     if classes:
         blocks, eager = compiled_units(module, block_instances(module, classes), decisions)
-        units = unit_plans(opts["plan"], decisions, blocks, eager)
-    _prepare(module, decisions, rotation, group_size, rot, release_weights, progress)
+        units = unit_plans(config.plan, decisions, blocks, eager)
+    _prepare(module, decisions, config)
+    cuda_graphs = config.cuda_graphs
     if cuda_graphs is None:
         cuda_graphs = any(p.is_cuda for p in module.parameters())
     original = module.forward
     if units:
         for unit in units:
-            unit_opts = {**opts, "plan": unit.plan}  # one dict per unit: Dynamo reuses its graph across its modules
+            # one options dict per unit: Dynamo reuses a graph across the unit's modules, not beyond
+            options = {"config": graph_config.replace(plan=unit.plan)}
             for name in unit.modules:
-                module.get_submodule(name).compile(backend=convrot_backend, options=unit_opts, fullgraph=fullgraph,
-                                                   dynamic=dynamic)
+                module.get_submodule(name).compile(backend=convrot_backend, options=options,
+                                                   fullgraph=config.fullgraph, dynamic=config.dynamic)
         inner = original
     else:
-        inner = torch.compile(original, backend=convrot_backend, options=opts, fullgraph=fullgraph, dynamic=dynamic)
-    module.forward = CompiledForward(inner, original, cuda_graphs, max_graphs, units)
+        inner = torch.compile(original, backend=convrot_backend, options={"config": graph_config},
+                              fullgraph=config.fullgraph, dynamic=config.dynamic)
+    module.forward = CompiledForward(inner, original, cuda_graphs, config.max_graphs, units)
     released = {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"}
-    if release_weights and released:
+    if config.release_weights and released:
         _guard_released(module, released)
     module.convrot_decisions = decisions
     module.convrot_reports = reports
@@ -213,18 +206,18 @@ def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
         m.register_forward_pre_hook(refuse_eager(name))
 
 
-def _prepare(model: nn.Module, decisions: list[LayerDecision], rotation: str, group_size: int,
-             rot: GroupHadamardRotation, release_weights: bool, progress: bool) -> None:
+def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotConfig) -> None:
     """Prepare every quantized weight once (the compiled graphs look them up) and free its float storage
     right away, so that the peak is the float model plus one layer's prepared weight, not plus all of them."""
     from tqdm.auto import tqdm
 
+    rotation = GroupHadamardRotation(config.rotation, config.group_size)
     todo = [d for d in decisions if d.precision != "bf16"]
-    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not progress):
+    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not config.progress):
         lin = model.get_submodule(d.name)
-        spec = weight_spec(d.precision, rotation, group_size, lin.weight)
-        qw = PREPARED.get(lin.weight, spec, weight_rotation(d.precision, rot))
+        spec = weight_spec(d.precision, config.rotation, config.group_size, lin.weight)
+        qw = PREPARED.get(lin.weight, spec, weight_rotation(d.precision, rotation))
         d.extra["prepared_bytes"] = qw.nbytes()
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
-        if release_weights:
+        if config.release_weights:
             release(lin.weight)

@@ -10,7 +10,7 @@ from torch import nn
 import convrot_compiler as cc
 from convrot_compiler.attention import (E4M3_MAX, dequantize_e4m3, fp8_attention_reference,
                                         fp8_scaled_dot_product_attention, inverse_descale, quantize_e4m3)
-from convrot_compiler.backend import validate_options
+from convrot_compiler.config import ConvRotConfig
 from convrot_compiler.inspect import inspect
 from convrot_compiler.models import build_flux, make_flux_inputs, relative_error
 
@@ -151,7 +151,7 @@ def test_attentions_fp8_cannot_run_are_kept_with_their_reason():
 
 def test_attention_option_is_validated_and_reported_by_inspect():
     with pytest.raises(ValueError, match="attention"):
-        validate_options({"attention": "int8"})
+        ConvRotConfig.from_backend_options({"attention": "int8"})
     model = build_flux("flux-tiny", device="meta")
     kwargs = make_flux_inputs(model, 64, 64, 16, device="meta").kwargs
     report = inspect(model, example_kwargs=kwargs, attention="fp8")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import convrot_compiler as cc
-from convrot_compiler.backend import REPORTS, validate_options
+from convrot_compiler.backend import REPORTS
+from convrot_compiler.config import ConvRotConfig
 from convrot_compiler.inspect import inspect
 from convrot_compiler.models import build_flux, make_flux_inputs, model_bytes, relative_error
 from convrot_compiler.modules import plan_linears, quantize_model
@@ -129,12 +130,16 @@ def test_empty_plan_leaves_the_graph_identical():
 
 
 def test_bad_options_and_grad_mode_give_clear_errors():
-    with pytest.raises(ValueError, match="valid options"):
-        validate_options({"plan": "w4a4", "bits": 4})
+    with pytest.raises(TypeError, match="unknown convrot option.*bits.*valid options"):
+        ConvRotConfig.from_backend_options({"plan": "w4a4", "bits": 4})
+    with pytest.raises(TypeError, match="apply to convrot_compiler.compile, not to the torch.compile backend"):
+        ConvRotConfig.from_backend_options({"release_weights": False})
+    with pytest.raises(TypeError, match="unknown convrot option.*plann"):
+        ConvRotConfig().replace(plann="w4a4")
     with pytest.raises(ValueError, match="unknown plan"):
-        validate_options({"plan": "int3"})
+        ConvRotConfig.from_backend_options({"plan": "int3"})
     with pytest.raises(ValueError, match="power of 4"):
-        validate_options({"group_size": 128})
+        ConvRotConfig.from_backend_options({"group_size": 128})
     lin = nn.Sequential(nn.Linear(256, 64))
     with torch.enable_grad(), pytest.raises(Exception, match="inference-only"):
         torch.compile(lin, backend="convrot")(torch.randn(4, 256))
@@ -151,6 +156,9 @@ def test_the_stock_backend_without_options_is_the_w4a4_default():
         outs.append(torch.compile(lin, backend="convrot", **kwargs)(x))
         assert REPORTS[-1].rewritten == 1 and REPORTS[-1].plan == "w4a4"
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], lin(x))
+    torch._dynamo.reset()
+    w8 = torch.compile(lin, backend="convrot", options={"config": ConvRotConfig(plan="w8a8")})(x)
+    assert REPORTS[-1].plan == "w8a8" and not torch.equal(w8, outs[0])
 
 
 def test_layers_left_alone_carry_their_reason():
@@ -234,7 +242,7 @@ def test_template_gemm_form_equals_the_opaque_kernel_form():
 
 def test_bad_gemm_option_is_rejected():
     with pytest.raises(ValueError, match="option 'gemm' must be one of"):
-        validate_options({"gemm": "cutlass"})
+        ConvRotConfig.from_backend_options({"gemm": "cutlass"})
 
 
 def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
@@ -416,3 +424,16 @@ def test_norm_fusion_leaves_other_normalizations_alone():
     assert match_norm_producer(out, 256) == (x, scale, shift, 1e-6)
     assert match_norm_producer(graph(300)[0], 256) is None  # off the group grid
     assert match_norm_producer(graph(512, affine=True)[0], 256) is None  # LayerNorm with a weight
+
+
+def test_compile_takes_a_config_object_and_overrides_by_name():
+    config = ConvRotConfig(plan="w8a8", regional=False)
+    model = build_flux("flux-tiny")
+    assert cc.compile(model, config, progress=False) is model
+    precisions = {d.precision for d in model.convrot_decisions}
+    assert "w8a8" in precisions and "w4a4" not in precisions and model.forward.units == []
+    other = cc.compile(build_flux("flux-tiny"), config, plan="w4a4", progress=False)
+    assert "w4a4" in {d.precision for d in other.convrot_decisions} and config.plan.name == "w8a8"
+    with pytest.raises(ValueError, match="option 'gelu_epilogue' needs gemm='kernel'"):
+        config.replace(gemm="template", gelu_epilogue=True)
+    assert config.replace(gemm="template").use_gelu_epilogue is False and config.use_gelu_epilogue is True

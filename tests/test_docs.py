@@ -1,11 +1,11 @@
-"""The README's options table is the API: every keyword argument of convrot_compiler.compile, with its
-default, and the backend options among them."""
+"""The README's options table is the API: every field of ConvRotConfig, with its default, and the
+backend's options among them."""
 
-import inspect
+import dataclasses
 import pathlib
 
-import convrot_compiler as cc
-from convrot_compiler.backend import DEFAULT_OPTIONS
+from convrot_compiler import ConvRotConfig
+from convrot_compiler.config import GRAPH_FIELDS
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,20 +22,18 @@ def _options_table() -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_the_options_table_lists_every_compile_argument_with_its_default():
+def test_the_options_table_lists_every_config_field_with_its_default():
     rows = _options_table()
-    params = {name: p.default for name, p in inspect.signature(cc.compile).parameters.items() if name != "model"}
-    assert list(rows) == list(params)
-    for name, default in params.items():
+    fields = {f.name: f.default for f in dataclasses.fields(ConvRotConfig)}
+    assert list(rows) == list(fields)
+    for name, default in fields.items():
         assert rows[name][0] == repr(default).replace("'", '"'), name
 
 
 def test_the_options_the_backend_takes_are_those_not_marked_compile_only():
     rows = _options_table()
     backend = {name for name, (_, what) in rows.items() if "*compile only*" not in what}
-    assert backend == set(DEFAULT_OPTIONS) - {"dry_run"}  # dry_run: the inspection tool's, not a user option
-    for name in backend:
-        assert rows[name][0] == repr(DEFAULT_OPTIONS[name]).replace("'", '"'), name
+    assert backend == set(GRAPH_FIELDS)
 
 
 def test_the_readme_stays_short_and_points_to_existing_docs():

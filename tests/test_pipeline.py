@@ -112,8 +112,10 @@ def test_bad_input_gets_a_clear_error():
         cc.compile(pipe.transformer, plan="w3a3")
     with pytest.raises(ValueError, match="option 'attention'"):
         cc.compile(pipe.transformer, attention="int8")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'plann'"):
+    with pytest.raises(TypeError, match="unknown convrot option.*'plann'.*valid options"):
         cc.compile(pipe.transformer, plann="w4a4")
+    with pytest.raises(TypeError, match="config must be a ConvRotConfig, got dict"):
+        cc.compile(pipe.transformer, {"plan": "w4a4"})
     model = cc.compile(pipe.transformer, progress=False)
     kwargs = {"hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16)}
     with pytest.raises(RuntimeError, match="inference-only: call it under torch.no_grad"):

@@ -1,0 +1,106 @@
+"""``ConvRotConfig``: every option of the convrot compiler, in one dataclass validated when it is made.
+
+``convrot_compiler.compile(model, config, **overrides)`` reads all of it; the ``convrot`` torch.compile
+backend reads the fields that act on one graph (``options={...}`` with those names, or
+``options={"config": ConvRotConfig(...)}``); the CLI and the inspection tool build one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .hadamard import ROTATION_KINDS
+from .ops import GEMM_LOWERINGS
+from .passes.attention import check_attention_mode
+from .plans import PlanSpec, make_plan
+from .rotations import GroupHadamardRotation
+
+
+@dataclass(frozen=True)
+class ConvRotConfig:
+    """What the compiler does. The first group of fields acts on each traced graph (the backend's options);
+    the second on how ``convrot_compiler.compile`` applies it to a model."""
+
+    plan: PlanSpec = "w4a4"              # preset name, (fnmatch pattern, precision) rules, or a Plan
+    group_size: int = 256                # rotation group along K, a power of 4
+    rotation: str = "regular"            # "regular", "sylvester" or "none"
+    inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
+    report: Callable | None = None       # receives each graph's CompileReport
+    fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
+    gemm: str = "kernel"                 # "kernel": opaque GEMM op; "template": Inductor template
+    fuse_producers: bool | str = True    # rotate+quantize reads a concatenation in place; "gelu": + GELU
+    gelu_epilogue: bool | None = None    # GELU in the GEMM epilogue; None: when gemm is "kernel"
+    fuse_norms: bool = False             # adaLN LayerNorm + modulation inside rotate+quantize
+    attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
+    dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
+
+    release_weights: bool = True         # free the float storage of quantized weights
+    fullgraph: bool = True               # passed to torch.compile
+    dynamic: bool | None = False         # passed to torch.compile
+    progress: bool = True                # a progress bar while weights are prepared
+    cuda_graphs: bool | None = None      # replay each input signature as a CUDA graph; None: on CUDA
+    max_graphs: int = 8                  # CUDA graphs kept, least recently used dropped first
+    regional: bool | tuple[str, ...] | None = None  # one graph per block class; None: where blocks repeat
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__.__get__(self)
+        set_("plan", make_plan(self.plan))
+        if self.rotation not in ROTATION_KINDS:
+            raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS}, got {self.rotation!r}")
+        GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
+        for key in ("inductor", "gelu_epilogue", "cuda_graphs", "dynamic"):
+            if getattr(self, key) not in (None, True, False):
+                raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
+        for key in ("dry_run", "fuse_gemms", "fuse_norms", "release_weights", "fullgraph", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
+        if self.fuse_producers not in (True, False, "gelu"):
+            raise ValueError(f"option 'fuse_producers' must be True, False or 'gelu', got {self.fuse_producers!r}")
+        check_attention_mode(self.attention)
+        if self.gemm not in GEMM_LOWERINGS:
+            raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {self.gemm!r}")
+        if self.gelu_epilogue and self.gemm != "kernel":
+            raise ValueError("option 'gelu_epilogue' needs gemm='kernel' (the Inductor template fuses the GELU "
+                             "itself): leave it None or set it False")
+        if self.report is not None and not callable(self.report):
+            raise TypeError("option 'report' must be a callable taking a CompileReport")
+        if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise ValueError(f"option 'max_graphs' must be a positive int, got {self.max_graphs!r}")
+        if isinstance(self.regional, list):
+            set_("regional", tuple(self.regional))
+
+    @property
+    def use_gelu_epilogue(self) -> bool:
+        """``gelu_epilogue``, its default (None) resolved: on with the opaque GEMM kernel."""
+        return self.gemm == "kernel" if self.gelu_epilogue is None else self.gelu_epilogue
+
+    def replace(self, **overrides: Any) -> "ConvRotConfig":
+        """A copy with ``overrides``, validated again; an unknown name is a TypeError."""
+        unknown = sorted(set(overrides) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"unknown convrot option(s) {unknown}; valid options: {sorted(FIELDS)}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_backend_options(cls, options: "dict | None") -> "ConvRotConfig":
+        """The config of ``torch.compile(..., backend="convrot", options=options)``."""
+        options = {} if options is None else options  # torch.compile passes none for {} or none given
+        if not isinstance(options, dict):
+            raise TypeError(f"convrot options must be a dict, got {type(options).__name__}")
+        if "config" in options:
+            config = options["config"]
+            if len(options) > 1 or not isinstance(config, cls):
+                raise TypeError("options={'config': ...} takes one ConvRotConfig and nothing beside it")
+            return config
+        model_level = sorted(set(options) & set(MODEL_FIELDS))
+        if model_level:
+            raise TypeError(f"option(s) {model_level} apply to convrot_compiler.compile, not to the torch.compile "
+                            f"backend; the backend takes {sorted(GRAPH_FIELDS)}")
+        return cls().replace(**options)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ConvRotConfig))
+MODEL_FIELDS = ("release_weights", "fullgraph", "dynamic", "progress", "cuda_graphs", "max_graphs", "regional")
+GRAPH_FIELDS = tuple(f for f in FIELDS if f not in MODEL_FIELDS)
