@@ -18,7 +18,7 @@ from .ops import act_order_for, has_kernel, w4a16_layout
 from .passes.attention import AttentionDecision, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
-from .plans import LayerDecision, Plan, eligibility, summarize
+from .plans import LayerDecision, Plan, decide, summarize
 from .quant import quantized_nbytes
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, PrepSpec, is_released
@@ -65,23 +65,14 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
-    planned, rule = plan.match(m.name)
-    d = LayerDecision(m.name, m.in_features, m.out_features, planned, planned, f"plan rule {rule!r}", rule, rows=m.rows)
-    if m.weight is not None:
-        d.bytes_before = d.bytes_after = m.weight.numel() * m.weight.element_size()
-    if planned == "bf16":
-        d.reason = f"kept by plan rule {rule!r}"
-        return d
-    why = None
+    unsupported = None
     if m.weight_index is None or m.weight is None:
-        why = "weight is computed in the graph, not a parameter: nothing to prepare at compile time"
+        unsupported = "weight is computed in the graph, not a parameter: nothing to prepare at compile time"
     elif m.weight.dim() != 2:
-        why = f"weight has shape {tuple(m.weight.shape)}, expected 2-D"
-    else:
-        why = eligibility(planned, m.in_features, m.out_features, m.dtype, group_size)
-    if why:
-        d.precision, d.reason = "bf16", why
-    return d
+        unsupported = f"weight has shape {tuple(m.weight.shape)}, expected 2-D"
+    nbytes = 0 if m.weight is None else m.weight.numel() * m.weight.element_size()
+    return decide(plan, m.name, m.in_features, m.out_features, m.dtype, group_size, rows=m.rows, nbytes=nbytes,
+                  unsupported=unsupported)
 
 
 def weight_spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:

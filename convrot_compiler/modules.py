@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .ops import act_order_for, has_kernel, quantized_linear, w4a16_layout
-from .plans import LayerDecision, PlanSpec, eligibility, make_plan
+from .plans import LayerDecision, PlanSpec, decide, make_plan
 from .quant import (QuantizedWeight, WeightQuantizer, check_act_order, packed_layout, quantize_weight,
                     reference_linear, rtn_weight_quantizer)
 from .rotations import Rotation, make_rotation
@@ -154,15 +154,8 @@ def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 def plan_linears(model: nn.Module, plan: PlanSpec = "w4a4", group_size: int = 256) -> list[LayerDecision]:
     """Decide a precision for every nn.Linear of a model, without changing it."""
     p = make_plan(plan)
-    decisions = []
-    for name, lin in iter_linears(model):
-        planned, rule = p.match(name)
-        why_not = eligibility(planned, lin.in_features, lin.out_features, lin.weight.dtype, group_size)
-        precision = "bf16" if why_not else planned
-        reason = why_not or (f"plan rule {rule!r}" if precision != "bf16" else f"kept by plan rule {rule!r}")
-        decisions.append(LayerDecision(name, lin.in_features, lin.out_features, planned, precision, reason, rule,
-                                       bytes_before=module_bytes(lin), bytes_after=module_bytes(lin)))
-    return decisions
+    return [decide(p, name, lin.in_features, lin.out_features, lin.weight.dtype, group_size, nbytes=module_bytes(lin))
+            for name, lin in iter_linears(model)]
 
 
 def quantize_model(

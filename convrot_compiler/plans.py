@@ -112,6 +112,23 @@ def eligibility(precision: str, in_features: int, out_features: int, weight_dtyp
     return None
 
 
+def decide(plan: Plan, name: str, in_features: int, out_features: int, weight_dtype, group_size: int,
+           rows: int | None = None, nbytes: int = 0, unsupported: str | None = None) -> LayerDecision:
+    """The precision a linear gets: the plan's rule for its name, unless it cannot take it (``unsupported``:
+    a reason its matcher found, else ``eligibility``); either way with the reason. The one place a linear
+    is decided, for the backend, the Inductor pass and the eager modules alike."""
+    planned, rule = plan.match(name)
+    d = LayerDecision(name, in_features, out_features, planned, planned, f"plan rule {rule!r}", rule, rows=rows,
+                      bytes_before=nbytes, bytes_after=nbytes)
+    if planned == "bf16":
+        d.reason = f"kept by plan rule {rule!r}"
+        return d
+    why = unsupported or eligibility(planned, in_features, out_features, weight_dtype, group_size)
+    if why:
+        d.precision, d.reason = "bf16", why
+    return d
+
+
 def warn_if_ineffective(decisions: list[LayerDecision], plan_name: str, group_size: int) -> None:
     """Warn when a plan quantizes none of the linears it was given, or when the group size leaves more
     than half of those the plan would quantize in bf16."""

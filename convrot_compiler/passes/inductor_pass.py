@@ -33,7 +33,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..ops import act_order_for, w4a16_layout
-from ..plans import LayerDecision, PlanSpec, eligibility, make_plan
+from ..plans import LayerDecision, PlanSpec, decide, make_plan
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
 from .match import module_name
@@ -184,15 +184,13 @@ class ConvRotInductorPass(CustomGraphPass):
             return None
         w = getattr(g.gm, wt.target).T  # frozen constants hold W^T [K, N]
         n_out, k_in = w.shape
-        reason = f"plan rule {rule!r}" + ("" if known else
-                                          f" on {name!r}: the GEMM has no module name (Inductor built it), so only "
-                                          "a rule matching that placeholder applies")
-        decision = LayerDecision(name, k_in, n_out, planned, planned, reason, rule, rows=rows,
-                                 bytes_before=w.numel() * w.element_size())
+        decision = decide(self.plan, name, k_in, n_out, w.dtype, self.group_size, rows=rows,
+                          nbytes=w.numel() * w.element_size())
+        if not known:
+            decision.reason += (f" on {name!r}: the GEMM has no module name (Inductor built it), so only a rule "
+                                "matching that placeholder applies")
         self.decisions.append(decision)
-        why = "kept by plan" if planned == "bf16" else eligibility(planned, k_in, n_out, w.dtype, self.group_size)
-        if why:
-            decision.precision, decision.reason, decision.bytes_after = "bf16", why, decision.bytes_before
+        if decision.precision == "bf16":
             return None
         rotation = None if planned == "w4a16" else self.rotation
         layout = w4a16_layout(w, self.group_size) if planned == "w4a16" else "groups"
