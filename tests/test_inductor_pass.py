@@ -187,3 +187,14 @@ def test_post_grad_pass_says_when_a_gemm_has_no_name():
             torch.compile(_QKV().eval())(torch.randn(2, 12, 256))
     [d] = p.decisions
     assert d.name.startswith("<") and d.out_features == 768 and "has no module name" in d.reason
+
+
+def test_the_pass_reads_a_config_and_refuses_the_backend_only_options():
+    from convrot_compiler import ConvRotConfig
+
+    p = ConvRotInductorPass(ConvRotConfig(plan="w8a8", group_size=64), fuse_gemms=False)
+    assert (p.plan.name, p.group_size, p.fuse_gemms) == ("w8a8", 64, False)
+    with pytest.raises(ValueError, match=r"\['attention'\] are the convrot backend's only"):
+        ConvRotInductorPass(attention="fp8")
+    with pytest.raises(TypeError, match="unknown convrot option"):
+        ConvRotInductorPass(plann="w4a4")

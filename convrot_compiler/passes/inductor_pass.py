@@ -33,7 +33,8 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..ops import act_order_for, w4a16_layout
-from ..plans import LayerDecision, PlanSpec, decide, make_plan
+from ..config import ConvRotConfig
+from ..plans import LayerDecision, decide
 from ..quant import quantize_weight
 from ..rotations import GroupHadamardRotation
 from .match import module_name
@@ -75,12 +76,20 @@ class ConvRotInductorPass(CustomGraphPass):
     (FLUX's Q/K/V, and Q/K/V/MLP-in in the single blocks). After a compile, ``decisions`` says what
     happened to each linear, ``activation_quantizations`` and ``fused_gemms`` what was shared."""
 
-    def __init__(self, plan: PlanSpec = "w4a4", group_size: int = 256, rotation: str = "regular",
-                 fuse_gemms: bool = True):
-        self.plan = make_plan(plan)
-        self.group_size = group_size
-        self.rotation = GroupHadamardRotation(rotation, group_size)
-        self.fuse_gemms = fuse_gemms
+    def __init__(self, config: ConvRotConfig | None = None, **overrides):
+        """The pass reads ``plan``, ``group_size``, ``rotation`` and ``fuse_gemms`` of a ``ConvRotConfig``
+        (or those names as ``overrides``); the other graph options are the backend's alone."""
+        config = (config or ConvRotConfig()).replace(**overrides)
+        default = ConvRotConfig()
+        others = [f for f in ("gemm", "fuse_producers", "gelu_epilogue", "fuse_norms", "attention", "inductor",
+                              "dry_run") if getattr(config, f) != getattr(default, f)]
+        if others:
+            raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation and fuse_gemms; {others} "
+                             "are the convrot backend's only (torch.compile(model, backend='convrot'))")
+        self.plan = config.plan
+        self.group_size = config.group_size
+        self.rotation = GroupHadamardRotation(config.rotation, config.group_size)
+        self.fuse_gemms = config.fuse_gemms
         self.decisions: list[LayerDecision] = []
         self.activation_quantizations = 0
         self.fused_gemms = 0
