@@ -230,7 +230,9 @@ def main(argv=None) -> dict:
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--iters", type=int, default=2, help="timed pipeline calls per variant")
-    p.add_argument("--variants", default="bf16,w4a4,w4a4-fp8attn,mix,bf16-compile")
+    p.add_argument("--variants", default="bf16,w4a4,w4a4-fp8attn,mix,bf16-compile",
+                   help=f"comma-separated, from {', '.join(PIPELINE_VARIANTS)}; bf16 first gives the latents' "
+                        "reference, fp8 (torchao) last")
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default="pipeline")
     p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
