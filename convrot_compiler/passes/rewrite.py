@@ -57,9 +57,21 @@ class RewriteResult:
     fused_norms: int = 0         # activation quantizations that compute the adaLN normalization feeding them
 
 
-def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node) -> None:
+class _Replaced(dict):
+    """Nodes the rewrite replaced, old -> new. The matches were taken before any rewrite, so an input that
+    is itself a rewritten linear's output (a linear feeding a linear, or a GELU moved into an epilogue)
+    must be looked up here before it is used."""
+
+    def live(self, node):
+        while node in self:
+            node = self[node]
+        return node
+
+
+def _replace_linear(graph: fx.Graph, rw: Rewrite, new: fx.Node, replaced: _Replaced) -> None:
     """Route the linear's users to ``new`` (keeping its module provenance) and drop the linear."""
     old = rw.match.node
+    replaced[old] = new
     new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     new.meta["convrot"] = {"module": rw.match.name, "scheme": rw.scheme}
     for key in ("example_value", "val"):  # its shape and dtype, which later pattern matches read
@@ -86,7 +98,8 @@ def _sole_gelu_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 and is_gelu_tanh(users[0]) and users[0].args[0] is node else None
 
 
-def _drop_gelu(graph: fx.Graph, gelu: fx.Node, replacement: fx.Node) -> None:
+def _drop_gelu(graph: fx.Graph, gelu: fx.Node, replacement: fx.Node, replaced: _Replaced) -> None:
+    replaced[gelu] = replacement
     gelu.replace_all_uses_with(replacement)
     graph.erase_node(gelu)
 
@@ -126,7 +139,9 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
     quantized_nodes = {rewrites[i].match.node for m in groups.values() for i in m}
     fused_gemms = fused_linears = fused_producers = gelu_epilogues = fused_norms = 0
     dropped: list[fx.Node] = []
+    replaced = _Replaced()
     for (x, bits, group_size, with_rotation, act_order), members in groups.items():
+        x = replaced.live(x)
         first = min((rewrites[i].match.node for i in members), key=order.__getitem__)
         producer = match_cat_producer(x, group_size, gelu=fuse_producers == "gelu") if fuse_producers else None
         norm = (match_norm_producer(x, group_size) if fuse_norms and producer is None and x.users.keys() <= quantized_nodes
@@ -156,9 +171,9 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             q = graph.call_function(operator.getitem, (qs, 0))
             s = graph.call_function(operator.getitem, (qs, 1))
         # one GEMM for the group when every bias is computed before the group's first linear
-        biases = [rewrites[i].match.bias for i in members]
+        biases = [replaced.live(rewrites[i].match.bias) for i in members]
         fusable = fuse and len(members) > 1 and all(
-            not isinstance(b, fx.Node) or order[b] < order[first] for b in biases)
+            not isinstance(b, fx.Node) or order.get(b, len(order)) < order[first] for b in biases)
         if fusable:
             scheme = rewrites[members[0]].scheme
             total = sum(rewrites[i].match.out_features for i in members)
@@ -173,9 +188,9 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
                     parts.append(graph.call_function(torch.narrow, (out, -1, start, rewrites[i].match.out_features)))
                     start += rewrites[i].match.out_features
             for i, part in zip(members, parts):
-                _replace_linear(graph, rewrites[i], part)
+                _replace_linear(graph, rewrites[i], part, replaced)
                 if i in gelus:
-                    _drop_gelu(graph, gelus[i], part)
+                    _drop_gelu(graph, gelus[i], part, replaced)
             gelu_epilogues += len(gelus)
             fused_gemms += 1
             fused_linears += len(members)
@@ -184,20 +199,20 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], fuse: bool = Tr
             rw = rewrites[i]
             with graph.inserting_before(rw.match.node):
                 new = graph.call_function(quantized_matmul, (q, s, shape_of, weights[i][0], weights[i][1],
-                                                             rw.match.bias, rw.scheme, rw.group_size,
+                                                             replaced.live(rw.match.bias), rw.scheme, rw.group_size,
                                                              rw.match.out_features, gemm, 0 if i in gelus else None))
-            _replace_linear(graph, rw, new)
+            _replace_linear(graph, rw, new, replaced)
             if i in gelus:
-                _drop_gelu(graph, gelus[i], new)
+                _drop_gelu(graph, gelus[i], new, replaced)
                 gelu_epilogues += 1
 
     for i, rw in enumerate(rewrites):
         if rw.scheme == "w4a16":
             with graph.inserting_before(rw.match.node):
-                new = graph.call_function(quantized_linear, (rw.match.x, weights[i][0], weights[i][1], None,
-                                                             rw.match.bias, rw.scheme, rw.group_size,
-                                                             rw.match.out_features))
-            _replace_linear(graph, rw, new)
+                new = graph.call_function(quantized_linear, (replaced.live(rw.match.x), weights[i][0], weights[i][1],
+                                                             None, replaced.live(rw.match.bias), rw.scheme,
+                                                             rw.group_size, rw.match.out_features))
+            _replace_linear(graph, rw, new, replaced)
     for node in dict.fromkeys(dropped):  # a GELU / concatenation / normalization that only fed quantizations
         _erase_unused_chain(graph, node)
     graph.lint()
