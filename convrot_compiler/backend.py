@@ -7,6 +7,7 @@ Inductor (or the rewritten graph as is). ``compile_model.py`` applies it to a wh
 from __future__ import annotations
 
 import collections
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,8 +72,11 @@ def _decide(m: LinearMatch, plan: Plan, group_size: int) -> LayerDecision:
     elif m.weight.dim() != 2:
         unsupported = f"weight has shape {tuple(m.weight.shape)}, expected 2-D"
     nbytes = 0 if m.weight is None else m.weight.numel() * m.weight.element_size()
-    return decide(plan, m.name, m.in_features, m.out_features, m.dtype, group_size, rows=m.rows, nbytes=nbytes,
-                  unsupported=unsupported)
+    d = decide(plan, m.name, m.in_features, m.out_features, m.dtype, group_size, rows=m.rows, nbytes=nbytes,
+               unsupported=unsupported)
+    if unsupported is None:
+        d.extra["parameter"] = weakref.ref(m.weight)  # which parameter it was, for compile's decisions
+    return d
 
 
 def weight_spec(precision: str, rotation: str, group_size: int, weight: torch.Tensor) -> PrepSpec:

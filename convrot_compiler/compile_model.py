@@ -11,7 +11,9 @@ it (a diffusers pipeline's ``transformer``) runs it compiled without knowing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -137,6 +139,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
 
     def collect(r: CompileReport) -> None:
         reports.append(r)
+        _add_functional_linears(module, r, decisions, units)
         if config.report is not None:
             config.report(r)
 
@@ -176,6 +179,40 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     module.convrot_decisions = decisions
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
+
+
+def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],
+                            units: list[CompileUnit]) -> None:
+    """Add to ``decisions`` the linears of a traced graph whose weight is a parameter no nn.Linear owns
+    (``F.linear(x, self.weight)``). They are found only at trace time: a quantized one keeps its float
+    weight resident (released weights were released before tracing), with a warning; in a regional
+    compile they stay bf16, since a block's plan names its nn.Linear modules. Each decision says which."""
+    owners = {id(model.get_submodule(d.name).weight) for d in decisions if "functional" not in d.extra}
+    names = {id(p): n for n, p in model.named_parameters()}
+    known = {d.name for d in decisions}
+    for d in report.decisions:
+        ref = d.extra.get("parameter")
+        param = ref() if ref is not None else None
+        if param is None or id(param) in owners or id(param) not in names:
+            continue
+        name = names[id(param)]
+        module = next((m for u in units for m in u.modules if name.startswith(m + ".")), None)
+        unit = next((u for u in units if module in u.modules), None)
+        found = [name] if unit is None else [f"{m}.{name[len(module) + 1:]}" for m in unit.modules]
+        if unit is not None:
+            why = (f"{d.reason}; a functional linear (F.linear on a parameter) in a regionally compiled block, whose "
+                   "plan names its nn.Linear modules only: compile with regional=False to quantize it")
+        elif d.precision != "bf16":
+            why = f"{d.reason}; a functional linear (F.linear on a parameter): its float weight stays resident"
+            warnings.warn(f"{name}: quantized as a functional linear (F.linear on a parameter); its float weight "
+                          "stays resident, since no nn.Linear owns it", stacklevel=2)
+        else:
+            why = f"{d.reason}; a functional linear (F.linear on a parameter)"
+        for full in found:
+            if full not in known:
+                known.add(full)
+                decisions.append(dataclasses.replace(d, name=full, reason=why, extra={
+                    "functional": True, "prepared_bytes": d.bytes_after if d.precision != "bf16" else 0}))
 
 
 def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:

@@ -150,3 +150,49 @@ def test_the_demo_model_depends_on_the_linears_it_quantizes():
     zero, w4a4, w8a8 = (moved(DEMO_GATE_BIAS, how) for how in ("zero", "w4a4", "w8a8"))
     assert zero > 3 * w4a4 and w4a4 > 5 * w8a8, (zero, w4a4, w8a8)
     assert moved(0.0, "zero") < 0.1 < zero
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(256, 256) * 0.05)
+        self.lin = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.linear(x, self.w))
+
+
+class _FunctionalStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Functional(), _Functional()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+@pytest.mark.parametrize("regional", [None, False])
+def test_a_functional_linear_on_a_parameter_appears_in_the_decisions(regional):
+    """Whole-model: quantized by the plan, its float weight resident, with a warning. Regional: the block's
+    plan names its nn.Linear modules, so it stays bf16, and the decision says how to quantize it."""
+    torch.manual_seed(0)
+    model = _FunctionalStack().bfloat16()
+    x = torch.randn(2, 8, 256, dtype=torch.bfloat16)
+    cc.compile(model, progress=False, regional=regional)
+    assert [d.name for d in model.convrot_decisions] == ["blocks.0.lin", "blocks.1.lin"]
+    if regional is False:
+        with pytest.warns(UserWarning, match="blocks.1.w: quantized as a functional linear"):
+            model(x)
+    else:
+        model(x)
+    d = {x.name: x for x in model.convrot_decisions}
+    for i in (0, 1):
+        w = d[f"blocks.{i}.w"]
+        if regional is False:
+            assert w.precision == "w4a4" and "its float weight stays resident" in w.reason
+        else:
+            assert w.precision == "bf16" and "compile with regional=False to quantize it" in w.reason
+    model(x)
+    assert len(model.convrot_decisions) == 4  # a second call adds nothing
