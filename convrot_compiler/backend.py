@@ -202,8 +202,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
 def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
     """torch.compile backend: ``torch.compile(model, backend="convrot", options={...})``.
 
-    Options: the graph-level fields of ``ConvRotConfig`` by name, or ``{"config": ConvRotConfig(...)}``. Inference only: call the compiled model under
-    ``torch.no_grad()`` or ``torch.inference_mode()``. Using it sets Dynamo's
+    Options: the graph-level fields of ``ConvRotConfig`` by name, or ``{"config": ConvRotConfig(...)}``.
+    Inference only: call the compiled model under ``torch.no_grad()`` or ``torch.inference_mode()``. Using it sets Dynamo's
     ``fail_on_recompile_limit_hit``: a new input shape past ``torch._dynamo.config.recompile_limit`` raises
     instead of running the model unquantized."""
     config = ConvRotConfig.from_backend_options(options)

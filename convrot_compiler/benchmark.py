@@ -26,6 +26,7 @@ import time
 import torch
 
 from .compile_model import compile as convrot_compile
+from .compile_model import weight_bytes
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
 from .kernels.int_gemm import forced_schedule
@@ -158,7 +159,7 @@ def prepare(variant: str, model):
     plan, _, launch = variant.partition("-")
     options, launch_note = LAUNCHES.get(launch, ({}, ""))
     convrot_compile(model, plan=plan, progress=False, **options)
-    prepared = sum(d.bytes_after for d in model.convrot_decisions if d.precision != "bf16")
+    prepared = weight_bytes(model) - model_bytes(model)
     note = "CUDA graph replay" if model.forward.replay else "kernels launched one by one"
     if launch_note:
         note += f"; {launch_note}"

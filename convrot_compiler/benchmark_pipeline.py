@@ -30,7 +30,7 @@ from .compile_model import compile as convrot_compile
 from .cudagraphs import CUDAGraphReplay
 from .demo import resolve_device
 from .models import build_flux, image_tokens_for, relative_error
-from .pipelines import StepTimer, random_pipeline, random_prompt_embeds
+from .pipelines import StepTimer, decode_latents, random_pipeline, random_prompt_embeds
 
 PIPELINE_VARIANTS = ("bf16", "bf16-compile", "w4a4", "w4a4-fp8attn", "mix", "mix-fp8attn", "w8a8", "w4a4-whole",
                      "fp8")
@@ -166,14 +166,11 @@ def run(args) -> dict:
 
 
 def _decode_ms(pipe, latents, res: int, dev: torch.device) -> float:
-    with torch.no_grad():
-        lat = pipe._unpack_latents(latents, res, res, pipe.vae_scale_factor)
-        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        pipe.vae.decode(lat, return_dict=False)
-        sync(dev)
-        t = time.perf_counter()
-        pipe.vae.decode(lat, return_dict=False)
-        sync(dev)
+    decode_latents(pipe, latents, res, res)  # warm-up
+    sync(dev)
+    t = time.perf_counter()
+    decode_latents(pipe, latents, res, res)
+    sync(dev)
     return (time.perf_counter() - t) * 1e3
 
 

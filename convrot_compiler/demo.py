@@ -9,6 +9,7 @@ from dataclasses import dataclass, asdict
 import torch
 
 from .compile_model import compile as convrot_compile
+from .compile_model import weight_bytes
 from .models import build_flux, load_flux, make_flux_inputs, model_bytes, relative_error
 from .plans import summarize
 
@@ -94,10 +95,9 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     _timed_forward(model, inputs.kwargs, dev)
     first_call_s = time.perf_counter() - start
     out, q_ms = _timed_forward(model, inputs.kwargs, dev)
-    prepared = sum(d.bytes_after for d in decisions if d.precision != "bf16")
     regional = bool(model.forward.units)
     rel_error = relative_error(out, ref)
-    weight_bytes_quantized = model_bytes(model) + prepared
+    weight_bytes_quantized = weight_bytes(model)
     yardstick_error = None
     if plan != YARDSTICK:
         del model, out

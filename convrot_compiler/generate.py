@@ -24,7 +24,7 @@ from .compile_model import weight_bytes
 from .demo import resolve_device
 from .models import image_tokens_for
 from .passes.attention import check_attention_mode
-from .pipelines import StepTimer, load_pipeline, random_pipeline, random_prompt_embeds
+from .pipelines import StepTimer, decode_latents, load_pipeline, random_pipeline, random_prompt_embeds
 from .plans import make_plan
 
 DEFAULT_PROMPT = "a red fox in fresh snow, morning light"
@@ -115,11 +115,7 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     denoise_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type="pil")[0]
+    image = pipe.image_processor.postprocess(decode_latents(pipe, latents, height, width), output_type="pil")[0]
     decode_s = time.perf_counter() - t0
     image.save(out)
     return GenerateResult(

@@ -65,6 +65,15 @@ def random_prompt_embeds(transformer: torch.nn.Module, count: int, text_tokens: 
     return out
 
 
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """What FluxPipeline does after denoising with ``output_type="latent"``: unpack the latents, undo the
+    VAE's scaling and shift, decode. Returns the VAE's image tensor."""
+    with torch.no_grad():
+        lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        return pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+
+
 class StepTimer:
     """The time of each denoising step of a pipeline call, as its ``callback_on_step_end``.
 
