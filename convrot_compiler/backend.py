@@ -19,7 +19,7 @@ from .ops import act_order_for, has_kernel, w4a16_layout
 from .passes.attention import AttentionDecision, plan_attention, rewrite_attention
 from .passes.match import LinearMatch, find_linears
 from .passes.rewrite import Rewrite, rewrite_linears
-from .plans import LayerDecision, Plan, decide, summarize
+from .plans import LayerDecision, Plan, decide, summarize, warn_if_ineffective
 from .quant import quantized_nbytes
 from .rotations import GroupHadamardRotation
 from .weights import PREPARED, PrepSpec, is_released
@@ -115,7 +115,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
     before = gm.print_readable(print_output=False)
     matches = find_linears(gm, example_inputs)
     decisions = [_decide(m, plan, group_size) for m in matches]
-    rewrites, specs = [], []
+    rewrites, specs, rewritten = [], [], []
     for m, d in zip(matches, decisions):
         if d.precision == "bf16":
             if not config.dry_run and m.weight is not None and is_released(m.weight):
@@ -138,10 +138,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
         rewrites.append(Rewrite(m, d.precision, group_size, d.precision != "w4a16" and rotation_kind != "none",
                                 spec.act_order))
         specs.append(spec)
+        rewritten.append(d)
     report = CompileReport(decisions, plan.name, rotation_kind, group_size, graph_before=before, gemm=config.gemm)
     result = rewrite_linears(gm, rewrites, fuse=config.fuse_gemms, gemm=config.gemm,
                              fuse_producers=config.fuse_producers,
                              gelu_epilogue=config.use_gelu_epilogue, fuse_norms=config.fuse_norms) if rewrites else None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for rw, d in zip(rewrites, rewritten):
+        d.extra["graph_reads_weight"] = bool(placeholders[rw.match.weight_index].users)  # besides its linears
     if result is not None:
         report.activation_quantizations, report.shared_activation_quantizations = result.activation_quantizations, result.shared
         report.fused_gemms, report.fused_linears = result.fused_gemms, result.fused_linears
@@ -205,7 +209,20 @@ def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     Options: the graph-level fields of ``ConvRotConfig`` by name, or ``{"config": ConvRotConfig(...)}``.
     Inference only: call the compiled model under ``torch.no_grad()`` or ``torch.inference_mode()``. Using it sets Dynamo's
     ``fail_on_recompile_limit_hit``: a new input shape past ``torch._dynamo.config.recompile_limit`` raises
-    instead of running the model unquantized."""
+    instead of running the model unquantized. A graph whose linears the plan leaves all in bf16 (no rule
+    matches them, or the group size is too large) is warned of."""
+    fn, report = _backend(gm, example_inputs, options)
+    warn_if_ineffective(report.decisions, report.plan, report.group_size, where="this graph")
+    return fn
+
+
+def model_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
+    """The backend ``convrot_compiler.compile`` uses: ``convrot_backend`` without the per-graph warnings,
+    since ``compile`` warns once for the whole model (a regional graph sees one block)."""
+    return _backend(gm, example_inputs, options)[0]
+
+
+def _backend(gm: fx.GraphModule, example_inputs: list, options: dict | None) -> tuple[Callable, CompileReport]:
     config = ConvRotConfig.from_backend_options(options)
     # Past the recompile limit Dynamo would run the frame eagerly: unquantized, in silence. Make it an error.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -216,4 +233,4 @@ def convrot_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     REPORTS.append(report)
     if config.report is not None:
         config.report(report)
-    return fn
+    return fn, report

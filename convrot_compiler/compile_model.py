@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backend import CompileReport, convrot_backend, weight_rotation, weight_spec
+from .backend import CompileReport, model_backend, weight_rotation, weight_spec
 from .config import ConvRotConfig
 from .cudagraphs import CUDAGraphReplay
 from .input_checks import input_check
@@ -28,7 +28,7 @@ from .modules import plan_linears
 from .plans import LayerDecision, warn_if_ineffective
 from .regional import CompileUnit, block_classes, block_instances, compiled_units, repeated_block_classes, unit_plans
 from .rotations import GroupHadamardRotation
-from .weights import PREPARED, release
+from .weights import PREPARED, is_released, release, release_storage
 
 
 class CompiledForward:
@@ -139,7 +139,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
 
     def collect(r: CompileReport) -> None:
         reports.append(r)
-        _add_functional_linears(module, r, decisions, units)
+        _add_functional_linears(module, r, decisions, units, config.release_weights)
         if config.report is not None:
             config.report(r)
 
@@ -166,27 +166,28 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
             # one options dict per unit: Dynamo reuses a graph across the unit's modules, not beyond
             options = {"config": graph_config.replace(plan=unit.plan)}
             for name in unit.modules:
-                module.get_submodule(name).compile(backend=convrot_backend, options=options,
+                module.get_submodule(name).compile(backend=model_backend, options=options,
                                                    fullgraph=config.fullgraph, dynamic=config.dynamic)
         inner = original
     else:
-        inner = torch.compile(original, backend=convrot_backend, options={"config": graph_config},
+        inner = torch.compile(original, backend=model_backend, options={"config": graph_config},
                               fullgraph=config.fullgraph, dynamic=config.dynamic)
     module.forward = CompiledForward(inner, original, cuda_graphs, config.max_graphs, units)
-    released = {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"}
-    if config.release_weights and released:
-        _guard_released(module, released)
+    if config.release_weights:
+        _guard_released(module, {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"})
     module.convrot_decisions = decisions
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
 
 
 def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],
-                            units: list[CompileUnit]) -> None:
+                            units: list[CompileUnit], release_weights: bool) -> None:
     """Add to ``decisions`` the linears of a traced graph whose weight is a parameter no nn.Linear owns
-    (``F.linear(x, self.weight)``). They are found only at trace time: a quantized one keeps its float
-    weight resident (released weights were released before tracing), with a warning; in a regional
-    compile they stay bf16, since a block's plan names its nn.Linear modules. Each decision says which."""
+    (``F.linear(x, self.weight)``). They are found only at trace time. In a whole-model compile a quantized
+    one is handled like the others: its float storage is freed as soon as its graph is compiled
+    (``release_storage``, which leaves what Dynamo guards unchanged), unless the graph still reads it or
+    another tensor shares its storage, which keeps it resident with a warning. In a regional compile they
+    stay bf16, since a block's plan names its nn.Linear modules. Each decision says which."""
     owners = {id(model.get_submodule(d.name).weight) for d in decisions if "functional" not in d.extra}
     names = {id(p): n for n, p in model.named_parameters()}
     known = {d.name for d in decisions}
@@ -199,35 +200,54 @@ def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: 
         module = next((m for u in units for m in u.modules if name.startswith(m + ".")), None)
         unit = next((u for u in units if module in u.modules), None)
         found = [name] if unit is None else [f"{m}.{name[len(module) + 1:]}" for m in unit.modules]
+        if any(full in known for full in found):
+            continue
+        why = f"{d.reason}; a functional linear (F.linear on a parameter)"
         if unit is not None:
-            why = (f"{d.reason}; a functional linear (F.linear on a parameter) in a regionally compiled block, whose "
-                   "plan names its nn.Linear modules only: compile with regional=False to quantize it")
-        elif d.precision != "bf16":
-            why = f"{d.reason}; a functional linear (F.linear on a parameter): its float weight stays resident"
-            warnings.warn(f"{name}: quantized as a functional linear (F.linear on a parameter); its float weight "
-                          "stays resident, since no nn.Linear owns it", stacklevel=2)
-        else:
-            why = f"{d.reason}; a functional linear (F.linear on a parameter)"
+            why += (" in a regionally compiled block, whose plan names its nn.Linear modules only: compile with "
+                    "regional=False to quantize it")
+        elif d.precision != "bf16" and release_weights:
+            resident = ("the compiled graph also reads it" if d.extra.get("graph_reads_weight") else
+                        None if _owns_storage(model, param) else "another tensor shares its storage")
+            if resident is None:
+                release_storage(param)
+                why += ", quantized when its graph was traced: its float storage was freed then"
+            else:
+                why += f": its float weight stays resident ({resident})"
+                warnings.warn(f"{name}: quantized as a functional linear (F.linear on a parameter); its float "
+                              f"weight stays resident: {resident}", stacklevel=2)
         for full in found:
-            if full not in known:
-                known.add(full)
-                decisions.append(dataclasses.replace(d, name=full, reason=why, extra={
-                    "functional": True, "prepared_bytes": d.bytes_after if d.precision != "bf16" else 0}))
+            known.add(full)
+            decisions.append(dataclasses.replace(d, name=full, reason=why, extra={
+                "functional": True, "prepared_bytes": d.bytes_after if d.precision != "bf16" else 0}))
+
+
+def _owns_storage(model: nn.Module, param: torch.Tensor) -> bool:
+    """Whether ``param`` alone holds its storage: no other parameter or buffer of the model shares it, and
+    it spans the whole storage."""
+    storage = param.untyped_storage()
+    if storage.nbytes() != param.numel() * param.element_size() or storage.data_ptr() == 0:
+        return False
+    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
 
 
 def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
     """Released weights are placeholders: a linear holding one refuses to run outside the compiled graphs,
-    and saving or loading a state dict that holds them raises, instead of either working on placeholders."""
-    n = len(released)
+    and saving or loading a state dict that holds them raises, instead of either working on placeholders.
+    The model's own hooks look at call time, so they also cover weights released when a graph is traced."""
 
     def refuse_save(module, prefix, keep_vars):
-        raise RuntimeError(f"convrot_compiler.compile released the float weights of {n} linears of this model, so its "
-                           "state_dict would hold placeholders, not weights: save the model (state_dict, "
-                           "save_pretrained) before compiling it, or compile with release_weights=False")
+        n = sum(is_released(p) for p in module.parameters())
+        if n:
+            raise RuntimeError(f"convrot_compiler.compile released the float weights of {n} linears of this model, "
+                               "so its state_dict would hold placeholders, not weights: save the model (state_dict, "
+                               "save_pretrained) before compiling it, or compile with release_weights=False")
 
     def refuse_load(module, state_dict, prefix, *args):
-        raise RuntimeError("weights loaded into a convrot-compiled model would not reach its prepared (quantized) "
-                           "weights: load them into a fresh model, then compile it")
+        if any(is_released(p) for p in module.parameters()):
+            raise RuntimeError("weights loaded into a convrot-compiled model would not reach its prepared (quantized) "
+                               "weights: load them into a fresh model, then compile it")
 
     def refuse_eager(name: str):
         def hook(module, args):

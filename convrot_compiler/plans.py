@@ -13,6 +13,7 @@ from typing import Iterable, Sequence, Union
 
 PRECISIONS: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "bf16")
 QUANTIZED: tuple[str, ...] = ("w4a4", "w8a8", "w4a16")
+NO_RULE = "<no rule matched>"  # the rule of a linear no rule of the plan matches
 
 Rule = tuple[str, str]
 PlanSpec = Union[str, Sequence[Rule], "Plan"]
@@ -59,7 +60,7 @@ class Plan:
         for pattern, precision in self.rules:
             if fnmatch.fnmatchcase(module_name, pattern):
                 return precision, pattern
-        return "bf16", "<no rule matched>"
+        return "bf16", NO_RULE
 
 
 def make_plan(spec: PlanSpec = "w4a4") -> Plan:
@@ -129,22 +130,26 @@ def decide(plan: Plan, name: str, in_features: int, out_features: int, weight_dt
     return d
 
 
-def warn_if_ineffective(decisions: list[LayerDecision], plan_name: str, group_size: int) -> None:
-    """Warn when a plan quantizes none of the linears it was given, or when the group size leaves more
-    than half of those the plan would quantize in bf16."""
+def warn_if_ineffective(decisions: list[LayerDecision], plan_name: str, group_size: int, where: str = "the model") -> None:
+    """Warn when a plan quantizes none of the linears it was given, unless its rules keep each of them on
+    purpose, or when the group size leaves more than half of those the plan would quantize in bf16.
+    ``where`` names what the decisions cover: the model, or one graph of the stock backend."""
     import warnings
 
     if not decisions or plan_name == "none":
         return
     planned = [d for d in decisions if d.planned != "bf16"]
-    if not any(d.precision != "bf16" for d in decisions):
-        warnings.warn(f"plan {plan_name!r} quantizes none of the {len(decisions)} linears: every layer runs in "
-                      "its float dtype (the decisions say why)", stacklevel=3)
+    kept_on_purpose = all(d.planned == "bf16" and d.rule != NO_RULE for d in decisions)
+    if not any(d.precision != "bf16" for d in decisions) and not kept_on_purpose:
+        unmatched = sum(d.rule == NO_RULE for d in decisions)
+        warnings.warn(f"plan {plan_name!r} quantizes none of the {len(decisions)} linears of {where}: every one runs "
+                      f"in its float dtype ({unmatched} match no rule of the plan; the decisions say why)",
+                      stacklevel=3)
         return
     too_small = [d for d in planned if d.precision == "bf16" and "smaller than the group size" in d.reason]
     if planned and len(too_small) > len(planned) / 2:
-        warnings.warn(f"group_size={group_size} leaves {len(too_small)} of the {len(planned)} linears the plan would "
-                      f"quantize in bf16 (their K is smaller): use a smaller group size", stacklevel=3)
+        warnings.warn(f"group_size={group_size} leaves {len(too_small)} of the {len(planned)} linears of {where} the "
+                      f"plan would quantize in bf16 (their K is smaller): use a smaller group size", stacklevel=3)
 
 
 def summarize(decisions: Iterable[LayerDecision]) -> dict[str, int]:

@@ -68,5 +68,18 @@ def release(param: torch.nn.Parameter) -> int:
     return freed
 
 
+def release_storage(param: torch.nn.Parameter) -> int:
+    """Free a parameter's float storage in place, keeping its shape, strides, dtype and device: for a weight
+    that graphs already compiled take as an input (a functional linear's, found only when traced). ``release``
+    gives the parameter new strides, which Dynamo's guards would see and compile again for; this changes
+    nothing they check, and any read of the weight outside the compiled graphs fails loudly instead of
+    reading zeros. The caller makes sure no other tensor shares the storage. Returns the bytes freed."""
+    storage = param.untyped_storage()
+    freed = storage.nbytes()
+    storage.resize_(0)
+    _RELEASED[param] = True
+    return freed
+
+
 def is_released(param: torch.Tensor) -> bool:
     return param in _RELEASED

@@ -12,6 +12,7 @@ from torch import nn
 import convrot_compiler as cc
 from convrot_compiler.models import build_flux, make_flux_inputs, relative_error
 from convrot_compiler.modules import iter_linears, plan_linears
+from convrot_compiler.weights import is_released
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 
@@ -175,24 +176,69 @@ class _FunctionalStack(nn.Module):
 
 @pytest.mark.parametrize("regional", [None, False])
 def test_a_functional_linear_on_a_parameter_appears_in_the_decisions(regional):
-    """Whole-model: quantized by the plan, its float weight resident, with a warning. Regional: the block's
-    plan names its nn.Linear modules, so it stays bf16, and the decision says how to quantize it."""
+    """Whole-model: quantized by the plan, and its float storage freed once its graph is compiled, without a
+    second compile. Regional: the block's plan names its nn.Linear modules, so it stays bf16, and the
+    decision says how to quantize it."""
     torch.manual_seed(0)
     model = _FunctionalStack().bfloat16()
     x = torch.randn(2, 8, 256, dtype=torch.bfloat16)
     cc.compile(model, progress=False, regional=regional)
     assert [d.name for d in model.convrot_decisions] == ["blocks.0.lin", "blocks.1.lin"]
-    if regional is False:
-        with pytest.warns(UserWarning, match="blocks.1.w: quantized as a functional linear"):
-            model(x)
-    else:
-        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = model(x)
     d = {x.name: x for x in model.convrot_decisions}
     for i in (0, 1):
         w = d[f"blocks.{i}.w"]
         if regional is False:
-            assert w.precision == "w4a4" and "its float weight stays resident" in w.reason
+            assert w.precision == "w4a4" and "its float storage was freed" in w.reason
+            assert is_released(model.blocks[i].w) and model.blocks[i].w.untyped_storage().nbytes() == 0
         else:
             assert w.precision == "bf16" and "compile with regional=False to quantize it" in w.reason
-    model(x)
+            assert not is_released(model.blocks[i].w)
+    assert torch.equal(model(x), first)
     assert len(model.convrot_decisions) == 4  # a second call adds nothing
+    if regional is False:
+        assert len(model.convrot_reports) == 1  # and compiles nothing: the release left the guards as they were
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.linear(x, model.blocks[0].w)  # never zeros
+        with pytest.raises(RuntimeError, match="state_dict would hold placeholders"):
+            model.state_dict()
+
+
+def test_a_functional_linear_is_quantized_like_the_nn_linears_and_kept_only_when_shared():
+    torch.manual_seed(0)
+    model = _FunctionalStack().bfloat16()
+    kept = _FunctionalStack().bfloat16()
+    kept.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 256, dtype=torch.bfloat16)
+    cc.compile(model, progress=False, regional=False)
+    cc.compile(kept, progress=False, regional=False, release_weights=False)
+    assert torch.equal(model(x), kept(x))
+    assert all(not is_released(p) for p in kept.parameters())
+    shared = _FunctionalStack().bfloat16()
+    buffer = torch.randn(2, 256, 256, dtype=torch.bfloat16) * 0.05
+    for i, b in enumerate(shared.blocks):
+        b.w = nn.Parameter(buffer[i])  # two weights, one storage: freeing it would free both
+    cc.compile(shared, progress=False, regional=False)
+    with pytest.warns(UserWarning, match="blocks.0.w: .* stays resident: another tensor shares its storage"):
+        shared(x)
+    assert not is_released(shared.blocks[0].w)
+    assert "another tensor shares its storage" in {d.name: d for d in shared.convrot_decisions}["blocks.1.w"].reason
+
+
+def test_the_stock_backend_warns_of_a_graph_its_plan_leaves_unquantized():
+    x = torch.randn(4, 256)
+
+    def stack():
+        return nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+
+    for options in ({"plan": []}, {"plan": [("nothing.*", "w4a4")]}, {"group_size": 1024}):
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="of the 2 linears of this graph"):
+            torch.compile(stack(), backend="convrot", options=options)(x)
+    for options in ({}, {"plan": "none"}, {"plan": [("*", "bf16")]}):  # quantized, or kept on purpose
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.compile(stack(), backend="convrot", options=options)(x)
