@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from convrot_compiler.benchmark import environment, write_results
+from convrot_compiler.tools.bench_model import environment, write_results
 
 PAIRS = [
     ("How do I bake bread at home?", "Mix flour, water, yeast and salt, let the dough rise, then bake it in a hot oven."),

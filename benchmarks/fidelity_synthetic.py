@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from convrot_compiler.benchmark import environment, write_results
-from convrot_compiler.quant import quantize_weight, reference_linear
-from convrot_compiler.rotations import GroupHadamardRotation
+from convrot_compiler.numerics.quant import quantize_weight, reference_linear
+from convrot_compiler.numerics.rotations import GroupHadamardRotation
+from convrot_compiler.tools.bench_model import environment, write_results
 
 
 def activations(kind: str, m: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -3,14 +3,13 @@
 For every shape, in one process: cuBLAS bf16 (torch.mm), torch._scaled_mm fp8
 row-wise, torch._int_mm int8, our W4A4 and W8A8 GEMMs, the fused
 rotate+quantize alone (GB/s, against measured copy bandwidth), and
-rotate+quantize+GEMM together. W4A4 "GEMM" is int_gemm's default path: on an sm_90
-GPU the packed GEMM (kernels/packed_gemm_sm90.py, weights split in registers, no
-unpack), elsewhere int4 weights unpacked to a transient int8 buffer, then the int8
+rotate+quantize+GEMM together. W4A4 "GEMM" is what the compiled model runs (ops/dispatch.py): on an sm_90
+GPU the packed GEMM (kernels/sm90/packed_gemm.py, weights split in registers, no
+unpack), elsewhere int4 weights unpacked to a transient int8 buffer, then Triton's int8
 GEMM (the unpack time included); "unpack alone us" times that unpack kernel by
-itself, whichever path the GEMM took. ``--schemes`` adds the fp8-tensor-core forms of W4A4 and the persistent
-TMA-descriptor form of the int8 GEMM (see kernels/int_gemm.py); "diff vs int8 TC" is
-their largest difference from the default int8 GEMM on the same operands (list that
-first). Each of ours is checked against the reference in the same run. Also the W4A16
+itself, whichever path the GEMM took. ``--schemes`` adds Triton's int8 GEMM in its one-program-per-tile
+(``-flat``) and persistent TMA-descriptor (``-persistent``) forms (kernels/triton/int_gemm.py); "diff vs
+default" is their largest difference from the default GEMM on the same operands (list that first). Each of ours is checked against the reference in the same run. Also the W4A16
 weight-only GEMM at M = 1, 4 and 8: the op as the compiler calls it (on sm_90 the tensor-core kernel on
 tile-layout weights) and the CUDA-core kernel on group-layout weights.
 
@@ -18,10 +17,10 @@ Every time is the median of CUDA-graph replays with L2 flushed between them, as 
 forward (benchmarks/timing.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
 wrapper's host time wherever it is longer than the kernel. rotate+quantize is also timed back to back
 (8 launches on distinct inputs per replay, bench_graph_per_call_ms): a single replay costs ~5 us by
-itself, a quarter of the kernel at K = 3072 (benchmarks/results/small_copy.md). W4A4/W8A8 run in the channel
-order the compiler picks for the GPU (ops.act_order_for; "mma" on sm_90), weights prepared to match.
+itself, a quarter of the kernel at K = 3072 (measured on an H100). W4A4/W8A8 run in the channel
+order the compiler picks for the GPU (ops/dispatch.py, act_order_for; "mma" on sm_90), weights prepared to match.
 
-    python benchmarks/gemm.py [--quick] [--no-rotate] [--w4a16-only] [--eager] [--schemes w4a4,w4a4-fp8,...] [--name STEM] [--out DIR]
+    python benchmarks/gemm.py [--quick] [--no-rotate] [--w4a16-only] [--eager] [--schemes w4a4,w4a4-flat,...] [--name STEM] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,18 +30,21 @@ import math
 import sys
 
 import torch
+from timing import (  # benchmarks/timing.py
+    bench_graph_ms,
+    bench_graph_per_call_ms,
+    bench_ms,
+)
 
-from timing import bench_graph_ms, bench_graph_per_call_ms, bench_ms  # benchmarks/timing.py
-
-from convrot_compiler import ops
-from convrot_compiler.benchmark import environment, write_results
-from convrot_compiler.baselines import quantize_rowwise_fp8
-from convrot_compiler.kernels.int_gemm import int_gemm, unpack_int4
-from convrot_compiler.kernels.rotate_quant import rotate_quantize
-from convrot_compiler.kernels.weight_only import w4a16_gemm
-from convrot_compiler.models import relative_error
-from convrot_compiler.quant import quantize_weight
-from convrot_compiler.rotations import GroupHadamardRotation
+from convrot_compiler.kernels.triton.int_gemm import int_gemm, unpack_int4
+from convrot_compiler.kernels.triton.weight_only import w4a16_gemm
+from convrot_compiler.numerics.quant import quantize_weight
+from convrot_compiler.numerics.rotations import GroupHadamardRotation
+from convrot_compiler.ops import custom_ops, dispatch
+from convrot_compiler.ops.dispatch import rotate_quantize
+from convrot_compiler.tools.baselines import quantize_rowwise_fp8
+from convrot_compiler.tools.bench_model import environment, write_results
+from convrot_compiler.tools.models import relative_error
 
 SHAPES = [  # (name, K, N)
     ("qkv/out 3072->3072", 3072, 3072),
@@ -51,17 +53,14 @@ SHAPES = [  # (name, K, N)
     ("ff down 12288->3072", 12288, 3072),
     ("single proj_out 15360->3072", 15360, 3072),
 ]
-# scheme -> (activation bits, activation container, fp8 promote_every, persistent TMA GEMM: None = the
-# compiler's choice by shape); see kernels/int_gemm.py
+# scheme -> (activation bits, Triton's persistent TMA GEMM: None = the compiled model's GEMM, ops/dispatch.py)
 SCHEMES = {
-    "w4a4": (4, torch.int8, 0, None),
-    "w4a4-flat": (4, torch.int8, 0, False),
-    "w4a4-fp8": (4, torch.float8_e4m3fn, 0, False),
-    "w4a4-fp8-nopromote": (4, torch.float8_e4m3fn, -1, False),
-    "w4a4-persistent": (4, torch.int8, 0, True),
-    "w8a8": (8, torch.int8, 0, None),
-    "w8a8-flat": (8, torch.int8, 0, False),
-    "w8a8-persistent": (8, torch.int8, 0, True),
+    "w4a4": (4, None),
+    "w4a4-flat": (4, False),
+    "w4a4-persistent": (4, True),
+    "w8a8": (8, None),
+    "w8a8-flat": (8, False),
+    "w8a8-persistent": (8, True),
 }
 SKINNY = [("norm1.linear 3072->18432", 3072, 18432), ("single norm 3072->9216", 3072, 9216),
           ("norm_out 3072->6144", 3072, 6144)]
@@ -97,35 +96,39 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
     rot = GroupHadamardRotation("regular", 256)
     h16 = rot.kernel_matrix().to("cuda", torch.bfloat16)  # the model passes it in the activations dtype
     needed = {SCHEMES[scheme][0] for scheme in schemes}
-    order = ops.act_order_for(x.device, x.dtype, 256, True)  # as the compiler prepares them for this GPU
+    order = dispatch.act_order_for(x.device, x.dtype, 256, True)  # as the compiler prepares them for this GPU
     weights = {bits: quantize_weight(w, "w4a4" if bits == 4 else "w8a8", rot, act_order=order) for bits in needed}
-    int8_fp32_out = {}
+    default_fp32_out = {}
     for scheme in schemes:
-        bits, act_dtype, promote, persistent = SCHEMES[scheme]
+        bits, persistent = SCHEMES[scheme]
         qw = weights[bits]
-        qa, sa = rotate_quantize(x, h16, 256, bits, act_dtype, order=order)
+        qa, sa = rotate_quantize(x, h16, 256, bits, order=order)
         packed = bits == 4
-        gemm = lambda qa, sa: int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.bfloat16,  # noqa: E731
-                                       promote_every=promote, persistent=persistent)
+
+        def gemm(qa, sa, out_dtype=torch.bfloat16, qw=qw, packed=packed, persistent=persistent):
+            if persistent is None:
+                return dispatch.int_gemm(qa, sa, [qw.values], [qw.scale], [None], packed, 256, out_dtype)
+            return int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, out_dtype, persistent=persistent,
+                            warp_specialize=persistent)
+
         # correctness: GEMM vs reference on the same quantized operands; end to end vs float;
-        # fp8 vs int8 tensor cores on the same int4 operands (equal when the fp8 accumulation is exact)
-        g_ref = ops.int_gemm_reference(qa.to(torch.int8), sa, qw.values, qw.scale, None, packed, 256, torch.float32)
+        # each form against the default on the same operands (equal: the same integers, the same epilogue)
+        g_ref = custom_ops.int_gemm_reference(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32)
         g_out = gemm(qa, sa)
-        g32 = int_gemm(qa, sa, qw.values, qw.scale, None, packed, 256, torch.float32, promote_every=promote,
-                       persistent=persistent)
-        if act_dtype == torch.int8 and persistent is None:
-            int8_fp32_out[bits] = g32
-        base = int8_fp32_out.get(bits)
-        vs_int8 = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()
+        g32 = gemm(qa, sa, torch.float32)
+        if persistent is None:
+            default_fp32_out[bits] = g32
+        base = default_fp32_out.get(bits)
+        vs_default = float("nan") if base is None else ((g32 - base).abs().max() / base.abs().max()).item()
         gemm_err = relative_error(g_out, g_ref)
-        q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits, order)
+        q_ref, s_ref = custom_ops.rotate_quantize_reference(x, h16, 256, bits, order)
         mismatch = ((qa.float() - q_ref.float()).abs() > 0).float().mean().item()
         e2e_err = relative_error(g_out, ref)
 
         t_gemm = timed_ms(lambda: gemm(qa, sa))
-        t_unpack = timed_ms(lambda: unpack_int4(qw.values, 256, act_dtype)) if packed else 0.0
-        t_rq = timed_ms(lambda: rotate_quantize(x, h16, 256, bits, act_dtype, order=order))
-        t_all = timed_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, act_dtype, order=order)))
+        t_unpack = timed_ms(lambda: unpack_int4(qw.values, 256)) if packed else 0.0
+        t_rq = timed_ms(lambda: rotate_quantize(x, h16, 256, bits, order=order))
+        t_all = timed_ms(lambda: gemm(*rotate_quantize(x, h16, 256, bits, order=order)))
         rq_bytes = m * k * 2 + qa.numel() + m * 4
         rows.append(dict(
             shape=name, M=m, K=k, N=n, scheme=scheme,
@@ -135,7 +138,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
             rq_us=t_rq * 1e3, rq_gbs=rq_bytes / t_rq / 1e6, rq_frac_copy=rq_bytes / t_rq / 1e6 / copy_gbs,
             fused_us=t_all * 1e3, fused_tops=flop / t_all / 1e9, fused_vs_bf16=t_bf16 / t_all,
             gemm_rel_err_vs_ref=gemm_err, rq_int_mismatch=mismatch, rel_err_vs_float=e2e_err,
-            max_diff_vs_int8_tc=vs_int8,
+            max_diff_vs_default=vs_default,
             bf16_tflops=flop / t_bf16 / 1e9, fp8_tflops=flop / t_fp8 / 1e9, int_mm_tops=flop / t_int / 1e9,
         ))
 
@@ -144,15 +147,15 @@ BACK_TO_BACK = 8  # launches per graph replay in the back-to-back timing of rota
 
 
 def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
-    """rotate+quantize alone, in the channel order the compiler picks for this GPU (ops.act_order_for): GB/s
+    """rotate+quantize alone, in the channel order the compiler picks for this GPU (dispatch.act_order_for): GB/s
     (bytes read + written) and agreement with the reference; with ``back_to_back`` also per launch of
     BACK_TO_BACK launches on distinct inputs in one graph (bench_graph_per_call_ms: without the cost of a
     replay and of the flush's dirty L2, which a single replay of a kernel this short cannot hide)."""
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") + torch.randn(m, 1, device="cuda") * 2).to(torch.bfloat16)
     h16 = GroupHadamardRotation("regular", 256).kernel_matrix().to("cuda", torch.bfloat16)
-    order = ops.act_order_for(x.device, x.dtype, 256, True)
-    q_ref, s_ref = ops.rotate_quantize_reference(x, h16, 256, bits, order)
+    order = dispatch.act_order_for(x.device, x.dtype, 256, True)
+    q_ref, s_ref = custom_ops.rotate_quantize_reference(x, h16, 256, bits, order)
     nbytes = m * k * 2 + q_ref.numel() + m * 4
     q, s = rotate_quantize(x, h16, 256, bits, order=order)
     gbs = nbytes / timed_ms(lambda: rotate_quantize(x, h16, 256, bits, order=order)) / 1e6
@@ -167,13 +170,13 @@ def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
 
 def bench_skinny(name, m, k, n, rows, timed_ms):
     """The W4A16 op as the compiler prepares and calls it (on sm_90 the tensor-core kernel on tile-layout
-    weights, kernels/weight_only_sm90.py), and the CUDA-core kernel on the group layout (kernels/weight_only.py)."""
+    weights, kernels/sm90/weight_only.py), and the CUDA-core kernel on the group layout (kernels/triton/weight_only.py)."""
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    layout = ops.w4a16_layout(w, 256)
+    layout = dispatch.w4a16_layout(w, 256)
     qw = quantize_weight(w, "w4a16", None, group_size=256, layout=layout)
     groups = quantize_weight(w, "w4a16", None, group_size=256)
-    ref = ops.w4a16_gemm_reference(x.float(), groups.values, groups.scale, None, 256)
+    ref = custom_ops.w4a16_gemm_reference(x.float(), groups.values, groups.scale, None, 256)
     out = torch.ops.convrot.w4a16_gemm(x, qw.values, qw.scale, None, 256)
     out_cc = w4a16_gemm(x, groups.values, groups.scale, None, 256)
     t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
@@ -214,7 +217,7 @@ def main() -> None:
                    help="time eager calls instead of CUDA-graph replays (includes each wrapper's host time "
                         "wherever it is longer than the kernel)")
     p.add_argument("--name", help="result file stem (default: gemm, or rotate with --rotate-only)")
-    p.add_argument("--out", help="result folder (default $OUT or benchmarks/results)")
+    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
     args = p.parse_args()
     # timed_ms(fn): median ms of fn, replayed from a CUDA graph as the model runs it, or called eagerly
     timed_ms = bench_ms if args.eager else bench_graph_ms
@@ -271,9 +274,9 @@ def main() -> None:
           f"{r['unpack_us']:.1f}", f"{r['gemm_vs_bf16']:.2f}",
           f"{r['gemm_vs_fp8']:.2f}", f"{r['gemm_vs_int_mm']:.2f}", f"{r['rq_gbs']:.0f} ({r['rq_frac_copy']:.0%})",
 f"{r['fused_vs_bf16']:.2f}", f"{r['gemm_rel_err_vs_ref']:.1e}",
-          f"{r['rq_int_mismatch']:.1e}", f"{r['max_diff_vs_int8_tc']:.1e}"] for r in rows],
+          f"{r['rq_int_mismatch']:.1e}", f"{r['max_diff_vs_default']:.1e}"] for r in rows],
         headers=["shape", "M", "scheme", "GEMM TOPS", "unpack alone us", "x bf16", "x fp8", "x int_mm", "rot+q GB/s (copy)",
-"rot+q+GEMM x bf16", "GEMM err", "int mismatch", "diff vs int8 TC"], tablefmt="github")
+"rot+q+GEMM x bf16", "GEMM err", "int mismatch", "diff vs default"], tablefmt="github")
     skinny_table = skinny_table_of(skinny)
     summary = {}
     for scheme in schemes:

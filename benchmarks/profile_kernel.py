@@ -1,9 +1,10 @@
 """One launch of a convrot kernel, bracketed for ncu --profile-from-start off (autotuning runs before).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... python benchmarks/profile_kernel.py rotate
+                                                       # rotate+quantize as the model runs it (ops/dispatch.py)
     ... python benchmarks/profile_kernel.py rotate-mma   # the sm_90 kernel storing each group in the mma channel order
     ... python benchmarks/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
-    ... python benchmarks/profile_kernel.py gemm     # persistent int8 GEMM, 4608 x 3072 -> 12288 (no unpack)
+    ... python benchmarks/profile_kernel.py gemm     # persistent warp-specialized int8 GEMM, 4608 x 3072 -> 12288
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 
 import torch
 
-from convrot_compiler.kernels.int_gemm import int_gemm
-from convrot_compiler.kernels.rotate_quant import rotate_quantize
-from convrot_compiler.kernels.weight_only import w4a16_gemm
-from convrot_compiler.quant import quantize_weight
-from convrot_compiler.rotations import GroupHadamardRotation
+from convrot_compiler.kernels.triton.int_gemm import int_gemm
+from convrot_compiler.kernels.triton.weight_only import w4a16_gemm
+from convrot_compiler.numerics.quant import quantize_weight
+from convrot_compiler.numerics.rotations import GroupHadamardRotation
+from convrot_compiler.ops.dispatch import rotate_quantize
 
 
 def rotate(m: int = 4608, k: int = 3072, bits: int = 4):
@@ -26,7 +27,7 @@ def rotate(m: int = 4608, k: int = 3072, bits: int = 4):
 
 
 def rotate_mma(m: int = 4608, k: int = 3072, bits: int = 4):
-    from convrot_compiler.kernels.rotate_quant_sm90 import rotate_quantize_sm90
+    from convrot_compiler.kernels.sm90.rotate_quant import rotate_quantize_sm90
 
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     h = GroupHadamardRotation("regular", 256).kernel_matrix().cuda()
@@ -44,7 +45,8 @@ def gemm(m: int = 4608, k: int = 3072, n: int = 12288):
     w = torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda")
     sx = torch.rand(m, device="cuda") + 0.5
     sw = torch.rand(n, device="cuda") + 0.5
-    return lambda: int_gemm(x, sx, w, sw, None, False, 256, torch.bfloat16, persistent=True)
+    return lambda: int_gemm(x, sx, w, sw, None, False, 256, torch.bfloat16, persistent=True,
+                            warp_specialize=True)
 
 
 KERNELS = {"rotate": rotate, "rotate-mma": rotate_mma, "gemv": gemv, "gemm": gemm}

@@ -11,11 +11,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .hadamard import ROTATION_KINDS
-from .ops import GEMM_LOWERINGS
-from .passes.attention import check_attention_mode
+from .numerics.hadamard import ROTATION_KINDS
+from .numerics.rotations import GroupHadamardRotation
 from .plans import PlanSpec, make_plan
-from .rotations import GroupHadamardRotation
+
+ATTENTION_MODES = ("keep", "fp8")
+
+
+def check_attention_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"option 'attention' must be one of {ATTENTION_MODES}, got {mode!r}")
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,8 @@ class ConvRotConfig:
     inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
     report: Callable | None = None       # receives each graph's CompileReport
     fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
-    gemm: str = "kernel"                 # "kernel": opaque GEMM op; "template": Inductor template
-    fuse_producers: bool | str = True    # rotate+quantize reads a concatenation in place; "gelu": + GELU
-    gelu_epilogue: bool | None = None    # GELU in the GEMM epilogue; None: when gemm is "kernel"
-    fuse_norms: bool = False             # adaLN LayerNorm + modulation inside rotate+quantize
+    fuse_producers: bool = True          # rotate+quantize reads a concatenation in place
+    gelu_epilogue: bool = True           # a GELU after a quantized linear runs in its GEMM's epilogue
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 
@@ -50,31 +53,20 @@ class ConvRotConfig:
         if self.rotation not in ROTATION_KINDS:
             raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS}, got {self.rotation!r}")
         GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
-        for key in ("inductor", "gelu_epilogue", "cuda_graphs", "dynamic"):
+        for key in ("inductor", "cuda_graphs", "dynamic"):
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
-        for key in ("dry_run", "fuse_gemms", "fuse_norms", "release_weights", "fullgraph", "progress"):
+        for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "release_weights", "fullgraph",
+                    "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
-        if self.fuse_producers not in (True, False, "gelu"):
-            raise ValueError(f"option 'fuse_producers' must be True, False or 'gelu', got {self.fuse_producers!r}")
         check_attention_mode(self.attention)
-        if self.gemm not in GEMM_LOWERINGS:
-            raise ValueError(f"option 'gemm' must be one of {GEMM_LOWERINGS}, got {self.gemm!r}")
-        if self.gelu_epilogue and self.gemm != "kernel":
-            raise ValueError("option 'gelu_epilogue' needs gemm='kernel' (the Inductor template fuses the GELU "
-                             "itself): leave it None or set it False")
         if self.report is not None and not callable(self.report):
             raise TypeError("option 'report' must be a callable taking a CompileReport")
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise ValueError(f"option 'max_graphs' must be a positive int, got {self.max_graphs!r}")
         if isinstance(self.regional, list):
             set_("regional", tuple(self.regional))
-
-    @property
-    def use_gelu_epilogue(self) -> bool:
-        """``gelu_epilogue``, its default (None) resolved: on with the opaque GEMM kernel."""
-        return self.gemm == "kernel" if self.gelu_epilogue is None else self.gelu_epilogue
 
     def replace(self, **overrides: Any) -> "ConvRotConfig":
         """A copy with ``overrides``, validated again; an unknown name is a TypeError."""

@@ -8,8 +8,12 @@ FLUX; on other models their FLUX-specific patterns simply match nothing.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
 
 PRECISIONS: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "bf16")
 QUANTIZED: tuple[str, ...] = ("w4a4", "w8a8", "w4a16")
@@ -100,8 +104,6 @@ class LayerDecision:
 
 def eligibility(precision: str, in_features: int, out_features: int, weight_dtype, group_size: int) -> str | None:
     """Why a linear cannot take ``precision`` (None when it can)."""
-    import torch
-
     if precision == "bf16":
         return None
     if weight_dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -134,8 +136,6 @@ def warn_if_ineffective(decisions: list[LayerDecision], plan_name: str, group_si
     """Warn when a plan quantizes none of the linears it was given, unless its rules keep each of them on
     purpose, or when the group size leaves more than half of those the plan would quantize in bf16.
     ``where`` names what the decisions cover: the model, or one graph of the stock backend."""
-    import warnings
-
     if not decisions or plan_name == "none":
         return
     planned = [d for d in decisions if d.planned != "bf16"]
@@ -157,3 +157,22 @@ def summarize(decisions: Iterable[LayerDecision]) -> dict[str, int]:
     for d in decisions:
         counts[d.precision] = counts.get(d.precision, 0) + 1
     return counts
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's own parameters and buffers (not its children's)."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear:
+            yield name, mod
+
+
+def decide_linears(model: nn.Module, plan: PlanSpec = "w4a4", group_size: int = 256) -> list[LayerDecision]:
+    """Decide a precision for every nn.Linear of a model, without changing it."""
+    p = make_plan(plan)
+    return [decide(p, name, lin.in_features, lin.out_features, lin.weight.dtype, group_size, nbytes=module_bytes(lin))
+            for name, lin in iter_linears(model)]

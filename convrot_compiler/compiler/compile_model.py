@@ -1,0 +1,290 @@
+"""``convrot_compiler.compile``: a model, or a diffusers pipeline, in; the same object out, compiled.
+
+model -> plan every linear -> prepare (rotate, quantize, pack) its weight once -> release the float
+weights -> torch.compile with the convrot backend, one graph per repeated block class (regional) or
+one for the whole forward -> the module's ``forward`` replaced by a ``CompiledForward`` that replays
+each input signature as one CUDA graph on CUDA.
+
+The module keeps its class, config, device, dtype, hooks and attention processors, so code that holds
+it (a diffusers pipeline's ``transformer``) runs it compiled without knowing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ConvRotConfig
+from ..plans import LayerDecision, decide_linears, warn_if_ineffective
+from .backend import CompileReport, model_backend
+from .cudagraphs import CUDAGraphReplay
+from .input_checks import input_check
+from .regional import (
+    CompileUnit,
+    block_classes,
+    block_instances,
+    compiled_units,
+    repeated_block_classes,
+    unit_plans,
+)
+from .weights import (
+    PREPARED,
+    is_released,
+    model_bytes,
+    release,
+    release_storage,
+    weight_spec,
+)
+
+
+class CompiledForward:
+    """A convrot-compiled module's ``forward``: the compiled callable, replayed as CUDA graphs on CUDA.
+
+    ``inner`` is the compiled forward without replay (kernels launched one by one); ``replay`` the
+    CUDA-graph replay of it, or None."""
+
+    def __init__(self, inner: Callable, original: Callable, cuda_graphs: bool, max_graphs: int,
+                 units: list[CompileUnit]):
+        self.check = input_check(original.__self__)
+        self.inner = inner
+        self.replay = CUDAGraphReplay(inner, max_graphs=max_graphs) if cuda_graphs else None
+        self.units = units
+        functools.update_wrapper(self, original)  # the signature pipelines inspect, the name, the docstring
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("a convrot-compiled model is inference-only: call it under torch.no_grad() or "
+                               "torch.inference_mode(), as diffusers pipelines do")
+        if self.check is not None:
+            self.check(args, kwargs)
+        try:
+            return (self.replay or self.inner)(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            raise RuntimeError(
+                f"torch.compile's recompile limit ({limit}) is reached: every new input shape compiles the "
+                "graphs again (dynamic=False), and a regional compile has one or two graphs per block class and "
+                "shape. Raise torch._dynamo.config.recompile_limit before compiling for more shapes") from e
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a convrot-compiled model cannot be copied (its float weights are released and its "
+                        "graphs hold device memory): copy the model before convrot_compiler.compile")
+
+    def __reduce__(self):
+        raise TypeError("a convrot-compiled model cannot be pickled: save the original model, or its weights "
+                        "before convrot_compiler.compile")
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` was compiled by ``convrot_compiler.compile``."""
+    return isinstance(model.__dict__.get("forward"), CompiledForward)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights as it runs: its parameters and buffers (released weights count as the
+    one element they keep), plus the prepared weights of a convrot-compiled model."""
+    prepared = sum(d.extra.get("prepared_bytes", 0) for d in getattr(model, "convrot_decisions", []))
+    return model_bytes(model) + prepared
+
+
+def _target(obj) -> tuple[object | None, nn.Module]:
+    """(the pipeline or None, the module to compile)."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(obj, DiffusionPipeline):
+        transformer = getattr(obj, "transformer", None)
+        if not isinstance(transformer, nn.Module):
+            raise ValueError(f"{type(obj).__name__} has no transformer to compile (its components: "
+                             f"{sorted(obj.components)}); convrot compiles diffusion transformers")
+        return obj, transformer
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"convrot_compiler.compile takes an nn.Module or a diffusers pipeline, got "
+                        f"{type(obj).__name__}")
+    return None, obj
+
+
+def _regions(model: nn.Module, regional: bool | tuple[str, ...] | None) -> list[str]:
+    """The block classes to compile one graph each for; empty for a whole-model compile."""
+    if regional is None:
+        return repeated_block_classes(model)
+    if regional is False:
+        return []
+    return block_classes(model, regional)
+
+
+def compile(model, config: ConvRotConfig | None = None, **overrides):
+    """Compile ``model`` with the convrot backend, in place, and return it.
+
+    ``model`` is an ``nn.Module`` (returned, the same object, its forward compiled) or a diffusers
+    pipeline (its ``transformer`` compiled in place; the pipeline returned). The options are a
+    ``ConvRotConfig`` (default: ``ConvRotConfig()``) with ``overrides`` by field name, e.g.
+    ``compile(model, plan="mix", attention="fp8")``. The layer decisions are ``model.convrot_decisions``,
+    the compile report of each graph ``model.convrot_reports``. Inference only: call the model under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
+
+    ``regional`` (default: when the model has repeated blocks, its ``_repeated_blocks`` or a ``ModuleList``
+    of one block class) compiles one graph per block class, and each other top-level module holding a
+    quantized linear alone (regional.py); ``False`` compiles the whole forward as one graph; class names
+    pick the blocks.
+
+    With ``release_weights`` the float storage of every quantized weight is freed (the parameter keeps
+    its shape, dtype and device as a stride-0 view), so the model's resident weight memory drops to the
+    quantized size.
+
+    ``cuda_graphs`` (default: when the model is on CUDA) replays each input signature's forward as one
+    CUDA graph (cudagraphs.py), keeping at most ``max_graphs`` (least recently used dropped first);
+    outputs are fresh tensors. Turn it off if the forward must see changes to anything but its arguments."""
+    pipeline, module = _target(model)
+    if is_compiled(module):
+        raise RuntimeError(f"this {type(module).__name__} is already compiled by convrot_compiler.compile; "
+                           "compile a fresh model")
+    if config is not None and not isinstance(config, ConvRotConfig):
+        raise TypeError(f"config must be a ConvRotConfig, got {type(config).__name__}")
+    config = (config or ConvRotConfig()).replace(**overrides)
+    reports: list[CompileReport] = []
+
+    def collect(r: CompileReport) -> None:
+        reports.append(r)
+        _add_functional_linears(module, r, decisions, units, config.release_weights)
+        if config.report is not None:
+            config.report(r)
+
+    graph_config = config.replace(report=collect)
+    if any(t.is_meta for t in module.parameters()):
+        raise ValueError(f"this {type(module).__name__} is on the meta device (shapes, no weights): load its weights "
+                         "before compiling it; convrot inspect traces a meta model without them")
+    decisions = decide_linears(module, config.plan, config.group_size)
+    if not decisions:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
+    warn_if_ineffective(decisions, config.plan.name, config.group_size)
+    classes = _regions(module, config.regional)
+    units: list[CompileUnit] = []
+    if classes:
+        blocks, eager = compiled_units(module, block_instances(module, classes), decisions)
+        units = unit_plans(config.plan, decisions, blocks, eager)
+    _prepare(module, decisions, config)
+    cuda_graphs = config.cuda_graphs
+    if cuda_graphs is None:
+        cuda_graphs = any(p.is_cuda for p in module.parameters())
+    original = module.forward
+    if units:
+        for unit in units:
+            # one options dict per unit: Dynamo reuses a graph across the unit's modules, not beyond
+            options = {"config": graph_config.replace(plan=unit.plan)}
+            for name in unit.modules:
+                module.get_submodule(name).compile(backend=model_backend, options=options,
+                                                   fullgraph=config.fullgraph, dynamic=config.dynamic)
+        inner = original
+    else:
+        inner = torch.compile(original, backend=model_backend, options={"config": graph_config},
+                              fullgraph=config.fullgraph, dynamic=config.dynamic)
+    module.forward = CompiledForward(inner, original, cuda_graphs, config.max_graphs, units)
+    if config.release_weights:
+        _guard_released(module, {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"})
+    module.convrot_decisions = decisions
+    module.convrot_reports = reports
+    return module if pipeline is None else pipeline
+
+
+def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],
+                            units: list[CompileUnit], release_weights: bool) -> None:
+    """Add to ``decisions`` the linears of a traced graph whose weight is a parameter no nn.Linear owns
+    (``F.linear(x, self.weight)``). They are found only at trace time. In a whole-model compile a quantized
+    one is handled like the others: its float storage is freed as soon as its graph is compiled
+    (``release_storage``, which leaves what Dynamo guards unchanged), unless the graph still reads it or
+    another tensor shares its storage, which keeps it resident with a warning. In a regional compile they
+    stay bf16, since a block's plan names its nn.Linear modules. Each decision says which."""
+    owners = {id(model.get_submodule(d.name).weight) for d in decisions if "functional" not in d.extra}
+    names = {id(p): n for n, p in model.named_parameters()}
+    known = {d.name for d in decisions}
+    for d in report.decisions:
+        ref = d.extra.get("parameter")
+        param = ref() if ref is not None else None
+        if param is None or id(param) in owners or id(param) not in names:
+            continue
+        name = names[id(param)]
+        module = next((m for u in units for m in u.modules if name.startswith(m + ".")), None)
+        unit = next((u for u in units if module in u.modules), None)
+        found = [name] if unit is None else [f"{m}.{name[len(module) + 1:]}" for m in unit.modules]
+        if any(full in known for full in found):
+            continue
+        why = f"{d.reason}; a functional linear (F.linear on a parameter)"
+        if unit is not None:
+            why += (" in a regionally compiled block, whose plan names its nn.Linear modules only: compile with "
+                    "regional=False to quantize it")
+        elif d.precision != "bf16" and release_weights:
+            resident = ("the compiled graph also reads it" if d.extra.get("graph_reads_weight") else
+                        None if _owns_storage(model, param) else "another tensor shares its storage")
+            if resident is None:
+                release_storage(param)
+                why += ", quantized when its graph was traced: its float storage was freed then"
+            else:
+                why += f": its float weight stays resident ({resident})"
+                warnings.warn(f"{name}: quantized as a functional linear (F.linear on a parameter); its float "
+                              f"weight stays resident: {resident}", stacklevel=2)
+        for full in found:
+            known.add(full)
+            decisions.append(dataclasses.replace(d, name=full, reason=why, extra={
+                "functional": True, "prepared_bytes": d.bytes_after if d.precision != "bf16" else 0}))
+
+
+def _owns_storage(model: nn.Module, param: torch.Tensor) -> bool:
+    """Whether ``param`` alone holds its storage: no other parameter or buffer of the model shares it, and
+    it spans the whole storage."""
+    storage = param.untyped_storage()
+    if storage.nbytes() != param.numel() * param.element_size() or storage.data_ptr() == 0:
+        return False
+    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
+
+
+def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
+    """Released weights are placeholders: a linear holding one refuses to run outside the compiled graphs,
+    and saving or loading a state dict that holds them raises, instead of either working on placeholders.
+    The model's own hooks look at call time, so they also cover weights released when a graph is traced."""
+
+    def refuse_save(module, prefix, keep_vars):
+        n = sum(is_released(p) for p in module.parameters())
+        if n:
+            raise RuntimeError(f"convrot_compiler.compile released the float weights of {n} linears of this model, "
+                               "so its state_dict would hold placeholders, not weights: save the model (state_dict, "
+                               "save_pretrained) before compiling it, or compile with release_weights=False")
+
+    def refuse_load(module, state_dict, prefix, *args):
+        if any(is_released(p) for p in module.parameters()):
+            raise RuntimeError("weights loaded into a convrot-compiled model would not reach its prepared (quantized) "
+                               "weights: load them into a fresh model, then compile it")
+
+    def refuse_eager(name: str):
+        def hook(module, args):
+            if not torch.compiler.is_compiling():  # traced away inside the compiled graphs
+                raise RuntimeError(f"{name}: its float weight was released by convrot_compiler.compile, so it runs "
+                                   "only inside the compiled model; call the model, not this module on its own")
+        return hook
+
+    for m in [model, *released.values()]:
+        m.register_state_dict_pre_hook(refuse_save)
+        m.register_load_state_dict_pre_hook(refuse_load)
+    for name, m in released.items():
+        m.register_forward_pre_hook(refuse_eager(name))
+
+
+def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotConfig) -> None:
+    """Prepare every quantized weight once (the compiled graphs look them up) and free its float storage
+    right away, so that the peak is the float model plus one layer's prepared weight, not plus all of them."""
+    from tqdm.auto import tqdm
+
+    todo = [d for d in decisions if d.precision != "bf16"]
+    for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not config.progress):
+        lin = model.get_submodule(d.name)
+        spec = weight_spec(d.precision, config.rotation, config.group_size, lin.weight)
+        qw = PREPARED.get(lin.weight, spec)
+        d.extra["prepared_bytes"] = qw.nbytes()
+        d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
+        if config.release_weights:
+            release(lin.weight)

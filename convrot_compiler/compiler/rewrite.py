@@ -1,0 +1,147 @@
+"""Rewrite the quantized linears of a Dynamo graph into the convrot ops (the backend's graph form).
+
+A W4A4 / W8A8 linear ``linear(x, w, b)`` becomes
+
+    q, s = quantize_activation(x, h, G, bits, order)     # once per (x, bits, order)
+    y = quantized_matmul(q, s, x, [values], [scale], [b], ...)
+
+and a W4A16 linear ``quantized_linear(x, values, scale, None, b, "w4a16", ...)``; emit.py groups them.
+Linears reading one tensor at one precision share its rotate+quantize (FLUX's Q/K/V, and in the single
+blocks the MLP input too) and, with ``fuse``, one GEMM whose output each takes a ``narrow`` of: three
+3072->3072 GEMMs fill an H100 worse than one 3072->9216, and the weights stay separate tensors, so no
+memory is duplicated. With ``gelu_epilogue`` a GELU (tanh form) that is a linear's only user runs in its
+GEMM's epilogue (FLUX's MLP up-projections); with ``fuse_producers`` a concatenation feeding a quantized
+linear is read in place by its rotate+quantize (producers.py). values, scale and h are *new graph inputs*
+(appended after the existing placeholders; one h for the whole graph): the caller passes the prepared
+weights at every call (weights.py), so the graph holds no weight constants.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..ops.custom_ops import (
+    quantize_activation,
+    quantize_cat_activation,
+    quantized_linear,
+    quantized_matmul,
+)
+from .emit import Emitted, QuantizedUse, emit
+from .match import LinearMatch
+from .producers import is_gelu_tanh, match_cat_producer
+
+
+@dataclass
+class Rewrite:
+    match: LinearMatch
+    scheme: str
+    act_order: str = "natural"  # the channel order its weight was prepared in, which its activations must share
+
+
+@dataclass
+class RewriteResult(Emitted):
+    uses_h: bool = False         # whether a shared h input was added after the per-rewrite inputs
+    fused_producers: int = 0     # activation quantizations that read a concatenation as they load
+
+
+class _DynamoForm:
+    """emit.GraphForm for Dynamo's torch-level graph."""
+
+    def __init__(self, graph: fx.Graph, h: fx.Node | None, group_size: int, fuse_producers: bool):
+        self.graph, self.h, self.group_size, self.fuse_producers = graph, h, group_size, fuse_producers
+        self.fused_producers = 0
+        self.absorbed: list[fx.Node] = []  # concatenations now read inside a quantization
+
+    def quantize(self, x, bits, act_order):
+        call = self.graph.call_function
+        producer = match_cat_producer(x, self.group_size) if self.fuse_producers else None
+        if producer is not None:
+            a, b = producer
+            qs = call(quantize_cat_activation, (a, b, self.h, self.group_size, bits, act_order))
+            self.fused_producers += 1
+            self.absorbed.append(x)
+            like = b  # same leading dims and dtype as x: the concatenation can go
+        else:
+            qs = call(quantize_activation, (x, self.h, self.group_size, bits, act_order))
+            like = x
+        return call(operator.getitem, (qs, 0)), call(operator.getitem, (qs, 1)), like
+
+    def gemm(self, q, s, like, uses, biases, gelu_from):
+        total = sum(u.out_features for u in uses)
+        return self.graph.call_function(quantized_matmul, (
+            q, s, like, [u.values for u in uses], [u.scale for u in uses], biases, uses[0].scheme, self.group_size,
+            total, gelu_from))
+
+    def column_block(self, out, start, length):
+        return self.graph.call_function(torch.narrow, (out, -1, start, length))
+
+    def weight_only(self, use, x, bias):
+        return self.graph.call_function(quantized_linear, (x, use.values, use.scale, None, bias, use.scheme,
+                                                           self.group_size, use.out_features))
+
+    def replace(self, old, new):
+        new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        for key in ("example_value", "val"):  # its shape and dtype, which later pattern matches read
+            if key in old.meta:
+                new.meta[key] = old.meta[key]
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+
+
+def _sole_gelu_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and is_gelu_tanh(users[0]) and users[0].args[0] is node else None
+
+
+def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase node if nothing uses it any more, then its node inputs that this leaves unused."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op != "call_function":
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        todo.extend(inputs)
+
+
+def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
+                rotated: bool) -> tuple[list[tuple[fx.Node, fx.Node]], fx.Node | None]:
+    """Placeholders after the existing ones: (values, scale) per rewrite, then h if any rewrite rotates."""
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    weights = []
+    for i, _ in enumerate(rewrites):
+        pair = []
+        for name in ("values", "scale"):
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"convrot_{i}_{name}")
+            pair.append(anchor)
+        weights.append(tuple(pair))
+    h = None
+    if rotated and any(rw.scheme != "w4a16" for rw in rewrites):
+        with graph.inserting_after(anchor):
+            h = graph.placeholder("convrot_h")
+    return weights, h
+
+
+def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int, rotated: bool, fuse: bool = True,
+                    fuse_producers: bool = False, gelu_epilogue: bool = False) -> RewriteResult:
+    """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite
+    quantizes activations with a rotation (``rotated``)."""
+    graph = gm.graph
+    weights, h = _new_inputs(graph, rewrites, rotated)
+    uses = [QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, values, scale, rw.match.out_features, rw.scheme,
+                         rw.act_order, _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme != "w4a16"
+                         else None)
+            for rw, (values, scale) in zip(rewrites, weights)]
+    form = _DynamoForm(graph, h, group_size, fuse_producers)
+    done = emit(graph, uses, form, fuse)
+    for node in dict.fromkeys(form.absorbed):  # a concatenation that only fed quantizations
+        _erase_unused_chain(graph, node)
+    graph.lint()
+    gm.recompile()
+    return RewriteResult(**vars(done), uses_h=h is not None, fused_producers=form.fused_producers)

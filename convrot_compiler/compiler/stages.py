@@ -1,0 +1,161 @@
+"""The stages the ``convrot`` backend runs on one Dynamo graph, in order:
+
+    match -> decide -> prepare -> rewrite -> attention -> lower
+
+Each is a short function of what the ones before it produced; ``backend.compile_graph`` calls them
+in that order and collects their results into a ``CompileReport``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx
+
+from ..config import ConvRotConfig
+from ..numerics.quant import quantized_nbytes
+from ..numerics.rotations import GroupHadamardRotation
+from ..ops.dispatch import has_kernel
+from ..plans import LayerDecision
+from ..plans import decide as decide_layer
+from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
+from .match import LinearMatch, find_linears
+from .rewrite import Rewrite, RewriteResult, rewrite_linears
+from .weights import PREPARED, PrepSpec, is_released, weight_spec
+
+
+@dataclass
+class QuantizedLinear:
+    """A linear of the graph that the rewrite quantizes: what matched, what was decided, how its weight is
+    prepared."""
+
+    match: LinearMatch
+    decision: LayerDecision
+    spec: PrepSpec
+
+
+def match(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
+    """Every linear op of the graph, with the parameter and module behind it."""
+    return find_linears(gm, example_inputs)
+
+
+def decide(matches: list[LinearMatch], config: ConvRotConfig) -> list[LayerDecision]:
+    """The precision of each matched linear, with the reason (plans.decide)."""
+    decisions = []
+    for m in matches:
+        unsupported = None
+        if m.weight_index is None or m.weight is None:
+            unsupported = "weight is computed in the graph, not a parameter: nothing to prepare at compile time"
+        elif m.weight.dim() != 2:
+            unsupported = f"weight has shape {tuple(m.weight.shape)}, expected 2-D"
+        nbytes = 0 if m.weight is None else m.weight.numel() * m.weight.element_size()
+        d = decide_layer(config.plan, m.name, m.in_features, m.out_features, m.dtype, config.group_size, rows=m.rows,
+                         nbytes=nbytes, unsupported=unsupported)
+        if unsupported is None:
+            d.extra["parameter"] = weakref.ref(m.weight)  # which parameter it was, for compile's decisions
+        decisions.append(d)
+    return decisions
+
+
+def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: ConvRotConfig) -> list[QuantizedLinear]:
+    """The linears to quantize, each weight prepared once (weights.PREPARED; a dry run only sizes them).
+    A linear kept in bf16 whose float weight ``compile`` released is an error: the graph cannot run it."""
+    quantized = []
+    for m, d in zip(matches, decisions):
+        if d.precision == "bf16":
+            if not config.dry_run and m.weight is not None and is_released(m.weight):
+                raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
+                                   f"graph keeps it in bf16 ({d.reason}); compile with the same options")
+            continue
+        spec = weight_spec(d.precision, config.rotation, config.group_size, m.weight)
+        if d.precision == "w4a16":
+            d.extra["layout"] = spec.layout
+        else:
+            d.extra["act_order"] = spec.act_order
+        if config.dry_run:
+            d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, config.group_size, spec.layout)
+        else:
+            qw = PREPARED.get(m.weight, spec)
+            if m.weight.is_cuda and not has_kernel(qw):
+                raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {config.group_size} "
+                                 f"({d.precision}, rotation {config.rotation}); other group sizes run on CPU only")
+            d.bytes_after = qw.nbytes()
+        quantized.append(QuantizedLinear(m, d, spec))
+    return quantized
+
+
+def rewrite(gm: fx.GraphModule, quantized: list[QuantizedLinear], config: ConvRotConfig) -> RewriteResult | None:
+    """Each quantized linear into the convrot ops (passes/rewrite.py); records in its decision whether the
+    rewritten graph still reads its float weight."""
+    if not quantized:
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    result = rewrite_linears(gm, [Rewrite(q.match, q.decision.precision, q.spec.act_order) for q in quantized],
+                             config.group_size, rotated=config.rotation != "none", fuse=config.fuse_gemms,
+                             fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue)
+    for q in quantized:
+        q.decision.extra["graph_reads_weight"] = bool(placeholders[q.match.weight_index].users)
+    return result
+
+
+def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
+    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten."""
+    decided = decide_attention(gm, config.attention)
+    return [d for _, d in decided], rewrite_attention(gm, decided)
+
+
+def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLinear], rewritten: RewriteResult | None,
+          config: ConvRotConfig) -> Callable:
+    """The rewritten graph as a callable: compiled by Inductor (default on CUDA) or run as is. The prepared
+    weights (and the rotation matrix) are looked up from the weight parameters at every call and passed
+    after the graph's own inputs, so the compiled graph holds no weight constants."""
+    h = GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
+    device_h: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def extra_inputs(args) -> list[torch.Tensor]:
+        extra = []
+        for q in quantized:
+            qw = PREPARED.get(args[q.match.weight_index], q.spec)
+            extra += [qw.values, qw.scale]
+        if rewritten is not None and rewritten.uses_h:
+            # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
+            # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16
+            w = args[quantized[0].match.weight_index]
+            key = (w.device, w.dtype)
+            if key not in device_h:
+                device_h[key] = h.to(w.device, w.dtype if w.is_floating_point() else h.dtype)
+            extra.append(device_h[key])
+        return extra
+
+    use_inductor = config.inductor
+    if use_inductor is None:
+        use_inductor = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    inner: Callable = gm.forward
+    if use_inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        extra = extra_inputs(example_inputs)
+        static_fakes = _fakeify_static(extra)
+        inner = compile_fx(gm, list(example_inputs) + extra)
+        del static_fakes
+
+    def run(*args):
+        return inner(*args, *extra_inputs(args))
+
+    return run
+
+
+def _fakeify_static(tensors: list[torch.Tensor]) -> list:
+    """Give the prepared weights static fake shapes in Dynamo's fake mode before Inductor sees them.
+
+    They are graph inputs Dynamo never saw, so AOTAutograd would fakeify them with fresh dynamic
+    sizes that have no guard source; the first Inductor kernel indexing one then fails while building
+    guards. The fake mode memoizes per real tensor (weakly: hold the returned fakes until Inductor is
+    done), so fakeifying them first, statically, is what AOTAutograd then reuses."""
+    ctx = torch._guards.TracingContext.try_get()
+    if ctx is None or ctx.fake_mode is None:
+        return []
+    return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]

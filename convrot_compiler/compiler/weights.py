@@ -1,0 +1,129 @@
+"""Prepared (rotated, quantized, packed) weights, keyed by the parameter they come from.
+
+The compiled graph does not bake quantized weights in as constants: it takes them
+as extra inputs, looked up at every call from the parameter tensors Dynamo passes
+in. Two instances of one model class therefore never share folded weights
+(pytorch#139272), a second call never re-quantizes, and no weight ends up in a
+compile-cache entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..numerics.quant import QuantizedWeight, quantize_weight
+from ..numerics.rotations import GroupHadamardRotation
+from ..ops.dispatch import act_order_for, w4a16_layout
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """How one weight is prepared."""
+
+    scheme: str
+    rotation_kind: str
+    group_size: int
+    layout: str = "groups"  # w4a16's packed layout (quant.W4A16_LAYOUTS)
+    act_order: str = "natural"  # w4a4/w8a8: the input channels' order (quant.ACT_ORDERS, dispatch.act_order_for)
+
+    @property
+    def rotation(self) -> GroupHadamardRotation | None:
+        """The weight's rotation: none for weight-only int4, whose activations stay in float."""
+        return None if self.scheme == "w4a16" else GroupHadamardRotation(self.rotation_kind, self.group_size)
+
+
+def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
+    """How a weight is prepared for ``scheme`` where it runs (the packed layout, the channel order): the one
+    place, for the backend, ``compile`` and the Inductor post-grad pass."""
+    if scheme == "w4a16":
+        return PrepSpec(scheme, "none", group_size, w4a16_layout(weight, group_size))
+    return PrepSpec(scheme, rotation_kind, group_size,
+                    act_order=act_order_for(weight.device, weight.dtype, group_size, rotation_kind != "none"))
+
+
+def prepare_weight(weight: torch.Tensor, spec: PrepSpec) -> QuantizedWeight:
+    """Rotate, quantize and pack a [N, K] weight as ``spec`` says."""
+    with torch.no_grad():
+        return quantize_weight(weight.detach(), spec.scheme, spec.rotation, group_size=spec.group_size,
+                               layout=spec.layout, act_order=spec.act_order)
+
+
+class PreparedWeights:
+    """Cache of QuantizedWeight per (parameter, spec), with a counter of how often weights were prepared."""
+
+    def __init__(self) -> None:
+        self._cache = WeakIdKeyDictionary()  # identity, not tensor equality; entries die with the parameter
+        self.prepared_count = 0
+
+    def get(self, param: torch.Tensor, spec: PrepSpec) -> QuantizedWeight:
+        per_param = self._cache.setdefault(param, {})
+        entry = per_param.get(spec)
+        version = param._version
+        if entry is not None and entry[0] == version:
+            return entry[1]
+        if is_released(param):
+            raise RuntimeError("a released weight (its float storage was freed by convrot_compiler.compile) has no "
+                               f"prepared form for {spec}; compile the model again from its original weights")
+        qw = prepare_weight(param, spec)
+        self.prepared_count += 1
+        per_param[spec] = (version, qw)
+        return qw
+
+
+PREPARED = PreparedWeights()
+_RELEASED = WeakIdKeyDictionary()
+
+
+def release(param: torch.nn.Parameter) -> int:
+    """Free a parameter's float storage, keeping shape, dtype and device (a stride-0 view of one
+    element), so its memory goes back while the module and the compiled graph still see it.
+    Returns the bytes freed."""
+    freed = param.numel() * param.element_size()
+    with torch.no_grad():
+        param.data = torch.zeros(1, dtype=param.dtype, device=param.device).expand(param.shape)
+    _RELEASED[param] = True
+    return freed
+
+
+def release_storage(param: torch.nn.Parameter) -> int:
+    """Free a parameter's float storage in place, keeping its shape, strides, dtype and device: for a weight
+    that graphs already compiled take as an input (a functional linear's, found only when traced). ``release``
+    gives the parameter new strides, which Dynamo's guards would see and compile again for; this changes
+    nothing they check, and any read of the weight outside the compiled graphs fails loudly instead of
+    reading zeros. The caller makes sure no other tensor shares the storage. Returns the bytes freed."""
+    storage = param.untyped_storage()
+    freed = storage.nbytes()
+    storage.resize_(0)
+    _RELEASED[param] = True
+    return freed
+
+
+def is_released(param: torch.Tensor) -> bool:
+    return param in _RELEASED
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of storage held by a model's parameters and buffers (each storage counted once, so weights
+    released by convrot_compiler.compile count as what they still hold; a tensor subclass such as
+    torchao's float8 weights counts the tensors it is made of)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        for st in _storages(t):
+            key = (st.data_ptr(), st.device)
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+    return total
+
+
+def _storages(t: torch.Tensor):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()

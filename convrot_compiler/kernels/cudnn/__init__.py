@@ -1,0 +1,1 @@
+"""cuDNN's fp8 flash attention, through NVIDIA's cudnn-frontend."""

@@ -1,0 +1,169 @@
+"""Eager, plug-and-play quantized linears and the module-swapping quantizer.
+
+These are ConvRot's ``ConvLinear4bit`` and an int4 weight-only linear: weights
+are rotated, quantized and packed once in ``from_linear`` and the float weight is
+released. They are the reference the compiled path must match, and the fallback
+for users who do not use torch.compile.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..numerics.quant import (
+    QuantizedWeight,
+    WeightQuantizer,
+    check_act_order,
+    packed_layout,
+    quantize_weight,
+    reference_linear,
+    rtn_weight_quantizer,
+)
+from ..numerics.rotations import Rotation, make_rotation
+from ..ops import quantized_linear
+from ..ops.dispatch import act_order_for, has_kernel, w4a16_layout
+from ..plans import LayerDecision, PlanSpec, decide_linears, module_bytes
+
+
+class _QuantizedLinearBase(nn.Module):
+    scheme: str
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = qweight.in_features
+        self.out_features = qweight.out_features
+        self.padded_in_features = qweight.padded_in_features
+        self.group_size = qweight.group_size
+        self.rotation = qweight.rotation
+        self.act_order = qweight.act_order
+        self.out_dtype = out_dtype
+        self.register_buffer("qweight", qweight.values)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        kernel_matrix = getattr(self.rotation, "kernel_matrix", None)
+        self.register_buffer("rotation_matrix", kernel_matrix() if kernel_matrix else None, persistent=False)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.scheme, self.qweight, self.weight_scale, self.in_features, self.out_features,
+            self.padded_in_features, self.group_size, self.rotation,
+            packed_layout(self.qweight), self.act_order,
+        )
+
+    def get_extra_state(self) -> dict:
+        """The weight's channel order travels with its values: loaded into a module prepared in the other
+        order, they would multiply the wrong activations."""
+        return {"act_order": self.act_order}
+
+    def set_extra_state(self, state: dict) -> None:
+        order = state.get("act_order", "natural") if isinstance(state, dict) else "natural"
+        check_act_order(order, self.group_size)
+        self.act_order = order
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict saved before the order existed holds natural-order weights
+        state_dict.setdefault(prefix + "_extra_state", {"act_order": "natural"})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.quantized_weight
+        if has_kernel(qw):
+            return quantized_linear(x, qw.values, qw.scale, self.rotation_matrix, self.bias, qw.scheme,
+                                    qw.group_size, qw.out_features, qw.act_order)
+        if x.is_cuda:
+            warnings.warn(f"{type(self).__name__} ({qw.scheme}, group_size {qw.group_size}, rotation "
+                          f"{getattr(qw.rotation, 'name', 'none')}): no CUDA kernel for this configuration, running the "
+                          "plain-torch reference (slow); the kernels take group_size 256", stacklevel=2)
+        return reference_linear(x, qw, self.bias)
+
+    def extra_repr(self) -> str:
+        rot = self.rotation.name if self.rotation is not None else "none"
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, rotation={rot}"
+
+
+class ConvLinear4bit(_QuantizedLinearBase):
+    """W4A4 (``bits=4``) or W8A8 (``bits=8``) linear with group-wise Hadamard rotation.
+
+    ``from_linear`` prepares the weight in the channel order that is fastest where the linear's weight is
+    (dispatch.act_order_for: "mma" on an sm_90 GPU); the module runs correctly in either order on any device,
+    and its state dict records which."""
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 256,
+        rotation: "str | Rotation" = "regular",
+        bits: int = 4,
+        weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+    ) -> "ConvLinear4bit":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 (W4A4) or 8 (W8A8), got {bits!r}")
+        rot = make_rotation(rotation, group_size)
+        scheme = "w4a4" if bits == 4 else "w8a8"
+        kernel_matrix = getattr(rot, "kernel_matrix", None)
+        h = kernel_matrix() if kernel_matrix else None
+        act_order = act_order_for(linear.weight.device, linear.weight.dtype, group_size,
+                                  h is not None and tuple(h.shape) == (16, 16))
+        with torch.no_grad():
+            qw = quantize_weight(linear.weight, scheme, rot, group_size=group_size, weight_quantizer=weight_quantizer,
+                                 act_order=act_order)
+        mod = cls(qw, linear.bias, linear.weight.dtype)
+        mod.scheme = scheme
+        return mod
+
+
+class Int4WeightOnlyLinear(_QuantizedLinearBase):
+    """W4A16: int4 weights with one scale per output channel and ``group_size`` inputs;
+    activations stay in their float dtype. For linears that see one row per sample."""
+
+    scheme = "w4a16"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int4WeightOnlyLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            layout = w4a16_layout(linear.weight, group_size)
+            qw = quantize_weight(linear.weight, "w4a16", None, group_size=group_size, layout=layout)
+        return cls(qw, linear.bias, linear.weight.dtype)
+
+
+def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation") -> nn.Module:
+    if precision == "w4a4":
+        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=4)
+    if precision == "w8a8":
+        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=8)
+    if precision == "w4a16":
+        return Int4WeightOnlyLinear.from_linear(linear, group_size)
+    raise ValueError(f"no quantized module for precision {precision!r}")
+
+
+def quantize_model(
+    model: nn.Module,
+    plan: PlanSpec = "w4a4",
+    group_size: int = 256,
+    rotation: "str | Rotation" = "regular",
+    progress: bool = True,
+) -> list[LayerDecision]:
+    """Swap every planned nn.Linear of ``model`` for its quantized module, in place.
+
+    Returns one LayerDecision per linear, including those left alone and why."""
+    from tqdm.auto import tqdm
+
+    make_rotation(rotation, group_size)
+    decisions = decide_linears(model, plan, group_size)
+    todo = [d for d in decisions if d.precision != "bf16"]
+    for d in tqdm(todo, desc="quantizing linears", unit="layer", disable=not progress):
+        parent_name, _, child = d.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = make_quantized_linear(getattr(parent, child), d.precision, group_size, rotation)
+        setattr(parent, child, new)
+        d.bytes_after = module_bytes(new)
+    return decisions

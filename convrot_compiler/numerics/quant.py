@@ -1,0 +1,396 @@
+"""Reference numerics: symmetric quantizers, the int4 packing layout, and the
+reference quantized linear. Plain torch, written for clarity; every kernel is
+checked against these functions.
+
+Conventions (those of the ConvRot reference code):
+* Activations: per token (row), symmetric, scale = absmax(row) / qmax over the
+  whole rotated row, round half to even, values in [-qmax, qmax].
+* Weights: per output channel, symmetric, absmax / qmax, round half to even.
+* qmax = 7 for int4 (the value -8 is never used), 127 for int8.
+* Output = float32(int32 accumulator) * token scale * channel scale (+ bias),
+  multiplied in that order, returned in the input dtype.
+
+Zero rows get scale 0 and all-zero values, never NaN. A row holding any NaN or
++-Inf gets a NaN scale and zero values, so its output row is all NaN (as it would
+be in bf16) and every other row is unaffected.
+
+Int4 packing layout (weights). A row of K int4 values (K a multiple of the
+group size G) is stored as K/2 int8 bytes. In group g, byte j holds value
+g*G + j in its low nibble and value g*G + G/2 + j in its high nibble. Unpacking a
+byte tile is two shifts, ``lo = (b << 4) >> 4`` and ``hi = b >> 4`` (arithmetic
+shifts sign-extend), and the low and high nibbles of a tile of bytes multiply
+two *contiguous* tiles of int8 activations, so the GEMM's K loop needs no
+register shuffle and its activation loads stay plain. Activations are kept as
+int8 containers (values in [-7, 7] for int4): see kernels/triton/int_gemm.py for the
+measurement behind that choice.
+
+W4A16 weights have a second layout, ``pack_int4_tiles``: int32 words arranged as
+the A fragments of mma.m16n8k16, what the tensor-core W4A16 kernel reads
+(kernels/sm90/weight_only.py); ``QuantizedWeight.layout`` says which one a weight
+is in, and ``unpack_int4_values`` reads either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from .rotations import Rotation
+
+QMAX = {4: 7, 8: 127}
+Scheme = Literal["w4a4", "w8a8", "w4a16"]
+SCHEME_BITS: dict[str, tuple[int, int | None]] = {"w4a4": (4, 4), "w8a8": (8, 8), "w4a16": (4, None)}
+
+
+def qmax(bits: int) -> int:
+    try:
+        return QMAX[bits]
+    except KeyError:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}") from None
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of each row (last dimension).
+
+    Returns (values as int8, scale as float32 with shape x.shape[:-1])."""
+    m = qmax(bits)
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)
+    finite = torch.isfinite(xf).all(dim=-1)
+    scale = torch.where(finite, absmax / m, torch.full_like(absmax, float("nan")))
+    usable = finite & (scale > 0)
+    safe = torch.where(usable, scale, torch.ones_like(scale))
+    q = torch.round(xf / safe.unsqueeze(-1)).clamp_(-m, m)
+    q = torch.where(usable.unsqueeze(-1), q, torch.zeros_like(q))
+    return q.to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 values of row-quantized data."""
+    return q.float() * scale.unsqueeze(-1)
+
+
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pack int4 values (an int8 tensor in [-8, 7]) two per byte along the last dimension; see module doc."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 takes int8 values, got {q.dtype}")
+    k = q.shape[-1]
+    if group_size < 2 or group_size % 2 or k % group_size:
+        raise ValueError(f"last dimension {k} must be a multiple of an even group size, got {group_size}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4 values must lie in [-8, 7]")
+    g = q.reshape(*q.shape[:-1], k // group_size, 2, group_size // 2)
+    lo = g[..., 0, :].to(torch.int16) & 0xF
+    hi = g[..., 1, :].to(torch.int16) << 4
+    return (lo | hi).to(torch.uint8).view(torch.int8).reshape(*q.shape[:-1], k // 2)
+
+
+def unpack_int4(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``."""
+    if p.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 takes packed int8 bytes, got {p.dtype}")
+    half = group_size // 2
+    kb = p.shape[-1]
+    if group_size < 2 or group_size % 2 or kb % half:
+        raise ValueError(f"packed width {kb} must be a multiple of group_size/2 = {half}")
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(p, 4), 4).reshape(*p.shape[:-1], kb // half, 1, half)
+    hi = torch.bitwise_right_shift(p, 4).reshape(*p.shape[:-1], kb // half, 1, half)
+    return torch.cat((lo, hi), dim=-2).reshape(*p.shape[:-1], kb * 2)
+
+
+TILE_ROWS, TILE_K = 16, 64  # output channels x inputs per tile of pack_int4_tiles
+
+
+def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """Int4 values [N, K] (int8 in [-8, 7], K a multiple of 64) in the tile layout of the W4A16
+    tensor-core GEMV (kernels/sm90/weight_only.py): int32 words [ceil(N / 16), K / 64, 32, 4].
+
+    Word (b, c, lane, s) is what lane ``lane`` of a warp holds as the A operand of mma.m16n8k16's
+    step s over the tile of channels 16b .. 16b + 15 and inputs 64c .. 64c + 63, so that a lane
+    loads 16 contiguous bytes and decodes them without exchanging data with other lanes. With
+    g = lane // 4 and t = lane % 4, nibble i of the word holds the value at channel
+    16b + g + 8 (i % 2) and input 64c + 16t + 4s + 2 ((i % 4) // 2) + i // 4, stored as value + 8
+    (0..15): ``(w >> 4i) & 0x000F000F | 0x43004300`` is then two bf16 values (value + 136) in the
+    register order mma expects. Input k of lane t's four steps are 16 contiguous activations. Rows
+    past N are zero."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"pack_int4_tiles takes 2-D int8 values, got {q.dtype} of shape {tuple(q.shape)}")
+    n, k = q.shape
+    if k % TILE_K:
+        raise ValueError(f"the tile layout needs K a multiple of {TILE_K}, got {k}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4_tiles values must lie in [-8, 7]")
+    nb = -(-n // TILE_ROWS)
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, 0, 0, nb * TILE_ROWS - n), value=8)
+    # channel = 16b + 8 rh + g, input = 64c + 16t + 4s + 2 eh + half; nibble i = rh + 2 eh + 4 half
+    u = u.reshape(nb, 2, 8, k // TILE_K, 4, 4, 2, 2)  # b, rh, g, c, t, s, eh, half
+    u = u.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(nb, k // TILE_K, 32, 4, 8)  # b, c, lane, s, (half, eh, rh)
+    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
+    return (words - ((words >= 2**31).to(torch.int64) << 32)).to(torch.int32)
+
+
+def unpack_int4_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of ``pack_int4_tiles``: int8 values [out_features, K]."""
+    if t.dtype != torch.int32 or t.dim() != 4 or tuple(t.shape[2:]) != (32, 4):
+        raise ValueError(f"tile-layout weights are int32 [N/16, K/64, 32, 4], got {t.dtype} {tuple(t.shape)}")
+    nb, kc = t.shape[:2]
+    if not nb * TILE_ROWS - TILE_ROWS < out_features <= nb * TILE_ROWS:
+        raise ValueError(f"{nb} tiles of {TILE_ROWS} channels do not hold {out_features} output channels")
+    w = t.to(torch.int64) & 0xFFFFFFFF
+    u = (w.unsqueeze(-1) >> (4 * torch.arange(8, device=t.device))) & 0xF  # b, c, lane, s, nibble
+    u = u.reshape(nb, kc, 8, 4, 4, 2, 2, 2)  # b, c, g, t, s, half, eh, rh
+    u = u.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(nb * TILE_ROWS, kc * TILE_K)
+    return (u[:out_features] - 8).to(torch.int8)
+
+
+def packed_layout(values: torch.Tensor) -> str:
+    """Which layout packed int4 weights are in, told apart by dtype: ``"tiles"`` (int32,
+    ``pack_int4_tiles``) or ``"groups"`` (int8, ``pack_int4``)."""
+    return "tiles" if values.dtype == torch.int32 else "groups"
+
+
+def unpack_int4_values(values: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
+    """Int8 values [N, K'] of packed int4 weights in either layout (``packed_layout``)."""
+    if packed_layout(values) == "tiles":
+        return unpack_int4_tiles(values, out_features)
+    return unpack_int4(values, group_size)
+
+
+W4A16_LAYOUTS = ("groups", "tiles")
+
+ACT_ORDERS = ("natural", "mma")
+MMA_ORDER_GROUP = 256
+
+
+def mma_channel_order(device: torch.device | str | None = None) -> torch.Tensor:
+    """Position p -> channel of a 256-channel group stored in the ``"mma"`` order (int64 [256]).
+
+    The sm_90 rotate+quantize kernel (kernels/sm90/rotate_quant.py) ends with a group as the accumulator
+    of mma.m16n8k16 over W [16, 16], W[r, c] the rotated channel 16 c + r: lane 4 g + t holds rows g and
+    g + 8, columns 2 t, 2 t + 1, 2 t + 8 and 2 t + 9 (PTX's m16n8 accumulator fragment, twice along
+    the columns). Written in channel order those 8 values land 16 bytes apart, 8 one-byte stores per
+    lane and a quarter of every sector; in this order the lane's values are positions 8 (4 g + t) .. + 7,
+    register i = c0 + 2 r8 + 4 c8 (c = 8 c8 + 2 t + c0, r = 8 r8 + g): one 8-byte store. A GEMM reading
+    values in this order takes weights whose input channels were permuted the same way
+    (``quantize_weight(act_order="mma")``), which leaves every dot product unchanged."""
+    p = torch.arange(MMA_ORDER_GROUP, device=device)
+    lane, reg = p // 8, p % 8
+    g, t = lane // 4, lane % 4
+    c0, r8, c8 = reg % 2, (reg // 2) % 2, reg // 4
+    return 16 * (8 * c8 + 2 * t + c0) + 8 * r8 + g
+
+
+def check_act_order(order: str, group_size: int) -> None:
+    if order not in ACT_ORDERS:
+        raise ValueError(f"act_order must be one of {ACT_ORDERS}, got {order!r}")
+    if order == "mma" and group_size != MMA_ORDER_GROUP:
+        raise ValueError(f"the 'mma' channel order is defined on groups of {MMA_ORDER_GROUP} channels, "
+                         f"not {group_size}")
+
+
+def to_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
+    """t [..., K'] (K' a multiple of group_size, channels in natural order) with each group's channels in
+    ``order``: position p of group j holds channel j * G + mma_channel_order()[p]. Activations
+    and weights go through the same function, so a GEMM over both computes the same dot products."""
+    return _reorder_groups(t, order, group_size, inverse=False)
+
+
+def from_act_order(t: torch.Tensor, order: str, group_size: int) -> torch.Tensor:
+    """Inverse of ``to_act_order``: each group's channels back in natural order."""
+    return _reorder_groups(t, order, group_size, inverse=True)
+
+
+def _reorder_groups(t: torch.Tensor, order: str, group_size: int, inverse: bool) -> torch.Tensor:
+    check_act_order(order, group_size)
+    if order == "natural":
+        return t
+    k = t.shape[-1]
+    if k % group_size:
+        raise ValueError(f"width {k} is not a multiple of the group size {group_size}")
+    idx = mma_channel_order(t.device)
+    if inverse:
+        idx = torch.argsort(idx)
+    return t.reshape(*t.shape[:-1], k // group_size, group_size)[..., idx].reshape(t.shape)
+
+
+WeightQuantizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+"""(weight [N, K'] float32 in the rotated space, bits) -> (int8 values [N, K'], scale [N]).
+Round-to-nearest (``quantize_symmetric``) is ConvRot's; GPTQ-style quantizers plug in here."""
+
+
+def rtn_weight_quantizer(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_symmetric(w, bits)
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear's weight, rotated, quantized and (for 4 bits) packed.
+
+    ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits (``pack_int4``), or for
+    w4a16 in ``layout="tiles"`` int32 [ceil(N/16), K'/64, 32, 4] (``pack_int4_tiles``, what the
+    tensor-core W4A16 kernel reads).
+    ``scale``: float32 [N] (per output channel), or [N, K'/group_size] for w4a16,
+    whose scales cover ``group_size`` input channels each.
+    ``act_order``: the order of the input channels within each group (``to_act_order``), which the
+    activations quantized for this weight must share: ``"natural"``, or ``"mma"`` (w4a4/w8a8 only).
+    """
+
+    scheme: str
+    values: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    out_features: int
+    padded_in_features: int
+    group_size: int
+    rotation: Rotation | None
+    layout: str = "groups"
+    act_order: str = "natural"
+
+    @property
+    def weight_bits(self) -> int:
+        return SCHEME_BITS[self.scheme][0]
+
+    @property
+    def act_bits(self) -> int | None:
+        return SCHEME_BITS[self.scheme][1]
+
+    def int_values(self) -> torch.Tensor:
+        """Unpacked int8 values [N, K'], input channels in ``act_order``."""
+        return unpack_int4_values(self.values, self.group_size, self.out_features) if self.weight_bits == 4 else self.values
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int, layout: str = "groups") -> int:
+    """Bytes of a prepared weight (values + scales), without preparing it."""
+    _check_scheme(scheme)
+    kp = -(-in_features // group_size) * group_size
+    rows = -(-out_features // TILE_ROWS) * TILE_ROWS if layout == "tiles" else out_features
+    values = rows * kp // (2 if SCHEME_BITS[scheme][0] == 4 else 1)
+    scales = out_features * (kp // group_size if scheme == "w4a16" else 1)
+    return values + 4 * scales
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEME_BITS:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {tuple(SCHEME_BITS)}")
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    scheme: str,
+    rotation: Rotation | None,
+    group_size: int = 256,
+    weight_quantizer: WeightQuantizer = rtn_weight_quantizer,
+    layout: str = "groups",
+    act_order: str = "natural",
+) -> QuantizedWeight:
+    """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
+
+    W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
+    so there is no activation outlier to spread; its weights get one scale per
+    output channel and per ``group_size`` input channels instead. Its ``layout`` is
+    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel).
+
+    ``act_order`` (W4A4/W8A8): the quantized values' input channels are put in that order within each
+    group (``to_act_order``) after quantization, so any per-output-channel quantizer gives the same
+    values, only permuted."""
+    _check_scheme(scheme)
+    check_act_order(act_order, group_size)
+    if act_order != "natural" and SCHEME_BITS[scheme][1] is None:
+        raise ValueError(f"act_order={act_order!r} orders quantized activations; w4a16 has none")
+    if layout not in W4A16_LAYOUTS:
+        raise ValueError(f"layout must be one of {W4A16_LAYOUTS}, got {layout!r}")
+    if layout == "tiles" and (scheme != "w4a16" or group_size % TILE_K):
+        raise ValueError(f"the tile layout is for w4a16 with group_size a multiple of {TILE_K}, got {scheme} "
+                         f"with group_size {group_size}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    wbits, abits = SCHEME_BITS[scheme]
+    if abits is None:
+        if rotation is not None:
+            raise ValueError("w4a16 is weight-only and takes no rotation (pass rotation=None)")
+        kp = -(-k // group_size) * group_size
+        w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // group_size, group_size)
+        q, scale = quantize_symmetric(w, wbits)
+        q = q.reshape(n, kp)
+    else:
+        if rotation is None:
+            raise ValueError(f"{scheme} needs a rotation (use rotation 'none' for no rotation)")
+        w = rotation.apply(weight.float())
+        kp = w.shape[-1]
+        if kp % group_size:
+            raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
+        q, scale = weight_quantizer(w, wbits)
+        q = to_act_order(q, act_order, group_size)
+    if layout == "tiles":
+        values = pack_int4_tiles(q)
+    else:
+        values = pack_int4(q, group_size) if wbits == 4 else q
+    return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout, act_order)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and per-token quantize a [M, K] activation. Returns (int8 values [M, K'], scale [M])."""
+    return quantize_symmetric(rotation.apply(x), bits)
+
+
+def integer_matmul(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8^T product with int32 semantics, returned as float32 as a kernel
+    would convert its int32 accumulator (float64 holds every partial sum exactly)."""
+    return (qa.double() @ qw.double().T).float()
+
+
+def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, gelu_from: int | None = None) -> torch.Tensor:
+    """The quantized GEMM on unpacked int8 values: float32(qa @ qw^T) * sa * sw (+ bias), in out_dtype;
+    GELU (tanh form, in float32) on output columns >= gelu_from when given."""
+    out = integer_matmul(qa, qw) * sa.unsqueeze(-1) * sw.unsqueeze(0)
+    if bias is not None:
+        out = out + bias.float()
+    if gelu_from is not None:
+        out = torch.cat([out[:, :gelu_from], torch.nn.functional.gelu(out[:, gelu_from:], approximate="tanh")], -1)
+    return out.to(out_dtype)
+
+
+def concat_biases(biases: list, sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """The biases of linears whose outputs sit side by side (one GEMM for several linears) as one
+    vector, zeros for a linear without one, in the dtype of the first bias; None when none has one."""
+    dtype = next((b.dtype for b in biases if b is not None), None)
+    if dtype is None:
+        return None
+    if len(biases) == 1:
+        return biases[0]
+    return torch.cat([b.to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=device)
+                      for b, n in zip(biases, sizes)])
+
+
+def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """W4A16 reference: x [M, K] @ dequant(values)^T (+ bias), dequantized per (channel, group) in
+    float32; output in x's dtype. values in either layout (``unpack_int4_values``)."""
+    n = scale.shape[0]
+    w = (unpack_int4_values(values, group_size, n).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    out = x.float() @ w[:, : x.shape[-1]].T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized linear y = x W^T + b, computed the reference way; output in x's dtype."""
+    if x.shape[-1] != qweight.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {qweight.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if qweight.act_bits is None:
+        out = weight_only_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
+    else:
+        qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
+        qa = to_act_order(qa, qweight.act_order, qweight.group_size)
+        out = reference_int_gemm(qa, sa, qweight.int_values(), qweight.scale, bias, x.dtype)
+    return out.reshape(*lead, qweight.out_features)

@@ -1,0 +1,14 @@
+"""The quantized ops as ``torch.ops.convrot.*`` custom ops (custom_ops.py: a plain-torch reference on any
+device, a fake for tracing, a CUDA implementation), the functions the compiler and the eager modules call
+them through, and the one place that picks a kernel for each (dispatch.py)."""
+
+from .custom_ops import (
+                         fp8_scaled_dot_product_attention,
+                         quantize_activation,
+                         quantize_cat_activation,
+                         quantized_linear,
+                         quantized_matmul,
+)
+
+__all__ = ["fp8_scaled_dot_product_attention", "quantize_activation", "quantize_cat_activation", "quantized_linear",
+           "quantized_matmul"]

@@ -1,0 +1,175 @@
+"""Which kernel runs each convrot op: decided here, and nowhere else.
+
+When a weight is prepared: the channel order of W4A4/W8A8 activations and weights (``act_order_for``), the
+packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels take a weight at all
+(``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
+(the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
+else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
+``w4a16_gemm`` (by the layout the weight was prepared in) and ``fp8_attention`` (cuDNN's). Every choice
+computes the same values; only the speed differs. A benchmark that compares kernels in one process replaces
+``use_sm90_rotate``, ``use_sm90_packed_gemm`` or ``gemm_schedule`` for its duration (tools/bench_model.py,
+``kernel_choice``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import triton
+
+from ..kernels.triton.common import interpreting
+from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
+from ..numerics.rotations import GroupHadamardRotation
+
+# When Triton's persistent GEMM pays, measured on an H100:
+# * warp-specialized (no GELU epilogue): wherever the output has at least two 128 x 128 tiles per SM
+#   (M = 512 with N >= 9216: 1.14-1.34x cuBLAS bf16 against 0.89-1.18x one program per tile; every FLUX shape
+#   from M = 2048); it loses below that (M = 512 and 1024 at 3072 -> 3072: 1.11-1.15x against 1.23-1.24x);
+# * not specialized (GELU epilogue): from M = 2048, or from M = 1024 on wide outputs (N >= 12288).
+#   Warp-specialized, a GELU epilogue ran 1.27-1.36x slower than this form (the consumer warps compute the
+#   epilogue with no MMAs to hide it behind).
+PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
+PERSISTENT_MIN_M = 2048
+PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
+
+
+def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rotated: bool) -> str:
+    """The channel order W4A4/W8A8 activations are quantized in, and their weights prepared in, for where a
+    linear runs: ``"mma"`` (quant.mma_channel_order) where the sm_90 rotate+quantize kernel can take them
+    (a CUDA sm_90 device, bf16 activations, rotated groups of 256), whose stores it makes whole; else
+    ``"natural"``. Either is correct on every path (the Triton kernel and the reference write both): the
+    choice only decides speed, so a call that falls back to another kernel at run time stays exact."""
+    if not rotated or group_size != 256 or device.type != "cuda" or dtype != torch.bfloat16:
+        return "natural"
+    return "mma" if torch.cuda.get_device_capability(device) == (9, 0) else "natural"
+
+
+def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
+    """The packed layout a W4A16 weight is prepared in for where it runs: ``"tiles"`` for the
+    tensor-core kernel (a CUDA sm_90 weight in bf16 or fp16, which a linear's activations share, and
+    groups of a multiple of 64 inputs), else ``"groups"`` for the CUDA-core kernels and the reference."""
+    if weight.device.type != "cuda" or group_size % TILE_K:
+        return "groups"
+    from ..kernels.sm90.weight_only import unsupported_reason
+
+    return "groups" if unsupported_reason(weight.device, weight.dtype) else "tiles"
+
+
+def has_kernel(qweight: QuantizedWeight) -> bool:
+    """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
+    groups of 256, and w4a16 with groups of 256 (or of 64k in the tile layout). Other weights run the
+    reference ops."""
+    if qweight.act_bits is None:
+        return qweight.group_size == 256 or (qweight.layout == "tiles" and qweight.group_size % TILE_K == 0)
+    rot = qweight.rotation
+    return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
+
+
+def _sm90_runs(device: torch.device, unsupported: Callable[[], str | None], fallback: str) -> bool:
+    """Whether a Gluon kernel runs on ``device``: an sm_90 GPU (not the interpreter) where its own check,
+    ``unsupported()``, finds no reason against it. On an sm_90 GPU the other kernel is slower, so falling
+    back to it says why: ``fallback`` with the reason, as a warning."""
+    if interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    why = unsupported()
+    if why is not None:
+        warnings.warn(fallback.format(why=why))
+    return why is None
+
+
+def use_sm90_rotate(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int) -> bool:
+    """Whether the sm_90 rotate+quantize kernel runs these activations."""
+    def unsupported():
+        from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
+
+        return rotate_quant.supported(x, x2, h, group_size)
+
+    return _sm90_runs((x if x is not None else x2).device, unsupported,
+                      "rotate_quantize: the sm_90 kernel cannot take these activations ({why}); running the Triton "
+                      "kernel instead (same numerics, slower)")
+
+
+def use_sm90_packed_gemm(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype) -> bool:
+    """Whether the sm_90 packed GEMM runs these W4A4 operands (weights split in registers, no unpack pass)."""
+    def unsupported():
+        from ..kernels.sm90 import packed_gemm  # Gluon: imported where it can run
+
+        return packed_gemm.supported(qx, qws, group_size, out_dtype)
+
+    return _sm90_runs(qx.device, unsupported,
+                      "int_gemm: the sm_90 packed GEMM cannot run these operands ({why}); unpacking the weights and "
+                      "running the int8 GEMM instead (same result, slower)")
+
+
+def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:
+    """(persistent, warp_specialize) of Triton's int8 GEMM for an [m, n] output (the measurements above)."""
+    if not has_gelu:
+        tiles = triton.cdiv(m, PERSISTENT_TILE) * triton.cdiv(n, PERSISTENT_TILE)
+        return tiles >= PERSISTENT_MIN_WAVES * programs, True
+    return m >= PERSISTENT_MIN_M or (m >= PERSISTENT_WIDE_MIN_M and n >= PERSISTENT_WIDE_N), False
+
+
+def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int, *,
+                    x2: torch.Tensor | None = None, order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.triton.rotate_quant.rotate_quantize, or the sm_90 kernel where ``use_sm90_rotate``."""
+    if use_sm90_rotate(x, x2, h, group_size):
+        from ..kernels.sm90.rotate_quant import rotate_quantize_sm90
+
+        return rotate_quantize_sm90(x, h, bits, x2=x2, order=order)
+    from ..kernels.triton.rotate_quant import rotate_quantize as triton_rotate_quantize
+
+    return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order)
+
+
+def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
+             biases: list[torch.Tensor | None], packed: bool, group_size: int, out_dtype: torch.dtype,
+             gelu_from: int | None = None) -> torch.Tensor:
+    """kernels.int_gemm.int_gemm with its schedule from ``gemm_schedule``, or the sm_90 packed GEMM where
+    ``use_sm90_packed_gemm``."""
+    from ..kernels.triton.int_gemm import (
+        check_gemm_operands,
+        int_gemm_unchecked,
+        programs,
+    )
+
+    check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
+    if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
+        from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
+
+        s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+        b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from)
+    n = sum(w.shape[0] for w in qws)
+    persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
+    return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
+                              persistent=persistent, warp_specialize=warp_specialize)
+
+
+def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """The weight-only GEMM of the layout the weight was prepared in (``w4a16_layout``)."""
+    if packed_layout(qw) == "tiles":
+        from ..kernels.sm90.weight_only import w4a16_gemm_tiles as kernel
+    else:
+        from ..kernels.triton.weight_only import w4a16_gemm as kernel
+    return kernel(x, qw, scale, bias, group_size)
+
+
+def fp8_attention_unsupported(shape: tuple[int, int, int, int], softmax_scale: float,
+                              device: torch.device) -> str | None:
+    """None when fp8 attention (cuDNN's fp8 flash attention) runs [B, H, S, D] inputs on this CUDA device,
+    else why not."""
+    from ..kernels.cudnn.fp8_attention import check_supported
+
+    return check_supported(shape, softmax_scale, device)
+
+
+def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                  softmax_scale: float) -> torch.Tensor:
+    """cuDNN's fp8 flash attention, the one kernel of ``convrot::fp8_attention``."""
+    from ..kernels.cudnn.fp8_attention import fp8_attention as kernel
+
+    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)

@@ -1,0 +1,426 @@
+"""Model-level benchmark: one denoising forward of a FLUX-architecture transformer per variant.
+
+Variants, each on a fresh model in the same process: bf16 eager, bf16 torch.compile, fp8 row-wise
+dynamic (torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.compile, when torchao is
+installed; otherwise reported as skipped), and convrot plans (w8a8, w4a4, mix) compiled with the
+convrot backend + Inductor. Per variant: median latency, speedups, weight memory, peak memory,
+first-call (compile) time, output relative error vs bf16 eager on the same inputs.
+With --profile, a kernel-time breakdown of the convrot w4a4 forward, and of the bf16 torch.compile
+forward when it runs too (the baseline's parts are what a speedup target can be set against).
+
+    convrot bench --config flux-dev --resolution 1024 --variants bf16,bf16-compile,fp8,w4a4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..compiler.compile_model import compile as convrot_compile
+from ..compiler.compile_model import weight_bytes
+from ..compiler.weights import model_bytes
+from ..ops import dispatch
+from .baselines import swap_fp8_rowwise
+from .demo import resolve_device
+from .models import build_flux, image_tokens_for, make_flux_inputs, relative_error
+
+
+def environment() -> dict:
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        env["diffusers"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = p.name
+        env["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["sms"] = p.multi_processor_count
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+    return env
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str | None = None) -> list[str]:
+    """Write NAME.json and NAME.md under out_dir (default: $OUT if set, else ./convrot-out/bench)."""
+    out_dir = out_dir or os.environ.get("OUT") or os.path.join("convrot-out", "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")]
+    with open(paths[0], "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown)
+    return paths
+
+
+CONVROT = ("w8a8", "w4a4", "mix")
+# "<plan>-<launch>": convrot_compile options and the note each launch suffix adds to the plan's defaults
+LAUNCHES = {
+    "nograph": ({"cuda_graphs": False}, ""),
+    "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
+    "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
+    "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under kernel_choice
+    "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
+    "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
+    "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
+    "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
+    "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
+}
+VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm",
+            "fp8-scaled-mm-regional", *CONVROT,
+            *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
+
+
+@contextlib.contextmanager
+def kernel_choice(launch: str) -> Iterator[None]:
+    """The kernels a launch suffix compares, chosen by replacing ops.dispatch's choices for the block:
+    ``flat``, the one-program-per-tile int8 GEMM at every M (the default is persistent at large M); ``nows``,
+    the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
+    usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
+    rotate+quantize kernel where the sm_90 one would run. Other launches change nothing. A CUDA graph
+    captured inside the block keeps the kernels it captured."""
+    rule = dispatch.gemm_schedule
+    choices = {
+        "flat": {"use_sm90_packed_gemm": lambda *a: False, "gemm_schedule": lambda m, n, gelu, p: (False, False)},
+        "nows": {"use_sm90_packed_gemm": lambda *a: False,
+                 "gemm_schedule": lambda m, n, gelu, p: (rule(m, n, True, p)[0], False)},
+        "unpack": {"use_sm90_packed_gemm": lambda *a: False},
+        "tritonrq": {"use_sm90_rotate": lambda *a: False},
+    }.get(launch, {})
+    saved = {name: getattr(dispatch, name) for name in choices}
+    try:
+        for name, choice in choices.items():
+            setattr(dispatch, name, choice)
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(dispatch, name, original)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def parse_variants(spec: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated variants of ``spec``; an unknown one stops the run before any work."""
+    variants = spec.split(",")
+    bad = [v for v in variants if v not in known]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {known}")
+    return variants
+
+
+def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
+    """Milliseconds per forward: CUDA events on GPU, perf_counter on CPU; one warm-up call first."""
+    with torch.no_grad():
+        fn(**kwargs)
+        sync(dev)
+        times = []
+        for _ in range(iters):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(**kwargs)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn(**kwargs)
+                times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def prepare(variant: str, model):
+    """(callable, prepared weight bytes beyond the model's own storage, note)."""
+    if variant == "bf16":
+        return model, 0, ""
+    if variant == "bf16-compile":
+        return torch.compile(model), 0, ""
+    if variant == "bf16-compile-regional":
+        model.compile_repeated_blocks()
+        return model, 0, "diffusers compile_repeated_blocks: one graph per block class"
+    if variant == "bf16-compile-cg":
+        return torch.compile(model, mode="reduce-overhead"), 0, "Inductor CUDA graphs"
+    if variant == "fp8":
+        try:
+            from torchao.quantization import (
+                Float8DynamicActivationFloat8WeightConfig,
+                PerRow,
+                quantize_,
+            )
+        except ImportError as e:
+            raise RuntimeError(f"torchao not available ({e})") from e
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return torch.compile(model), 0, "torchao fp8 row-wise dynamic"
+    if variant in ("fp8-scaled-mm", "fp8-scaled-mm-regional"):
+        n = swap_fp8_rowwise(model)
+        note = f"fp8 row-wise dynamic on torch._scaled_mm ({n} linears), not torchao"
+        if variant.endswith("-regional"):
+            model.compile_repeated_blocks()
+            return model, 0, note + "; diffusers compile_repeated_blocks"
+        return torch.compile(model), 0, note
+    plan, _, launch = variant.partition("-")
+    options, launch_note = LAUNCHES.get(launch, ({}, ""))
+    convrot_compile(model, plan=plan, progress=False, **options)
+    prepared = weight_bytes(model) - model_bytes(model)
+    note = "CUDA graph replay" if model.forward.replay else "kernels launched one by one"
+    if launch_note:
+        note += f"; {launch_note}"
+    return model, prepared, note
+
+
+INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
+KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel"),
+                 INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
+                 "attention": ("flash", "attention", "fmha", "sdpa"),
+                 "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
+                 "weight-only GEMV": ("_w4a16",), "bf16 GEMM (cuBLAS)": ("gemm", "sm90_xmma", "cutlass", "nvjet")}
+
+
+def kernel_group(name: str) -> str:
+    """The breakdown part a CUDA kernel belongs to, by name, in KERNEL_GROUPS order. Inductor's generated kernels are named after every op they fuse, including the custom op or
+    SDPA their output feeds (``triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...``
+    is the RMSNorm + RoPE before attention), so they form their own group instead of matching those."""
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS.items():
+        if any(k.lower() in low for k in keys):
+            return group
+    return "other"
+
+
+def kernel_breakdown(fn, kwargs, top: int = 20) -> tuple[dict[str, float], list[dict]]:
+    """CUDA kernel time (ms) of one forward, grouped by what the kernel does, and the ``top`` kernels
+    by time with their group, so that what lands in each part (and in "other") can be checked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn(**kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(**kwargs)
+            torch.cuda.synchronize()
+    out = {k: 0.0 for k in (*KERNEL_GROUPS, "other")}
+    kernels = []
+    for evt in prof.key_averages():
+        if evt.device_type.name != "CUDA":
+            continue
+        group, ms = kernel_group(evt.key), evt.device_time_total / 1e3
+        out[group] += ms
+        kernels.append({"kernel": evt.key[:90], "group": group, "ms": ms, "calls": evt.count})
+    return out, sorted(kernels, key=lambda k: -k["ms"])[:top]
+
+
+def run(args) -> dict:
+    dev = resolve_device(args.device)
+    variants = parse_variants(args.variants, VARIANTS)
+    for res in args.resolution:
+        image_tokens_for(res, res)
+    rows, breakdown, baseline_breakdown = [], None, None
+    for res in args.resolution:
+        torch._dynamo.reset()
+        base = build_flux(args.config, seed=0, device=dev)
+        inputs = make_flux_inputs(base, res, res, args.text_tokens, batch=args.batch, device=dev)
+        with torch.no_grad():
+            ref = base(**inputs.kwargs)[0].float()
+        bf16_bytes = model_bytes(base)
+        del base
+        for variant in variants:
+            torch._dynamo.reset()
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            model = build_flux(args.config, seed=0, device=dev)
+            row = {"variant": variant, "resolution": res, "batch": args.batch,
+                   "tokens": inputs.image_tokens + inputs.text_tokens}
+            print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
+            with kernel_choice(variant.rsplit("-", 1)[-1]):
+                try:
+                    t0 = time.perf_counter()
+                    fn, prepared, note = prepare(variant, model)
+                    with torch.no_grad():
+                        out = fn(**inputs.kwargs)[0]
+                    sync(dev)
+                    row["first_call_s"] = time.perf_counter() - t0
+                    # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
+                    err = relative_error(out, ref)
+                    del out
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    times = time_forward(fn, inputs.kwargs, dev, args.iters)
+                    row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
+                               weight_bytes=model_bytes(model) + prepared,
+                               peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                               rel_err_vs_bf16=err)
+                    if args.profile and dev.type == "cuda":
+                        if variant.startswith("w4a4") and breakdown is None:
+                            breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
+                        elif variant == "bf16-compile":
+                            baseline_breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
+                except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
+                    row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
+            rows.append(row)
+            print(row, flush=True)
+            # a run cut short keeps what it measured
+            partial = _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
+            write_results(args.name, partial, to_markdown(partial), args.out)
+            del model
+    return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
+
+
+def _profiled(variant: str, fn, kwargs, forward_ms: float) -> dict:
+    parts, top = kernel_breakdown(fn, kwargs)
+    return {"variant": variant, "forward_ms": forward_ms, "kernels_ms": parts, "top_kernels": top}
+
+
+def _result(args, dev, rows: list[dict], breakdown, baseline_breakdown, bf16_bytes: int) -> dict:
+    for r in rows:
+        same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
+        for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
+            # a run of regional compiles only compares against the baselines compiled the same way
+            base = same.get(b) or same.get(f"{b}-regional")
+            if r.get("ms") and base:
+                r[f"speedup_vs_{b}"] = base["ms"] / r["ms"]
+        if r.get("ms"):
+            r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
+            r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
+    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown,
+            "baseline_breakdown": baseline_breakdown}
+
+
+def _rows_table(rows: list[dict], with_call: bool = False) -> str:
+    from tabulate import tabulate
+
+    gib = 2**30
+    return tabulate(
+        [[*([r["call"]] if with_call else []), r["variant"], r["resolution"], r.get("batch", 1), r["tokens"],
+          f"{r['ms']:.1f}" if r.get("ms") else "-", f"{r.get('ms_spread', 0):.1f}" if r.get("ms") else "-",
+          f"{r['us_per_token']:.2f}" if r.get("us_per_token") else "-",
+          *(f"{r[k]:.2f}" if r.get(k) else "-" for k in ("speedup_vs_bf16", "speedup_vs_bf16-compile",
+                                                         "speedup_vs_fp8", "speedup_vs_fp8-scaled-mm")),
+          f"{r['weight_bytes'] / gib:.2f}" if r.get("ms") else "-",
+          f"{r['weight_ratio_vs_bf16']:.3f}" if r.get("ms") else "-",
+          f"{r['peak_bytes'] / gib:.1f}" if r.get("peak_bytes") else "-",
+          f"{r['first_call_s']:.0f}" if r.get("first_call_s") else "-",
+          f"{r['rel_err_vs_bf16']:.3f}" if r.get("ms") else "-", r.get("note", "")]
+         for r in rows],
+        headers=[*(["call"] if with_call else []), "variant", "res", "batch", "tokens", "ms", "spread", "us/token",
+                 "x bf16", "x bf16-compile", "x fp8 (torchao)", "x fp8 (_scaled_mm)", "weights GiB",
+                 "x bf16 weights", "peak GiB", "first call s", "err vs bf16", "note"], tablefmt="github")
+
+
+def to_markdown(result: dict) -> str:
+
+    env = result["env"]
+    table = _rows_table(result["rows"])
+    md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
+          f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
+          f"{env['date']}\n\n{table}\n")
+    for key in ("breakdown", "baseline_breakdown"):
+        if result.get(key):
+            md += _breakdown_markdown(result[key])
+    md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
+           "measure.\n")
+    return md
+
+
+def _breakdown_markdown(breakdown: dict) -> str:
+    from tabulate import tabulate
+
+    b = breakdown["kernels_ms"]
+    total = sum(b.values())
+    md = (f"\n{breakdown['variant']}, CUDA kernel time of one forward "
+          f"(kernels sum to {total:.1f} ms; the forward took {breakdown['forward_ms']:.1f} ms):\n\n")
+    md += tabulate([[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(b.items(), key=lambda kv: -kv[1])],
+                   headers=["part", "ms", "share"], tablefmt="github") + "\n"
+    if breakdown.get("top_kernels"):
+        md += "\nThe kernels taking the most time:\n\n" + tabulate(
+            [[k["kernel"], k["group"], f"{k['ms']:.2f}", k["calls"]] for k in breakdown["top_kernels"]],
+            headers=["kernel", "part", "ms", "calls"], tablefmt="github", disable_numparse=True) + "\n"
+    return md
+
+
+def merge(results: dict[str, dict]) -> str:
+    """One markdown report from result files of separate calls ({name: result}): every row with the
+    call it came from (speedups are always against baselines of the same call), and the cost growth:
+    latency per token of each variant by resolution and batch."""
+    from tabulate import tabulate
+
+    rows = [dict(r, call=name) for name, res in results.items() for r in res["rows"]]
+    envs = {f"GPU {res['env'].get('gpu')} | torch {res['env']['torch']} | triton {res['env']['triton']} | "
+            f"diffusers {res['env']['diffusers']} | {res['env']['date']}" for res in results.values()}
+    points = sorted({(r["resolution"], r.get("batch", 1)) for r in rows if r.get("ms")})
+    growth = []
+    for variant in dict.fromkeys(r["variant"] for r in rows if r.get("ms")):
+        cells = []
+        for res, batch in points:
+            hits = [r for r in rows if r["variant"] == variant and r["resolution"] == res
+                    and r.get("batch", 1) == batch and r.get("ms")]
+            cells.append("; ".join(f"{r['us_per_token']:.2f}" + (f" ({r['speedup_vs_bf16-compile']:.2f}x)"
+                                                                 if r.get("speedup_vs_bf16-compile") else "")
+                                   for r in hits) or "-")
+        growth.append([variant, *cells])
+    md = "# Model benchmark, merged from separate calls\n\n" + "\n".join(sorted(envs)) + "\n\n"
+    md += _rows_table(rows, with_call=True) + "\n\n"
+    md += ("Latency per token in microseconds (speedup vs bf16 torch.compile of the same call):\n\n"
+           + tabulate(growth, headers=["variant", *(f"{res}² batch {b}" for res, b in points)], tablefmt="github")
+           + "\n")
+    return md
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="flux-dev")
+    p.add_argument("--resolution", type=int, nargs="+", default=[1024])
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--name", default="model")
+    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: merge result files of separate "
+                   "calls into one report (<name>.md) with the latency per token by resolution and batch")
+    args = p.parse_args(argv)
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            with open(path) as f:
+                data = json.load(f)
+            if "rows" not in data or "env" not in data:
+                p.error(f"{path} is not a model benchmark result (no 'rows'/'env')")
+            results[os.path.splitext(os.path.basename(path))[0]] = data
+        md = merge(results)
+        write_results(args.name, {"merged": results}, md, args.out)
+        print(md)
+        return {"merged": results}
+    result = run(args)
+    md = to_markdown(result)
+    write_results(args.name, result, md, args.out)
+    print(md)
+    return result

@@ -1,0 +1,138 @@
+"""Command line: ``convrot <command>`` or ``python -m convrot_compiler <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_options import add_quant_args
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
+    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
+                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--height", type=int, help="image height in pixels (default 1024; 256 for flux-tiny)")
+    p.add_argument("--width", type=int, help="image width in pixels (default 1024; 256 for flux-tiny)")
+    p.add_argument("--text-tokens", type=int, help="text tokens (default 512; 64 for flux-tiny)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers; "
+                                     "--debug anywhere shows the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
+    _add_model_args(demo)
+    add_quant_args(demo)
+    demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--whole-model", action="store_true",
+                      help="compile the whole forward as one graph (default: one graph per repeated block class)")
+
+    ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
+    ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
+    ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev"],
+                     help="built-in config, traced on the meta device (no memory, no weights)")
+    ins.add_argument("--height", type=int, default=1024)
+    ins.add_argument("--width", type=int, default=1024)
+    ins.add_argument("--text-tokens", type=int, default=512)
+    add_quant_args(ins)
+    ins.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
+    ins.add_argument("--no-fuse-producers", dest="fuse_producers", action="store_false",
+                     help="show the pass without reading the concatenation inside rotate+quantize")
+    ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_false",
+                     help="show the pass with the GELU after the MLP up-projections left to Inductor")
+    sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench "
+                   "-h); with --pipeline, ms per denoising step through FluxPipeline (convrot bench --pipeline -h)",
+                   add_help=False)
+    sub.add_parser("eval", help="FLUX pipeline fidelity: PSNR/SSIM of convrot images vs bf16 (see convrot eval -h)",
+                   add_help=False)
+    sub.add_parser("generate", help="text to image through FluxPipeline with the compiled transformer "
+                   "(see convrot generate -h)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; an error a user can act on prints as one ``error: ...`` line (exit 2), with the
+    Python traceback only under ``--debug``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    if argv[:1] == ["bench"] and "--pipeline" in argv:
+        from .bench_pipeline import main as pipeline_bench_main
+
+        pipeline_bench_main([a for a in argv[1:] if a != "--pipeline"])
+        return 0
+    if argv[:1] == ["bench"]:
+        from .bench_model import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
+    if argv[:1] == ["eval"]:
+        from .evaluate import main as eval_main
+
+        eval_main(argv[1:])
+        return 0
+    if argv[:1] == ["generate"]:
+        from .generate import main as generate_main
+
+        generate_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import demo_json, format_demo, run_demo
+
+        result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
+                          args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress,
+                          whole_model=args.whole_model, attention=args.attention)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(demo_json(result))
+        print(format_demo(result))
+    elif args.command == "inspect":
+        _inspect(args)
+    return 0
+
+
+def _inspect(args) -> None:
+    from .inspection import inspect
+    from .models import build_flux, load_flux, make_flux_inputs
+
+    if args.model:
+        model, device = load_flux(args.model, device="meta"), "meta"
+    else:
+        model, device = build_flux(args.config, device="meta"), "meta"
+    inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
+    report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
+                     rotation=args.rotation, fuse_producers=args.fuse_producers, gelu_epilogue=args.gelu_epilogue,
+                     attention=args.attention)
+    print(report.table())
+    if args.attention != "keep":
+        print(report.attention_table())
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+        print(f"JSON written to {args.json}")
+    if args.dump:
+        for path in report.dump(args.dump):
+            print(path)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

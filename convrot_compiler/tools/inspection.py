@@ -1,0 +1,149 @@
+"""Graph inspection: what the convrot pass rewrote, what it left alone, and why."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..compiler.attention_rewrite import AttentionDecision
+from ..compiler.backend import CompileReport, convrot_backend
+from ..config import ConvRotConfig
+from ..plans import PRECISIONS, LayerDecision
+
+
+@dataclass
+class InspectReport:
+    reports: list[CompileReport]
+
+    @property
+    def decisions(self) -> list[LayerDecision]:
+        return [d for r in self.reports for d in r.decisions]
+
+    @property
+    def attention(self) -> list[AttentionDecision]:
+        return [a for r in self.reports for a in r.attention]
+
+    @property
+    def graphs(self) -> int:
+        return len(self.reports)
+
+    def totals(self) -> dict:
+        ds = self.decisions
+        counts = {p: sum(d.precision == p for d in ds) for p in PRECISIONS}
+        before = sum(d.bytes_before for d in ds)
+        after = sum(d.bytes_after for d in ds)
+        return {"graphs": self.graphs, "linears_matched": len(ds), "rewritten": sum(d.precision != "bf16" for d in ds),
+                "activation_quantizations": sum(r.activation_quantizations for r in self.reports),
+                "shared_activation_quantizations": sum(r.shared_activation_quantizations for r in self.reports),
+                "fused_gemms": sum(r.fused_gemms for r in self.reports),
+                "fused_linears": sum(r.fused_linears for r in self.reports),
+                "fused_producers": sum(r.fused_producers for r in self.reports),
+                "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
+                "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
+                "attention_kept": sum(a.precision != "fp8" for a in self.attention),
+                "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
+                "ratio": after / before if before else 1.0}
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rot = {r.rotation for r in self.reports}
+        rows = []
+        for d in self.decisions:
+            rotation = "-" if d.precision in ("bf16", "w4a16") else "/".join(sorted(rot))
+            rows.append([d.name, f"{d.in_features}->{d.out_features}", d.rows if d.rows is not None else "?",
+                         _precision_label(d), rotation, _mib(d.bytes_before), _mib(d.bytes_after),
+                         d.reason if d.precision == "bf16" else ""])
+        return tabulate(rows, headers=["module", "in->out", "rows M", "precision", "rotation", "MiB before",
+                                       "MiB after", "left alone because"], tablefmt="github")
+
+    def attention_table(self) -> str:
+        """One row per scaled-dot-product attention: fp8 or kept, and why it was kept."""
+        from tabulate import tabulate
+
+        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.reason]
+                for a in self.attention]
+        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "kept because"], tablefmt="github")
+
+    def summary(self) -> str:
+        t = self.totals()
+        counts = ", ".join(f"{v} {k}" for k, v in t["by_precision"].items() if v)
+        return (f"{t['linears_matched']} linears matched in {t['graphs']} graph(s), {t['rewritten']} rewritten "
+                f"({counts}); linear weights {_mib(t['linear_weight_bytes_before'])} MiB -> "
+                f"{_mib(t['linear_weight_bytes_after'])} MiB ({t['ratio']:.3f}x); "
+                f"{t['activation_quantizations']} activation rotate+quantize ops, "
+                f"{t['shared_activation_quantizations']} linears sharing one with another linear on the same input; "
+                f"{t['fused_linears']} linears computed by {t['fused_gemms']} fused GEMMs"
+                + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
+                + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
+                   if t["fused_producers"] else "")
+                + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8")
+
+    def to_json(self) -> str:
+        return json.dumps({"totals": self.totals(), "layers": [
+            {k: v for k, v in asdict(d).items() if k != "extra"} for d in self.decisions],
+            "attention": [asdict(a) for a in self.attention]}, indent=2)
+
+    def dump(self, directory: str) -> list[str]:
+        """Write each graph before/after the pass as readable code, and as DOT when pydot is installed."""
+        os.makedirs(directory, exist_ok=True)
+        written = []
+        for i, r in enumerate(self.reports):
+            for tag, text in (("before", r.graph_before), ("after", r.graph_after)):
+                path = os.path.join(directory, f"graph{i}_{tag}.py")
+                with open(path, "w") as f:
+                    f.write(text)
+                written.append(path)
+            gm = r.graph_modules.get("after")
+            if gm is not None:
+                try:
+                    from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+                    dot = FxGraphDrawer(gm, f"graph{i}_after").get_dot_graph()
+                    path = os.path.join(directory, f"graph{i}_after.dot")
+                    dot.write_raw(path)
+                    written.append(path)
+                    try:
+                        dot.write_svg(path[:-4] + ".svg")
+                        written.append(path[:-4] + ".svg")
+                    except Exception:  # graphviz's dot binary missing: DOT only
+                        pass
+                except (ImportError, RuntimeError) as e:
+                    written.append(f"(DOT skipped: {e}; pip install pydot for DOT, plus graphviz for SVG)")
+        return written
+
+
+def _precision_label(d: LayerDecision) -> str:
+    """The precision, marked where a w4a16 weight is prepared for the tensor-core kernel (dispatch.w4a16_layout)
+    and where W4A4/W8A8 activations and weights take the sm_90 kernel's channel order (dispatch.act_order_for)."""
+    if d.extra.get("layout") == "tiles":
+        return f"{d.precision} (tensor-core tiles)"
+    if d.extra.get("act_order") == "mma":
+        return f"{d.precision} (mma channel order)"
+    return d.precision
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f}"
+
+
+def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
+            config: ConvRotConfig | None = None, **overrides) -> InspectReport:
+    """Trace ``model`` on the example inputs and report what the convrot pass would do to each linear, under
+    ``config`` (default ``ConvRotConfig()``) with ``overrides`` by field name, as ``compile`` takes them.
+
+    Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
+    reports: list[CompileReport] = []
+    config = (config or ConvRotConfig()).replace(**overrides, dry_run=True, report=reports.append)
+    options = {"config": config}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=convrot_backend, options=options)
+        compiled(*example_args, **(example_kwargs or {}))
+    torch._dynamo.reset()
+    if not reports:
+        raise RuntimeError("torch.compile produced no graph for this model and inputs: nothing to inspect")
+    return InspectReport(reports)

@@ -1,0 +1,340 @@
+"""Triton kernels against the reference custom_ops. On CPU they run through the Triton
+interpreter (conftest sets TRITON_INTERPRET=1), on small shapes."""
+
+import pytest
+import torch
+
+from convrot_compiler.kernels.triton.common import interpreting
+from convrot_compiler.kernels.triton.int_gemm import int_gemm
+from convrot_compiler.kernels.triton.rotate_quant import rotate_quantize
+from convrot_compiler.kernels.triton.weight_only import w4a16_gemm
+from convrot_compiler.numerics.hadamard import hadamard_matrix
+from convrot_compiler.numerics.quant import pack_int4, quantize_weight
+from convrot_compiler.numerics.rotations import GroupHadamardRotation
+from convrot_compiler.ops import custom_ops, dispatch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int_valued(m, k, seed, lo=-8, hi=9):
+    """Integer-valued activations: every rotation below is then exact in float32 whatever the summation
+    order, so kernel and reference must agree bit for bit on the quantized integers."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, (m, k), generator=g).float()
+
+
+ROTATIONS = [("regular", 256), ("sylvester", 256), ("regular", 64), ("sylvester", 64), ("none", 256)]  # entries 2^-k: exact
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind,group", ROTATIONS)
+@pytest.mark.parametrize("m,k", [(1, 256), (19, 300), (3, 1300)])
+def test_rotate_quantize_kernel_matches_reference_exactly(bits, kind, group, m, k):
+    x = _int_valued(m, k, seed=m + k + group)
+    x[min(3, m - 1)] = 0.0  # a zero row
+    h = GroupHadamardRotation(kind, group).kernel_matrix()
+    q_ref, s_ref = custom_ops.rotate_quantize(x, h, group, bits)
+    q, s = rotate_quantize(x.to(DEV), None if h is None else h.to(DEV), group, bits)
+    assert torch.equal(q.cpu(), q_ref)
+    assert torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k", [(40, 512), (300, 3072)])
+def test_quantizer_arithmetic_is_exact_on_random_floats(bits, m, k):
+    """No rotation, so the kernel quantizes exactly the reference's values: the quotient, its
+    rounding (ties included) and the clamp must agree bit for bit, also for scales so small or so
+    large that the GPU's reciprocal form of the division would over/underflow."""
+    g = torch.Generator().manual_seed(m + bits)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    qm = 7 if bits == 4 else 127
+    x[1] = torch.randint(-2 * qm, 2 * qm + 1, (k,), generator=g).float() / 2  # halves: ties at scale 1
+    x[1, 0] = qm
+    x[2] *= 1e-39  # subnormal scale
+    x[3] *= 1e30   # scale above 2^90
+    x[4] = 0.0
+    q_ref, s_ref = custom_ops.rotate_quantize(x, None, 256, bits)
+    q, s = rotate_quantize(x.to(DEV), None, 256, bits)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("group,h_size", [(256, 16), (64, 64)])
+def test_rotate_quantize_random_floats_are_close(group, h_size):
+    x = torch.randn(20, 512) * 3
+    h = hadamard_matrix("regular", h_size)
+    q, s = rotate_quantize(x.to(DEV), h.to(DEV), group, 4)
+    q_ref, s_ref = custom_ops.rotate_quantize(x, h, group, 4)
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    diff = (q.cpu().int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_rotate_quantize_non_finite_rows_and_poisoned_output():
+    x = _int_valued(5, 256, seed=3)
+    x[1, 7] = float("nan")
+    x[4, 0] = float("-inf")
+    h = hadamard_matrix("regular", 16)
+    q, s = rotate_quantize(x.to(DEV), h.to(DEV), 256, 4)
+    q_ref, s_ref = custom_ops.rotate_quantize(x, h, 256, 4)
+    assert torch.isnan(s[1]) and torch.isnan(s[4]) and (q[1] == 0).all() and (q[4] == 0).all()
+    torch.testing.assert_close(s.cpu(), s_ref, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("m,n,k", [(1, 16, 256), (33, 40, 512)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_int_gemm_kernel_matches_reference(packed, m, n, k, with_bias, persistent):
+    g = torch.Generator().manual_seed(m * n + k)
+    lim = 7 if packed else 127
+    qx = torch.randint(-lim, lim + 1, (m, k), generator=g, dtype=torch.int8)
+    qw = torch.randint(-lim, lim + 1, (n, k), generator=g, dtype=torch.int8)
+    if packed:
+        qw = pack_int4(qw, 256)
+    sx, sw = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1
+    bias = torch.randn(n, generator=g) if with_bias else None
+    ref = custom_ops.int_gemm_reference(qx, sx, qw, sw, bias, packed, 256, torch.float32)
+    out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), None if bias is None else bias.to(DEV),
+                   packed, 256, torch.float32, persistent=persistent)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("warp_specialize", [True, False])
+def test_persistent_int_gemm_covers_more_tiles_than_programs(warp_specialize):
+    """The persistent GEMM's programs each walk several tiles (4 programs in the interpreter, one
+    per SM on a GPU): 3 x 5 tiles of 16 here, ragged in M and N, with a bias; its warp-specialized
+    and flattened tile loops alike."""
+    g = torch.Generator().manual_seed(11)
+    m, n, k = 45, 70, 512
+    qx = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sx, sw, bias = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    ref = custom_ops.int_gemm_reference(qx, sx, qw, sw, bias, False, 256, torch.float32)
+    out = int_gemm(qx.to(DEV), sx.to(DEV), qw.to(DEV), sw.to(DEV), bias.to(DEV), False, 256, torch.float32,
+                   persistent=True, warp_specialize=warp_specialize)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_int_gemm_of_several_linears_is_their_outputs_side_by_side(packed):
+    """Linears reading the same activations run as one GEMM (Q/K/V): output [M, sum N], each block
+    equal to that linear alone; a linear without bias gets none."""
+    g = torch.Generator().manual_seed(5)
+    m, k, ns = 19, 512, (16, 40, 24)
+    lim = 7 if packed else 127
+    qx = torch.randint(-lim, lim + 1, (m, k), generator=g, dtype=torch.int8)
+    sx = torch.rand(m, generator=g) + 0.1
+    qws = [torch.randint(-lim, lim + 1, (n, k), generator=g, dtype=torch.int8) for n in ns]
+    qws = [pack_int4(w, 256) for w in qws] if packed else qws
+    sws = [torch.rand(n, generator=g) + 0.1 for n in ns]
+    biases = [torch.randn(ns[0], generator=g), None, torch.randn(ns[2], generator=g)]
+    dev = lambda ts: [None if t is None else t.to(DEV) for t in ts]  # noqa: E731
+    out = int_gemm(qx.to(DEV), sx.to(DEV), dev(qws), dev(sws), dev(biases), packed, 256, torch.float32).cpu()
+    assert out.shape == (m, sum(ns))
+    col = 0
+    for w, sw, b, n in zip(qws, sws, biases, ns):
+        alone = custom_ops.int_gemm_reference(qx, sx, w, sw, b, packed, 256, torch.float32)
+        torch.testing.assert_close(out[:, col:col + n], alone, rtol=1e-6, atol=1e-6)
+        col += n
+    with pytest.raises(ValueError, match="as many weights, scales and biases"):
+        int_gemm(qx.to(DEV), sx.to(DEV), dev(qws), dev(sws[:2]), dev(biases), packed, 256, torch.float32)
+
+
+def test_unpack_kernel_matches_reference():
+    from convrot_compiler.kernels.triton.int_gemm import unpack_int4 as unpack_kernel
+    from convrot_compiler.numerics.quant import unpack_int4
+
+    q = torch.randint(-8, 8, (37, 768), dtype=torch.int8)
+    packed = pack_int4(q, 256)
+    assert torch.equal(unpack_kernel(packed.to(DEV), 256).cpu(), q)
+    assert torch.equal(unpack_int4(packed, 256), q)
+
+
+@pytest.mark.parametrize("m,n,k,row_kernel", [(1, 40, 256, True), (1, 40, 600, True), (1, 24, 512, False),
+                                              (3, 16, 600, True), (6, 24, 512, True)])
+def test_w4a16_kernel_matches_reference(m, n, k, row_kernel):
+    g = torch.Generator().manual_seed(m + n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    ref = custom_ops.w4a16_gemm(x, qw.values, qw.scale, bias, 256)
+    out = w4a16_gemm(x.to(DEV), qw.values.to(DEV), qw.scale.to(DEV), bias.to(DEV), 256, row_kernel=row_kernel)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_w4a16_says_when_unaligned_weights_take_the_general_kernel():
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(24, 256, generator=g) * 0.05, torch.randn(1, 256, generator=g)
+    qw = quantize_weight(w, "w4a16", None, group_size=256)
+    padded = torch.zeros(24, qw.values.shape[1] + 1, dtype=torch.int8, device=DEV)
+    padded[:, 1:] = qw.values.to(DEV)
+    unaligned = padded[:, 1:]  # same values, rows one byte off a 4-byte boundary
+    with pytest.warns(UserWarning, match="not 4-byte aligned"):
+        out = w4a16_gemm(x.to(DEV), unaligned, qw.scale.to(DEV), None, 256)
+    torch.testing.assert_close(out.cpu(), custom_ops.w4a16_gemm(x, qw.values, qw.scale, None, 256), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_reject_bad_input(monkeypatch):
+    x = torch.randn(4, 256, device=DEV)
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        rotate_quantize(x.to(torch.int32), None, 256, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        rotate_quantize(torch.randn(256, 4, device=DEV).T, None, 256, 4)
+    with pytest.raises(ValueError, match="Kronecker"):
+        rotate_quantize(x, torch.eye(8, device=DEV), 256, 4)
+    with pytest.raises(ValueError, match="Kronecker"):
+        rotate_quantize(x, torch.eye(256, device=DEV), 256, 4)
+    q = torch.zeros(4, 100, dtype=torch.int8, device=DEV)
+    s = torch.ones(4, device=DEV)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        int_gemm(q, s, q, s, None, False, 256, torch.float32)
+    with pytest.raises(ValueError, match="K mismatch"):
+        int_gemm(q, s, q, s, None, True, 256, torch.float32)
+    with pytest.raises(TypeError, match="int8"):
+        int_gemm(q.float(), s, q, s, None, False, 256, torch.float32)
+    q256 = torch.zeros(4, 256, dtype=torch.int8, device=DEV)
+    with pytest.raises(TypeError, match="int8 activations"):
+        int_gemm(q256.to(torch.float8_e4m3fn), s, q256, s, None, False, 256, torch.float32)
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            rotate_quantize(x, None, 256, 4)
+
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotate_quantize_reads_a_concatenation_from_both_parts(bits):
+    """rotate_quantize(x1, x2=x2) == rotate_quantize(cat([x1, x2])) bit for bit, with x2 a column slice
+    of a wider tensor (as the MLP part of a fused GEMM's output), K not a multiple of the group."""
+    g = torch.Generator().manual_seed(20 + bits)
+    h = hadamard_matrix("regular", 16)
+    x1 = torch.randn(6, 512, generator=g).bfloat16()
+    wide = (torch.randn(6, 1000, generator=g) * 3).bfloat16()
+    x2 = wide[:, 300:]
+    q, s = rotate_quantize(x1.to(DEV), h.to(DEV), 256, bits, x2=wide.to(DEV)[:, 300:])
+    q_ref, s_ref = custom_ops.rotate_quantize_reference(torch.cat([x1, x2], -1), h, 256, bits)
+    assert q.shape == (6, 1280)
+    assert torch.equal(q.cpu(), q_ref)
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    q_op, s_op = custom_ops.rotate_quantize_cat(x1, x2, h, 256, bits)
+    assert torch.equal(q_op, q_ref) and torch.equal(s_op, s_ref)
+
+
+def test_rotate_quantize_rejects_a_concatenation_off_the_group_grid():
+    x1, x2 = torch.randn(3, 100).bfloat16(), torch.randn(3, 256).bfloat16()
+    with pytest.raises(ValueError, match="multiple of group_size=256"):
+        rotate_quantize(x1.to(DEV), None, 256, 4, x2=x2.to(DEV))
+    with pytest.raises(ValueError, match="needs x"):
+        rotate_quantize(None, None, 256, 4)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("gelu_from", [0, 24])
+def test_int_gemm_applies_gelu_in_its_epilogue(persistent, gelu_from, assert_gelu_epilogue_close):
+    """gelu_from: GELU (tanh form) on output columns >= gelu_from, in float32 before the cast, as the
+    reference computes it (on a GPU with the hardware tanh); columns before it untouched. Ragged N
+    across the GELU boundary; under the interpreter (16-column tiles) one tile lies wholly below
+    gelu_from = 24 and one straddles it."""
+    g = torch.Generator().manual_seed(31 + gelu_from)
+    m, k = 19, 512
+    qx = torch.randint(-7, 8, (m, k), generator=g, dtype=torch.int8)
+    qws = [pack_int4(torch.randint(-7, 8, (r, k), generator=g, dtype=torch.int8), 256) for r in (24, 16)]
+    sws = [torch.rand(r, generator=g) * 0.02 + 1e-3 for r in (24, 16)]
+    biases = [torch.randn(24, generator=g), None]
+    sx = torch.rand(m, generator=g) + 0.1
+    ref = custom_ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32, gelu_from)
+    plain = custom_ops.int_gemm_reference(qx, sx, qws, sws, biases, True, 256, torch.float32)
+    gelu = torch.nn.functional.gelu(plain[:, gelu_from:], approximate="tanh")
+    assert torch.equal(ref[:, :gelu_from], plain[:, :gelu_from]) and torch.equal(ref[:, gelu_from:], gelu)
+    out = int_gemm(qx.to(DEV), sx.to(DEV), [w.to(DEV) for w in qws], [s.to(DEV) for s in sws],
+                   [biases[0].to(DEV), None], True, 256, torch.float32, persistent=persistent, gelu_from=gelu_from)
+    assert_gelu_epilogue_close(out, ref, plain)
+    assert torch.equal(out[:, :gelu_from].cpu(), int_gemm(
+        qx.to(DEV), sx.to(DEV), qws[0].to(DEV), sws[0].to(DEV), biases[0].to(DEV), True, 256, torch.float32,
+        persistent=persistent)[:, :gelu_from].cpu())
+    with pytest.raises(ValueError, match="gelu_from"):
+        int_gemm(qx.to(DEV), sx.to(DEV), qws[0].to(DEV), sws[0].to(DEV), None, True, 256, torch.float32,
+                 gelu_from=25)
+
+
+def test_dispatch_picks_the_gemm_schedule_by_shape(monkeypatch):
+    """ops/dispatch.py: warp-specialized persistent when the output has PERSISTENT_MIN_WAVES tiles of
+    PERSISTENT_TILE^2 per program; with a GELU epilogue, unspecialized persistent from PERSISTENT_MIN_M rows,
+    or PERSISTENT_WIDE_MIN_M rows when N >= PERSISTENT_WIDE_N; dispatch.int_gemm launches Triton's GEMM with
+    that schedule (no sm_90 GEMM here: CPU tensors, or the interpreter)."""
+    from convrot_compiler.kernels.triton import int_gemm as mod
+
+    monkeypatch.setattr(dispatch, "PERSISTENT_TILE", 16)
+    monkeypatch.setattr(dispatch, "PERSISTENT_MIN_WAVES", 2)  # from 4 output tiles of 16 x 16 on 2 programs
+    monkeypatch.setattr(dispatch, "PERSISTENT_MIN_M", 8)
+    monkeypatch.setattr(dispatch, "PERSISTENT_WIDE_MIN_M", 4)
+    monkeypatch.setattr(dispatch, "PERSISTENT_WIDE_N", 32)
+
+    def rule(m, n=16, gelu=False):
+        return dispatch.gemm_schedule(m, n, gelu, 2)
+
+    assert rule(48) == (False, True) and rule(49) == (True, True)
+    assert rule(16, n=32) == (False, True) and rule(17, n=32) == (True, True) and rule(1, n=64)[0]
+    assert rule(7, gelu=True) == (False, False) and rule(8, gelu=True) == (True, False)
+    assert rule(4, n=32, gelu=True)[0] and not rule(3, n=32, gelu=True)[0] and not rule(4, gelu=True)[0]
+
+    calls = []
+    monkeypatch.setattr(mod, "_persistent_gemm", lambda *a: calls.append(a[-2]))  # a[-2]: warp_specialize
+    monkeypatch.setattr(mod, "programs", lambda device: 2)
+    g = torch.Generator().manual_seed(3)
+    qw = torch.randint(-127, 128, (16, 256), generator=g, dtype=torch.int8).to(DEV)
+    sw = (torch.rand(16, generator=g) + 0.1).to(DEV)
+
+    def run(m, gelu_from=None):
+        calls.clear()
+        qx = torch.randint(-127, 128, (m, 256), generator=g, dtype=torch.int8).to(DEV)
+        dispatch.int_gemm(qx, torch.ones(m, device=DEV), [qw], [sw], [None], False, 256, torch.float32, gelu_from)
+        return list(calls)
+
+    assert run(48) == [] and run(49) == [True] and run(8, gelu_from=0) == [False]
+    calls.clear()
+    int_gemm(torch.zeros(49, 256, dtype=torch.int8, device=DEV), torch.ones(49, device=DEV), qw, sw, None, False, 256,
+             torch.float32)
+    assert calls == []  # the launcher runs the form it is told: one program per tile unless persistent=True
+
+
+def test_dispatch_runs_the_sm90_kernels_only_where_they_can():
+    """The Gluon kernels have no interpreter: on CPU tensors they say so, and dispatch picks Triton's."""
+    from convrot_compiler.kernels.sm90 import rotate_quant as rotate_quant_sm90
+
+    x = torch.randn(4, 1024).bfloat16()
+    h = hadamard_matrix("regular", 16)
+    assert rotate_quant_sm90.supported(x, None, h, 256) == "not a CUDA tensor"
+    assert not dispatch.use_sm90_rotate(x, None, h, 256)
+    qx = torch.randint(-7, 8, (4, 256), dtype=torch.int8)
+    assert not dispatch.use_sm90_packed_gemm(qx, [pack_int4(torch.zeros(16, 256, dtype=torch.int8), 256)], 256,
+                                             torch.bfloat16)
+
+
+def test_packed_gemm_refuses_what_it_cannot_run():
+    """The Gluon GEMM has no interpreter: on CPU tensors supported() says so and packed_gemm raises
+    with what to use instead; int_gemm runs the unpack path there (the interpreter under test)."""
+    from convrot_compiler.kernels.sm90 import packed_gemm as packed_gemm_sm90
+
+    qx = torch.randint(-7, 8, (4, 256), dtype=torch.int8)
+    qw = pack_int4(torch.randint(-7, 8, (16, 256), dtype=torch.int8), 256)
+    sx, sw = torch.rand(4) + 0.1, torch.rand(16) + 0.1
+    assert packed_gemm_sm90.supported(qx, [qw], 256, torch.float32) == "not a CUDA tensor"
+    with pytest.raises(ValueError, match="use kernels.triton.int_gemm.int_gemm"):
+        packed_gemm_sm90.packed_gemm(qx, sx, [qw], sw, None, 256, torch.float32)
+    if interpreting():
+        ref = custom_ops.int_gemm_reference(qx, sx, qw, sw, None, True, 256, torch.float32)
+        out = dispatch.int_gemm(qx, sx, [qw], [sw], [None], True, 256, torch.float32)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_w4a16_kernel_refuses_cpu_tensors_with_what_to_use():
+    from convrot_compiler.kernels.sm90.weight_only import w4a16_gemm_tiles
+    from convrot_compiler.numerics.quant import pack_int4_tiles
+
+    tiles = pack_int4_tiles(torch.zeros(16, 256, dtype=torch.int8))
+    with pytest.raises(ValueError, match="not a CUDA tensor.*pack_int4"):
+        w4a16_gemm_tiles(torch.zeros(1, 256, dtype=torch.bfloat16), tiles, torch.ones(16, 1), None, 256)

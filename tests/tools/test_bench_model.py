@@ -1,0 +1,131 @@
+"""CPU smoke test of the model benchmark harness (timings are not asserted)."""
+
+import json
+import sys
+
+from convrot_compiler.tools import bench_model
+
+
+def test_model_bench_runs_and_writes_consistent_results(tmp_path):
+    result = bench_model.main(["--config", "flux-tiny", "--resolution", "128", "--text-tokens", "16",
+                               "--variants", "bf16,w4a4,w4a4-whole,fp8", "--iters", "2", "--device", "cpu",
+                               "--out", str(tmp_path), "--name", "smoke"])
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    md = (tmp_path / "smoke.md").read_text()
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["bf16"]["rel_err_vs_bf16"] < 0.05  # bf16 eager against itself: only run-to-run noise
+    assert 0 < rows["w4a4"]["rel_err_vs_bf16"] < 0.1
+    assert rows["w4a4"]["weight_ratio_vs_bf16"] < 0.3
+    assert rows["w4a4"]["speedup_vs_bf16"] > 0
+    assert rows["bf16"]["ms"] > 0 and rows["w4a4"]["ms"] > 0
+    whole = rows["w4a4-whole"]  # the same layers quantized as w4a4, the forward compiled as one graph
+    assert 0 < whole["rel_err_vs_bf16"] < 0.1 and "the whole forward as one graph" in whole["note"]
+    assert whole["weight_ratio_vs_bf16"] == rows["w4a4"]["weight_ratio_vs_bf16"]
+    assert "fp8" in rows and (rows["fp8"]["ms"] is None) == rows["fp8"]["note"].startswith("skipped")
+    assert "w4a4" in md and "x bf16-compile" in md
+    assert result["rows"] == data["rows"]
+
+
+def test_a_variant_that_fails_is_recorded_as_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    prepare = bench_model.prepare
+
+    def failing(variant, model):
+        if variant == "mix":
+            raise ValueError("mix: this plan cannot compile here\nsecond line")
+        return prepare(variant, model)
+
+    monkeypatch.setattr(bench_model, "prepare", failing)
+    result = bench_model.main(["--config", "flux-tiny", "--resolution", "64", "--text-tokens", "16",
+                               "--variants", "bf16,mix,w4a4-fp8attn", "--iters", "1", "--device", "cpu",
+                               "--out", str(tmp_path), "--name", "skip"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["mix"]["ms"] is None and rows["mix"]["note"] == "skipped: mix: this plan cannot compile here"
+    assert rows["w4a4-fp8attn"]["ms"] > 0 and "attention in fp8" in rows["w4a4-fp8attn"]["note"]
+    assert 0 < rows["w4a4-fp8attn"]["rel_err_vs_bf16"] < 0.1
+    assert "skipped: mix" in (tmp_path / "skip.md").read_text()
+
+
+def test_convrot_bench_cli_forwards_to_the_harness(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "bench", "--config", "flux-tiny", "--resolution",
+                           "128", "--text-tokens", "16", "--variants", "bf16", "--iters", "1", "--device", "cpu",
+                           "--out", str(tmp_path), "--name", "cli"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cli.json").read_text())["rows"][0]["variant"] == "bf16"
+    bad = subprocess.run([sys.executable, "-m", "convrot_compiler", "bench", "--variants", "int3", "--device", "cpu",
+                          "--config", "flux-tiny"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def _result(name, rows):
+    env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
+    return {"env": env, "config": "flux-dev", "device": "cuda", "rows": rows, "breakdown": None,
+            "baseline_breakdown": None}
+
+
+def test_merge_combines_calls_and_reports_latency_per_token(tmp_path):
+    def row(variant, res, ms, batch=1, **extra):
+        tokens = (res // 16) ** 2 + 512
+        return {"variant": variant, "resolution": res, "batch": batch, "tokens": tokens, "ms": ms,
+                "us_per_token": ms * 1e3 / (tokens * batch), "weight_bytes": 1, "weight_ratio_vs_bf16": 1.0,
+                "rel_err_vs_bf16": 0.1, **extra}
+
+    calls = {"call_a": _result("a", [row("bf16-compile", 1024, 131.0), row("w4a4", 1024, 87.0,
+                                                                        **{"speedup_vs_bf16-compile": 131 / 87})]),
+             "call_b": _result("b", [row("w4a4", 512, 28.6, **{"speedup_vs_bf16-compile": 1.64})])}
+    paths = []
+    for name, data in calls.items():
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    bench_model.main(["--merge", *paths, "--out", str(tmp_path), "--name", "merged"])
+    md = (tmp_path / "merged.md").read_text()
+    table = md.split("Latency per token")[0]
+    assert sum(line.startswith("| call_") for line in table.splitlines()) == 3
+    growth = md.split("Latency per token")[1]
+    line = next(x for x in growth.splitlines() if x.startswith("| w4a4 "))
+    w4a4 = calls["call_a"]["rows"][1]
+    assert f"{w4a4['us_per_token']:.2f} ({131 / 87:.2f}x)" in line and "(1.64x)" in line
+    assert "1024² batch 1" in growth and "512² batch 1" in growth
+
+
+def test_merge_refuses_files_that_are_not_results(tmp_path):
+    import pytest
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        bench_model.main(["--merge", str(bad), "--out", str(tmp_path)])
+
+
+def test_kernel_groups_and_the_top_kernels_table():
+    group = bench_model.kernel_group
+    assert group("_int_gemm_kernel") == group("_packed_gemm_kernel") == "quantized GEMM"
+    assert group("_int_gemm_tma_kernel") == "quantized GEMM"
+    assert group("_rotate_quant_kernel") == "rotate+quantize"
+    assert group("_unpack_int4_kernel") == "int4 unpack"
+    assert group("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (cuBLAS)"
+    assert group("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "bf16 GEMM (cuBLAS)"  # cuBLAS 13
+    inductor = bench_model.INDUCTOR_FUSED
+    assert group("triton_poi_fused_gelu_view_7") == inductor
+    # named after the SDPA / custom op they feed, but RMSNorm + RoPE and LayerNorm + modulation
+    assert group("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add_") == inductor
+    assert group("triton_red_fused_add_cat_mul_native_layer_norm_rotate_quantize_slice_split") == inductor
+    assert group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert group("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy") == "other"
+    env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
+    result = {"env": env, "config": "flux-tiny", "rows": [], "breakdown": {
+        "variant": "w4a4", "forward_ms": 3.0, "kernels_ms": {"quantized GEMM": 2.0, "other": 1.0},
+        "top_kernels": [{"kernel": "_int_gemm_kernel", "group": "quantized GEMM", "ms": 2.0, "calls": 7},
+                        {"kernel": "triton_poi_fused_gelu_view_7", "group": "other", "ms": 1.0, "calls": 3}]}}
+    result["baseline_breakdown"] = {"variant": "bf16-compile", "forward_ms": 5.0,
+                                    "kernels_ms": {"bf16 GEMM (cuBLAS)": 4.0, "attention": 1.0}}
+    md = bench_model.to_markdown(result)
+    assert "The kernels taking the most time" in md
+    assert "w4a4, CUDA kernel time of one forward (kernels sum to 3.0 ms" in md
+    baseline = md[md.index("bf16-compile, CUDA kernel time of one forward (kernels sum to 5.0 ms"):]
+    first_part = [c.strip() for c in baseline.splitlines()[4].strip("|").split("|")]
+    assert first_part == ["bf16 GEMM (cuBLAS)", "4", "80%"]
+    line = next(li for li in md.splitlines() if "triton_poi_fused_gelu_view_7" in li)
+    assert [c.strip() for c in line.strip("|").split("|")] == ["triton_poi_fused_gelu_view_7", "other", "1.00", "3"]
