@@ -30,11 +30,7 @@ import math
 import sys
 
 import torch
-from timing import (  # benchmarks/timing.py
-    bench_graph_ms,
-    bench_graph_per_call_ms,
-    bench_ms,
-)
+from timing import bench_graph_ms, bench_graph_per_call_ms, bench_ms  # benchmarks/timing.py
 
 from convrot_compiler.kernels.triton.int_gemm import int_gemm, unpack_int4
 from convrot_compiler.kernels.triton.weight_only import w4a16_gemm

@@ -1,5 +1,6 @@
 """ConvRot W4A4 quantization for diffusion transformers, as a torch.compile compiler."""
 
+from .checkpoint import CheckpointError, load, quantize
 from .compiler.backend import CompileReport, convrot_backend
 from .compiler.compile_model import compile, is_compiled
 from .compiler.inductor_pass import ConvRotInductorPass
@@ -8,4 +9,5 @@ from .nn import ConvLinear4bit, Int4WeightOnlyLinear, quantize_model
 from .tools.inspection import InspectReport, inspect
 
 __all__ = ["compile", "is_compiled", "ConvRotConfig", "convrot_backend", "CompileReport", "ConvRotInductorPass",
-           "inspect", "InspectReport", "ConvLinear4bit", "Int4WeightOnlyLinear", "quantize_model"]
+           "inspect", "InspectReport", "quantize", "load", "CheckpointError", "ConvLinear4bit", "Int4WeightOnlyLinear",
+           "quantize_model"]

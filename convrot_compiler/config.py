@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from .numerics.hadamard import ROTATION_KINDS
 from .numerics.rotations import GroupHadamardRotation
 from .plans import PlanSpec, make_plan
@@ -46,6 +48,7 @@ class ConvRotConfig:
     cuda_graphs: bool | None = None      # replay each input signature as a CUDA graph; None: on CUDA
     max_graphs: int = 8                  # CUDA graphs kept, least recently used dropped first
     regional: bool | tuple[str, ...] | None = None  # one graph per block class; None: where blocks repeat
+    device: str | None = None            # prepare each weight on this device, one layer at a time, then move there
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)
@@ -67,6 +70,11 @@ class ConvRotConfig:
             raise ValueError(f"option 'max_graphs' must be a positive int, got {self.max_graphs!r}")
         if isinstance(self.regional, list):
             set_("regional", tuple(self.regional))
+        if self.device is not None:
+            set_("device", str(torch.device(self.device)))  # a bad name raises here
+            if not self.release_weights:
+                raise ValueError("option 'device' prepares each weight on the device and keeps no float copy of it: "
+                                 "it needs release_weights=True")
 
     def replace(self, **overrides: Any) -> "ConvRotConfig":
         """A copy with ``overrides``, validated again; an unknown name is a TypeError."""
@@ -94,5 +102,6 @@ class ConvRotConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ConvRotConfig))
-MODEL_FIELDS = ("release_weights", "fullgraph", "dynamic", "progress", "cuda_graphs", "max_graphs", "regional")
+MODEL_FIELDS = ("release_weights", "fullgraph", "dynamic", "progress", "cuda_graphs", "max_graphs", "regional",
+                "device")
 GRAPH_FIELDS = tuple(f for f in FIELDS if f not in MODEL_FIELDS)

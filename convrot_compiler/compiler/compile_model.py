@@ -24,18 +24,13 @@ from ..plans import LayerDecision, decide_linears, warn_if_ineffective
 from .backend import CompileReport, model_backend
 from .cudagraphs import CUDAGraphReplay
 from .input_checks import input_check
-from .regional import (
-    CompileUnit,
-    block_classes,
-    block_instances,
-    compiled_units,
-    repeated_block_classes,
-    unit_plans,
-)
+from .regional import CompileUnit, block_classes, block_instances, compiled_units, repeated_block_classes, unit_plans
 from .weights import (
     PREPARED,
     is_released,
     model_bytes,
+    placeholder,
+    prepare_weight,
     release,
     release_storage,
     weight_spec,
@@ -145,7 +140,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
                            "compile a fresh model")
     if config is not None and not isinstance(config, ConvRotConfig):
         raise TypeError(f"config must be a ConvRotConfig, got {type(config).__name__}")
-    config = (config or ConvRotConfig()).replace(**overrides)
+    config = _checkpoint_config(module, config, overrides)
     reports: list[CompileReport] = []
 
     def collect(r: CompileReport) -> None:
@@ -168,6 +163,8 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
         blocks, eager = compiled_units(module, block_instances(module, classes), decisions)
         units = unit_plans(config.plan, decisions, blocks, eager)
     _prepare(module, decisions, config)
+    if config.device is not None:
+        module.to(config.device)
     cuda_graphs = config.cuda_graphs
     if cuda_graphs is None:
         cuda_graphs = any(p.is_cuda for p in module.parameters())
@@ -185,7 +182,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
                               fullgraph=config.fullgraph, dynamic=config.dynamic)
     module.forward = CompiledForward(inner, original, cuda_graphs, config.max_graphs, units)
     if config.release_weights:
-        _guard_released(module, {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"})
+        guard_released(module, {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"})
     module.convrot_decisions = decisions
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
@@ -243,17 +240,40 @@ def _owns_storage(model: nn.Module, param: torch.Tensor) -> bool:
     return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
 
 
-def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
+def _checkpoint_config(module: nn.Module, config: ConvRotConfig | None, overrides: dict) -> ConvRotConfig:
+    """The config to compile with: ``config`` (default ``ConvRotConfig()``) with ``overrides``, and for a model
+    loaded from a checkpoint (``convrot_compiler.load``) the checkpoint's plan, group size and rotation,
+    which its prepared weights were made with: naming others is an error."""
+    merged = (config or ConvRotConfig()).replace(**overrides)
+    checkpoint = getattr(module, "convrot_checkpoint", None)
+    if checkpoint is None:
+        return merged
+    fixed = checkpoint.config_fields()
+    default = ConvRotConfig()
+    named = set(overrides) | ({f for f in fixed if getattr(config, f) != getattr(default, f)} if config else set())
+    conflicts = [f for f in fixed if f in named and getattr(merged, f) != fixed[f]]
+    if conflicts:
+        raise ValueError(f"this model was loaded from {checkpoint.path}, quantized with plan {fixed['plan'].name!r}, "
+                         f"group_size {fixed['group_size']} and rotation {fixed['rotation']!r}; compile it without "
+                         f"{conflicts}, or quantize the model again with them")
+    return merged.replace(**fixed)
+
+
+def guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
     """Released weights are placeholders: a linear holding one refuses to run outside the compiled graphs,
     and saving or loading a state dict that holds them raises, instead of either working on placeholders.
-    The model's own hooks look at call time, so they also cover weights released when a graph is traced."""
+    The model's own hooks look at call time, so they also cover weights released when a graph is traced.
+    A module is guarded once, however often this is called."""
+    released = {name: m for name, m in released.items() if not getattr(m, "_convrot_guarded", False)}
 
     def refuse_save(module, prefix, keep_vars):
         n = sum(is_released(p) for p in module.parameters())
         if n:
-            raise RuntimeError(f"convrot_compiler.compile released the float weights of {n} linears of this model, "
-                               "so its state_dict would hold placeholders, not weights: save the model (state_dict, "
-                               "save_pretrained) before compiling it, or compile with release_weights=False")
+            raise RuntimeError(f"the float weights of {n} linears of this model were released (by "
+                               "convrot_compiler.compile, or never loaded from a quantized checkpoint), so its "
+                               "state_dict would hold placeholders, not weights: save the model (state_dict, "
+                               "save_pretrained) before compiling it, or compile with release_weights=False; a "
+                               "quantized model is saved by convrot quantize")
 
     def refuse_load(module, state_dict, prefix, *args):
         if any(is_released(p) for p in module.parameters()):
@@ -263,28 +283,43 @@ def _guard_released(model: nn.Module, released: dict[str, nn.Module]) -> None:
     def refuse_eager(name: str):
         def hook(module, args):
             if not torch.compiler.is_compiling():  # traced away inside the compiled graphs
-                raise RuntimeError(f"{name}: its float weight was released by convrot_compiler.compile, so it runs "
-                                   "only inside the compiled model; call the model, not this module on its own")
+                raise RuntimeError(f"{name}: its float weight was released (by convrot_compiler.compile, or never "
+                                   "loaded from a quantized checkpoint), so it runs only inside the compiled model; "
+                                   "compile the model with convrot_compiler.compile and call it, not this module")
         return hook
 
     for m in [model, *released.values()]:
-        m.register_state_dict_pre_hook(refuse_save)
-        m.register_load_state_dict_pre_hook(refuse_load)
+        if not getattr(m, "_convrot_guarded", False):
+            m.register_state_dict_pre_hook(refuse_save)
+            m.register_load_state_dict_pre_hook(refuse_load)
     for name, m in released.items():
         m.register_forward_pre_hook(refuse_eager(name))
+        m._convrot_guarded = True
+    model._convrot_guarded = True
 
 
 def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotConfig) -> None:
     """Prepare every quantized weight once (the compiled graphs look them up) and free its float storage
-    right away, so that the peak is the float model plus one layer's prepared weight, not plus all of them."""
+    right away, so that the peak is the float model plus one layer's prepared weight, not plus all of them.
+    With ``config.device``, each weight goes to that device alone to be prepared there, and its parameter
+    becomes a placeholder on it: the device never holds the float model. A weight prepared already (a
+    model loaded from a checkpoint) is found, not prepared again."""
     from tqdm.auto import tqdm
 
+    target = None if config.device is None else torch.device(config.device)
     todo = [d for d in decisions if d.precision != "bf16"]
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not config.progress):
         lin = model.get_submodule(d.name)
-        spec = weight_spec(d.precision, config.rotation, config.group_size, lin.weight)
-        qw = PREPARED.get(lin.weight, spec)
+        if target is not None and lin.weight.device != target:
+            param = placeholder(tuple(lin.weight.shape), lin.weight.dtype, target)
+            spec = weight_spec(d.precision, config.rotation, config.group_size, param)
+            qw = prepare_weight(lin.weight.to(target), spec)
+            PREPARED.put(param, spec, qw)
+            lin.weight = param
+        else:
+            spec = weight_spec(d.precision, config.rotation, config.group_size, lin.weight)
+            qw = PREPARED.get(lin.weight, spec)
+            if config.release_weights and not is_released(lin.weight):
+                release(lin.weight)
         d.extra["prepared_bytes"] = qw.nbytes()
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
-        if config.release_weights:
-            release(lin.weight)

@@ -24,12 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops.custom_ops import (
-    quantize_activation,
-    quantize_cat_activation,
-    quantized_linear,
-    quantized_matmul,
-)
+from ..ops.custom_ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
 from .emit import Emitted, QuantizedUse, emit
 from .match import LinearMatch
 from .producers import is_gelu_tanh, match_cat_producer

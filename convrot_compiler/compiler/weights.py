@@ -72,6 +72,10 @@ class PreparedWeights:
         per_param[spec] = (version, qw)
         return qw
 
+    def put(self, param: torch.Tensor, spec: PrepSpec, qweight: QuantizedWeight) -> None:
+        """Give ``param`` a weight prepared elsewhere (a checkpoint, another device) as its form for ``spec``."""
+        self._cache.setdefault(param, {})[spec] = (param._version, qweight)
+
 
 PREPARED = PreparedWeights()
 _RELEASED = WeakIdKeyDictionary()
@@ -86,6 +90,15 @@ def release(param: torch.nn.Parameter) -> int:
         param.data = torch.zeros(1, dtype=param.dtype, device=param.device).expand(param.shape)
     _RELEASED[param] = True
     return freed
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.nn.Parameter:
+    """A released weight parameter from the start: the shape, dtype and device of a float weight whose
+    storage is one element (as ``release`` leaves it), for a linear whose prepared weight comes from a
+    checkpoint or was prepared on another device."""
+    param = torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device).expand(shape), requires_grad=False)
+    _RELEASED[param] = True
+    return param
 
 
 def release_storage(param: torch.nn.Parameter) -> int:

@@ -32,6 +32,8 @@ is in, and ``unpack_int4_values`` reads either.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -264,14 +266,23 @@ class QuantizedWeight:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
 
 
-def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int, layout: str = "groups") -> int:
-    """Bytes of a prepared weight (values + scales), without preparing it."""
+def prepared_shapes(scheme: str, out_features: int, in_features: int, group_size: int,
+                    layout: str = "groups") -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+    """(values shape, values dtype, scale shape) of a prepared weight, without preparing it."""
     _check_scheme(scheme)
     kp = -(-in_features // group_size) * group_size
-    rows = -(-out_features // TILE_ROWS) * TILE_ROWS if layout == "tiles" else out_features
-    values = rows * kp // (2 if SCHEME_BITS[scheme][0] == 4 else 1)
-    scales = out_features * (kp // group_size if scheme == "w4a16" else 1)
-    return values + 4 * scales
+    if layout == "tiles":
+        values = ((-(-out_features // TILE_ROWS), kp // TILE_K, 32, 4), torch.int32)
+    else:
+        values = ((out_features, kp // 2 if SCHEME_BITS[scheme][0] == 4 else kp), torch.int8)
+    scale = (out_features, kp // group_size) if scheme == "w4a16" else (out_features,)
+    return values[0], values[1], scale
+
+
+def quantized_nbytes(scheme: str, out_features: int, in_features: int, group_size: int, layout: str = "groups") -> int:
+    """Bytes of a prepared weight (values + scales), without preparing it."""
+    shape, dtype, scale = prepared_shapes(scheme, out_features, in_features, group_size, layout)
+    return math.prod(shape) * dtype.itemsize + 4 * math.prod(scale)
 
 
 def _check_scheme(scheme: str) -> None:
@@ -332,6 +343,27 @@ def quantize_weight(
     else:
         values = pack_int4(q, group_size) if wbits == 4 else q
     return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout, act_order)
+
+
+def relayout(qweight: QuantizedWeight, act_order: str | None = None, layout: str | None = None) -> QuantizedWeight:
+    """The same prepared weight with its input channels in ``act_order`` (w4a4/w8a8) and packed in ``layout``
+    (w4a16): the integer values moved, never quantized again, so every dot product is unchanged."""
+    act_order = act_order or qweight.act_order
+    layout = layout or qweight.layout
+    if (act_order, layout) == (qweight.act_order, qweight.layout):
+        return qweight
+    if qweight.act_bits is None and act_order != "natural":
+        raise ValueError(f"act_order={act_order!r} orders quantized activations; w4a16 has none")
+    if layout not in W4A16_LAYOUTS or (layout == "tiles" and (qweight.scheme != "w4a16" or qweight.group_size % TILE_K)):
+        raise ValueError(f"layout {layout!r} is not one a {qweight.scheme} weight with groups of {qweight.group_size} "
+                         "can take")
+    q = from_act_order(qweight.int_values(), qweight.act_order, qweight.group_size)
+    q = to_act_order(q, act_order, qweight.group_size)
+    if layout == "tiles":
+        values = pack_int4_tiles(q)
+    else:
+        values = pack_int4(q, qweight.group_size) if qweight.weight_bits == 4 else q
+    return dataclasses.replace(qweight, values=values, layout=layout, act_order=act_order)
 
 
 def quantize_activation(x: torch.Tensor, bits: int, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,14 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .hadamard import (
-    ROTATION_KINDS,
-    RotationKind,
-    check_group_size,
-    hadamard_matrix,
-    padded_size,
-    rotate,
-)
+from .hadamard import ROTATION_KINDS, RotationKind, check_group_size, hadamard_matrix, padded_size, rotate
 
 
 @runtime_checkable

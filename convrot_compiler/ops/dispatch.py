@@ -128,11 +128,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
              gelu_from: int | None = None) -> torch.Tensor:
     """kernels.int_gemm.int_gemm with its schedule from ``gemm_schedule``, or the sm_90 packed GEMM where
     ``use_sm90_packed_gemm``."""
-    from ..kernels.triton.int_gemm import (
-        check_gemm_operands,
-        int_gemm_unchecked,
-        programs,
-    )
+    from ..kernels.triton.int_gemm import check_gemm_operands, int_gemm_unchecked, programs
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):

@@ -168,11 +168,7 @@ def prepare(variant: str, model):
         return torch.compile(model, mode="reduce-overhead"), 0, "Inductor CUDA graphs"
     if variant == "fp8":
         try:
-            from torchao.quantization import (
-                Float8DynamicActivationFloat8WeightConfig,
-                PerRow,
-                quantize_,
-            )
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         except ImportError as e:
             raise RuntimeError(f"torchao not available ({e})") from e
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))

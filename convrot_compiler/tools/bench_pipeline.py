@@ -27,14 +27,7 @@ import torch
 from ..compiler.compile_model import CompiledForward, weight_bytes
 from ..compiler.compile_model import compile as convrot_compile
 from ..compiler.cudagraphs import CUDAGraphReplay
-from .bench_model import (
-    LAUNCHES,
-    environment,
-    parse_variants,
-    sync,
-    time_forward,
-    write_results,
-)
+from .bench_model import LAUNCHES, environment, parse_variants, sync, time_forward, write_results
 from .demo import resolve_device
 from .models import build_flux, image_tokens_for, relative_error
 from .pipelines import StepTimer, decode_latents, random_pipeline, random_prompt_embeds
@@ -56,11 +49,7 @@ def setups(variant: str, model) -> Iterator[tuple[str, str]]:
         model.forward = CUDAGraphReplay(compiled)
         yield "bf16-compile-cg", "torch.compile of the whole forward, replayed as CUDA graphs"
     elif variant == "fp8":
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            quantize_,
-        )
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         model.compile_repeated_blocks()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_options import add_quant_args
@@ -45,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show the pass without reading the concatenation inside rotate+quantize")
     ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_false",
                      help="show the pass with the GELU after the MLP up-projections left to Inductor")
+    qz = sub.add_parser("quantize", help="quantize a diffusers model folder into a checkpoint, one layer at a time "
+                        "(convrot_compiler.load reads it)")
+    qz.add_argument("model", metavar="MODEL", help="a diffusers transformer folder, or a pipeline root with transformer/")
+    qz.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
+    add_quant_args(qz, attention=False)
+    qz.add_argument("--device", default="auto", help="where each layer is quantized: auto (CUDA when there is one), "
+                    "cpu, cuda, cuda:1, ...")
+    qz.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    qz.add_argument("--no-progress", action="store_true")
     sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench "
                    "-h); with --pipeline, ms per denoising step through FluxPipeline (convrot bench --pipeline -h)",
                    add_help=False)
@@ -105,7 +115,27 @@ def _run(argv: list[str]) -> int:
         print(format_demo(result))
     elif args.command == "inspect":
         _inspect(args)
+    elif args.command == "quantize":
+        _quantize(args)
     return 0
+
+
+def _quantize(args) -> None:
+    import time
+
+    from ..checkpoint import quantize
+    from ..plans import PRECISIONS
+    from .demo import resolve_device
+    from .generate import format_bytes
+
+    start = time.perf_counter()
+    manifest = quantize(args.model, args.out, plan=args.plan, group_size=args.group_size, rotation=args.rotation,
+                        device=resolve_device(args.device), overwrite=args.overwrite, progress=not args.no_progress)
+    counts = {p: sum(layer.precision == p for layer in manifest.layers) for p in PRECISIONS}
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"{args.out}: {manifest.model_class}, plan {manifest.plan_name}: "
+          + ", ".join(f"{n} {p}" for p, n in counts.items() if n)
+          + f"; {format_bytes(size)} written in {time.perf_counter() - start:.1f} s")
 
 
 def _inspect(args) -> None:

@@ -2,7 +2,9 @@
 
 With ``--model PATH`` (a local FLUX.1 pipeline folder) it encodes the prompt with the pipeline's text
 encoders (moved to the CPU afterwards unless ``--keep-text-encoders``), compiles the transformer,
-denoises with a per-step progress bar and decodes with the VAE (tiled with ``--vae-tiling``). Without
+denoises with a per-step progress bar and decodes with the VAE (tiled with ``--vae-tiling``); with
+``--quantized CKPT`` (``convrot quantize``) the transformer comes from that checkpoint instead, never holding
+its bf16 weights anywhere. Without
 it, a built-in random pipeline runs instead (the FLUX.1-dev transformer config on CUDA, a tiny one on
 CPU; random prompt embeddings): its image is noise, its timings are the real model's.
 """
@@ -25,13 +27,7 @@ from .bench_model import sync
 from .cli_options import add_quant_args
 from .demo import resolve_device
 from .models import image_tokens_for
-from .pipelines import (
-    StepTimer,
-    decode_latents,
-    load_pipeline,
-    random_pipeline,
-    random_prompt_embeds,
-)
+from .pipelines import StepTimer, decode_latents, load_pipeline, random_pipeline, random_prompt_embeds
 
 DEFAULT_PROMPT = "a red fox in fresh snow, morning light"
 
@@ -61,10 +57,16 @@ class GenerateResult:
 
 def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: int | None = None,
                  guidance: float = 3.5, height: int | None = None, width: int | None = None, seed: int = 0,
-                 plan: str = "w4a4", attention: str = "keep", out: str = os.path.join("convrot-out", "image.png"),
-                 device: str = "auto", offload_text_encoders: bool = True, vae_tiling: bool = False,
-                 progress: bool = True) -> GenerateResult:
-    make_plan(plan)
+                 plan: str | None = None, attention: str = "keep",
+                 out: str = os.path.join("convrot-out", "image.png"), device: str = "auto",
+                 offload_text_encoders: bool = True, vae_tiling: bool = False, progress: bool = True,
+                 quantized: str | None = None) -> GenerateResult:
+    """``plan``: default w4a4, or the checkpoint's with ``quantized``."""
+    if quantized is not None and model is None:
+        raise ValueError("--quantized takes the transformer from a checkpoint: pass --model, the pipeline folder "
+                         "whose transformer it was quantized from (its text encoders, VAE and scheduler)")
+    if plan is not None:
+        make_plan(plan)
     check_attention_mode(attention)
     dev = resolve_device(device)
     noise = model is None
@@ -87,7 +89,13 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
         pipe = random_pipeline(config, dev, seed)
         embeds = random_prompt_embeds(pipe.transformer, 1, 512 if config == "flux-dev" else 32, dev, seed)[0]
     else:
-        pipe = load_pipeline(model)
+        transformer = None
+        if quantized is not None:
+            from ..checkpoint import load
+            from ..checkpoint.source import open_source
+
+            transformer = load(quantized, dev, expect_config=open_source(model).config)
+        pipe = load_pipeline(model, transformer=transformer)
         t0 = time.perf_counter()
         for name in ("text_encoder", "text_encoder_2"):
             getattr(pipe, name).to(dev)
@@ -108,7 +116,7 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
 
     t0 = time.perf_counter()
-    convrot_compile(pipe, plan=plan, attention=attention, progress=progress)
+    convrot_compile(pipe, attention=attention, progress=progress, **({} if plan is None else {"plan": plan}))
     prepare_s = time.perf_counter() - t0
 
     timer = StepTimer(dev)
@@ -127,7 +135,8 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     return GenerateResult(
         model=model or f"built-in random FluxPipeline ({config} transformer, seed {seed})", device=str(dev),
         prompt=prompt if not noise else "(random prompt embeddings)", height=height, width=width, steps=steps,
-        plan=plan, attention=attention, out=out, encode_s=encode_s, prepare_s=prepare_s,
+        plan=pipe.transformer.convrot_checkpoint.plan.name if quantized else plan or "w4a4", attention=attention,
+        out=out, encode_s=encode_s, prepare_s=prepare_s,
         first_step_s=step_ms[0] / 1e3, step_ms=statistics.median(step_ms[1:]), denoise_s=denoise_s,
         decode_s=decode_s, total_s=time.perf_counter() - start,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
@@ -165,6 +174,8 @@ def format_generate(r: GenerateResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convrot generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", metavar="PATH", help="local FLUX.1 pipeline folder (default: a built-in random pipeline)")
+    p.add_argument("--quantized", metavar="CKPT", help="the transformer from this checkpoint (convrot quantize), with "
+                   "--model's text encoders, VAE and scheduler")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--steps", type=int, help="denoising steps (default 28; 8 for the random pipeline, 4 on CPU)")
     p.add_argument("--guidance", type=float, default=3.5)
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
-    add_quant_args(p, rotation=False)
+    add_quant_args(p, rotation=False, plan_default=None)
     return p
 
 
@@ -188,7 +199,7 @@ def main(argv=None) -> GenerateResult:
     args = build_parser().parse_args(argv)
     result = run_generate(args.model, args.prompt, args.steps, args.guidance, args.height, args.width, args.seed,
                           args.plan, args.attention, args.out, args.device, not args.keep_text_encoders,
-                          args.vae_tiling, not args.no_progress)
+                          args.vae_tiling, not args.no_progress, args.quantized)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(result), f, indent=2)

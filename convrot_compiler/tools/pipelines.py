@@ -39,15 +39,16 @@ def random_pipeline(config: str = "flux-tiny", device: torch.device | str = "cpu
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.bfloat16):
+def load_pipeline(path: str, dtype: torch.dtype = torch.bfloat16, transformer: torch.nn.Module | None = None):
     """A FluxPipeline from a local diffusers folder (with model_index.json), in CPU memory; nothing is
-    downloaded."""
+    downloaded. ``transformer``: this one instead of the folder's (whose weights are then never read)."""
     from diffusers import FluxPipeline
 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"--model {path!r} is not a diffusers pipeline folder (no model_index.json): give "
                                 "a local FLUX.1 checkpoint; nothing is downloaded")
-    return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    extra = {} if transformer is None else {"transformer": transformer}
+    return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **extra)
 
 
 def random_prompt_embeds(transformer: torch.nn.Module, count: int, text_tokens: int, device: torch.device | str,

@@ -239,10 +239,7 @@ def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantizatio
     the single blocks' cat([attn, mlp]) is read by rotate+quantize from both parts. No GELU or cat is
     left; the output stays within bf16 rounding of the unfused graph's (the GELU now reads the GEMM's
     float32 output instead of its bf16 rounding)."""
-    from convrot_compiler.ops.custom_ops import (
-        quantize_cat_activation,
-        quantized_matmul,
-    )
+    from convrot_compiler.ops.custom_ops import quantize_cat_activation, quantized_matmul
 
     model = build_flux("flux-tiny", seed=2)
     dim = model.config.num_attention_heads * model.config.attention_head_dim

@@ -5,11 +5,7 @@ import warnings
 import pytest
 import torch
 
-from convrot_compiler.compiler.cudagraphs import (
-    CUDAGraphReplay,
-    NotReplayable,
-    signature,
-)
+from convrot_compiler.compiler.cudagraphs import CUDAGraphReplay, NotReplayable, signature
 
 
 def test_signature_separates_shapes_dtypes_values_and_grad_mode():

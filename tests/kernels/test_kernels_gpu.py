@@ -5,9 +5,7 @@ import pytest
 import torch
 
 from convrot_compiler.kernels.triton.int_gemm import int_gemm
-from convrot_compiler.kernels.triton.rotate_quant import (
-    rotate_quantize as triton_rotate_quantize,
-)
+from convrot_compiler.kernels.triton.rotate_quant import rotate_quantize as triton_rotate_quantize
 from convrot_compiler.kernels.triton.weight_only import w4a16_gemm
 from convrot_compiler.numerics.hadamard import hadamard_matrix
 from convrot_compiler.numerics.quant import pack_int4, quantize_weight
@@ -177,9 +175,7 @@ sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device
 
 
 def rotate_quantize_sm90(*args, **kwargs):
-    from convrot_compiler.kernels.sm90.rotate_quant import (
-        rotate_quantize_sm90 as kernel,  # Gluon: on a GPU only
-    )
+    from convrot_compiler.kernels.sm90.rotate_quant import rotate_quantize_sm90 as kernel  # Gluon: on a GPU only
 
     return kernel(*args, **kwargs)
 

@@ -5,12 +5,7 @@ import pytest
 import torch
 
 from convrot_compiler.kernels.sm90.weight_only import supported, w4a16_gemm_tiles
-from convrot_compiler.numerics.quant import (
-    pack_int4_tiles,
-    quantize_weight,
-    unpack_int4,
-    weight_only_gemm,
-)
+from convrot_compiler.numerics.quant import pack_int4_tiles, quantize_weight, unpack_int4, weight_only_gemm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"),

@@ -6,11 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from convrot_compiler.nn.linear import (
-    ConvLinear4bit,
-    Int4WeightOnlyLinear,
-    quantize_model,
-)
+from convrot_compiler.nn.linear import ConvLinear4bit, Int4WeightOnlyLinear, quantize_model
 from convrot_compiler.numerics.quant import quantize_weight, reference_linear
 from convrot_compiler.numerics.rotations import make_rotation
 from convrot_compiler.plans import decide_linears, make_plan

@@ -8,11 +8,7 @@ from torch import nn
 import convrot_compiler as cc
 from convrot_compiler.compiler import weights
 from convrot_compiler.compiler.backend import REPORTS
-from convrot_compiler.numerics.quant import (
-    quantize_weight,
-    quantized_nbytes,
-    reference_linear,
-)
+from convrot_compiler.numerics.quant import quantize_weight, quantized_nbytes, reference_linear
 from convrot_compiler.numerics.rotations import GroupHadamardRotation
 from convrot_compiler.ops import dispatch
 from convrot_compiler.tools.inspection import inspect

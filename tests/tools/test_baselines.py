@@ -4,12 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from convrot_compiler.tools.baselines import (
-    FP8_MAX,
-    Fp8RowwiseLinear,
-    quantize_rowwise_fp8,
-    swap_fp8_rowwise,
-)
+from convrot_compiler.tools.baselines import FP8_MAX, Fp8RowwiseLinear, quantize_rowwise_fp8, swap_fp8_rowwise
 
 
 def test_rowwise_fp8_scale_maps_each_row_max_to_the_format_max():

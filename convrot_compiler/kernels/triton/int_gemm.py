@@ -32,14 +32,7 @@ import triton
 import triton.language as tl
 
 from ...numerics.quant import concat_biases
-from .common import (
-    autotune_configs,
-    check_2d_rows,
-    check_device,
-    gelu_tanh,
-    interpreting,
-    sm_count,
-)
+from .common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, sm_count
 
 # (BN weight rows, BM tokens, BK, stages, warps)
 GEMM_TILES = [

@@ -28,13 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...numerics.quant import check_act_order
-from .common import (
-    autotune_configs,
-    check_2d_rows,
-    check_device,
-    interpreting,
-    round_half_even,
-)
+from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
 
 METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 

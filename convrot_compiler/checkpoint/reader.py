@@ -1,0 +1,150 @@
+"""``convrot_compiler.load``: a quantized checkpoint in, the model out, ready for ``convrot_compiler.compile``.
+
+The model is built on the meta device from the checkpoint's config. Each quantized linear's weight becomes a
+placeholder with no float storage (as ``compile`` leaves a released weight), and its prepared tensors, read
+straight onto the device, are registered as that weight's prepared form in the layout and channel order the
+device's kernels take (converted from the checkpoint's own: the integer values moved, never quantized again).
+Every other tensor is loaded as saved. So the device holds the quantized model and nothing more, and
+``compile`` finds every weight prepared.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import nn
+
+from ..compiler.compile_model import guard_released
+from ..compiler.weights import PREPARED, placeholder, weight_spec
+from ..config import ConvRotConfig
+from ..numerics.quant import QuantizedWeight, prepared_shapes, relayout
+from ..numerics.rotations import GroupHadamardRotation
+from ..plans import Plan, iter_linears
+from .manifest import MANIFEST, CheckpointError, Manifest, dtype_name, read_manifest
+from .source import meta_model
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """How a loaded model was quantized: ``compile`` takes these instead of its defaults."""
+
+    path: str
+    plan: Plan
+    group_size: int
+    rotation: str
+
+    def config_fields(self) -> dict:
+        return {"plan": self.plan, "group_size": self.group_size, "rotation": self.rotation}
+
+
+def check_model_config(manifest: Manifest, config: dict, where: str) -> None:
+    """The checkpoint was made from a model with ``config`` (diffusers' own ``_`` keys aside)."""
+    ours = {k: v for k, v in manifest.model_config.items() if not k.startswith("_")}
+    theirs = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    differ = sorted(k for k in set(ours) | set(theirs) if _plain(ours.get(k)) != _plain(theirs.get(k)))
+    if differ or manifest.model_class != dict(config).get("_class_name", manifest.model_class):
+        detail = ", ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in differ[:4])
+        raise CheckpointError(f"{where}: the checkpoint is for another model ({manifest.model_class} with {detail}); "
+                              "quantize this model instead")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _quantization(manifest: Manifest, path: str) -> ConvRotConfig:
+    try:
+        return ConvRotConfig(plan=Plan(manifest.plan_name, tuple(manifest.plan_rules)), group_size=manifest.group_size,
+                             rotation=manifest.rotation)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)}: {e}") from None
+
+
+def _check_layers(manifest: Manifest, model: nn.Module, path: str) -> dict[str, nn.Linear]:
+    """The manifest's layers are the model's nn.Linear modules, with their sizes, and each quantized one's
+    tensors have the shapes its precision gives."""
+    where = os.path.join(path, MANIFEST)
+    linears = dict(iter_linears(model))
+    names = [layer.name for layer in manifest.layers]
+    lacking = [n for n in names if n not in linears]
+    if lacking:
+        raise CheckpointError(f"{where}: its plan names layers the model ({manifest.model_class} with its config) "
+                              f"lacks: {lacking[:5]}")
+    unlisted = sorted(set(linears) - set(names))
+    if unlisted:
+        raise CheckpointError(f"{where}: the model's linears {unlisted[:5]} have no entry in the manifest")
+    for layer in manifest.layers:
+        lin = linears[layer.name]
+        if (lin.in_features, lin.out_features) != (layer.in_features, layer.out_features):
+            raise CheckpointError(f"{where}: layer {layer.name!r} is {layer.in_features}->{layer.out_features}, the "
+                                  f"model's is {lin.in_features}->{lin.out_features}")
+        if layer.precision == "bf16":
+            continue
+        layout = manifest.w4a16_layout if layer.precision == "w4a16" else "groups"
+        values, values_dtype, scale = prepared_shapes(layer.precision, layer.out_features, layer.in_features,
+                                                      manifest.group_size, layout)
+        for key, shape, dtype in ((layer.values, values, values_dtype), (layer.scale, scale, torch.float32)):
+            entry = manifest.tensors[key]
+            if entry.shape != shape or entry.dtype != dtype:
+                raise CheckpointError(f"{os.path.join(path, entry.file)}: tensor {key!r} is {dtype_name(entry.dtype)} "
+                                      f"{list(entry.shape)}; {layer.precision} {layer.name!r} needs "
+                                      f"{dtype_name(dtype)} {list(shape)}")
+    return linears
+
+
+def load(path: str, device: str | torch.device | None = None, expect_config: dict | None = None) -> nn.Module:
+    """The quantized model of the checkpoint in folder ``path`` (``convrot quantize``) on ``device`` (default:
+    CUDA when there is one). ``expect_config``: the diffusers config of the model it must have been made from
+    (a pipeline's transformer), else an error. Every file and tensor is checked before any is read."""
+    from safetensors import safe_open
+
+    manifest = read_manifest(path)
+    quantization = _quantization(manifest, path)
+    if expect_config is not None:
+        check_model_config(manifest, expect_config, path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = meta_model(manifest.model_class, manifest.model_config)
+    linears = _check_layers(manifest, model, path)
+    quantized = [layer for layer in manifest.layers if layer.precision != "bf16"]
+    prepared_keys = {k for layer in quantized for k in (layer.values, layer.scale)}
+    expected = (set(model.state_dict()) - {f"{layer.name}.weight" for layer in quantized}) | prepared_keys
+    stored = set(manifest.tensors)
+    if expected - stored:
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)}: the model's tensors {sorted(expected - stored)[:5]} "
+                              "are not in the checkpoint")
+    if stored - expected:
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)}: tensors {sorted(stored - expected)[:5]} belong to no "
+                              f"tensor of {manifest.model_class} with its config")
+
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for key, entry in manifest.tensors.items():
+        by_file.setdefault(entry.file, []).append(key)
+    for file, keys in sorted(by_file.items()):
+        with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+            for key in keys:
+                tensors[key] = f.get_tensor(key)
+    state = {k: t for k, t in tensors.items() if k not in prepared_keys}
+    model.load_state_dict(state, strict=False, assign=True)
+    for layer in quantized:
+        lin = linears[layer.name]
+        param = placeholder((layer.out_features, layer.in_features), layer.weight_dtype, device)
+        spec = weight_spec(layer.precision, quantization.rotation, quantization.group_size, param)
+        w4a16 = layer.precision == "w4a16"
+        stored_weight = QuantizedWeight(
+            layer.precision, tensors[layer.values], tensors[layer.scale], layer.in_features, layer.out_features,
+            -(-layer.in_features // quantization.group_size) * quantization.group_size, quantization.group_size,
+            None if w4a16 else GroupHadamardRotation(quantization.rotation, quantization.group_size),
+            manifest.w4a16_layout if w4a16 else "groups", "natural" if w4a16 else manifest.channel_order)
+        PREPARED.put(param, spec, relayout(stored_weight, spec.act_order, spec.layout))
+        lin.weight = param
+    left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: {left[:5]} of {manifest.model_class} are neither in the checkpoint nor "
+                              "computed from its config")
+    guard_released(model, {layer.name: linears[layer.name] for layer in quantized})
+    model.convrot_checkpoint = CheckpointInfo(path, quantization.plan, quantization.group_size, quantization.rotation)
+    return model

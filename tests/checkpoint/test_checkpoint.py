@@ -1,0 +1,296 @@
+"""Quantized checkpoints (CPU): quantize a saved diffusers model layer by layer, load it back with only the
+quantized weights, bit-exact with quantizing in memory; the portable layout; every corruption a clear error."""
+
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+
+import convrot_compiler as cc
+from convrot_compiler.checkpoint import CheckpointError, read_manifest
+from convrot_compiler.compiler import weights
+from convrot_compiler.compiler.compile_model import weight_bytes
+from convrot_compiler.compiler.weights import PREPARED, model_bytes
+from convrot_compiler.numerics.quant import QuantizedWeight, relayout
+from convrot_compiler.numerics.rotations import GroupHadamardRotation
+from convrot_compiler.tools.models import build_flux, make_flux_inputs
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
+
+
+def _model():
+    return build_flux("flux-tiny", seed=3, gate_bias=0.5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """flux-tiny saved by save_pretrained in small shards, and its inputs."""
+    folder = tmp_path_factory.mktemp("src")
+    _model().save_pretrained(folder, max_shard_size="2MB")
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
+    return str(folder)
+
+
+def _compiled_in_memory(kwargs, **options):
+    model = _model()
+    cc.compile(model, progress=False, **options)
+    return model(**kwargs)[0]
+
+
+def _inputs():
+    return make_flux_inputs(_model(), 64, 64, 16).kwargs
+
+
+@pytest.mark.parametrize("plan", ["w4a4", "mix"])
+def test_a_checkpoint_round_trip_is_bit_exact_with_quantizing_in_memory(saved, tmp_path, plan):
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), plan=plan, progress=False)
+    assert {f for f in os.listdir(tmp_path / "ckpt")} == {"convrot.json", *{t.file for t in manifest.tensors.values()}}
+    layers = {layer.name: layer for layer in manifest.layers}
+    assert len(layers) == 50 and layers["x_embedder"].precision == "bf16" and "x_embedder" in layers["x_embedder"].reason
+    assert layers["transformer_blocks.0.norm1.linear"].precision == "w4a16"
+    model = cc.load(str(tmp_path / "ckpt"), device="cpu")
+    assert model.convrot_checkpoint.plan.name == plan
+    kwargs = _inputs()
+    with pytest.raises(RuntimeError, match="never loaded from a quantized checkpoint"):
+        model(**kwargs)  # not compiled yet: its quantized linears hold placeholders, never zeros
+    cc.compile(model, progress=False)
+    assert torch.equal(model(**kwargs)[0], _compiled_in_memory(kwargs, plan=plan))
+
+
+def test_load_prepares_nothing_and_holds_only_the_quantized_weights(saved, tmp_path):
+    cc.quantize(saved, str(tmp_path / "ckpt"), progress=False)
+    before = PREPARED.prepared_count
+    model = cc.load(str(tmp_path / "ckpt"), device="cpu")
+    stored = sum(os.path.getsize(tmp_path / "ckpt" / f) for f in os.listdir(tmp_path / "ckpt") if f.endswith(".safetensors"))
+    cc.compile(model, progress=False)
+    model(**_inputs())
+    assert PREPARED.prepared_count == before  # every weight came prepared from the checkpoint
+    assert weight_bytes(model) <= stored and weight_bytes(model) < 0.35 * model_bytes(_model())
+
+
+def test_the_cli_writes_what_the_api_loads(saved, tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "quantize", saved, str(out), "--plan", "w4a4",
+                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "34 w4a4, 12 w4a16" in proc.stdout and "plan w4a4" in proc.stdout
+    again = subprocess.run([sys.executable, "-m", "convrot_compiler", "quantize", saved, str(out), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty; pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+    model = cc.compile(cc.load(str(out), device="cpu"), progress=False)
+    kwargs = _inputs()
+    assert torch.equal(model(**kwargs)[0], _compiled_in_memory(kwargs))
+    with pytest.raises(ValueError, match="quantized with plan 'w4a4'.*without \\['plan'\\]"):
+        cc.compile(cc.load(str(out), device="cpu"), plan="mix", progress=False)
+
+
+def test_a_pipeline_takes_the_loaded_transformer(tmp_path):
+    """FluxPipeline.from_pretrained(base, transformer=convrot_compiler.load(OUT)): the base's own transformer
+    weights are never read, and the pipeline's latents are those of the in-memory compile."""
+    from diffusers import FluxPipeline
+
+    from convrot_compiler.tools.pipelines import random_pipeline, random_prompt_embeds
+
+    pipe = random_pipeline("flux-tiny", "cpu", seed=1, transformer=_model())
+    pipe.save_pretrained(tmp_path / "pipe")
+    cc.quantize(str(tmp_path / "pipe"), str(tmp_path / "ckpt"), progress=False)  # the root: its transformer/
+    embeds = random_prompt_embeds(pipe.transformer, 1, 16, "cpu")[0]
+    args = dict(height=64, width=64, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    cc.compile(pipe, progress=False)
+    ref = pipe(**embeds, **args).images
+    os.remove(tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors")
+    loaded = FluxPipeline.from_pretrained(str(tmp_path / "pipe"), transformer=cc.load(str(tmp_path / "ckpt"), device="cpu"),
+                                          text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                          torch_dtype=torch.bfloat16, local_files_only=True)
+    cc.compile(loaded, progress=False)
+    args["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(loaded(**embeds, **args).images, ref)
+
+
+def _stored(folder) -> tuple[dict, dict[str, dict]]:
+    manifest = json.loads((folder / "convrot.json").read_text())
+    files = {name: load_file(folder / name) for name in {t["file"] for t in manifest["tensors"].values()}}
+    return manifest, files
+
+
+def _rewrite(folder, manifest, files) -> None:
+    (folder / "convrot.json").write_text(json.dumps(manifest))
+    for name, tensors in files.items():
+        save_file(tensors, folder / name)
+
+
+def test_the_checkpoint_layout_converts_to_the_devices_both_ways(saved, tmp_path, monkeypatch):
+    """Stored natural/groups and loaded where the kernels take mma/tiles (as on sm_90: forced here), and stored
+    mma/tiles (named in the manifest) and loaded on CPU: the same outputs, bit for bit."""
+    folder = tmp_path / "ckpt"
+    cc.quantize(saved, str(folder), progress=False)
+    kwargs = _inputs()
+    expected = _compiled_in_memory(kwargs)
+    torch._dynamo.reset()
+    with monkeypatch.context() as m:
+        m.setattr(weights, "act_order_for", lambda *args: "mma")
+        m.setattr(weights, "w4a16_layout", lambda *args: "tiles")
+        model = cc.load(str(folder), device="cpu")
+        lin = model.transformer_blocks[0].attn.to_q
+        mod = model.transformer_blocks[0].norm1.linear
+        assert next(iter(PREPARED._cache[lin.weight])).act_order == "mma"
+        assert next(iter(PREPARED._cache[mod.weight])).layout == "tiles"
+        cc.compile(model, progress=False)
+        assert torch.equal(model(**kwargs)[0], expected)
+    torch._dynamo.reset()
+    manifest, files = _stored(folder)
+    manifest["quantization"].update(channel_order="mma", w4a16_layout="tiles")
+    for layer in manifest["layers"]:
+        if layer["precision"] == "bf16":
+            continue
+        keys = layer["tensors"]
+        rotation = None if layer["precision"] == "w4a16" else GroupHadamardRotation("regular", 256)
+        shard = files[manifest["tensors"][keys["values"]]["file"]]
+        qw = QuantizedWeight(layer["precision"], shard[keys["values"]], files[manifest["tensors"][keys["scale"]]["file"]][
+            keys["scale"]], layer["in_features"], layer["out_features"], 256, 256, rotation)
+        moved = relayout(qw, "natural" if rotation is None else "mma", "tiles" if rotation is None else "groups")
+        shard[keys["values"]] = moved.values
+        manifest["tensors"][keys["values"]].update(dtype=str(moved.values.dtype)[6:], shape=list(moved.values.shape))
+    _rewrite(folder, manifest, files)
+    model = cc.compile(cc.load(str(folder), device="cpu"), progress=False)
+    assert next(iter(PREPARED._cache[model.transformer_blocks[0].attn.to_q.weight])).act_order == "natural"
+    assert torch.equal(model(**kwargs)[0], expected)
+
+
+def _corrupt(folder, how):
+    manifest, files = _stored(folder)
+    name = sorted(files)[0]
+    if how == "version":
+        manifest["format_version"] = 99
+    elif how == "missing tensor":
+        key = next(iter(files[name]))
+        del files[name][key]
+    elif how == "shape":
+        key = next(k for k, t in manifest["tensors"].items() if k.endswith(".qweight"))
+        manifest["tensors"][key]["shape"][0] += 1
+    elif how == "dtype":
+        key = next(k for k, t in manifest["tensors"].items() if k.endswith(".weight_scale"))
+        manifest["tensors"][key]["dtype"] = "float16"
+    elif how == "layer the model lacks":
+        layer = next(x for x in manifest["layers"] if x["precision"] == "w4a4")
+        layer["name"] = "transformer_blocks.7.attn.to_q"
+    elif how == "another config":
+        manifest["model"]["config"]["num_layers"] = 3
+    _rewrite(folder, manifest, files)
+    if how == "truncated":
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("how,message", [
+    ("version", r"convrot.json: format version 99 is not one this convrot-compiler reads"),
+    ("missing tensor", r"model-00001.safetensors: tensor '.*' is missing"),
+    ("shape", r"model-\d+.safetensors: tensor '.*qweight' is I8 \[\d+, \d+\], the manifest says int8"),
+    ("dtype", r"model-\d+.safetensors: tensor '.*weight_scale' is F32 .*, the manifest says float16"),
+    ("truncated", r"model-00001.safetensors: truncated: tensor '.*' ends at byte"),
+    ("layer the model lacks", r"convrot.json: its plan names layers the model .* lacks: \['transformer_blocks.7"),
+    ("another config", r"convrot.json: the model's linears \['transformer_blocks.2"),
+])
+def test_a_broken_checkpoint_is_one_clear_error_before_anything_is_read(saved, tmp_path, monkeypatch, how, message):
+    folder = tmp_path / "ckpt"
+    cc.quantize(saved, str(folder), progress=False)
+    _corrupt(folder, how)
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: opened.append(a) or real(*a, **k))
+    with pytest.raises(CheckpointError, match=message):
+        cc.load(str(folder), device="cpu")
+    assert not opened  # nothing was read, so nothing is half loaded
+
+
+def test_a_checkpoint_for_another_model_is_refused(saved, tmp_path):
+    cc.quantize(saved, str(tmp_path / "ckpt"), progress=False)
+    config = dict(_model().config)
+    config["joint_attention_dim"] = 512
+    with pytest.raises(CheckpointError, match=r"for another model \(FluxTransformer2DModel with joint_attention_dim: "
+                                              r"256 vs 512\)"):
+        cc.load(str(tmp_path / "ckpt"), device="cpu", expect_config=config)
+    with pytest.raises(CheckpointError, match="no manifest"):
+        cc.load(saved, device="cpu")
+    with pytest.raises(ValueError, match="--quantized takes the transformer from a checkpoint: pass --model"):
+        from convrot_compiler.tools.generate import run_generate
+
+        run_generate(quantized=str(tmp_path / "ckpt"), device="cpu")
+
+
+def test_no_pickle_anywhere_and_an_interrupted_run_leaves_no_checkpoint(saved, tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    cc.quantize(saved, str(tmp_path / "ckpt"), progress=False)
+    cc.compile(cc.load(str(tmp_path / "ckpt"), device="cpu"), progress=False)(**_inputs())
+
+    from convrot_compiler.checkpoint import writer as quantize_module
+
+    calls = []
+
+    def failing(weight, spec):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return weights.prepare_weight(weight, spec)
+
+    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cc.quantize(saved, str(tmp_path / "broken"), progress=False)
+    assert not os.path.exists(tmp_path / "broken") and not any("partial" in n for n in os.listdir(tmp_path))
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
+        cc.quantize(saved, str(tmp_path / "ckpt"), progress=False)
+    monkeypatch.setattr(quantize_module, "prepare_weight", weights.prepare_weight)
+    cc.quantize(saved, str(tmp_path / "ckpt"), plan="w8a8", overwrite=True, progress=False)
+    assert read_manifest(str(tmp_path / "ckpt")).plan_name == "w8a8"
+
+
+def test_quantizing_holds_one_source_tensor_and_one_output_shard_at_a_time(saved, tmp_path, monkeypatch):
+    """The memory bounds, relative to the model: the source tensors alive at once are the one being read and
+    those buffered for the output shard being filled, so they never exceed a shard plus the largest tensor."""
+    live, peak = [0], [0]
+    real = safetensors.safe_open
+
+    class Tracked:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            t = self.f.get_tensor(key)
+            nbytes = t.numel() * t.element_size()
+            live[0] += nbytes
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - nbytes))
+            return t
+
+    monkeypatch.setattr(safetensors, "safe_open", Tracked)
+    shard = 1 << 20
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), progress=False, shard_bytes=shard)
+    state = _model().state_dict()
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    assert 0 < peak[0] <= shard + largest < total / 4
+    assert manifest.extra["peak_buffer_bytes"] <= shard + largest and len({t.file for t in manifest.tensors.values()}) > 1
