@@ -8,6 +8,7 @@ FLUX; on other models their FLUX-specific patterns simply match nothing.
 from __future__ import annotations
 
 import fnmatch
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence, Union
@@ -15,22 +16,22 @@ from typing import Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-PRECISIONS: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "bf16")
-QUANTIZED: tuple[str, ...] = ("w4a4", "w8a8", "w4a16")
+PRECISIONS: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "w8a16", "bf16")
+QUANTIZED: tuple[str, ...] = ("w4a4", "w8a8", "w4a16", "w8a16")
 NO_RULE = "<no rule matched>"  # the rule of a linear no rule of the plan matches
 
 Rule = tuple[str, str]
 PlanSpec = Union[str, Sequence[Rule], "Plan"]
 
-# Linears that see one row per sample (adaLN modulation, time/text/guidance
-# embedders): weight-bandwidth bound, so int4 weight-only, never W4A4.
-_SKINNY: list[Rule] = [
-    ("time_text_embed.*", "w4a16"),
-    ("*norm1.linear", "w4a16"),
-    ("*norm1_context.linear", "w4a16"),
-    ("*norm.linear", "w4a16"),
-    ("norm_out.linear", "w4a16"),
-]
+# Linears that see one row per sample (adaLN modulation, time/text/guidance embedders): weight-bandwidth
+# bound, so weight-only, never W4A4; int4 weights (w4a16) or int8 (w8a16).
+_SKINNY_NAMES = ("time_text_embed.*", "*norm1.linear", "*norm1_context.linear", "*norm.linear", "norm_out.linear")
+
+
+def _skinny(precision: str) -> list[Rule]:
+    return [(name, precision) for name in _SKINNY_NAMES]
+
+
 # Input/output projections stay in high precision, as in the ConvRot reference.
 _EMBEDDERS: list[Rule] = [
     ("x_embedder", "bf16"),
@@ -46,10 +47,15 @@ _MIX: list[Rule] = [
     ("single_transformer_blocks.*.attn.to_v", "w8a8"),
 ]
 
+# The modulation's weight precision, by measurement (docs/PLANS.md, benchmarks/results/plans.md): int4
+# modulation weights, which scale the whole residual stream, set the error of an otherwise 8-bit model
+# (0.163 against 0.016 with int8 ones on a small FLUX), so w8a8 never takes them; mix, the best-quality
+# preset, takes int8 too (8-25% less error where the modulation's counts, equal elsewhere); w4a4, the
+# smallest, keeps int4 (the modulation holds 27% of FLUX's weights).
 PRESETS: dict[str, list[Rule]] = {
-    "w4a4": _EMBEDDERS + _SKINNY + [("*", "w4a4")],
-    "w8a8": _EMBEDDERS + _SKINNY + [("*", "w8a8")],
-    "mix": _EMBEDDERS + _MIX + _SKINNY + [("*", "w4a4")],
+    "w4a4": _EMBEDDERS + _skinny("w4a16") + [("*", "w4a4")],
+    "w8a8": _EMBEDDERS + _skinny("w8a16") + [("*", "w8a8")],
+    "mix": _EMBEDDERS + _MIX + _skinny("w8a16") + [("*", "w4a4")],
     "none": [("*", "bf16")],
 }
 
@@ -67,13 +73,20 @@ class Plan:
         return "bf16", NO_RULE
 
 
+PLAN_FORMAT = "convrot-plan"
+
+
 def make_plan(spec: PlanSpec = "w4a4") -> Plan:
-    """A Plan from a preset name, a list of (pattern, precision) rules, or a Plan."""
+    """A Plan from a preset name, a plan file (``*.json``, ``save_plan``), a list of (pattern, precision)
+    rules, or a Plan."""
     if isinstance(spec, Plan):
         return spec
+    if isinstance(spec, str) and spec.endswith(".json"):
+        return load_plan(spec)
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise ValueError(f"unknown plan {spec!r}; choose one of {tuple(PRESETS)} or pass a list of (pattern, precision) rules")
+            raise ValueError(f"unknown plan {spec!r}; choose one of {tuple(PRESETS)}, a plan file (*.json), or pass a "
+                             "list of (pattern, precision) rules")
         return Plan(spec, tuple(PRESETS[spec]))
     rules = []
     for i, rule in enumerate(spec):
@@ -83,6 +96,31 @@ def make_plan(spec: PlanSpec = "w4a4") -> Plan:
             raise ValueError(f"plan rule {i} ({rule[0]!r}) has unknown precision {rule[1]!r}; choose one of {PRECISIONS}")
         rules.append((rule[0], rule[1]))
     return Plan("custom", tuple(rules))
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    """Write ``plan`` as a plan file: JSON, its name and its rules, first match wins."""
+    with open(path, "w") as f:
+        json.dump({"format": PLAN_FORMAT, "name": plan.name, "rules": [list(r) for r in plan.rules]}, f, indent=1)
+
+
+def load_plan(path: str) -> Plan:
+    """The plan in a plan file (``save_plan``), its rules checked as make_plan checks a list of rules."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"plan file {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT or not isinstance(raw.get("rules"), list):
+        raise ValueError(f"plan file {path}: not a convrot plan (a JSON object with format {PLAN_FORMAT!r}, a name and "
+                         "rules)")
+    try:
+        rules = make_plan(raw["rules"]).rules
+    except ValueError as e:
+        raise ValueError(f"plan file {path}: {e}") from None
+    return Plan(str(raw.get("name", path)), rules)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 from ..compiler.compile_model import guard_released
 from ..compiler.weights import PREPARED, placeholder, weight_spec
 from ..config import ConvRotConfig
-from ..numerics.quant import QuantizedWeight, prepared_shapes, relayout
+from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, prepared_shapes, relayout
 from ..numerics.rotations import GroupHadamardRotation
 from ..plans import Plan, iter_linears
 from .manifest import MANIFEST, CheckpointError, Manifest, dtype_name, read_manifest
@@ -133,12 +133,13 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
         lin = linears[layer.name]
         param = placeholder((layer.out_features, layer.in_features), layer.weight_dtype, device)
         spec = weight_spec(layer.precision, quantization.rotation, quantization.group_size, param)
-        w4a16 = layer.precision == "w4a16"
+        weight_only = layer.precision in WEIGHT_ONLY
         stored_weight = QuantizedWeight(
             layer.precision, tensors[layer.values], tensors[layer.scale], layer.in_features, layer.out_features,
             -(-layer.in_features // quantization.group_size) * quantization.group_size, quantization.group_size,
-            None if w4a16 else GroupHadamardRotation(quantization.rotation, quantization.group_size),
-            manifest.w4a16_layout if w4a16 else "groups", "natural" if w4a16 else manifest.channel_order)
+            None if weight_only else GroupHadamardRotation(quantization.rotation, quantization.group_size),
+            manifest.w4a16_layout if layer.precision == "w4a16" else "groups",
+            "natural" if weight_only else manifest.channel_order)
         PREPARED.put(param, spec, relayout(stored_weight, spec.act_order, spec.layout))
         lin.weight = param
     left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]

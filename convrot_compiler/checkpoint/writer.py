@@ -18,6 +18,7 @@ import torch
 
 from ..compiler.weights import PrepSpec, prepare_weight
 from ..config import ConvRotConfig
+from ..numerics.quant import WEIGHT_ONLY
 from ..plans import decide_linears
 from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
 from .source import meta_model, open_source
@@ -114,7 +115,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
                     if d is None:
                         writer.add(key, t)
                         continue
-                    spec = PrepSpec(d.precision, "none" if d.precision == "w4a16" else config.rotation,
+                    spec = PrepSpec(d.precision, "none" if d.precision in WEIGHT_ONLY else config.rotation,
                                     config.group_size, W4A16_LAYOUT, CHANNEL_ORDER)
                     qw = prepare_weight(t.to(device), spec)
                     del t

@@ -8,7 +8,7 @@ weights as new placeholders); the Inductor post-grad pass rewrites the aten-leve
     y    = quantized GEMM(q, s, [w_1 .. w_n])        # one GEMM for the linears reading x, when fused
     y_i  = column block i of y                       # each linear's output
 
-and a W4A16 linear becomes one weight-only GEMM. ``GraphForm`` says how each form spells those nodes;
+and a weight-only (W4A16, W8A16) linear becomes one weight-only GEMM. ``GraphForm`` says how each form spells those nodes;
 ``emit`` does the grouping, the ordering and the replacement once.
 """
 
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import fx
+
+from ..numerics.quant import WEIGHT_ONLY
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
 
@@ -32,7 +34,7 @@ class QuantizedUse:
     values: fx.Node          # its prepared weight, as graph nodes
     scale: fx.Node
     out_features: int
-    scheme: str              # "w4a4", "w8a8" or "w4a16"
+    scheme: str              # "w4a4", "w8a8", or weight-only "w4a16", "w8a16"
     act_order: str = "natural"
     gelu: fx.Node | None = None  # a GELU computed in its GEMM's epilogue (backend form only)
 
@@ -94,7 +96,7 @@ def emit(graph: fx.Graph, uses: list[QuantizedUse], form: GraphForm, fuse: bool)
     done = Emitted(replaced=replaced)
     groups: dict[tuple, list[QuantizedUse]] = {}
     for use in uses:
-        if use.scheme != "w4a16":
+        if use.scheme not in WEIGHT_ONLY:
             groups.setdefault(activation_key(use), []).append(use)
     for (x, bits, act_order), members in groups.items():
         first = min((u.node for u in members), key=order.__getitem__)
@@ -126,7 +128,7 @@ def emit(graph: fx.Graph, uses: list[QuantizedUse], form: GraphForm, fuse: bool)
                     graph.erase_node(u.gelu)
                     done.gelu_epilogues += 1
     for use in uses:
-        if use.scheme == "w4a16":
+        if use.scheme in WEIGHT_ONLY:
             with graph.inserting_before(use.node):
                 new = form.weight_only(use, replaced.live(use.x), replaced.live(use.bias))
             _replace(form, use.node, new, replaced)

@@ -219,7 +219,8 @@ class _InductorForm:
         return self._call(aten.slice.Tensor, (out, 1, start, start + length))
 
     def weight_only(self, use, x, bias):
-        return self._call(torch.ops.convrot.w4a16_gemm.default, (x, use.values, use.scale, bias, self.group_size))
+        op = torch.ops.convrot.w4a16_gemm if use.scheme == "w4a16" else torch.ops.convrot.w8a16_gemm
+        return self._call(op.default, (x, use.values, use.scale, bias, self.group_size))
 
     def replace(self, old, new):
         _replace(self.g.graph, old, new)

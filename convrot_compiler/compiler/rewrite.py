@@ -5,7 +5,8 @@ A W4A4 / W8A8 linear ``linear(x, w, b)`` becomes
     q, s = quantize_activation(x, h, G, bits, order)     # once per (x, bits, order)
     y = quantized_matmul(q, s, x, [values], [scale], [b], ...)
 
-and a W4A16 linear ``quantized_linear(x, values, scale, None, b, "w4a16", ...)``; emit.py groups them.
+and a weight-only linear ``quantized_linear(x, values, scale, None, b, "w4a16" or "w8a16", ...)``; emit.py
+groups them.
 Linears reading one tensor at one precision share its rotate+quantize (FLUX's Q/K/V, and in the single
 blocks the MLP input too) and, with ``fuse``, one GEMM whose output each takes a ``narrow`` of: three
 3072->3072 GEMMs fill an H100 worse than one 3072->9216, and the weights stay separate tensors, so no
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops.custom_ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
+from ..numerics.quant import WEIGHT_ONLY
+from ..ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
 from .emit import Emitted, QuantizedUse, emit
 from .match import LinearMatch
 from .producers import is_gelu_tanh, match_cat_producer
@@ -117,7 +119,7 @@ def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
             pair.append(anchor)
         weights.append(tuple(pair))
     h = None
-    if rotated and any(rw.scheme != "w4a16" for rw in rewrites):
+    if rotated and any(rw.scheme not in WEIGHT_ONLY for rw in rewrites):
         with graph.inserting_after(anchor):
             h = graph.placeholder("convrot_h")
     return weights, h
@@ -130,7 +132,7 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int
     graph = gm.graph
     weights, h = _new_inputs(graph, rewrites, rotated)
     uses = [QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, values, scale, rw.match.out_features, rw.scheme,
-                         rw.act_order, _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme != "w4a16"
+                         rw.act_order, _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme not in WEIGHT_ONLY
                          else None)
             for rw, (values, scale) in zip(rewrites, weights)]
     form = _DynamoForm(graph, h, group_size, fuse_producers)

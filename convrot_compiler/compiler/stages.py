@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from ..config import ConvRotConfig
-from ..numerics.quant import quantized_nbytes
+from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
 from ..plans import LayerDecision
@@ -71,7 +71,7 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
         spec = weight_spec(d.precision, config.rotation, config.group_size, m.weight)
-        if d.precision == "w4a16":
+        if d.precision in WEIGHT_ONLY:
             d.extra["layout"] = spec.layout
         else:
             d.extra["act_order"] = spec.act_order

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..numerics.quant import QuantizedWeight, quantize_weight
+from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, quantize_weight
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import act_order_for, w4a16_layout
 
@@ -32,14 +32,14 @@ class PrepSpec:
     @property
     def rotation(self) -> GroupHadamardRotation | None:
         """The weight's rotation: none for weight-only int4, whose activations stay in float."""
-        return None if self.scheme == "w4a16" else GroupHadamardRotation(self.rotation_kind, self.group_size)
+        return None if self.scheme in WEIGHT_ONLY else GroupHadamardRotation(self.rotation_kind, self.group_size)
 
 
 def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
     """How a weight is prepared for ``scheme`` where it runs (the packed layout, the channel order): the one
     place, for the backend, ``compile`` and the Inductor post-grad pass."""
-    if scheme == "w4a16":
-        return PrepSpec(scheme, "none", group_size, w4a16_layout(weight, group_size))
+    if scheme in WEIGHT_ONLY:
+        return PrepSpec(scheme, "none", group_size, w4a16_layout(weight, group_size) if scheme == "w4a16" else "groups")
     return PrepSpec(scheme, rotation_kind, group_size,
                     act_order=act_order_for(weight.device, weight.dtype, group_size, rotation_kind != "none"))
 

@@ -131,7 +131,22 @@ class Int4WeightOnlyLinear(_QuantizedLinearBase):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         with torch.no_grad():
             layout = w4a16_layout(linear.weight, group_size)
-            qw = quantize_weight(linear.weight, "w4a16", None, group_size=group_size, layout=layout)
+            qw = quantize_weight(linear.weight, cls.scheme, None, group_size=group_size, layout=layout)
+        return cls(qw, linear.bias, linear.weight.dtype)
+
+
+class Int8WeightOnlyLinear(Int4WeightOnlyLinear):
+    """W8A16: int8 weights with one scale per output channel and ``group_size`` inputs; activations stay in
+    their float dtype. For the linears whose 4-bit weights cost most of a model's error (adaLN modulation)."""
+
+    scheme = "w8a16"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int8WeightOnlyLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            qw = quantize_weight(linear.weight, cls.scheme, None, group_size=group_size)
         return cls(qw, linear.bias, linear.weight.dtype)
 
 
@@ -142,6 +157,8 @@ def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, ro
         return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=8)
     if precision == "w4a16":
         return Int4WeightOnlyLinear.from_linear(linear, group_size)
+    if precision == "w8a16":
+        return Int8WeightOnlyLinear.from_linear(linear, group_size)
     raise ValueError(f"no quantized module for precision {precision!r}")
 
 

@@ -42,8 +42,9 @@ import torch
 from .rotations import Rotation
 
 QMAX = {4: 7, 8: 127}
-Scheme = Literal["w4a4", "w8a8", "w4a16"]
-SCHEME_BITS: dict[str, tuple[int, int | None]] = {"w4a4": (4, 4), "w8a8": (8, 8), "w4a16": (4, None)}
+Scheme = Literal["w4a4", "w8a8", "w4a16", "w8a16"]
+SCHEME_BITS: dict[str, tuple[int, int | None]] = {"w4a4": (4, 4), "w8a8": (8, 8), "w4a16": (4, None), "w8a16": (8, None)}
+WEIGHT_ONLY: tuple[str, ...] = ("w4a16", "w8a16")  # activations stay in float: no rotation, per-group weight scales
 
 
 def qmax(bits: int) -> int:
@@ -275,7 +276,7 @@ def prepared_shapes(scheme: str, out_features: int, in_features: int, group_size
         values = ((-(-out_features // TILE_ROWS), kp // TILE_K, 32, 4), torch.int32)
     else:
         values = ((out_features, kp // 2 if SCHEME_BITS[scheme][0] == 4 else kp), torch.int8)
-    scale = (out_features, kp // group_size) if scheme == "w4a16" else (out_features,)
+    scale = (out_features, kp // group_size) if scheme in WEIGHT_ONLY else (out_features,)
     return values[0], values[1], scale
 
 
@@ -301,10 +302,11 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Rotate (W4A4/W8A8) and quantize a [N, K] weight once, offline.
 
-    W4A16 (int4 weight-only) takes no rotation: the activations stay in 16 bits,
-    so there is no activation outlier to spread; its weights get one scale per
-    output channel and per ``group_size`` input channels instead. Its ``layout`` is
-    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel).
+    Weight-only schemes (W4A16, W8A16) take no rotation: the activations stay in 16 bits,
+    so there is no activation outlier to spread; their weights get one scale per
+    output channel and per ``group_size`` input channels instead. W4A16's ``layout`` is
+    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel); W8A16's
+    values are int8 as they are.
 
     ``act_order`` (W4A4/W8A8): the quantized values' input channels are put in that order within each
     group (``to_act_order``) after quantization, so any per-output-channel quantizer gives the same
@@ -312,7 +314,7 @@ def quantize_weight(
     _check_scheme(scheme)
     check_act_order(act_order, group_size)
     if act_order != "natural" and SCHEME_BITS[scheme][1] is None:
-        raise ValueError(f"act_order={act_order!r} orders quantized activations; w4a16 has none")
+        raise ValueError(f"act_order={act_order!r} orders quantized activations; {scheme} has none")
     if layout not in W4A16_LAYOUTS:
         raise ValueError(f"layout must be one of {W4A16_LAYOUTS}, got {layout!r}")
     if layout == "tiles" and (scheme != "w4a16" or group_size % TILE_K):
@@ -324,7 +326,7 @@ def quantize_weight(
     wbits, abits = SCHEME_BITS[scheme]
     if abits is None:
         if rotation is not None:
-            raise ValueError("w4a16 is weight-only and takes no rotation (pass rotation=None)")
+            raise ValueError(f"{scheme} is weight-only and takes no rotation (pass rotation=None)")
         kp = -(-k // group_size) * group_size
         w = torch.nn.functional.pad(weight.float(), (0, kp - k)).reshape(n, kp // group_size, group_size)
         q, scale = quantize_symmetric(w, wbits)
@@ -353,7 +355,7 @@ def relayout(qweight: QuantizedWeight, act_order: str | None = None, layout: str
     if (act_order, layout) == (qweight.act_order, qweight.layout):
         return qweight
     if qweight.act_bits is None and act_order != "natural":
-        raise ValueError(f"act_order={act_order!r} orders quantized activations; w4a16 has none")
+        raise ValueError(f"act_order={act_order!r} orders quantized activations; {qweight.scheme} has none")
     if layout not in W4A16_LAYOUTS or (layout == "tiles" and (qweight.scheme != "w4a16" or qweight.group_size % TILE_K)):
         raise ValueError(f"layout {layout!r} is not one a {qweight.scheme} weight with groups of {qweight.group_size} "
                          "can take")
@@ -402,11 +404,13 @@ def concat_biases(biases: list, sizes: list[int], device: torch.device) -> torch
 
 
 def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group_size: int) -> torch.Tensor:
-    """W4A16 reference: x [M, K] @ dequant(values)^T (+ bias), dequantized per (channel, group) in
-    float32; output in x's dtype. values in either layout (``unpack_int4_values``)."""
+                     group_size: int, bits: int = 4) -> torch.Tensor:
+    """Weight-only reference (W4A16, or W8A16 with ``bits`` 8): x [M, K] @ dequant(values)^T (+ bias),
+    dequantized per (channel, group) in float32; output in x's dtype. 4-bit values in either layout
+    (``unpack_int4_values``), 8-bit values as they are."""
     n = scale.shape[0]
-    w = (unpack_int4_values(values, group_size, n).float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
+    q = unpack_int4_values(values, group_size, n) if bits == 4 else values
+    w = (q.float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
     out = x.float() @ w[:, : x.shape[-1]].T
     if bias is not None:
         out = out + bias.float()
@@ -420,7 +424,7 @@ def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tens
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if qweight.act_bits is None:
-        out = weight_only_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size)
+        out = weight_only_gemm(x2, qweight.values, qweight.scale, bias, qweight.group_size, qweight.weight_bits)
     else:
         qa, sa = quantize_activation(x2, qweight.act_bits, qweight.rotation)
         qa = to_act_order(qa, qweight.act_order, qweight.group_size)

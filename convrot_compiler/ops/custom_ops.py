@@ -22,6 +22,7 @@ from ..numerics.fp8_attention import (
 )
 from ..numerics.hadamard import padded_size, rotate_with
 from ..numerics.quant import (
+    WEIGHT_ONLY,
     concat_biases,
     quantize_symmetric,
     reference_int_gemm,
@@ -153,6 +154,23 @@ def _(x, qw, scale, bias, group_size):
     return x.new_empty(x.shape[0], scale.shape[0])
 
 
+@torch.library.custom_op("convrot::w8a16_gemm", mutates_args=())
+def w8a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+               group_size: int) -> torch.Tensor:
+    """Int8 weight-only GEMM; see ``weight_only_gemm``."""
+    return weight_only_gemm(x, qw, scale, bias, group_size, 8)
+
+
+@w8a16_gemm.register_kernel("cuda")
+def _w8a16_cuda(x, qw, scale, bias, group_size):
+    return dispatch.w8a16_gemm(x, qw, scale, bias, group_size)
+
+
+@w8a16_gemm.register_fake
+def _(x, qw, scale, bias, group_size):
+    return x.new_empty(x.shape[0], scale.shape[0])
+
+
 @torch.library.custom_op("convrot::fp8_attention", mutates_args=())
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
@@ -218,8 +236,9 @@ def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
                      order: str = "natural") -> torch.Tensor:
     """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
     and .scale, input channels in ``order``: its act_order) and the rotation's ``kernel_matrix()``."""
-    if scheme == "w4a16":
-        out = torch.ops.convrot.w4a16_gemm(_rows(x), values, scale, bias, group_size)
+    if scheme in WEIGHT_ONLY:
+        op = torch.ops.convrot.w4a16_gemm if scheme == "w4a16" else torch.ops.convrot.w8a16_gemm
+        out = op(_rows(x), values, scale, bias, group_size)
         return out.reshape(*x.shape[:-1], out_features)
     q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8, order)
     return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)

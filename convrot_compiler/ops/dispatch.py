@@ -5,7 +5,8 @@ packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels
 (``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
 (the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
 else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
-``w4a16_gemm`` (by the layout the weight was prepared in) and ``fp8_attention`` (cuDNN's). Every choice
+``w4a16_gemm`` (by the layout the weight was prepared in), ``w8a16_gemm`` and ``fp8_attention`` (cuDNN's).
+Every choice
 computes the same values; only the speed differs. A benchmark that compares kernels in one process replaces
 ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or ``gemm_schedule`` for its duration (tools/bench_model.py,
 ``kernel_choice``).
@@ -59,10 +60,13 @@ def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
     """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
-    groups of 256, and w4a16 with groups of 256 (or of 64k in the tile layout). Other weights run the
-    reference ops."""
+    groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of a power of
+    two from 32. Other weights run the reference ops."""
+    g = qweight.group_size
+    if qweight.scheme == "w8a16":
+        return g >= 32 and g & (g - 1) == 0
     if qweight.act_bits is None:
-        return qweight.group_size == 256 or (qweight.layout == "tiles" and qweight.group_size % TILE_K == 0)
+        return g == 256 or (qweight.layout == "tiles" and g % TILE_K == 0)
     rot = qweight.rotation
     return isinstance(rot, GroupHadamardRotation) and rot.group_size == 256
 
@@ -150,6 +154,14 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
         from ..kernels.sm90.weight_only import w4a16_gemm_tiles as kernel
     else:
         from ..kernels.triton.weight_only import w4a16_gemm as kernel
+    return kernel(x, qw, scale, bias, group_size)
+
+
+def w8a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """Triton's int8 weight-only GEMM (the one kernel so far)."""
+    from ..kernels.triton.weight_only_int8 import w8a16_gemm as kernel
+
     return kernel(x, qw, scale, bias, group_size)
 
 

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "cpu, cuda, cuda:1, ...")
     qz.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     qz.add_argument("--no-progress", action="store_true")
+    sub.add_parser("sensitivity", help="each linear's share of the output error, ranked; with --budget, the plan "
+                   "a weight budget buys (see convrot sensitivity -h)", add_help=False)
     sub.add_parser("bench", help="model-level benchmark: bf16, bf16 compile, fp8, convrot plans (see convrot bench "
                    "-h); with --pipeline, ms per denoising step through FluxPipeline (convrot bench --pipeline -h)",
                    add_help=False)
@@ -96,6 +98,11 @@ def _run(argv: list[str]) -> int:
         from .evaluate import main as eval_main
 
         eval_main(argv[1:])
+        return 0
+    if argv[:1] == ["sensitivity"]:
+        from .sensitivity_cli import main as sensitivity_main
+
+        sensitivity_main(argv[1:])
         return 0
     if argv[:1] == ["generate"]:
         from .generate import main as generate_main

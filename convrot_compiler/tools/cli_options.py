@@ -13,6 +13,8 @@ def add_quant_args(p: argparse.ArgumentParser, rotation: bool = True, plan_defau
                    attention: bool = True) -> None:
     p.add_argument("--plan", default=plan_default, choices=sorted(PRESETS),
                    help=f"precision plan (default: {plan_default or 'w4a4; with --quantized, the checkpoint one'})")
+    p.add_argument("--plan-file", dest="plan", metavar="JSON", help="a plan file instead of a preset (convrot "
+                   "sensitivity --budget ... --plan-out writes one)")
     if rotation:
         p.add_argument("--rotation", default="regular", choices=ROTATION_KINDS, help="rotation kind (default: regular)")
         p.add_argument("--group-size", type=int, default=256, help="rotation group size, a power of 4 (default: 256)")

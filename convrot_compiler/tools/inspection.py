@@ -53,7 +53,7 @@ class InspectReport:
         rot = {r.rotation for r in self.reports}
         rows = []
         for d in self.decisions:
-            rotation = "-" if d.precision in ("bf16", "w4a16") else "/".join(sorted(rot))
+            rotation = "-" if d.precision in ("bf16", "w4a16", "w8a16") else "/".join(sorted(rot))
             rows.append([d.name, f"{d.in_features}->{d.out_features}", d.rows if d.rows is not None else "?",
                          _precision_label(d), rotation, _mib(d.bytes_before), _mib(d.bytes_after),
                          d.reason if d.precision == "bf16" else ""])

@@ -111,3 +111,27 @@ def test_demo_regional_default_quantizes_what_the_whole_model_compile_does():
     assert regional.layers == whole.layers and regional.weight_bytes_quantized == whole.weight_bytes_quantized
     assert 0 < regional.rel_error < 0.3 and regional.rel_error == pytest.approx(whole.rel_error, rel=0.05)
     assert "regional" in format_demo(regional) and "regional" not in format_demo(whole)
+
+
+def test_int8_weight_only_is_closer_than_int4_and_compiles_to_the_same_linear():
+    import convrot_compiler as cc
+    from convrot_compiler.nn import Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 96)
+    x = torch.randn(3, 512)
+    ref = lin(x)
+    int8 = Int8WeightOnlyLinear.from_linear(lin)
+    int4 = Int4WeightOnlyLinear.from_linear(lin)
+    e8, e4 = ((m(x) - ref).norm() / ref.norm() for m in (int8, int4))
+    assert e8 < e4 / 8 and e8 < 0.01
+    assert torch.equal(int8(x), reference_linear(x, int8.quantized_weight, lin.bias))
+    model = nn.Sequential(nn.Linear(512, 96)).bfloat16()
+    eager = nn.Sequential(nn.Linear(512, 96)).bfloat16()
+    eager.load_state_dict(model.state_dict())
+    quantize_model(eager, [("*", "w8a16")], progress=False)
+    assert isinstance(eager[0], Int8WeightOnlyLinear)
+    xb = x.bfloat16()
+    with torch.no_grad():
+        cc.compile(model, plan=[("*", "w8a16")], progress=False)
+        assert torch.equal(model(xb), eager(xb)) and model.convrot_decisions[0].precision == "w8a16"
