@@ -172,11 +172,11 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
     layout = dispatch.w4a16_layout(w, 256)
     qw = quantize_weight(w, "w4a16", None, group_size=256, layout=layout)
     groups = quantize_weight(w, "w4a16", None, group_size=256)
-    ref = custom_ops.w4a16_gemm_reference(x.float(), groups.values, groups.scale, None, 256)
-    out = torch.ops.convrot.w4a16_gemm(x, qw.values, qw.scale, None, 256)
+    ref = custom_ops.weight_only_gemm(x.float(), groups.values, groups.scale, None, 256, 4)
+    out = torch.ops.convrot.weight_only_gemm(x, qw.values, qw.scale, None, 256, 4)
     out_cc = w4a16_gemm(x, groups.values, groups.scale, None, 256)
     t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
-    t_ours = timed_ms(lambda: torch.ops.convrot.w4a16_gemm(x, qw.values, qw.scale, None, 256))
+    t_ours = timed_ms(lambda: torch.ops.convrot.weight_only_gemm(x, qw.values, qw.scale, None, 256, 4))
     t_cc = timed_ms(lambda: w4a16_gemm(x, groups.values, groups.scale, None, 256))
     wbytes = qw.values.numel() * qw.values.element_size() + qw.scale.numel() * 4
     rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,

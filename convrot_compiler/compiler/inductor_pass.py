@@ -33,6 +33,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import ConvRotConfig
+from ..numerics.quant import SCHEME_BITS
 from ..numerics.rotations import GroupHadamardRotation
 from ..plans import LayerDecision, decide
 from .emit import QuantizedUse, emit
@@ -219,8 +220,8 @@ class _InductorForm:
         return self._call(aten.slice.Tensor, (out, 1, start, start + length))
 
     def weight_only(self, use, x, bias):
-        op = torch.ops.convrot.w4a16_gemm if use.scheme == "w4a16" else torch.ops.convrot.w8a16_gemm
-        return self._call(op.default, (x, use.values, use.scale, bias, self.group_size))
+        return self._call(torch.ops.convrot.weight_only_gemm.default,
+                          (x, use.values, use.scale, bias, self.group_size, SCHEME_BITS[use.scheme][0]))
 
     def replace(self, old, new):
         _replace(self.g.graph, old, new)

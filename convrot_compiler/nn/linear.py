@@ -129,8 +129,8 @@ class Int4WeightOnlyLinear(_QuantizedLinearBase):
     def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int4WeightOnlyLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        layout = w4a16_layout(linear.weight, group_size) if cls.scheme == "w4a16" else "groups"
         with torch.no_grad():
-            layout = w4a16_layout(linear.weight, group_size)
             qw = quantize_weight(linear.weight, cls.scheme, None, group_size=group_size, layout=layout)
         return cls(qw, linear.bias, linear.weight.dtype)
 
@@ -140,14 +140,6 @@ class Int8WeightOnlyLinear(Int4WeightOnlyLinear):
     their float dtype. For the linears whose 4-bit weights cost most of a model's error (adaLN modulation)."""
 
     scheme = "w8a16"
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int8WeightOnlyLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        with torch.no_grad():
-            qw = quantize_weight(linear.weight, cls.scheme, None, group_size=group_size)
-        return cls(qw, linear.bias, linear.weight.dtype)
 
 
 def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation") -> nn.Module:

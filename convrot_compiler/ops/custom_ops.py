@@ -22,6 +22,7 @@ from ..numerics.fp8_attention import (
 )
 from ..numerics.hadamard import padded_size, rotate_with
 from ..numerics.quant import (
+    SCHEME_BITS,
     WEIGHT_ONLY,
     concat_biases,
     quantize_symmetric,
@@ -67,9 +68,6 @@ def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed:
     w = stacked_weights_reference(qws, packed, group_size)
     b = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
     return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype, gelu_from)
-
-
-w4a16_gemm_reference = weight_only_gemm
 
 
 @torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
@@ -137,37 +135,20 @@ def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
 
 
-@torch.library.custom_op("convrot::w4a16_gemm", mutates_args=())
-def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-               group_size: int) -> torch.Tensor:
-    """Int4 weight-only GEMM; see ``w4a16_gemm_reference``."""
-    return w4a16_gemm_reference(x, qw, scale, bias, group_size)
+@torch.library.custom_op("convrot::weight_only_gemm", mutates_args=())
+def weight_only_gemm_op(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                        group_size: int, bits: int) -> torch.Tensor:
+    """Weight-only GEMM, int4 (W4A16) or int8 (W8A16) weights by ``bits``; see ``weight_only_gemm``."""
+    return weight_only_gemm(x, qw, scale, bias, group_size, bits)
 
 
-@w4a16_gemm.register_kernel("cuda")
-def _w4a16_cuda(x, qw, scale, bias, group_size):
-    return dispatch.w4a16_gemm(x, qw, scale, bias, group_size)
+@weight_only_gemm_op.register_kernel("cuda")
+def _weight_only_cuda(x, qw, scale, bias, group_size, bits):
+    return dispatch.weight_only_gemm(x, qw, scale, bias, group_size, bits)
 
 
-@w4a16_gemm.register_fake
-def _(x, qw, scale, bias, group_size):
-    return x.new_empty(x.shape[0], scale.shape[0])
-
-
-@torch.library.custom_op("convrot::w8a16_gemm", mutates_args=())
-def w8a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-               group_size: int) -> torch.Tensor:
-    """Int8 weight-only GEMM; see ``weight_only_gemm``."""
-    return weight_only_gemm(x, qw, scale, bias, group_size, 8)
-
-
-@w8a16_gemm.register_kernel("cuda")
-def _w8a16_cuda(x, qw, scale, bias, group_size):
-    return dispatch.w8a16_gemm(x, qw, scale, bias, group_size)
-
-
-@w8a16_gemm.register_fake
-def _(x, qw, scale, bias, group_size):
+@weight_only_gemm_op.register_fake
+def _(x, qw, scale, bias, group_size, bits):
     return x.new_empty(x.shape[0], scale.shape[0])
 
 
@@ -237,8 +218,7 @@ def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
     """y = x W^T + b through the custom ops, from a weight's prepared tensors (QuantizedWeight.values
     and .scale, input channels in ``order``: its act_order) and the rotation's ``kernel_matrix()``."""
     if scheme in WEIGHT_ONLY:
-        op = torch.ops.convrot.w4a16_gemm if scheme == "w4a16" else torch.ops.convrot.w8a16_gemm
-        out = op(_rows(x), values, scale, bias, group_size)
+        out = torch.ops.convrot.weight_only_gemm(_rows(x), values, scale, bias, group_size, SCHEME_BITS[scheme][0])
         return out.reshape(*x.shape[:-1], out_features)
     q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8, order)
     return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)

@@ -5,7 +5,7 @@ packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels
 (``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
 (the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
 else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
-``w4a16_gemm`` (by the layout the weight was prepared in), ``w8a16_gemm`` and ``fp8_attention`` (cuDNN's).
+``weight_only_gemm`` (by the bits and the layout the weight was prepared in) and ``fp8_attention`` (cuDNN's).
 Every choice
 computes the same values; only the speed differs. A benchmark that compares kernels in one process replaces
 ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or ``gemm_schedule`` for its duration (tools/bench_model.py,
@@ -60,11 +60,11 @@ def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
     """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
-    groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of a power of
-    two from 32. Other weights run the reference ops."""
+    groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of 256k. Other
+    weights run the reference ops."""
     g = qweight.group_size
     if qweight.scheme == "w8a16":
-        return g >= 32 and g & (g - 1) == 0
+        return g % 256 == 0
     if qweight.act_bits is None:
         return g == 256 or (qweight.layout == "tiles" and g % TILE_K == 0)
     rot = qweight.rotation
@@ -147,21 +147,15 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
                               persistent=persistent, warp_specialize=warp_specialize)
 
 
-def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
-    """The weight-only GEMM of the layout the weight was prepared in (``w4a16_layout``)."""
-    if packed_layout(qw) == "tiles":
+def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group_size: int, bits: int) -> torch.Tensor:
+    """int8 weights: Triton's W8A16 kernel; int4: the kernel of the layout the weight was prepared in."""
+    if bits == 8:
+        from ..kernels.triton.weight_only import w8a16_gemm as kernel
+    elif packed_layout(qw) == "tiles":
         from ..kernels.sm90.weight_only import w4a16_gemm_tiles as kernel
     else:
         from ..kernels.triton.weight_only import w4a16_gemm as kernel
-    return kernel(x, qw, scale, bias, group_size)
-
-
-def w8a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               group_size: int) -> torch.Tensor:
-    """Triton's int8 weight-only GEMM (the one kernel so far)."""
-    from ..kernels.triton.weight_only_int8 import w8a16_gemm as kernel
-
     return kernel(x, qw, scale, bias, group_size)
 
 

@@ -6,18 +6,7 @@ import argparse
 import os
 import sys
 
-from .cli_options import add_quant_args
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
-    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
-                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--height", type=int, help="image height in pixels (default 1024; 256 for flux-tiny)")
-    p.add_argument("--width", type=int, help="image width in pixels (default 1024; 256 for flux-tiny)")
-    p.add_argument("--text-tokens", type=int, help="text tokens (default 512; 64 for flux-tiny)")
-    p.add_argument("--seed", type=int, default=0)
+from .cli_options import add_model_args, add_quant_args, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--debug anywhere shows the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
-    _add_model_args(demo)
+    add_model_args(demo)
     add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     demo.add_argument("--no-progress", action="store_true")
@@ -162,9 +151,7 @@ def _inspect(args) -> None:
         print(report.attention_table())
     print(report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
-        print(f"JSON written to {args.json}")
+        write_json(args.json, report.to_json())
     if args.dump:
         for path in report.dump(args.dump):
             print(path)

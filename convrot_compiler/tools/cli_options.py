@@ -23,3 +23,24 @@ def add_quant_args(p: argparse.ArgumentParser, rotation: bool = True, plan_defau
     p.add_argument("--attention", default="keep", choices=ATTENTION_MODES,
                    help="keep: attention as the model runs it (default); fp8: per-tensor e4m3 Q, K, V "
                         "(cuDNN on Hopper, pip install 'convrot-compiler[fp8-attention]'; not part of ConvRot)")
+
+
+def add_model_args(p: argparse.ArgumentParser, default_size: str = "1024; 256 for flux-tiny",
+                   default_tokens: str = "512; 64 for flux-tiny") -> None:
+    """--model, --config, --device, --height, --width, --text-tokens, --seed: a local FLUX checkpoint or a built-in
+    random one, and the inputs of one forward."""
+    p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
+    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
+                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--height", type=int, help=f"image height in pixels (default {default_size})")
+    p.add_argument("--width", type=int, help=f"image width in pixels (default {default_size})")
+    p.add_argument("--text-tokens", type=int, help=f"text tokens (default {default_tokens})")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def write_json(path: str, text: str) -> None:
+    """Write a report's JSON and say where."""
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"JSON written to {path}")

@@ -16,7 +16,7 @@ import re
 import torch
 
 from ..sensitivity import SensitivityReport, budget_plan, plan_bytes, sensitivity
-from .cli_options import add_quant_args
+from .cli_options import add_model_args, add_quant_args, write_json
 from .demo import DEMO_GATE_BIAS, resolve_device
 from .models import build_flux, load_flux, make_flux_inputs
 
@@ -66,15 +66,7 @@ def plot(report: SensitivityReport, path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convrot sensitivity", description=__doc__.splitlines()[0])
-    p.add_argument("--model", metavar="PATH", help="local diffusers FLUX transformer folder or pipeline root "
-                   "(default: the built-in random model)")
-    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
-                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--height", type=int, help="pixels (default 512; 64 for flux-tiny)")
-    p.add_argument("--width", type=int, help="pixels (default: the height)")
-    p.add_argument("--text-tokens", type=int, help="text tokens (default 512; 16 for flux-tiny)")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p, default_size="512; 64 for flux-tiny", default_tokens="512; 16 for flux-tiny")
     add_quant_args(p, attention=False)
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (default 20)")
     p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON")
@@ -114,9 +106,7 @@ def main(argv=None) -> SensitivityReport:
     print(report.table(args.top))
     print(report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
-        print(f"JSON written to {args.json}")
+        write_json(args.json, report.to_json())
     if args.plot:
         plot(report, args.plot)
         print(f"plot written to {args.plot}")

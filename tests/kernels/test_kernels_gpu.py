@@ -304,7 +304,7 @@ def test_w4a16_at_flux_shapes(n, m, row_kernel):
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     qw = quantize_weight(w, "w4a16", None, group_size=256)
-    ref = custom_ops.w4a16_gemm_reference(x.float(), qw.values, qw.scale, bias, 256)
+    ref = custom_ops.weight_only_gemm(x.float(), qw.values, qw.scale, bias, 256, 4)
     _poison_allocator()
     out = w4a16_gemm(x, qw.values, qw.scale, bias, 256, row_kernel=row_kernel)
     assert torch.isfinite(out).all()

@@ -28,7 +28,7 @@ def test_tile_layout_holds_the_same_values_and_gives_the_same_linear():
     assert tiles.nbytes() == quantized_nbytes("w4a16", 40, 320, 64, "tiles") > groups.nbytes()  # 48 rows stored
     expected = reference_linear(x, groups, bias)
     assert torch.equal(reference_linear(x, tiles, bias), expected)
-    assert torch.equal(torch.ops.convrot.w4a16_gemm(x, tiles.values, tiles.scale, bias, 64), expected)
+    assert torch.equal(torch.ops.convrot.weight_only_gemm(x, tiles.values, tiles.scale, bias, 64, 4), expected)
 
 
 def test_tile_layout_refuses_what_it_cannot_hold():

@@ -1,4 +1,4 @@
-"""Int4 weight-only GEMM (W4A16) for linears that see a few rows per sample.
+"""Weight-only GEMMs for linears that see a few rows per sample: int4 (W4A16) and int8 (W8A16) weights.
 
 Memory-bound: the cost is reading the weights, 4x fewer bytes than bf16. There is
 too little arithmetic for tensor cores to matter, so each program multiplies on
@@ -8,7 +8,8 @@ quant.pack_int4, so the low and high nibbles of a byte tile meet two contiguous
 tiles of the input. A small BN gives many programs and many loads in flight. The kernel is bound by
 instruction issue as much as by memory (60% issue slots busy, 29% of DRAM
 bandwidth), so nibbles become floats through bit tricks, and each group's scale multiplies the
-partial products of a tile once rather than every weight.
+partial products of a tile once rather than every weight. Int8 weights (BITS = 8) take the same kernel,
+each byte one value; bytes also become floats through the mantissa of 2^23.
 """
 
 from __future__ import annotations
@@ -41,11 +42,20 @@ def _nibble_to_float(u):
     return (u ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "BM"])
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_cm,
-                  HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+def _byte_to_float(v):
+    """An int8 value v (sign-extended in int32) as float32: (v & 0xFF) ^ 0x80 is v + 128, OR-ed into the
+    mantissa of 2^23 (one LOP3 with the exponent) and 2^23 + 128 subtracted."""
+    return ((v & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["M", "N", "K", "BM", "BITS"])
+@triton.jit
+def _weight_only_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_cm,
+                        HALF: tl.constexpr, HAS_BIAS: tl.constexpr, BITS: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    """BITS = 4: a tile of packed bytes meets two tiles of the input (quant.pack_int4); BITS = 8: one. A tile
+    lies within one scale group (2 * HALF inputs) either way."""
     tl.static_assert(HALF % BKB == 0, "a tile of packed bytes must lie within one group's half")
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -60,16 +70,21 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, KB, stride_xm, 
     # element-wise partial sums, reduced across threads once after the loop
     acc = tl.zeros([BM, BN, BKB], dtype=tl.float32)
     for kb in range(0, KB, BKB):
-        w = tl.load(w_ptrs)
-        s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
-        k_lo = (kb // HALF) * (2 * HALF) + (kb % HALF) + rkb
-        k_hi = k_lo + HALF
-        x_lo = tl.load(x_rows + k_lo[None, :], mask=mmask[:, None] & (k_lo[None, :] < K), other=0.0).to(tl.float32)
-        x_hi = tl.load(x_rows + k_hi[None, :], mask=mmask[:, None] & (k_hi[None, :] < K), other=0.0).to(tl.float32)
-        wi = w.to(tl.int32)
-        w_lo = _nibble_to_float(wi & 0xF)
-        w_hi = _nibble_to_float((wi >> 4) & 0xF)
-        part = x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
+        wi = tl.load(w_ptrs).to(tl.int32)
+        if BITS == 4:
+            s = tl.load(s_ptr + rn_safe * stride_sn + kb // HALF)
+            k_lo = (kb // HALF) * (2 * HALF) + (kb % HALF) + rkb
+            k_hi = k_lo + HALF
+            x_lo = tl.load(x_rows + k_lo[None, :], mask=mmask[:, None] & (k_lo[None, :] < K), other=0.0).to(tl.float32)
+            x_hi = tl.load(x_rows + k_hi[None, :], mask=mmask[:, None] & (k_hi[None, :] < K), other=0.0).to(tl.float32)
+            w_lo = _nibble_to_float(wi & 0xF)
+            w_hi = _nibble_to_float((wi >> 4) & 0xF)
+            part = x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
+        else:
+            s = tl.load(s_ptr + rn_safe * stride_sn + kb // (2 * HALF))
+            k = kb + rkb
+            x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
+            part = x[:, None, :] * _byte_to_float(wi)[None, :, :]
         acc += part * s[None, :, None]
         w_ptrs += BKB
     out = tl.sum(acc, axis=2)
@@ -154,26 +169,49 @@ def _w4a16_row_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, N, K, KW, stride_wn,
     tl.store(c_ptr + rn, out.to(c_ptr.dtype.element_ty), mask=nmask)
 
 
+def _check(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+           bits: int) -> tuple[int, int, int, int]:
+    """(m, k, n, bytes per weight row) of a weight-only GEMM's operands, checked."""
+    name = f"w{bits}a16_gemm"
+    check_device(x, qw, scale)
+    check_2d_rows("x", x)
+    check_2d_rows("qw", qw)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name} takes bf16, fp16 or fp32 activations, got {x.dtype}")
+    if qw.dtype != torch.int8:
+        raise TypeError(f"{name}: weights must be int8 bytes, got {qw.dtype}")
+    m, k = x.shape
+    n, kb = qw.shape
+    per_byte = 2 if bits == 4 else 1
+    if per_byte * kb < k or (per_byte * kb) % group_size:
+        raise ValueError(f"{name}: weights ({kb} bytes per row) must cover K={k} in whole groups of {group_size}")
+    if group_size % 256:
+        raise ValueError(f"{name} needs group_size a multiple of 256, got {group_size}")
+    if scale.shape != (n, per_byte * kb // group_size) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 [{n}, {per_byte * kb // group_size}], got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    return m, k, n, kb
+
+
+def _launch_general(x, qw, scale, bias, c, group_size: int, bits: int) -> torch.Tensor:
+    m, k = x.shape
+    n, kb = qw.shape
+    bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+    grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
+    _weight_only_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, m, n, k, kb, x.stride(0),
+                              qw.stride(0), scale.stride(0), c.stride(0), HALF=group_size // 2,
+                              HAS_BIAS=bias is not None, BITS=bits, BM=bm)
+    return c
+
+
 def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                group_size: int, row_kernel: bool = True) -> torch.Tensor:
     """[M, N] = x @ dequant(qw)^T (+ bias): qw packed int4 [N, K'/2] (per-group layout of quant.pack_int4)
     with float32 scales [N, K'/group_size]. Meant for M of 1 to 8; larger M works but rereads weights.
     M = 1 runs the one-row kernel unless ``row_kernel`` is False (the general kernel, for comparisons)."""
-    check_device(x, qw, scale)
-    check_2d_rows("x", x)
-    check_2d_rows("qw", qw)
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"w4a16_gemm takes bf16, fp16 or fp32 activations, got {x.dtype}")
-    if qw.dtype != torch.int8:
-        raise TypeError(f"weights must be packed int8, got {qw.dtype}")
-    m, k = x.shape
-    n, kb = qw.shape
-    if 2 * kb < k or (2 * kb) % group_size:
-        raise ValueError(f"packed weights ({kb} bytes per row) must cover K={k} in whole groups of {group_size}")
-    if group_size % 256:
-        raise ValueError(f"the w4a16 kernel needs group_size a multiple of 256, got {group_size}")
-    if scale.shape != (n, 2 * kb // group_size) or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be float32 [{n}, {2 * kb // group_size}], got {tuple(scale.shape)} {scale.dtype}")
+    m, k, n, kb = _check(x, qw, scale, bias, group_size, 4)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return c
@@ -188,8 +226,15 @@ def w4a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: tor
                                 qw.stride(0) // 4, scale.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None,
                                 EVEN_K=k == 2 * kb, USE_ASM=not interpreting())
         return c
-    bm = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
-    grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, bm))  # noqa: E731
-    _w4a16_kernel[grid](x, qw, scale, bias if bias is not None else scale, c, m, n, k, kb, x.stride(0), qw.stride(0),
-                        scale.stride(0), c.stride(0), HALF=group_size // 2, HAS_BIAS=bias is not None, BM=bm)
-    return c
+    return _launch_general(x, qw, scale, bias, c, group_size, 4)
+
+
+def w8a16_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               group_size: int) -> torch.Tensor:
+    """[M, N] = x @ dequant(qw)^T (+ bias): qw int8 [N, K'] with float32 scales [N, K'/group_size]. Meant for M
+    of 1 to 8; larger M works but rereads the weights."""
+    m, k, n, kb = _check(x, qw, scale, bias, group_size, 8)
+    c = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return c
+    return _launch_general(x, qw, scale, bias, c, group_size, 8)
