@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -72,31 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# commands whose own parser reads the rest of the line: command -> its module in tools/
+DELEGATED = {"eval": "evaluate", "sensitivity": "sensitivity_cli", "generate": "generate"}
+
+
 def _run(argv: list[str]) -> int:
-    if argv[:1] == ["bench"] and "--pipeline" in argv:
-        from .bench_pipeline import main as pipeline_bench_main
-
-        pipeline_bench_main([a for a in argv[1:] if a != "--pipeline"])
-        return 0
     if argv[:1] == ["bench"]:
-        from .bench_model import main as bench_main
-
-        bench_main(argv[1:])
+        module = "bench_pipeline" if "--pipeline" in argv else "bench_model"
+        importlib.import_module(f".{module}", __package__).main([a for a in argv[1:] if a != "--pipeline"])
         return 0
-    if argv[:1] == ["eval"]:
-        from .evaluate import main as eval_main
-
-        eval_main(argv[1:])
-        return 0
-    if argv[:1] == ["sensitivity"]:
-        from .sensitivity_cli import main as sensitivity_main
-
-        sensitivity_main(argv[1:])
-        return 0
-    if argv[:1] == ["generate"]:
-        from .generate import main as generate_main
-
-        generate_main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        importlib.import_module(f".{DELEGATED[argv[0]]}", __package__).main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
