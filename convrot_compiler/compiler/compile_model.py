@@ -236,7 +236,8 @@ def _owns_storage(model: nn.Module, param: torch.Tensor) -> bool:
     storage = param.untyped_storage()
     if storage.nbytes() != param.numel() * param.element_size() or storage.data_ptr() == 0:
         return False
-    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    tensors = [t for _, t in (*model.named_parameters(remove_duplicate=False),
+                              *model.named_buffers(remove_duplicate=False))]
     return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
 
 

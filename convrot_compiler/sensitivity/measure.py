@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nn.linear import make_quantized_linear
+from ..numerics.error import relative_error
 from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..plans import PlanSpec, decide_linears, make_plan, module_bytes
 
@@ -86,10 +87,6 @@ def layer_kind(name: str) -> tuple[str, int | None]:
     if m is None:
         return name, None
     return name[:m.start()] + ".*." + name[m.end():], int(m.group(1))
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _first_tensor(out):

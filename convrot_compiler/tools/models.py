@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..numerics.error import relative_error  # noqa: F401  (the tools' measure, re-exported)
 
 FLUX_CONFIGS: dict[str, dict] = {
     # FLUX.1-dev: hidden 3072, 19 double + 38 single blocks, 11.9 B parameters.
@@ -126,10 +127,3 @@ def make_flux_inputs(model, height: int = 1024, width: int = 1024, text_tokens: 
         if isinstance(v, torch.Tensor):
             kwargs[k] = v.to(device=device, dtype=dtype if k not in ("img_ids", "txt_ids") else torch.float32)
     return FluxInputs(kwargs, n_img, text_tokens)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN)."""
-    o, r = out.double(), ref.double()
-    denom = r.norm().item()
-    return (o - r).norm().item() / denom if denom > 0 else math.inf
