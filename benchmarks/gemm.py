@@ -11,7 +11,8 @@ itself, whichever path the GEMM took. ``--schemes`` adds Triton's int8 GEMM in i
 (``-flat``) and persistent TMA-descriptor (``-persistent``) forms (kernels/triton/int_gemm.py); "diff vs
 default" is their largest difference from the default GEMM on the same operands (list that first). Each of ours is checked against the reference in the same run. Also the W4A16
 weight-only GEMM at M = 1, 4 and 8: the op as the compiler calls it (on sm_90 the tensor-core kernel on
-tile-layout weights) and the CUDA-core kernel on group-layout weights.
+tile-layout weights) and the CUDA-core kernel on group-layout weights; and the W8A16 op (int8 weights, groups
+of 256) at the same shapes.
 
 Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
 forward (benchmarks/timing.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
@@ -166,7 +167,8 @@ def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
 
 def bench_skinny(name, m, k, n, rows, timed_ms):
     """The W4A16 op as the compiler prepares and calls it (on sm_90 the tensor-core kernel on tile-layout
-    weights, kernels/sm90/weight_only.py), and the CUDA-core kernel on the group layout (kernels/triton/weight_only.py)."""
+    weights, kernels/sm90/weight_only.py), the CUDA-core kernel on the group layout (kernels/triton/weight_only.py),
+    and the W8A16 op (int8 weights in groups of 256, the same CUDA-core kernel's 8-bit branch)."""
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     layout = dispatch.w4a16_layout(w, 256)
@@ -178,12 +180,18 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
     t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
     t_ours = timed_ms(lambda: torch.ops.convrot.weight_only_gemm(x, qw.values, qw.scale, None, 256, 4))
     t_cc = timed_ms(lambda: w4a16_gemm(x, groups.values, groups.scale, None, 256))
+    q8 = quantize_weight(w, "w8a16", None, group_size=256)
+    ref8 = custom_ops.weight_only_gemm(x.float(), q8.values, q8.scale, None, 256, 8)
+    out8 = torch.ops.convrot.weight_only_gemm(x, q8.values, q8.scale, None, 256, 8)
+    t_w8 = timed_ms(lambda: torch.ops.convrot.weight_only_gemm(x, q8.values, q8.scale, None, 256, 8))
     wbytes = qw.values.numel() * qw.values.element_size() + qw.scale.numel() * 4
     rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, cuda_core_us=t_cc * 1e3, cuda_core_speedup=t_bf16 / t_cc,
                      w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
                      rel_err_vs_ref=relative_error(out, ref), cuda_core_rel_err_vs_ref=relative_error(out_cc, ref),
-                     rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T)))
+                     rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T),
+                     w8a16_us=t_w8 * 1e3, w8a16_speedup=t_bf16 / t_w8, w8a16_rel_err_vs_ref=relative_error(out8, ref8),
+                     w8a16_rel_err_vs_bf16=relative_error(out8, x.float() @ w.float().T)))
 
 
 def skinny_table_of(skinny: list[dict]) -> str:
@@ -192,9 +200,10 @@ def skinny_table_of(skinny: list[dict]) -> str:
     return tabulate(
         [[r["shape"], r["M"], r["layout"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
           f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}", f"{r['cuda_core_us']:.1f}",
-          f"{r['cuda_core_speedup']:.2f}", f"{r['cuda_core_rel_err_vs_ref']:.1e}"] for r in skinny],
+          f"{r['cuda_core_speedup']:.2f}", f"{r['cuda_core_rel_err_vs_ref']:.1e}", f"{r['w8a16_us']:.1f}",
+          f"{r['w8a16_speedup']:.2f}", f"{r['w8a16_rel_err_vs_ref']:.1e}"] for r in skinny],
         headers=["W4A16 shape", "M", "layout", "bf16 us", "w4a16 us", "x bf16", "GB/s", "err vs ref", "CUDA-core us",
-                 "CUDA-core x bf16", "CUDA-core err"], tablefmt="github")
+                 "CUDA-core x bf16", "CUDA-core err", "w8a16 us", "w8a16 x bf16", "w8a16 err"], tablefmt="github")
 
 
 def geomean(xs):
@@ -206,7 +215,7 @@ def main() -> None:
     p.add_argument("--rotate-only", action="store_true", help="only the rotate+quantize kernel")
     p.add_argument("--quick", action="store_true", help="only the first shape")
     p.add_argument("--no-rotate", action="store_true", help="skip the rotate+quantize-alone table")
-    p.add_argument("--w4a16-only", action="store_true", help="only the W4A16 weight-only table")
+    p.add_argument("--w4a16-only", action="store_true", help="only the weight-only (W4A16, W8A16) table")
     p.add_argument("--schemes", default="w4a4,w8a8",
                    help=f"comma-separated subset of {', '.join(SCHEMES)} (default: w4a4,w8a8, what the compiler uses)")
     p.add_argument("--eager", action="store_true",
@@ -243,7 +252,7 @@ def main() -> None:
         for name, k, n in SKINNY:
             for m in (1, 4, 8):
                 bench_skinny(name, m, k, n, skinny, timed_ms)
-        md = f"# W4A16 weight-only GEMM\n\n{head}\n{skinny_table_of(skinny)}\n"
+        md = f"# Weight-only GEMM (W4A16, W8A16)\n\n{head}\n{skinny_table_of(skinny)}\n"
         print(md)
         print("written:", *write_results(args.name or "w4a16", dict(env=env, timing=timing, skinny=skinny), md, args.out))
         return

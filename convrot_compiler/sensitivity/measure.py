@@ -21,6 +21,7 @@ from ..nn.linear import make_quantized_linear
 from ..numerics.error import relative_error
 from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..plans import PlanSpec, decide_linears, make_plan, module_bytes
+from .swap import swap_module
 
 TOKEN_PRECISIONS = ("w4a4", "w8a8")
 ONE_ROW_PRECISIONS = ("w4a16", "w8a16")
@@ -111,10 +112,6 @@ def sensitivity(model: nn.Module, args: tuple = (), kwargs: dict | None = None, 
     originals = {d.name: model.get_submodule(d.name) for d in decisions}
     quantized: dict[tuple[str, str], nn.Module] = {}
 
-    def swap(name: str, module: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-
     def version(name: str, precision: str) -> nn.Module:
         if (name, precision) not in quantized:
             quantized[name, precision] = make_quantized_linear(originals[name], precision, group_size, rotation)
@@ -135,25 +132,25 @@ def sensitivity(model: nn.Module, args: tuple = (), kwargs: dict | None = None, 
             candidates = ONE_ROW_PRECISIONS if d.precision in WEIGHT_ONLY else TOKEN_PRECISIONS
             errors: dict[str, float] = {}
             for p in candidates:
-                swap(d.name, version(d.name, p))
+                swap_module(model, d.name, version(d.name, p))
                 errors[p] = error()
-                swap(d.name, originals[d.name])
+                swap_module(model, d.name, originals[d.name])
                 bar.update()
             nbytes = {p: quantized_nbytes(p, d.out_features, d.in_features, group_size) for p in candidates}
             nbytes["bf16"] = module_bytes(originals[d.name])
             layers.append(LayerSensitivity(d.name, kind, block, d.in_features, d.out_features, d.precision,
                                            errors, nbytes))
         for d in decisions:
-            swap(d.name, version(d.name, d.precision))
+            swap_module(model, d.name, version(d.name, d.precision))
         plan_error = error()
         for layer in layers:
-            swap(layer.name, originals[layer.name])
+            swap_module(model, layer.name, originals[layer.name])
             layer.plan_gain = plan_error - error()
-            swap(layer.name, version(layer.name, layer.planned))
+            swap_module(model, layer.name, version(layer.name, layer.planned))
             bar.update()
     finally:
         for name, module in originals.items():
-            swap(name, module)
+            swap_module(model, name, module)
         bar.close()
     return SensitivityReport(base.name, list(base.rules), group_size, rotation, plan_error, layers)
 

@@ -5,7 +5,10 @@ once with the bf16 transformer, once with the transformer compiled by
 ``convrot_compiler.compile`` (the path users run: the pipeline calls the compiled
 module as its transformer), and compares the image pairs: PSNR, SSIM, and LPIPS
 where the ``lpips`` package and its weights load offline. It also reports the
-median time of a denoising step. Images and a side-by-side grid (rows: prompts; columns: bf16, then each
+median time of a denoising step, and two measures of the transformer alone that do not compound through
+its blocks as image differences do (sensitivity/layerwise.py): the error after the first 1, 2 and 4
+blocks, and each quantized linear's SQNR, both on the transformer's real inputs at the middle denoising step
+of the first prompt. Images and a side-by-side grid (rows: prompts; columns: bf16, then each
 plan) are written as PNG.
 
 By default it builds a tiny randomly initialised pipeline (flux-tiny transformer,
@@ -30,9 +33,10 @@ import torch.nn.functional as F
 
 from ..compiler.compile_model import compile as convrot_compile
 from ..plans import make_plan
+from ..sensitivity.layerwise import layerwise
 from .demo import resolve_device
 from .models import image_tokens_for
-from .pipelines import StepTimer, load_pipeline, random_pipeline, random_prompt_embeds
+from .pipelines import StepTimer, capture_transformer_inputs, load_pipeline, random_pipeline, random_prompt_embeds
 
 DEFAULT_PROMPTS = ["a red fox in fresh snow, morning light", "a lighthouse on a cliff at dusk, oil painting",
                    "a bowl of ramen, top view, studio photo"]
@@ -115,6 +119,8 @@ class EvalRow:
     seconds: float
     ms_per_step: float | None = None  # median over the steps after each call's first
     per_image: list[dict] = field(default_factory=list)
+    depth_errors: dict[int, float] = field(default_factory=dict)   # K -> error after the first K blocks
+    sqnr_db: dict[str, dict[str, float]] = field(default_factory=dict)  # layer kind -> SQNR min/median/max
 
 
 def compare(ref: list[torch.Tensor], test: list[torch.Tensor], lpips_fn=None) -> dict:
@@ -175,44 +181,63 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
 
     bf16_transformer = pipe.transformer
     images = {"bf16": make_images(pipe, inputs, size, steps, seed)[0]}
+    measured = capture_transformer_inputs(pipe, dict(**inputs[0], height=size, width=size, num_inference_steps=steps,
+                                                     guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)),
+                                          step=steps // 2)
     rows = []
     t0 = time.perf_counter()
     ref_again, step_ms = make_images(pipe, inputs, size, steps, seed, timer)  # the metrics' own floor
     rows.append(_row("bf16 (again)", compare(images["bf16"], ref_again, lpips_fn), time.perf_counter() - t0, step_ms))
     for plan in tqdm(plans, desc="plans", disable=not progress):
         torch._dynamo.reset()
+        layers = layerwise(bf16_transformer, kwargs=measured, plan=plan)
         t0 = time.perf_counter()
         pipe.transformer = convrot_compile(copy.deepcopy(bf16_transformer), plan=plan, progress=False)
         make_images(pipe, inputs[:1], size, steps, seed)  # compiles (and captures CUDA graphs) outside the timing
         images[plan], step_ms = make_images(pipe, inputs, size, steps, seed, timer)
-        rows.append(_row(plan, compare(images["bf16"], images[plan], lpips_fn), time.perf_counter() - t0, step_ms))
+        rows.append(_row(plan, compare(images["bf16"], images[plan], lpips_fn), time.perf_counter() - t0, step_ms,
+                         layers.depth_errors, layers.sqnr_by_kind()))
         pipe.transformer = bf16_transformer
     torch._dynamo.reset()
     written = save_images(images, out_dir)
     result = {"model": model_path or "tiny random FluxPipeline (flux-tiny transformer)", "device": str(dev),
-              "size": size, "steps": steps, "seed": seed, "prompts": prompts, "lpips": lpips_note or "computed",
+              "size": size, "steps": steps, "seed": seed, "measured_step": steps // 2, "prompts": prompts, "lpips": lpips_note or "computed",
               "rows": [asdict(r) for r in rows], "images": written}
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     return result
 
 
-def _row(plan: str, m: dict, seconds: float, step_ms: list[float]) -> EvalRow:
+def _row(plan: str, m: dict, seconds: float, step_ms: list[float], depth_errors: dict | None = None,
+         sqnr_db: dict | None = None) -> EvalRow:
     lp = m["lpips"]
     return EvalRow(plan, sum(m["psnr"]) / len(m["psnr"]), min(m["psnr"]), sum(m["ssim"]) / len(m["ssim"]),
                    min(m["ssim"]), sum(lp) / len(lp) if lp else None, seconds,
                    statistics.median(step_ms) if step_ms else None,
-                   [{"psnr": p, "ssim": s} for p, s in zip(m["psnr"], m["ssim"])])
+                   [{"psnr": p, "ssim": s} for p, s in zip(m["psnr"], m["ssim"])], depth_errors or {}, sqnr_db or {})
+
+
+def _sqnr_summary(sqnr_db: dict) -> tuple[str, str]:
+    """(the lowest SQNR of any layer, the median of the kinds' medians), in dB."""
+    if not sqnr_db:
+        return "-", "-"
+    return (f"{min(s['min'] for s in sqnr_db.values()):.1f}",
+            f"{statistics.median(s['median'] for s in sqnr_db.values()):.1f}")
 
 
 def format_eval(result: dict) -> str:
     from tabulate import tabulate
 
+    depth_errors = [{int(k): e for k, e in r.get("depth_errors", {}).items()} for r in result["rows"]]  # JSON: str keys
+    depths = sorted({k for errors in depth_errors for k in errors})
     table = tabulate([[r["plan"], f"{r['psnr_mean']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim_mean']:.4f}",
                        f"{r['ssim_min']:.4f}", "-" if r["lpips_mean"] is None else f"{r['lpips_mean']:.4f}",
+                       *(f"{errors[k]:.4f}" if k in errors else "-" for k in depths),
+                       *_sqnr_summary(r.get("sqnr_db", {})),
                        f"{r['seconds']:.1f}", "-" if r.get("ms_per_step") is None else f"{r['ms_per_step']:.1f}"]
-                      for r in result["rows"]],
-                     headers=["vs bf16 images", "PSNR dB mean", "PSNR min", "SSIM mean", "SSIM min", "LPIPS", "s",
+                      for r, errors in zip(result["rows"], depth_errors)],
+                     headers=["vs bf16 images", "PSNR dB mean", "PSNR min", "SSIM mean", "SSIM min", "LPIPS",
+                              *(f"err after {k} blk" for k in depths), "SQNR dB min", "SQNR median", "s",
                               "ms per step"],
                      tablefmt="github")
     return (f"model: {result['model']} | device: {result['device']} | {result['size']}x{result['size']}, "

@@ -75,6 +75,65 @@ def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torc
         return pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
 
 
+def capture_transformer_inputs(pipe, call_kwargs: dict, step: int) -> dict:
+    """The keyword arguments the pipeline passes its transformer at denoising step ``step`` (from 0) of
+    ``pipe(**call_kwargs)`` (its ``step``-th transformer call: one per step, as FLUX.1 with distilled guidance
+    runs): real latents, timesteps and prompt embeddings, for measuring the transformer alone. The pipeline
+    call stops at that call."""
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is not None and not 0 <= step < steps:
+        raise ValueError(f"step {step} is outside the {steps} denoising steps (0 to {steps - 1})")
+    captured: dict = {}
+    calls = [0]
+
+    class _Captured(Exception):
+        pass
+
+    def hook(module, args, kwargs):
+        if calls[0] == step:
+            captured.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            raise _Captured
+        calls[0] += 1
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(**call_kwargs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"the pipeline called its transformer {calls[0]} times, never at step {step}")
+    captured["return_dict"] = False
+    return captured
+
+
+_PER_SAMPLE = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def batch_transformer_inputs(captured: list[dict]) -> dict:
+    """Transformer arguments captured one prompt at a time, as one batch: the per-sample tensors concatenated,
+    the rest (position ids, flags) the same in all."""
+    if not captured:
+        raise ValueError("no captured inputs to batch")
+    out = dict(captured[0])
+    for key in out:
+        values = [c.get(key) for c in captured]
+        if key in _PER_SAMPLE and isinstance(values[0], torch.Tensor):
+            out[key] = torch.cat(values)
+        elif not all(_same(v, values[0]) for v in values):
+            raise ValueError(f"the captured inputs differ in {key!r}: prompts of different lengths or image sizes "
+                             "cannot run as one batch")
+    return out
+
+
 class StepTimer:
     """The time of each denoising step of a pipeline call, as its ``callback_on_step_end``.
 

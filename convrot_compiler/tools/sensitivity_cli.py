@@ -3,6 +3,7 @@ plot; with ``--budget``, the plan those numbers buy for a weight budget, written
 
     convrot sensitivity                                   # the built-in model: flux-tiny on CPU, flux-dev on CUDA
     convrot sensitivity --model /path/to/FLUX.1-dev --height 512 --width 512 --plot sens.png --json sens.json
+    convrot sensitivity --model /path/to/FLUX.1-dev --prompt "a red fox in snow" --prompt "a lighthouse"  # real latents
     convrot sensitivity --budget 0.1 --plan-out plan.json # a tenth of the way from the cheapest plan to bf16
     convrot sensitivity --budget 6.5GiB --plan-out plan.json
 """
@@ -19,6 +20,7 @@ from ..sensitivity import SensitivityReport, budget_plan, plan_bytes, sensitivit
 from .cli_options import add_model_args, add_quant_args, write_json
 from .demo import DEMO_GATE_BIAS, resolve_device
 from .models import build_flux, load_flux, make_flux_inputs
+from .pipelines import batch_transformer_inputs, capture_transformer_inputs, load_pipeline
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(GiB|MiB|KiB|B)?\s*$", re.IGNORECASE)
 _UNITS = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "b": 1}
@@ -68,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convrot sensitivity", description=__doc__.splitlines()[0])
     add_model_args(p, default_size="512; 64 for flux-tiny", default_tokens="512; 16 for flux-tiny")
     add_quant_args(p, attention=False)
+    p.add_argument("--prompt", action="append", help="with --model (a pipeline folder): measure on the transformer's "
+                   "real inputs at --step of this prompt's denoising; repeat for a batch of prompts")
+    p.add_argument("--steps", type=int, default=28, help="with --prompt: the pipeline's denoising steps (default 28)")
+    p.add_argument("--step", type=int, help="with --prompt: the step whose inputs are measured (default: the middle)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table (default 20)")
     p.add_argument("--json", metavar="FILE", help="write every layer's numbers as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw each layer kind's sensitivity against its block index")
@@ -76,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-out", metavar="JSON", help="write the plan --budget buys (a plan file, for --plan-file)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _pipeline_inputs(args, dev: torch.device, height: int, width: int):
+    """(transformer, its inputs at --step of each --prompt batched, model name, a line on the inputs)."""
+    step = args.steps // 2 if args.step is None else args.step
+    pipe = load_pipeline(args.model).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    captured = [capture_transformer_inputs(pipe, dict(prompt=prompt, height=height, width=width,
+                                                      num_inference_steps=args.steps, guidance_scale=3.5,
+                                                      generator=torch.Generator().manual_seed(args.seed + i)), step)
+                for i, prompt in enumerate(args.prompt)]
+    kwargs = batch_transformer_inputs(captured)
+    where = (f"pipeline inputs at step {step} of {args.steps}, {len(args.prompt)} prompt(s), "
+             f"{kwargs['hidden_states'].shape[1]} image + {kwargs['encoder_hidden_states'].shape[1]} text tokens")
+    return pipe.transformer, kwargs, args.model, where
 
 
 def main(argv=None) -> SensitivityReport:
@@ -88,21 +109,29 @@ def main(argv=None) -> SensitivityReport:
     for path in (args.json, args.plot, args.plan_out):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise FileNotFoundError(f"{path}: its folder does not exist")
+    if args.prompt and not args.model:
+        raise ValueError("--prompt takes the transformer's inputs from a pipeline: give --model, a local FLUX.1 "
+                         "pipeline folder (without it, the built-in random inputs are used)")
     dev = resolve_device(args.device)
     config = args.config if args.config != "auto" else ("flux-dev" if dev.type == "cuda" else "flux-tiny")
     tiny = not args.model and config == "flux-tiny"
-    if args.model:
-        model, name = load_flux(args.model, device=dev), args.model
-    else:
-        model = build_flux(config, seed=args.seed, device=dev, gate_bias=DEMO_GATE_BIAS)
-        name = f"{config} (random weights, seed {args.seed}, adaLN gates {DEMO_GATE_BIAS})"
     height = args.height or (64 if tiny else 512)
-    inputs = make_flux_inputs(model, height, args.width or height, args.text_tokens or (16 if tiny else 512),
-                              seed=args.seed, device=dev)
+    if args.prompt:
+        model, kwargs, name, where = _pipeline_inputs(args, dev, height, args.width or height)
+    else:
+        if args.model:
+            model, name = load_flux(args.model, device=dev), args.model
+        else:
+            model = build_flux(config, seed=args.seed, device=dev, gate_bias=DEMO_GATE_BIAS)
+            name = f"{config} (random weights, seed {args.seed}, adaLN gates {DEMO_GATE_BIAS})"
+        inputs = make_flux_inputs(model, height, args.width or height, args.text_tokens or (16 if tiny else 512),
+                                  seed=args.seed, device=dev)
+        kwargs = inputs.kwargs
+        where = f"random inputs, {inputs.image_tokens} image + {inputs.text_tokens} text tokens"
     with torch.no_grad():
-        report = sensitivity(model, kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
+        report = sensitivity(model, kwargs=kwargs, plan=args.plan, group_size=args.group_size,
                              rotation=args.rotation, progress=not args.no_progress)
-    print(f"model: {name} | device: {dev} | {inputs.image_tokens} image + {inputs.text_tokens} text tokens")
+    print(f"model: {name} | device: {dev} | {where}")
     print(report.table(args.top))
     print(report.summary())
     if args.json:

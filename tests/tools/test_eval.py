@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convrot_compiler.compiler.backend import REPORTS
-from convrot_compiler.tools.evaluate import psnr, run_eval, ssim
+from convrot_compiler.tools.evaluate import format_eval, psnr, run_eval, ssim
 
 
 def test_psnr_and_ssim_on_known_images():
@@ -34,6 +34,9 @@ def test_tiny_pipeline_eval_scores_identical_runs_perfect_and_writes_images(tmp_
     w4 = rows["w4a4"]
     assert w4["ms_per_step"] > 0 and rows["bf16 (again)"]["ms_per_step"] > 0
     assert math.isfinite(w4["psnr_mean"]) and w4["psnr_min"] > 20 and 0.9 < w4["ssim_min"] < 1
+    assert sorted(w4["depth_errors"]) == [1, 2, 4] and all(0 < e < 0.5 for e in w4["depth_errors"].values())
+    assert all(5 < s["min"] <= s["median"] < 80 for s in w4["sqnr_db"].values()) and len(w4["sqnr_db"]) > 10
+    assert "err after 4 blk" in format_eval(result) and "SQNR dB min" in format_eval(result)
     assert REPORTS[-1] is not last_before and REPORTS[-1].rewritten > 0  # the pipeline ran the convrot-compiled transformer
     from PIL import Image
 
