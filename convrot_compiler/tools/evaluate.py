@@ -201,7 +201,8 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
     torch._dynamo.reset()
     written = save_images(images, out_dir)
     result = {"model": model_path or "tiny random FluxPipeline (flux-tiny transformer)", "device": str(dev),
-              "size": size, "steps": steps, "seed": seed, "measured_step": steps // 2, "prompts": prompts, "lpips": lpips_note or "computed",
+              "size": size, "steps": steps, "seed": seed,
+              "measured_step": steps // 2, "prompts": prompts, "lpips": lpips_note or "computed",
               "rows": [asdict(r) for r in rows], "images": written}
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
