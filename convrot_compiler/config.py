@@ -13,7 +13,10 @@ from typing import Any, Callable
 
 import torch
 
+from .calibration import Calibration
+from .compiler.weights import PCA_ROTATIONS
 from .numerics.hadamard import ROTATION_KINDS
+from .numerics.pca import WEIGHT_METHODS
 from .numerics.rotations import GroupHadamardRotation
 from .plans import PlanSpec, make_plan
 
@@ -31,8 +34,11 @@ class ConvRotConfig:
     the second on how ``convrot_compiler.compile`` applies it to a model."""
 
     plan: PlanSpec = "w4a4"              # preset name, (fnmatch pattern, precision) rules, or a Plan
-    group_size: int = 256                # rotation group along K, a power of 4
-    rotation: str = "regular"            # "regular", "sylvester" or "none"
+    group_size: int | None = None        # ConvRot's rotation group along K, a power of 4 (256); DiRotQ's int4 group (64)
+    rotation: str = "regular"            # ConvRot: "regular", "sylvester", "none"; DiRotQ: "pca", "pca-hadamard"
+    weights: str = "rtn"                 # weight quantizer: "rtn", or "gptq" (needs a calibration)
+    calibration: Any = None              # calibration.Calibration: for rotation "pca*" and weights "gptq"
+    high_precision_fraction: float = 0.125  # DiRotQ: the share of each input's channels kept in 16 bits
     inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
     report: Callable | None = None       # receives each graph's CompileReport
     fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
@@ -53,9 +59,30 @@ class ConvRotConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)
         set_("plan", make_plan(self.plan))
-        if self.rotation not in ROTATION_KINDS:
-            raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS}, got {self.rotation!r}")
-        GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
+        pca = self.rotation in PCA_ROTATIONS
+        if self.rotation not in ROTATION_KINDS and not pca:
+            raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS + tuple(PCA_ROTATIONS)}, got "
+                             f"{self.rotation!r}")
+        if self.group_size is None:
+            set_("group_size", 64 if pca else 256)
+        if pca:
+            if self.group_size not in (64, 128, 256):
+                raise ValueError(f"DiRotQ (rotation {self.rotation!r}) quantizes in groups of 64, 128 or 256, not "
+                                 f"{self.group_size}")
+            if not 0 <= self.high_precision_fraction < 1:
+                raise ValueError(f"option 'high_precision_fraction' must be in [0, 1), got "
+                                 f"{self.high_precision_fraction!r}")
+        else:
+            GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
+        if self.weights not in WEIGHT_METHODS:
+            raise ValueError(f"option 'weights' must be one of {WEIGHT_METHODS}, got {self.weights!r}")
+        if (pca or self.weights == "gptq") and self.calibration is None:
+            raise ValueError(f"rotation={self.rotation!r} with weights={self.weights!r} needs a calibration of the "
+                             "model: cal = convrot_compiler.calibrate(model, batches) (or convrot calibrate), then "
+                             "calibration=cal")
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            raise TypeError(f"option 'calibration' must be a convrot_compiler.Calibration, got "
+                            f"{type(self.calibration).__name__}")
         for key in ("inductor", "cuda_graphs", "dynamic"):
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
@@ -76,11 +103,26 @@ class ConvRotConfig:
                 raise ValueError("option 'device' prepares each weight on the device and keeps no float copy of it: "
                                  "it needs release_weights=True")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.rotation in PCA_ROTATIONS or self.weights == "gptq"
+
+    def spec_for(self, precision: str, weight: torch.Tensor):
+        """How a weight this config quantizes at ``precision`` is prepared (compiler.weights.weight_spec)."""
+        from .compiler.weights import weight_spec
+
+        return weight_spec(precision, self.rotation, self.group_size, weight, self.weights, self.calibration,
+                           self.high_precision_fraction)
+
     def replace(self, **overrides: Any) -> "ConvRotConfig":
-        """A copy with ``overrides``, validated again; an unknown name is a TypeError."""
+        """A copy with ``overrides``, validated again; an unknown name is a TypeError. A rotation of the other
+        method (ConvRot's, DiRotQ's) without a group size takes that method's default group size."""
         unknown = sorted(set(overrides) - set(FIELDS))
         if unknown:
             raise TypeError(f"unknown convrot option(s) {unknown}; valid options: {sorted(FIELDS)}")
+        if "rotation" in overrides and "group_size" not in overrides and \
+                (overrides["rotation"] in PCA_ROTATIONS) != (self.rotation in PCA_ROTATIONS):
+            overrides = {**overrides, "group_size": None}
         return dataclasses.replace(self, **overrides)
 
     @classmethod

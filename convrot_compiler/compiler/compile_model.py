@@ -33,7 +33,6 @@ from .weights import (
     prepare_weight,
     release,
     release_storage,
-    weight_spec,
 )
 
 
@@ -141,6 +140,8 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     if config is not None and not isinstance(config, ConvRotConfig):
         raise TypeError(f"config must be a ConvRotConfig, got {type(config).__name__}")
     config = _checkpoint_config(module, config, overrides)
+    if config.calibration is not None:
+        config.calibration.bind(module)
     reports: list[CompileReport] = []
 
     def collect(r: CompileReport) -> None:
@@ -157,6 +158,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
     warn_if_ineffective(decisions, config.plan.name, config.group_size)
+    _check_calibration(decisions, config)
     classes = _regions(module, config.regional)
     units: list[CompileUnit] = []
     if classes:
@@ -186,6 +188,25 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     module.convrot_decisions = decisions
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
+
+
+def _check_calibration(decisions: list[LayerDecision], config: ConvRotConfig) -> None:
+    """Every linear that a calibrated method quantizes (DiRotQ, GPTQ) has a second moment in the calibration,
+    of its width; and DiRotQ's rotations meet only w4a4 linears among those quantizing activations. Checked
+    before any weight is prepared."""
+    from ..numerics.quant import WEIGHT_ONLY
+    from .weights import PCA_ROTATIONS
+
+    if not config.needs_calibration:
+        return
+    for d in decisions:
+        if d.precision in ("bf16", *WEIGHT_ONLY):
+            continue
+        if config.rotation in PCA_ROTATIONS and d.precision != "w4a4":
+            raise ValueError(f"{d.name}: rotation {config.rotation!r} (DiRotQ) is a W4A4 method and the plan puts "
+                             f"this linear at {d.precision}: use a plan whose activation-quantized linears are w4a4")
+        config.calibration.second_moment(d.name, d.in_features)
+        d.extra.update(method="dirotq" if config.rotation in PCA_ROTATIONS else "convrot", weights=config.weights)
 
 
 def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],
@@ -313,14 +334,18 @@ def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotCo
         lin = model.get_submodule(d.name)
         if target is not None and lin.weight.device != target:
             param = placeholder(tuple(lin.weight.shape), lin.weight.dtype, target)
-            spec = weight_spec(d.precision, config.rotation, config.group_size, param)
-            qw = prepare_weight(lin.weight.to(target), spec)
+            if config.calibration is not None:
+                config.calibration.bind_weight(param, d.name)
+            spec = config.spec_for(d.precision, param)
+            qw = prepare_weight(lin.weight.to(target), spec, layer=d.name)
             PREPARED.put(param, spec, qw)
             lin.weight = param
         else:
-            spec = weight_spec(d.precision, config.rotation, config.group_size, lin.weight)
+            spec = config.spec_for(d.precision, lin.weight)
             qw = PREPARED.get(lin.weight, spec)
             if config.release_weights and not is_released(lin.weight):
                 release(lin.weight)
         d.extra["prepared_bytes"] = qw.nbytes()
+        if hasattr(qw, "rank"):
+            d.extra["rank"] = qw.rank
         d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())

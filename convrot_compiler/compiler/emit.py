@@ -8,7 +8,8 @@ weights as new placeholders); the Inductor post-grad pass rewrites the aten-leve
     y    = quantized GEMM(q, s, [w_1 .. w_n])        # one GEMM for the linears reading x, when fused
     y_i  = column block i of y                       # each linear's output
 
-and a weight-only (W4A16, W8A16) linear becomes one weight-only GEMM. ``GraphForm`` says how each form spells those nodes;
+a weight-only (W4A16, W8A16) linear becomes one weight-only GEMM, and a DiRotQ linear (numerics/pca.py) its
+GEMM on its input's rotate+split+quantize, shared by the linears of one input and one basis. ``GraphForm`` says how each form spells those nodes;
 ``emit`` does the grouping, the ordering and the replacement once.
 """
 
@@ -37,6 +38,14 @@ class QuantizedUse:
     scheme: str              # "w4a4", "w8a8", or weight-only "w4a16", "w8a16"
     act_order: str = "natural"
     gelu: fx.Node | None = None  # a GELU computed in its GEMM's epilogue (backend form only)
+    basis: fx.Node | None = None  # DiRotQ: the input's PCA basis and the weight's 16-bit columns
+    w_hi: fx.Node | None = None
+    rank: int = 0
+    share: str | None = None      # DiRotQ: uses of one input with one share key have one basis (calibration)
+
+    @property
+    def is_pca(self) -> bool:
+        return self.basis is not None
 
 
 class GraphForm(Protocol):
@@ -55,6 +64,12 @@ class GraphForm(Protocol):
 
     def weight_only(self, use: QuantizedUse, x: fx.Node, bias) -> fx.Node:
         """The W4A16 GEMM of one use."""
+
+    def pca_quantize(self, x: fx.Node, use: QuantizedUse) -> fx.Node:
+        """DiRotQ's rotate+split+quantize of x into use's basis: one node holding (z_hi, q, s)."""
+
+    def pca_gemm(self, zqs: fx.Node, like: fx.Node, use: QuantizedUse, bias) -> fx.Node:
+        """DiRotQ's GEMM of one use on ``pca_quantize``'s result, shaped like ``like``."""
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         """Route old's users to new, keeping what later passes read of old (module provenance), and erase it."""
@@ -95,9 +110,22 @@ def emit(graph: fx.Graph, uses: list[QuantizedUse], form: GraphForm, fuse: bool)
     replaced = _Replaced()
     done = Emitted(replaced=replaced)
     groups: dict[tuple, list[QuantizedUse]] = {}
+    pca_groups: dict[tuple, list[QuantizedUse]] = {}
     for use in uses:
-        if use.scheme not in WEIGHT_ONLY:
+        if use.is_pca:
+            pca_groups.setdefault((use.x, use.share), []).append(use)
+        elif use.scheme not in WEIGHT_ONLY:
             groups.setdefault(activation_key(use), []).append(use)
+    for (x, _), members in pca_groups.items():
+        first = min(members, key=lambda u: order[u.node])
+        with graph.inserting_before(first.node):
+            zqs = form.pca_quantize(replaced.live(x), first)
+        done.activation_quantizations += 1
+        done.shared += len(members) - 1
+        for u in members:
+            with graph.inserting_before(u.node):
+                new = form.pca_gemm(zqs, replaced.live(x), u, replaced.live(u.bias))
+            _replace(form, u.node, new, replaced)
     for (x, bits, act_order), members in groups.items():
         first = min((u.node for u in members), key=order.__getitem__)
         with graph.inserting_before(first):

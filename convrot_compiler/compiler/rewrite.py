@@ -26,7 +26,14 @@ import torch
 from torch import fx
 
 from ..numerics.quant import WEIGHT_ONLY
-from ..ops import quantize_activation, quantize_cat_activation, quantized_linear, quantized_matmul
+from ..ops import (
+    pca_matmul_like,
+    pca_quantize_activation,
+    quantize_activation,
+    quantize_cat_activation,
+    quantized_linear,
+    quantized_matmul,
+)
 from .emit import Emitted, QuantizedUse, emit
 from .match import LinearMatch
 from .producers import is_gelu_tanh, match_cat_producer
@@ -37,6 +44,13 @@ class Rewrite:
     match: LinearMatch
     scheme: str
     act_order: str = "natural"  # the channel order its weight was prepared in, which its activations must share
+    pca_rank: int | None = None  # DiRotQ: the 16-bit subspace's size (its weight has four tensors, not two)
+    share: str | None = None     # DiRotQ: the calibration's name of the input it reads (one basis per input)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Its prepared weight's tensors, as graph inputs, in the order weights.graph_tensors gives them."""
+        return ("basis", "w_hi", "values", "scale") if self.pca_rank is not None else ("values", "scale")
 
 
 @dataclass
@@ -76,6 +90,13 @@ class _DynamoForm:
     def column_block(self, out, start, length):
         return self.graph.call_function(torch.narrow, (out, -1, start, length))
 
+    def pca_quantize(self, x, use):
+        return self.graph.call_function(pca_quantize_activation, (x, use.basis, self.h, use.rank, self.group_size))
+
+    def pca_gemm(self, zqs, like, use, bias):
+        return self.graph.call_function(pca_matmul_like, (zqs, like, use.w_hi, use.values, use.scale, bias,
+                                                          self.group_size, use.out_features))
+
     def weight_only(self, use, x, bias):
         return self.graph.call_function(quantized_linear, (x, use.values, use.scale, None, bias, use.scheme,
                                                            self.group_size, use.out_features))
@@ -107,17 +128,18 @@ def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
 
 
 def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
-                rotated: bool) -> tuple[list[tuple[fx.Node, fx.Node]], fx.Node | None]:
-    """Placeholders after the existing ones: (values, scale) per rewrite, then h if any rewrite rotates."""
+                rotated: bool) -> tuple[list[dict[str, fx.Node]], fx.Node | None]:
+    """Placeholders after the existing ones: each rewrite's weight tensors (``Rewrite.input_names``), then h if
+    any rewrite rotates."""
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     weights = []
-    for i, _ in enumerate(rewrites):
-        pair = []
-        for name in ("values", "scale"):
+    for i, rw in enumerate(rewrites):
+        nodes = {}
+        for name in rw.input_names:
             with graph.inserting_after(anchor):
                 anchor = graph.placeholder(f"convrot_{i}_{name}")
-            pair.append(anchor)
-        weights.append(tuple(pair))
+            nodes[name] = anchor
+        weights.append(nodes)
     h = None
     if rotated and any(rw.scheme not in WEIGHT_ONLY for rw in rewrites):
         with graph.inserting_after(anchor):
@@ -127,14 +149,16 @@ def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
 
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int, rotated: bool, fuse: bool = True,
                     fuse_producers: bool = False, gelu_epilogue: bool = False) -> RewriteResult:
-    """Rewrite gm in place. Extra inputs, in order: values, scale per rewrite, then h if any rewrite
-    quantizes activations with a rotation (``rotated``)."""
+    """Rewrite gm in place. Extra inputs, in order: each rewrite's weight tensors (values, scale; for DiRotQ
+    basis, w_hi, values, scale), then h if any rewrite quantizes activations with a rotation (``rotated``)."""
     graph = gm.graph
     weights, h = _new_inputs(graph, rewrites, rotated)
-    uses = [QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, values, scale, rw.match.out_features, rw.scheme,
-                         rw.act_order, _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme not in WEIGHT_ONLY
-                         else None)
-            for rw, (values, scale) in zip(rewrites, weights)]
+    uses = [QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, w["values"], w["scale"], rw.match.out_features,
+                         rw.scheme, rw.act_order,
+                         _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme not in WEIGHT_ONLY and
+                         rw.pca_rank is None else None,
+                         basis=w.get("basis"), w_hi=w.get("w_hi"), rank=rw.pca_rank or 0, share=rw.share)
+            for rw, w in zip(rewrites, weights)]
     form = _DynamoForm(graph, h, group_size, fuse_producers)
     done = emit(graph, uses, form, fuse)
     for node in dict.fromkeys(form.absorbed):  # a concatenation that only fed quantizations

@@ -16,6 +16,8 @@ import torch
 from torch import fx
 
 from ..config import ConvRotConfig
+from ..numerics.hadamard import hadamard_matrix
+from ..numerics.pca import pca_nbytes
 from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
@@ -24,7 +26,7 @@ from ..plans import decide as decide_layer
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
-from .weights import PREPARED, PrepSpec, is_released, weight_spec
+from .weights import PREPARED, PrepSpec, is_released
 
 
 @dataclass
@@ -70,15 +72,24 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
-        spec = weight_spec(d.precision, config.rotation, config.group_size, m.weight)
+        if config.calibration is not None:
+            config.calibration.bind_weight(m.weight, m.name)  # a whole-model graph's names are the model's
+        spec = config.spec_for(d.precision, m.weight)
         if d.precision in WEIGHT_ONLY:
             d.extra["layout"] = spec.layout
+        elif spec.is_pca:
+            d.extra.update(method="dirotq", weights=config.weights)
         else:
             d.extra["act_order"] = spec.act_order
         if config.dry_run:
-            d.bytes_after = quantized_nbytes(d.precision, d.out_features, d.in_features, config.group_size, spec.layout)
+            d.bytes_after = (pca_nbytes(d.out_features, d.in_features, config.high_precision_fraction,
+                                        config.group_size) if spec.is_pca else
+                             quantized_nbytes(d.precision, d.out_features, d.in_features, config.group_size,
+                                              spec.layout))
         else:
             qw = PREPARED.get(m.weight, spec)
+            if spec.is_pca:
+                d.extra["rank"] = qw.rank
             if m.weight.is_cuda and not has_kernel(qw):
                 raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {config.group_size} "
                                  f"({d.precision}, rotation {config.rotation}); other group sizes run on CPU only")
@@ -93,12 +104,31 @@ def rewrite(gm: fx.GraphModule, quantized: list[QuantizedLinear], config: ConvRo
     if not quantized:
         return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    result = rewrite_linears(gm, [Rewrite(q.match, q.decision.precision, q.spec.act_order) for q in quantized],
-                             config.group_size, rotated=config.rotation != "none", fuse=config.fuse_gemms,
+    rewrites = [Rewrite(q.match, q.decision.precision, q.spec.act_order,
+                        pca_rank=q.decision.extra["rank"] if q.spec.is_pca else None,
+                        share=_input_share(q, config) if q.spec.is_pca else None) for q in quantized]
+    result = rewrite_linears(gm, rewrites, config.group_size, rotated=graph_rotation_matrix(config) is not None,
+                             fuse=config.fuse_gemms,
                              fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue)
     for q in quantized:
         q.decision.extra["graph_reads_weight"] = bool(placeholders[q.match.weight_index].users)
     return result
+
+
+def _input_share(q: QuantizedLinear, config: ConvRotConfig) -> str:
+    """The calibration's name of the tensor a DiRotQ linear reads: linears with one share one basis."""
+    cal = config.calibration
+    return cal.shared.get(cal.layer_of(q.match.weight), q.match.name)
+
+
+def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
+    """The matrix the graph's activation quantizations take as ``h``: ConvRot's kernel matrix, the regular
+    Hadamard of one int4 group for ``pca-hadamard``, None for ``pca`` and rotation ``none``."""
+    if config.rotation == "pca":
+        return None
+    if config.rotation == "pca-hadamard":
+        return hadamard_matrix("regular", config.group_size)
+    return GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
 
 
 def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
@@ -112,14 +142,14 @@ def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLin
     """The rewritten graph as a callable: compiled by Inductor (default on CUDA) or run as is. The prepared
     weights (and the rotation matrix) are looked up from the weight parameters at every call and passed
     after the graph's own inputs, so the compiled graph holds no weight constants."""
-    h = GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
+    h = graph_rotation_matrix(config)
     device_h: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def extra_inputs(args) -> list[torch.Tensor]:
         extra = []
         for q in quantized:
             qw = PREPARED.get(args[q.match.weight_index], q.spec)
-            extra += [qw.values, qw.scale]
+            extra += qw.graph_tensors()
         if rewritten is not None and rewritten.uses_h:
             # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
             # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16

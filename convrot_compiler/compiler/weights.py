@@ -10,12 +10,17 @@ compile-cache entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..numerics.gptq import gptq_quantizer
+from ..numerics.pca import PCAWeight, pca_quantize_weight
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, quantize_weight
 from ..numerics.rotations import GroupHadamardRotation
+
+PCA_ROTATIONS = {"pca": "none", "pca-hadamard": "regular"}  # DiRotQ; the value: the Hadamard on each int4 group
 from ..ops.dispatch import act_order_for, w4a16_layout
 
 
@@ -28,27 +33,55 @@ class PrepSpec:
     group_size: int
     layout: str = "groups"  # w4a16's packed layout (quant.W4A16_LAYOUTS)
     act_order: str = "natural"  # w4a4/w8a8: the input channels' order (quant.ACT_ORDERS, dispatch.act_order_for)
+    weights: str = "rtn"        # "rtn", or "gptq" (with the calibration's Hessian)
+    calibration: Any = None     # calibration.Calibration, for DiRotQ and GPTQ; compared by identity
+    high_precision_fraction: float = 0.125  # DiRotQ's 16-bit subspace
 
     @property
     def rotation(self) -> GroupHadamardRotation | None:
-        """The weight's rotation: none for weight-only int4, whose activations stay in float."""
+        """The weight's rotation: none for weight-only int4, whose activations stay in float (DiRotQ's basis
+        comes from the calibration)."""
         return None if self.scheme in WEIGHT_ONLY else GroupHadamardRotation(self.rotation_kind, self.group_size)
 
+    @property
+    def is_pca(self) -> bool:
+        return self.rotation_kind in PCA_ROTATIONS and self.scheme not in WEIGHT_ONLY
 
-def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.Tensor) -> PrepSpec:
-    """How a weight is prepared for ``scheme`` where it runs (the packed layout, the channel order): the one
-    place, for the backend, ``compile`` and the Inductor post-grad pass."""
+
+def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.Tensor, weights: str = "rtn",
+                calibration: Any = None, high_precision_fraction: float = 0.125) -> PrepSpec:
+    """How a weight is prepared for ``scheme`` where it runs (the packed layout, the channel order, the method):
+    the one place, for the backend, ``compile`` and the Inductor post-grad pass."""
     if scheme in WEIGHT_ONLY:
         return PrepSpec(scheme, "none", group_size, w4a16_layout(weight, group_size) if scheme == "w4a16" else "groups")
+    if rotation_kind in PCA_ROTATIONS:
+        return PrepSpec(scheme, rotation_kind, group_size, weights=weights, calibration=calibration,
+                        high_precision_fraction=high_precision_fraction)
     return PrepSpec(scheme, rotation_kind, group_size,
-                    act_order=act_order_for(weight.device, weight.dtype, group_size, rotation_kind != "none"))
+                    act_order=act_order_for(weight.device, weight.dtype, group_size, rotation_kind != "none"),
+                    weights=weights, calibration=calibration if weights == "gptq" else None)
 
 
-def prepare_weight(weight: torch.Tensor, spec: PrepSpec) -> QuantizedWeight:
-    """Rotate, quantize and pack a [N, K] weight as ``spec`` says."""
+def prepare_weight(weight: torch.Tensor, spec: PrepSpec, layer: str | None = None) -> QuantizedWeight | PCAWeight:
+    """Rotate, quantize and pack a [N, K] weight as ``spec`` says. DiRotQ and GPTQ read the second moment of
+    linear ``layer``'s input from ``spec.calibration`` (``layer`` None: the calibration's name of ``weight``)."""
     with torch.no_grad():
+        if spec.calibration is None:
+            return quantize_weight(weight.detach(), spec.scheme, spec.rotation, group_size=spec.group_size,
+                                   layout=spec.layout, act_order=spec.act_order)
+        cal = spec.calibration
+        layer = layer or cal.layer_of(weight)
+        moment = cal.second_moment(layer, weight.shape[1]).to(weight.device)
+        if spec.is_pca:
+            if spec.scheme != "w4a4":
+                raise ValueError(f"{layer}: rotation {spec.rotation_kind!r} (DiRotQ) is a W4A4 method, not for "
+                                 f"{spec.scheme}: use a plan whose activation-quantized linears are all w4a4")
+            return pca_quantize_weight(weight.detach(), moment, spec.high_precision_fraction, spec.group_size,
+                                       PCA_ROTATIONS[spec.rotation_kind], spec.weights,
+                                       basis=cal.basis(layer, weight.dtype, weight.device))
         return quantize_weight(weight.detach(), spec.scheme, spec.rotation, group_size=spec.group_size,
-                               layout=spec.layout, act_order=spec.act_order)
+                               weight_quantizer=gptq_quantizer(moment, spec.rotation), layout=spec.layout,
+                               act_order=spec.act_order)
 
 
 class PreparedWeights:

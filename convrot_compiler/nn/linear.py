@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..numerics.quant import (
+    WEIGHT_ONLY,
     QuantizedWeight,
     WeightQuantizer,
     check_act_order,
@@ -22,8 +23,10 @@ from ..numerics.quant import (
     reference_linear,
     rtn_weight_quantizer,
 )
+from ..numerics.gptq import gptq_quantizer
+from ..numerics.pca import PCAWeight, pca_quantize_weight
 from ..numerics.rotations import Rotation, make_rotation
-from ..ops import quantized_linear
+from ..ops import pca_linear, quantized_linear
 from ..ops.dispatch import act_order_for, has_kernel, w4a16_layout
 from ..plans import LayerDecision, PlanSpec, decide_linears, module_bytes
 
@@ -142,11 +145,72 @@ class Int8WeightOnlyLinear(Int4WeightOnlyLinear):
     scheme = "w8a16"
 
 
-def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation") -> nn.Module:
-    if precision == "w4a4":
-        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=4)
-    if precision == "w8a8":
-        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=8)
+class DiRotQLinear(nn.Module):
+    """DiRotQ's W4A4 linear (numerics/pca.py): activations rotated into the calibrated PCA basis of the input,
+    the top-variance ``rank`` coefficients kept in 16 bits, the rest int4 per token and group; the weight in
+    the same basis, its 16-bit columns beside int4 groups (round-to-nearest or GPTQ)."""
+
+    def __init__(self, pw: PCAWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = pw.in_features, pw.out_features
+        self.rank, self.group_size, self.hadamard, self.weights = pw.rank, pw.group_size, pw.hadamard, pw.weights
+        self.register_buffer("basis", pw.basis)
+        self.register_buffer("w_hi", pw.w_hi)
+        self.register_buffer("qweight", pw.values)
+        self.register_buffer("weight_scale", pw.scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        h = pw.hadamard_matrix()
+        self.register_buffer("rotation_matrix", h, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, second_moment: torch.Tensor, high_precision_fraction: float = 0.125,
+                    group_size: int = 64, hadamard: str = "none", weights: str = "rtn") -> "DiRotQLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            pw = pca_quantize_weight(linear.weight, second_moment, high_precision_fraction, group_size, hadamard,
+                                     weights)
+        return cls(pw, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = None if self.rotation_matrix is None else self.rotation_matrix.to(x.device)
+        return pca_linear(x, self.basis, h, self.w_hi, self.qweight, self.weight_scale, self.bias, self.rank,
+                          self.group_size, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} in 16 bits, "
+                f"int4 groups of {self.group_size}, hadamard={self.hadamard}, weights={self.weights}")
+
+
+PCA_ROTATIONS = {"pca": "none", "pca-hadamard": "regular"}  # DiRotQ, and the Hadamard it may add per int4 group
+
+
+def default_group_size(rotation: "str | Rotation") -> int:
+    """DiRotQ quantizes in groups of 64 (its published configuration); ConvRot rotates groups of 256."""
+    return 64 if rotation in PCA_ROTATIONS else 256
+
+
+def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation",
+                          weights: str = "rtn", second_moment: torch.Tensor | None = None,
+                          high_precision_fraction: float = 0.125) -> nn.Module:
+    """The quantized module of ``linear`` at ``precision``. ``rotation="pca"`` (DiRotQ, w4a4 only) and
+    ``weights="gptq"`` need the input's ``second_moment`` (calibration.Calibration.second_moment)."""
+    if (rotation in PCA_ROTATIONS or weights == "gptq") and precision not in WEIGHT_ONLY and second_moment is None:
+        raise ValueError(f"rotation={rotation!r}, weights={weights!r} needs the input's second moment from a "
+                         "calibration (convrot_compiler.calibrate)")
+    if rotation in PCA_ROTATIONS:
+        if precision == "w4a4":
+            return DiRotQLinear.from_linear(linear, second_moment, high_precision_fraction, group_size,
+                                            PCA_ROTATIONS[rotation], weights)
+        if precision not in WEIGHT_ONLY:
+            raise ValueError(f"rotation={rotation!r} (DiRotQ) is a W4A4 method; {precision} linears need a ConvRot "
+                             "rotation: use a plan whose activation-quantized linears are all w4a4")
+    if precision in ("w4a4", "w8a8"):
+        quantizer = rtn_weight_quantizer
+        if weights == "gptq":
+            quantizer = gptq_quantizer(second_moment, make_rotation(rotation, group_size))
+        return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=4 if precision == "w4a4" else 8,
+                                          weight_quantizer=quantizer)
     if precision == "w4a16":
         return Int4WeightOnlyLinear.from_linear(linear, group_size)
     if precision == "w8a16":
@@ -157,22 +221,46 @@ def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, ro
 def quantize_model(
     model: nn.Module,
     plan: PlanSpec = "w4a4",
-    group_size: int = 256,
+    group_size: int | None = None,
     rotation: "str | Rotation" = "regular",
     progress: bool = True,
+    weights: str = "rtn",
+    calibration=None,
+    high_precision_fraction: float = 0.125,
 ) -> list[LayerDecision]:
     """Swap every planned nn.Linear of ``model`` for its quantized module, in place.
 
-    Returns one LayerDecision per linear, including those left alone and why."""
+    ``rotation``: ConvRot's (``regular``, ``sylvester``, ``none``) or DiRotQ's (``pca``, ``pca-hadamard``);
+    ``weights``: ``rtn`` or ``gptq``; the last two need a ``calibration`` of this model. ``group_size``
+    defaults to 256 (ConvRot), 64 for DiRotQ. Returns one LayerDecision per linear, including those left
+    alone and why."""
     from tqdm.auto import tqdm
 
-    make_rotation(rotation, group_size)
+    group_size = group_size or default_group_size(rotation)
+    if rotation not in PCA_ROTATIONS:
+        make_rotation(rotation, group_size)
+    if weights not in ("rtn", "gptq"):
+        raise ValueError(f"weights must be 'rtn' or 'gptq', got {weights!r}")
+    needs_calibration = rotation in PCA_ROTATIONS or weights == "gptq"
+    if needs_calibration and calibration is None:
+        raise ValueError(f"rotation={rotation!r}, weights={weights!r} needs a calibration: "
+                         "cal = convrot_compiler.calibrate(model, batches)")
+    if calibration is not None:
+        calibration.check_model(model)
     decisions = decide_linears(model, plan, group_size)
     todo = [d for d in decisions if d.precision != "bf16"]
+    for d in todo:  # every missing calibration fails before any layer is swapped
+        if needs_calibration and d.precision not in WEIGHT_ONLY:
+            calibration.second_moment(d.name, d.in_features)
     for d in tqdm(todo, desc="quantizing linears", unit="layer", disable=not progress):
         parent_name, _, child = d.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = make_quantized_linear(getattr(parent, child), d.precision, group_size, rotation)
+        moment = calibration.second_moment(d.name, d.in_features) if needs_calibration and \
+            d.precision not in WEIGHT_ONLY else None
+        new = make_quantized_linear(getattr(parent, child), d.precision, group_size, rotation, weights, moment,
+                                    high_precision_fraction)
         setattr(parent, child, new)
         d.bytes_after = module_bytes(new)
+        if isinstance(new, DiRotQLinear):
+            d.extra.update(method="dirotq", rank=new.rank, weights=weights)
     return decisions

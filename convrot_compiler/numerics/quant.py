@@ -263,6 +263,10 @@ class QuantizedWeight:
         """Unpacked int8 values [N, K'], input channels in ``act_order``."""
         return unpack_int4_values(self.values, self.group_size, self.out_features) if self.weight_bits == 4 else self.values
 
+    def graph_tensors(self) -> list[torch.Tensor]:
+        """What a compiled graph takes for this weight, in order."""
+        return [self.values, self.scale]
+
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
 

@@ -4,11 +4,14 @@ them through, and the one place that picks a kernel for each (dispatch.py)."""
 
 from .custom_ops import (
                          fp8_scaled_dot_product_attention,
+                         pca_linear,
+                         pca_matmul_like,
+                         pca_quantize_activation,
                          quantize_activation,
                          quantize_cat_activation,
                          quantized_linear,
                          quantized_matmul,
 )
 
-__all__ = ["fp8_scaled_dot_product_attention", "quantize_activation", "quantize_cat_activation", "quantized_linear",
+__all__ = ["fp8_scaled_dot_product_attention", "pca_linear", "pca_matmul_like", "pca_quantize_activation", "quantize_activation", "quantize_cat_activation", "quantized_linear",
            "quantized_matmul"]

@@ -21,6 +21,7 @@ from ..numerics.fp8_attention import (
     quantize_e4m3,
 )
 from ..numerics.hadamard import padded_size, rotate_with
+from ..numerics.pca import pca_matmul, pca_rotate_quantize
 from ..numerics.quant import (
     SCHEME_BITS,
     WEIGHT_ONLY,
@@ -152,6 +153,43 @@ def _(x, qw, scale, bias, group_size, bits):
     return x.new_empty(x.shape[0], scale.shape[0])
 
 
+@torch.library.custom_op("convrot::pca_rotate_quantize", mutates_args=())
+def pca_rotate_quantize_op(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], rank: int,
+                           group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiRotQ's activation half: (z_hi [M, rank], int4 values [M, K - rank] as int8, scales [M, (K - rank) / G]);
+    see ``numerics.pca.pca_rotate_quantize``."""
+    return pca_rotate_quantize(x, basis, h, rank, group_size)
+
+
+@pca_rotate_quantize_op.register_kernel("cuda")
+def _pca_rotate_quantize_cuda(x, basis, h, rank, group_size):
+    return dispatch.pca_rotate_quantize(x, basis, h, rank, group_size)
+
+
+@pca_rotate_quantize_op.register_fake
+def _(x, basis, h, rank, group_size):
+    m, k = x.shape
+    return (x.new_empty(m, rank), x.new_empty(m, k - rank, dtype=torch.int8),
+            x.new_empty(m, (k - rank) // group_size, dtype=torch.float32))
+
+
+@torch.library.custom_op("convrot::pca_gemm", mutates_args=())
+def pca_gemm_op(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
+                sw: torch.Tensor, bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    """DiRotQ's GEMM, [M, N] in z_hi's dtype; see ``numerics.pca.pca_matmul``."""
+    return pca_matmul(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
+
+
+@pca_gemm_op.register_kernel("cuda")
+def _pca_gemm_cuda(z_hi, q, sa, w_hi, qw, sw, bias, group_size):
+    return dispatch.pca_gemm(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
+
+
+@pca_gemm_op.register_fake
+def _(z_hi, q, sa, w_hi, qw, sw, bias, group_size):
+    return z_hi.new_empty(q.shape[0], w_hi.shape[0])
+
+
 @torch.library.custom_op("convrot::fp8_attention", mutates_args=())
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
@@ -222,6 +260,28 @@ def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
         return out.reshape(*x.shape[:-1], out_features)
     q, s = quantize_activation(x, h, group_size, 4 if scheme == "w4a4" else 8, order)
     return quantized_matmul(q, s, x, values, scale, bias, scheme, group_size, out_features)
+
+
+def pca_quantize_activation(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], rank: int,
+                            group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiRotQ's first half on x [..., K] as rows: shared by every linear reading x (one basis per input)."""
+    return torch.ops.convrot.pca_rotate_quantize(_rows(x), basis, h, rank, group_size)
+
+
+def pca_matmul_like(zqs, x: torch.Tensor, w_hi: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], group_size: int, out_features: int) -> torch.Tensor:
+    """DiRotQ's second half on ``pca_quantize_activation``'s result, shaped like x [..., out_features]."""
+    z_hi, q, s = zqs
+    out = torch.ops.convrot.pca_gemm(z_hi, q, s, w_hi, values, scale, bias, group_size)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def pca_linear(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], w_hi: torch.Tensor,
+               values: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], rank: int, group_size: int,
+               out_features: int) -> torch.Tensor:
+    """y = x W^T + b for a DiRotQ weight (numerics.pca.PCAWeight's tensors) through the custom ops."""
+    zqs = pca_quantize_activation(x, basis, h, rank, group_size)
+    return pca_matmul_like(zqs, x, w_hi, values, scale, bias, group_size, out_features)
 
 
 def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

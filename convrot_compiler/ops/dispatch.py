@@ -63,6 +63,8 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of 256k. Other
     weights run the reference ops."""
     g = qweight.group_size
+    if hasattr(qweight, "basis"):  # DiRotQ (numerics.pca.PCAWeight): Triton's kernels take groups of 64 to 256
+        return g in (64, 128, 256)
     if qweight.scheme == "w8a16":
         return g % 256 == 0
     if qweight.act_bits is None:
@@ -157,6 +159,22 @@ def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bia
     else:
         from ..kernels.triton.weight_only import w4a16_gemm as kernel
     return kernel(x, qw, scale, bias, group_size)
+
+
+def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | None, rank: int,
+                        group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiRotQ's fused basis rotation, split and group quantization: Triton's kernel."""
+    from ..kernels.triton.pca import pca_rotate_quantize as kernel
+
+    return kernel(x, basis, h, rank, group_size)
+
+
+def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
+             sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """DiRotQ's GEMM (16-bit subspace + group-scaled int4): Triton's kernel."""
+    from ..kernels.triton.pca import pca_gemm as kernel
+
+    return kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
 
 
 def fp8_attention_unsupported(shape: tuple[int, int, int, int], softmax_scale: float,

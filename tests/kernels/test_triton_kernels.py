@@ -357,3 +357,43 @@ def test_w8a16_kernel_matches_reference(m, n, k, group):
     assert (ref - (x @ w.T + bias)).norm() / (x @ w.T + bias).norm() < 0.01  # int8 weights: under 1% off float
     with pytest.raises(ValueError, match="needs group_size a multiple of 256"):
         w8a16_gemm(x.to(DEV), qw.values.to(DEV), qw.scale.to(DEV), None, 128)
+
+
+@pytest.mark.parametrize("hadamard", [None, "regular"])
+@pytest.mark.parametrize("m,k,rank", [(1, 256, 64), (19, 256, 0), (33, 384, 128)])
+def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, rank):
+    """A signed-permutation basis on integer-valued activations: every product is exact, so the kernel and the
+    reference agree bit for bit on z_hi, the int4 values and the scales."""
+    from convrot_compiler.kernels.triton.pca import pca_rotate_quantize
+    from convrot_compiler.numerics.pca import pca_rotate_quantize as reference
+
+    g = torch.Generator().manual_seed(m + k + rank)
+    x = _int_valued(m, k, seed=m + k).bfloat16()
+    x[min(2, m - 1)] = 0.0
+    basis = torch.zeros(k, k)
+    basis[torch.randperm(k, generator=g), torch.arange(k)] = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    basis = basis.bfloat16()
+    h = None if hadamard is None else hadamard_matrix("regular", 64)
+    z_ref, q_ref, s_ref = reference(x, basis, h, rank, 64)
+    z, q, s = pca_rotate_quantize(x.to(DEV), basis.to(DEV), None if h is None else h.to(DEV), rank, 64)
+    assert torch.equal(z.cpu(), z_ref) and torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,rank,lo", [(1, 48, 64, 192), (37, 80, 0, 128), (20, 16, 128, 64)])
+def test_pca_gemm_kernel_matches_reference(dtype, m, n, rank, lo):
+    from convrot_compiler.kernels.triton.pca import pca_gemm
+    from convrot_compiler.numerics.pca import pca_matmul
+
+    g = torch.Generator().manual_seed(m + n + rank)
+    z_hi = torch.randn(m, rank, generator=g).to(dtype)
+    q = torch.randint(-7, 8, (m, lo), generator=g, dtype=torch.int8)
+    sa = torch.rand(m, lo // 64, generator=g) * 0.1
+    w_hi = (torch.randn(n, rank, generator=g) * 0.1).to(dtype)
+    qw = pack_int4(torch.randint(-7, 8, (n, lo), generator=g, dtype=torch.int8), 64)
+    sw = torch.rand(n, lo // 64, generator=g) * 0.01
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = pca_matmul(z_hi, q, sa, w_hi, qw, sw, bias, 64).float()
+    out = pca_gemm(*(t.to(DEV) for t in (z_hi, q, sa, w_hi, qw, sw, bias)), 64).float().cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # bf16: one rounding step of the output
+    assert torch.all((out - ref).abs() <= tol * (ref.abs() + ref.abs().mean())), (out - ref).abs().max()

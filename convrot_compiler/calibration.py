@@ -1,0 +1,229 @@
+"""Calibration for the methods that need one (DiRotQ's PCA basis, GPTQ's Hessian): the second moment
+E[x^T x] of each quantized linear's input, accumulated in float32 on the model's device while the model runs
+on real inputs. No activation is stored. Linears that read one tensor (FLUX's Q, K and V) share one matrix.
+
+    cal = convrot_compiler.calibrate(model, batches)           # batches: tuples of args or dicts of kwargs
+    with convrot_compiler.Calibrator(pipe.transformer) as cal:  # or around real denoising
+        pipe(prompt, num_inference_steps=25)
+    cal.save("flux.calibration.safetensors")
+    convrot_compiler.compile(model, rotation="pca", calibration=Calibration.load(...))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .plans import PlanSpec, decide_linears
+
+FORMAT = "convrot-calibration"
+VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """A calibration that does not fit the model or layer it is used for."""
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What a calibration is checked against: the model's class, a hash of its config (diffusers models have
+    one), and each linear's (in_features, out_features)."""
+    config = getattr(model, "config", None)
+    config_json = json.dumps(dict(config), sort_keys=True, default=str) if config is not None else ""
+    linears = {name: [m.in_features, m.out_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "linears": linears}
+
+
+@dataclass(eq=False)
+class Calibration:
+    """Second moments by linear name. ``moments``: [K, K] float32 sums of x^T x, one per distinct input, under
+    the name of the first linear reading it; ``shared``: linear name -> that first linear's name, for every
+    calibrated linear (itself for a first one); ``tokens``: rows summed, per first linear."""
+
+    moments: dict[str, torch.Tensor]
+    shared: dict[str, str]
+    tokens: dict[str, int]
+    model: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._names = WeakIdKeyDictionary()  # weight parameter -> its linear's name in the bound model
+        self._bases: dict[tuple, torch.Tensor] = {}
+
+    def bind(self, model: nn.Module) -> None:
+        """Check ``model`` (``check_model``) and learn which linear each weight parameter belongs to, so that a
+        weight met in a compiled graph (where names may be relative to a block) finds its second moment."""
+        self.check_model(model)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                self._names[module.weight] = name
+
+    def bind_weight(self, weight: torch.Tensor, name: str) -> None:
+        """Learn one weight's linear name (a weight moved to another device, a whole-model graph's linear)."""
+        if weight not in self._names:
+            self._names[weight] = name
+
+    def layer_of(self, weight: torch.Tensor) -> str:
+        name = self._names.get(weight)
+        if name is None:
+            raise CalibrationError("a weight whose linear the calibration does not know: compile the model the "
+                                   "calibration was bound to (convrot_compiler.compile binds it)")
+        return name
+
+    def basis(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Linear ``name``'s PCA basis (numerics.pca.pca_basis) in ``dtype`` on ``device``, computed once per
+        input: linears reading one tensor share one basis tensor."""
+        from .numerics.pca import pca_basis
+
+        key = (self.shared.get(name, name), dtype, torch.device(device))
+        if key not in self._bases:
+            vectors, _ = pca_basis(self.second_moment(name).to(device))
+            self._bases[key] = vectors.to(dtype)
+        return self._bases[key]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.shared)
+
+    def covers(self, name: str) -> bool:
+        return name in self.shared
+
+    def second_moment(self, name: str, in_features: int | None = None) -> torch.Tensor:
+        """E[x^T x] of linear ``name``'s input, float32 [K, K]; a clear error for a layer the calibration never
+        saw or one of another width."""
+        if name not in self.shared:
+            raise CalibrationError(f"{name}: the calibration never saw this linear (it covers {len(self.shared)} "
+                                   "linears); calibrate with a plan that quantizes it, or keep it out of the plan")
+        lead = self.shared[name]
+        moment = self.moments[lead]
+        if in_features is not None and moment.shape[0] != in_features:
+            raise CalibrationError(f"{name}: calibrated on {moment.shape[0]} inputs, the layer has {in_features}: "
+                                   "the calibration comes from another model")
+        return moment / max(self.tokens[lead], 1)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this calibration was not made on (another class, config, or linear shapes)."""
+        if not self.model:
+            return
+        mine = model_fingerprint(model)
+        if mine["class"] != self.model["class"] or mine["config_sha256"] != self.model["config_sha256"]:
+            raise CalibrationError(f"the calibration was made on a {self.model['class']} with config "
+                                   f"{self.model['config_sha256']}, not this {mine['class']} (config "
+                                   f"{mine['config_sha256']}): calibrate this model")
+        for name in self.shared:
+            if mine["linears"].get(name) != self.model["linears"].get(name):
+                raise CalibrationError(f"{name}: shape {mine['linears'].get(name)} in this model, "
+                                       f"{self.model['linears'].get(name)} in the calibrated one")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.moments.values())
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "version": str(VERSION), "shared": json.dumps(self.shared),
+                "tokens": json.dumps(self.tokens), "model": json.dumps(self.model)}
+        save_file({k: v.contiguous().cpu() for k, v in self.moments.items()}, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str = "cpu") -> "Calibration":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CalibrationError(f"{path} is not a convrot calibration file (no {FORMAT!r} metadata)")
+            if int(meta.get("version", 0)) > VERSION:
+                raise CalibrationError(f"{path}: calibration format version {meta['version']} is newer than this "
+                                       f"convrot-compiler reads ({VERSION}); upgrade convrot-compiler")
+            moments = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(moments, json.loads(meta["shared"]), json.loads(meta["tokens"]), json.loads(meta["model"]))
+
+
+class Calibrator:
+    """Hooks on a model's linears that accumulate their inputs' second moments while it runs; a context
+    manager whose value is the growing ``Calibration``. ``plan``: the linears of 16-bit-or-more activations
+    that it quantizes are calibrated (weight-only and bf16 linears need none); ``layers``: these names instead."""
+
+    def __init__(self, model: nn.Module, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None):
+        from .numerics.quant import WEIGHT_ONLY
+
+        if layers is None:
+            layers = [d.name for d in decide_linears(model, plan) if d.precision not in ("bf16", *WEIGHT_ONLY)]
+        self.names = list(layers)
+        if not self.names:
+            raise CalibrationError(f"nothing to calibrate: no linear of {type(model).__name__} is quantized with "
+                                   "quantized activations under this plan")
+        self.model = model
+        modules = dict(model.named_modules())
+        missing = [n for n in self.names if not isinstance(modules.get(n), nn.Linear)]
+        if missing:
+            raise CalibrationError(f"{missing[0]} is not a linear of {type(model).__name__}")
+        self.calibration = Calibration({}, {}, {}, model_fingerprint(model))
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # this forward's inputs: id -> (tensor, first reader)
+        self._handles: list = []
+
+    def __enter__(self) -> Calibration:
+        modules = dict(self.model.named_modules())
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+        self._handles.append(self.model.register_forward_pre_hook(lambda *a: self._seen.clear()))
+        return self.calibration
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        cal = self.calibration
+
+        def hook(module, args):
+            x = args[0]
+            entry = self._seen.get(id(x))
+            lead = entry[1] if entry is not None and entry[0]() is x else None
+            known = cal.shared.get(name)
+            if known is None:
+                cal.shared[name] = lead or name
+            elif lead != (known if known != name else None):
+                raise CalibrationError(f"{name}: its input was shared with other linears in one calibration batch "
+                                       "and not in another: the model's data flow changed between batches")
+            if lead is not None:
+                return
+            self._seen[id(x)] = (weakref.ref(x), name)
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            if name not in cal.moments:
+                cal.moments[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+                cal.tokens[name] = 0
+            cal.moments[name].addmm_(rows.T, rows)
+            cal.tokens[name] += rows.shape[0]
+
+        return hook
+
+
+def calibrate(model: nn.Module, batches: Iterable, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None,
+              progress: bool = True) -> Calibration:
+    """Run ``model`` on each batch (a tuple of positional arguments, or a dict of keyword arguments) under a
+    ``Calibrator`` and return the calibration. The model is left as it was."""
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with Calibrator(model, plan, layers) as cal, torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="calibration", unit="batch", disable=not progress):
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                raise TypeError(f"a calibration batch is a tuple of arguments or a dict of keyword arguments, "
+                                f"got {type(batch).__name__}")
+    if not cal.moments:
+        raise CalibrationError("the model ran none of the calibrated linears: no batches, or they never ran")
+    return cal

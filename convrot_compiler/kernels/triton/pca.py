@@ -1,0 +1,162 @@
+"""DiRotQ's kernels: the basis rotation fused with the subspace split and the group quantization, and the GEMM
+that adds the 16-bit subspace's product to the group-scaled int4 one. Reference: numerics/pca.py.
+
+rotate+split+quantize: a program computes a [BM, G] tile of z = x B on tensor cores (float32 accumulation),
+one quantization group wide. A tile in the first r columns is stored in 16 bits; any other is multiplied by
+the group's Hadamard (optional), and its rows are quantized with one scale each: the group needs no other
+tile, so the rotation and the quantization are one kernel and z never goes to memory.
+
+GEMM: a program owns a [BM, BN] output tile. It multiplies the 16-bit subspace (bf16 x bf16 -> float32), then
+each group of the rest: two int8 products of G/2 inputs (the packed bytes' low and high nibbles, quant.pack_int4)
+into one int32 tile, scaled by the rows' and channels' scales of that group into the float32 accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
+
+_QUANT_GPU_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_stages=s, num_warps=w)
+                      for bm, bk, s, w in [(128, 64, 3, 4), (64, 64, 3, 4), (128, 128, 3, 8)]]
+_QUANT_INTERPRETER = triton.Config({"BM": 16, "BK": 32}, num_warps=4)
+_GEMM_GPU_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BKH": bk}, num_stages=s, num_warps=w)
+                     for bm, bn, bk, s, w in [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]]
+_GEMM_INTERPRETER = triton.Config({"BM": 16, "BN": 16, "BKH": 32}, num_warps=4)
+
+
+@triton.jit
+def _dot16(a, b, acc, EXACT: tl.constexpr):
+    """acc + a @ b for 16-bit a, b: on tensor cores, or (EXACT, for the interpreter, whose 16-bit dot is wrong)
+    in float32."""
+    if EXACT:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=autotune_configs(_QUANT_GPU_CONFIGS, _QUANT_INTERPRETER), key=["M", "K", "R", "HAS_H"])
+@triton.jit
+def _pca_rotate_quantize_kernel(x_ptr, b_ptr, h_ptr, zhi_ptr, q_ptr, s_ptr, M, K, R,
+                                stride_xm, stride_bk, stride_zm, stride_qm, stride_sm,
+                                G: tl.constexpr, HAS_H: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr,
+                                BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    c0 = tl.program_id(1) * G
+    rm = pid_m * BM + tl.arange(0, BM)
+    rg = tl.arange(0, G)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros([BM, G], dtype=tl.float32)
+    for k in range(0, K, BK):
+        kk = k + rk
+        a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_bk + (c0 + rg)[None, :], mask=kk[:, None] < K, other=0.0)
+        acc = _dot16(a, b, acc, EXACT)
+    if c0 < R:
+        tl.store(zhi_ptr + rm64[:, None] * stride_zm + (c0 + rg)[None, :], acc.to(zhi_ptr.dtype.element_ty),
+                 mask=mmask[:, None])
+    else:
+        if HAS_H:
+            h = tl.load(h_ptr + rg[:, None] * G + rg[None, :]).to(tl.float32)
+            acc = tl.dot(acc, h, input_precision="ieee")
+        absmax = tl.max(tl.abs(acc), axis=1)
+        scale = absmax / 7.0
+        usable = scale > 0
+        safe = tl.where(usable, scale, 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(acc / safe[:, None]), -7.0), 7.0)
+        q = tl.where(usable[:, None], q, 0.0)
+        lo = c0 - R
+        tl.store(q_ptr + rm64[:, None] * stride_qm + (lo + rg)[None, :], q.to(tl.int8), mask=mmask[:, None])
+        tl.store(s_ptr + rm64 * stride_sm + lo // G, scale, mask=mmask)
+
+
+def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | None, rank: int,
+                        group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """numerics.pca.pca_rotate_quantize on the GPU (or the interpreter): x [M, K] in 16 bits, basis [K, K] in x's
+    dtype, h [G, G] float32 or None."""
+    check_device(x, basis)
+    check_2d_rows("x", x)
+    m, k = x.shape
+    if basis.shape != (k, k) or basis.dtype != x.dtype:
+        raise ValueError(f"basis must be [{k}, {k}] in {x.dtype}, got {tuple(basis.shape)} {basis.dtype}")
+    if k % group_size or rank % group_size or not 0 <= rank < k:
+        raise ValueError(f"K = {k} and rank = {rank} must be multiples of the group size {group_size}, rank < K")
+    if h is not None and h.shape != (group_size, group_size):
+        raise ValueError(f"h must be [{group_size}, {group_size}], got {tuple(h.shape)}")
+    basis = basis.contiguous()
+    z_hi = torch.empty(m, rank, dtype=x.dtype, device=x.device)
+    q = torch.empty(m, k - rank, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, (k - rank) // group_size, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return z_hi, q, s
+    hf = h.float().contiguous() if h is not None else s
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), k // group_size)  # noqa: E731
+    _pca_rotate_quantize_kernel[grid](x, basis, hf, z_hi, q, s, m, k, rank, x.stride(0), basis.stride(0),
+                                      max(z_hi.stride(0), 1), q.stride(0), s.stride(0), G=group_size,
+                                      HAS_H=h is not None, EXACT=interpreting())
+    return z_hi, q, s
+
+
+@triton.autotune(configs=autotune_configs(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER), key=["M", "N", "R", "L"])
+@triton.jit
+def _pca_gemm_kernel(zhi_ptr, q_ptr, sa_ptr, whi_ptr, qw_ptr, sw_ptr, bias_ptr, c_ptr, M, N, R, L,
+                     stride_zm, stride_qm, stride_sam, stride_whn, stride_qwn, stride_swn, stride_cm,
+                     G: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BKH: tl.constexpr):
+    HALF: tl.constexpr = G // 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    rk = tl.arange(0, BKH)
+    for k in range(0, R, BKH):
+        kk = k + rk
+        a = tl.load(zhi_ptr + rm64[:, None] * stride_zm + kk[None, :], mask=mmask[:, None] & (kk[None, :] < R), other=0.0)
+        b = tl.load(whi_ptr + rn64[None, :] * stride_whn + kk[:, None], mask=nmask[None, :] & (kk[:, None] < R),
+                    other=0.0)
+        acc = _dot16(a, b, acc, EXACT)
+    rh = tl.arange(0, HALF)
+    for g in range(0, L // G):
+        qa_lo = tl.load(q_ptr + rm64[:, None] * stride_qm + (g * G + rh)[None, :], mask=mmask[:, None], other=0)
+        qa_hi = tl.load(q_ptr + rm64[:, None] * stride_qm + (g * G + HALF + rh)[None, :], mask=mmask[:, None], other=0)
+        packed = tl.load(qw_ptr + rn64[None, :] * stride_qwn + (g * HALF + rh)[:, None], mask=nmask[None, :], other=0)
+        w_lo = (packed << 4).to(tl.int8) >> 4
+        w_hi = packed >> 4
+        exact = tl.dot(qa_lo, w_lo, out_dtype=tl.int32) + tl.dot(qa_hi, w_hi, out_dtype=tl.int32)
+        sa = tl.load(sa_ptr + rm64 * stride_sam + g, mask=mmask, other=0.0)
+        sw = tl.load(sw_ptr + rn64 * stride_swn + g, mask=nmask, other=0.0)
+        acc += exact.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm64[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
+             sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """numerics.pca.pca_matmul on the GPU (or the interpreter): [M, N] in z_hi's dtype."""
+    check_device(z_hi, q, sa, w_hi, qw, sw)
+    for name, t in (("q", q), ("qw", qw), ("w_hi", w_hi)):
+        check_2d_rows(name, t)
+    m, lo = q.shape
+    n, rank = w_hi.shape
+    if z_hi.shape != (m, rank) or qw.shape != (n, lo // 2) or sa.shape != (m, lo // group_size) or \
+            sw.shape != (n, lo // group_size) or lo % group_size:
+        raise ValueError(f"pca_gemm shapes disagree: z_hi {tuple(z_hi.shape)}, q {tuple(q.shape)}, sa {tuple(sa.shape)}, "
+                         f"w_hi {tuple(w_hi.shape)}, qw {tuple(qw.shape)}, sw {tuple(sw.shape)}, group {group_size}")
+    c = torch.empty(m, n, dtype=z_hi.dtype, device=q.device)
+    if m == 0 or n == 0:
+        return c
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    _pca_gemm_kernel[grid](z_hi, q, sa, w_hi, qw, sw, bias if bias is not None else sw, c, m, n, rank, lo,
+                           max(z_hi.stride(0), 1), q.stride(0), sa.stride(0), w_hi.stride(0), qw.stride(0),
+                           sw.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None, EXACT=interpreting())
+    return c
