@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .numerics.pca import PCA_BLOCK, block_shape
 from .plans import PlanSpec, decide_linears
 
 FORMAT = "convrot-calibration"
@@ -42,8 +43,9 @@ def model_fingerprint(model: nn.Module) -> dict:
 
 @dataclass(eq=False)
 class Calibration:
-    """Second moments by linear name. ``moments``: [K, K] float32 sums of x^T x, one per distinct input, under
-    the name of the first linear reading it; ``shared``: linear name -> that first linear's name, for every
+    """Second moments by linear name. ``moments``: float32 sums of x^T x in diagonal blocks [n, b, b]
+    (numerics.pca.block_shape: one [1, K, K] block up to 3072 inputs), one per distinct input, under the name of
+    the first linear reading it; ``shared``: linear name -> that first linear's name, for every
     calibrated linear (itself for a first one); ``tokens``: rows summed, per first linear."""
 
     moments: dict[str, torch.Tensor]
@@ -80,12 +82,11 @@ class Calibration:
     def basis(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Linear ``name``'s PCA basis (numerics.pca.pca_basis) in ``dtype`` on ``device``, computed once per
         input: linears reading one tensor share one basis tensor."""
-        from .numerics.pca import pca_basis
+        from .numerics.pca import pca_bases
 
         key = (self.shared.get(name, name), dtype, torch.device(device))
         if key not in self._bases:
-            vectors, _ = pca_basis(self.second_moment(name).to(device))
-            self._bases[key] = vectors.to(dtype)
+            self._bases[key] = pca_bases(self.second_moment(name).to(device)).to(dtype)
         return self._bases[key]
 
     @property
@@ -96,15 +97,16 @@ class Calibration:
         return name in self.shared
 
     def second_moment(self, name: str, in_features: int | None = None) -> torch.Tensor:
-        """E[x^T x] of linear ``name``'s input, float32 [K, K]; a clear error for a layer the calibration never
-        saw or one of another width."""
+        """E[x^T x] of linear ``name``'s input in diagonal blocks, float32 [n, b, b] with n b = K; a clear error for
+        a layer the calibration never saw or one of another width."""
         if name not in self.shared:
             raise CalibrationError(f"{name}: the calibration never saw this linear (it covers {len(self.shared)} "
                                    "linears); calibrate with a plan that quantizes it, or keep it out of the plan")
         lead = self.shared[name]
         moment = self.moments[lead]
-        if in_features is not None and moment.shape[0] != in_features:
-            raise CalibrationError(f"{name}: calibrated on {moment.shape[0]} inputs, the layer has {in_features}: "
+        width = moment.shape[0] * moment.shape[1]
+        if in_features is not None and width != in_features:
+            raise CalibrationError(f"{name}: calibrated on {width} inputs, the layer has {in_features}: "
                                    "the calibration comes from another model")
         return moment / max(self.tokens[lead], 1)
 
@@ -152,7 +154,8 @@ class Calibrator:
     manager whose value is the growing ``Calibration``. ``plan``: the linears of 16-bit-or-more activations
     that it quantizes are calibrated (weight-only and bf16 linears need none); ``layers``: these names instead."""
 
-    def __init__(self, model: nn.Module, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None):
+    def __init__(self, model: nn.Module, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None,
+                 block: int | None = None):
         from .numerics.quant import WEIGHT_ONLY
 
         if layers is None:
@@ -162,6 +165,7 @@ class Calibrator:
             raise CalibrationError(f"nothing to calibrate: no linear of {type(model).__name__} is quantized with "
                                    "quantized activations under this plan")
         self.model = model
+        self.block = block or PCA_BLOCK
         modules = dict(model.named_modules())
         missing = [n for n in self.names if not isinstance(modules.get(n), nn.Linear)]
         if missing:
@@ -198,24 +202,27 @@ class Calibrator:
             if lead is not None:
                 return
             self._seen[id(x)] = (weakref.ref(x), name)
-            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            k = x.shape[-1]
+            n, b = block_shape(k, block=self.block)
+            blocks = x.detach().reshape(-1, n, b).float().transpose(0, 1)  # [n, M, b]
             if name not in cal.moments:
-                cal.moments[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+                cal.moments[name] = torch.zeros(n, b, b, dtype=torch.float32, device=x.device)
                 cal.tokens[name] = 0
-            cal.moments[name].addmm_(rows.T, rows)
-            cal.tokens[name] += rows.shape[0]
+            cal.moments[name].baddbmm_(blocks.transpose(1, 2), blocks)
+            cal.tokens[name] += blocks.shape[1]
 
         return hook
 
 
 def calibrate(model: nn.Module, batches: Iterable, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, block: int | None = None) -> Calibration:
     """Run ``model`` on each batch (a tuple of positional arguments, or a dict of keyword arguments) under a
-    ``Calibrator`` and return the calibration. The model is left as it was."""
+    ``Calibrator`` and return the calibration. The model is left as it was. ``block``: the widest input whose
+    second moment is one matrix (numerics.pca.PCA_BLOCK, 3072); wider ones are kept in diagonal blocks."""
     from tqdm.auto import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None
-    with Calibrator(model, plan, layers) as cal, torch.no_grad():
+    with Calibrator(model, plan, layers, block) as cal, torch.no_grad():
         for batch in tqdm(batches, total=total, desc="calibration", unit="batch", disable=not progress):
             if isinstance(batch, dict):
                 model(**batch)

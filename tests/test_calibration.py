@@ -85,3 +85,13 @@ def test_a_calibrator_around_a_pipeline_sees_every_denoising_step():
     assert cal.tokens["transformer_blocks.0.attn.add_q_proj"] == 3 * 8  # text tokens per step
     assert not pipe.transformer._forward_pre_hooks  # hooks gone after the block
     assert cc.Calibration is Calibration
+
+
+def test_wide_inputs_keep_the_diagonal_blocks_of_the_full_second_moment(model, batches, cal):
+    blocked = calibrate(model, batches, progress=False, block=256)
+    name = "transformer_blocks.1.ff.net.2"  # 1024 inputs: four blocks of 256
+    full, parts = cal.second_moment(name)[0], blocked.second_moment(name, 1024)
+    assert parts.shape == (4, 256, 256)
+    for j in range(4):
+        assert torch.allclose(parts[j], full[256 * j:256 * (j + 1), 256 * j:256 * (j + 1)], rtol=1e-5, atol=1e-6)
+    assert blocked.second_moment("transformer_blocks.1.attn.to_q").shape == (1, 256, 256)

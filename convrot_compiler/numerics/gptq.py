@@ -95,8 +95,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 def gptq_quantizer(second_moment: torch.Tensor, rotation, damp: float = 0.01):
     """A ``quant.WeightQuantizer`` for ``quantize_weight``: GPTQ with one scale per output channel, the Hessian
-    carried into the rotated space of ``rotation`` (R^T C R, C zero-padded to the rotated width)."""
-    rotated = rotation.apply(rotation.apply(second_moment.double()).T)
+    carried into the rotated space of ``rotation`` (R^T C R, C zero-padded to the rotated width). A second moment
+    in blocks [n, b, b] (a wide input's calibration) is the block-diagonal Hessian."""
+    c = second_moment.double()
+    if c.dim() == 3:
+        c = torch.block_diag(*c)
+    rotated = rotation.apply(rotation.apply(c).T)
 
     def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         return gptq_quantize(w, rotated.to(w.device), bits, group_size=None, damp=damp)

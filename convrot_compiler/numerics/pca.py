@@ -1,19 +1,20 @@
 """DiRotQ's numerics (arXiv 2605.16732), the plain-torch reference every kernel of the method is checked against.
 
-For a linear with calibrated input second moment C = E[x^T x] (K x K):
+For a linear whose input's second moment C = E[x^T x] was calibrated, block-diagonally in blocks of b channels
+(``block_shape``: one block up to 3072 inputs; FLUX's 12288- and 15360-wide inputs in blocks of 3072, which
+keeps the calibration, the bases and the rotation's cost that of a 3072-wide layer):
 
-* the basis B: the eigenvectors of C by descending eigenvalue (PCA), stored in the activations' dtype;
-  each activation row is rotated once, z = x B;
-* the first r coefficients of z (the high-variance subspace, r = ``high_precision_fraction`` * K rounded to
-  whole groups) stay in 16 bits;
-* the other K - r are quantized to int4 per token in groups of ``group_size`` (one scale per token and
-  group), optionally after a group-wise regular Hadamard over each group (``hadamard="regular"``);
-* the weight W goes into the same basis as W' = W B^-T, computed against the stored (rounded) B so that
-  z W'^T = x W^T holds to float precision; its first r columns stay 16-bit, the rest are int4 per output
-  channel and group of ``group_size`` inputs, by round-to-nearest or by GPTQ with the Hessian C carried
-  into the same basis.
+* each block's basis B_j: the eigenvectors of C_j by descending eigenvalue (PCA), stored in the activations'
+  dtype; each block of an activation row is rotated once, z_j = x_j B_j;
+* the first r_b coefficients of each block (its high-variance subspace, r_b = ``high_precision_fraction`` * b
+  rounded to whole groups) stay in 16 bits: z_hi, the blocks' side by side;
+* the other b - r_b of each block, side by side, are quantized to int4 per token in groups of ``group_size``
+  (one scale per token and group), optionally after a regular Hadamard over each group (``hadamard="regular"``);
+* the weight goes into the same bases, W'_j = W_j B_j^-T, computed against the stored (rounded) B_j so that
+  z_j W'_j^T = x_j W_j^T to float precision; its 16-bit columns side by side as z_hi's, the rest int4 per output
+  channel and group, by round-to-nearest or by GPTQ with the Hessian carried into the same bases.
 
-    y = z[:, :r] W'[:, :r]^T + sum_g s_x[:, g] s_w[:, g] (q_x,g q_w,g^T) (+ b)
+    y = z_hi W_hi^T + sum_g s_x[:, g] s_w[:, g] (q_x,g q_w,g^T) (+ b)
 """
 
 from __future__ import annotations
@@ -28,6 +29,29 @@ from .quant import pack_int4, quantize_symmetric, unpack_int4
 
 PCA_HADAMARD = ("none", "regular")
 WEIGHT_METHODS = ("rtn", "gptq")
+
+
+PCA_BLOCK = 3072  # the widest input with one basis; wider ones take blocks of at most this many channels
+
+
+def block_shape(in_features: int, group_size: int = 64, block: int = PCA_BLOCK) -> tuple[int, int]:
+    """(blocks, channels per block) of a K-wide input: one block up to ``block`` channels, else the fewest equal
+    blocks of at most ``block`` channels that split into whole groups (one block when none do)."""
+    if in_features <= block:
+        return 1, in_features
+    for n in range(-(-in_features // block), in_features // group_size + 1):
+        if in_features % n == 0 and (in_features // n) % group_size == 0:
+            return n, in_features // n
+    return 1, in_features
+
+
+def as_blocks(second_moment: torch.Tensor) -> torch.Tensor:
+    """A second moment as blocks [n, b, b]: a [K, K] matrix is one block."""
+    if second_moment.dim() == 2:
+        second_moment = second_moment.unsqueeze(0)
+    if second_moment.dim() != 3 or second_moment.shape[1] != second_moment.shape[2]:
+        raise ValueError(f"a second moment is [K, K] or blocks [n, b, b], got shape {tuple(second_moment.shape)}")
+    return second_moment
 
 
 def high_precision_rank(in_features: int, fraction: float, group_size: int) -> int:
@@ -62,9 +86,10 @@ def pca_basis(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class PCAWeight:
-    """A linear's weight prepared for DiRotQ. ``basis`` [K, K] and ``w_hi`` [N, r] in the activations' dtype;
-    ``values``: the other K - r columns as int4 packed per group (``pack_int4``), int8 [N, (K - r) / 2];
-    ``scale``: float32 [N, (K - r) / group_size]."""
+    """A linear's weight prepared for DiRotQ. ``basis`` [n, b, b] (n blocks of b inputs) and ``w_hi`` [N, n r_b]
+    in the activations' dtype; ``values``: the other n (b - r_b) columns as int4 packed per group
+    (``pack_int4``), int8 [N, n (b - r_b) / 2]; ``scale``: float32 [N, n (b - r_b) / group_size]. ``rank`` is r_b,
+    the 16-bit columns of each block."""
 
     basis: torch.Tensor
     w_hi: torch.Tensor
@@ -101,9 +126,10 @@ def pca_nbytes(out_features: int, in_features: int, high_precision_fraction: flo
                dtype_bytes: int = 2) -> int:
     """Bytes of a prepared DiRotQ weight, without preparing it (the basis counted whole, though linears reading
     one input share it)."""
-    r = high_precision_rank(in_features, high_precision_fraction, group_size)
+    n, b = block_shape(in_features, group_size)
+    r = n * high_precision_rank(b, high_precision_fraction, group_size)
     lo = in_features - r
-    return (in_features * in_features + out_features * r) * dtype_bytes + out_features * lo // 2 + \
+    return (n * b * b + out_features * r) * dtype_bytes + out_features * lo // 2 + \
         4 * out_features * (lo // group_size)
 
 
@@ -111,7 +137,8 @@ def _check(weight: torch.Tensor, second_moment: torch.Tensor, group_size: int, h
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     k = weight.shape[1]
-    if second_moment.shape != (k, k):
+    blocks = as_blocks(second_moment)
+    if blocks.shape[0] * blocks.shape[1] != k:
         raise ValueError(f"the calibration's second moment is {tuple(second_moment.shape)}, the weight has {k} inputs: "
                          "it comes from another layer or model")
     if hadamard not in PCA_HADAMARD:
@@ -126,45 +153,56 @@ def _rotate_lo(t: torch.Tensor, group_size: int, hadamard: str) -> torch.Tensor:
     return t if hadamard == "none" else rotate(t, group_size, hadamard)
 
 
+def pca_bases(second_moment: torch.Tensor) -> torch.Tensor:
+    """Each block's PCA basis (``pca_basis``), float32 [n, b, b]."""
+    return torch.stack([pca_basis(c)[0] for c in as_blocks(second_moment)])
+
+
 def pca_quantize_weight(weight: torch.Tensor, second_moment: torch.Tensor, high_precision_fraction: float = 0.125,
                         group_size: int = 64, hadamard: str = "none", weights: str = "rtn", damp: float = 0.01,
                         dtype: torch.dtype | None = None, basis: torch.Tensor | None = None) -> PCAWeight:
-    """Prepare ``weight`` [N, K] for DiRotQ from its input's second moment (see the module docstring).
-    ``dtype``: of the basis and the 16-bit columns (default: the weight's); ``basis``: C's PCA basis in that
-    dtype when the caller has it already (shared by the linears reading one input)."""
+    """Prepare ``weight`` [N, K] for DiRotQ from its input's second moment, [K, K] or blocks [n, b, b] (see the
+    module docstring). ``dtype``: of the basis and the 16-bit columns (default: the weight's); ``basis``: the
+    blocks' PCA bases in that dtype when the caller has them already (shared by the linears of one input)."""
     _check(weight, second_moment, group_size, hadamard, weights)
-    n, k = weight.shape
+    moments = as_blocks(second_moment).to(weight.device).double()
+    n_out, k = weight.shape
+    nb, b = moments.shape[:2]
     dtype = dtype or weight.dtype
-    r = high_precision_rank(k, high_precision_fraction, group_size)
+    r = high_precision_rank(b, high_precision_fraction, group_size)
     if basis is None:
-        basis = pca_basis(second_moment.to(weight.device))[0].to(dtype)
-    elif basis.shape != (k, k) or basis.dtype != dtype:
-        raise ValueError(f"basis must be [{k}, {k}] in {dtype}, got {tuple(basis.shape)} {basis.dtype}")
-    b = basis.double()
-    w_rot = torch.linalg.solve(b, weight.double().T).T  # W B^-T: z W_rot^T = x B B^-1 W^T
-    w_lo = _rotate_lo(w_rot[:, r:], group_size, hadamard)
-    lo = k - r
+        basis = pca_bases(moments).to(dtype)
+    elif basis.shape != (nb, b, b) or basis.dtype != dtype:
+        raise ValueError(f"basis must be [{nb}, {b}, {b}] in {dtype}, got {tuple(basis.shape)} {basis.dtype}")
+    bd = basis.double()
+    w = weight.double().reshape(n_out, nb, b)
+    w_rot = torch.stack([torch.linalg.solve(bd[j], w[:, j].T).T for j in range(nb)], 1)  # W_j B_j^-T
+    w_hi = w_rot[:, :, :r].reshape(n_out, nb * r)
+    w_lo = _rotate_lo(w_rot[:, :, r:].reshape(n_out, nb * (b - r)), group_size, hadamard)
+    lo = nb * (b - r)
     if weights == "gptq":
-        c = b.T @ second_moment.to(weight.device).double() @ b
-        h = _rotate_lo(_rotate_lo(c[r:, r:], group_size, hadamard).T, group_size, hadamard)
+        c = torch.block_diag(*[(bd[j].T @ moments[j] @ bd[j])[r:, r:] for j in range(nb)])
+        h = _rotate_lo(_rotate_lo(c, group_size, hadamard).T, group_size, hadamard)
         q, scale = gptq_quantize(w_lo, h, 4, group_size=group_size, damp=damp)
     else:
-        q, scale = quantize_symmetric(w_lo.reshape(n, lo // group_size, group_size), 4)
-        q = q.reshape(n, lo)
-    return PCAWeight(basis, w_rot[:, :r].to(dtype), pack_int4(q, group_size), scale.float(), k, n, r, group_size,
+        q, scale = quantize_symmetric(w_lo.reshape(n_out, lo // group_size, group_size), 4)
+        q = q.reshape(n_out, lo)
+    return PCAWeight(basis, w_hi.to(dtype), pack_int4(q, group_size), scale.float(), k, n_out, r, group_size,
                      hadamard, weights)
 
 
 def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | None, rank: int,
                         group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (z_hi [M, r] in x's dtype, int8 values [M, K - r] in [-7, 7], float32 scales [M, (K - r) / G]):
-    z = x B in float32, its first ``rank`` columns kept, the rest multiplied group by group by ``h`` [G, G]
-    (None: not at all) and quantized per token and group."""
+    """x [M, K] -> (z_hi [M, n r] in x's dtype, int8 values [M, n (b - r)] in [-7, 7], float32 scales
+    [M, n (b - r) / G]): each block z_j = x_j B_j in float32 (``basis`` [n, b, b]), its first ``rank``
+    columns kept, the rest of every block side by side, multiplied group by group by ``h`` [G, G] (None: not at
+    all) and quantized per token and group."""
     m = x.shape[0]
-    z = x.float() @ basis.float()
-    lo = rotate_with(z[:, rank:], None if h is None else h.float(), group_size)
+    nb, b = basis.shape[:2]
+    z = torch.einsum("mjk,jkc->mjc", x.float().reshape(m, nb, b), basis.float())
+    lo = rotate_with(z[:, :, rank:].reshape(m, -1), None if h is None else h.float(), group_size)
     q, s = quantize_symmetric(lo.reshape(m, -1, group_size), 4)
-    return z[:, :rank].to(x.dtype), q.reshape(m, -1), s
+    return z[:, :, :rank].reshape(m, -1).to(x.dtype), q.reshape(m, -1), s
 
 
 def group_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:

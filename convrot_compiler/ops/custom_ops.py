@@ -156,8 +156,8 @@ def _(x, qw, scale, bias, group_size, bits):
 @torch.library.custom_op("convrot::pca_rotate_quantize", mutates_args=())
 def pca_rotate_quantize_op(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], rank: int,
                            group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DiRotQ's activation half: (z_hi [M, rank], int4 values [M, K - rank] as int8, scales [M, (K - rank) / G]);
-    see ``numerics.pca.pca_rotate_quantize``."""
+    """DiRotQ's activation half on basis blocks [n, b, b]: (z_hi [M, n rank], int4 values [M, n (b - rank)] as int8,
+    scales [M, n (b - rank) / G]); see ``numerics.pca.pca_rotate_quantize``."""
     return pca_rotate_quantize(x, basis, h, rank, group_size)
 
 
@@ -169,8 +169,9 @@ def _pca_rotate_quantize_cuda(x, basis, h, rank, group_size):
 @pca_rotate_quantize_op.register_fake
 def _(x, basis, h, rank, group_size):
     m, k = x.shape
-    return (x.new_empty(m, rank), x.new_empty(m, k - rank, dtype=torch.int8),
-            x.new_empty(m, (k - rank) // group_size, dtype=torch.float32))
+    lo = k - basis.shape[0] * rank
+    return (x.new_empty(m, k - lo), x.new_empty(m, lo, dtype=torch.int8),
+            x.new_empty(m, lo // group_size, dtype=torch.float32))
 
 
 @torch.library.custom_op("convrot::pca_gemm", mutates_args=())

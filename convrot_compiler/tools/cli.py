@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("eval", help="FLUX pipeline fidelity: PSNR/SSIM of convrot images vs bf16 (see convrot eval -h)",
                    add_help=False)
+    sub.add_parser("calibrate", help="second moments of the quantized linears' inputs from real denoising, for "
+                   "DiRotQ and GPTQ (see convrot calibrate -h)", add_help=False)
     sub.add_parser("generate", help="text to image through FluxPipeline with the compiled transformer "
                    "(see convrot generate -h)", add_help=False)
     return parser
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # commands whose own parser reads the rest of the line: command -> its module in tools/
-DELEGATED = {"eval": "evaluate", "sensitivity": "sensitivity_cli", "generate": "generate"}
+DELEGATED = {"eval": "evaluate", "sensitivity": "sensitivity_cli", "generate": "generate",
+             "calibrate": "calibrate_cli"}
 
 
 def _run(argv: list[str]) -> int:

@@ -360,8 +360,8 @@ def test_w8a16_kernel_matches_reference(m, n, k, group):
 
 
 @pytest.mark.parametrize("hadamard", [None, "regular"])
-@pytest.mark.parametrize("m,k,rank", [(1, 256, 64), (19, 256, 0), (33, 384, 128)])
-def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, rank):
+@pytest.mark.parametrize("m,k,blocks,rank", [(1, 256, 1, 64), (19, 256, 1, 0), (33, 384, 1, 128), (5, 512, 2, 64)])
+def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, blocks, rank):
     """A signed-permutation basis on integer-valued activations: every product is exact, so the kernel and the
     reference agree bit for bit on z_hi, the int4 values and the scales."""
     from convrot_compiler.kernels.triton.pca import pca_rotate_quantize
@@ -370,8 +370,11 @@ def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, ra
     g = torch.Generator().manual_seed(m + k + rank)
     x = _int_valued(m, k, seed=m + k).bfloat16()
     x[min(2, m - 1)] = 0.0
-    basis = torch.zeros(k, k)
-    basis[torch.randperm(k, generator=g), torch.arange(k)] = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    b = k // blocks
+    basis = torch.zeros(blocks, b, b)
+    for j in range(blocks):
+        signs = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+        basis[j, torch.randperm(b, generator=g), torch.arange(b)] = signs
     basis = basis.bfloat16()
     h = None if hadamard is None else hadamard_matrix("regular", 64)
     z_ref, q_ref, s_ref = reference(x, basis, h, rank, 64)

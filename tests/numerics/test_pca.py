@@ -126,3 +126,30 @@ def test_gptq_takes_a_rank_deficient_hessian_and_refuses_non_finite_input():
         gptq_quantize(w * float("nan"), x.T @ x, 4)
     with pytest.raises(ValueError, match=r"\[128, 128\]"):
         gptq_quantize(w, torch.eye(64), 4)
+
+
+def test_wide_inputs_split_into_equal_blocks_of_whole_groups():
+    from convrot_compiler.numerics.pca import block_shape
+
+    assert block_shape(3072) == (1, 3072)
+    assert block_shape(12288) == (4, 3072) and block_shape(15360) == (5, 3072)  # FLUX's MLP-down and proj_out
+    assert block_shape(512, 64, block=192) == (4, 128)
+    assert block_shape(4000, 64) == (1, 4000)  # no equal split into groups of 64: one block
+
+
+def test_a_block_diagonal_calibration_gives_a_block_diagonal_dirotq_linear():
+    from convrot_compiler.numerics.pca import pca_rotate_quantize
+
+    x = torch.cat([dit_like(512, 256, seed=7), dit_like(512, 256, seed=8)], dim=1)
+    w = (torch.randn(128, 512, generator=torch.Generator().manual_seed(9)) * 0.02).bfloat16()
+    blocks = x.float().reshape(512, 2, 256).transpose(0, 1)
+    moments = blocks.transpose(1, 2) @ blocks / 512
+    pw = pca_quantize_weight(w, moments, 0.125, 64)
+    assert pw.basis.shape == (2, 256, 256) and pw.rank == 64 and pw.w_hi.shape == (128, 128)
+    assert pw.values.shape == (128, 384 // 2) and pw.scale.shape == (128, 6)
+    z_hi, q, s = pca_rotate_quantize(x, pw.basis, None, pw.rank, 64)
+    block0 = x[:, :256].float() @ pw.basis[0].float()
+    assert torch.equal(z_hi[:, :64], block0[:, :64].bfloat16())  # block 0's 16-bit columns come first
+    ref = x.float() @ w.float().T
+    convrot = relative_error(reference_linear(x, quantize_weight(w, "w4a4", GroupHadamardRotation("regular", 256))), ref)
+    assert relative_error(pca_linear(x, pw), ref) < 0.5 * convrot

@@ -1,10 +1,11 @@
 """DiRotQ's kernels: the basis rotation fused with the subspace split and the group quantization, and the GEMM
 that adds the 16-bit subspace's product to the group-scaled int4 one. Reference: numerics/pca.py.
 
-rotate+split+quantize: a program computes a [BM, G] tile of z = x B on tensor cores (float32 accumulation),
-one quantization group wide. A tile in the first r columns is stored in 16 bits; any other is multiplied by
-the group's Hadamard (optional), and its rows are quantized with one scale each: the group needs no other
-tile, so the rotation and the quantization are one kernel and z never goes to memory.
+rotate+split+quantize: a program computes a [BM, G] tile of z_j = x_j B_j on tensor cores (float32
+accumulation, over the b inputs of its block j), one quantization group wide. A tile in the block's first r
+columns is stored in 16 bits; any other is multiplied by the group's Hadamard (optional), and its rows are
+quantized with one scale each: the group needs no other tile, so the rotation and the quantization are one
+kernel and z never goes to memory.
 
 GEMM: a program owns a [BM, BN] output tile. It multiplies the 16-bit subspace (bf16 x bf16 -> float32), then
 each group of the rest: two int8 products of G/2 inputs (the packed bytes' low and high nibbles, quant.pack_int4)
@@ -36,27 +37,31 @@ def _dot16(a, b, acc, EXACT: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=autotune_configs(_QUANT_GPU_CONFIGS, _QUANT_INTERPRETER), key=["M", "K", "R", "HAS_H"])
+@triton.autotune(configs=autotune_configs(_QUANT_GPU_CONFIGS, _QUANT_INTERPRETER), key=["M", "K", "R", "BLOCK", "HAS_H"])
 @triton.jit
-def _pca_rotate_quantize_kernel(x_ptr, b_ptr, h_ptr, zhi_ptr, q_ptr, s_ptr, M, K, R,
-                                stride_xm, stride_bk, stride_zm, stride_qm, stride_sm,
+def _pca_rotate_quantize_kernel(x_ptr, b_ptr, h_ptr, zhi_ptr, q_ptr, s_ptr, M, K, R, BLOCK,
+                                stride_xm, stride_zm, stride_qm, stride_sm,
                                 G: tl.constexpr, HAS_H: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr,
                                 BK: tl.constexpr):
     pid_m = tl.program_id(0)
     c0 = tl.program_id(1) * G
+    j = c0 // BLOCK                # the block of inputs this group of columns lies in
+    o = c0 - j * BLOCK             # its first column within the block
     rm = pid_m * BM + tl.arange(0, BM)
     rg = tl.arange(0, G)
     rk = tl.arange(0, BK)
     mmask = rm < M
     rm64 = rm.to(tl.int64)
+    b_block = b_ptr + j.to(tl.int64) * BLOCK * BLOCK
     acc = tl.zeros([BM, G], dtype=tl.float32)
-    for k in range(0, K, BK):
+    for k in range(0, BLOCK, BK):
         kk = k + rk
-        a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_bk + (c0 + rg)[None, :], mask=kk[:, None] < K, other=0.0)
+        a = tl.load(x_ptr + rm64[:, None] * stride_xm + (j * BLOCK + kk)[None, :],
+                    mask=mmask[:, None] & (kk[None, :] < BLOCK), other=0.0)
+        b = tl.load(b_block + kk[:, None].to(tl.int64) * BLOCK + (o + rg)[None, :], mask=kk[:, None] < BLOCK, other=0.0)
         acc = _dot16(a, b, acc, EXACT)
-    if c0 < R:
-        tl.store(zhi_ptr + rm64[:, None] * stride_zm + (c0 + rg)[None, :], acc.to(zhi_ptr.dtype.element_ty),
+    if o < R:
+        tl.store(zhi_ptr + rm64[:, None] * stride_zm + (j * R + o + rg)[None, :], acc.to(zhi_ptr.dtype.element_ty),
                  mask=mmask[:, None])
     else:
         if HAS_H:
@@ -68,33 +73,37 @@ def _pca_rotate_quantize_kernel(x_ptr, b_ptr, h_ptr, zhi_ptr, q_ptr, s_ptr, M, K
         safe = tl.where(usable, scale, 1.0)
         q = tl.minimum(tl.maximum(round_half_even(acc / safe[:, None]), -7.0), 7.0)
         q = tl.where(usable[:, None], q, 0.0)
-        lo = c0 - R
+        lo = j * (BLOCK - R) + o - R
         tl.store(q_ptr + rm64[:, None] * stride_qm + (lo + rg)[None, :], q.to(tl.int8), mask=mmask[:, None])
         tl.store(s_ptr + rm64 * stride_sm + lo // G, scale, mask=mmask)
 
 
 def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | None, rank: int,
                         group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """numerics.pca.pca_rotate_quantize on the GPU (or the interpreter): x [M, K] in 16 bits, basis [K, K] in x's
-    dtype, h [G, G] float32 or None."""
+    """numerics.pca.pca_rotate_quantize on the GPU (or the interpreter): x [M, K] in 16 bits, basis [n, b, b]
+    (n b = K) in x's dtype, ``rank`` 16-bit columns per block, h [G, G] float32 or None."""
     check_device(x, basis)
     check_2d_rows("x", x)
     m, k = x.shape
-    if basis.shape != (k, k) or basis.dtype != x.dtype:
-        raise ValueError(f"basis must be [{k}, {k}] in {x.dtype}, got {tuple(basis.shape)} {basis.dtype}")
-    if k % group_size or rank % group_size or not 0 <= rank < k:
-        raise ValueError(f"K = {k} and rank = {rank} must be multiples of the group size {group_size}, rank < K")
+    if basis.dim() != 3 or basis.shape[0] * basis.shape[1] != k or basis.shape[1] != basis.shape[2] or \
+            basis.dtype != x.dtype:
+        raise ValueError(f"basis must be blocks [n, b, b] with n b = {k} in {x.dtype}, got {tuple(basis.shape)} "
+                         f"{basis.dtype}")
+    nb, b = basis.shape[:2]
+    if b % group_size or rank % group_size or not 0 <= rank < b:
+        raise ValueError(f"the block width {b} and rank {rank} must be multiples of the group size {group_size}, "
+                         "rank < block")
     if h is not None and h.shape != (group_size, group_size):
         raise ValueError(f"h must be [{group_size}, {group_size}], got {tuple(h.shape)}")
     basis = basis.contiguous()
-    z_hi = torch.empty(m, rank, dtype=x.dtype, device=x.device)
-    q = torch.empty(m, k - rank, dtype=torch.int8, device=x.device)
-    s = torch.empty(m, (k - rank) // group_size, dtype=torch.float32, device=x.device)
+    z_hi = torch.empty(m, nb * rank, dtype=x.dtype, device=x.device)
+    q = torch.empty(m, nb * (b - rank), dtype=torch.int8, device=x.device)
+    s = torch.empty(m, nb * (b - rank) // group_size, dtype=torch.float32, device=x.device)
     if m == 0:
         return z_hi, q, s
     hf = h.float().contiguous() if h is not None else s
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), k // group_size)  # noqa: E731
-    _pca_rotate_quantize_kernel[grid](x, basis, hf, z_hi, q, s, m, k, rank, x.stride(0), basis.stride(0),
+    _pca_rotate_quantize_kernel[grid](x, basis, hf, z_hi, q, s, m, k, rank, b, x.stride(0),
                                       max(z_hi.stride(0), 1), q.stride(0), s.stride(0), G=group_size,
                                       HAS_H=h is not None, EXACT=interpreting())
     return z_hi, q, s
