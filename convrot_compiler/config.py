@@ -78,8 +78,8 @@ class ConvRotConfig:
             raise ValueError(f"option 'weights' must be one of {WEIGHT_METHODS}, got {self.weights!r}")
         if (pca or self.weights == "gptq") and self.calibration is None:
             raise ValueError(f"rotation={self.rotation!r} with weights={self.weights!r} needs a calibration of the "
-                             "model: cal = convrot_compiler.calibrate(model, batches) (or convrot calibrate), then "
-                             "calibration=cal")
+                             "model: cal = convrot_compiler.calibrate(model, batches), then calibration=cal (on the command "
+                             "line: convrot calibrate --out FILE, then --calibration FILE)")
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise TypeError(f"option 'calibration' must be a convrot_compiler.Calibration, got "
                             f"{type(self.calibration).__name__}")

@@ -330,6 +330,7 @@ def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotCo
 
     target = None if config.device is None else torch.device(config.device)
     todo = [d for d in decisions if d.precision != "bf16"]
+    bases: set[int] = set()  # DiRotQ bases counted so far: linears reading one input share one
     for d in tqdm(todo, desc="preparing weights", unit="layer", disable=not config.progress):
         lin = model.get_submodule(d.name)
         if target is not None and lin.weight.device != target:
@@ -345,7 +346,10 @@ def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotCo
             qw = PREPARED.get(lin.weight, spec)
             if config.release_weights and not is_released(lin.weight):
                 release(lin.weight)
-        d.extra["prepared_bytes"] = qw.nbytes()
+        nbytes = qw.nbytes()
         if hasattr(qw, "rank"):
             d.extra["rank"] = qw.rank
-        d.bytes_after = qw.nbytes() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())
+            nbytes = qw.nbytes(include_basis=id(qw.basis) not in bases)
+            bases.add(id(qw.basis))
+        d.extra["prepared_bytes"] = nbytes
+        d.bytes_after = nbytes + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size())

@@ -17,7 +17,7 @@ from torch import fx
 
 from ..config import ConvRotConfig
 from ..numerics.hadamard import hadamard_matrix
-from ..numerics.pca import pca_nbytes
+from ..numerics.pca import block_shape, high_precision_rank, pca_nbytes
 from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
@@ -72,9 +72,12 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
                 raise RuntimeError(f"{m.name}: its float weight was released by convrot_compiler.compile but this "
                                    f"graph keeps it in bf16 ({d.reason}); compile with the same options")
             continue
-        if config.calibration is not None:
-            config.calibration.bind_weight(m.weight, m.name)  # a whole-model graph's names are the model's
+        cal = config.calibration
+        if cal is not None:
+            cal.bind_weight(m.weight, m.name)  # a whole-model graph's names are the model's
         spec = config.spec_for(d.precision, m.weight)
+        if spec.calibration is not None:
+            d.extra["calibrated"] = cal.covers(cal.layer_of(m.weight))
         if d.precision in WEIGHT_ONLY:
             d.extra["layout"] = spec.layout
         elif spec.is_pca:
@@ -82,6 +85,9 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
         else:
             d.extra["act_order"] = spec.act_order
         if config.dry_run:
+            if spec.is_pca:
+                d.extra["rank"] = high_precision_rank(block_shape(d.in_features, config.group_size)[1],
+                                                      config.high_precision_fraction, config.group_size)
             d.bytes_after = (pca_nbytes(d.out_features, d.in_features, config.high_precision_fraction,
                                         config.group_size) if spec.is_pca else
                              quantized_nbytes(d.precision, d.out_features, d.in_features, config.group_size,

@@ -118,8 +118,10 @@ class PCAWeight:
         """Unpacked int8 values [N, K - r] of the quantized subspace."""
         return unpack_int4(self.values, self.group_size)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.graph_tensors())
+    def nbytes(self, include_basis: bool = True) -> int:
+        """Bytes of its tensors; ``include_basis`` False leaves out the basis, which linears of one input share."""
+        tensors = self.graph_tensors() if include_basis else self.graph_tensors()[1:]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def pca_nbytes(out_features: int, in_features: int, high_precision_fraction: float, group_size: int,

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from .cli_options import add_model_args, add_quant_args, write_json
+from .cli_options import add_model_args, add_quant_args, quant_overrides, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--height", type=int, default=1024)
     ins.add_argument("--width", type=int, default=1024)
     ins.add_argument("--text-tokens", type=int, default=512)
-    add_quant_args(ins)
+    add_quant_args(ins, calibrated=True)
     ins.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ins.add_argument("--dump", metavar="DIR", help="write each graph before/after the pass (code, and DOT with pydot)")
     ins.add_argument("--no-fuse-producers", dest="fuse_producers", action="store_false",
@@ -133,9 +133,8 @@ def _inspect(args) -> None:
     else:
         model, device = build_flux(args.config, device="meta"), "meta"
     inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
-    report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, group_size=args.group_size,
-                     rotation=args.rotation, fuse_producers=args.fuse_producers, gelu_epilogue=args.gelu_epilogue,
-                     attention=args.attention)
+    report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, fuse_producers=args.fuse_producers,
+                     gelu_epilogue=args.gelu_epilogue, attention=args.attention, **quant_overrides(args))
     print(report.table())
     if args.attention != "keep":
         print(report.attention_table())

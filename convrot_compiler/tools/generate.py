@@ -24,7 +24,7 @@ from ..compiler.compile_model import weight_bytes
 from ..config import check_attention_mode
 from ..plans import make_plan
 from .bench_model import sync
-from .cli_options import add_quant_args
+from .cli_options import add_quant_args, quant_overrides
 from .demo import resolve_device
 from .models import image_tokens_for
 from .pipelines import StepTimer, decode_latents, load_pipeline, random_pipeline, random_prompt_embeds
@@ -60,8 +60,9 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
                  plan: str | None = None, attention: str = "keep",
                  out: str = os.path.join("convrot-out", "image.png"), device: str = "auto",
                  offload_text_encoders: bool = True, vae_tiling: bool = False, progress: bool = True,
-                 quantized: str | None = None) -> GenerateResult:
-    """``plan``: default w4a4, or the checkpoint's with ``quantized``."""
+                 quantized: str | None = None, quant: dict | None = None) -> GenerateResult:
+    """``plan``: default w4a4, or the checkpoint's with ``quantized``; ``quant``: more ``compile`` options (the
+    rotation, the weight quantizer, a calibration)."""
     if quantized is not None and model is None:
         raise ValueError("--quantized takes the transformer from a checkpoint: pass --model, the pipeline folder "
                          "whose transformer it was quantized from (its text encoders, VAE and scheduler)")
@@ -116,7 +117,8 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
 
     t0 = time.perf_counter()
-    convrot_compile(pipe, attention=attention, progress=progress, **({} if plan is None else {"plan": plan}))
+    convrot_compile(pipe, attention=attention, progress=progress, **({} if plan is None else {"plan": plan}),
+                    **(quant or {}))
     prepare_s = time.perf_counter() - t0
 
     timer = StepTimer(dev)
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
-    add_quant_args(p, rotation=False, plan_default=None)
+    add_quant_args(p, plan_default=None, calibrated=True)
     return p
 
 
@@ -199,7 +201,7 @@ def main(argv=None) -> GenerateResult:
     args = build_parser().parse_args(argv)
     result = run_generate(args.model, args.prompt, args.steps, args.guidance, args.height, args.width, args.seed,
                           args.plan, args.attention, args.out, args.device, not args.keep_text_encoders,
-                          args.vae_tiling, not args.no_progress, args.quantized)
+                          args.vae_tiling, not args.no_progress, args.quantized, quant_overrides(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(result), f, indent=2)

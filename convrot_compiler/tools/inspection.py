@@ -11,6 +11,7 @@ import torch
 from ..compiler.attention_rewrite import AttentionDecision
 from ..compiler.backend import CompileReport, convrot_backend
 from ..config import ConvRotConfig
+from ..numerics.pca import block_shape
 from ..plans import PRECISIONS, LayerDecision
 
 
@@ -54,6 +55,10 @@ class InspectReport:
         rows = []
         for d in self.decisions:
             rotation = "-" if d.precision in ("bf16", "w4a16", "w8a16") else "/".join(sorted(rot))
+            if d.extra.get("method") == "dirotq":
+                rotation += f" ({_dirotq_label(d, self.reports[0].group_size)})"
+            elif d.extra.get("weights") == "gptq":
+                rotation += " + gptq"
             rows.append([d.name, f"{d.in_features}->{d.out_features}", d.rows if d.rows is not None else "?",
                          _precision_label(d), rotation, _mib(d.bytes_before), _mib(d.bytes_after),
                          d.reason if d.precision == "bf16" else ""])
@@ -80,7 +85,15 @@ class InspectReport:
                 + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
                 + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
                    if t["fused_producers"] else "")
-                + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8")
+                + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8"
+                + self._coverage())
+
+    def _coverage(self) -> str:
+        """How many of the linears a calibrated method quantizes the calibration covers (none when none does)."""
+        flags = [d.extra["calibrated"] for d in self.decisions if "calibrated" in d.extra]
+        if not flags:
+            return ""
+        return f"; the calibration covers {sum(flags)} of the {len(flags)} linears its method quantizes"
 
     def to_json(self) -> str:
         return json.dumps({"totals": self.totals(), "layers": [
@@ -128,6 +141,13 @@ def _precision_label(d: LayerDecision) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f}"
+
+
+def _dirotq_label(d: LayerDecision, group_size: int) -> str:
+    """DiRotQ's subspace: 16-bit columns of each block x blocks, the weight quantizer, the calibration coverage."""
+    blocks, _ = block_shape(d.in_features, group_size)
+    label = f"{d.extra.get('rank', '?')} x {blocks} in bf16, {d.extra.get('weights', 'rtn')}"
+    return label + ("" if d.extra.get("calibrated", True) else ", NOT CALIBRATED")
 
 
 def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
