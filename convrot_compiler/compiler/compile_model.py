@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConvRotConfig
+from ..numerics.quant import WEIGHT_ONLY
 from ..plans import LayerDecision, decide_linears, warn_if_ineffective
 from .backend import CompileReport, model_backend
 from .cudagraphs import CUDAGraphReplay
@@ -346,6 +347,10 @@ def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotCo
             qw = PREPARED.get(lin.weight, spec)
             if config.release_weights and not is_released(lin.weight):
                 release(lin.weight)
+        if spec.scheme in WEIGHT_ONLY:
+            d.extra["layout"] = spec.layout
+        elif not spec.is_pca:
+            d.extra["act_order"] = spec.act_order
         nbytes = qw.nbytes()
         if hasattr(qw, "rank"):
             d.extra["rank"] = qw.rank

@@ -30,8 +30,8 @@ _GEMM_INTERPRETER = triton.Config({"BM": 16, "BN": 16, "BKH": 32}, num_warps=4)
 
 @triton.jit
 def _dot16(a, b, acc, EXACT: tl.constexpr):
-    """acc + a @ b for 16-bit a, b: on tensor cores, or (EXACT, for the interpreter, whose 16-bit dot is wrong)
-    in float32."""
+    """acc + a @ b: on tensor cores for 16-bit a, b; EXACT in IEEE float32 (float32 operands, which tensor cores
+    would round to TF32, and the interpreter, whose 16-bit dot is wrong)."""
     if EXACT:
         return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, acc)
@@ -68,10 +68,10 @@ def _pca_rotate_quantize_kernel(x_ptr, b_ptr, h_ptr, zhi_ptr, q_ptr, s_ptr, M, K
             h = tl.load(h_ptr + rg[:, None] * G + rg[None, :]).to(tl.float32)
             acc = tl.dot(acc, h, input_precision="ieee")
         absmax = tl.max(tl.abs(acc), axis=1)
-        scale = absmax / 7.0
+        scale = tl.math.div_rn(absmax, tl.full(absmax.shape, 7.0, tl.float32))  # IEEE division, as the reference
         usable = scale > 0
         safe = tl.where(usable, scale, 1.0)
-        q = tl.minimum(tl.maximum(round_half_even(acc / safe[:, None]), -7.0), 7.0)
+        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(acc, safe[:, None])), -7.0), 7.0)
         q = tl.where(usable[:, None], q, 0.0)
         lo = j * (BLOCK - R) + o - R
         tl.store(q_ptr + rm64[:, None] * stride_qm + (lo + rg)[None, :], q.to(tl.int8), mask=mmask[:, None])
@@ -105,7 +105,7 @@ def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | 
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), k // group_size)  # noqa: E731
     _pca_rotate_quantize_kernel[grid](x, basis, hf, z_hi, q, s, m, k, rank, b, x.stride(0),
                                       max(z_hi.stride(0), 1), q.stride(0), s.stride(0), G=group_size,
-                                      HAS_H=h is not None, EXACT=interpreting())
+                                      HAS_H=h is not None, EXACT=interpreting() or x.dtype == torch.float32)
     return z_hi, q, s
 
 
@@ -167,5 +167,6 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
     _pca_gemm_kernel[grid](z_hi, q, sa, w_hi, qw, sw, bias if bias is not None else sw, c, m, n, rank, lo,
                            max(z_hi.stride(0), 1), q.stride(0), sa.stride(0), w_hi.stride(0), qw.stride(0),
-                           sw.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None, EXACT=interpreting())
+                           sw.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None,
+                           EXACT=interpreting() or z_hi.dtype == torch.float32)
     return c
