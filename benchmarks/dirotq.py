@@ -91,7 +91,7 @@ def main() -> None:
                        f"{r['dirotq_gemm_us']:.0f}", f"{r['dirotq_vs_convrot']:.2f}", f"{r['dirotq_gemm_vs_convrot']:.2f}",
                        f"{r['err_convrot']:.3f}", f"{r['err_dirotq']:.3f}", f"{r['dirotq_kernel_vs_reference']:.1e}"]
                       for r in rows],
-                     headers=["shape (M = 4608)", "bf16 blocks x r", "bf16 us", "ConvRot us", "DiRotQ us",
+                     headers=["shape (M = 4608)", "blocks x r", "bf16 us", "ConvRot us", "DiRotQ us",
                               "DiRotQ rotate+quant us", "DiRotQ GEMM us", "DiRotQ / ConvRot", "DiRotQ GEMM / ConvRot",
                               "err ConvRot", "err DiRotQ", "DiRotQ kernels vs ref"], tablefmt="github")
     md = (f"# DiRotQ vs ConvRot, one linear\n\nGPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | "

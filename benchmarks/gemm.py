@@ -254,7 +254,7 @@ def main() -> None:
                 bench_skinny(name, m, k, n, skinny, timed_ms)
         md = f"# Weight-only GEMM (W4A16, W8A16)\n\n{head}\n{skinny_table_of(skinny)}\n"
         print(md)
-        print("written:", *write_results(args.name or "w4a16", dict(env=env, timing=timing, skinny=skinny), md, args.out))
+        print("written:", *write_results(args.name or "gemm_weight_only", dict(env=env, timing=timing, skinny=skinny), md, args.out))
         return
     if args.rotate_only:
         md = f"# rotate+quantize kernels\n\n{head}\n{rot_table}\n"
