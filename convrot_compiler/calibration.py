@@ -35,6 +35,8 @@ def model_fingerprint(model: nn.Module) -> dict:
     """What a calibration is checked against: the model's class, a hash of its config (diffusers models have
     one), and each linear's (in_features, out_features)."""
     config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # transformers' configs; diffusers' are mappings
+        config = config.to_dict()
     config_json = json.dumps(dict(config), sort_keys=True, default=str) if config is not None else ""
     linears = {name: [m.in_features, m.out_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],

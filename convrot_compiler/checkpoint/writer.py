@@ -89,6 +89,12 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    from ..compiler.weights import PCA_ROTATIONS
+
+    if rotation in PCA_ROTATIONS:
+        raise ValueError(f"checkpoints hold ConvRot's weights (rotation regular, sylvester or none), not DiRotQ's "
+                         f"({rotation!r}: a basis per input and 16-bit columns): compile the bf16 model with "
+                         "rotation='pca' and its calibration instead")
     config = ConvRotConfig(plan=plan, group_size=group_size, rotation=rotation)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src = open_source(model)

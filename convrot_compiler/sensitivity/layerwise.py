@@ -70,6 +70,17 @@ def _block_states(model: nn.Module, blocks: list[tuple[str, nn.Module]], depths:
     return states
 
 
+def _quantized_module(model: nn.Module, d: LayerDecision, group_size: int, rotation: str, method: dict) -> nn.Module:
+    """The eager quantized module of decision ``d``; ``method``: ``weights``, ``calibration`` and
+    ``high_precision_fraction`` for the calibrated methods (DiRotQ, GPTQ), as ``quantize_model`` takes them."""
+    from ..numerics.quant import WEIGHT_ONLY
+
+    cal = method.get("calibration")
+    moment = cal.second_moment(d.name, d.in_features) if cal is not None and d.precision not in WEIGHT_ONLY else None
+    return make_quantized_linear(model.get_submodule(d.name), d.precision, group_size, rotation,
+                                 method.get("weights", "rtn"), moment, method.get("high_precision_fraction", 0.125))
+
+
 def quantized_decisions(model: nn.Module, plan: PlanSpec, group_size: int) -> list[LayerDecision]:
     decisions = [d for d in decide_linears(model, make_plan(plan), group_size) if d.precision != "bf16"]
     if not decisions:
@@ -80,9 +91,10 @@ def quantized_decisions(model: nn.Module, plan: PlanSpec, group_size: int) -> li
 
 def error_by_depth(model: nn.Module, args: tuple = (), kwargs: dict | None = None, plan: PlanSpec = "w4a4",
                    depths: tuple[int, ...] = (1, 2, 4), group_size: int = 256,
-                   rotation: str = "regular") -> dict[int, float]:
+                   rotation: str = "regular", **method) -> dict[int, float]:
     """{K: ||h_K - ref_K|| / ||ref_K||}, h_K everything the K-th repeated block returns (``repeated_blocks``)
-    with ``plan`` applied, ref_K the same in float. Depths beyond the model's blocks are left out."""
+    with ``plan`` applied, ref_K the same in float. Depths beyond the model's blocks are left out. ``method``:
+    ``weights``, ``calibration``, ``high_precision_fraction`` (DiRotQ with ``rotation="pca"``, GPTQ)."""
     kwargs = kwargs or {}
     blocks = repeated_blocks(model)
     if not blocks:
@@ -94,8 +106,7 @@ def error_by_depth(model: nn.Module, args: tuple = (), kwargs: dict | None = Non
         raise ValueError(f"{type(model).__name__} has {len(blocks)} repeated blocks, fewer than any of {depths}")
     decisions = quantized_decisions(model, plan, group_size)
     ref = _block_states(model, blocks, kept, args, kwargs)
-    quantized = {d.name: make_quantized_linear(model.get_submodule(d.name), d.precision, group_size, rotation)
-                 for d in decisions}
+    quantized = {d.name: _quantized_module(model, d, group_size, rotation, method) for d in decisions}
     with swapped(model, quantized):
         test = _block_states(model, blocks, kept, args, kwargs)
     return {d: relative_error(test[d], ref[d]) for d in kept}
@@ -137,7 +148,7 @@ class LayerwiseReport:
 
 
 def layer_sqnr(model: nn.Module, args: tuple = (), kwargs: dict | None = None, plan: PlanSpec = "w4a4",
-               group_size: int = 256, rotation: str = "regular") -> list[LayerSQNR]:
+               group_size: int = 256, rotation: str = "regular", **method) -> list[LayerSQNR]:
     """Each linear ``plan`` quantizes, quantized alone and fed the float model's inputs to it, in one float
     forward (each quantized module is made in its hook and dropped after it, so memory stays that of one layer)."""
     kwargs = kwargs or {}
@@ -146,7 +157,7 @@ def layer_sqnr(model: nn.Module, args: tuple = (), kwargs: dict | None = None, p
 
     def hook_for(d: LayerDecision):
         def hook(module, inputs, output):
-            q = make_quantized_linear(module, d.precision, group_size, rotation)
+            q = _quantized_module(model, d, group_size, rotation, method)
             y = output.float()
             noise = (q(inputs[0]).float() - y).pow(2).sum().item()
             signal = y.pow(2).sum().item()
@@ -170,8 +181,9 @@ def layer_sqnr(model: nn.Module, args: tuple = (), kwargs: dict | None = None, p
 
 
 def layerwise(model: nn.Module, args: tuple = (), kwargs: dict | None = None, plan: PlanSpec = "w4a4",
-              depths: tuple[int, ...] = (1, 2, 4), group_size: int = 256, rotation: str = "regular") -> LayerwiseReport:
-    """Both measures of this module for one plan on one input."""
+              depths: tuple[int, ...] = (1, 2, 4), group_size: int = 256, rotation: str = "regular",
+              **method) -> LayerwiseReport:
+    """Both measures of this module for one plan (and method) on one input."""
     return LayerwiseReport(make_plan(plan).name,
-                           error_by_depth(model, args, kwargs, plan, depths, group_size, rotation),
-                           layer_sqnr(model, args, kwargs, plan, group_size, rotation))
+                           error_by_depth(model, args, kwargs, plan, depths, group_size, rotation, **method),
+                           layer_sqnr(model, args, kwargs, plan, group_size, rotation, **method))

@@ -102,3 +102,18 @@ def test_capture_transformer_inputs_takes_the_asked_steps_call_and_stops_there()
     assert pipe.transformer(**last)[0].shape == (1, tokens, 64)
     with pytest.raises(ValueError, match="outside the 3 denoising steps"):
         capture_transformer_inputs(pipe, call, step=3)
+
+
+def test_the_measures_take_a_calibrated_method(model, inputs):
+    import convrot_compiler as cc
+
+    cal = cc.calibrate(model, [make_flux_inputs(model, 64, 64, 16, seed=i).kwargs for i in range(1, 4)],
+                       progress=False)
+    convrot = {s.name: s.sqnr_db for s in layer_sqnr(model, kwargs=inputs)}
+    dirotq = {s.name: s.sqnr_db for s in layer_sqnr(model, kwargs=inputs, group_size=64, rotation="pca",
+                                                    weights="gptq", calibration=cal)}
+    name = "transformer_blocks.0.ff.net.2"
+    w4a4 = [n for n in convrot if "norm" not in n and "embed" not in n]
+    assert set(w4a4) <= dirotq.keys() and dirotq[name] > convrot[name] + 3
+    depth = error_by_depth(model, kwargs=inputs, depths=(1,), group_size=64, rotation="pca", calibration=cal)
+    assert 0 < depth[1] < error_by_depth(model, kwargs=inputs, depths=(1,))[1]
