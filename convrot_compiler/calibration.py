@@ -37,7 +37,9 @@ def model_fingerprint(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):  # transformers' configs; diffusers' are mappings
         config = config.to_dict()
-    config_json = json.dumps(dict(config), sort_keys=True, default=str) if config is not None else ""
+    # private keys (_name_or_path, _diffusers_version, ...) say where a config was read, not what the model is
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")} if config is not None else None
+    config_json = json.dumps(config, sort_keys=True, default=str) if config is not None else ""
     linears = {name: [m.in_features, m.out_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {"class": type(model).__name__, "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
             "linears": linears}

@@ -5,7 +5,9 @@ The source is read tensor by tensor from its memory-mapped shards; each weight t
 device alone, is rotated, quantized and packed there, and comes back; every other tensor is copied as it is.
 So the device holds the largest layer and its working copies, never the model, and the process holds one
 source tensor and one output shard at a time. The checkpoint is written to a temporary folder and renamed
-when complete: an interrupted run never leaves a folder that looks like a checkpoint.
+when complete: an interrupted run never leaves a folder that looks like a checkpoint. With ``resume`` the
+temporary folder (``OUT.partial``) outlives an interruption, and the next run with ``resume`` keeps the shards
+it finished and quantizes the rest (GPTQ on a large model takes minutes).
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ class _ShardWriter:
         self.buffered = 0
         self.tensors: dict[str, TensorEntry] = {}
         self.shards = 0
+        self._resume_shards()
+
+    def _resume_shards(self) -> None:
+        """Take in the shards an interrupted run of ``resume`` left in the folder."""
+        from safetensors import safe_open
+
+        for name in sorted(n for n in os.listdir(self.folder) if n.startswith("model-") and n.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(self.folder, name), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self.tensors[key] = TensorEntry(name, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+            except Exception:  # a shard cut short by the interruption: written again
+                os.remove(os.path.join(self.folder, name))
+                continue
+            self.shards = max(self.shards, int(name[len("model-"):-len(".safetensors")]))
 
     def add(self, key: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
@@ -70,10 +88,18 @@ class _ShardWriter:
         self.buffer, self.buffered = {}, 0
 
 
-def _out_folder(out: str, overwrite: bool) -> str:
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "I32": torch.int32,
+           "U8": torch.uint8, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}
+
+
+def _out_folder(out: str, overwrite: bool, resume: bool) -> str:
     out = os.path.normpath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    if resume:
+        tmp = f"{out}.partial"
+        os.makedirs(tmp, exist_ok=True)
+        return tmp
     tmp = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -82,10 +108,12 @@ def _out_folder(out: str, overwrite: bool) -> str:
 
 def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation: str = "regular",
              device: str | torch.device | None = None, overwrite: bool = False, progress: bool = True,
-             shard_bytes: int = 1 << 30) -> Manifest:
+             shard_bytes: int = 1 << 30, weights: str = "rtn", calibration=None, resume: bool = False) -> Manifest:
     """Quantize the diffusers model in folder ``model`` (or a pipeline root's ``transformer/``) into a
     checkpoint in folder ``out``, preparing each weight on ``device`` (default: CUDA when there is one).
-    Returns its manifest; ``convrot_compiler.load(out)`` gives the model back."""
+    ``weights="gptq"`` takes the GPTQ weights of a ``calibration`` of this model (the checkpoint format is the
+    same); ``resume`` keeps the work of an interrupted run (see the module docstring). Returns its manifest;
+    ``convrot_compiler.load(out)`` gives the model back."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -95,10 +123,13 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
         raise ValueError(f"checkpoints hold ConvRot's weights (rotation regular, sylvester or none), not DiRotQ's "
                          f"({rotation!r}: a basis per input and 16-bit columns): compile the bf16 model with "
                          "rotation='pca' and its calibration instead")
-    config = ConvRotConfig(plan=plan, group_size=group_size, rotation=rotation)
+    config = ConvRotConfig(plan=plan, group_size=group_size, rotation=rotation, weights=weights,
+                           calibration=calibration)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src = open_source(model)
     structure = meta_model(src.config["_class_name"], src.config)
+    if calibration is not None:
+        calibration.check_model(structure)
     decisions = decide_linears(structure, config.plan, config.group_size)
     keys = {k for ks in src.files.values() for k in ks}
     missing = [d.name for d in decisions if f"{d.name}.weight" not in keys]
@@ -107,23 +138,34 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
                          "its safetensors files: not the model its config describes")
     quantized = {f"{d.name}.weight": d for d in decisions if d.precision != "bf16"}
     weight_dtypes: dict[str, torch.dtype] = {}
-    tmp = _out_folder(out, overwrite)
+    if config.needs_calibration:
+        for d in quantized.values():  # every missing second moment fails before anything is written
+            if d.precision not in WEIGHT_ONLY:
+                calibration.second_moment(d.name, d.in_features)
+    tmp = _out_folder(out, overwrite, resume)
+    writer = None
     try:
         writer = _ShardWriter(tmp, shard_bytes)
-        bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress)
+        done = set(writer.tensors)
+        bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
+                   initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
         for path, shard_keys in src.files.items():
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in shard_keys:
-                    t = f.get_tensor(key)
                     if key.endswith(".weight"):
-                        weight_dtypes[key[:-len(".weight")]] = t.dtype
+                        weight_dtypes[key[:-len(".weight")]] = _DTYPES[f.get_slice(key).get_dtype()]
                     d = quantized.get(key)
+                    if key in done or (d is not None and f"{d.name}.qweight" in done):
+                        continue
+                    t = f.get_tensor(key)
                     if d is None:
                         writer.add(key, t)
                         continue
+                    gptq = config.weights == "gptq" and d.precision not in WEIGHT_ONLY
                     spec = PrepSpec(d.precision, "none" if d.precision in WEIGHT_ONLY else config.rotation,
-                                    config.group_size, W4A16_LAYOUT, CHANNEL_ORDER)
-                    qw = prepare_weight(t.to(device), spec)
+                                    config.group_size, W4A16_LAYOUT, CHANNEL_ORDER,
+                                    weights="gptq" if gptq else "rtn", calibration=calibration if gptq else None)
+                    qw = prepare_weight(t.to(device), spec, **({"layer": d.name} if gptq else {}))
                     del t
                     writer.add(f"{d.name}.qweight", qw.values.cpu())
                     writer.add(f"{d.name}.weight_scale", qw.scale.cpu())
@@ -135,7 +177,8 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
                   for d in decisions]
         manifest = Manifest(src.config["_class_name"], src.config, config.plan.name, list(config.plan.rules),
                             config.group_size, config.rotation, CHANNEL_ORDER, W4A16_LAYOUT, layers,
-                            writer.tensors, library_version(), {"peak_buffer_bytes": writer.peak_bytes})
+                            writer.tensors, library_version(),
+                            {"peak_buffer_bytes": writer.peak_bytes, "weights": config.weights})
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             f.write(manifest.to_json())
         final = os.path.normpath(out)
@@ -143,6 +186,10 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
             shutil.rmtree(final) if os.path.isdir(final) else os.remove(final)
         os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if resume:
+            if writer is not None:
+                writer.flush()  # what is quantized stays for the next run with resume
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(convrot_compiler.load reads it)")
     qz.add_argument("model", metavar="MODEL", help="a diffusers transformer folder, or a pipeline root with transformer/")
     qz.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
-    add_quant_args(qz, attention=False)
+    add_quant_args(qz, attention=False, calibrated=True)
+    qz.add_argument("--resume", action="store_true", help="keep the work of an interrupted run (OUT.partial) and "
+                    "finish it; an interrupted run with --resume leaves OUT.partial for the next")
     qz.add_argument("--device", default="auto", help="where each layer is quantized: auto (CUDA when there is one), "
                     "cpu, cuda, cuda:1, ...")
     qz.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
@@ -115,8 +117,11 @@ def _quantize(args) -> None:
     from .generate import format_bytes
 
     start = time.perf_counter()
-    manifest = quantize(args.model, args.out, plan=args.plan, group_size=args.group_size, rotation=args.rotation,
-                        device=resolve_device(args.device), overwrite=args.overwrite, progress=not args.no_progress)
+    options = quant_overrides(args)
+    options.setdefault("group_size", 256)
+    manifest = quantize(args.model, args.out, plan=args.plan, device=resolve_device(args.device),
+                        overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume,
+                        **{k: v for k, v in options.items() if k != "high_precision_fraction"})
     counts = {p: sum(layer.precision == p for layer in manifest.layers) for p in PRECISIONS}
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"{args.out}: {manifest.model_class}, plan {manifest.plan_name}: "

@@ -294,3 +294,47 @@ def test_quantizing_holds_one_source_tensor_and_one_output_shard_at_a_time(saved
     total = sum(t.numel() * t.element_size() for t in state.values())
     assert 0 < peak[0] <= shard + largest < total / 4
     assert manifest.extra["peak_buffer_bytes"] <= shard + largest and len({t.file for t in manifest.tensors.values()}) > 1
+
+
+def test_an_interrupted_run_with_resume_keeps_its_shards_and_finishes_bit_exact(saved, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from convrot_compiler.checkpoint import writer as quantize_module
+
+    cc.quantize(saved, str(tmp_path / "fresh"), progress=False, shard_bytes=1 << 16)
+    calls = []
+
+    def failing(weight, spec, **kw):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return weights.prepare_weight(weight, spec, **kw)
+
+    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cc.quantize(saved, str(tmp_path / "ckpt"), progress=False, shard_bytes=1 << 16, resume=True)
+    assert os.path.isdir(tmp_path / "ckpt.partial") and not os.path.exists(tmp_path / "ckpt")
+    calls.clear()
+    monkeypatch.setattr(quantize_module, "prepare_weight", lambda w, s, **kw: (calls.append(1),
+                                                                               weights.prepare_weight(w, s, **kw))[1])
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), progress=False, shard_bytes=1 << 16, resume=True)
+    total = sum(layer.precision != "bf16" for layer in manifest.layers)
+    assert 0 < len(calls) <= total - 19 and not os.path.exists(tmp_path / "ckpt.partial")
+    fresh = {k: v for f in os.listdir(tmp_path / "fresh") if f.endswith(".safetensors")
+             for k, v in load_file(str(tmp_path / "fresh" / f)).items()}
+    resumed = {k: v for f in os.listdir(tmp_path / "ckpt") if f.endswith(".safetensors")
+               for k, v in load_file(str(tmp_path / "ckpt" / f)).items()}
+    assert fresh.keys() == resumed.keys() and all(torch.equal(fresh[k], resumed[k]) for k in fresh)
+
+
+def test_a_gptq_checkpoint_loads_to_what_compiling_with_gptq_gives(saved, tmp_path):
+    model = _model()
+    cal = cc.calibrate(model, [_inputs()], progress=False)
+    expected = cc.compile(_model(), weights="gptq", calibration=cal, progress=False)(**_inputs())[0]
+    torch._dynamo.reset()
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), weights="gptq", calibration=cal, progress=False)
+    assert manifest.extra["weights"] == "gptq"
+    loaded = cc.compile(cc.load(str(tmp_path / "ckpt"), device="cpu"), progress=False)
+    assert torch.equal(loaded(**_inputs())[0], expected)
+    with pytest.raises(ValueError, match="needs a calibration"):
+        cc.quantize(saved, str(tmp_path / "x"), weights="gptq", progress=False)
