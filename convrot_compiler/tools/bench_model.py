@@ -88,6 +88,9 @@ LAUNCHES = {
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
+    # calibrated on the measured inputs (prepare): these variants time the method, not its fidelity
+    "gptq": ({"weights": "gptq"}, "GPTQ weights"),
+    "dirotq": ({"rotation": "pca", "weights": "gptq"}, "DiRotQ: PCA basis, 12.5% bf16, int4 groups of 64, GPTQ"),
 }
 VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", "fp8", "fp8-scaled-mm",
             "fp8-scaled-mm-regional", *CONVROT,
@@ -155,8 +158,9 @@ def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
     return times
 
 
-def prepare(variant: str, model):
-    """(callable, prepared weight bytes beyond the model's own storage, note)."""
+def prepare(variant: str, model, inputs: dict | None = None):
+    """(callable, prepared weight bytes beyond the model's own storage, note). The calibrated variants
+    (``-gptq``, ``-dirotq``) calibrate on ``inputs``, one forward."""
     if variant == "bf16":
         return model, 0, ""
     if variant == "bf16-compile":
@@ -182,6 +186,12 @@ def prepare(variant: str, model):
         return torch.compile(model), 0, note
     plan, _, launch = variant.partition("-")
     options, launch_note = LAUNCHES.get(launch, ({}, ""))
+    if options.get("weights") == "gptq" or options.get("rotation") == "pca":
+        from ..calibration import calibrate
+
+        if inputs is None:
+            raise ValueError(f"variant {variant!r} calibrates on the measured inputs: pass them")
+        options = {**options, "calibration": calibrate(model, [inputs], plan=plan, progress=False)}
     convrot_compile(model, plan=plan, progress=False, **options)
     prepared = weight_bytes(model) - model_bytes(model)
     note = "CUDA graph replay" if model.forward.replay else "kernels launched one by one"
@@ -191,7 +201,8 @@ def prepare(variant: str, model):
 
 
 INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
-KERNEL_GROUPS = {"quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel"),
+KERNEL_GROUPS = {"DiRotQ rotate+quantize": ("_pca_rotate_quantize",), "DiRotQ GEMM": ("_pca_gemm",),
+                 "quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel"),
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
@@ -233,6 +244,8 @@ def kernel_breakdown(fn, kwargs, top: int = 20) -> tuple[dict[str, float], list[
 
 def run(args) -> dict:
     dev = resolve_device(args.device)
+    if args.config == "auto":  # the FLUX.1-dev config takes 22 GiB per copy: a GPU's size
+        args.config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
     variants = parse_variants(args.variants, VARIANTS)
     for res in args.resolution:
         image_tokens_for(res, res)
@@ -257,7 +270,7 @@ def run(args) -> dict:
             with kernel_choice(variant.rsplit("-", 1)[-1]):
                 try:
                     t0 = time.perf_counter()
-                    fn, prepared, note = prepare(variant, model)
+                    fn, prepared, note = prepare(variant, model, inputs.kwargs)
                     with torch.no_grad():
                         out = fn(**inputs.kwargs)[0]
                     sync(dev)
@@ -390,7 +403,7 @@ def merge(results: dict[str, dict]) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="flux-dev")
+    p.add_argument("--config", default="auto", help="a built-in config (auto: flux-dev on CUDA, flux-tiny elsewhere)")
     p.add_argument("--resolution", type=int, nargs="+", default=[1024])
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)

@@ -106,6 +106,8 @@ def _graph_bytes(model) -> int | None:
 
 def run(args) -> dict:
     dev = resolve_device(args.device)
+    if args.config == "auto":  # the FLUX.1-dev config takes 22 GiB per copy: a GPU's size
+        args.config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
     variants = parse_variants(args.variants, PIPELINE_VARIANTS)
     res = args.resolution[0]
     image_tokens_for(res, res)
@@ -222,7 +224,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="convrot bench --pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="flux-dev")
+    p.add_argument("--config", default="auto", help="a built-in config (auto: flux-dev on CUDA, flux-tiny elsewhere)")
     p.add_argument("--resolution", type=int, nargs=1, default=[1024])
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=8)

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from convrot_compiler.tools import bench_model
 
 
@@ -29,10 +31,10 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
 def test_a_variant_that_fails_is_recorded_as_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     prepare = bench_model.prepare
 
-    def failing(variant, model):
+    def failing(variant, model, inputs=None):
         if variant == "mix":
             raise ValueError("mix: this plan cannot compile here\nsecond line")
-        return prepare(variant, model)
+        return prepare(variant, model, inputs)
 
     monkeypatch.setattr(bench_model, "prepare", failing)
     result = bench_model.main(["--config", "flux-tiny", "--resolution", "64", "--text-tokens", "16",
@@ -129,3 +131,16 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert first_part == ["bf16 GEMM (cuBLAS)", "4", "80%"]
     line = next(li for li in md.splitlines() if "triton_poi_fused_gelu_view_7" in li)
     assert [c.strip() for c in line.strip("|").split("|")] == ["triton_poi_fused_gelu_view_7", "other", "1.00", "3"]
+
+
+def test_the_calibrated_variants_calibrate_on_the_measured_inputs_and_say_so():
+    from convrot_compiler.tools.bench_model import prepare
+    from convrot_compiler.tools.models import build_flux, make_flux_inputs
+
+    model = build_flux("flux-tiny", seed=0)
+    inputs = make_flux_inputs(model, 64, 64, 16).kwargs
+    with pytest.raises(ValueError, match="calibrates on the measured inputs"):
+        prepare("w4a4-dirotq", build_flux("flux-tiny", seed=0))
+    fn, prepared, note = prepare("w4a4-dirotq", model, inputs)
+    assert "DiRotQ" in note and prepared > 0
+    assert any(d.extra.get("method") == "dirotq" for d in model.convrot_decisions)
