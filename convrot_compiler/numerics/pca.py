@@ -25,7 +25,7 @@ import torch
 
 from .gptq import gptq_quantize
 from .hadamard import check_group_size, hadamard_matrix, rotate, rotate_with
-from .quant import pack_int4, quantize_symmetric, unpack_int4
+from .quant import check_in_features, pack_int4, quantize_symmetric, unpack_int4, with_bias
 
 PCA_HADAMARD = ("none", "regular")
 WEIGHT_METHODS = ("rtn", "gptq")
@@ -220,15 +220,12 @@ def pca_matmul(z_hi: torch.Tensor, qa: torch.Tensor, sa: torch.Tensor, w_hi: tor
                sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """The DiRotQ GEMM: z_hi w_hi^T + the group-scaled int4 product of the rest (+ bias), in z_hi's dtype."""
     out = z_hi.float() @ w_hi.float().T + group_int_gemm(qa, sa, unpack_int4(qw_packed, group_size), sw, group_size)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(z_hi.dtype)
+    return with_bias(out, bias).to(z_hi.dtype)
 
 
 def pca_linear(x: torch.Tensor, pw: PCAWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The DiRotQ linear, the reference way: x [..., K] -> [..., N] in x's dtype."""
-    if x.shape[-1] != pw.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, weight expects {pw.in_features}")
+    check_in_features(x, pw.in_features)
     lead = x.shape[:-1]
     z_hi, q, s = pca_rotate_quantize(x.reshape(-1, x.shape[-1]), pw.basis, pw.hadamard_matrix(), pw.rank,
                                      pw.group_size)

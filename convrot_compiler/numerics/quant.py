@@ -383,13 +383,21 @@ def integer_matmul(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     return (qa.double() @ qw.double().T).float()
 
 
+def with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A float32 GEMM result plus the bias in float32, as every reference GEMM ends."""
+    return out if bias is None else out + bias.float()
+
+
+def check_in_features(x: torch.Tensor, in_features: int) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {in_features}")
+
+
 def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                        bias: torch.Tensor | None, out_dtype: torch.dtype, gelu_from: int | None = None) -> torch.Tensor:
     """The quantized GEMM on unpacked int8 values: float32(qa @ qw^T) * sa * sw (+ bias), in out_dtype;
     GELU (tanh form, in float32) on output columns >= gelu_from when given."""
-    out = integer_matmul(qa, qw) * sa.unsqueeze(-1) * sw.unsqueeze(0)
-    if bias is not None:
-        out = out + bias.float()
+    out = with_bias(integer_matmul(qa, qw) * sa.unsqueeze(-1) * sw.unsqueeze(0), bias)
     if gelu_from is not None:
         out = torch.cat([out[:, :gelu_from], torch.nn.functional.gelu(out[:, gelu_from:], approximate="tanh")], -1)
     return out.to(out_dtype)
@@ -415,16 +423,12 @@ def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
     n = scale.shape[0]
     q = unpack_int4_values(values, group_size, n) if bits == 4 else values
     w = (q.float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
-    out = x.float() @ w[:, : x.shape[-1]].T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return with_bias(x.float() @ w[:, : x.shape[-1]].T, bias).to(x.dtype)
 
 
 def reference_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The quantized linear y = x W^T + b, computed the reference way; output in x's dtype."""
-    if x.shape[-1] != qweight.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, weight expects {qweight.in_features}")
+    check_in_features(x, qweight.in_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if qweight.act_bits is None:
