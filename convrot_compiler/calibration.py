@@ -153,6 +153,17 @@ class Calibration:
         return cls(moments, json.loads(meta["shared"]), json.loads(meta["tokens"]), json.loads(meta["model"]))
 
 
+def check_fits(need: int, linears: int, device: torch.device) -> None:
+    """Refuse, before the first forward, second moments that cannot fit in the free memory of the model's GPU."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise CalibrationError(f"the second moments of {linears} linears need up to {need / 2**30:.1f} GiB on "
+                               f"{device}, {free / 2**30:.1f} GiB is free: calibrate fewer linears (layers=...), or "
+                               "keep wide inputs in smaller diagonal blocks (block=..., convrot calibrate --block)")
+
+
 class Calibrator:
     """Hooks on a model's linears that accumulate their inputs' second moments while it runs; a context
     manager whose value is the growing ``Calibration``. ``plan``: the linears of 16-bit-or-more activations
@@ -175,8 +186,22 @@ class Calibrator:
         if missing:
             raise CalibrationError(f"{missing[0]} is not a linear of {type(model).__name__}")
         self.calibration = Calibration({}, {}, {}, model_fingerprint(model))
+        self._check_memory(modules)
         self._seen: dict[int, tuple[weakref.ref, str]] = {}  # this forward's inputs: id -> (tensor, first reader)
         self._handles: list = []
+
+    def estimated_bytes(self, modules: dict | None = None) -> int:
+        """The second moments' size if no two calibrated linears shared an input (an upper bound)."""
+        modules = modules or dict(self.model.named_modules())
+        total = 0
+        for name in self.names:
+            n, b = block_shape(modules[name].in_features, block=self.block)
+            total += 4 * n * b * b
+        return total
+
+    def _check_memory(self, modules: dict) -> None:
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        check_fits(self.estimated_bytes(modules), len(self.names), device)
 
     def __enter__(self) -> Calibration:
         modules = dict(self.model.named_modules())

@@ -95,3 +95,16 @@ def test_wide_inputs_keep_the_diagonal_blocks_of_the_full_second_moment(model, b
     for j in range(4):
         assert torch.allclose(parts[j], full[256 * j:256 * (j + 1), 256 * j:256 * (j + 1)], rtol=1e-5, atol=1e-6)
     assert blocked.second_moment("transformer_blocks.1.attn.to_q").shape == (1, 256, 256)
+
+
+def test_second_moments_that_cannot_fit_on_the_gpu_are_refused_before_any_forward(model, monkeypatch):
+    from convrot_compiler.calibration import check_fits
+
+    calibrator = Calibrator(model)
+    measured = calibrate(model, [make_flux_inputs(model, 64, 64, 16).kwargs], progress=False)
+    assert calibrator.estimated_bytes() >= measured.nbytes() > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 1 << 30))
+    check_fits(1 << 19, 3, torch.device("cuda", 0))
+    with pytest.raises(CalibrationError, match="need up to .* GiB is free: calibrate fewer linears"):
+        check_fits(1 << 21, 3, torch.device("cuda", 0))
+    check_fits(1 << 40, 3, torch.device("cpu"))  # host memory is the operating system's to refuse

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..calibration import Calibrator
-from ..plans import PRESETS, decide_linears
+from ..plans import PRESETS
 from .demo import resolve_device
 from .evaluate import DEFAULT_PROMPTS
 from .pipelines import load_pipeline, random_pipeline, random_prompt_embeds
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image height and width (default 1024; 64 for the tiny pipeline)")
     p.add_argument("--plan", default="w4a4", help="the plan whose activation-quantized linears are calibrated "
                    f"({', '.join(sorted(PRESETS))}, or a plan file; default w4a4)")
+    p.add_argument("--block", type=int, help="the widest input kept as one second moment; wider ones in diagonal "
+                   "blocks of at most this many channels (default 3072)")
     p.add_argument("--out", required=True, metavar="FILE", help="the calibration file to write (.safetensors)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -65,14 +67,16 @@ def main(argv=None) -> dict:
     size = args.size or (64 if tiny else 1024)
     calls = (random_prompt_embeds(pipe.transformer, len(prompts), 32, dev, args.seed) if tiny
              else [{"prompt": p} for p in prompts])
-    widths = {d.name: d.in_features for d in decide_linears(pipe.transformer, args.plan)}
     start = time.perf_counter()
-    with Calibrator(pipe.transformer, args.plan) as cal:
+    calibrator = Calibrator(pipe.transformer, args.plan, block=args.block)
+    if not args.no_progress:
+        print(f"second moments: at most {calibrator.estimated_bytes() / 2**20:.0f} MiB (float32, on {dev})")
+    with calibrator as cal:
         for i, call in enumerate(tqdm(calls, desc="calibration prompts", unit="prompt", disable=args.no_progress)):
             pipe(**call, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5,
                  generator=torch.Generator().manual_seed(args.seed + i), output_type="latent")
     seconds = time.perf_counter() - start
-    unshared = sum(widths[n] ** 2 * 4 for n in cal.layers)
+    unshared = calibrator.estimated_bytes()
     cal.save(args.out)
     rows = [["model", args.model or "tiny random FluxPipeline (flux-tiny transformer)"],
             ["prompts x steps", f"{len(prompts)} x {steps} at {size}x{size}"],
