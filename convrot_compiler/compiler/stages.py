@@ -8,6 +8,7 @@ in that order and collects their results into a ``CompileReport``.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -59,7 +60,35 @@ def decide(matches: list[LinearMatch], config: ConvRotConfig) -> list[LayerDecis
         if unsupported is None:
             d.extra["parameter"] = weakref.ref(m.weight)  # which parameter it was, for compile's decisions
         decisions.append(d)
+    warn_per_sample_activation_quantization(decisions)
     return decisions
+
+
+PER_SAMPLE = "sees one row per sample (modulation, time or guidance embedder)"
+
+
+def warn_per_sample_activation_quantization(decisions: list[LayerDecision]) -> None:
+    """Mark the linears of a graph that see one row per sample: the fewest rows in a graph whose other linears
+    see at least 8 times as many (tokens). A plan that quantizes their activations (W4A4, W8A8) loses accuracy
+    where it costs most (the adaLN modulation scales the whole residual stream) and gains nothing (they are
+    weight-bound): warned of, naming them and the rule that chose it. The presets name FLUX's such linears;
+    other families' need a rule (plans.py)."""
+    rows = [d.rows for d in decisions if d.rows]
+    if len(rows) < 2 or max(rows) < 8 * min(rows):
+        return
+    flagged = []
+    for d in decisions:
+        if d.rows == min(rows):
+            d.extra["role"] = PER_SAMPLE
+            if d.precision in ("w4a4", "w8a8"):
+                flagged.append(d)
+    if flagged:
+        names = ", ".join(f"{d.name} ({d.precision}, rule {d.rule!r})" for d in flagged[:4])
+        more = f" and {len(flagged) - 4} more" if len(flagged) > 4 else ""
+        warnings.warn(f"{len(flagged)} linears that see one row per sample quantize their activations: {names}{more}. "
+                      "They are weight-bound and, as adaLN modulation, set much of a model's error: give them a "
+                      "weight-only rule ahead of the plan's, e.g. plan=[('*mod*', 'w8a16'), *make_plan('w4a4').rules]",
+                      stacklevel=2)
 
 
 def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: ConvRotConfig) -> list[QuantizedLinear]:

@@ -61,9 +61,9 @@ class InspectReport:
                 rotation += " + gptq"
             rows.append([d.name, f"{d.in_features}->{d.out_features}", d.rows if d.rows is not None else "?",
                          _precision_label(d), rotation, _mib(d.bytes_before), _mib(d.bytes_after),
-                         d.reason if d.precision == "bf16" else ""])
+                         d.reason if d.precision == "bf16" else d.extra.get("role", "")])
         return tabulate(rows, headers=["module", "in->out", "rows M", "precision", "rotation", "MiB before",
-                                       "MiB after", "left alone because"], tablefmt="github")
+                                       "MiB after", "left alone because / role"], tablefmt="github")
 
     def attention_table(self) -> str:
         """One row per scaled-dot-product attention: fp8 or kept, and why it was kept."""

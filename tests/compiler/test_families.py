@@ -94,3 +94,21 @@ def test_a_familys_modulation_is_never_w4a4(family, request):
     decisions = decide_linears(model, "w4a4")
     found = [d for d in decisions if any(m in d.name for m in modulation)]
     assert found and all(d.precision not in ("w4a4", "w8a8") for d in found), [(d.name, d.precision) for d in found]
+
+
+@pytest.mark.parametrize("family,warned", [("wan", "time_embedder.linear_1"), ("qwen-image", "img_mod.1"), ("sd3", None)])
+def test_linears_that_see_one_row_per_sample_and_quantize_activations_are_warned_of(family, warned):
+    import warnings
+
+    model, inputs, _ = _built(family)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = cc.inspect(model, example_kwargs=inputs, regional=False)
+    messages = [str(w.message) for w in caught if "one row per sample quantize" in str(w.message)]
+    if warned is None:
+        assert not messages
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "weight-only rule" in messages[0]
+    roles = [d for d in report.decisions if d.extra.get("role")]
+    assert roles and all(d.rows == min(x.rows for x in report.decisions if x.rows) for d in roles)
+    assert "sees one row per sample" in report.table()
