@@ -25,6 +25,7 @@ from fidelity_synthetic import activations, weights  # benchmarks/fidelity_synth
 
 import convrot_compiler as cc
 from convrot_compiler.nn.linear import make_quantized_linear
+from convrot_compiler.numerics.pca import needs_calibration
 from convrot_compiler.tools.bench_model import environment, write_results
 
 # name -> (rotation, weights, group size)
@@ -81,7 +82,7 @@ def one_linear(k: int = 4096, n: int = 512, tokens: int = 512) -> list[dict]:
         ref = x.double() @ w.double().T
         for name, (rotation, wq, group) in METHODS.items():
             module = make_quantized_linear(linear, "w4a4", group, rotation, wq,
-                                           moment if wq == "gptq" or rotation.startswith("pca") else None)
+                                           moment if needs_calibration(rotation, wq) else None)
             with torch.no_grad():
                 rows.append(dict(activations=kind, method=name, sqnr_db=sqnr_db(module(x), ref)))
     return rows
@@ -105,9 +106,8 @@ def minilm() -> list[dict]:
     rows = []
     for name, (rotation, wq, _) in METHODS.items():
         m = copy.deepcopy(model)
-        calibrated = wq == "gptq" or rotation.startswith("pca")
         cc.quantize_model(m, [("*", "w4a4")], group_size=64, rotation=rotation, weights=wq,
-                          calibration=cal if calibrated else None, progress=False)
+                          calibration=cal if needs_calibration(rotation, wq) else None, progress=False)
         cq, cd = embed(m, q), embed(m, d)
         cos = torch.cat([(cq * ref_q).sum(-1), (cd * ref_d).sum(-1)])
         rows.append(dict(method=name, cos_mean=cos.mean().item(), cos_min=cos.min().item(),
@@ -130,7 +130,7 @@ def tiny_pipeline() -> list[dict]:
                                         step=2)
     rows = []
     for name, (rotation, wq, group) in METHODS.items():
-        method = dict(weights=wq, calibration=cal if wq == "gptq" or rotation.startswith("pca") else None)
+        method = dict(weights=wq, calibration=cal if needs_calibration(rotation, wq) else None)
         depth = error_by_depth(pipe.transformer, kwargs=inputs, depths=(1, 2), group_size=group, rotation=rotation,
                                **method)
         sq = [s.sqnr_db for s in layer_sqnr(pipe.transformer, kwargs=inputs, group_size=group, rotation=rotation,

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .numerics.pca import PCA_BLOCK, block_shape
-from .plans import PlanSpec, decide_linears
+from .numerics.pca import PCA_BLOCK, block_shape, pca_bases
+from .numerics.quant import WEIGHT_ONLY
+from .plans import LayerDecision, PlanSpec, decide_linears
 
 FORMAT = "convrot-calibration"
 VERSION = 1
@@ -86,8 +87,6 @@ class Calibration:
     def basis(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Linear ``name``'s PCA basis (numerics.pca.pca_basis) in ``dtype`` on ``device``, computed once per
         input: linears reading one tensor share one basis tensor."""
-        from .numerics.pca import pca_bases
-
         key = (self.shared.get(name, name), dtype, torch.device(device))
         if key not in self._bases:
             self._bases[key] = pca_bases(self.second_moment(name).to(device)).to(dtype)
@@ -113,6 +112,13 @@ class Calibration:
             raise CalibrationError(f"{name}: calibrated on {width} inputs, the layer has {in_features}: "
                                    "the calibration comes from another model")
         return moment / max(self.tokens[lead], 1)
+
+    def check_covers(self, decisions: Iterable[LayerDecision]) -> None:
+        """Refuse, before any weight is prepared, decisions that quantize the activations of a linear this
+        calibration has no second moment of its width for (``second_moment``'s errors)."""
+        for d in decisions:
+            if d.precision not in ("bf16", *WEIGHT_ONLY):
+                self.second_moment(d.name, d.in_features)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model this calibration was not made on (another class, config, or linear shapes)."""
@@ -171,8 +177,6 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, plan: PlanSpec = "w4a4", layers: Iterable[str] | None = None,
                  block: int | None = None):
-        from .numerics.quant import WEIGHT_ONLY
-
         if layers is None:
             layers = [d.name for d in decide_linears(model, plan) if d.precision not in ("bf16", *WEIGHT_ONLY)]
         self.names = list(layers)

@@ -14,9 +14,8 @@ from typing import Any, Callable
 import torch
 
 from .calibration import Calibration
-from .compiler.weights import PCA_ROTATIONS
 from .numerics.hadamard import ROTATION_KINDS
-from .numerics.pca import WEIGHT_METHODS
+from .numerics.pca import PCA_ROTATIONS, WEIGHT_METHODS, default_group_size, needs_calibration
 from .numerics.rotations import GroupHadamardRotation
 from .plans import PlanSpec, make_plan
 
@@ -34,7 +33,7 @@ class ConvRotConfig:
     the second on how ``convrot_compiler.compile`` applies it to a model."""
 
     plan: PlanSpec = "w4a4"              # preset name, (fnmatch pattern, precision) rules, or a Plan
-    group_size: int | None = None        # ConvRot's rotation group along K, a power of 4 (256); DiRotQ's int4 group (64)
+    group_size: int | None = None        # ConvRot's rotation group, a power of 4 (256); DiRotQ's int4 group (64)
     rotation: str = "regular"            # ConvRot: "regular", "sylvester", "none"; DiRotQ: "pca", "pca-hadamard"
     weights: str = "rtn"                 # weight quantizer: "rtn", or "gptq" (needs a calibration)
     calibration: Any = None              # calibration.Calibration: for rotation "pca*" and weights "gptq"
@@ -64,7 +63,7 @@ class ConvRotConfig:
             raise ValueError(f"option 'rotation' must be one of {ROTATION_KINDS + tuple(PCA_ROTATIONS)}, got "
                              f"{self.rotation!r}")
         if self.group_size is None:
-            set_("group_size", 64 if pca else 256)
+            set_("group_size", default_group_size(self.rotation))
         if pca:
             if self.group_size not in (64, 128, 256):
                 raise ValueError(f"DiRotQ (rotation {self.rotation!r}) quantizes in groups of 64, 128 or 256, not "
@@ -76,10 +75,10 @@ class ConvRotConfig:
             GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"option 'weights' must be one of {WEIGHT_METHODS}, got {self.weights!r}")
-        if (pca or self.weights == "gptq") and self.calibration is None:
+        if self.needs_calibration and self.calibration is None:
             raise ValueError(f"rotation={self.rotation!r} with weights={self.weights!r} needs a calibration of the "
-                             "model: cal = convrot_compiler.calibrate(model, batches), then calibration=cal (on the command "
-                             "line: convrot calibrate --out FILE, then --calibration FILE)")
+                             "model: cal = convrot_compiler.calibrate(model, batches), then calibration=cal (on the "
+                             "command line: convrot calibrate --out FILE, then --calibration FILE)")
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise TypeError(f"option 'calibration' must be a convrot_compiler.Calibration, got "
                             f"{type(self.calibration).__name__}")
@@ -105,7 +104,7 @@ class ConvRotConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.rotation in PCA_ROTATIONS or self.weights == "gptq"
+        return needs_calibration(self.rotation, self.weights)
 
     def spec_for(self, precision: str, weight: torch.Tensor):
         """How a weight this config quantizes at ``precision`` is prepared (compiler.weights.weight_spec)."""

@@ -23,9 +23,10 @@ MANIFEST = "convrot.json"
 INT4_PACKING = "per group of G inputs: byte j holds input j (low nibble) and input j + G/2 (high nibble)"
 
 # safetensors' dtype names
-_ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-              "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-              "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                      "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -206,7 +207,7 @@ def check_shards(folder: str, manifest: Manifest) -> None:
         found = headers[entry.file].get(key)
         if found is None:
             raise CheckpointError(f"{path}: tensor {key!r} is missing")
-        dtype = _ST_DTYPES.get(found[0])
+        dtype = SAFETENSORS_DTYPES.get(found[0])
         if dtype != entry.dtype or found[1] != entry.shape:
             raise CheckpointError(f"{path}: tensor {key!r} is {found[0]} {list(found[1])}, the manifest says "
                                   f"{dtype_name(entry.dtype)} {list(entry.shape)}")

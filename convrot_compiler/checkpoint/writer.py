@@ -20,9 +20,10 @@ import torch
 
 from ..compiler.weights import PrepSpec, prepare_weight
 from ..config import ConvRotConfig
+from ..numerics.pca import PCA_ROTATIONS
 from ..numerics.quant import WEIGHT_ONLY
 from ..plans import decide_linears
-from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
+from .manifest import MANIFEST, SAFETENSORS_DTYPES, LayerEntry, Manifest, TensorEntry
 from .source import meta_model, open_source
 
 CHANNEL_ORDER, W4A16_LAYOUT = "natural", "groups"  # the layout a checkpoint stores (the loader converts)
@@ -61,7 +62,8 @@ class _ShardWriter:
                 with safe_open(os.path.join(self.folder, name), framework="pt", device="cpu") as f:
                     for key in f.keys():
                         sl = f.get_slice(key)
-                        self.tensors[key] = TensorEntry(name, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+                        self.tensors[key] = TensorEntry(name, SAFETENSORS_DTYPES[sl.get_dtype()],
+                                                        tuple(sl.get_shape()))
             except Exception:  # a shard cut short by the interruption: written again
                 os.remove(os.path.join(self.folder, name))
                 continue
@@ -87,9 +89,6 @@ class _ShardWriter:
             self.tensors[key] = TensorEntry(name, t.dtype, tuple(t.shape))
         self.buffer, self.buffered = {}, 0
 
-
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "I32": torch.int32,
-           "U8": torch.uint8, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}
 
 
 def _out_folder(out: str, overwrite: bool, resume: bool) -> str:
@@ -117,8 +116,6 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from ..compiler.weights import PCA_ROTATIONS
-
     if rotation in PCA_ROTATIONS:
         raise ValueError(f"checkpoints hold ConvRot's weights (rotation regular, sylvester or none), not DiRotQ's "
                          f"({rotation!r}: a basis per input and 16-bit columns): compile the bf16 model with "
@@ -139,9 +136,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
     quantized = {f"{d.name}.weight": d for d in decisions if d.precision != "bf16"}
     weight_dtypes: dict[str, torch.dtype] = {}
     if config.needs_calibration:
-        for d in quantized.values():  # every missing second moment fails before anything is written
-            if d.precision not in WEIGHT_ONLY:
-                calibration.second_moment(d.name, d.in_features)
+        calibration.check_covers(quantized.values())  # every missing second moment fails before anything is written
     tmp = _out_folder(out, overwrite, resume)
     writer = None
     try:
@@ -153,7 +148,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in shard_keys:
                     if key.endswith(".weight"):
-                        weight_dtypes[key[:-len(".weight")]] = _DTYPES[f.get_slice(key).get_dtype()]
+                        weight_dtypes[key[:-len(".weight")]] = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
                     d = quantized.get(key)
                     if key in done or (d is not None and f"{d.name}.qweight" in done):
                         continue

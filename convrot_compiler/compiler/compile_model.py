@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConvRotConfig
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight
 from ..numerics.quant import WEIGHT_ONLY
 from ..plans import LayerDecision, decide_linears, warn_if_ineffective
 from .backend import CompileReport, model_backend
@@ -32,6 +33,7 @@ from .weights import (
     model_bytes,
     placeholder,
     prepare_weight,
+    record_spec,
     release,
     release_storage,
 )
@@ -195,19 +197,15 @@ def _check_calibration(decisions: list[LayerDecision], config: ConvRotConfig) ->
     """Every linear that a calibrated method quantizes (DiRotQ, GPTQ) has a second moment in the calibration,
     of its width; and DiRotQ's rotations meet only w4a4 linears among those quantizing activations. Checked
     before any weight is prepared."""
-    from ..numerics.quant import WEIGHT_ONLY
-    from .weights import PCA_ROTATIONS
-
     if not config.needs_calibration:
         return
-    for d in decisions:
-        if d.precision in ("bf16", *WEIGHT_ONLY):
-            continue
-        if config.rotation in PCA_ROTATIONS and d.precision != "w4a4":
-            raise ValueError(f"{d.name}: rotation {config.rotation!r} (DiRotQ) is a W4A4 method and the plan puts "
-                             f"this linear at {d.precision}: use a plan whose activation-quantized linears are w4a4")
-        config.calibration.second_moment(d.name, d.in_features)
-        d.extra.update(method="dirotq" if config.rotation in PCA_ROTATIONS else "convrot", weights=config.weights)
+    if config.rotation in PCA_ROTATIONS:
+        for d in decisions:
+            if d.precision not in ("bf16", "w4a4", *WEIGHT_ONLY):
+                raise ValueError(f"{d.name}: rotation {config.rotation!r} (DiRotQ) is a W4A4 method and the plan "
+                                 f"puts this linear at {d.precision}: use a plan whose activation-quantized linears "
+                                 "are w4a4")
+    config.calibration.check_covers(decisions)
 
 
 def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],
@@ -347,13 +345,9 @@ def _prepare(model: nn.Module, decisions: list[LayerDecision], config: ConvRotCo
             qw = PREPARED.get(lin.weight, spec)
             if config.release_weights and not is_released(lin.weight):
                 release(lin.weight)
-        if spec.scheme in WEIGHT_ONLY:
-            d.extra["layout"] = spec.layout
-        elif not spec.is_pca:
-            d.extra["act_order"] = spec.act_order
+        record_spec(d, spec, qw)
         nbytes = qw.nbytes()
-        if hasattr(qw, "rank"):
-            d.extra["rank"] = qw.rank
+        if isinstance(qw, PCAWeight):
             nbytes = qw.nbytes(include_basis=id(qw.basis) not in bases)
             bases.add(id(qw.basis))
         d.extra["prepared_bytes"] = nbytes

@@ -18,8 +18,8 @@ from torch import fx
 
 from ..config import ConvRotConfig
 from ..numerics.hadamard import hadamard_matrix
-from ..numerics.pca import block_shape, high_precision_rank, pca_nbytes
-from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
+from ..numerics.pca import PCA_ROTATIONS, block_shape, high_precision_rank, pca_nbytes
+from ..numerics.quant import quantized_nbytes
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
 from ..plans import LayerDecision
@@ -27,7 +27,7 @@ from ..plans import decide as decide_layer
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
-from .weights import PREPARED, PrepSpec, is_released
+from .weights import PREPARED, PrepSpec, is_released, record_spec
 
 
 @dataclass
@@ -107,12 +107,7 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
         spec = config.spec_for(d.precision, m.weight)
         if spec.calibration is not None:
             d.extra["calibrated"] = cal.covers(cal.layer_of(m.weight))
-        if d.precision in WEIGHT_ONLY:
-            d.extra["layout"] = spec.layout
-        elif spec.is_pca:
-            d.extra.update(method="dirotq", weights=config.weights)
-        else:
-            d.extra["act_order"] = spec.act_order
+        record_spec(d, spec)
         if config.dry_run:
             if spec.is_pca:
                 d.extra["rank"] = high_precision_rank(block_shape(d.in_features, config.group_size)[1],
@@ -123,8 +118,7 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
                                               spec.layout))
         else:
             qw = PREPARED.get(m.weight, spec)
-            if spec.is_pca:
-                d.extra["rank"] = qw.rank
+            record_spec(d, spec, qw)
             if m.weight.is_cuda and not has_kernel(qw):
                 raise ValueError(f"{m.name}: the CUDA kernels take group_size 256, not {config.group_size} "
                                  f"({d.precision}, rotation {config.rotation}); other group sizes run on CPU only")
@@ -159,10 +153,9 @@ def _input_share(q: QuantizedLinear, config: ConvRotConfig) -> str:
 def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
     """The matrix the graph's activation quantizations take as ``h``: ConvRot's kernel matrix, the regular
     Hadamard of one int4 group for ``pca-hadamard``, None for ``pca`` and rotation ``none``."""
-    if config.rotation == "pca":
-        return None
-    if config.rotation == "pca-hadamard":
-        return hadamard_matrix("regular", config.group_size)
+    if config.rotation in PCA_ROTATIONS:
+        kind = PCA_ROTATIONS[config.rotation]
+        return None if kind == "none" else hadamard_matrix(kind, config.group_size)
     return GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
 
 

@@ -16,11 +16,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..numerics.gptq import gptq_quantizer
-from ..numerics.pca import PCAWeight, pca_quantize_weight
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_quantize_weight
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, quantize_weight
 from ..numerics.rotations import GroupHadamardRotation
-
-PCA_ROTATIONS = {"pca": "none", "pca-hadamard": "regular"}  # DiRotQ; the value: the Hadamard on each int4 group
 from ..ops.dispatch import act_order_for, w4a16_layout
 
 
@@ -60,6 +58,23 @@ def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.
     return PrepSpec(scheme, rotation_kind, group_size,
                     act_order=act_order_for(weight.device, weight.dtype, group_size, rotation_kind != "none"),
                     weights=weights, calibration=calibration if weights == "gptq" else None)
+
+
+def record_spec(decision, spec: PrepSpec, qweight: QuantizedWeight | PCAWeight | None = None) -> None:
+    """Write into a decision's ``extra`` how its weight is prepared, for reports and ``inspect``: the W4A16 layout,
+    the W4A4/W8A8 channel order, the method and weight quantizer of a calibrated one, and DiRotQ's 16-bit rank
+    (from ``qweight`` once prepared)."""
+    if spec.scheme in WEIGHT_ONLY:
+        decision.extra["layout"] = spec.layout
+        return
+    if spec.is_pca:
+        decision.extra["method"] = "dirotq"
+    else:
+        decision.extra["act_order"] = spec.act_order
+    if spec.calibration is not None:
+        decision.extra["weights"] = spec.weights
+    if isinstance(qweight, PCAWeight):
+        decision.extra["rank"] = qweight.rank
 
 
 def prepare_weight(weight: torch.Tensor, spec: PrepSpec, layer: str | None = None) -> QuantizedWeight | PCAWeight:

@@ -13,6 +13,15 @@ import warnings
 import torch
 from torch import nn
 
+from ..numerics.gptq import gptq_quantizer
+from ..numerics.pca import (
+    PCA_ROTATIONS,
+    WEIGHT_METHODS,
+    PCAWeight,
+    default_group_size,
+    needs_calibration,
+    pca_quantize_weight,
+)
 from ..numerics.quant import (
     WEIGHT_ONLY,
     QuantizedWeight,
@@ -23,8 +32,6 @@ from ..numerics.quant import (
     reference_linear,
     rtn_weight_quantizer,
 )
-from ..numerics.gptq import gptq_quantizer
-from ..numerics.pca import PCAWeight, pca_quantize_weight
 from ..numerics.rotations import Rotation, make_rotation
 from ..ops import pca_linear, quantized_linear
 from ..ops.dispatch import act_order_for, has_kernel, w4a16_layout
@@ -159,8 +166,7 @@ class DiRotQLinear(nn.Module):
         self.register_buffer("qweight", pw.values)
         self.register_buffer("weight_scale", pw.scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        h = pw.hadamard_matrix()
-        self.register_buffer("rotation_matrix", h, persistent=False)
+        self.register_buffer("rotation_matrix", pw.hadamard_matrix(), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, second_moment: torch.Tensor, high_precision_fraction: float = 0.125,
@@ -173,21 +179,12 @@ class DiRotQLinear(nn.Module):
         return cls(pw, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = None if self.rotation_matrix is None else self.rotation_matrix.to(x.device)
-        return pca_linear(x, self.basis, h, self.w_hi, self.qweight, self.weight_scale, self.bias, self.rank,
-                          self.group_size, self.out_features)
+        return pca_linear(x, self.basis, self.rotation_matrix, self.w_hi, self.qweight, self.weight_scale, self.bias,
+                          self.rank, self.group_size, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} in 16 bits, "
                 f"int4 groups of {self.group_size}, hadamard={self.hadamard}, weights={self.weights}")
-
-
-PCA_ROTATIONS = {"pca": "none", "pca-hadamard": "regular"}  # DiRotQ, and the Hadamard it may add per int4 group
-
-
-def default_group_size(rotation: "str | Rotation") -> int:
-    """DiRotQ quantizes in groups of 64 (its published configuration); ConvRot rotates groups of 256."""
-    return 64 if rotation in PCA_ROTATIONS else 256
 
 
 def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, rotation: "str | Rotation",
@@ -195,7 +192,7 @@ def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, ro
                           high_precision_fraction: float = 0.125) -> nn.Module:
     """The quantized module of ``linear`` at ``precision``. ``rotation="pca"`` (DiRotQ, w4a4 only) and
     ``weights="gptq"`` need the input's ``second_moment`` (calibration.Calibration.second_moment)."""
-    if (rotation in PCA_ROTATIONS or weights == "gptq") and precision not in WEIGHT_ONLY and second_moment is None:
+    if needs_calibration(rotation, weights) and precision not in WEIGHT_ONLY and second_moment is None:
         raise ValueError(f"rotation={rotation!r}, weights={weights!r} needs the input's second moment from a "
                          "calibration (convrot_compiler.calibrate)")
     if rotation in PCA_ROTATIONS:
@@ -216,6 +213,26 @@ def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, ro
     if precision == "w8a16":
         return Int8WeightOnlyLinear.from_linear(linear, group_size)
     raise ValueError(f"no quantized module for precision {precision!r}")
+
+
+def quantized_module_for(linear: nn.Linear, decision: LayerDecision, group_size: int, rotation: "str | Rotation",
+                         weights: str = "rtn", calibration=None, high_precision_fraction: float = 0.125) -> nn.Module:
+    """``make_quantized_linear`` for a plan's decision, the second moment of its input read from ``calibration``
+    (a calibration.Calibration, for the calibrated methods) where its activations are quantized."""
+    moment = None
+    if calibration is not None and decision.precision not in WEIGHT_ONLY:
+        moment = calibration.second_moment(decision.name, decision.in_features)
+    return make_quantized_linear(linear, decision.precision, group_size, rotation, weights, moment,
+                                 high_precision_fraction)
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns the module that was there."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, module)
+    return old
 
 
 def quantize_model(
@@ -239,27 +256,22 @@ def quantize_model(
     group_size = group_size or default_group_size(rotation)
     if rotation not in PCA_ROTATIONS:
         make_rotation(rotation, group_size)
-    if weights not in ("rtn", "gptq"):
-        raise ValueError(f"weights must be 'rtn' or 'gptq', got {weights!r}")
-    needs_calibration = rotation in PCA_ROTATIONS or weights == "gptq"
-    if needs_calibration and calibration is None:
+    if weights not in WEIGHT_METHODS:
+        raise ValueError(f"weights must be one of {WEIGHT_METHODS}, got {weights!r}")
+    calibrated = needs_calibration(rotation, weights)
+    if calibrated and calibration is None:
         raise ValueError(f"rotation={rotation!r}, weights={weights!r} needs a calibration: "
                          "cal = convrot_compiler.calibrate(model, batches)")
     if calibration is not None:
         calibration.check_model(model)
     decisions = decide_linears(model, plan, group_size)
     todo = [d for d in decisions if d.precision != "bf16"]
-    for d in todo:  # every missing calibration fails before any layer is swapped
-        if needs_calibration and d.precision not in WEIGHT_ONLY:
-            calibration.second_moment(d.name, d.in_features)
+    if calibrated:
+        calibration.check_covers(todo)  # every missing second moment fails before any layer is swapped
     for d in tqdm(todo, desc="quantizing linears", unit="layer", disable=not progress):
-        parent_name, _, child = d.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        moment = calibration.second_moment(d.name, d.in_features) if needs_calibration and \
-            d.precision not in WEIGHT_ONLY else None
-        new = make_quantized_linear(getattr(parent, child), d.precision, group_size, rotation, weights, moment,
-                                    high_precision_fraction)
-        setattr(parent, child, new)
+        new = quantized_module_for(model.get_submodule(d.name), d, group_size, rotation, weights,
+                                   calibration if calibrated else None, high_precision_fraction)
+        swap_module(model, d.name, new)
         d.bytes_after = module_bytes(new)
         if isinstance(new, DiRotQLinear):
             d.extra.update(method="dirotq", rank=new.rank, weights=weights)

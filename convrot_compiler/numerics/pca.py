@@ -29,6 +29,17 @@ from .quant import check_in_features, pack_int4, quantize_symmetric, unpack_int4
 
 PCA_HADAMARD = ("none", "regular")
 WEIGHT_METHODS = ("rtn", "gptq")
+PCA_ROTATIONS = {"pca": "none", "pca-hadamard": "regular"}  # DiRotQ's rotation names -> the Hadamard per int4 group
+
+
+def default_group_size(rotation: object) -> int:
+    """DiRotQ quantizes in groups of 64 (its published configuration); ConvRot rotates groups of 256."""
+    return 64 if rotation in PCA_ROTATIONS else 256
+
+
+def needs_calibration(rotation: object, weights: str) -> bool:
+    """Whether a method reads a calibration: DiRotQ's rotations (the PCA basis) and GPTQ weights (the Hessian)."""
+    return rotation in PCA_ROTATIONS or weights == "gptq"
 
 
 PCA_BLOCK = 3072  # the widest input with one basis; wider ones take blocks of at most this many channels
@@ -207,7 +218,8 @@ def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | 
     return z[:, :, :rank].reshape(m, -1).to(x.dtype), q.reshape(m, -1), s
 
 
-def group_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
     """float32 [M, N] = sum over groups g of (qa_g qw_g^T, exact) * sa[:, g] * sw[:, g]."""
     m, lo = qa.shape
     groups = lo // group_size

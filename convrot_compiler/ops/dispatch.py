@@ -21,6 +21,7 @@ import torch
 import triton
 
 from ..kernels.triton.common import interpreting
+from ..numerics.pca import PCAWeight
 from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
 
@@ -63,7 +64,7 @@ def has_kernel(qweight: QuantizedWeight) -> bool:
     groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of 256k. Other
     weights run the reference ops."""
     g = qweight.group_size
-    if hasattr(qweight, "basis"):  # DiRotQ (numerics.pca.PCAWeight): Triton's kernels take groups of 64 to 256
+    if isinstance(qweight, PCAWeight):  # DiRotQ: Triton's kernels take groups of 64 to 256
         return g in (64, 128, 256)
     if qweight.scheme == "w8a16":
         return g % 256 == 0

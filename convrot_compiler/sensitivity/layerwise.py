@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn.linear import make_quantized_linear
+from ..nn.linear import quantized_module_for
 from ..numerics.error import relative_error
 from ..plans import LayerDecision, PlanSpec, decide_linears, make_plan
 from .swap import swapped
@@ -73,12 +73,7 @@ def _block_states(model: nn.Module, blocks: list[tuple[str, nn.Module]], depths:
 def _quantized_module(model: nn.Module, d: LayerDecision, group_size: int, rotation: str, method: dict) -> nn.Module:
     """The eager quantized module of decision ``d``; ``method``: ``weights``, ``calibration`` and
     ``high_precision_fraction`` for the calibrated methods (DiRotQ, GPTQ), as ``quantize_model`` takes them."""
-    from ..numerics.quant import WEIGHT_ONLY
-
-    cal = method.get("calibration")
-    moment = cal.second_moment(d.name, d.in_features) if cal is not None and d.precision not in WEIGHT_ONLY else None
-    return make_quantized_linear(model.get_submodule(d.name), d.precision, group_size, rotation,
-                                 method.get("weights", "rtn"), moment, method.get("high_precision_fraction", 0.125))
+    return quantized_module_for(model.get_submodule(d.name), d, group_size, rotation, **method)
 
 
 def quantized_decisions(model: nn.Module, plan: PlanSpec, group_size: int) -> list[LayerDecision]:

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..nn.linear import make_quantized_linear
+from ..nn.linear import make_quantized_linear, swap_module
 from ..numerics.error import relative_error
 from ..numerics.quant import WEIGHT_ONLY, quantized_nbytes
 from ..plans import PlanSpec, decide_linears, make_plan, module_bytes
-from .swap import swap_module
 
 TOKEN_PRECISIONS = ("w4a4", "w8a8")
 ONE_ROW_PRECISIONS = ("w4a16", "w8a16")

@@ -7,14 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-
-def swap_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``name`` in ``model``; returns the module that was there."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, module)
-    return old
+from ..nn.linear import swap_module
 
 
 @contextmanager

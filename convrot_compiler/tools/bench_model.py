@@ -29,6 +29,7 @@ import torch
 from ..compiler.compile_model import compile as convrot_compile
 from ..compiler.compile_model import weight_bytes
 from ..compiler.weights import model_bytes
+from ..numerics.pca import needs_calibration
 from ..ops import dispatch
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
@@ -186,7 +187,7 @@ def prepare(variant: str, model, inputs: dict | None = None):
         return torch.compile(model), 0, note
     plan, _, launch = variant.partition("-")
     options, launch_note = LAUNCHES.get(launch, ({}, ""))
-    if options.get("weights") == "gptq" or options.get("rotation") == "pca":
+    if needs_calibration(options.get("rotation"), options.get("weights")):
         from ..calibration import calibrate
 
         if inputs is None:

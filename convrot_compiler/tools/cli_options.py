@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import ATTENTION_MODES
-from ..compiler.weights import PCA_ROTATIONS
 from ..numerics.hadamard import ROTATION_KINDS
-from ..numerics.pca import WEIGHT_METHODS
+from ..numerics.pca import PCA_ROTATIONS, WEIGHT_METHODS
 from ..plans import PRESETS
 
 

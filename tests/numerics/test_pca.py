@@ -5,13 +5,7 @@ import torch
 
 from convrot_compiler.numerics.error import relative_error
 from convrot_compiler.numerics.gptq import gptq_quantize
-from convrot_compiler.numerics.pca import (
-    high_precision_rank,
-    pca_basis,
-    pca_linear,
-    pca_nbytes,
-    pca_quantize_weight,
-)
+from convrot_compiler.numerics.pca import high_precision_rank, pca_basis, pca_linear, pca_nbytes, pca_quantize_weight
 from convrot_compiler.numerics.quant import quantize_symmetric, quantize_weight, reference_linear
 from convrot_compiler.numerics.rotations import GroupHadamardRotation
 

@@ -33,5 +33,8 @@ def test_generate_and_inspect_take_dirotq_with_the_calibration(cal_file, tmp_pat
                      "--rotation", "pca", "--calibration", str(cal_file)]) == 0
     out = capsys.readouterr().out
     assert "pca (64 x 1 in bf16, rtn)" in out and "the calibration covers 34 of the 34 linears" in out
+    assert cli.main(["inspect", "--config", "flux-tiny", "--height", "64", "--width", "64", "--text-tokens", "16",
+                     "--weights", "gptq", "--calibration", str(cal_file)]) == 0
+    assert "regular + gptq" in capsys.readouterr().out
     assert cli.main(["generate", "--rotation", "pca", "--steps", "2", "--device", "cpu"]) == 2
     assert "--calibration FILE" in capsys.readouterr().err
