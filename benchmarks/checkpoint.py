@@ -30,8 +30,43 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class _ResidentPeaks:
+    """Peak anonymous and file-backed resident memory, sampled every 50 ms on a thread (Linux): which of the
+    two the peak resident memory is tells a reader that holds its tensors from one that maps its files."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], _status_bytes(k))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def _peak_gpu(args) -> int:
     return torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
+
+
+def _reset_peak(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _sync(args) -> None:
@@ -52,13 +87,19 @@ def source(args) -> dict:
 def quantize(args) -> dict:
     import convrot_compiler as cc
 
+    if args.device == "cuda":
+        torch.zeros(1, device="cuda")
+    rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    manifest = cc.quantize(args.src, args.ckpt, plan=args.plan, device=args.device, progress=False, overwrite=True)
+    with _ResidentPeaks() as resident:
+        manifest = cc.quantize(args.src, args.ckpt, plan=args.plan, device=args.device, progress=False, overwrite=True)
     seconds = time.perf_counter() - start
     largest = max(layer.in_features * layer.out_features * layer.weight_dtype.itemsize for layer in manifest.layers
                   if layer.precision != "bf16")
     return {"quantize_s": seconds, "quantize_peak_gpu_bytes": _peak_gpu(args),
             "largest_layer_bytes": largest, "quantize_peak_rss_bytes": _peak_rss(),
+            "rss_bytes_before_quantize": rss_before, "quantize_peak_rss_anon_bytes": resident.peak["RssAnon"],
+            "quantize_peak_rss_file_bytes": resident.peak["RssFile"],
             "checkpoint_bytes": sum(os.path.getsize(os.path.join(args.ckpt, f)) for f in os.listdir(args.ckpt))}
 
 
@@ -94,15 +135,31 @@ def load_and_generate(args) -> dict:
         checked += 1
     pipe = random_pipeline(args.config, args.device, transformer=model)
     embeds = random_prompt_embeds(model, 1, 512, args.device)[0]
+    peaks = {"load": _peak_gpu(args)}
     start = time.perf_counter()
     cc.compile(pipe, progress=False)
     latents = pipe(**embeds, height=args.size, width=args.size, num_inference_steps=args.steps, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(0)).images
+    _sync(args)
+    peaks["denoise"] = _peak_gpu(args)
+    after_denoise = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    _reset_peak(args)
     image = decode_latents(pipe, latents, args.size, args.size)
     _sync(args)
+    first_image_s = time.perf_counter() - start
+    peaks["decode"] = _peak_gpu(args)
+    del image
+    _reset_peak(args)
+    pipe.vae.enable_tiling()
+    tiled = decode_latents(pipe, latents, args.size, args.size)
+    _sync(args)
     return {"load_s": load_s, "gpu_bytes_after_load": after_load, "weights_checked_bit_exact": checked,
-            "first_image_s": time.perf_counter() - start, "first_image_peak_gpu_bytes": _peak_gpu(args),
-            "image_finite": bool(torch.isfinite(image).all())}
+            "first_image_s": first_image_s, "first_image_peak_gpu_bytes": max(peaks.values()),
+            "peak_gpu_bytes_load": peaks["load"], "peak_gpu_bytes_denoise": peaks["denoise"],
+            "gpu_bytes_after_denoise": after_denoise, "peak_gpu_bytes_decode": peaks["decode"],
+            "peak_gpu_bytes_tiled_decode": _peak_gpu(args),
+            "first_image_tiled_peak_gpu_bytes": max(peaks["load"], peaks["denoise"], _peak_gpu(args)),
+            "image_finite": bool(torch.isfinite(tiled).all())}
 
 
 PHASES = {"source": source, "quantize": quantize, "load": load_and_generate}
@@ -146,11 +203,19 @@ def main() -> None:
              f"{_gib(result['quantize_peak_gpu_bytes'])} / {_gib(result['largest_layer_bytes'])}"],
             ["  peak resident CPU memory / largest source shard",
              f"{_gib(result['quantize_peak_rss_bytes'])} / {_gib(result['largest_shard_bytes'])}"],
+            ["    of it: before quantizing (libraries, CUDA context) / peak anonymous / peak file-mapped",
+             " / ".join(_gib(result[k]) for k in ("rss_bytes_before_quantize", "quantize_peak_rss_anon_bytes",
+                                                   "quantize_peak_rss_file_bytes"))],
             ["  source / checkpoint on disk", f"{_gib(result['source_bytes'])} / {_gib(result['checkpoint_bytes'])}"],
             ["load (warm page cache)", f"{result['load_s']:.1f} s"],
             ["  GPU memory after load", _gib(result["gpu_bytes_after_load"])],
             [f"compile + {args.steps} steps + VAE decode at {args.size}²", f"{result['first_image_s']:.1f} s"],
             ["  peak GPU memory, empty process to decoded image", _gib(result["first_image_peak_gpu_bytes"])],
+            ["    of it: load / compile + denoise / VAE decode",
+             " / ".join(_gib(result[f"peak_gpu_bytes_{k}"]) for k in ("load", "denoise", "decode"))],
+            ["    GPU memory held after denoising", _gib(result["gpu_bytes_after_denoise"])],
+            ["  the same with the VAE decoding in tiles (--vae-tiling)",
+             f"{_gib(result['first_image_tiled_peak_gpu_bytes'])} (decode {_gib(result['peak_gpu_bytes_tiled_decode'])})"],
             ["loaded weights bit-exact with preparing the source (sample)", result["weights_checked_bit_exact"]]]
     env = environment()
     md = (f"# Checkpoint: quantize, load, first image ({args.config}, plan {args.plan})\n\n"

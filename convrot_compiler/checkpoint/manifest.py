@@ -17,21 +17,12 @@ from typing import Any
 
 import torch
 
+from .tensor_file import SAFETENSORS_DTYPES, CheckpointError, read_header
+
 FORMAT = "convrot-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "convrot.json"
 INT4_PACKING = "per group of G inputs: byte j holds input j (low nibble) and input j + G/2 (high nibble)"
-
-# safetensors' dtype names
-SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-                      "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-                      "F8_E5M2": torch.float8_e5m2}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is: the message names the file and the tensor."""
-
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -165,31 +156,6 @@ def read_manifest(folder: str) -> Manifest:
                         raw.get("library", {}).get("version", ""))
     check_shards(folder, manifest)
     return manifest
-
-
-def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor: (safetensors dtype, shape)} of a safetensors file, read from its header alone; a file shorter
-    than its header says (a truncated shard) is an error."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if n < 0 or size < 8 + n:
-            raise CheckpointError(f"{path}: truncated (its header does not fit in the file's {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    header.pop("__metadata__", None)
-    data = size - 8 - n
-    out = {}
-    for key, t in header.items():
-        end = t.get("data_offsets", [0, 0])[1]
-        if end > data:
-            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end} of the data, which holds "
-                                  f"{data} bytes; copy the checkpoint again or quantize the model again")
-        out[key] = (t.get("dtype"), tuple(t.get("shape", ())))
-    return out
 
 
 def check_shards(folder: str, manifest: Manifest) -> None:

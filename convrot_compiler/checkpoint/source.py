@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .tensor_file import TensorFile
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"
 
@@ -18,7 +20,7 @@ WEIGHTS_INDEX = WEIGHTS + ".index.json"
 class SourceModel:
     folder: str                  # the model's own folder (a pipeline's transformer/)
     config: dict
-    files: dict[str, list[str]]  # shard path -> its tensor keys, in file order
+    files: dict[str, list[str]]  # shard path -> its tensor keys, in the order of their data in the file
 
 
 def model_class(name: str) -> type:
@@ -40,8 +42,6 @@ def meta_model(class_name: str, config: dict) -> nn.Module:
 def open_source(path: str) -> SourceModel:
     """A diffusers model folder (``config.json`` and safetensors weights), or a pipeline root holding one in
     ``transformer/``. Shards are listed from their index; nothing is read but headers."""
-    from safetensors import safe_open
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a folder; pass a diffusers model folder or a pipeline root")
     folder = path
@@ -70,6 +70,6 @@ def open_source(path: str) -> SourceModel:
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise FileNotFoundError(f"{shard_path}: missing (listed in {WEIGHTS_INDEX})")
-        with safe_open(shard_path, framework="pt") as f:
-            files[shard_path] = list(f.keys())
+        tensors = TensorFile(shard_path).tensors
+        files[shard_path] = sorted(tensors, key=lambda key: tensors[key].begin)
     return SourceModel(folder, config, files)

@@ -1,7 +1,7 @@
 """``convrot quantize``: a diffusers model's safetensors shards in, a quantized checkpoint out, one tensor at a
 time.
 
-The source is read tensor by tensor from its memory-mapped shards; each weight the plan quantizes goes to the
+The source is read tensor by tensor from its shards, each into memory of its own (tensor_file.py); each weight the plan quantizes goes to the
 device alone, is rotated, quantized and packed there, and comes back; every other tensor is copied as it is.
 So the device holds the largest layer and its working copies, never the model, and the process holds one
 source tensor and one output shard at a time. The checkpoint is written to a temporary folder and renamed
@@ -23,8 +23,9 @@ from ..config import ConvRotConfig
 from ..numerics.pca import PCA_ROTATIONS
 from ..numerics.quant import WEIGHT_ONLY
 from ..plans import decide_linears
-from .manifest import MANIFEST, SAFETENSORS_DTYPES, LayerEntry, Manifest, TensorEntry
+from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
 from .source import meta_model, open_source
+from .tensor_file import SAFETENSORS_DTYPES, CheckpointError, TensorFile, read_header
 
 CHANNEL_ORDER, W4A16_LAYOUT = "natural", "groups"  # the layout a checkpoint stores (the loader converts)
 
@@ -55,16 +56,12 @@ class _ShardWriter:
 
     def _resume_shards(self) -> None:
         """Take in the shards an interrupted run of ``resume`` left in the folder."""
-        from safetensors import safe_open
-
         for name in sorted(n for n in os.listdir(self.folder) if n.startswith("model-") and n.endswith(".safetensors")):
             try:
-                with safe_open(os.path.join(self.folder, name), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        sl = f.get_slice(key)
-                        self.tensors[key] = TensorEntry(name, SAFETENSORS_DTYPES[sl.get_dtype()],
-                                                        tuple(sl.get_shape()))
-            except Exception:  # a shard cut short by the interruption: written again
+                header = read_header(os.path.join(self.folder, name))
+                for key, (dtype, shape) in header.items():
+                    self.tensors[key] = TensorEntry(name, SAFETENSORS_DTYPES[dtype], shape)
+            except CheckpointError:  # a shard cut short by the interruption: written again
                 os.remove(os.path.join(self.folder, name))
                 continue
             self.shards = max(self.shards, int(name[len("model-"):-len(".safetensors")]))
@@ -113,7 +110,6 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
     ``weights="gptq"`` takes the GPTQ weights of a ``calibration`` of this model (the checkpoint format is the
     same); ``resume`` keeps the work of an interrupted run (see the module docstring). Returns its manifest;
     ``convrot_compiler.load(out)`` gives the model back."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     if rotation in PCA_ROTATIONS:
@@ -145,14 +141,14 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
         bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
                    initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
         for path, shard_keys in src.files.items():
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with TensorFile(path) as f:
                 for key in shard_keys:
                     if key.endswith(".weight"):
-                        weight_dtypes[key[:-len(".weight")]] = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+                        weight_dtypes[key[:-len(".weight")]] = f.dtype(key)
                     d = quantized.get(key)
                     if key in done or (d is not None and f"{d.name}.qweight" in done):
                         continue
-                    t = f.get_tensor(key)
+                    t = f.read(key)
                     if d is None:
                         writer.add(key, t)
                         continue
