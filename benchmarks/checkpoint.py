@@ -215,7 +215,8 @@ def main() -> None:
              " / ".join(_gib(result[f"peak_gpu_bytes_{k}"]) for k in ("load", "denoise", "decode"))],
             ["    GPU memory held after denoising", _gib(result["gpu_bytes_after_denoise"])],
             ["  the same with the VAE decoding in tiles (--vae-tiling)",
-             f"{_gib(result['first_image_tiled_peak_gpu_bytes'])} (decode {_gib(result['peak_gpu_bytes_tiled_decode'])})"],
+             f"{_gib(result['first_image_tiled_peak_gpu_bytes'])} "
+             f"(decode {_gib(result['peak_gpu_bytes_tiled_decode'])})"],
             ["loaded weights bit-exact with preparing the source (sample)", result["weights_checked_bit_exact"]]]
     env = environment()
     md = (f"# Checkpoint: quantize, load, first image ({args.config}, plan {args.plan})\n\n"

@@ -2,10 +2,10 @@
 
 The model is built on the meta device from the checkpoint's config. Each quantized linear's weight becomes a
 placeholder with no float storage (as ``compile`` leaves a released weight), and its prepared tensors, read
-straight onto the device, are registered as that weight's prepared form in the layout and channel order the
-device's kernels take (converted from the checkpoint's own: the integer values moved, never quantized again).
-Every other tensor is loaded as saved. So the device holds the quantized model and nothing more, and
-``compile`` finds every weight prepared.
+one at a time (tensor_file.py) and moved to the device, are registered as that weight's prepared form in the
+layout and channel order the device's kernels take (converted from the checkpoint's own: the integer values
+moved, never quantized again). Every other tensor is loaded as saved. So the device holds the quantized model
+and one layer's converted copy at most, and ``compile`` finds every weight prepared.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..numerics.rotations import GroupHadamardRotation
 from ..plans import Plan, iter_linears
 from .manifest import MANIFEST, CheckpointError, Manifest, dtype_name, read_manifest
 from .source import meta_model
+from .tensor_file import TensorFile
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
     """The quantized model of the checkpoint in folder ``path`` (``convrot quantize``) on ``device`` (default:
     CUDA when there is one). ``expect_config``: the diffusers config of the model it must have been made from
     (a pipeline's transformer), else an error. Every file and tensor is checked before any is read."""
-    from safetensors import safe_open
-
     manifest = read_manifest(path)
     quantization = _quantization(manifest, path)
     if expect_config is not None:
@@ -124,18 +123,18 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
     for key, entry in manifest.tensors.items():
         by_file.setdefault(entry.file, []).append(key)
     for file, keys in sorted(by_file.items()):
-        with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+        with TensorFile(os.path.join(path, file)) as f:
             for key in keys:
-                tensors[key] = f.get_tensor(key)
+                tensors[key] = f.read(key).to(device)
     state = {k: t for k, t in tensors.items() if k not in prepared_keys}
     model.load_state_dict(state, strict=False, assign=True)
-    for layer in quantized:
+    for layer in quantized:  # each stored form dropped as its device form is made: one layer's copy at a time
         lin = linears[layer.name]
         param = placeholder((layer.out_features, layer.in_features), layer.weight_dtype, device)
         spec = weight_spec(layer.precision, quantization.rotation, quantization.group_size, param)
         weight_only = layer.precision in WEIGHT_ONLY
         stored_weight = QuantizedWeight(
-            layer.precision, tensors[layer.values], tensors[layer.scale], layer.in_features, layer.out_features,
+            layer.precision, tensors.pop(layer.values), tensors.pop(layer.scale), layer.in_features, layer.out_features,
             -(-layer.in_features // quantization.group_size) * quantization.group_size, quantization.group_size,
             None if weight_only else GroupHadamardRotation(quantization.rotation, quantization.group_size),
             manifest.w4a16_layout if layer.precision == "w4a16" else "groups",

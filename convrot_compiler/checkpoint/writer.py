@@ -1,8 +1,9 @@
 """``convrot quantize``: a diffusers model's safetensors shards in, a quantized checkpoint out, one tensor at a
 time.
 
-The source is read tensor by tensor from its shards, each into memory of its own (tensor_file.py); each weight the plan quantizes goes to the
-device alone, is rotated, quantized and packed there, and comes back; every other tensor is copied as it is.
+The source is read tensor by tensor from its shards, each into memory of its own (tensor_file.py); each weight
+the plan quantizes goes to the device alone, is rotated, quantized and packed there, and comes back; every
+other tensor is copied as it is.
 So the device holds the largest layer and its working copies, never the model, and the process holds one
 source tensor and one output shard at a time. The checkpoint is written to a temporary folder and renamed
 when complete: an interrupted run never leaves a folder that looks like a checkpoint. With ``resume`` the

@@ -19,7 +19,7 @@ from ..numerics.gptq import gptq_quantizer
 from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_quantize_weight
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, quantize_weight
 from ..numerics.rotations import GroupHadamardRotation
-from ..ops.dispatch import act_order_for, w4a16_layout
+from ..ops.dispatch import act_order_for, gptq_options, w4a16_layout
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,11 @@ def prepare_weight(weight: torch.Tensor, spec: PrepSpec, layer: str | None = Non
                                  f"{spec.scheme}: use a plan whose activation-quantized linears are all w4a4")
             return pca_quantize_weight(weight.detach(), moment, spec.high_precision_fraction, spec.group_size,
                                        PCA_ROTATIONS[spec.rotation_kind], spec.weights,
-                                       basis=cal.basis(layer, weight.dtype, weight.device))
+                                       basis=cal.basis(layer, weight.dtype, weight.device),
+                                       gptq=gptq_options(weight.device))
         return quantize_weight(weight.detach(), spec.scheme, spec.rotation, group_size=spec.group_size,
-                               weight_quantizer=gptq_quantizer(moment, spec.rotation), layout=spec.layout,
-                               act_order=spec.act_order)
+                               weight_quantizer=gptq_quantizer(moment, spec.rotation, **gptq_options(weight.device)),
+                               layout=spec.layout, act_order=spec.act_order)
 
 
 class PreparedWeights:

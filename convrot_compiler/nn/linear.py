@@ -34,7 +34,7 @@ from ..numerics.quant import (
 )
 from ..numerics.rotations import Rotation, make_rotation
 from ..ops import pca_linear, quantized_linear
-from ..ops.dispatch import act_order_for, has_kernel, w4a16_layout
+from ..ops.dispatch import act_order_for, gptq_options, has_kernel, w4a16_layout
 from ..plans import LayerDecision, PlanSpec, decide_linears, module_bytes
 
 
@@ -175,7 +175,7 @@ class DiRotQLinear(nn.Module):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         with torch.no_grad():
             pw = pca_quantize_weight(linear.weight, second_moment, high_precision_fraction, group_size, hadamard,
-                                     weights)
+                                     weights, gptq=gptq_options(linear.weight.device))
         return cls(pw, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +205,8 @@ def make_quantized_linear(linear: nn.Linear, precision: str, group_size: int, ro
     if precision in ("w4a4", "w8a8"):
         quantizer = rtn_weight_quantizer
         if weights == "gptq":
-            quantizer = gptq_quantizer(second_moment, make_rotation(rotation, group_size))
+            quantizer = gptq_quantizer(second_moment, make_rotation(rotation, group_size),
+                                       **gptq_options(linear.weight.device))
         return ConvLinear4bit.from_linear(linear, group_size, rotation, bits=4 if precision == "w4a4" else 8,
                                           weight_quantizer=quantizer)
     if precision == "w4a16":

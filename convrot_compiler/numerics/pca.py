@@ -173,10 +173,12 @@ def pca_bases(second_moment: torch.Tensor) -> torch.Tensor:
 
 def pca_quantize_weight(weight: torch.Tensor, second_moment: torch.Tensor, high_precision_fraction: float = 0.125,
                         group_size: int = 64, hadamard: str = "none", weights: str = "rtn", damp: float = 0.01,
-                        dtype: torch.dtype | None = None, basis: torch.Tensor | None = None) -> PCAWeight:
+                        dtype: torch.dtype | None = None, basis: torch.Tensor | None = None,
+                        gptq: dict | None = None) -> PCAWeight:
     """Prepare ``weight`` [N, K] for DiRotQ from its input's second moment, [K, K] or blocks [n, b, b] (see the
     module docstring). ``dtype``: of the basis and the 16-bit columns (default: the weight's); ``basis``: the
-    blocks' PCA bases in that dtype when the caller has them already (shared by the linears of one input)."""
+    blocks' PCA bases in that dtype when the caller has them already (shared by the linears of one input);
+    ``gptq``: more options of ``gptq_quantize`` (its ``dtype`` and ``solver``)."""
     _check(weight, second_moment, group_size, hadamard, weights)
     moments = as_blocks(second_moment).to(weight.device).double()
     n_out, k = weight.shape
@@ -196,7 +198,7 @@ def pca_quantize_weight(weight: torch.Tensor, second_moment: torch.Tensor, high_
     if weights == "gptq":
         c = torch.block_diag(*[(bd[j].T @ moments[j] @ bd[j])[r:, r:] for j in range(nb)])
         h = _rotate_lo(_rotate_lo(c, group_size, hadamard).T, group_size, hadamard)
-        q, scale = gptq_quantize(w_lo, h, 4, group_size=group_size, damp=damp)
+        q, scale = gptq_quantize(w_lo, h, 4, group_size=group_size, damp=damp, **(gptq or {}))
     else:
         q, scale = quantize_symmetric(w_lo.reshape(n_out, lo // group_size, group_size), 4)
         q = q.reshape(n_out, lo)

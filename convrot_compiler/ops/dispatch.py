@@ -1,7 +1,7 @@
 """Which kernel runs each convrot op: decided here, and nowhere else.
 
-When a weight is prepared: the channel order of W4A4/W8A8 activations and weights (``act_order_for``), the
-packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels take a weight at all
+When a weight is prepared: how GPTQ runs (``gptq_options``), the channel order of W4A4/W8A8 activations and
+weights (``act_order_for``), the packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels take a weight at all
 (``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
 (the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
 else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
@@ -46,6 +46,17 @@ def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rot
     if not rotated or group_size != 256 or device.type != "cuda" or dtype != torch.bfloat16:
         return "natural"
     return "mma" if torch.cuda.get_device_capability(device) == (9, 0) else "natural"
+
+
+def gptq_options(device: torch.device) -> dict:
+    """How GPTQ runs where a weight is prepared (``dtype`` and ``solver`` of numerics.gptq.gptq_quantize): on
+    CUDA in float32 with the column loop in one Triton kernel per block (kernels/triton/gptq.py; about ten torch
+    launches per input channel otherwise); elsewhere the reference, in float64."""
+    if device.type == "cuda":
+        from ..kernels.triton.gptq import gptq_columns
+
+        return {"dtype": torch.float32, "solver": gptq_columns}
+    return {}
 
 
 def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:

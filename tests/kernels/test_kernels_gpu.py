@@ -315,3 +315,18 @@ def test_w4a16_at_flux_shapes(n, m, row_kernel):
 def test_kernel_rejects_cpu_tensor_without_interpreter():
     with pytest.raises(ValueError, match="CUDA tensors"):
         triton_rotate_quantize(torch.randn(4, 256), None, 256, 4)
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_gptq_column_kernel_equals_the_reference_on_the_gpu(group_size):
+    """GPTQ with the column kernel against the torch reference, both float32 on the GPU: bit for bit."""
+    from convrot_compiler.kernels.triton.gptq import gptq_columns
+    from convrot_compiler.numerics.gptq import gptq_quantize
+
+    x = torch.randn(4096, 64, device="cuda") @ torch.randn(64, 1024, device="cuda") + torch.randn(4096, 1024,
+                                                                                                  device="cuda")
+    w = torch.randn(1000, 1024, device="cuda") * 0.02
+    h = x.T @ x / 4096
+    q0, s0 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32)
+    q1, s1 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32, solver=gptq_columns)
+    assert torch.equal(q1, q0) and torch.equal(s1, s0)

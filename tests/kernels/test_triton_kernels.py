@@ -400,3 +400,32 @@ def test_pca_gemm_kernel_matches_reference(dtype, m, n, rank, lo):
     out = pca_gemm(*(t.to(DEV) for t in (z_hi, q, sa, w_hi, qw, sw, bias)), 64).float().cpu()
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # bf16: one rounding step of the output
     assert torch.all((out - ref).abs() <= tol * (ref.abs() + ref.abs().mean())), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_gptq_column_kernel_equals_the_reference_in_float32(group_size):
+    """Every operation of the kernel's column loop is rounded as torch rounds the reference's, so GPTQ with the
+    kernel gives the reference's values and scales bit for bit (20 rows: a partial row tile)."""
+    from convrot_compiler.kernels.triton.gptq import gptq_columns
+    from convrot_compiler.numerics.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 256, generator=g) + 0.1 * torch.randn(512, 256, generator=g)
+    w = torch.randn(20, 256, generator=g)
+    h = x.T @ x / 512
+    q0, s0 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32)
+    q1, s1 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32, solver=gptq_columns)
+    assert torch.equal(q1, q0) and torch.equal(s1, s0)
+    assert not torch.equal(q0, gptq_quantize(w, torch.eye(256), 4, group_size=group_size)[0])  # GPTQ moved values
+
+
+def test_gptq_column_kernel_refuses_what_it_cannot_do():
+    from convrot_compiler.kernels.triton.gptq import gptq_columns
+
+    wb, ub = torch.zeros(4, 128), torch.eye(128)
+    with pytest.raises(ValueError, match="float32"):
+        gptq_columns(wb.double(), ub.double(), 7, torch.ones(4), None)
+    with pytest.raises(ValueError, match="power-of-two"):
+        gptq_columns(torch.zeros(4, 96), torch.eye(96), 7, torch.ones(4), None)
+    with pytest.raises(ValueError, match="not both"):
+        gptq_columns(wb, ub, 7, torch.ones(4), 64)
