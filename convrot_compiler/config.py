@@ -54,6 +54,7 @@ class ConvRotConfig:
     max_graphs: int = 8                  # CUDA graphs kept, least recently used dropped first
     regional: bool | tuple[str, ...] | None = None  # one graph per block class; None: where blocks repeat
     device: str | None = None            # prepare each weight on this device, one layer at a time, then move there
+    prepared: bool = False               # its quantized weights come prepared (convrot_compiler.load): no calibration
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__.__get__(self)
@@ -75,7 +76,7 @@ class ConvRotConfig:
             GroupHadamardRotation(self.rotation, self.group_size)  # validates group_size for the kind
         if self.weights not in WEIGHT_METHODS:
             raise ValueError(f"option 'weights' must be one of {WEIGHT_METHODS}, got {self.weights!r}")
-        if self.needs_calibration and self.calibration is None:
+        if self.needs_calibration and self.calibration is None and not self.prepared:
             raise ValueError(f"rotation={self.rotation!r} with weights={self.weights!r} needs a calibration of the "
                              "model: cal = convrot_compiler.calibrate(model, batches), then calibration=cal (on the "
                              "command line: convrot calibrate --out FILE, then --calibration FILE)")
@@ -86,7 +87,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "release_weights", "fullgraph",
-                    "progress"):
+                    "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
         check_attention_mode(self.attention)
@@ -144,5 +145,5 @@ class ConvRotConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ConvRotConfig))
 MODEL_FIELDS = ("release_weights", "fullgraph", "dynamic", "progress", "cuda_graphs", "max_graphs", "regional",
-                "device")
+                "device", "prepared")
 GRAPH_FIELDS = tuple(f for f in FIELDS if f not in MODEL_FIELDS)

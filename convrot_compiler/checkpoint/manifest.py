@@ -20,7 +20,8 @@ import torch
 from .tensor_file import SAFETENSORS_DTYPES, CheckpointError, read_header
 
 FORMAT = "convrot-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1       # ConvRot's checkpoints
+PCA_FORMAT_VERSION = 2   # DiRotQ's: a basis per input and 16-bit columns besides the int4 ones
 MANIFEST = "convrot.json"
 INT4_PACKING = "per group of G inputs: byte j holds input j (low nibble) and input j + G/2 (high nibble)"
 
@@ -54,6 +55,9 @@ class LayerEntry:
     weight_dtype: torch.dtype
     values: str | None = None
     scale: str | None = None
+    basis: str | None = None   # DiRotQ: its input's PCA basis (shared by the linears reading that input)
+    w_hi: str | None = None    # DiRotQ: the 16-bit columns
+    rank: int | None = None    # DiRotQ: the 16-bit columns of each block of inputs
 
 
 @dataclass
@@ -70,20 +74,31 @@ class Manifest:
     tensors: dict[str, TensorEntry]
     library_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: str = "rtn"                    # the weight quantizer: "rtn" or "gptq"
+    high_precision_fraction: float | None = None  # DiRotQ's checkpoints only
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.high_precision_fraction is None else PCA_FORMAT_VERSION
 
     def to_json(self) -> str:
         return json.dumps({
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "library": {"name": "convrot-compiler", "version": self.library_version},
             "model": {"class": self.model_class, "config": self.model_config},
             "quantization": {"plan": {"name": self.plan_name, "rules": [list(r) for r in self.plan_rules]},
                              "group_size": self.group_size, "rotation": self.rotation,
                              "channel_order": self.channel_order, "w4a16_layout": self.w4a16_layout,
-                             "int4_packing": INT4_PACKING},
+                             "int4_packing": INT4_PACKING, "weights": self.weights,
+                             **({} if self.high_precision_fraction is None else
+                                {"high_precision_fraction": self.high_precision_fraction})},
             "layers": [{"name": d.name, "precision": d.precision, "reason": d.reason, "in_features": d.in_features,
                         "out_features": d.out_features, "weight_dtype": dtype_name(d.weight_dtype),
-                        **({"tensors": {"values": d.values, "scale": d.scale}} if d.values else {})}
+                        **({"tensors": {"values": d.values, "scale": d.scale,
+                                        **({"basis": d.basis, "w_hi": d.w_hi} if d.basis else {})}}
+                           if d.values else {}),
+                        **({"rank": d.rank} if d.rank is not None else {})}
                        for d in self.layers],
             "tensors": {k: {"file": t.file, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
                         for k, t in self.tensors.items()},
@@ -115,9 +130,10 @@ def read_manifest(folder: str) -> Manifest:
     if _need(raw, "format", str, path) != FORMAT:
         raise CheckpointError(f"{path}: format {raw['format']!r} is not {FORMAT!r}")
     version = _need(raw, "format_version", int, path)
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, PCA_FORMAT_VERSION):
         raise CheckpointError(f"{path}: format version {version} is not one this convrot-compiler reads "
-                              f"({FORMAT_VERSION}); quantize the model again, or use the version that wrote it")
+                              f"({FORMAT_VERSION}, {PCA_FORMAT_VERSION}); quantize the model again, or use the "
+                              "version that wrote it")
     model = _need(raw, "model", dict, path)
     quant = _need(raw, "quantization", dict, path)
     plan = _need(quant, "plan", dict, f"{path}: quantization")
@@ -143,8 +159,11 @@ def read_manifest(folder: str) -> Manifest:
         if entry.precision != "bf16":
             keys = _need(d, "tensors", dict, where)
             entry.values, entry.scale = _need(keys, "values", str, where), _need(keys, "scale", str, where)
-            for key in (entry.values, entry.scale):
-                if key not in tensors:
+            if version == PCA_FORMAT_VERSION and entry.precision == "w4a4":
+                entry.basis, entry.w_hi = _need(keys, "basis", str, where), _need(keys, "w_hi", str, where)
+                entry.rank = _need(d, "rank", int, where)
+            for key in (entry.values, entry.scale, entry.basis, entry.w_hi):
+                if key is not None and key not in tensors:
                     raise CheckpointError(f"{where}: its tensor {key!r} is not in the manifest's tensors")
         layers.append(entry)
     manifest = Manifest(_need(model, "class", str, f"{path}: model"), _need(model, "config", dict, f"{path}: model"),
@@ -153,7 +172,10 @@ def read_manifest(folder: str) -> Manifest:
                         _need(quant, "rotation", str, f"{path}: quantization"),
                         _need(quant, "channel_order", str, f"{path}: quantization"),
                         _need(quant, "w4a16_layout", str, f"{path}: quantization"), layers, tensors,
-                        raw.get("library", {}).get("version", ""))
+                        raw.get("library", {}).get("version", ""), weights=quant.get("weights", "rtn"),
+                        high_precision_fraction=(_need(quant, "high_precision_fraction", float,
+                                                       f"{path}: quantization")
+                                                 if version == PCA_FORMAT_VERSION else None))
     check_shards(folder, manifest)
     return manifest
 

@@ -18,12 +18,21 @@ import torch
 from torch import nn
 
 from ..compiler.compile_model import guard_released
-from ..compiler.weights import PREPARED, placeholder, weight_spec
+from ..compiler.weights import PREPARED, placeholder
 from ..config import ConvRotConfig
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight, block_shape, high_precision_rank, pca_shapes
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, prepared_shapes, relayout
 from ..numerics.rotations import GroupHadamardRotation
 from ..plans import Plan, iter_linears
-from .manifest import MANIFEST, CheckpointError, Manifest, dtype_name, read_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PCA_FORMAT_VERSION,
+    CheckpointError,
+    Manifest,
+    dtype_name,
+    read_manifest,
+)
 from .source import meta_model
 from .tensor_file import TensorFile
 
@@ -36,9 +45,13 @@ class CheckpointInfo:
     plan: Plan
     group_size: int
     rotation: str
+    high_precision_fraction: float | None = None  # DiRotQ's checkpoints
 
     def config_fields(self) -> dict:
-        return {"plan": self.plan, "group_size": self.group_size, "rotation": self.rotation}
+        fields = {"plan": self.plan, "group_size": self.group_size, "rotation": self.rotation, "prepared": True}
+        if self.high_precision_fraction is not None:
+            fields["high_precision_fraction"] = self.high_precision_fraction
+        return fields
 
 
 def check_model_config(manifest: Manifest, config: dict, where: str) -> None:
@@ -58,10 +71,17 @@ def _plain(v):
 
 def _quantization(manifest: Manifest, path: str) -> ConvRotConfig:
     try:
-        return ConvRotConfig(plan=Plan(manifest.plan_name, tuple(manifest.plan_rules)), group_size=manifest.group_size,
-                             rotation=manifest.rotation)
+        pca = {} if manifest.high_precision_fraction is None else \
+            {"high_precision_fraction": manifest.high_precision_fraction}
+        config = ConvRotConfig(plan=Plan(manifest.plan_name, tuple(manifest.plan_rules)),
+                               group_size=manifest.group_size, rotation=manifest.rotation, prepared=True, **pca)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, MANIFEST)}: {e}") from None
+    if (manifest.rotation in PCA_ROTATIONS) != (manifest.high_precision_fraction is not None):
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)}: rotation {manifest.rotation!r} in a checkpoint of "
+                              f"format version {manifest.format_version}: DiRotQ's rotations take version "
+                              f"{PCA_FORMAT_VERSION}, ConvRot's {FORMAT_VERSION}")
+    return config
 
 
 def _check_layers(manifest: Manifest, model: nn.Module, path: str) -> dict[str, nn.Linear]:
@@ -84,10 +104,22 @@ def _check_layers(manifest: Manifest, model: nn.Module, path: str) -> dict[str, 
                                   f"model's is {lin.in_features}->{lin.out_features}")
         if layer.precision == "bf16":
             continue
-        layout = manifest.w4a16_layout if layer.precision == "w4a16" else "groups"
-        values, values_dtype, scale = prepared_shapes(layer.precision, layer.out_features, layer.in_features,
-                                                      manifest.group_size, layout)
-        for key, shape, dtype in ((layer.values, values, values_dtype), (layer.scale, scale, torch.float32)):
+        if layer.basis is not None:
+            fraction = manifest.high_precision_fraction
+            shapes = pca_shapes(layer.out_features, layer.in_features, fraction, manifest.group_size,
+                                layer.weight_dtype)
+            rank = high_precision_rank(block_shape(layer.in_features, manifest.group_size)[1], fraction,
+                                       manifest.group_size)
+            if layer.rank != rank:
+                raise CheckpointError(f"{where}: layer {layer.name!r} has rank {layer.rank}; {fraction} of its inputs "
+                                      f"in 16 bits is {rank} per block")
+            expected = [(getattr(layer, k), *shapes[k]) for k in ("basis", "w_hi", "values", "scale")]
+        else:
+            layout = manifest.w4a16_layout if layer.precision == "w4a16" else "groups"
+            values, values_dtype, scale = prepared_shapes(layer.precision, layer.out_features, layer.in_features,
+                                                          manifest.group_size, layout)
+            expected = [(layer.values, values, values_dtype), (layer.scale, scale, torch.float32)]
+        for key, shape, dtype in expected:
             entry = manifest.tensors[key]
             if entry.shape != shape or entry.dtype != dtype:
                 raise CheckpointError(f"{os.path.join(path, entry.file)}: tensor {key!r} is {dtype_name(entry.dtype)} "
@@ -108,7 +140,8 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
     model = meta_model(manifest.model_class, manifest.model_config)
     linears = _check_layers(manifest, model, path)
     quantized = [layer for layer in manifest.layers if layer.precision != "bf16"]
-    prepared_keys = {k for layer in quantized for k in (layer.values, layer.scale)}
+    prepared_keys = {k for layer in quantized for k in (layer.values, layer.scale, layer.basis, layer.w_hi)
+                     if k is not None}
     expected = (set(model.state_dict()) - {f"{layer.name}.weight" for layer in quantized}) | prepared_keys
     stored = set(manifest.tensors)
     if expected - stored:
@@ -131,7 +164,14 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
     for layer in quantized:  # each stored form dropped as its device form is made: one layer's copy at a time
         lin = linears[layer.name]
         param = placeholder((layer.out_features, layer.in_features), layer.weight_dtype, device)
-        spec = weight_spec(layer.precision, quantization.rotation, quantization.group_size, param)
+        spec = quantization.spec_for(layer.precision, param)
+        if layer.basis is not None:
+            PREPARED.put(param, spec, PCAWeight(
+                tensors[layer.basis], tensors.pop(layer.w_hi), tensors.pop(layer.values), tensors.pop(layer.scale),
+                layer.in_features, layer.out_features, layer.rank, quantization.group_size,
+                PCA_ROTATIONS[quantization.rotation], manifest.weights))
+            lin.weight = param
+            continue
         weight_only = layer.precision in WEIGHT_ONLY
         stored_weight = QuantizedWeight(
             layer.precision, tensors.pop(layer.values), tensors.pop(layer.scale), layer.in_features, layer.out_features,
@@ -146,5 +186,6 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
         raise CheckpointError(f"{path}: {left[:5]} of {manifest.model_class} are neither in the checkpoint nor "
                               "computed from its config")
     guard_released(model, {layer.name: linears[layer.name] for layer in quantized})
-    model.convrot_checkpoint = CheckpointInfo(path, quantization.plan, quantization.group_size, quantization.rotation)
+    model.convrot_checkpoint = CheckpointInfo(path, quantization.plan, quantization.group_size, quantization.rotation,
+                                              manifest.high_precision_fraction)
     return model

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler.compile_model import check_calibrated_plan
 from ..compiler.weights import PrepSpec, prepare_weight
 from ..config import ConvRotConfig
-from ..numerics.pca import PCA_ROTATIONS
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight
 from ..numerics.quant import WEIGHT_ONLY
 from ..plans import decide_linears
 from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
@@ -103,22 +104,21 @@ def _out_folder(out: str, overwrite: bool, resume: bool) -> str:
     return tmp
 
 
-def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation: str = "regular",
+def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, rotation: str = "regular",
              device: str | torch.device | None = None, overwrite: bool = False, progress: bool = True,
-             shard_bytes: int = 1 << 30, weights: str = "rtn", calibration=None, resume: bool = False) -> Manifest:
+             shard_bytes: int = 1 << 30, weights: str = "rtn", calibration=None, resume: bool = False,
+             high_precision_fraction: float = 0.125) -> Manifest:
     """Quantize the diffusers model in folder ``model`` (or a pipeline root's ``transformer/``) into a
     checkpoint in folder ``out``, preparing each weight on ``device`` (default: CUDA when there is one).
-    ``weights="gptq"`` takes the GPTQ weights of a ``calibration`` of this model (the checkpoint format is the
-    same); ``resume`` keeps the work of an interrupted run (see the module docstring). Returns its manifest;
-    ``convrot_compiler.load(out)`` gives the model back."""
+    ``weights="gptq"`` takes the GPTQ weights of a ``calibration`` of this model; ``rotation="pca"`` or
+    ``"pca-hadamard"`` (DiRotQ, with a calibration) stores each input's basis once and each linear's 16-bit
+    columns beside its int4 ones. ``resume`` keeps the work of an interrupted run (see the module docstring).
+    Returns its manifest; ``convrot_compiler.load(out)`` gives the model back."""
     from tqdm.auto import tqdm
 
-    if rotation in PCA_ROTATIONS:
-        raise ValueError(f"checkpoints hold ConvRot's weights (rotation regular, sylvester or none), not DiRotQ's "
-                         f"({rotation!r}: a basis per input and 16-bit columns): compile the bf16 model with "
-                         "rotation='pca' and its calibration instead")
     config = ConvRotConfig(plan=plan, group_size=group_size, rotation=rotation, weights=weights,
-                           calibration=calibration)
+                           calibration=calibration, high_precision_fraction=high_precision_fraction)
+    pca = rotation in PCA_ROTATIONS
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src = open_source(model)
     structure = meta_model(src.config["_class_name"], src.config)
@@ -132,13 +132,13 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
                          "its safetensors files: not the model its config describes")
     quantized = {f"{d.name}.weight": d for d in decisions if d.precision != "bf16"}
     weight_dtypes: dict[str, torch.dtype] = {}
-    if config.needs_calibration:
-        calibration.check_covers(quantized.values())  # every missing second moment fails before anything is written
+    check_calibrated_plan(list(quantized.values()), config)  # before anything is written
     tmp = _out_folder(out, overwrite, resume)
     writer = None
     try:
         writer = _ShardWriter(tmp, shard_bytes)
         done = set(writer.tensors)
+        pca_layers: dict[str, tuple[str, int]] = {}  # DiRotQ: linear -> (its basis's key, its rank)
         bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
                    initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
         for path, shard_keys in src.files.items():
@@ -153,12 +153,20 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
                     if d is None:
                         writer.add(key, t)
                         continue
-                    gptq = config.weights == "gptq" and d.precision not in WEIGHT_ONLY
+                    calibrated = config.needs_calibration and d.precision not in WEIGHT_ONLY
                     spec = PrepSpec(d.precision, "none" if d.precision in WEIGHT_ONLY else config.rotation,
                                     config.group_size, W4A16_LAYOUT, CHANNEL_ORDER,
-                                    weights="gptq" if gptq else "rtn", calibration=calibration if gptq else None)
-                    qw = prepare_weight(t.to(device), spec, **({"layer": d.name} if gptq else {}))
+                                    weights=config.weights if calibrated else "rtn",
+                                    calibration=calibration if calibrated else None,
+                                    high_precision_fraction=config.high_precision_fraction)
+                    qw = prepare_weight(t.to(device), spec, **({"layer": d.name} if calibrated else {}))
                     del t
+                    if isinstance(qw, PCAWeight):
+                        basis = f"{calibration.shared.get(d.name, d.name)}.pca_basis"
+                        if basis not in writer.tensors and basis not in writer.buffer:
+                            writer.add(basis, qw.basis.cpu())
+                        writer.add(f"{d.name}.w_hi", qw.w_hi.cpu())
+                        pca_layers[d.name] = (basis, qw.rank)
                     writer.add(f"{d.name}.qweight", qw.values.cpu())
                     writer.add(f"{d.name}.weight_scale", qw.scale.cpu())
                     bar.update()
@@ -167,10 +175,15 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int = 256, rotation:
         layers = [LayerEntry(d.name, d.precision, d.reason, d.in_features, d.out_features, weight_dtypes[d.name],
                              *((f"{d.name}.qweight", f"{d.name}.weight_scale") if d.precision != "bf16" else ()))
                   for d in decisions]
+        for layer in layers:
+            if layer.precision == "w4a4" and pca:
+                layer.basis, layer.rank = pca_layers[layer.name]
+                layer.w_hi = f"{layer.name}.w_hi"
         manifest = Manifest(src.config["_class_name"], src.config, config.plan.name, list(config.plan.rules),
                             config.group_size, config.rotation, CHANNEL_ORDER, W4A16_LAYOUT, layers,
-                            writer.tensors, library_version(),
-                            {"peak_buffer_bytes": writer.peak_bytes, "weights": config.weights})
+                            writer.tensors, library_version(), {"peak_buffer_bytes": writer.peak_bytes},
+                            weights=config.weights,
+                            high_precision_fraction=config.high_precision_fraction if pca else None)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             f.write(manifest.to_json())
         final = os.path.normpath(out)

@@ -161,7 +161,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
     warn_if_ineffective(decisions, config.plan.name, config.group_size)
-    _check_calibration(decisions, config)
+    check_calibrated_plan(decisions, config)
     classes = _regions(module, config.regional)
     units: list[CompileUnit] = []
     if classes:
@@ -193,19 +193,18 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     return module if pipeline is None else pipeline
 
 
-def _check_calibration(decisions: list[LayerDecision], config: ConvRotConfig) -> None:
+def check_calibrated_plan(decisions: list[LayerDecision], config: ConvRotConfig) -> None:
     """Every linear that a calibrated method quantizes (DiRotQ, GPTQ) has a second moment in the calibration,
     of its width; and DiRotQ's rotations meet only w4a4 linears among those quantizing activations. Checked
     before any weight is prepared."""
-    if not config.needs_calibration:
-        return
     if config.rotation in PCA_ROTATIONS:
         for d in decisions:
             if d.precision not in ("bf16", "w4a4", *WEIGHT_ONLY):
                 raise ValueError(f"{d.name}: rotation {config.rotation!r} (DiRotQ) is a W4A4 method and the plan "
                                  f"puts this linear at {d.precision}: use a plan whose activation-quantized linears "
                                  "are w4a4")
-    config.calibration.check_covers(decisions)
+    if config.needs_calibration and not config.prepared:
+        config.calibration.check_covers(decisions)
 
 
 def _add_functional_linears(model: nn.Module, report: CompileReport, decisions: list[LayerDecision],

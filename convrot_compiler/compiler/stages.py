@@ -145,9 +145,14 @@ def rewrite(gm: fx.GraphModule, quantized: list[QuantizedLinear], config: ConvRo
 
 
 def _input_share(q: QuantizedLinear, config: ConvRotConfig) -> str:
-    """The calibration's name of the tensor a DiRotQ linear reads: linears with one share one basis."""
+    """The calibration's name of the tensor a DiRotQ linear reads: linears with one share one basis. Weights
+    that came prepared (a checkpoint) carry their basis: linears holding one basis tensor share it."""
     cal = config.calibration
-    return cal.shared.get(cal.layer_of(q.match.weight), q.match.name)
+    if cal is not None:
+        return cal.shared.get(cal.layer_of(q.match.weight), q.match.name)
+    if config.dry_run:
+        return q.match.name
+    return f"basis@{id(PREPARED.get(q.match.weight, q.spec).basis):x}"
 
 
 def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:

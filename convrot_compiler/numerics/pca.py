@@ -19,6 +19,8 @@ keeps the calibration, the bases and the rotation's cost that of a 3072-wide lay
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -135,15 +137,24 @@ class PCAWeight:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def pca_shapes(out_features: int, in_features: int, high_precision_fraction: float, group_size: int,
+               dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{tensor: (shape, dtype)} of a prepared DiRotQ weight (``PCAWeight``'s fields), without preparing it;
+    ``dtype``: the activations', of the basis and the 16-bit columns."""
+    n, b = block_shape(in_features, group_size)
+    r = n * high_precision_rank(b, high_precision_fraction, group_size)
+    lo = in_features - r
+    return {"basis": ((n, b, b), dtype), "w_hi": ((out_features, r), dtype),
+            "values": ((out_features, lo // 2), torch.int8), "scale": ((out_features, lo // group_size), torch.float32)}
+
+
 def pca_nbytes(out_features: int, in_features: int, high_precision_fraction: float, group_size: int,
                dtype_bytes: int = 2) -> int:
     """Bytes of a prepared DiRotQ weight, without preparing it (the basis counted whole, though linears reading
     one input share it)."""
-    n, b = block_shape(in_features, group_size)
-    r = n * high_precision_rank(b, high_precision_fraction, group_size)
-    lo = in_features - r
-    return (n * b * b + out_features * r) * dtype_bytes + out_features * lo // 2 + \
-        4 * out_features * (lo // group_size)
+    dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    shapes = pca_shapes(out_features, in_features, high_precision_fraction, group_size, dtype)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in shapes.values())
 
 
 def _check(weight: torch.Tensor, second_moment: torch.Tensor, group_size: int, hadamard: str, weights: str) -> None:

@@ -117,11 +117,9 @@ def _quantize(args) -> None:
     from .generate import format_bytes
 
     start = time.perf_counter()
-    options = quant_overrides(args)
-    options.setdefault("group_size", 256)
     manifest = quantize(args.model, args.out, plan=args.plan, device=resolve_device(args.device),
                         overwrite=args.overwrite, progress=not args.no_progress, resume=args.resume,
-                        **{k: v for k, v in options.items() if k != "high_precision_fraction"})
+                        **quant_overrides(args))
     counts = {p: sum(layer.precision == p for layer in manifest.layers) for p in PRECISIONS}
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"{args.out}: {manifest.model_class}, plan {manifest.plan_name}: "

@@ -341,8 +341,50 @@ def test_a_gptq_checkpoint_loads_to_what_compiling_with_gptq_gives(saved, tmp_pa
     expected = cc.compile(_model(), weights="gptq", calibration=cal, progress=False)(**_inputs())[0]
     torch._dynamo.reset()
     manifest = cc.quantize(saved, str(tmp_path / "ckpt"), weights="gptq", calibration=cal, progress=False)
-    assert manifest.extra["weights"] == "gptq"
+    assert manifest.weights == "gptq" and read_manifest(str(tmp_path / "ckpt")).weights == "gptq"
     loaded = cc.compile(cc.load(str(tmp_path / "ckpt"), device="cpu"), progress=False)
     assert torch.equal(loaded(**_inputs())[0], expected)
     with pytest.raises(ValueError, match="needs a calibration"):
         cc.quantize(saved, str(tmp_path / "x"), weights="gptq", progress=False)
+
+
+@pytest.mark.parametrize("rotation", ["pca", "pca-hadamard"])
+def test_a_dirotq_checkpoint_loads_to_what_compiling_with_dirotq_gives(saved, tmp_path, rotation):
+    """DiRotQ's checkpoint holds each input's basis once (the linears reading one input share it), each linear's
+    16-bit columns and int4 groups; loaded, it compiles with no calibration to the in-memory DiRotQ model's output
+    bit for bit."""
+    cal = cc.calibrate(_model(), [_inputs()], progress=False)
+    expected = cc.compile(_model(), rotation=rotation, weights="gptq", calibration=cal, progress=False)(**_inputs())[0]
+    torch._dynamo.reset()
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), rotation=rotation, weights="gptq", calibration=cal,
+                           progress=False)
+    pca = [layer for layer in manifest.layers if layer.basis is not None]
+    assert pca and all(layer.precision == "w4a4" and layer.rank > 0 for layer in pca)
+    bases = {layer.basis for layer in pca}
+    assert len(bases) < len(pca) and bases == {k for k in manifest.tensors if k.endswith(".pca_basis")}
+    with open(tmp_path / "ckpt" / "convrot.json") as f:
+        assert json.load(f)["format_version"] == 2
+    model = cc.load(str(tmp_path / "ckpt"), device="cpu")
+    q = model.transformer_blocks[0].attn
+    assert PREPARED.get(q.to_q.weight, cc.ConvRotConfig(rotation=rotation, prepared=True).spec_for(
+        "w4a4", q.to_q.weight)).basis is PREPARED.get(q.to_k.weight, cc.ConvRotConfig(
+            rotation=rotation, prepared=True).spec_for("w4a4", q.to_k.weight)).basis  # one tensor, not a copy
+    cc.compile(model, progress=False)
+    assert torch.equal(model(**_inputs())[0], expected)
+
+
+def test_a_dirotq_checkpoint_with_a_wrong_rank_is_refused(saved, tmp_path):
+    cal = cc.calibrate(_model(), [_inputs()], progress=False)
+    cc.quantize(saved, str(tmp_path / "ckpt"), rotation="pca", calibration=cal, progress=False)
+    path = tmp_path / "ckpt" / "convrot.json"
+    raw = json.loads(path.read_text())
+    layer = next(d for d in raw["layers"] if "rank" in d)
+    layer["rank"] += 64
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=f"layer '{layer['name']}' has rank"):
+        cc.load(str(tmp_path / "ckpt"), device="cpu")
+    raw["format_version"] = 1
+    layer["rank"] -= 64
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="DiRotQ's rotations take version 2"):
+        cc.load(str(tmp_path / "ckpt"), device="cpu")
