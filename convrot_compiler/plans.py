@@ -52,10 +52,11 @@ _MIX: list[Rule] = [
 # (0.163 against 0.016 with int8 ones on a small FLUX), so w8a8 never takes them; mix, the best-quality
 # preset, takes int8 too (8-25% less error where the modulation's counts, equal elsewhere); w4a4, the
 # smallest, keeps int4 (the modulation holds 27% of FLUX's weights).
+PER_SAMPLE_PRECISION: dict[str, str] = {"w4a4": "w4a16", "w8a8": "w8a16", "mix": "w8a16"}
 PRESETS: dict[str, list[Rule]] = {
-    "w4a4": _EMBEDDERS + _skinny("w4a16") + [("*", "w4a4")],
-    "w8a8": _EMBEDDERS + _skinny("w8a16") + [("*", "w8a8")],
-    "mix": _EMBEDDERS + _MIX + _skinny("w8a16") + [("*", "w4a4")],
+    "w4a4": _EMBEDDERS + _skinny(PER_SAMPLE_PRECISION["w4a4"]) + [("*", "w4a4")],
+    "w8a8": _EMBEDDERS + _skinny(PER_SAMPLE_PRECISION["w8a8"]) + [("*", "w8a8")],
+    "mix": _EMBEDDERS + _MIX + _skinny(PER_SAMPLE_PRECISION["mix"]) + [("*", "w4a4")],
     "none": [("*", "bf16")],
 }
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.compile_model import check_calibrated_plan
+from ..compiler.roles import decide_model
 from ..compiler.weights import PrepSpec, prepare_weight
 from ..config import ConvRotConfig
 from ..numerics.pca import PCA_ROTATIONS, PCAWeight
 from ..numerics.quant import WEIGHT_ONLY
-from ..plans import decide_linears
 from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
 from .source import meta_model, open_source
 from .tensor_file import SAFETENSORS_DTYPES, CheckpointError, TensorFile, read_header
@@ -124,7 +124,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
     structure = meta_model(src.config["_class_name"], src.config)
     if calibration is not None:
         calibration.check_model(structure)
-    decisions = decide_linears(structure, config.plan, config.group_size)
+    decisions, plan = decide_model(structure, config.plan, config.group_size)
     keys = {k for ks in src.files.values() for k in ks}
     missing = [d.name for d in decisions if f"{d.name}.weight" not in keys]
     if missing:
@@ -179,7 +179,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
             if layer.precision == "w4a4" and pca:
                 layer.basis, layer.rank = pca_layers[layer.name]
                 layer.w_hi = f"{layer.name}.w_hi"
-        manifest = Manifest(src.config["_class_name"], src.config, config.plan.name, list(config.plan.rules),
+        manifest = Manifest(src.config["_class_name"], src.config, plan.name, list(plan.rules),
                             config.group_size, config.rotation, CHANNEL_ORDER, W4A16_LAYOUT, layers,
                             writer.tensors, library_version(), {"peak_buffer_bytes": writer.peak_bytes},
                             weights=config.weights,

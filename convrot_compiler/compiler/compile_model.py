@@ -27,6 +27,7 @@ from .backend import CompileReport, model_backend
 from .cudagraphs import CUDAGraphReplay
 from .input_checks import input_check
 from .regional import CompileUnit, block_classes, block_instances, compiled_units, repeated_block_classes, unit_plans
+from .roles import decide_model
 from .weights import (
     PREPARED,
     is_released,
@@ -157,7 +158,11 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     if any(t.is_meta for t in module.parameters()):
         raise ValueError(f"this {type(module).__name__} is on the meta device (shapes, no weights): load its weights "
                          "before compiling it; convrot inspect traces a meta model without them")
-    decisions = decide_linears(module, config.plan, config.group_size)
+    if config.prepared:
+        decisions = decide_linears(module, config.plan, config.group_size)
+    else:
+        decisions, plan = decide_model(module, config.plan, config.group_size)
+        config, graph_config = config.replace(plan=plan), graph_config.replace(plan=plan)
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
     warn_if_ineffective(decisions, config.plan.name, config.group_size)

@@ -27,6 +27,7 @@ from ..plans import decide as decide_layer
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
+from .roles import PER_SAMPLE
 from .weights import PREPARED, PrepSpec, is_released, record_spec
 
 
@@ -62,9 +63,6 @@ def decide(matches: list[LinearMatch], config: ConvRotConfig) -> list[LayerDecis
         decisions.append(d)
     warn_per_sample_activation_quantization(decisions)
     return decisions
-
-
-PER_SAMPLE = "sees one row per sample (modulation, time or guidance embedder)"
 
 
 def warn_per_sample_activation_quantization(decisions: list[LayerDecision]) -> None:

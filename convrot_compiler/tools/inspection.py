@@ -10,6 +10,7 @@ import torch
 
 from ..compiler.attention_rewrite import AttentionDecision
 from ..compiler.backend import CompileReport, convrot_backend
+from ..compiler.roles import ROLE_RULE, decide_model
 from ..config import ConvRotConfig
 from ..numerics.pca import block_shape
 from ..plans import PRECISIONS, LayerDecision
@@ -158,6 +159,11 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
     reports: list[CompileReport] = []
     config = (config or ConvRotConfig()).replace(**overrides, dry_run=True, report=reports.append)
+    by_role = {}
+    if not config.prepared:
+        decisions, plan = decide_model(model, config.plan, config.group_size)
+        config = config.replace(plan=plan)
+        by_role = {d.name: d for d in decisions if d.rule == ROLE_RULE}
     options = {"config": config}
     torch._dynamo.reset()
     with torch.no_grad():
@@ -166,4 +172,7 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     torch._dynamo.reset()
     if not reports:
         raise RuntimeError("torch.compile produced no graph for this model and inputs: nothing to inspect")
+    for d in (d for r in reports for d in r.decisions if d.name in by_role):
+        d.rule, d.reason = ROLE_RULE, by_role[d.name].reason
+        d.extra["role"] = by_role[d.name].extra["role"]
     return InspectReport(reports)

@@ -1,7 +1,6 @@
 """Other diffusers DiT families through the compiler, tiny configs with random weights (CPU): each compiles
-with fullgraph, whole and regional, and stays near its bf16 output. Their adaLN modulation is still planned by
-FLUX's module names, so it runs W4A4 in Qwen-Image, FLUX.2 and Wan: that test is an expected failure until the
-roles come from the traced graph."""
+with fullgraph, whole and regional, and stays near its bf16 output; their adaLN modulation and embedders get
+their role from the shape probe (compiler/roles.py), never FLUX's module names."""
 
 import copy
 
@@ -10,7 +9,8 @@ import torch
 
 import convrot_compiler as cc
 from convrot_compiler.numerics.error import relative_error
-from convrot_compiler.plans import decide_linears
+from convrot_compiler.compiler.roles import PER_SAMPLE, decide_model
+from convrot_compiler.plans import decide_linears, make_plan
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")
 
@@ -86,29 +86,51 @@ def test_a_family_compiles_with_fullgraph_and_stays_near_bf16(family, regional):
     assert all(r.rewritten > 0 for r in compiled.convrot_reports)
 
 
+@pytest.mark.parametrize("plan,weight_only", [("w4a4", "w4a16"), ("w8a8", "w8a16"), ("mix", "w8a16")])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_familys_modulation_is_never_w4a4(family, request):
-    if family != "sd3":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="roles still come from FLUX's module names"))
+def test_a_familys_modulation_is_never_activation_quantized(family, plan, weight_only):
+    """Under every preset the modulation and embedders, found by the shape probe whatever their names, get the
+    preset's weight-only precision; by FLUX's names alone (decide_linears) Qwen-Image's, FLUX.2's and Wan's ran
+    W4A4."""
     model, _, modulation = _built(family)
-    decisions = decide_linears(model, "w4a4")
+    decisions, _ = decide_model(model, make_plan(plan), 256)
     found = [d for d in decisions if any(m in d.name for m in modulation)]
-    assert found and all(d.precision not in ("w4a4", "w8a8") for d in found), [(d.name, d.precision) for d in found]
+    assert found and all(d.precision == weight_only and d.extra["role"] == PER_SAMPLE for d in found), \
+        [(d.name, d.precision) for d in found]
+    by_names = decide_linears(model, plan)
+    if family != "sd3":  # SD3's names happen to be FLUX's
+        assert any(d.precision in ("w4a4", "w8a8") for d in by_names if any(m in d.name for m in modulation))
 
 
-@pytest.mark.parametrize("family,warned", [("wan", "time_embedder.linear_1"), ("qwen-image", "img_mod.1"), ("sd3", None)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compile_gives_a_familys_modulation_its_role_and_a_users_rules_win(family):
+    model, inputs, modulation = _built(family)
+    compiled = cc.compile(copy.deepcopy(model), progress=False)
+    found = [d for d in compiled.convrot_decisions if any(m in d.name for m in modulation)]
+    assert found and all(d.precision == "w4a16" for d in found)
+    compiled(**inputs)  # the graphs take the decisions: weight-only GEMMs for them, no W4A4 weight missing
+    torch._dynamo.reset()
+    mine = cc.compile(copy.deepcopy(model), plan=[("*", "w4a4")], progress=False)
+    assert all(d.precision == "w4a4" for d in mine.convrot_decisions if any(m in d.name for m in modulation))
+
+
+@pytest.mark.parametrize("family,warned", [("wan", "time_embedder.linear_1"), ("qwen-image", "img_mod.1"),
+                                           ("sd3", "timestep_embedder.linear_1")])
 def test_linears_that_see_one_row_per_sample_and_quantize_activations_are_warned_of(family, warned):
+    """A user's plan that quantizes their activations is kept, and warned of; a preset gives them their role."""
     import warnings
 
     model, inputs, _ = _built(family)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = cc.inspect(model, example_kwargs=inputs, regional=False)
-    messages = [str(w.message) for w in caught if "one row per sample quantize" in str(w.message)]
-    if warned is None:
-        assert not messages
-    else:
-        assert len(messages) == 1 and warned in messages[0] and "weight-only rule" in messages[0]
-    roles = [d for d in report.decisions if d.extra.get("role")]
-    assert roles and all(d.rows == min(x.rows for x in report.decisions if x.rows) for d in roles)
-    assert "sees one row per sample" in report.table()
+    for plan in ([("*", "w4a4")], "w4a4"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = cc.inspect(model, example_kwargs=inputs, regional=False, plan=plan)
+        messages = [str(w.message) for w in caught if "one row per sample quantize" in str(w.message)]
+        if plan == "w4a4":
+            assert not messages
+            assert all(d.precision in ("w4a16", "bf16") for d in report.decisions if d.extra.get("role") == PER_SAMPLE)
+        else:
+            assert len(messages) == 1 and warned in messages[0] and "weight-only rule" in messages[0]
+        roles = [d for d in report.decisions if d.extra.get("role") == PER_SAMPLE]
+        assert roles and all(d.rows == min(x.rows for x in report.decisions if x.rows) for d in roles)
+        assert "sees one row per sample" in report.table()

@@ -1,0 +1,123 @@
+"""Each linear's role in the model, from its shapes in one forward, not from its name.
+
+The presets name FLUX.1's modulation, embedders and projections; other families name theirs otherwise
+(Qwen-Image's ``img_mod.1``, FLUX.2's ``double_stream_modulation_img.linear``, Wan's ``time_proj``), and a
+preset would run them W4A4. So before deciding, the model runs once on the meta device (no weight is read and
+nothing is computed) on its family's example inputs (families.py), each nn.Linear's input recorded:
+
+* a linear that sees one row per sample, where the others see many (adaLN modulation, time, text and
+  guidance embedders), is weight-bound and scales the whole residual stream: a preset gives it its weight-only
+  precision (w4a16 under w4a4, w8a16 under w8a8 and mix), never an activation-quantized one;
+* a linear reading a model input as it is (the input projections) and the last linear of the forward (the
+  output projection) stay bf16 under a preset, as FLUX.1's do by name.
+
+A plan of the user's own rules is left as it is (the graphs warn of a per-sample linear it quantizes). A model
+of a family without example inputs, or one the probe cannot run, is decided by names alone, and says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..families import example_inputs
+from ..plans import PER_SAMPLE_PRECISION, PRESETS, LayerDecision, Plan, eligibility, iter_linears
+
+PER_SAMPLE = "sees one row per sample (modulation, time or guidance embedder)"
+INPUT_PROJECTION = "reads a model input (input projection)"
+OUTPUT_PROJECTION = "the forward's last linear (output projection)"
+ROLE_RULE = "<role>"
+
+
+@dataclass
+class Probe:
+    roles: dict[str, str]  # linear name -> role, for the linears that have one
+    note: str              # how the roles were found, or why there are none
+
+
+def probe_roles(model: nn.Module) -> Probe:
+    """The roles of ``model``'s linears from one meta-device forward on its family's example inputs."""
+    inputs = example_inputs(model)
+    if inputs is None:
+        return Probe({}, f"no example inputs for {type(model).__name__}: roles by module names only")
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # offload hooks move weights in their forward
+        return Probe({}, f"{type(model).__name__} has accelerate hooks: roles by module names only")
+    rows: dict[str, int] = {}
+    reads_input: set[str] = set()
+    order: list[str] = []
+    given = {id(v) for v in inputs.values() if isinstance(v, torch.Tensor)}
+
+    def record(name: str):
+        def hook(module, args):
+            x = args[0]
+            rows[name] = x.numel() // max(1, x.shape[-1])
+            order.append(name)
+            if id(x) in given:
+                reads_input.add(name)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in iter_linears(model)]
+    state = {k: torch.empty_like(t, device="meta") for k, t in
+             [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            functional_call(model, state, args=(), kwargs=inputs, tie_weights=False, strict=False)
+    except Exception as e:  # a forward the meta device cannot run: fall back to names, and say why
+        return Probe({}, f"the shape probe of {type(model).__name__} failed ({type(e).__name__}: {e}): roles by "
+                         "module names only")
+    finally:
+        for h in hooks:
+            h.remove()
+    roles: dict[str, str] = {}
+    if rows and max(rows.values()) >= 8 * min(rows.values()):
+        roles.update({n: PER_SAMPLE for n, r in rows.items() if r == min(rows.values())})
+    for name in reads_input:
+        roles.setdefault(name, INPUT_PROJECTION)
+    if order:
+        roles.setdefault(order[-1], OUTPUT_PROJECTION)
+    return Probe(roles, f"roles from a shape probe of {type(model).__name__} ({len(rows)} linears ran)")
+
+
+def is_preset(plan: Plan) -> bool:
+    return plan.name in PER_SAMPLE_PRECISION and tuple(PRESETS[plan.name]) == tuple(plan.rules)
+
+
+def apply_roles(decisions: list[LayerDecision], plan: Plan, probe: Probe, group_size: int,
+                dtypes: dict[str, torch.dtype]) -> Plan:
+    """Record each decision's role, and under a preset give the linears whose role asks for it the role's
+    precision. Returns the plan the graphs take: the preset with one exact rule ahead of it per changed
+    linear, or ``plan`` itself when nothing changed."""
+    changed = []
+    for d in decisions:
+        role = probe.roles.get(d.name)
+        if role is None:
+            continue
+        d.extra["role"] = role
+        if not is_preset(plan) or d.planned not in ("w4a4", "w8a8"):
+            continue
+        want = PER_SAMPLE_PRECISION[plan.name] if role == PER_SAMPLE else "bf16"
+        d.planned, d.rule = want, ROLE_RULE
+        why = eligibility(want, d.in_features, d.out_features, dtypes[d.name], group_size)
+        d.precision = "bf16" if why else want
+        d.reason = why or f"{role}: {want} under preset {plan.name!r}"
+        if d.precision == "bf16":
+            d.bytes_after = d.bytes_before
+        changed.append(d)
+    if not changed:
+        return plan
+    return Plan(plan.name, tuple((d.name, d.precision) for d in changed) + tuple(plan.rules))
+
+
+def decide_model(model: nn.Module, plan: Plan, group_size: int) -> tuple[list[LayerDecision], Plan]:
+    """Every nn.Linear's decision, the plan's rules then the roles (``apply_roles``), and the plan the graphs
+    take."""
+    from ..plans import decide_linears
+
+    decisions = decide_linears(model, plan, group_size)
+    dtypes = {name: lin.weight.dtype for name, lin in iter_linears(model)}
+    return decisions, apply_roles(decisions, plan, probe_roles(model), group_size, dtypes)
