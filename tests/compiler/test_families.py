@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import convrot_compiler as cc
-from convrot_compiler.numerics.error import relative_error
 from convrot_compiler.compiler.roles import PER_SAMPLE, decide_model
+from convrot_compiler.numerics.error import relative_error
 from convrot_compiler.plans import decide_linears, make_plan
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")
