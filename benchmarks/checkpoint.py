@@ -224,7 +224,8 @@ def main() -> None:
           f"{env['date']}. Each phase in a fresh process; random weights.\n\n"
           + tabulate(rows, headers=["", ""], tablefmt="github") + "\n")
     print(md)
-    print("written:", *write_results("checkpoint", {"env": env, **result}, md, args.out))
+    name = f"checkpoint_{args.config.replace('-', '_')}"
+    print("written:", *write_results(name, {"env": env, **result}, md, args.out))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def bench_shape(n: int, k: int, device: str, reference: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="flux-dev")
-    p.add_argument("--name", default="gptq")
+    p.add_argument("--name", default="gptq_flux_dev")
     p.add_argument("--reference", action="store_true", help="also time the torch reference (float64, one column "
                    "at a time)")
     p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")

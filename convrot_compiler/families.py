@@ -1,6 +1,8 @@
-"""Example inputs of one denoising forward for the diffusers transformer families the compiler knows, built
-from a model's config: batch 1, 64 image tokens, 16 text tokens, on any device (the role probe runs them on
-the meta device, where nothing is computed). A family missing here is compiled by module names alone."""
+"""The diffusers transformer families the compiler knows by more than names: their published configs (and
+tiny ones of the same structure, for CPU), and example inputs of one denoising forward built from a model's
+config, on any device (the role probe runs them on the meta device, where nothing is computed). A family
+missing here is compiled by module names alone.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +11,94 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-IMAGE_TOKENS, TEXT_TOKENS = 64, 16  # an 8 x 8 latent grid; per-token linears see 16 or more rows per sample
+TEXT_TOKENS = 16  # the probe's; per-token linears then see 16 or more rows per sample
+
+# name -> (diffusers class, config): the published transformer configs, and tiny ones of the same structure
+# (hidden 256, two blocks of each kind) that compile on a CPU in seconds.
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "flux2-dev": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+        num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32))),
+    "flux2-tiny": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=2, joint_attention_dim=256, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32))),
+    "qwen-image": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))),
+    "qwen-image-tiny": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=128, num_attention_heads=2,
+        joint_attention_dim=256, axes_dims_rope=(16, 56, 56))),
+    "sd3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192, qk_norm="rms_norm")),
+    "sd3-tiny": ("SD3Transformer2DModel", dict(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=2,
+        joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=256, out_channels=16,
+        pos_embed_max_size=32)),
+    "wan2.1-14b": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    "wan-tiny": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
+        text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)),
+}
 
 
-def _grid_ids(channels: int, side: int) -> torch.Tensor:
-    ids = torch.zeros(side * side, channels)
-    ids[:, -2] = torch.arange(side * side) // side
-    ids[:, -1] = torch.arange(side * side) % side
+def _grid_ids(channels: int, rows: int, cols: int) -> torch.Tensor:
+    ids = torch.zeros(rows * cols, channels)
+    ids[:, -2] = torch.arange(rows * cols) // cols
+    ids[:, -1] = torch.arange(rows * cols) % cols
     return ids
 
 
-def _flux(cfg, device, dtype) -> dict:
-    return dict(hidden_states=torch.zeros(1, IMAGE_TOKENS, cfg.in_channels, device=device, dtype=dtype),
-                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, cfg.joint_attention_dim, device=device, dtype=dtype),
-                pooled_projections=torch.zeros(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
+def _randn(shape, device, dtype, gen) -> torch.Tensor:
+    if gen is None:  # the meta device: shapes only
+        return torch.empty(*shape, device=device, dtype=dtype)
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+# Each takes the model's config and the latent grid (rows, cols of 16-pixel tokens; frames of a video) and
+# gives the forward's keyword arguments.
+def _flux(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
+                pooled_projections=_randn((1, cfg.pooled_projection_dim), device, dtype, gen),
                 timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                img_ids=_grid_ids(3, 8).to(device), txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device),
+                img_ids=_grid_ids(3, rows, cols).to(device), txt_ids=torch.zeros(text, 3, device=device),
                 guidance=torch.full((1,), 3.5, device=device, dtype=dtype) if cfg.guidance_embeds else None)
 
 
-def _flux2(cfg, device, dtype) -> dict:
-    return dict(hidden_states=torch.zeros(1, IMAGE_TOKENS, cfg.in_channels, device=device, dtype=dtype),
-                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, cfg.joint_attention_dim, device=device, dtype=dtype),
+def _flux2(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
                 timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                img_ids=_grid_ids(4, 8).to(device), txt_ids=torch.zeros(TEXT_TOKENS, 4, device=device),
+                img_ids=_grid_ids(4, rows, cols).to(device), txt_ids=torch.zeros(text, 4, device=device),
                 guidance=torch.full((1,), 3.5, device=device, dtype=dtype))
 
 
-def _qwen_image(cfg, device, dtype) -> dict:
-    return dict(hidden_states=torch.zeros(1, IMAGE_TOKENS, cfg.in_channels, device=device, dtype=dtype),
-                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, cfg.joint_attention_dim, device=device, dtype=dtype),
-                encoder_hidden_states_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long, device=device),
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[(1, 8, 8)])
+def _qwen_image(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
+                timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[(1, rows, cols)])
 
 
-def _sd3(cfg, device, dtype) -> dict:
-    side = 8 * cfg.patch_size
-    return dict(hidden_states=torch.zeros(1, cfg.in_channels, side, side, device=device, dtype=dtype),
-                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, cfg.joint_attention_dim, device=device, dtype=dtype),
-                pooled_projections=torch.zeros(1, cfg.pooled_projection_dim, device=device, dtype=dtype),
+def _sd3(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((1, cfg.in_channels, rows * 2, cols * 2), device, dtype, gen),
+                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
+                pooled_projections=_randn((1, cfg.pooled_projection_dim), device, dtype, gen),
                 timestep=torch.full((1,), 500.0, device=device, dtype=dtype))
 
 
-def _wan(cfg, device, dtype) -> dict:
-    pt, ph, pw = cfg.patch_size
-    return dict(hidden_states=torch.zeros(1, cfg.in_channels, pt, 8 * ph, 8 * pw, device=device, dtype=dtype),
+def _wan(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+    latent_frames = (frames - 1) // 4 + 1  # the VAE's 4x temporal compression
+    return dict(hidden_states=_randn((1, cfg.in_channels, latent_frames, rows * 2, cols * 2), device, dtype, gen),
                 timestep=torch.full((1,), 500, device=device),
-                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, cfg.text_dim, device=device, dtype=dtype))
+                encoder_hidden_states=_randn((1, text, cfg.text_dim), device, dtype, gen))
 
 
 FAMILIES: dict[str, Callable] = {
@@ -67,11 +110,21 @@ FAMILIES: dict[str, Callable] = {
 }
 
 
-def example_inputs(model: nn.Module, device: torch.device | str = "meta",
-                   dtype: torch.dtype | None = None) -> dict | None:
-    """Keyword arguments of one forward of ``model`` (a known diffusers family), or None for another class."""
+def example_inputs(model: nn.Module, device: torch.device | str = "meta", dtype: torch.dtype | None = None,
+                   height: int = 128, width: int = 128, text_tokens: int = TEXT_TOKENS, frames: int = 1,
+                   seed: int = 0) -> dict | None:
+    """Keyword arguments of one forward of ``model`` (a known diffusers family) for a ``height`` x ``width``
+    image (``frames`` of them for a video model; each family's own latent layout, one token per 16 x 16
+    pixels), random where they are data, or None for another class. The default, 128 x 128 with 16 text
+    tokens, is the role probe's: 64 image tokens."""
     build = FAMILIES.get(type(model).__name__)
     if build is None:
         return None
+    if height % 16 or width % 16 or frames < 1:
+        raise ValueError(f"{height} x {width} x {frames} frames: height and width must be multiples of 16")
     dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
-    return {**build(model.config, device, dtype), "return_dict": False}
+    gen = torch.Generator().manual_seed(seed)
+    if torch.device(device).type == "meta":
+        gen = None
+    kwargs = build(model.config, height // 16, width // 16, frames, text_tokens, device, dtype, gen)
+    return {**kwargs, "return_dict": False}

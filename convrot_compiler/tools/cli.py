@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 
+from ..families import CONFIGS as FAMILY_CONFIGS
 from .cli_options import add_model_args, add_quant_args, quant_overrides, write_json
 
 
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
     ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
-    ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev"],
-                     help="built-in config, traced on the meta device (no memory, no weights)")
+    ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev", *FAMILY_CONFIGS],
+                     help="built-in config, traced on the meta device (no memory, no weights): FLUX.1's, or another "
+                     "family's published config (flux2-dev, qwen-image, sd3.5-large, wan2.1-14b) or a tiny one")
+    ins.add_argument("--frames", type=int, default=1, help="video frames, for a video model (wan*)")
     ins.add_argument("--height", type=int, default=1024)
     ins.add_argument("--width", type=int, default=1024)
     ins.add_argument("--text-tokens", type=int, default=512)
@@ -128,15 +131,14 @@ def _quantize(args) -> None:
 
 
 def _inspect(args) -> None:
+    from ..families import example_inputs
     from .inspection import inspect
-    from .models import build_flux, load_flux, make_flux_inputs
+    from .models import build_model, load_flux
 
-    if args.model:
-        model, device = load_flux(args.model, device="meta"), "meta"
-    else:
-        model, device = build_flux(args.config, device="meta"), "meta"
-    inputs = make_flux_inputs(model, args.height, args.width, args.text_tokens, device=device)
-    report = inspect(model, example_kwargs=inputs.kwargs, plan=args.plan, fuse_producers=args.fuse_producers,
+    model = load_flux(args.model, device="meta") if args.model else build_model(args.config, device="meta")
+    inputs = example_inputs(model, "meta", height=args.height, width=args.width, text_tokens=args.text_tokens,
+                            frames=args.frames)
+    report = inspect(model, example_kwargs=inputs, plan=args.plan, fuse_producers=args.fuse_producers,
                      gelu_epilogue=args.gelu_epilogue, attention=args.attention, **quant_overrides(args))
     print(report.table())
     if args.attention != "keep":

@@ -48,7 +48,21 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
     model = nn.Module.to(model, dtype).eval()
     if torch.device(device).type == "meta":  # shapes only, e.g. to inspect FLUX.1-dev on a small machine
         return model
-    model = model.to_empty(device=device)
+    randomize(model, seed, device, std)
+    if gate_bias:
+        with torch.no_grad():
+            for module in model.modules():
+                gates = {"AdaLayerNormZero": (6, [2, 5]), "AdaLayerNormZeroSingle": (3, [2])}.get(type(module).__name__)
+                if gates is not None:
+                    module.linear.bias.view(gates[0], -1)[gates[1]] += gate_bias
+    return model
+
+
+def randomize(model: nn.Module, seed: int, device: torch.device | str, std: float = 0.02) -> nn.Module:
+    """Give a model seeded N(0, std) weights (norm scales 1, float buffers 0), drawn on ``device``; a meta-device
+    model is materialized there first."""
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -59,12 +73,34 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
         for _, b in model.named_buffers():
             if b.is_floating_point():
                 b.zero_()
-        if gate_bias:
-            for module in model.modules():
-                gates = {"AdaLayerNormZero": (6, [2, 5]), "AdaLayerNormZeroSingle": (3, [2])}.get(type(module).__name__)
-                if gates is not None:
-                    module.linear.bias.view(gates[0], -1)[gates[1]] += gate_bias
     return model
+
+
+def build_family(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "meta",
+                 std: float = 0.02) -> nn.Module:
+    """A built-in model of another diffusers family (``families.CONFIGS``: its published config or a tiny
+    one), on the meta device (shapes only) or with seeded random weights on ``device``. Off the meta device it
+    is built there in float32 before the cast (some families compute tensors in their constructor that are
+    neither parameters nor buffers, which a meta-built model would lack): twice the model's bytes at the peak."""
+    import diffusers
+
+    from ..families import CONFIGS
+
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {tuple(FLUX_CONFIGS) + tuple(CONFIGS)}")
+    class_name, cfg = CONFIGS[name]
+    with torch.device(device):
+        model = getattr(diffusers, class_name)(**cfg)
+    model = nn.Module.to(model, dtype).eval()
+    return model if torch.device(device).type == "meta" else randomize(model, seed, device, std)
+
+
+def build_model(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | str = "meta") -> nn.Module:
+    """A built-in model by config name: FLUX.1's (``FLUX_CONFIGS``) or another family's (``build_family``)."""
+    if name in FLUX_CONFIGS:
+        return build_flux(name, seed=seed, dtype=dtype, device=device)
+    return build_family(name, seed=seed, dtype=dtype, device=device)
 
 
 def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):

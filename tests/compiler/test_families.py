@@ -9,69 +9,27 @@ import torch
 
 import convrot_compiler as cc
 from convrot_compiler.compiler.roles import PER_SAMPLE, decide_model
+from convrot_compiler.families import example_inputs
 from convrot_compiler.numerics.error import relative_error
 from convrot_compiler.plans import decide_linears, make_plan
+from convrot_compiler.tools.models import build_family
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")
 
 
-def qwen_image():
-    from diffusers import QwenImageTransformer2DModel
-
-    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                        attention_head_dim=128, num_attention_heads=2, joint_attention_dim=256,
-                                        axes_dims_rope=(16, 56, 56))
-    inputs = dict(hidden_states=torch.randn(1, 64, 16), encoder_hidden_states=torch.randn(1, 16, 256),
-                  encoder_hidden_states_mask=torch.ones(1, 16, dtype=torch.long), timestep=torch.tensor([0.5]),
-                  img_shapes=[(1, 8, 8)])
-    return model, inputs, ("img_mod.1", "txt_mod.1")
-
-
-def flux2():
-    from diffusers import Flux2Transformer2DModel
-
-    model = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                    attention_head_dim=128, num_attention_heads=2, joint_attention_dim=256,
-                                    timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32))
-    ids = torch.zeros(64, 4)
-    ids[:, 1], ids[:, 2] = torch.arange(64) // 8, torch.arange(64) % 8
-    inputs = dict(hidden_states=torch.randn(1, 64, 16), encoder_hidden_states=torch.randn(1, 16, 256),
-                  timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(16, 4), guidance=torch.tensor([3.5]))
-    return model, inputs, ("modulation",)
-
-
-def sd3():
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=128,
-                                  num_attention_heads=2, joint_attention_dim=256, caption_projection_dim=256,
-                                  pooled_projection_dim=256, out_channels=16, pos_embed_max_size=32)
-    inputs = dict(hidden_states=torch.randn(1, 16, 16, 16), encoder_hidden_states=torch.randn(1, 16, 256),
-                  pooled_projections=torch.randn(1, 256), timestep=torch.tensor([500.0]))
-    return model, inputs, ("norm1.linear", "norm1_context.linear", "time_text_embed")
-
-
-def wan():
-    from diffusers import WanTransformer3DModel
-
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4,
-                                  out_channels=4, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    inputs = dict(hidden_states=torch.randn(1, 4, 2, 16, 16), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 16, 256))
-    return model, inputs, ("time_embedder", "time_proj")
-
-
-FAMILIES = {"qwen-image": qwen_image, "flux2": flux2, "sd3": sd3, "wan": wan}
+# family -> (built-in tiny config, names of its modulation and embedders)
+FAMILIES = {
+    "qwen-image": ("qwen-image-tiny", ("img_mod.1", "txt_mod.1")),
+    "flux2": ("flux2-tiny", ("modulation",)),
+    "sd3": ("sd3-tiny", ("norm1.linear", "norm1_context.linear", "time_text_embed")),
+    "wan": ("wan-tiny", ("time_embedder", "time_proj")),
+}
 
 
 def _built(family):
-    torch.manual_seed(0)
-    model, inputs, modulation = FAMILIES[family]()
-    model = model.to(torch.bfloat16).eval()
-    bf16 = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 1 and
-            not k.endswith("_ids") else v for k, v in inputs.items()}
-    return model, {**bf16, "return_dict": False}, modulation
+    config, modulation = FAMILIES[family]
+    model = build_family(config, seed=0, device="cpu")
+    return model, example_inputs(model, "cpu", height=128, width=128), modulation
 
 
 @pytest.mark.parametrize("regional", [None, False], ids=["regional", "whole"])
@@ -134,3 +92,22 @@ def test_linears_that_see_one_row_per_sample_and_quantize_activations_are_warned
         roles = [d for d in report.decisions if d.extra.get("role") == PER_SAMPLE]
         assert roles and all(d.rows == min(x.rows for x in report.decisions if x.rows) for d in roles)
         assert "sees one row per sample" in report.table()
+
+
+@pytest.mark.parametrize("name,billions", [("flux2-dev", 32.2), ("qwen-image", 20.4), ("sd3.5-large", 8.1),
+                                           ("wan2.1-14b", 14.3)])
+def test_the_published_configs_build_their_models_on_the_meta_device(name, billions):
+    """FLUX.2-dev 32B, Qwen-Image 20B, SD3.5 Large 8B, Wan 2.1 14B: a wrong width or depth shows in the count."""
+    model = build_family(name)
+    assert all(p.is_meta for p in model.parameters())
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.05
+
+
+def test_convrot_inspect_takes_a_familys_config(capsys):
+    from convrot_compiler.tools import cli
+
+    assert cli.main(["inspect", "--config", "qwen-image-tiny", "--height", "128", "--width", "128",
+                     "--text-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "transformer_blocks.0.img_mod.1" in line)
+    assert "w4a16" in row and "sees one row per sample" in row
