@@ -62,43 +62,43 @@ def _randn(shape, device, dtype, gen) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
 
-# Each takes the model's config and the latent grid (rows, cols of 16-pixel tokens; frames of a video) and
-# gives the forward's keyword arguments.
-def _flux(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
-    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
-                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
-                pooled_projections=_randn((1, cfg.pooled_projection_dim), device, dtype, gen),
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+# Each takes the model's config, the batch and the latent grid (rows, cols of 16-pixel tokens; frames of a
+# video) and gives the forward's keyword arguments.
+def _flux(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((b, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((b, text, cfg.joint_attention_dim), device, dtype, gen),
+                pooled_projections=_randn((b, cfg.pooled_projection_dim), device, dtype, gen),
+                timestep=torch.full((b,), 0.5, device=device, dtype=dtype),
                 img_ids=_grid_ids(3, rows, cols).to(device), txt_ids=torch.zeros(text, 3, device=device),
-                guidance=torch.full((1,), 3.5, device=device, dtype=dtype) if cfg.guidance_embeds else None)
+                guidance=torch.full((b,), 3.5, device=device, dtype=dtype) if cfg.guidance_embeds else None)
 
 
-def _flux2(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
-    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
-                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+def _flux2(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((b, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((b, text, cfg.joint_attention_dim), device, dtype, gen),
+                timestep=torch.full((b,), 0.5, device=device, dtype=dtype),
                 img_ids=_grid_ids(4, rows, cols).to(device), txt_ids=torch.zeros(text, 4, device=device),
-                guidance=torch.full((1,), 3.5, device=device, dtype=dtype))
+                guidance=torch.full((b,), 3.5, device=device, dtype=dtype))
 
 
-def _qwen_image(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
-    return dict(hidden_states=_randn((1, rows * cols, cfg.in_channels), device, dtype, gen),
-                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype), img_shapes=[(1, rows, cols)])
+def _qwen_image(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((b, rows * cols, cfg.in_channels), device, dtype, gen),
+                encoder_hidden_states=_randn((b, text, cfg.joint_attention_dim), device, dtype, gen),
+                timestep=torch.full((b,), 0.5, device=device, dtype=dtype), img_shapes=[(1, rows, cols)] * b)
 
 
-def _sd3(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
-    return dict(hidden_states=_randn((1, cfg.in_channels, rows * 2, cols * 2), device, dtype, gen),
-                encoder_hidden_states=_randn((1, text, cfg.joint_attention_dim), device, dtype, gen),
-                pooled_projections=_randn((1, cfg.pooled_projection_dim), device, dtype, gen),
-                timestep=torch.full((1,), 500.0, device=device, dtype=dtype))
+def _sd3(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    return dict(hidden_states=_randn((b, cfg.in_channels, rows * 2, cols * 2), device, dtype, gen),
+                encoder_hidden_states=_randn((b, text, cfg.joint_attention_dim), device, dtype, gen),
+                pooled_projections=_randn((b, cfg.pooled_projection_dim), device, dtype, gen),
+                timestep=torch.full((b,), 500.0, device=device, dtype=dtype))
 
 
-def _wan(cfg, rows, cols, frames, text, device, dtype, gen) -> dict:
+def _wan(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
     latent_frames = (frames - 1) // 4 + 1  # the VAE's 4x temporal compression
-    return dict(hidden_states=_randn((1, cfg.in_channels, latent_frames, rows * 2, cols * 2), device, dtype, gen),
-                timestep=torch.full((1,), 500, device=device),
-                encoder_hidden_states=_randn((1, text, cfg.text_dim), device, dtype, gen))
+    return dict(hidden_states=_randn((b, cfg.in_channels, latent_frames, rows * 2, cols * 2), device, dtype, gen),
+                timestep=torch.full((b,), 500, device=device),
+                encoder_hidden_states=_randn((b, text, cfg.text_dim), device, dtype, gen))
 
 
 FAMILIES: dict[str, Callable] = {
@@ -110,21 +110,27 @@ FAMILIES: dict[str, Callable] = {
 }
 
 
+def image_tokens(model: nn.Module, height: int, width: int, frames: int = 1) -> int:
+    """Image (or video) tokens of one sample of ``model``'s family at that size: one per 16 x 16 pixels, per
+    latent frame of a video model (the VAE's 4x temporal compression)."""
+    latent_frames = (frames - 1) // 4 + 1 if type(model).__name__ == "WanTransformer3DModel" else 1
+    return (height // 16) * (width // 16) * latent_frames
+
+
 def example_inputs(model: nn.Module, device: torch.device | str = "meta", dtype: torch.dtype | None = None,
                    height: int = 128, width: int = 128, text_tokens: int = TEXT_TOKENS, frames: int = 1,
-                   seed: int = 0) -> dict | None:
-    """Keyword arguments of one forward of ``model`` (a known diffusers family) for a ``height`` x ``width``
-    image (``frames`` of them for a video model; each family's own latent layout, one token per 16 x 16
-    pixels), random where they are data, or None for another class. The default, 128 x 128 with 16 text
-    tokens, is the role probe's: 64 image tokens."""
+                   batch: int = 1, seed: int = 0) -> dict | None:
+    """Keyword arguments of one forward of ``model`` (a known diffusers family) for ``batch`` ``height`` x
+    ``width`` images (``frames`` of them for a video model; each family's own latent layout, one token per
+    16 x 16 pixels), random where they are data, or None for another class. The default, one 128 x 128 image
+    with 16 text tokens, is the role probe's: 64 image tokens."""
     build = FAMILIES.get(type(model).__name__)
     if build is None:
         return None
-    if height % 16 or width % 16 or frames < 1:
-        raise ValueError(f"{height} x {width} x {frames} frames: height and width must be multiples of 16")
+    if height % 16 or width % 16 or frames < 1 or batch < 1:
+        raise ValueError(f"{batch} x {height} x {width} x {frames} frames: height and width must be multiples of 16, "
+                         "batch and frames at least 1")
     dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
-    gen = torch.Generator().manual_seed(seed)
-    if torch.device(device).type == "meta":
-        gen = None
-    kwargs = build(model.config, height // 16, width // 16, frames, text_tokens, device, dtype, gen)
+    gen = None if torch.device(device).type == "meta" else torch.Generator().manual_seed(seed)
+    kwargs = build(model.config, batch, height // 16, width // 16, frames, text_tokens, device, dtype, gen)
     return {**kwargs, "return_dict": False}

@@ -29,11 +29,13 @@ import torch
 from ..compiler.compile_model import compile as convrot_compile
 from ..compiler.compile_model import weight_bytes
 from ..compiler.weights import model_bytes
+from ..families import CONFIGS as FAMILY_CONFIGS
+from ..families import example_inputs, image_tokens
 from ..numerics.pca import needs_calibration
 from ..ops import dispatch
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
-from .models import build_flux, image_tokens_for, make_flux_inputs, relative_error
+from .models import build_model, image_tokens_for, make_flux_inputs, relative_error
 
 
 def environment() -> dict:
@@ -253,10 +255,10 @@ def run(args) -> dict:
     rows, breakdown, baseline_breakdown = [], None, None
     for res in args.resolution:
         torch._dynamo.reset()
-        base = build_flux(args.config, seed=0, device=dev)
-        inputs = make_flux_inputs(base, res, res, args.text_tokens, batch=args.batch, device=dev)
+        base = build_model(args.config, seed=0, device=dev)
+        kwargs, tokens = _inputs(base, res, args, dev)
         with torch.no_grad():
-            ref = base(**inputs.kwargs)[0].float()
+            ref = base(**kwargs)[0].float()
         bf16_bytes = model_bytes(base)
         del base
         for variant in variants:
@@ -264,16 +266,15 @@ def run(args) -> dict:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            model = build_flux(args.config, seed=0, device=dev)
-            row = {"variant": variant, "resolution": res, "batch": args.batch,
-                   "tokens": inputs.image_tokens + inputs.text_tokens}
+            model = build_model(args.config, seed=0, device=dev)
+            row = {"variant": variant, "resolution": res, "batch": args.batch, "tokens": tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
             with kernel_choice(variant.rsplit("-", 1)[-1]):
                 try:
                     t0 = time.perf_counter()
-                    fn, prepared, note = prepare(variant, model, inputs.kwargs)
+                    fn, prepared, note = prepare(variant, model, kwargs)
                     with torch.no_grad():
-                        out = fn(**inputs.kwargs)[0]
+                        out = fn(**kwargs)[0]
                     sync(dev)
                     row["first_call_s"] = time.perf_counter() - t0
                     # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
@@ -281,16 +282,16 @@ def run(args) -> dict:
                     del out
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    times = time_forward(fn, inputs.kwargs, dev, args.iters)
+                    times = time_forward(fn, kwargs, dev, args.iters)
                     row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
                                weight_bytes=model_bytes(model) + prepared,
                                peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                                rel_err_vs_bf16=err)
                     if args.profile and dev.type == "cuda":
                         if variant.startswith("w4a4") and breakdown is None:
-                            breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
+                            breakdown = _profiled(variant, fn, kwargs, row["ms"])
                         elif variant == "bf16-compile":
-                            baseline_breakdown = _profiled(variant, fn, inputs.kwargs, row["ms"])
+                            baseline_breakdown = _profiled(variant, fn, kwargs, row["ms"])
                 except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
                     row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
@@ -300,6 +301,17 @@ def run(args) -> dict:
             write_results(args.name, partial, to_markdown(partial), args.out)
             del model
     return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
+
+
+def _inputs(model, res: int, args, dev) -> tuple[dict, int]:
+    """One forward's inputs at ``res`` x ``res`` and its tokens per sample: FLUX.1's as they always were
+    (models.make_flux_inputs), another family's from families.example_inputs."""
+    if type(model).__name__ == "FluxTransformer2DModel":
+        inputs = make_flux_inputs(model, res, res, args.text_tokens, batch=args.batch, device=dev)
+        return inputs.kwargs, inputs.image_tokens + inputs.text_tokens
+    kwargs = example_inputs(model, dev, height=res, width=res, text_tokens=args.text_tokens, frames=args.frames,
+                            batch=args.batch)
+    return kwargs, image_tokens(model, res, res, args.frames) + args.text_tokens
 
 
 def _profiled(variant: str, fn, kwargs, forward_ms: float) -> dict:
@@ -404,7 +416,9 @@ def merge(results: dict[str, dict]) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="auto", help="a built-in config (auto: flux-dev on CUDA, flux-tiny elsewhere)")
+    p.add_argument("--config", default="auto", help="a built-in config: FLUX.1's (auto: flux-dev on CUDA, flux-tiny "
+                   f"elsewhere) or another family's ({', '.join(FAMILY_CONFIGS)})")
+    p.add_argument("--frames", type=int, default=1, help="video frames, for a video model (wan*)")
     p.add_argument("--resolution", type=int, nargs="+", default=[1024])
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)

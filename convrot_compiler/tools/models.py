@@ -61,7 +61,8 @@ def build_flux(config: str | dict = "flux-tiny", seed: int = 0, dtype: torch.dty
 def randomize(model: nn.Module, seed: int, device: torch.device | str, std: float = 0.02) -> nn.Module:
     """Give a model seeded N(0, std) weights (norm scales 1, float buffers 0), drawn on ``device``; a meta-device
     model is materialized there first."""
-    if any(p.is_meta for p in model.parameters()):
+    materialized = any(p.is_meta for p in model.parameters())
+    if materialized:
         model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -71,7 +72,7 @@ def randomize(model: nn.Module, seed: int, device: torch.device | str, std: floa
             else:
                 p.normal_(0.0, std, generator=gen)
         for _, b in model.named_buffers():
-            if b.is_floating_point():
+            if materialized and b.is_floating_point():  # uninitialized memory; a constructor's buffers are kept
                 b.zero_()
     return model
 
@@ -79,9 +80,9 @@ def randomize(model: nn.Module, seed: int, device: torch.device | str, std: floa
 def build_family(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "meta",
                  std: float = 0.02) -> nn.Module:
     """A built-in model of another diffusers family (``families.CONFIGS``: its published config or a tiny
-    one), on the meta device (shapes only) or with seeded random weights on ``device``. Off the meta device it
-    is built there in float32 before the cast (some families compute tensors in their constructor that are
-    neither parameters nor buffers, which a meta-built model would lack): twice the model's bytes at the peak."""
+    one), on the meta device (shapes only) or with seeded random weights on ``device``. It is constructed there
+    with ``dtype`` as the default dtype, so that the device never holds a float32 copy and the tensors its
+    constructor computes (RoPE tables, kept as diffusers builds them) are real."""
     import diffusers
 
     from ..families import CONFIGS
@@ -89,9 +90,13 @@ def build_family(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16, 
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {tuple(FLUX_CONFIGS) + tuple(CONFIGS)}")
     class_name, cfg = CONFIGS[name]
-    with torch.device(device):
-        model = getattr(diffusers, class_name)(**cfg)
-    model = nn.Module.to(model, dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, class_name)(**cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model if torch.device(device).type == "meta" else randomize(model, seed, device, std)
 
 

@@ -28,6 +28,18 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert result["rows"] == data["rows"]
 
 
+@pytest.mark.parametrize("config,frames,tokens", [("qwen-image-tiny", 1, 64 + 16), ("wan-tiny", 5, 2 * 64 + 16)])
+def test_model_bench_takes_another_familys_config(tmp_path, config, frames, tokens):
+    """Another family's built-in config through the same harness: its own inputs, its tokens per sample (a
+    video's latent frames included), the modulation weight-only by its role."""
+    bench_model.main(["--config", config, "--resolution", "128", "--text-tokens", "16", "--frames", str(frames),
+                      "--variants", "bf16,w4a4", "--iters", "1", "--device", "cpu", "--out", str(tmp_path),
+                      "--name", "family"])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "family.json").read_text())["rows"]}
+    assert rows["w4a4"]["tokens"] == tokens and rows["w4a4"]["ms"] > 0
+    assert 0 < rows["w4a4"]["rel_err_vs_bf16"] < 0.1 and rows["w4a4"]["weight_ratio_vs_bf16"] < 0.5
+
+
 def test_a_variant_that_fails_is_recorded_as_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     prepare = bench_model.prepare
 
