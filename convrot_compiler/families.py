@@ -46,6 +46,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
         text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32)),
+    "z-image": ("ZImageTransformer2DModel", dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+        n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])),
+    "z-image-tiny": ("ZImageTransformer2DModel", dict(
+        in_channels=16, dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=256,
+        axes_dims=[32, 48, 48], axes_lens=[64, 32, 32])),
 }
 
 
@@ -101,7 +108,15 @@ def _wan(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
                 encoder_hidden_states=_randn((b, text, cfg.text_dim), device, dtype, gen))
 
 
+def _z_image(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    # one latent [C, frames, H, W] and one caption [tokens, features] per sample, as lists
+    return dict(x=[_randn((cfg.in_channels, 1, rows * 2, cols * 2), device, dtype, gen) for _ in range(b)],
+                t=torch.full((b,), 0.5, device=device, dtype=dtype),
+                cap_feats=[_randn((text, cfg.cap_feat_dim), device, dtype, gen) for _ in range(b)])
+
+
 FAMILIES: dict[str, Callable] = {
+    "ZImageTransformer2DModel": _z_image,
     "FluxTransformer2DModel": _flux,
     "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwen_image,
@@ -134,3 +149,10 @@ def example_inputs(model: nn.Module, device: torch.device | str = "meta", dtype:
     gen = None if torch.device(device).type == "meta" else torch.Generator().manual_seed(seed)
     kwargs = build(model.config, batch, height // 16, width // 16, frames, text_tokens, device, dtype, gen)
     return {**kwargs, "return_dict": False}
+
+
+def sample_output(out) -> torch.Tensor:
+    """The denoised sample of a forward's ``return_dict=False`` output: its first element, stacked when the
+    family returns one tensor per sample (Z-Image)."""
+    first = out[0]
+    return torch.stack(first) if isinstance(first, (list, tuple)) else first

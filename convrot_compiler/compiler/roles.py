@@ -60,6 +60,12 @@ def probe_roles(model: nn.Module) -> Probe:
                 reads_input.add(name)
         return hook
 
+    # a forward may cache tensors in attributes (Z-Image's RoPE table, on a plain object a module holds): on the
+    # meta device they would outlive the probe, so every attribute it changes is put back
+    holders = [m for m in model.modules()]
+    holders += [v for m in list(holders) for v in m.__dict__.values()
+                if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type))]
+    attributes = [(h, dict(h.__dict__)) for h in holders]
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in iter_linears(model)]
     state = {k: torch.empty_like(t, device="meta") for k, t in
              [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
@@ -73,6 +79,10 @@ def probe_roles(model: nn.Module) -> Probe:
     finally:
         for h in hooks:
             h.remove()
+        for holder, before in attributes:
+            for key in [k for k in holder.__dict__ if k not in before]:
+                del holder.__dict__[key]
+            holder.__dict__.update({k: v for k, v in before.items() if holder.__dict__.get(k) is not v})
     roles: dict[str, str] = {}
     if rows and max(rows.values()) >= 8 * min(rows.values()):
         roles.update({n: PER_SAMPLE for n, r in rows.items() if r == min(rows.values())})

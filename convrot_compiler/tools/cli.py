@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
     ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev", *FAMILY_CONFIGS],
                      help="built-in config, traced on the meta device (no memory, no weights): FLUX.1's, or another "
-                     "family's published config (flux2-dev, qwen-image, sd3.5-large, wan2.1-14b) or a tiny one")
+                     "family's published config (flux2-dev, qwen-image, sd3.5-large, wan2.1-14b, z-image) or a "
+                     "tiny one")
     ins.add_argument("--frames", type=int, default=1, help="video frames, for a video model (wan*)")
     ins.add_argument("--height", type=int, default=1024)
     ins.add_argument("--width", type=int, default=1024)

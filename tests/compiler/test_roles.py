@@ -58,3 +58,17 @@ def test_a_forward_the_probe_cannot_run_falls_back_to_names_with_the_reason(monk
     assert probe.roles == {} and "shape probe of _Tiny failed" in probe.note
     ok = probe_roles(_Tiny())
     assert ok.roles == {"a": INPUT_PROJECTION, "b": OUTPUT_PROJECTION}
+
+
+def test_the_probe_leaves_no_meta_tensor_behind():
+    """Z-Image caches its RoPE table on the first forward, on the inputs' device, in a plain object the model
+    holds: the probe puts it back, so the model still runs on its own device afterwards."""
+    from convrot_compiler.families import example_inputs, sample_output
+    from convrot_compiler.tools.models import build_family
+
+    model = build_family("z-image-tiny", device="cpu")
+    before = model.rope_embedder.freqs_cis
+    assert PER_SAMPLE in probe_roles(model).roles.values()
+    assert model.rope_embedder.freqs_cis is before
+    with torch.no_grad():
+        assert torch.isfinite(sample_output(model(**example_inputs(model, "cpu")))).all()
