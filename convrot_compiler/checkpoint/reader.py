@@ -20,19 +20,11 @@ from torch import nn
 from ..compiler.compile_model import guard_released
 from ..compiler.weights import PREPARED, placeholder
 from ..config import ConvRotConfig
-from ..numerics.pca import PCA_ROTATIONS, PCAWeight, block_shape, high_precision_rank, pca_shapes
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_rank, pca_shapes
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, prepared_shapes, relayout
 from ..numerics.rotations import GroupHadamardRotation
 from ..plans import Plan, iter_linears
-from .manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    PCA_FORMAT_VERSION,
-    CheckpointError,
-    Manifest,
-    dtype_name,
-    read_manifest,
-)
+from .manifest import FORMAT_VERSION, MANIFEST, PCA_FORMAT_VERSION, CheckpointError, Manifest, dtype_name, read_manifest
 from .source import meta_model
 from .tensor_file import TensorFile
 
@@ -108,8 +100,7 @@ def _check_layers(manifest: Manifest, model: nn.Module, path: str) -> dict[str, 
             fraction = manifest.high_precision_fraction
             shapes = pca_shapes(layer.out_features, layer.in_features, fraction, manifest.group_size,
                                 layer.weight_dtype)
-            rank = high_precision_rank(block_shape(layer.in_features, manifest.group_size)[1], fraction,
-                                       manifest.group_size)
+            rank = pca_rank(layer.in_features, fraction, manifest.group_size)
             if layer.rank != rank:
                 raise CheckpointError(f"{where}: layer {layer.name!r} has rank {layer.rank}; {fraction} of its inputs "
                                       f"in 16 bits is {rank} per block")

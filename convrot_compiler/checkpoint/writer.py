@@ -23,7 +23,7 @@ from ..compiler.compile_model import check_calibrated_plan
 from ..compiler.roles import decide_model
 from ..compiler.weights import PrepSpec, prepare_weight
 from ..config import ConvRotConfig
-from ..numerics.pca import PCA_ROTATIONS, PCAWeight
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_rank
 from ..numerics.quant import WEIGHT_ONLY
 from .manifest import MANIFEST, LayerEntry, Manifest, TensorEntry
 from .source import meta_model, open_source
@@ -133,12 +133,14 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
     quantized = {f"{d.name}.weight": d for d in decisions if d.precision != "bf16"}
     weight_dtypes: dict[str, torch.dtype] = {}
     check_calibrated_plan(list(quantized.values()), config)  # before anything is written
+
+    def basis_key(name: str) -> str:  # DiRotQ: one basis per input, named after the first linear reading it
+        return f"{calibration.shared.get(name, name)}.pca_basis"
     tmp = _out_folder(out, overwrite, resume)
     writer = None
     try:
         writer = _ShardWriter(tmp, shard_bytes)
         done = set(writer.tensors)
-        pca_layers: dict[str, tuple[str, int]] = {}  # DiRotQ: linear -> (its basis's key, its rank)
         bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
                    initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
         for path, shard_keys in src.files.items():
@@ -162,11 +164,10 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
                     qw = prepare_weight(t.to(device), spec, **({"layer": d.name} if calibrated else {}))
                     del t
                     if isinstance(qw, PCAWeight):
-                        basis = f"{calibration.shared.get(d.name, d.name)}.pca_basis"
+                        basis = basis_key(d.name)
                         if basis not in writer.tensors and basis not in writer.buffer:
                             writer.add(basis, qw.basis.cpu())
                         writer.add(f"{d.name}.w_hi", qw.w_hi.cpu())
-                        pca_layers[d.name] = (basis, qw.rank)
                     writer.add(f"{d.name}.qweight", qw.values.cpu())
                     writer.add(f"{d.name}.weight_scale", qw.scale.cpu())
                     bar.update()
@@ -175,10 +176,10 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
         layers = [LayerEntry(d.name, d.precision, d.reason, d.in_features, d.out_features, weight_dtypes[d.name],
                              *((f"{d.name}.qweight", f"{d.name}.weight_scale") if d.precision != "bf16" else ()))
                   for d in decisions]
-        for layer in layers:
+        for layer in layers:  # from the calibration and the config, so that layers a resumed run kept have them too
             if layer.precision == "w4a4" and pca:
-                layer.basis, layer.rank = pca_layers[layer.name]
-                layer.w_hi = f"{layer.name}.w_hi"
+                layer.basis, layer.w_hi = basis_key(layer.name), f"{layer.name}.w_hi"
+                layer.rank = pca_rank(layer.in_features, config.high_precision_fraction, config.group_size)
         manifest = Manifest(src.config["_class_name"], src.config, plan.name, list(plan.rules),
                             config.group_size, config.rotation, CHANNEL_ORDER, W4A16_LAYOUT, layers,
                             writer.tensors, library_version(), {"peak_buffer_bytes": writer.peak_bytes},

@@ -25,12 +25,20 @@ from torch import nn
 from torch.func import functional_call
 
 from ..families import example_inputs
-from ..plans import PER_SAMPLE_PRECISION, PRESETS, LayerDecision, Plan, eligibility, iter_linears
+from ..plans import PER_SAMPLE_PRECISION, PRESETS, LayerDecision, Plan, decide_linears, eligibility, iter_linears
 
 PER_SAMPLE = "sees one row per sample (modulation, time or guidance embedder)"
 INPUT_PROJECTION = "reads a model input (input projection)"
 OUTPUT_PROJECTION = "the forward's last linear (output projection)"
 ROLE_RULE = "<role>"
+
+
+def per_sample_linears(rows: dict[str, int]) -> set[str]:
+    """The linears that see one row per sample, from the rows each linear saw in one forward or graph: the
+    fewest, where some other linear saw at least 8 times as many (tokens)."""
+    if len(rows) < 2 or max(rows.values()) < 8 * min(rows.values()):
+        return set()
+    return {name for name, r in rows.items() if r == min(rows.values())}
 
 
 @dataclass
@@ -62,7 +70,7 @@ def probe_roles(model: nn.Module) -> Probe:
 
     # a forward may cache tensors in attributes (Z-Image's RoPE table, on a plain object a module holds): on the
     # meta device they would outlive the probe, so every attribute it changes is put back
-    holders = [m for m in model.modules()]
+    holders = list(model.modules())
     holders += [v for m in list(holders) for v in m.__dict__.values()
                 if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type))]
     attributes = [(h, dict(h.__dict__)) for h in holders]
@@ -83,9 +91,7 @@ def probe_roles(model: nn.Module) -> Probe:
             for key in [k for k in holder.__dict__ if k not in before]:
                 del holder.__dict__[key]
             holder.__dict__.update({k: v for k, v in before.items() if holder.__dict__.get(k) is not v})
-    roles: dict[str, str] = {}
-    if rows and max(rows.values()) >= 8 * min(rows.values()):
-        roles.update({n: PER_SAMPLE for n, r in rows.items() if r == min(rows.values())})
+    roles = dict.fromkeys(per_sample_linears(rows), PER_SAMPLE)
     for name in reads_input:
         roles.setdefault(name, INPUT_PROJECTION)
     if order:
@@ -126,8 +132,6 @@ def apply_roles(decisions: list[LayerDecision], plan: Plan, probe: Probe, group_
 def decide_model(model: nn.Module, plan: Plan, group_size: int) -> tuple[list[LayerDecision], Plan]:
     """Every nn.Linear's decision, the plan's rules then the roles (``apply_roles``), and the plan the graphs
     take."""
-    from ..plans import decide_linears
-
     decisions = decide_linears(model, plan, group_size)
     dtypes = {name: lin.weight.dtype for name, lin in iter_linears(model)}
     return decisions, apply_roles(decisions, plan, probe_roles(model), group_size, dtypes)

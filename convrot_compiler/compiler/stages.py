@@ -18,7 +18,7 @@ from torch import fx
 
 from ..config import ConvRotConfig
 from ..numerics.hadamard import hadamard_matrix
-from ..numerics.pca import PCA_ROTATIONS, block_shape, high_precision_rank, pca_nbytes
+from ..numerics.pca import PCA_ROTATIONS, pca_nbytes, pca_rank
 from ..numerics.quant import quantized_nbytes
 from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
@@ -27,7 +27,7 @@ from ..plans import decide as decide_layer
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
-from .roles import PER_SAMPLE
+from .roles import PER_SAMPLE, per_sample_linears
 from .weights import PREPARED, PrepSpec, is_released, record_spec
 
 
@@ -71,12 +71,10 @@ def warn_per_sample_activation_quantization(decisions: list[LayerDecision]) -> N
     where it costs most (the adaLN modulation scales the whole residual stream) and gains nothing (they are
     weight-bound): warned of, naming them and the rule that chose it. The presets name FLUX's such linears;
     other families' need a rule (plans.py)."""
-    rows = [d.rows for d in decisions if d.rows]
-    if len(rows) < 2 or max(rows) < 8 * min(rows):
-        return
+    per_sample = per_sample_linears({d.name: d.rows for d in decisions if d.rows})
     flagged = []
     for d in decisions:
-        if d.rows == min(rows):
+        if d.name in per_sample:
             d.extra["role"] = PER_SAMPLE
             if d.precision in ("w4a4", "w8a8"):
                 flagged.append(d)
@@ -108,8 +106,7 @@ def prepare(matches: list[LinearMatch], decisions: list[LayerDecision], config: 
         record_spec(d, spec)
         if config.dry_run:
             if spec.is_pca:
-                d.extra["rank"] = high_precision_rank(block_shape(d.in_features, config.group_size)[1],
-                                                      config.high_precision_fraction, config.group_size)
+                d.extra["rank"] = pca_rank(d.in_features, config.high_precision_fraction, config.group_size)
             d.bytes_after = (pca_nbytes(d.out_features, d.in_features, config.high_precision_fraction,
                                         config.group_size) if spec.is_pca else
                              quantized_nbytes(d.precision, d.out_features, d.in_features, config.group_size,

@@ -20,7 +20,6 @@ keeps the calibration, the bases and the rotation's cost that of a 3072-wide lay
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +136,17 @@ class PCAWeight:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def pca_rank(in_features: int, high_precision_fraction: float, group_size: int) -> int:
+    """The 16-bit columns of each block of a K-wide input (``PCAWeight.rank``), without preparing anything."""
+    return high_precision_rank(block_shape(in_features, group_size)[1], high_precision_fraction, group_size)
+
+
 def pca_shapes(out_features: int, in_features: int, high_precision_fraction: float, group_size: int,
                dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{tensor: (shape, dtype)} of a prepared DiRotQ weight (``PCAWeight``'s fields), without preparing it;
     ``dtype``: the activations', of the basis and the 16-bit columns."""
     n, b = block_shape(in_features, group_size)
-    r = n * high_precision_rank(b, high_precision_fraction, group_size)
+    r = n * pca_rank(in_features, high_precision_fraction, group_size)
     lo = in_features - r
     return {"basis": ((n, b, b), dtype), "w_hi": ((out_features, r), dtype),
             "values": ((out_features, lo // 2), torch.int8), "scale": ((out_features, lo // group_size), torch.float32)}

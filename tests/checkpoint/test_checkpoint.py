@@ -388,3 +388,29 @@ def test_a_dirotq_checkpoint_with_a_wrong_rank_is_refused(saved, tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="DiRotQ's rotations take version 2"):
         cc.load(str(tmp_path / "ckpt"), device="cpu")
+
+
+def test_an_interrupted_dirotq_run_with_resume_finishes_a_checkpoint_that_loads(saved, tmp_path, monkeypatch):
+    """The layers a resumed run kept still get their basis, 16-bit columns and rank in the manifest."""
+    from convrot_compiler.checkpoint import writer as quantize_module
+
+    cal = cc.calibrate(_model(), [_inputs()], progress=False)
+    expected = cc.compile(_model(), rotation="pca", calibration=cal, progress=False)(**_inputs())[0]
+    torch._dynamo.reset()
+    calls = []
+
+    def failing(weight, spec, **kw):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return weights.prepare_weight(weight, spec, **kw)
+
+    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    options = dict(rotation="pca", calibration=cal, progress=False, shard_bytes=1 << 16, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        cc.quantize(saved, str(tmp_path / "ckpt"), **options)
+    monkeypatch.setattr(quantize_module, "prepare_weight", weights.prepare_weight)
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), **options)
+    assert all(layer.basis and layer.rank for layer in manifest.layers if layer.precision == "w4a4")
+    model = cc.compile(cc.load(str(tmp_path / "ckpt"), device="cpu"), progress=False)
+    assert torch.equal(model(**_inputs())[0], expected)
