@@ -116,12 +116,12 @@ def _z_image(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
 
 
 FAMILIES: dict[str, Callable] = {
-    "ZImageTransformer2DModel": _z_image,
     "FluxTransformer2DModel": _flux,
     "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwen_image,
     "SD3Transformer2DModel": _sd3,
     "WanTransformer3DModel": _wan,
+    "ZImageTransformer2DModel": _z_image,
 }
 
 

@@ -35,7 +35,7 @@ from ..numerics.pca import needs_calibration
 from ..ops import dispatch
 from .baselines import swap_fp8_rowwise
 from .demo import resolve_device
-from .models import build_model, image_tokens_for, make_flux_inputs, relative_error
+from .models import build_model, image_tokens_for, relative_error
 
 
 def environment() -> dict:
@@ -304,11 +304,7 @@ def run(args) -> dict:
 
 
 def _inputs(model, res: int, args, dev) -> tuple[dict, int]:
-    """One forward's inputs at ``res`` x ``res`` and its tokens per sample: FLUX.1's as they always were
-    (models.make_flux_inputs), another family's from families.example_inputs."""
-    if type(model).__name__ == "FluxTransformer2DModel":
-        inputs = make_flux_inputs(model, res, res, args.text_tokens, batch=args.batch, device=dev)
-        return inputs.kwargs, inputs.image_tokens + inputs.text_tokens
+    """One forward's inputs at ``res`` x ``res`` (families.example_inputs) and its tokens per sample."""
     kwargs = example_inputs(model, dev, height=res, width=res, text_tokens=args.text_tokens, frames=args.frames,
                             batch=args.batch)
     return kwargs, image_tokens(model, res, res, args.frames) + args.text_tokens

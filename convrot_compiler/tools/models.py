@@ -146,25 +146,10 @@ def image_tokens_for(height: int, width: int) -> int:
 
 def make_flux_inputs(model, height: int = 1024, width: int = 1024, text_tokens: int = 512, batch: int = 1,
                      seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> FluxInputs:
-    """Random (never zero) inputs for one denoising forward of a FluxTransformer2DModel."""
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    h, w = height // 16, width // 16
+    """Random (never zero) inputs for one denoising forward of a FluxTransformer2DModel (families.example_inputs),
+    with their token counts."""
+    from ..families import example_inputs
+
     n_img = image_tokens_for(height, width)
-    img_ids = torch.zeros(h, w, 3)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
-    kwargs = dict(
-        hidden_states=torch.randn(batch, n_img, cfg.in_channels, generator=gen),
-        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=gen),
-        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-        timestep=torch.full((batch,), 0.5),
-        img_ids=img_ids.reshape(n_img, 3),
-        txt_ids=torch.zeros(text_tokens, 3),
-        guidance=torch.full((batch,), 3.5) if cfg.guidance_embeds else None,
-        return_dict=False,
-    )
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor):
-            kwargs[k] = v.to(device=device, dtype=dtype if k not in ("img_ids", "txt_ids") else torch.float32)
+    kwargs = example_inputs(model, device, dtype, height, width, text_tokens, batch=batch, seed=seed)
     return FluxInputs(kwargs, n_img, text_tokens)
