@@ -124,7 +124,7 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
     structure = meta_model(src.config["_class_name"], src.config)
     if calibration is not None:
         calibration.check_model(structure)
-    decisions, plan = decide_model(structure, config.plan, config.group_size)
+    decisions, plan, _ = decide_model(structure, config.plan, config.group_size)
     keys = {k for ks in src.files.values() for k in ks}
     missing = [d.name for d in decisions if f"{d.name}.weight" not in keys]
     if missing:

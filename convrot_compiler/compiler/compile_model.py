@@ -159,9 +159,9 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
         raise ValueError(f"this {type(module).__name__} is on the meta device (shapes, no weights): load its weights "
                          "before compiling it; convrot inspect traces a meta model without them")
     if config.prepared:
-        decisions = decide_linears(module, config.plan, config.group_size)
+        decisions, roles = decide_linears(module, config.plan, config.group_size), "decided by the checkpoint"
     else:
-        decisions, plan = decide_model(module, config.plan, config.group_size)
+        decisions, plan, roles = decide_model(module, config.plan, config.group_size)
         config, graph_config = config.replace(plan=plan), graph_config.replace(plan=plan)
     if not decisions:
         raise ValueError(f"{type(module).__name__} has no nn.Linear: there is nothing for convrot to quantize")
@@ -194,6 +194,7 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     if config.release_weights:
         guard_released(module, {d.name: module.get_submodule(d.name) for d in decisions if d.precision != "bf16"})
     module.convrot_decisions = decisions
+    module.convrot_roles = roles
     module.convrot_reports = reports
     return module if pipeline is None else pipeline
 

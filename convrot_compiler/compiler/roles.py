@@ -82,8 +82,10 @@ def probe_roles(model: nn.Module) -> Probe:
             warnings.simplefilter("ignore")
             functional_call(model, state, args=(), kwargs=inputs, tie_weights=False, strict=False)
     except Exception as e:  # a forward the meta device cannot run: fall back to names, and say why
-        return Probe({}, f"the shape probe of {type(model).__name__} failed ({type(e).__name__}: {e}): roles by "
-                         "module names only")
+        note = (f"the shape probe of {type(model).__name__} failed ({type(e).__name__}: {e}): roles by module "
+                "names only")
+        warnings.warn(note, stacklevel=3)
+        return Probe({}, note)
     finally:
         for h in hooks:
             h.remove()
@@ -129,9 +131,10 @@ def apply_roles(decisions: list[LayerDecision], plan: Plan, probe: Probe, group_
     return Plan(plan.name, tuple((d.name, d.precision) for d in changed) + tuple(plan.rules))
 
 
-def decide_model(model: nn.Module, plan: Plan, group_size: int) -> tuple[list[LayerDecision], Plan]:
-    """Every nn.Linear's decision, the plan's rules then the roles (``apply_roles``), and the plan the graphs
-    take."""
+def decide_model(model: nn.Module, plan: Plan, group_size: int) -> tuple[list[LayerDecision], Plan, str]:
+    """Every nn.Linear's decision, the plan's rules then the roles (``apply_roles``), the plan the graphs take,
+    and how the roles were found (or why there are none: ``Probe.note``)."""
     decisions = decide_linears(model, plan, group_size)
     dtypes = {name: lin.weight.dtype for name, lin in iter_linears(model)}
-    return decisions, apply_roles(decisions, plan, probe_roles(model), group_size, dtypes)
+    probe = probe_roles(model)
+    return decisions, apply_roles(decisions, plan, probe, group_size, dtypes), probe.note

@@ -19,6 +19,7 @@ from ..plans import PRECISIONS, LayerDecision
 @dataclass
 class InspectReport:
     reports: list[CompileReport]
+    roles: str = ""  # how the linears' roles were found (compiler/roles.py), or why by names only
 
     @property
     def decisions(self) -> list[LayerDecision]:
@@ -87,7 +88,7 @@ class InspectReport:
                 + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
                    if t["fused_producers"] else "")
                 + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8"
-                + self._coverage())
+                + self._coverage() + (f"; {self.roles}" if self.roles else ""))
 
     def _coverage(self) -> str:
         """How many of the linears a calibrated method quantizes the calibration covers (none when none does)."""
@@ -159,9 +160,9 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     Nothing is prepared or changed: works on the meta device too, for models too large for the machine."""
     reports: list[CompileReport] = []
     config = (config or ConvRotConfig()).replace(**overrides, dry_run=True, report=reports.append)
-    by_role = {}
+    by_role, roles = {}, "decided by the checkpoint"
     if not config.prepared:
-        decisions, plan = decide_model(model, config.plan, config.group_size)
+        decisions, plan, roles = decide_model(model, config.plan, config.group_size)
         config = config.replace(plan=plan)
         by_role = {d.name: d for d in decisions if d.rule == ROLE_RULE}
     options = {"config": config}
@@ -175,4 +176,4 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     for d in (d for r in reports for d in r.decisions if d.name in by_role):
         d.rule, d.reason = ROLE_RULE, by_role[d.name].reason
         d.extra["role"] = by_role[d.name].extra["role"]
-    return InspectReport(reports)
+    return InspectReport(reports, roles)

@@ -55,7 +55,7 @@ def test_a_familys_modulation_is_never_activation_quantized(family, plan, weight
     preset's weight-only precision; by FLUX's names alone (decide_linears) Qwen-Image's, FLUX.2's and Wan's ran
     W4A4."""
     model, _, modulation = _built(family)
-    decisions, _ = decide_model(model, make_plan(plan), 256)
+    decisions, _, note = decide_model(model, make_plan(plan), 256)
     found = [d for d in decisions if any(m in d.name for m in modulation)]
     assert found and all(d.precision == weight_only and d.extra["role"] == PER_SAMPLE for d in found), \
         [(d.name, d.precision) for d in found]
@@ -68,6 +68,7 @@ def test_a_familys_modulation_is_never_activation_quantized(family, plan, weight
 def test_compile_gives_a_familys_modulation_its_role_and_a_users_rules_win(family):
     model, inputs, modulation = _built(family)
     compiled = cc.compile(copy.deepcopy(model), progress=False)
+    assert compiled.convrot_roles.startswith("roles from a shape probe")
     found = [d for d in compiled.convrot_decisions if any(m in d.name for m in modulation)]
     assert any(d.precision == "w4a16" for d in found) and not any(d.precision in ("w4a4", "w8a8") for d in found)
     compiled(**inputs)  # the graphs take the decisions: weight-only GEMMs for them, no W4A4 weight missing
@@ -115,5 +116,6 @@ def test_convrot_inspect_takes_a_familys_config(capsys):
     assert cli.main(["inspect", "--config", "qwen-image-tiny", "--height", "128", "--width", "128",
                      "--text-tokens", "16"]) == 0
     out = capsys.readouterr().out
+    assert "roles from a shape probe of QwenImageTransformer2DModel" in out
     row = next(line for line in out.splitlines() if "transformer_blocks.0.img_mod.1" in line)
     assert "w4a16" in row and "sees one row per sample" in row

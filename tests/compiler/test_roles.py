@@ -1,6 +1,7 @@
 """Roles from the shape probe (compiler/roles.py): FLUX.1's presets decide as their names always did; a model
 the probe cannot run, or of a family it has no inputs for, is decided by names and says why."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -25,10 +26,10 @@ def test_flux_roles_agree_with_the_names_the_presets_give():
     assert "transformer_blocks.0.attn.to_q" not in probe.roles
     for preset in ("w4a4", "w8a8", "mix"):
         by_names = decide_linears(model, preset)
-        decisions, plan = decide_model(model, make_plan(preset), 256)
+        decisions, plan, note = decide_model(model, make_plan(preset), 256)
         assert [(d.name, d.precision, d.reason) for d in decisions] == [(d.name, d.precision, d.reason)
                                                                          for d in by_names]
-        assert plan == make_plan(preset)
+        assert plan == make_plan(preset) and "shape probe of FluxTransformer2DModel" in note
 
 
 class _Tiny(nn.Module):
@@ -46,15 +47,17 @@ class _Tiny(nn.Module):
 def test_a_model_without_example_inputs_is_decided_by_names_and_says_so():
     probe = probe_roles(_Tiny())
     assert probe.roles == {} and "no example inputs for _Tiny" in probe.note
-    decisions, plan = decide_model(_Tiny(), make_plan("w4a4"), 256)
+    decisions, plan, note = decide_model(_Tiny(), make_plan("w4a4"), 256)
     assert all(d.precision == "w4a4" and d.rule != ROLE_RULE for d in decisions) and plan == make_plan("w4a4")
+    assert note == probe.note
 
 
 def test_a_forward_the_probe_cannot_run_falls_back_to_names_with_the_reason(monkeypatch):
     from convrot_compiler.compiler import roles
 
     monkeypatch.setattr(roles, "example_inputs", lambda model: {"x": torch.zeros(4, 256, device="meta")})
-    probe = probe_roles(_Tiny(fail=True))
+    with pytest.warns(UserWarning, match="shape probe of _Tiny failed"):
+        probe = probe_roles(_Tiny(fail=True))
     assert probe.roles == {} and "shape probe of _Tiny failed" in probe.note
     ok = probe_roles(_Tiny())
     assert ok.roles == {"a": INPUT_PROJECTION, "b": OUTPUT_PROJECTION}
