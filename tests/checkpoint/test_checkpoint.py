@@ -304,21 +304,29 @@ def test_reading_a_source_file_keeps_only_the_tensors_still_held(tmp_path):
     assert grown < 64 << 20, f"resident memory grew by {grown >> 20} MiB reading 256 MiB one tensor at a time"
 
 
+def _interrupt_at(n: int, monkeypatch) -> list:
+    """Make the writer's n-th weight preparation raise KeyboardInterrupt; returns the list of calls so far."""
+    from convrot_compiler.checkpoint import writer as quantize_module
+
+    calls = []
+
+    def failing(weight, spec, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return weights.prepare_weight(weight, spec, **kw)
+
+    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    return calls
+
+
 def test_an_interrupted_run_with_resume_keeps_its_shards_and_finishes_bit_exact(saved, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from convrot_compiler.checkpoint import writer as quantize_module
 
     cc.quantize(saved, str(tmp_path / "fresh"), progress=False, shard_bytes=1 << 16)
-    calls = []
-
-    def failing(weight, spec, **kw):
-        calls.append(1)
-        if len(calls) == 20:
-            raise KeyboardInterrupt
-        return weights.prepare_weight(weight, spec, **kw)
-
-    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    calls = _interrupt_at(20, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cc.quantize(saved, str(tmp_path / "ckpt"), progress=False, shard_bytes=1 << 16, resume=True)
     assert os.path.isdir(tmp_path / "ckpt.partial") and not os.path.exists(tmp_path / "ckpt")
@@ -397,15 +405,7 @@ def test_an_interrupted_dirotq_run_with_resume_finishes_a_checkpoint_that_loads(
     cal = cc.calibrate(_model(), [_inputs()], progress=False)
     expected = cc.compile(_model(), rotation="pca", calibration=cal, progress=False)(**_inputs())[0]
     torch._dynamo.reset()
-    calls = []
-
-    def failing(weight, spec, **kw):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return weights.prepare_weight(weight, spec, **kw)
-
-    monkeypatch.setattr(quantize_module, "prepare_weight", failing)
+    _interrupt_at(10, monkeypatch)
     options = dict(rotation="pca", calibration=cal, progress=False, shard_bytes=1 << 16, resume=True)
     with pytest.raises(KeyboardInterrupt):
         cc.quantize(saved, str(tmp_path / "ckpt"), **options)
