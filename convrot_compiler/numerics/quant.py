@@ -106,6 +106,9 @@ def unpack_int4(p: torch.Tensor, group_size: int) -> torch.Tensor:
 TILE_ROWS, TILE_K = 16, 64  # output channels x inputs per tile of pack_int4_tiles
 
 
+PACK_TILES_ROWS = 64 * TILE_ROWS
+
+
 def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
     """Int4 values [N, K] (int8 in [-8, 7], K a multiple of 64) in the tile layout of the W4A16
     tensor-core GEMV (kernels/sm90/weight_only.py): int32 words [ceil(N / 16), K / 64, 32, 4].
@@ -125,6 +128,8 @@ def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the tile layout needs K a multiple of {TILE_K}, got {k}")
     if q.numel() and (q.min() < -8 or q.max() > 7):
         raise ValueError("pack_int4_tiles values must lie in [-8, 7]")
+    if n > PACK_TILES_ROWS:  # its int64 working copies, several times 8x the values, a block of rows at a time
+        return torch.cat([pack_int4_tiles(q[i:i + PACK_TILES_ROWS]) for i in range(0, n, PACK_TILES_ROWS)])
     nb = -(-n // TILE_ROWS)
     u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, 0, 0, nb * TILE_ROWS - n), value=8)
     # channel = 16b + 8 rh + g, input = 64c + 16t + 4s + 2 eh + half; nibble i = rh + 2 eh + 4 half

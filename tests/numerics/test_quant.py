@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from convrot_compiler.numerics.quant import (
+    PACK_TILES_ROWS,
     dequantize,
     pack_int4,
     pack_int4_tiles,
@@ -78,6 +79,18 @@ def test_tile_pack_round_trip_and_padding():
     assert tiles.shape == (3, 3, 32, 4) and tiles.dtype == torch.int32
     assert torch.equal(unpack_int4_tiles(tiles, 37), q)
     assert torch.equal(unpack_int4_tiles(tiles, 48)[37:], torch.zeros(11, 192, dtype=torch.int8))
+
+
+def test_tile_pack_of_many_rows_is_one_block_of_rows_after_another():
+    torch.manual_seed(0)
+    n = PACK_TILES_ROWS + 21  # a ragged last block, packed apart from the first
+    q = torch.randint(-8, 8, (n, 64), dtype=torch.int8)
+    tiles = pack_int4_tiles(q)
+    assert tiles.shape == (-(-n // 16), 1, 32, 4)
+    assert torch.equal(unpack_int4_tiles(tiles, n), q)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    tail = slice(PACK_TILES_ROWS - 16, None)  # the tile before the block boundary and the ragged ones after it
+    torch.testing.assert_close(_mma_emulation(x, tiles[tail.start // 16:])[:, :37], x @ q[tail].double().T)
 
 
 def test_tile_pack_rejects_bad_input():
