@@ -7,8 +7,10 @@ checkpoint, and make a first image, each phase in a fresh process so that its pe
 3. load and first image: ``convrot_compiler.load`` (warm page cache), then diffusers' FluxPipeline with that
    transformer and FLUX's VAE (random weights, prompt embeddings passed in: text encoders offloaded),
    compiled, one 1024² image: load time, GPU memory after load, peak GPU memory from an empty process to the
-   decoded image. Correctness in the same run: a sample of the loaded prepared weights against preparing the
-   source weights in memory, bit for bit.
+   decoded image, whole and in tiles. Correctness in the same run: a sample of the loaded prepared weights
+   against preparing the source weights in memory, bit for bit;
+4. capped: the same first image in a process whose GPU memory is capped at ``--cap`` GiB (default 8), as on a GPU
+   of that size, the VAE decode tiling only if the whole image runs out of memory.
 
     python benchmarks/checkpoint.py [--config flux-dev] [--plan w4a4] [--steps 8] [--work DIR] [--out DIR]
 """
@@ -103,20 +105,50 @@ def quantize(args) -> dict:
             "checkpoint_bytes": sum(os.path.getsize(os.path.join(args.ckpt, f)) for f in os.listdir(args.ckpt))}
 
 
-def load_and_generate(args) -> dict:
+def _load_and_denoise(args) -> dict:
+    """Load the checkpoint, compile the pipeline and denoise one image; its state and measurements so far."""
     import diffusers  # noqa: F401  (imported before the clock starts, as in a pipeline's process)
-    from safetensors import safe_open
 
     import convrot_compiler as cc
-    from convrot_compiler.checkpoint.source import open_source
-    from convrot_compiler.compiler.weights import PREPARED, prepare_weight, weight_spec
-    from convrot_compiler.tools.pipelines import decode_latents, random_pipeline, random_prompt_embeds
+    from convrot_compiler.tools.pipelines import random_pipeline, random_prompt_embeds
 
     start = time.perf_counter()
     model = cc.load(args.ckpt, device=args.device)
     _sync(args)
     load_s = time.perf_counter() - start
     after_load = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    peaks = {"load": _peak_gpu(args)}
+    pipe = random_pipeline(args.config, args.device, transformer=model)
+    embeds = random_prompt_embeds(model, 1, 512, args.device)[0]
+    cc.compile(pipe, progress=False)
+    latents = pipe(**embeds, height=args.size, width=args.size, num_inference_steps=args.steps, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(0)).images
+    _sync(args)
+    peaks["denoise"] = _peak_gpu(args)
+    return {"model": model, "pipe": pipe, "latents": latents, "start": start, "load_s": load_s,
+            "after_load": after_load, "peaks": peaks,
+            "after_denoise": torch.cuda.memory_allocated() if args.device == "cuda" else 0}
+
+
+def load_and_generate(args) -> dict:
+    from safetensors import safe_open
+
+    from convrot_compiler.checkpoint.source import open_source
+    from convrot_compiler.compiler.weights import PREPARED, prepare_weight, weight_spec
+    from convrot_compiler.tools.pipelines import VAE_TILE, decode_latents
+
+    run = _load_and_denoise(args)
+    model, pipe, latents, peaks = run["model"], run["pipe"], run["latents"], run["peaks"]
+    _reset_peak(args)
+    image = decode_latents(pipe, latents, args.size, args.size)
+    _sync(args)
+    first_image_s = time.perf_counter() - run["start"]
+    peaks["decode"] = _peak_gpu(args)
+    del image
+    _reset_peak(args)
+    tiled = decode_latents(pipe, latents, args.size, args.size, tiling="on")
+    _sync(args)
+    tiled_peak = _peak_gpu(args)
 
     src = open_source(args.src)
     where = {k: path for path, keys in src.files.items() for k in keys}
@@ -133,36 +165,38 @@ def load_and_generate(args) -> dict:
                                                                               spec.group_size, lin.weight))
         assert torch.equal(fresh.values, loaded.values) and torch.equal(fresh.scale, loaded.scale), name
         checked += 1
-    pipe = random_pipeline(args.config, args.device, transformer=model)
-    embeds = random_prompt_embeds(model, 1, 512, args.device)[0]
-    peaks = {"load": _peak_gpu(args)}
-    start = time.perf_counter()
-    cc.compile(pipe, progress=False)
-    latents = pipe(**embeds, height=args.size, width=args.size, num_inference_steps=args.steps, output_type="latent",
-                   generator=torch.Generator("cpu").manual_seed(0)).images
-    _sync(args)
-    peaks["denoise"] = _peak_gpu(args)
-    after_denoise = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-    _reset_peak(args)
-    image = decode_latents(pipe, latents, args.size, args.size)
-    _sync(args)
-    first_image_s = time.perf_counter() - start
-    peaks["decode"] = _peak_gpu(args)
-    del image
-    _reset_peak(args)
-    pipe.vae.enable_tiling()
-    tiled = decode_latents(pipe, latents, args.size, args.size)
-    _sync(args)
-    return {"load_s": load_s, "gpu_bytes_after_load": after_load, "weights_checked_bit_exact": checked,
+    return {"load_s": run["load_s"], "gpu_bytes_after_load": run["after_load"], "weights_checked_bit_exact": checked,
             "first_image_s": first_image_s, "first_image_peak_gpu_bytes": max(peaks.values()),
             "peak_gpu_bytes_load": peaks["load"], "peak_gpu_bytes_denoise": peaks["denoise"],
-            "gpu_bytes_after_denoise": after_denoise, "peak_gpu_bytes_decode": peaks["decode"],
-            "peak_gpu_bytes_tiled_decode": _peak_gpu(args),
-            "first_image_tiled_peak_gpu_bytes": max(peaks["load"], peaks["denoise"], _peak_gpu(args)),
+            "gpu_bytes_after_denoise": run["after_denoise"], "peak_gpu_bytes_decode": peaks["decode"],
+            "peak_gpu_bytes_tiled_decode": tiled_peak, "vae_tile_px": VAE_TILE,
+            "first_image_tiled_peak_gpu_bytes": max(peaks["load"], peaks["denoise"], tiled_peak),
             "image_finite": bool(torch.isfinite(tiled).all())}
 
 
-PHASES = {"source": source, "quantize": quantize, "load": load_and_generate}
+def capped(args) -> dict:
+    """The first image with the process's GPU memory capped at ``--cap`` GiB, as on a GPU of that size: the
+    VAE decode tiles where the whole image does not fit (``decode_latents(tiling="auto")``)."""
+    import warnings
+
+    from convrot_compiler.tools.pipelines import decode_latents
+
+    if args.device != "cuda":
+        return {}
+    cap = int(args.cap * 2**30)
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    run = _load_and_denoise(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = decode_latents(run["pipe"], run["latents"], args.size, args.size, tiling="auto")
+    _sync(args)
+    return {"cap_bytes": cap, "capped_first_image_s": time.perf_counter() - run["start"],
+            "capped_peak_gpu_bytes": _peak_gpu(args), "capped_vae_tiled": bool(run["pipe"].vae.use_tiling),
+            "capped_warnings": [str(w.message)[:300] for w in caught],
+            "capped_image_finite": bool(torch.isfinite(image).all())}
+
+
+PHASES = {"source": source, "quantize": quantize, "load": load_and_generate, "capped": capped}
 
 
 def _gib(n: int) -> str:
@@ -176,6 +210,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=1024, help="image height and width")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--cap", type=float, default=8.0, help="GiB of GPU memory for the capped first image")
     p.add_argument("--work", default=os.path.join("convrot-out", "checkpoint-bench"),
                    help="folder for the source model and the checkpoint (about 28 GiB for flux-dev)")
     p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
@@ -193,6 +228,7 @@ def main() -> None:
     for phase in PHASES:
         proc = subprocess.run([sys.executable, __file__, "--phase", phase, "--config", args.config, "--plan", args.plan,
                                "--steps", str(args.steps), "--size", str(args.size), "--device", args.device,
+                               "--cap", str(args.cap),
                                "--work", args.work], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -214,9 +250,14 @@ def main() -> None:
             ["    of it: load / compile + denoise / VAE decode",
              " / ".join(_gib(result[f"peak_gpu_bytes_{k}"]) for k in ("load", "denoise", "decode"))],
             ["    GPU memory held after denoising", _gib(result["gpu_bytes_after_denoise"])],
-            ["  the same with the VAE decoding in tiles (--vae-tiling)",
+            [f"  the same with the VAE decoding in tiles of {result['vae_tile_px']} px (--vae-tiling on)",
              f"{_gib(result['first_image_tiled_peak_gpu_bytes'])} "
              f"(decode {_gib(result['peak_gpu_bytes_tiled_decode'])})"],
+            *([[f"  the same in a process capped at {args.cap:g} GiB (--vae-tiling auto: tiles if the whole "
+                "decode runs out of memory)",
+                f"{_gib(result['capped_peak_gpu_bytes'])}, decode "
+                f"{'in tiles' if result['capped_vae_tiled'] else 'whole'}, {result['capped_first_image_s']:.1f} s"]]
+              if "capped_peak_gpu_bytes" in result else []),
             ["loaded weights bit-exact with preparing the source (sample)", result["weights_checked_bit_exact"]]]
     env = environment()
     md = (f"# Checkpoint: quantize, load, first image ({args.config}, plan {args.plan})\n\n"

@@ -2,7 +2,8 @@
 
 With ``--model PATH`` (a local FLUX.1 pipeline folder) it encodes the prompt with the pipeline's text
 encoders (moved to the CPU afterwards unless ``--keep-text-encoders``), compiles the transformer,
-denoises with a per-step progress bar and decodes with the VAE (tiled with ``--vae-tiling``); with
+denoises with a per-step progress bar and decodes with the VAE (in tiles where the whole image does not fit in
+GPU memory, or always with ``--vae-tiling on``); with
 ``--quantized CKPT`` (``convrot quantize``) the transformer comes from that checkpoint instead, never holding
 its bf16 weights anywhere. Without
 it, a built-in random pipeline runs instead (the FLUX.1-dev transformer config on CUDA, a tiny one on
@@ -27,7 +28,8 @@ from .bench_model import sync
 from .cli_options import add_quant_args, quant_overrides
 from .demo import resolve_device
 from .models import image_tokens_for
-from .pipelines import StepTimer, decode_latents, load_pipeline, random_pipeline, random_prompt_embeds
+from .pipelines import (VAE_TILE, VAE_TILING, StepTimer, decode_latents, load_pipeline, random_pipeline,
+                        random_prompt_embeds)
 
 DEFAULT_PROMPT = "a red fox in fresh snow, morning light"
 
@@ -49,6 +51,7 @@ class GenerateResult:
     step_ms: float | None
     denoise_s: float
     decode_s: float
+    vae_tiled: bool
     total_s: float
     peak_gpu_bytes: int | None
     transformer_weight_bytes: int
@@ -59,16 +62,18 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
                  guidance: float = 3.5, height: int | None = None, width: int | None = None, seed: int = 0,
                  plan: str | None = None, attention: str = "keep",
                  out: str = os.path.join("convrot-out", "image.png"), device: str = "auto",
-                 offload_text_encoders: bool = True, vae_tiling: bool = False, progress: bool = True,
+                 offload_text_encoders: bool = True, vae_tiling: str = "auto", progress: bool = True,
                  quantized: str | None = None, quant: dict | None = None) -> GenerateResult:
     """``plan``: default w4a4, or the checkpoint's with ``quantized``; ``quant``: more ``compile`` options (the
-    rotation, the weight quantizer, a calibration)."""
+    rotation, the weight quantizer, a calibration); ``vae_tiling``: ``pipelines.decode_latents``' ``tiling``."""
     if quantized is not None and model is None:
         raise ValueError("--quantized takes the transformer from a checkpoint: pass --model, the pipeline folder "
                          "whose transformer it was quantized from (its text encoders, VAE and scheduler)")
     if plan is not None:
         make_plan(plan)
     check_attention_mode(attention)
+    if vae_tiling not in VAE_TILING:
+        raise ValueError(f"--vae-tiling {vae_tiling!r}: choose one of {VAE_TILING}")
     dev = resolve_device(device)
     noise = model is None
     config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
@@ -112,8 +117,6 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
         embeds = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
         pipe.transformer.to(dev)
         pipe.vae.to(dev)
-    if vae_tiling:
-        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
 
     t0 = time.perf_counter()
@@ -131,7 +134,7 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     denoise_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    image = pipe.image_processor.postprocess(decode_latents(pipe, latents, height, width), output_type="pil")[0]
+    image = pipe.image_processor.postprocess(decode_latents(pipe, latents, height, width, vae_tiling), output_type="pil")[0]
     decode_s = time.perf_counter() - t0
     image.save(out)
     return GenerateResult(
@@ -140,7 +143,7 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
         plan=pipe.transformer.convrot_checkpoint.plan.name if quantized else plan or "w4a4", attention=attention,
         out=out, encode_s=encode_s, prepare_s=prepare_s,
         first_step_s=step_ms[0] / 1e3, step_ms=statistics.median(step_ms[1:]), denoise_s=denoise_s,
-        decode_s=decode_s, total_s=time.perf_counter() - start,
+        decode_s=decode_s, vae_tiled=bool(pipe.vae.use_tiling), total_s=time.perf_counter() - start,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         transformer_weight_bytes=weight_bytes(pipe.transformer), noise=noise)
 
@@ -159,7 +162,7 @@ def format_generate(r: GenerateResult) -> str:
          f"{r.first_step_s:.2f} s"],
         [f"per step after the first (median of {r.steps - 1})", f"{r.step_ms:.1f} ms"],
         [f"denoising, {r.steps} steps", f"{r.denoise_s:.2f} s"],
-        ["VAE decode", f"{r.decode_s:.2f} s"],
+        ["VAE decode" + (f" (in tiles of {VAE_TILE} px)" if r.vae_tiled else ""), f"{r.decode_s:.2f} s"],
         ["total", f"{r.total_s:.2f} s"],
         ["peak GPU memory", "-" if r.peak_gpu_bytes is None else format_bytes(r.peak_gpu_bytes)],
         ["transformer weights", format_bytes(r.transformer_weight_bytes)],
@@ -188,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--keep-text-encoders", action="store_true",
                    help="keep the text encoders on the GPU after encoding (default: moved to the CPU)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory)")
+    p.add_argument("--vae-tiling", nargs="?", const="on", default="auto", choices=VAE_TILING,
+                   help="decode in tiles: auto (default) where the whole image runs out of GPU memory, on "
+                        "(also the bare flag), off")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
     add_quant_args(p, plan_default=None, calibrated=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -15,7 +16,7 @@ VAE_CONFIGS: dict[str, dict] = {
     "flux": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                  layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
-                 use_quant_conv=False, use_post_quant_conv=False),
+                 use_quant_conv=False, use_post_quant_conv=False, sample_size=1024),
     "tiny": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32),
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                  layers_per_block=1, norm_num_groups=16, scaling_factor=0.3611, shift_factor=0.1159),
@@ -66,13 +67,46 @@ def random_prompt_embeds(transformer: torch.nn.Module, count: int, text_tokens: 
     return out
 
 
-def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+VAE_TILING = ("auto", "on", "off")
+VAE_TILE = 512
+
+
+def enable_vae_tiling(vae, tile: int = VAE_TILE) -> None:
+    """``vae.enable_tiling()`` with tiles of at most ``tile`` pixels. FLUX.1's VAE tiles at its sample_size,
+    1024, and so decodes a 1024² image whole even with tiling on."""
+    vae.enable_tiling()
+    size = getattr(vae, "tile_sample_min_size", None)
+    if isinstance(size, int) and size > tile:
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int, tiling: str = "off") -> torch.Tensor:
     """What FluxPipeline does after denoising with ``output_type="latent"``: unpack the latents, undo the
-    VAE's scaling and shift, decode. Returns the VAE's image tensor."""
+    VAE's scaling and shift, decode. Returns the VAE's image tensor.
+
+    ``tiling``: ``"on"`` decodes in tiles (``vae.enable_tiling``); ``"auto"`` decodes whole and, if the GPU runs
+    out of memory, warns and decodes again in tiles (leaving tiling on, so ``pipe.vae.use_tiling`` tells which
+    ran). Tiles are ``VAE_TILE`` pixels (``enable_vae_tiling``)."""
+    if tiling not in VAE_TILING:
+        raise ValueError(f"VAE tiling {tiling!r}: choose one of {VAE_TILING}")
+    if tiling == "on":
+        enable_vae_tiling(pipe.vae)
     with torch.no_grad():
         lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+        lat = (lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).to(pipe.vae.dtype)
+        if tiling != "auto" or pipe.vae.use_tiling:
+            return pipe.vae.decode(lat, return_dict=False)[0]
+        try:
+            return pipe.vae.decode(lat, return_dict=False)[0]
+        except torch.OutOfMemoryError as e:
+            reason = str(e).splitlines()[0]
+        warnings.warn(f"the VAE decode ran out of GPU memory ({reason}); decoding again in tiles. Pass "
+                      "--vae-tiling on to start there", stacklevel=2)
+        if lat.is_cuda:
+            torch.cuda.empty_cache()
+        enable_vae_tiling(pipe.vae)
+        return pipe.vae.decode(lat, return_dict=False)[0]
 
 
 def capture_transformer_inputs(pipe, call_kwargs: dict, step: int) -> dict:

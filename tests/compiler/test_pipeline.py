@@ -11,7 +11,8 @@ from torch import nn
 
 import convrot_compiler as cc
 from convrot_compiler.tools.models import relative_error
-from convrot_compiler.tools.pipelines import random_pipeline, random_prompt_embeds
+from convrot_compiler.tools.pipelines import (VAE_CONFIGS, VAE_TILE, decode_latents, enable_vae_tiling, random_pipeline,
+                                              random_prompt_embeds)
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 
@@ -138,9 +139,44 @@ def test_convrot_generate_writes_a_png_and_says_it_is_noise(tmp_path):
     assert "its image is noise" in proc.stdout and "per step after the first" in proc.stdout
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["step_ms"] > 0 and result["steps"] == 3 and result["noise"]
+    assert result["vae_tiled"] is False  # memory to spare: decoded whole
     bad = subprocess.run([sys.executable, "-m", "convrot_compiler", "generate", "--device", "cpu", "--height", "50"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "multiples of 16" in bad.stderr
+
+
+def test_the_vae_decodes_in_tiles_only_where_the_whole_image_runs_out_of_memory(monkeypatch):
+    pipe = random_pipeline("flux-tiny")
+    latents = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 64x64 px
+    whole = decode_latents(pipe, latents, 64, 64, tiling="auto")
+    assert not pipe.vae.use_tiling
+    tiled = decode_latents(random_pipeline("flux-tiny"), latents, 64, 64, tiling="on")
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)  # tiles blend at their seams
+    decode = pipe.vae.decode
+
+    def short_of_memory(z, *args, **kwargs):
+        if not pipe.vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "decode", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_latents(pipe, latents, 64, 64, tiling="off")
+    with pytest.warns(UserWarning, match="decoding again in tiles"):
+        again = decode_latents(pipe, latents, 64, 64, tiling="auto")
+    assert pipe.vae.use_tiling and torch.equal(again, tiled)
+    with pytest.raises(ValueError, match="choose one of"):
+        decode_latents(pipe, latents, 64, 64, tiling="yes")
+
+
+def test_vae_tiling_splits_a_1024_image_of_fluxs_vae():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE_CONFIGS["flux"])
+    assert vae.tile_latent_min_size == 1024 // 8  # diffusers' tiles: a 1024² image is one tile
+    enable_vae_tiling(vae)
+    assert vae.use_tiling and vae.tile_sample_min_size == VAE_TILE and vae.tile_latent_min_size == VAE_TILE // 8
 
 
 def test_pipeline_benchmark_times_steps_and_checks_latents(tmp_path):
