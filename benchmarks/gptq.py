@@ -24,7 +24,7 @@ import torch
 from convrot_compiler.numerics.error import relative_error
 from convrot_compiler.numerics.gptq import gptq_quantizer
 from convrot_compiler.numerics.pca import block_shape
-from convrot_compiler.numerics.quant import quantize_weight, reference_linear, unpack_int4_values
+from convrot_compiler.numerics.quant import quantize_weight, reference_linear, unpack_values
 from convrot_compiler.numerics.rotations import GroupHadamardRotation
 from convrot_compiler.ops.dispatch import gptq_options
 from convrot_compiler.plans import decide_linears
@@ -58,7 +58,7 @@ def _timed(fn):
 def objective(qw, w_rot: torch.Tensor, hessian: torch.Tensor) -> float:
     """GPTQ's own objective, relative: tr(D H D^T) / tr(W H W^T), D the quantized weight's difference from the
     rotated weight W, H the Hessian GPTQ was given. GPTQ must not be above round-to-nearest here."""
-    deq = unpack_int4_values(qw.values, qw.group_size, qw.out_features).double() * qw.scale.double()[:, None]
+    deq = unpack_values(qw.values, 4, qw.group_size, qw.out_features).double() * qw.scale.double()[:, None]
     d, w = deq - w_rot, w_rot
     return ((d @ hessian * d).sum() / (w @ hessian * w).sum()).item()
 

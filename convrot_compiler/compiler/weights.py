@@ -19,7 +19,7 @@ from ..numerics.gptq import gptq_quantizer
 from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_quantize_weight
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, quantize_weight
 from ..numerics.rotations import GroupHadamardRotation
-from ..ops.dispatch import act_order_for, gptq_options, w4a16_layout
+from ..ops.dispatch import act_order_for, gptq_options, weight_only_layout
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class PrepSpec:
     scheme: str
     rotation_kind: str
     group_size: int
-    layout: str = "groups"  # w4a16's packed layout (quant.W4A16_LAYOUTS)
+    layout: str = "groups"  # a weight-only packed layout (quant.WEIGHT_ONLY_LAYOUTS)
     act_order: str = "natural"  # w4a4/w8a8: the input channels' order (quant.ACT_ORDERS, dispatch.act_order_for)
     weights: str = "rtn"        # "rtn", or "gptq" (with the calibration's Hessian)
     calibration: Any = None     # calibration.Calibration, for DiRotQ and GPTQ; compared by identity
@@ -51,7 +51,7 @@ def weight_spec(scheme: str, rotation_kind: str, group_size: int, weight: torch.
     """How a weight is prepared for ``scheme`` where it runs (the packed layout, the channel order, the method):
     the one place, for the backend, ``compile`` and the Inductor post-grad pass."""
     if scheme in WEIGHT_ONLY:
-        return PrepSpec(scheme, "none", group_size, w4a16_layout(weight, group_size) if scheme == "w4a16" else "groups")
+        return PrepSpec(scheme, "none", group_size, weight_only_layout(weight, group_size))
     if rotation_kind in PCA_ROTATIONS:
         return PrepSpec(scheme, rotation_kind, group_size, weights=weights, calibration=calibration,
                         high_precision_fraction=high_precision_fraction)

@@ -34,7 +34,7 @@ from ..numerics.quant import (
 )
 from ..numerics.rotations import Rotation, make_rotation
 from ..ops import pca_linear, quantized_linear
-from ..ops.dispatch import act_order_for, gptq_options, has_kernel, w4a16_layout
+from ..ops.dispatch import act_order_for, gptq_options, has_kernel, weight_only_layout
 from ..plans import LayerDecision, PlanSpec, decide_linears, module_bytes
 
 
@@ -139,7 +139,7 @@ class Int4WeightOnlyLinear(_QuantizedLinearBase):
     def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> "Int4WeightOnlyLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        layout = w4a16_layout(linear.weight, group_size) if cls.scheme == "w4a16" else "groups"
+        layout = weight_only_layout(linear.weight, group_size)
         with torch.no_grad():
             qw = quantize_weight(linear.weight, cls.scheme, None, group_size=group_size, layout=layout)
         return cls(qw, linear.bias, linear.weight.dtype)

@@ -24,10 +24,10 @@ register shuffle and its activation loads stay plain. Activations are kept as
 int8 containers (values in [-7, 7] for int4): see kernels/triton/int_gemm.py for the
 measurement behind that choice.
 
-W4A16 weights have a second layout, ``pack_int4_tiles``: int32 words arranged as
-the A fragments of mma.m16n8k16, what the tensor-core W4A16 kernel reads
-(kernels/sm90/weight_only.py); ``QuantizedWeight.layout`` says which one a weight
-is in, and ``unpack_int4_values`` reads either.
+Weight-only weights have a second layout, ``"tiles"``: the A fragments of mma.m16n8k16, what the
+tensor-core W4A16 and W8A16 kernels read (kernels/sm90/weight_only.py), as int32 words for 4 bits
+(``pack_int4_tiles``) and int64 double words for 8 (``pack_int8_tiles``). ``QuantizedWeight.layout`` says
+which layout a weight is in; ``pack_values`` and ``unpack_values`` write and read either.
 """
 
 from __future__ import annotations
@@ -153,20 +153,69 @@ def unpack_int4_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
     return (u[:out_features] - 8).to(torch.int8)
 
 
+def pack_int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """Int8 values [N, K] (K a multiple of 64) in the tile layout of the W8A16 tensor-core GEMV
+    (kernels/sm90/weight_only.py): int64 double words [ceil(N / 16), K / 64, 32, 4].
+
+    Double word (b, c, lane, s) is lane ``lane``'s A operand of mma.m16n8k16's step s over channels
+    16b .. 16b + 15 and inputs 64c .. 64c + 63, as in ``pack_int4_tiles``, one byte a value, stored as
+    value + 128. With g = lane // 4 and t = lane % 4, byte p = rh + 2 el + 4 eh holds the value at channel
+    16b + g + 8 rh and input 64c + 16t + 4s + 2 eh + el: then ``(w >> 8r) & 0x000F000F`` of its low (r = 0,
+    1) or high (r = 2, 3 after taking the high word) word holds the low nibbles of A register r's two
+    values, and a further shift by 4 their high nibbles. Rows past N are zero."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"pack_int8_tiles takes 2-D int8 values, got {q.dtype} of shape {tuple(q.shape)}")
+    n, k = q.shape
+    if k % TILE_K:
+        raise ValueError(f"the tile layout needs K a multiple of {TILE_K}, got {k}")
+    nb = -(-n // TILE_ROWS)
+    u = torch.nn.functional.pad((q.view(torch.uint8) ^ 0x80), (0, 0, 0, nb * TILE_ROWS - n), value=0x80)
+    u = u.reshape(nb, 2, 8, k // TILE_K, 4, 4, 2, 2)  # b, rh, g, c, t, s, eh, el
+    u = u.permute(0, 3, 2, 4, 5, 6, 7, 1).contiguous()  # b, c, g, t, s, (eh, el, rh)
+    return u.reshape(nb, k // TILE_K, 32, 4, 8).view(torch.int64).squeeze(-1)
+
+
+def unpack_int8_tiles(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of ``pack_int8_tiles``: int8 values [out_features, K]."""
+    if t.dtype != torch.int64 or t.dim() != 4 or tuple(t.shape[2:]) != (32, 4):
+        raise TypeError(f"expected int64 tiles [N/16, K/64, 32, 4], got {t.dtype} {tuple(t.shape)}")
+    nb, kc = t.shape[:2]
+    u = t.contiguous().view(torch.uint8).reshape(nb, kc, 8, 4, 4, 2, 2, 2)  # b, c, g, t, s, eh, el, rh
+    u = u.permute(0, 7, 2, 1, 3, 4, 5, 6).reshape(nb * TILE_ROWS, kc * TILE_K)
+    return (u[:out_features] ^ 0x80).view(torch.int8)
+
+
 def packed_layout(values: torch.Tensor) -> str:
-    """Which layout packed int4 weights are in, told apart by dtype: ``"tiles"`` (int32,
-    ``pack_int4_tiles``) or ``"groups"`` (int8, ``pack_int4``)."""
-    return "tiles" if values.dtype == torch.int32 else "groups"
+    """Which layout prepared weight values are in, told apart by dtype: ``"tiles"`` (int32 words of
+    ``pack_int4_tiles`` or int64 double words of ``pack_int8_tiles``) or ``"groups"`` (int8: ``pack_int4``'s
+    bytes, or 8-bit values as they are)."""
+    return "tiles" if values.dtype in (torch.int32, torch.int64) else "groups"
 
 
-def unpack_int4_values(values: torch.Tensor, group_size: int, out_features: int) -> torch.Tensor:
-    """Int8 values [N, K'] of packed int4 weights in either layout (``packed_layout``)."""
+def pack_values(q: torch.Tensor, bits: int, group_size: int, layout: str) -> torch.Tensor:
+    """Int8 values [N, K'] of ``bits`` in ``layout``."""
+    if layout == "tiles":
+        return pack_int4_tiles(q) if bits == 4 else pack_int8_tiles(q)
+    return pack_int4(q, group_size) if bits == 4 else q
+
+
+def unpack_values(values: torch.Tensor, bits: int, group_size: int, out_features: int) -> torch.Tensor:
+    """Int8 values [N, K'] of prepared values in either layout (``packed_layout``)."""
     if packed_layout(values) == "tiles":
-        return unpack_int4_tiles(values, out_features)
-    return unpack_int4(values, group_size)
+        return unpack_int4_tiles(values, out_features) if bits == 4 else unpack_int8_tiles(values, out_features)
+    return unpack_int4(values, group_size) if bits == 4 else values
 
 
-W4A16_LAYOUTS = ("groups", "tiles")
+WEIGHT_ONLY_LAYOUTS = ("groups", "tiles")
+
+
+def check_layout(layout: str, scheme: str, group_size: int) -> None:
+    """The tile layout is for weight-only schemes with groups of a multiple of ``TILE_K``."""
+    if layout not in WEIGHT_ONLY_LAYOUTS:
+        raise ValueError(f"layout must be one of {WEIGHT_ONLY_LAYOUTS}, got {layout!r}")
+    if layout == "tiles" and (scheme not in WEIGHT_ONLY or group_size % TILE_K):
+        raise ValueError(f"the tile layout is for w4a16 and w8a16 with group_size a multiple of {TILE_K}, got "
+                         f"{scheme} with group_size {group_size}")
 
 ACT_ORDERS = ("natural", "mma")
 MMA_ORDER_GROUP = 256
@@ -237,8 +286,8 @@ class QuantizedWeight:
     """A linear's weight, rotated, quantized and (for 4 bits) packed.
 
     ``values``: int8 [N, K'] for 8 bits, packed int8 [N, K'/2] for 4 bits (``pack_int4``), or for
-    w4a16 in ``layout="tiles"`` int32 [ceil(N/16), K'/64, 32, 4] (``pack_int4_tiles``, what the
-    tensor-core W4A16 kernel reads).
+    w4a16 and w8a16 in ``layout="tiles"`` int32 or int64 [ceil(N/16), K'/64, 32, 4] (``pack_int4_tiles``,
+    ``pack_int8_tiles``: what the tensor-core weight-only kernels read).
     ``scale``: float32 [N] (per output channel), or [N, K'/group_size] for w4a16,
     whose scales cover ``group_size`` input channels each.
     ``act_order``: the order of the input channels within each group (``to_act_order``), which the
@@ -266,7 +315,7 @@ class QuantizedWeight:
 
     def int_values(self) -> torch.Tensor:
         """Unpacked int8 values [N, K'], input channels in ``act_order``."""
-        return unpack_int4_values(self.values, self.group_size, self.out_features) if self.weight_bits == 4 else self.values
+        return unpack_values(self.values, self.weight_bits, self.group_size, self.out_features)
 
     def graph_tensors(self) -> list[torch.Tensor]:
         """What a compiled graph takes for this weight, in order."""
@@ -282,7 +331,8 @@ def prepared_shapes(scheme: str, out_features: int, in_features: int, group_size
     _check_scheme(scheme)
     kp = -(-in_features // group_size) * group_size
     if layout == "tiles":
-        values = ((-(-out_features // TILE_ROWS), kp // TILE_K, 32, 4), torch.int32)
+        values = ((-(-out_features // TILE_ROWS), kp // TILE_K, 32, 4),
+                  torch.int32 if SCHEME_BITS[scheme][0] == 4 else torch.int64)
     else:
         values = ((out_features, kp // 2 if SCHEME_BITS[scheme][0] == 4 else kp), torch.int8)
     scale = (out_features, kp // group_size) if scheme in WEIGHT_ONLY else (out_features,)
@@ -313,9 +363,8 @@ def quantize_weight(
 
     Weight-only schemes (W4A16, W8A16) take no rotation: the activations stay in 16 bits,
     so there is no activation outlier to spread; their weights get one scale per
-    output channel and per ``group_size`` input channels instead. W4A16's ``layout`` is
-    ``"groups"`` (``pack_int4``) or ``"tiles"`` (``pack_int4_tiles``, for the tensor-core kernel); W8A16's
-    values are int8 as they are.
+    output channel and per ``group_size`` input channels instead, and a ``layout``: ``"groups"``
+    (``pack_int4``, or int8 values as they are) or ``"tiles"`` (``pack_values``, for the tensor-core kernels).
 
     ``act_order`` (W4A4/W8A8): the quantized values' input channels are put in that order within each
     group (``to_act_order``) after quantization, so any per-output-channel quantizer gives the same
@@ -324,11 +373,7 @@ def quantize_weight(
     check_act_order(act_order, group_size)
     if act_order != "natural" and SCHEME_BITS[scheme][1] is None:
         raise ValueError(f"act_order={act_order!r} orders quantized activations; {scheme} has none")
-    if layout not in W4A16_LAYOUTS:
-        raise ValueError(f"layout must be one of {W4A16_LAYOUTS}, got {layout!r}")
-    if layout == "tiles" and (scheme != "w4a16" or group_size % TILE_K):
-        raise ValueError(f"the tile layout is for w4a16 with group_size a multiple of {TILE_K}, got {scheme} "
-                         f"with group_size {group_size}")
+    check_layout(layout, scheme, group_size)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -349,31 +394,23 @@ def quantize_weight(
             raise ValueError(f"rotated width {kp} is not a multiple of the group size {group_size}")
         q, scale = weight_quantizer(w, wbits)
         q = to_act_order(q, act_order, group_size)
-    if layout == "tiles":
-        values = pack_int4_tiles(q)
-    else:
-        values = pack_int4(q, group_size) if wbits == 4 else q
+    values = pack_values(q, wbits, group_size, layout)
     return QuantizedWeight(scheme, values, scale.float(), k, n, kp, group_size, rotation, layout, act_order)
 
 
 def relayout(qweight: QuantizedWeight, act_order: str | None = None, layout: str | None = None) -> QuantizedWeight:
     """The same prepared weight with its input channels in ``act_order`` (w4a4/w8a8) and packed in ``layout``
-    (w4a16): the integer values moved, never quantized again, so every dot product is unchanged."""
+    (w4a16, w8a16): the integer values moved, never quantized again, so every dot product is unchanged."""
     act_order = act_order or qweight.act_order
     layout = layout or qweight.layout
     if (act_order, layout) == (qweight.act_order, qweight.layout):
         return qweight
     if qweight.act_bits is None and act_order != "natural":
         raise ValueError(f"act_order={act_order!r} orders quantized activations; {qweight.scheme} has none")
-    if layout not in W4A16_LAYOUTS or (layout == "tiles" and (qweight.scheme != "w4a16" or qweight.group_size % TILE_K)):
-        raise ValueError(f"layout {layout!r} is not one a {qweight.scheme} weight with groups of {qweight.group_size} "
-                         "can take")
+    check_layout(layout, qweight.scheme, qweight.group_size)
     q = from_act_order(qweight.int_values(), qweight.act_order, qweight.group_size)
     q = to_act_order(q, act_order, qweight.group_size)
-    if layout == "tiles":
-        values = pack_int4_tiles(q)
-    else:
-        values = pack_int4(q, qweight.group_size) if qweight.weight_bits == 4 else q
+    values = pack_values(q, qweight.weight_bits, qweight.group_size, layout)
     return dataclasses.replace(qweight, values=values, layout=layout, act_order=act_order)
 
 
@@ -424,9 +461,9 @@ def weight_only_gemm(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
                      group_size: int, bits: int = 4) -> torch.Tensor:
     """Weight-only reference (W4A16, or W8A16 with ``bits`` 8): x [M, K] @ dequant(values)^T (+ bias),
     dequantized per (channel, group) in float32; output in x's dtype. 4-bit values in either layout
-    (``unpack_int4_values``), 8-bit values as they are."""
+    (``unpack_values``)."""
     n = scale.shape[0]
-    q = unpack_int4_values(values, group_size, n) if bits == 4 else values
+    q = unpack_values(values, bits, group_size, n)
     w = (q.float().reshape(n, -1, group_size) * scale.unsqueeze(-1)).reshape(n, -1)
     return with_bias(x.float() @ w[:, : x.shape[-1]].T, bias).to(x.dtype)
 

@@ -1,7 +1,7 @@
 """Which kernel runs each convrot op: decided here, and nowhere else.
 
 When a weight is prepared: how GPTQ runs (``gptq_options``), the channel order of W4A4/W8A8 activations and
-weights (``act_order_for``), the packed layout of W4A16 weights (``w4a16_layout``), and whether the fused kernels take a weight at all
+weights (``act_order_for``), the packed layout of weight-only weights (``weight_only_layout``), and whether the fused kernels take a weight at all
 (``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
 (the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
 else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
@@ -59,9 +59,9 @@ def gptq_options(device: torch.device) -> dict:
     return {}
 
 
-def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
-    """The packed layout a W4A16 weight is prepared in for where it runs: ``"tiles"`` for the
-    tensor-core kernel (a CUDA sm_90 weight in bf16 or fp16, which a linear's activations share, and
+def weight_only_layout(weight: torch.Tensor, group_size: int) -> str:
+    """The packed layout a W4A16 or W8A16 weight is prepared in for where it runs: ``"tiles"`` for the
+    tensor-core kernels (a CUDA sm_90 weight in bf16 or fp16, which a linear's activations share, and
     groups of a multiple of 64 inputs), else ``"groups"`` for the CUDA-core kernels and the reference."""
     if weight.device.type != "cuda" or group_size % TILE_K:
         return "groups"
@@ -72,13 +72,13 @@ def w4a16_layout(weight: torch.Tensor, group_size: int) -> str:
 
 def has_kernel(qweight: QuantizedWeight) -> bool:
     """Whether the fused kernels can run this weight: group-Hadamard rotations (or none) with
-    groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of 256k. Other
-    weights run the reference ops."""
+    groups of 256, w4a16 with groups of 256 (or of 64k in the tile layout), w8a16 with groups of 256k (or of
+    64k in the tile layout). Other weights run the reference ops."""
     g = qweight.group_size
     if isinstance(qweight, PCAWeight):  # DiRotQ: Triton's kernels take groups of 64 to 256
         return g in (64, 128, 256)
     if qweight.scheme == "w8a16":
-        return g % 256 == 0
+        return g % 256 == 0 or (qweight.layout == "tiles" and g % TILE_K == 0)
     if qweight.act_bits is None:
         return g == 256 or (qweight.layout == "tiles" and g % TILE_K == 0)
     rot = qweight.rotation
@@ -163,10 +163,14 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
 def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      group_size: int, bits: int) -> torch.Tensor:
-    """int8 weights: Triton's W8A16 kernel; int4: the kernel of the layout the weight was prepared in."""
+    """The kernel of the layout the weight was prepared in: the tensor-core tile kernels, or Triton's."""
+    tiles = packed_layout(qw) == "tiles"
     if bits == 8:
-        from ..kernels.triton.weight_only import w8a16_gemm as kernel
-    elif packed_layout(qw) == "tiles":
+        if tiles:
+            from ..kernels.sm90.weight_only import w8a16_gemm_tiles as kernel
+        else:
+            from ..kernels.triton.weight_only import w8a16_gemm as kernel
+    elif tiles:
         from ..kernels.sm90.weight_only import w4a16_gemm_tiles as kernel
     else:
         from ..kernels.triton.weight_only import w4a16_gemm as kernel

@@ -132,7 +132,7 @@ class InspectReport:
 
 
 def _precision_label(d: LayerDecision) -> str:
-    """The precision, marked where a w4a16 weight is prepared for the tensor-core kernel (dispatch.w4a16_layout)
+    """The precision, marked where a weight-only weight is prepared for the tensor-core kernels (dispatch.weight_only_layout)
     and where W4A4/W8A8 activations and weights take the sm_90 kernel's channel order (dispatch.act_order_for)."""
     if d.extra.get("layout") == "tiles":
         return f"{d.precision} (tensor-core tiles)"

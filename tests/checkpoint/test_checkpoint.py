@@ -136,7 +136,7 @@ def test_the_checkpoint_layout_converts_to_the_devices_both_ways(saved, tmp_path
     torch._dynamo.reset()
     with monkeypatch.context() as m:
         m.setattr(weights, "act_order_for", lambda *args: "mma")
-        m.setattr(weights, "w4a16_layout", lambda *args: "tiles")
+        m.setattr(weights, "weight_only_layout", lambda *args: "tiles")
         model = cc.load(str(folder), device="cpu")
         lin = model.transformer_blocks[0].attn.to_q
         mod = model.transformer_blocks[0].norm1.linear

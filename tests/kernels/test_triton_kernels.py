@@ -336,7 +336,7 @@ def test_tiles_w4a16_kernel_refuses_cpu_tensors_with_what_to_use():
     from convrot_compiler.numerics.quant import pack_int4_tiles
 
     tiles = pack_int4_tiles(torch.zeros(16, 256, dtype=torch.int8))
-    with pytest.raises(ValueError, match="not a CUDA tensor.*pack_int4"):
+    with pytest.raises(ValueError, match="not a CUDA tensor.*groups layout"):
         w4a16_gemm_tiles(torch.zeros(1, 256, dtype=torch.bfloat16), tiles, torch.ones(16, 1), None, 256)
 
 

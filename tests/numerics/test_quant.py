@@ -2,6 +2,10 @@ import pytest
 import torch
 
 from convrot_compiler.numerics.quant import (
+    pack_int8_tiles,
+    pack_values,
+    unpack_int8_tiles,
+    unpack_values,
     PACK_TILES_ROWS,
     dequantize,
     pack_int4,
@@ -10,6 +14,7 @@ from convrot_compiler.numerics.quant import (
     quantize_symmetric,
     quantize_weight,
     reference_linear,
+    relayout,
     unpack_int4,
     unpack_int4_tiles,
 )
@@ -70,6 +75,62 @@ def test_tile_layout_is_what_the_mma_fragments_read():
     out = _mma_emulation(x, pack_int4_tiles(q))
     torch.testing.assert_close(out[:, :24], x @ q.double().T)
     assert torch.equal(out[:, 24:], torch.zeros(3, 8, dtype=torch.float64))
+
+
+def _mma8_emulation(x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ W^T as the int8 tensor-core kernel computes it, from PTX's m16n8k16 fragment rules and
+    the kernel's decoding (not from pack_int8_tiles): A register r of a step is bytes (2 (r // 2) + r % 2,
+    + 2) of the lane's double word (the nibbles at bit 8 (r % 2) of word r // 2), holding a_2r and a_2r+1;
+    a_e sits at row g + 8 ((e // 2) % 2) and column 2t + e % 2 + 8 (e // 4), which meets the activation
+    b_{e % 2 + 2 (e // 4)} = x[16t + 4s + e % 2 + 2 (e // 4)] of the chunk; a byte u decodes to
+    (16 (u >> 4) - 256) + (128 + (u & 15))."""
+    nb, kc = tiles.shape[:2]
+    out = torch.zeros(x.shape[0], nb * 16, dtype=torch.float64)
+    byte_of = [0, 2, 1, 3, 4, 6, 5, 7]
+    for b in range(nb):
+        for c in range(kc):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for s in range(4):
+                    word = int(tiles[b, c, lane, s]) & 0xFFFFFFFFFFFFFFFF
+                    for e in range(8):
+                        u = (word >> (8 * byte_of[e])) & 0xFF
+                        value = (16 * (u >> 4) - 256) + (128 + (u & 15))
+                        row = 16 * b + g + 8 * ((e // 2) % 2)
+                        out[:, row] += value * x[:, 64 * c + 16 * t + 4 * s + e % 2 + 2 * (e // 4)]
+    return out
+
+
+def test_int8_tile_layout_is_what_the_mma_fragments_read():
+    torch.manual_seed(0)
+    q = torch.randint(-128, 128, (24, 128), dtype=torch.int8)  # 2 tiles of rows (the second half padding)
+    q[0, :4] = torch.tensor([-128, 127, 0, -1])
+    x = torch.randn(3, 128, dtype=torch.float64)
+    tiles = pack_int8_tiles(q)
+    assert tiles.shape == (2, 2, 32, 4) and tiles.dtype == torch.int64
+    out = _mma8_emulation(x, tiles)
+    torch.testing.assert_close(out[:, :24], x @ q.double().T)
+    assert torch.equal(out[:, 24:], torch.zeros(3, 8, dtype=torch.float64))
+    assert torch.equal(unpack_int8_tiles(tiles, 24), q)
+    assert torch.equal(unpack_int8_tiles(tiles, 32)[24:], torch.zeros(8, 128, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_weight_only_layouts_compute_the_same_linear(scheme):
+    torch.manual_seed(1)
+    w, x = torch.randn(40, 200) * 0.05, torch.randn(3, 200)
+    groups = quantize_weight(w, scheme, None, group_size=64)
+    tiles = quantize_weight(w, scheme, None, group_size=64, layout="tiles")
+    bits = groups.weight_bits
+    assert tiles.layout == "tiles" and tiles.values.dtype == (torch.int32 if bits == 4 else torch.int64)
+    assert torch.equal(tiles.int_values(), groups.int_values())
+    assert torch.equal(relayout(groups, layout="tiles").values, tiles.values)
+    assert torch.equal(relayout(tiles, layout="groups").values, groups.values)
+    assert torch.equal(unpack_values(pack_values(groups.int_values(), bits, 64, "tiles"), bits, 64, 40),
+                       groups.int_values())
+    torch.testing.assert_close(reference_linear(x, tiles), reference_linear(x, groups), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tile layout is for w4a16 and w8a16"):
+        quantize_weight(w, scheme, None, group_size=32, layout="tiles")
 
 
 def test_tile_pack_round_trip_and_padding():
