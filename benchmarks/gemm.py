@@ -34,7 +34,7 @@ import torch
 from timing import bench_graph_ms, bench_graph_per_call_ms, bench_ms  # benchmarks/timing.py
 
 from convrot_compiler.kernels.triton.int_gemm import int_gemm, unpack_int4
-from convrot_compiler.kernels.triton.weight_only import w4a16_gemm
+from convrot_compiler.kernels.triton.weight_only import w4a16_gemm, w8a16_gemm
 from convrot_compiler.numerics.quant import quantize_weight
 from convrot_compiler.numerics.rotations import GroupHadamardRotation
 from convrot_compiler.ops import custom_ops, dispatch
@@ -166,12 +166,12 @@ def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
 
 
 def bench_skinny(name, m, k, n, rows, timed_ms):
-    """The W4A16 op as the compiler prepares and calls it (on sm_90 the tensor-core kernel on tile-layout
-    weights, kernels/sm90/weight_only.py), the CUDA-core kernel on the group layout (kernels/triton/weight_only.py),
-    and the W8A16 op (int8 weights in groups of 256, the same CUDA-core kernel's 8-bit branch)."""
+    """The W4A16 and W8A16 ops as the compiler prepares and calls them (on sm_90 the tensor-core kernels on
+    tile-layout weights, kernels/sm90/weight_only.py), and the CUDA-core kernels on the group layout
+    (kernels/triton/weight_only.py); groups of 256 inputs."""
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    layout = dispatch.w4a16_layout(w, 256)
+    layout = dispatch.weight_only_layout(w, 256)
     qw = quantize_weight(w, "w4a16", None, group_size=256, layout=layout)
     groups = quantize_weight(w, "w4a16", None, group_size=256)
     ref = custom_ops.weight_only_gemm(x.float(), groups.values, groups.scale, None, 256, 4)
@@ -180,10 +180,13 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
     t_bf16 = timed_ms(lambda: torch.mm(x, w.T))
     t_ours = timed_ms(lambda: torch.ops.convrot.weight_only_gemm(x, qw.values, qw.scale, None, 256, 4))
     t_cc = timed_ms(lambda: w4a16_gemm(x, groups.values, groups.scale, None, 256))
-    q8 = quantize_weight(w, "w8a16", None, group_size=256)
-    ref8 = custom_ops.weight_only_gemm(x.float(), q8.values, q8.scale, None, 256, 8)
+    q8 = quantize_weight(w, "w8a16", None, group_size=256, layout=layout)
+    g8 = quantize_weight(w, "w8a16", None, group_size=256)
+    ref8 = custom_ops.weight_only_gemm(x.float(), g8.values, g8.scale, None, 256, 8)
     out8 = torch.ops.convrot.weight_only_gemm(x, q8.values, q8.scale, None, 256, 8)
     t_w8 = timed_ms(lambda: torch.ops.convrot.weight_only_gemm(x, q8.values, q8.scale, None, 256, 8))
+    out8_cc = w8a16_gemm(x, g8.values, g8.scale, None, 256)
+    t_w8_cc = timed_ms(lambda: w8a16_gemm(x, g8.values, g8.scale, None, 256))
     wbytes = qw.values.numel() * qw.values.element_size() + qw.scale.numel() * 4
     rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, cuda_core_us=t_cc * 1e3, cuda_core_speedup=t_bf16 / t_cc,
@@ -191,7 +194,10 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
                      rel_err_vs_ref=relative_error(out, ref), cuda_core_rel_err_vs_ref=relative_error(out_cc, ref),
                      rel_err_vs_bf16=relative_error(out, x.float() @ w.float().T),
                      w8a16_us=t_w8 * 1e3, w8a16_speedup=t_bf16 / t_w8, w8a16_rel_err_vs_ref=relative_error(out8, ref8),
-                     w8a16_rel_err_vs_bf16=relative_error(out8, x.float() @ w.float().T)))
+                     w8a16_rel_err_vs_bf16=relative_error(out8, x.float() @ w.float().T),
+                     w8a16_gbs=(q8.values.numel() * q8.values.element_size() + q8.scale.numel() * 4) / t_w8 / 1e6,
+                     w8a16_cuda_core_us=t_w8_cc * 1e3, w8a16_cuda_core_speedup=t_bf16 / t_w8_cc,
+                     w8a16_cuda_core_rel_err_vs_ref=relative_error(out8_cc, ref8)))
 
 
 def skinny_table_of(skinny: list[dict]) -> str:
@@ -201,9 +207,11 @@ def skinny_table_of(skinny: list[dict]) -> str:
         [[r["shape"], r["M"], r["layout"], f"{r['bf16_us']:.1f}", f"{r['w4a16_us']:.1f}", f"{r['speedup']:.2f}",
           f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}", f"{r['cuda_core_us']:.1f}",
           f"{r['cuda_core_speedup']:.2f}", f"{r['cuda_core_rel_err_vs_ref']:.1e}", f"{r['w8a16_us']:.1f}",
-          f"{r['w8a16_speedup']:.2f}", f"{r['w8a16_rel_err_vs_ref']:.1e}"] for r in skinny],
-        headers=["W4A16 shape", "M", "layout", "bf16 us", "w4a16 us", "x bf16", "GB/s", "err vs ref", "CUDA-core us",
-                 "CUDA-core x bf16", "CUDA-core err", "w8a16 us", "w8a16 x bf16", "w8a16 err"], tablefmt="github")
+          f"{r['w8a16_speedup']:.2f}", f"{r['w8a16_gbs']:.0f}", f"{r['w8a16_rel_err_vs_ref']:.1e}",
+          f"{r['w8a16_cuda_core_us']:.1f}", f"{r['w8a16_cuda_core_speedup']:.2f}"] for r in skinny],
+        headers=["shape", "M", "layout", "bf16 us", "w4a16 us", "x bf16", "GB/s", "err vs ref", "CUDA-core us",
+                 "CUDA-core x bf16", "CUDA-core err", "w8a16 us", "w8a16 x bf16", "w8a16 GB/s", "w8a16 err",
+                 "w8a16 CUDA-core us", "w8a16 CUDA-core x bf16"], tablefmt="github")
 
 
 def geomean(xs):
