@@ -46,6 +46,27 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
         text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32)),
+    # Wan 2.2 A14B: two experts of this config (high noise, then low noise), one transformer each
+    "wan2.2-a14b": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    # Wan 2.2 TI2V 5B: latents of its own VAE (48 channels, 16x16 pixels each), one token per 32 x 32 pixels
+    "wan2.2-ti2v-5b": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
+        text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    # HunyuanVideo 1.5 (text to video): diffusers' defaults; 65 input channels are the 32 of its VAE's latent
+    # (16x16 pixels each, patch 1), 32 of a conditioning latent and a mask
+    "hunyuanvideo-1.5": ("HunyuanVideo15Transformer3DModel", dict(
+        in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+        num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
+        text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0, rope_axes_dim=(16, 56, 56), target_size=480,
+        task_type="t2v")),
+    "hunyuanvideo-1.5-tiny": ("HunyuanVideo15Transformer3DModel", dict(
+        in_channels=65, out_channels=32, num_attention_heads=2, attention_head_dim=128, num_layers=2,
+        num_refiner_layers=1, text_embed_dim=256, text_embed_2_dim=256, image_embed_dim=256,
+        rope_axes_dim=(16, 56, 56), target_size=480, task_type="t2v")),
     "z-image": ("ZImageTransformer2DModel", dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
         n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
@@ -101,11 +122,38 @@ def _sd3(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
                 timestep=torch.full((b,), 500.0, device=device, dtype=dtype))
 
 
+def _latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1  # the video VAEs' 4x temporal compression, the first frame alone
+
+
 def _wan(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
-    latent_frames = (frames - 1) // 4 + 1  # the VAE's 4x temporal compression
-    return dict(hidden_states=_randn((b, cfg.in_channels, latent_frames, rows * 2, cols * 2), device, dtype, gen),
+    side = 1 if _wan22_vae(cfg) else 2  # latent pixels per 16 image pixels
+    return dict(hidden_states=_randn((b, cfg.in_channels, _latent_frames(frames), rows * side, cols * side), device,
+                                     dtype, gen),
                 timestep=torch.full((b,), 500, device=device),
                 encoder_hidden_states=_randn((b, text, cfg.text_dim), device, dtype, gen))
+
+
+def _wan22_vae(cfg) -> bool:
+    """Whether a Wan transformer reads the latents of Wan 2.2's VAE (48 channels, 16x16 pixels each)."""
+    return cfg.in_channels == 48
+
+
+SIGLIP_TOKENS = 729  # the image embeddings HunyuanVideo 1.5 takes (SigLIP, 27 x 27); zeros for text to video
+
+
+def _hunyuan_video15(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
+    ones = torch.ones(b, text, device=device)
+    inputs = dict(hidden_states=_randn((b, cfg.in_channels, _latent_frames(frames), rows, cols), device, dtype, gen),
+                  timestep=torch.full((b,), 500.0, device=device, dtype=dtype),
+                  encoder_hidden_states=_randn((b, text, cfg.text_embed_dim), device, dtype, gen),
+                  encoder_attention_mask=ones,
+                  encoder_hidden_states_2=_randn((b, text, cfg.text_embed_2_dim), device, dtype, gen),
+                  encoder_attention_mask_2=ones,
+                  image_embeds=torch.zeros(b, SIGLIP_TOKENS, cfg.image_embed_dim, device=device, dtype=dtype))
+    if cfg.use_meanflow:
+        inputs["timestep_r"] = torch.full((b,), 250.0, device=device, dtype=dtype)
+    return inputs
 
 
 def _z_image(cfg, b, rows, cols, frames, text, device, dtype, gen) -> dict:
@@ -122,14 +170,30 @@ FAMILIES: dict[str, Callable] = {
     "SD3Transformer2DModel": _sd3,
     "WanTransformer3DModel": _wan,
     "ZImageTransformer2DModel": _z_image,
+    "HunyuanVideo15Transformer3DModel": _hunyuan_video15,
+}
+VIDEO = ("WanTransformer3DModel", "HunyuanVideo15Transformer3DModel")
+
+# Families whose forward the meta device cannot run (data-dependent Python branches and boolean masks over the
+# text tokens): the role probe runs a miniature of the model's own config instead, on the CPU, with these
+# fields shrunk (its module names are the model's, blocks aside).
+MINIATURES: dict[str, dict] = {
+    "HunyuanVideo15Transformer3DModel": dict(num_layers=1, num_refiner_layers=1, num_attention_heads=2,
+                                             text_embed_dim=256, text_embed_2_dim=256, image_embed_dim=256),
 }
 
 
+def pixels_per_token(model: nn.Module) -> int:
+    """The side in pixels of one image token: 16, or 32 for Wan 2.2 TI2V 5B (its 16x VAE and 2x2 patches)."""
+    return 32 if type(model).__name__ == "WanTransformer3DModel" and _wan22_vae(model.config) else 16
+
+
 def image_tokens(model: nn.Module, height: int, width: int, frames: int = 1) -> int:
-    """Image (or video) tokens of one sample of ``model``'s family at that size: one per 16 x 16 pixels, per
-    latent frame of a video model (the VAE's 4x temporal compression)."""
-    latent_frames = (frames - 1) // 4 + 1 if type(model).__name__ == "WanTransformer3DModel" else 1
-    return (height // 16) * (width // 16) * latent_frames
+    """Image (or video) tokens of one sample of ``model``'s family at that size: one per ``pixels_per_token``
+    square, per latent frame of a video model (the VAE's 4x temporal compression)."""
+    latent_frames = _latent_frames(frames) if type(model).__name__ in VIDEO else 1
+    side = pixels_per_token(model)
+    return (height // side) * (width // side) * latent_frames
 
 
 def example_inputs(model: nn.Module, device: torch.device | str = "meta", dtype: torch.dtype | None = None,
@@ -142,9 +206,10 @@ def example_inputs(model: nn.Module, device: torch.device | str = "meta", dtype:
     build = FAMILIES.get(type(model).__name__)
     if build is None:
         return None
-    if height % 16 or width % 16 or frames < 1 or batch < 1:
-        raise ValueError(f"{batch} x {height} x {width} x {frames} frames: height and width must be multiples of 16, "
-                         "batch and frames at least 1")
+    side = pixels_per_token(model)
+    if height % side or width % side or frames < 1 or batch < 1:
+        raise ValueError(f"{batch} x {height} x {width} x {frames} frames: height and width must be multiples of "
+                         f"{side} for {type(model).__name__} with its config, batch and frames at least 1")
     dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     gen = None if torch.device(device).type == "meta" else torch.Generator().manual_seed(seed)
     kwargs = build(model.config, batch, height // 16, width // 16, frames, text_tokens, device, dtype, gen)

@@ -49,6 +49,7 @@ class CompiledForward:
     def __init__(self, inner: Callable, original: Callable, cuda_graphs: bool, max_graphs: int,
                  units: list[CompileUnit]):
         self.check = input_check(original.__self__)
+        self.model_name = type(original.__self__).__name__
         self.inner = inner
         self.replay = CUDAGraphReplay(inner, max_graphs=max_graphs) if cuda_graphs else None
         self.units = units
@@ -68,6 +69,13 @@ class CompiledForward:
                 f"torch.compile's recompile limit ({limit}) is reached: every new input shape compiles the "
                 "graphs again (dynamic=False), and a regional compile has one or two graphs per block class and "
                 "shape. Raise torch._dynamo.config.recompile_limit before compiling for more shapes") from e
+        except torch._dynamo.exc.Unsupported as e:
+            if self.units:
+                raise
+            raise RuntimeError(
+                f"torch.compile cannot take {self.model_name}'s whole forward as one graph "
+                f"({str(e).splitlines()[0]}): compile it regionally (regional=None, the default: one graph per "
+                "repeated block class), or pass fullgraph=False to let Dynamo split it") from e
 
     def __deepcopy__(self, memo):
         raise TypeError("a convrot-compiled model cannot be copied (its float weights are released and its "

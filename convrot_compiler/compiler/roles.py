@@ -11,12 +11,15 @@ nothing is computed) on its family's example inputs (families.py), each nn.Linea
 * a linear reading a model input as it is (the input projections) and the last linear of the forward (the
   output projection) stay bf16 under a preset, as FLUX.1's do by name.
 
-A plan of the user's own rules is left as it is (the graphs warn of a per-sample linear it quantizes). A model
-of a family without example inputs, or one the probe cannot run, is decided by names alone, and says so.
+A plan of the user's own rules is left as it is (the graphs warn of a per-sample linear it quantizes). A family
+whose forward branches on data (HunyuanVideo 1.5) is probed through a miniature of its own config on the CPU,
+its roles carried over by module name with the block indices left out. A model of a family without example
+inputs, or one the probe cannot run, is decided by names alone, and says so.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..families import example_inputs
+from ..families import MINIATURES, example_inputs
 from ..plans import PER_SAMPLE_PRECISION, PRESETS, LayerDecision, Plan, decide_linears, eligibility, iter_linears
 
 PER_SAMPLE = "sees one row per sample (modulation, time or guidance embedder)"
@@ -47,25 +50,34 @@ class Probe:
     note: str              # how the roles were found, or why there are none
 
 
-def probe_roles(model: nn.Module) -> Probe:
-    """The roles of ``model``'s linears from one meta-device forward on its family's example inputs."""
-    inputs = example_inputs(model)
-    if inputs is None:
-        return Probe({}, f"no example inputs for {type(model).__name__}: roles by module names only")
-    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # offload hooks move weights in their forward
-        return Probe({}, f"{type(model).__name__} has accelerate hooks: roles by module names only")
-    rows: dict[str, int] = {}
-    reads_input: set[str] = set()
-    order: list[str] = []
+@dataclass
+class _Run:
+    rows: dict[str, int]     # linear name -> rows of its input
+    reads_input: set[str]    # linears whose input is a model input as it is
+    order: list[str]         # linears in the order they ran
+
+    def roles(self) -> dict[str, str]:
+        roles = dict.fromkeys(per_sample_linears(self.rows), PER_SAMPLE)
+        for name in self.reads_input:
+            roles.setdefault(name, INPUT_PROJECTION)
+        if self.order:
+            roles.setdefault(self.order[-1], OUTPUT_PROJECTION)
+        return roles
+
+
+def _run(model: nn.Module, inputs: dict, state: dict | None) -> _Run:
+    """One forward of ``model`` on ``inputs`` (with the tensors of ``state`` in place of its own, if given), each
+    linear's input recorded; every attribute the forward caches is put back."""
+    run = _Run({}, set(), [])
     given = {id(v) for v in inputs.values() if isinstance(v, torch.Tensor)}
 
     def record(name: str):
         def hook(module, args):
             x = args[0]
-            rows[name] = x.numel() // max(1, x.shape[-1])
-            order.append(name)
+            run.rows[name] = x.numel() // max(1, x.shape[-1])
+            run.order.append(name)
             if id(x) in given:
-                reads_input.add(name)
+                run.reads_input.add(name)
         return hook
 
     # a forward may cache tensors in attributes (Z-Image's RoPE table, on a plain object a module holds): on the
@@ -75,17 +87,13 @@ def probe_roles(model: nn.Module) -> Probe:
                 if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type))]
     attributes = [(h, dict(h.__dict__)) for h in holders]
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in iter_linears(model)]
-    state = {k: torch.empty_like(t, device="meta") for k, t in
-             [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            functional_call(model, state, args=(), kwargs=inputs, tie_weights=False, strict=False)
-    except Exception as e:  # a forward the meta device cannot run: fall back to names, and say why
-        note = (f"the shape probe of {type(model).__name__} failed ({type(e).__name__}: {e}): roles by module "
-                "names only")
-        warnings.warn(note, stacklevel=3)
-        return Probe({}, note)
+            if state is None:
+                model(**inputs)
+            else:
+                functional_call(model, state, args=(), kwargs=inputs, tie_weights=False, strict=False)
     finally:
         for h in hooks:
             h.remove()
@@ -93,12 +101,63 @@ def probe_roles(model: nn.Module) -> Probe:
             for key in [k for k in holder.__dict__ if k not in before]:
                 del holder.__dict__[key]
             holder.__dict__.update({k: v for k, v in before.items() if holder.__dict__.get(k) is not v})
-    roles = dict.fromkeys(per_sample_linears(rows), PER_SAMPLE)
-    for name in reads_input:
-        roles.setdefault(name, INPUT_PROJECTION)
-    if order:
-        roles.setdefault(order[-1], OUTPUT_PROJECTION)
-    return Probe(roles, f"roles from a shape probe of {type(model).__name__} ({len(rows)} linears ran)")
+    return run
+
+
+def _block_pattern(name: str) -> str:
+    """A linear's name with its block indices left out: ``transformer_blocks.#.attn.to_q``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "#", name)
+
+
+def _miniature_roles(model: nn.Module, shrink: dict) -> dict[str, str]:
+    """The roles of ``model``'s linears from a forward of a miniature of its own config (``shrink`` applied), on
+    the CPU with random weights: by block pattern, for a family whose forward the meta device cannot run."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            torch.manual_seed(0)
+            miniature = type(model)(**{**config, **shrink}).eval()
+    finally:
+        torch.set_default_dtype(default)
+    run = _run(miniature, example_inputs(miniature, "cpu", dtype=torch.float32), None)
+    found = run.roles()
+    by_pattern: dict[str, str | None] = {}
+    for name in run.rows:
+        p = _block_pattern(name)
+        if by_pattern.setdefault(p, found.get(name)) != found.get(name):
+            raise RuntimeError(f"linears named {p} have different roles in the miniature")
+    ours = {_block_pattern(name) for name, _ in iter_linears(model)}
+    missing = ours - {_block_pattern(name) for name in run.rows}
+    if missing:
+        raise RuntimeError(f"{len(missing)} linears of the model did not run in its miniature "
+                           f"(e.g. {sorted(missing)[0]})")
+    return {name: role for name, _ in iter_linears(model) if (role := by_pattern[_block_pattern(name)]) is not None}
+
+
+def probe_roles(model: nn.Module) -> Probe:
+    """The roles of ``model``'s linears from one meta-device forward on its family's example inputs, or for a
+    family in ``families.MINIATURES`` from a CPU forward of a miniature of its config."""
+    inputs = example_inputs(model)
+    kind = type(model).__name__
+    if inputs is None:
+        return Probe({}, f"no example inputs for {kind}: roles by module names only")
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # offload hooks move weights in their forward
+        return Probe({}, f"{kind} has accelerate hooks: roles by module names only")
+    try:
+        if kind in MINIATURES:
+            roles = _miniature_roles(model, MINIATURES[kind])
+            return Probe(roles, f"roles from a shape probe of a miniature {kind} on the CPU (its forward branches "
+                                "on data: the meta device cannot run it)")
+        state = {k: torch.empty_like(t, device="meta") for k, t in
+                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+        run = _run(model, inputs, state)
+    except Exception as e:  # a forward the probe cannot run: fall back to names, and say why
+        note = f"the shape probe of {kind} failed ({type(e).__name__}: {e}): roles by module names only"
+        warnings.warn(note, stacklevel=3)
+        return Probe({}, note)
+    return Probe(run.roles(), f"roles from a shape probe of {kind} ({len(run.rows)} linears ran)")
 
 
 def is_preset(plan: Plan) -> bool:
