@@ -40,6 +40,8 @@ class ConvRotConfig:
     high_precision_fraction: float = 0.125  # DiRotQ: the share of each input's channels kept in 16 bits
     inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
     report: Callable | None = None       # receives each graph's CompileReport
+    linear_names: Callable | None = None  # weight -> the linear's name in the model, for graphs that start
+                                          # inside a submodule (a whole-model trace with graph breaks)
     fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
     fuse_producers: bool = True          # rotate+quantize reads a concatenation in place
     gelu_epilogue: bool = True           # a GELU after a quantized linear runs in its GEMM's epilogue

@@ -62,7 +62,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfig) -> tuple[Callable, CompileReport]:
     gm = copy_graph_module(gm)  # Dynamo reads its own graph's placeholders after the backend returns
     original, before = gm.forward, gm.print_readable(print_output=False)
-    matches = stages.match(gm, example_inputs)
+    matches = stages.match(gm, example_inputs, config.linear_names)
     decisions = stages.decide(matches, config)
     quantized = stages.prepare(matches, decisions, config)
     rewritten = stages.rewrite(gm, quantized, config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,9 @@ def _example(node) -> torch.Tensor | None:
     return None
 
 
-def find_linears(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
+def find_linears(gm: fx.GraphModule, example_inputs: list, names: Callable | None = None) -> list[LinearMatch]:
+    """The linear ops of a graph. Each is named by ``names(weight)`` where that gives a name, else by the module
+    path Dynamo recorded, relative to where the graph's frame starts."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
     found = []
@@ -75,7 +78,8 @@ def find_linears(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
             except (TypeError, ValueError):  # symbolic sizes
                 rows = None
         out_f, in_f = (tuple(w_meta.shape) if w_meta is not None and w_meta.dim() == 2 else (0, 0))
-        found.append(LinearMatch(node, module_name(node) or f"<linear {i}>", int(in_f), int(out_f), rows, w_idx,
+        name = names(weight) if names is not None and isinstance(weight, torch.Tensor) else None
+        found.append(LinearMatch(node, name or module_name(node) or f"<linear {i}>", int(in_f), int(out_f), rows, w_idx,
                                  weight if isinstance(weight, torch.Tensor) else None, x, b,
                                  w_meta.dtype if w_meta is not None else None))
     return found

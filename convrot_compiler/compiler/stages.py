@@ -41,9 +41,10 @@ class QuantizedLinear:
     spec: PrepSpec
 
 
-def match(gm: fx.GraphModule, example_inputs: list) -> list[LinearMatch]:
-    """Every linear op of the graph, with the parameter and module behind it."""
-    return find_linears(gm, example_inputs)
+def match(gm: fx.GraphModule, example_inputs: list, names: Callable | None = None) -> list[LinearMatch]:
+    """Every linear op of the graph, with the parameter and module behind it (named by ``names`` where it
+    knows the weight)."""
+    return find_linears(gm, example_inputs, names)
 
 
 def decide(matches: list[LinearMatch], config: ConvRotConfig) -> list[LayerDecision]:

@@ -15,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers; "
                                      "--debug anywhere shows the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a FLUX transformer and compare one forward with bf16")
-    add_model_args(demo)
+    demo = sub.add_parser("demo", help="quantize a FLUX transformer (or another family's) and compare one forward with bf16")
+    add_model_args(demo, families=True)
     add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     demo.add_argument("--no-progress", action="store_true")
@@ -100,7 +100,7 @@ def _run(argv: list[str]) -> int:
 
         result = run_demo(args.model, args.config, args.device, args.plan, args.rotation, args.group_size,
                           args.height, args.width, args.text_tokens, args.seed, progress=not args.no_progress,
-                          whole_model=args.whole_model, attention=args.attention)
+                          whole_model=args.whole_model, attention=args.attention, frames=args.frames)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(demo_json(result))
@@ -132,12 +132,14 @@ def _quantize(args) -> None:
 
 
 def _inspect(args) -> None:
-    from ..families import example_inputs
+    from ..families import CONFIGS, MINIATURES, example_inputs
     from .inspection import inspect
     from .models import build_model, load_flux
 
-    model = load_flux(args.model, device="meta") if args.model else build_model(args.config, device="meta")
-    inputs = example_inputs(model, "meta", height=args.height, width=args.width, text_tokens=args.text_tokens,
+    # a tiny config of a family the meta device cannot run is traced with its weights, on the CPU
+    device = "cpu" if args.config.endswith("-tiny") and CONFIGS.get(args.config, ("",))[0] in MINIATURES else "meta"
+    model = load_flux(args.model, device="meta") if args.model else build_model(args.config, device=device)
+    inputs = example_inputs(model, device, height=args.height, width=args.width, text_tokens=args.text_tokens,
                             frames=args.frames)
     report = inspect(model, example_kwargs=inputs, plan=args.plan, fuse_producers=args.fuse_producers,
                      gelu_epilogue=args.gelu_epilogue, attention=args.attention, **quant_overrides(args))

@@ -12,8 +12,9 @@ from ..compiler.attention_rewrite import AttentionDecision
 from ..compiler.backend import CompileReport, convrot_backend
 from ..compiler.roles import ROLE_RULE, decide_model
 from ..config import ConvRotConfig
+from ..families import MINIATURES
 from ..numerics.pca import block_shape
-from ..plans import PRECISIONS, LayerDecision
+from ..plans import PRECISIONS, LayerDecision, iter_linears
 
 
 @dataclass
@@ -165,12 +166,24 @@ def inspect(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
         decisions, plan, roles = decide_model(model, config.plan, config.group_size)
         config = config.replace(plan=plan)
         by_role = {d.name: d for d in decisions if d.rule == ROLE_RULE}
-    options = {"config": config}
+    # a graph that starts inside a submodule (after a graph break) names its linears from there: name them by
+    # their weights as the model does, so that the plan's rules by name reach them
+    by_weight = {id(lin.weight): name for name, lin in iter_linears(model)}
+    options = {"config": config.replace(linear_names=lambda weight: by_weight.get(id(weight)))}
     torch._dynamo.reset()
-    with torch.no_grad():
-        compiled = torch.compile(model, backend=convrot_backend, options=options)
-        compiled(*example_args, **(example_kwargs or {}))
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model, backend=convrot_backend, options=options)
+            compiled(*example_args, **(example_kwargs or {}))
+    except Exception as e:
+        kind = type(model).__name__
+        if kind in MINIATURES and any(p.is_meta for p in model.parameters()):
+            raise RuntimeError(f"{kind}'s forward branches on its inputs' values, which the meta device cannot run "
+                               f"({type(e).__name__}: {str(e).splitlines()[0]}): inspect it with weights, e.g. its "
+                               "tiny config on the CPU (convrot inspect --config hunyuanvideo-1.5-tiny)") from e
+        raise
+    finally:
+        torch._dynamo.reset()
     if not reports:
         raise RuntimeError("torch.compile produced no graph for this model and inputs: nothing to inspect")
     for d in (d for r in reports for d in r.decisions if d.name in by_role):
