@@ -55,12 +55,18 @@ def quant_overrides(args: argparse.Namespace) -> dict:
 
 
 def add_model_args(p: argparse.ArgumentParser, default_size: str = "1024; 256 for flux-tiny",
-                   default_tokens: str = "512; 64 for flux-tiny") -> None:
+                   default_tokens: str = "512; 64 for flux-tiny", families: bool = False) -> None:
     """--model, --config, --device, --height, --width, --text-tokens, --seed: a local FLUX checkpoint or a built-in
-    random one, and the inputs of one forward."""
+    random one (with ``families``, another family's too, and --frames), and the inputs of one forward."""
+    from ..families import CONFIGS
+
     p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
-    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev"],
-                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU")
+    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev", *(CONFIGS if families else ())],
+                   help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU"
+                        + (f"; or another family's ({', '.join(CONFIGS)}; 128 px and 16 text tokens for a "
+                           "*-tiny one)" if families else ""))
+    if families:
+        p.add_argument("--frames", type=int, default=1, help="video frames, for a video model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--height", type=int, help=f"image height in pixels (default {default_size})")
     p.add_argument("--width", type=int, help=f"image width in pixels (default {default_size})")

@@ -1,4 +1,5 @@
-"""The main job: quantize a FLUX-architecture transformer and compare it with bf16."""
+"""The main job: quantize a FLUX-architecture transformer (or another family's built-in config) and compare it
+with bf16."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 from ..compiler.compile_model import compile as convrot_compile
 from ..compiler.compile_model import weight_bytes
 from ..compiler.weights import model_bytes
+from ..families import CONFIGS as FAMILY_CONFIGS
+from ..families import example_inputs, image_tokens, sample_output
 from ..plans import summarize
-from .models import build_flux, load_flux, make_flux_inputs, relative_error
+from .models import build_family, build_flux, load_flux, make_flux_inputs, relative_error
 
 DEMO_GATE_BIAS = 0.5  # so that the built-in model's output depends on its linears (models.build_flux)
 YARDSTICK = "w8a8"     # the error of the same measure under 8-bit linears, in the same run
@@ -48,7 +51,7 @@ def _timed_forward(model, kwargs, device: torch.device) -> tuple[torch.Tensor, f
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        out = model(**kwargs)[0]
+        out = sample_output(model(**kwargs))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return out, (time.perf_counter() - start) * 1e3
@@ -66,24 +69,38 @@ def resolve_device(device: str) -> torch.device:
 def run_demo(model_path: str | None = None, config: str = "auto", device: str = "auto", plan: str = "w4a4",
              rotation: str = "regular", group_size: int = 256, height: int | None = None, width: int | None = None,
              text_tokens: int | None = None, seed: int = 0, progress: bool = True,
-             whole_model: bool = False, attention: str = "keep") -> DemoResult:
+             whole_model: bool = False, attention: str = "keep", frames: int = 1) -> DemoResult:
+    """``config``: a FLUX.1 config, or another family's (``families.CONFIGS``; ``frames`` for a video model)."""
     dev = resolve_device(device)
     if config == "auto":
         config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
-    small = config == "flux-tiny"
-    height = height or (256 if small else 1024)
-    width = width or (256 if small else 1024)
-    text_tokens = text_tokens or (64 if small else 512)
+    family = config in FAMILY_CONFIGS
+    if family and model_path:
+        raise ValueError(f"--model loads a FLUX.1 checkpoint; --config {config} builds a random {config} instead: "
+                         "pass one of them")
+    small = config == "flux-tiny" or config.endswith("-tiny")
+    height = height or (128 if family and small else 256 if small else 1024)
+    width = width or height
+    text_tokens = text_tokens or (16 if family and small else 64 if small else 512)
 
     def load():
+        if family:
+            return build_family(config, seed=seed, device=dev)
         return load_flux(model_path, device=dev) if model_path else build_flux(config, seed=seed, device=dev,
                                                                                gate_bias=DEMO_GATE_BIAS)
 
     model = load()
-    name = model_path or f"{config} (random weights, seed {seed}, adaLN gates {DEMO_GATE_BIAS})"
-    inputs = make_flux_inputs(model, height, width, text_tokens, seed=seed, device=dev)
-    _timed_forward(model, inputs.kwargs, dev)  # warm-up
-    ref, bf16_ms = _timed_forward(model, inputs.kwargs, dev)
+    if family:
+        name = f"{config} (random weights, seed {seed})"
+        kwargs = example_inputs(model, dev, height=height, width=width, text_tokens=text_tokens, frames=frames,
+                                seed=seed)
+        tokens = f"{image_tokens(model, height, width, frames)} image + {text_tokens} text"
+    else:
+        name = model_path or f"{config} (random weights, seed {seed}, adaLN gates {DEMO_GATE_BIAS})"
+        inputs = make_flux_inputs(model, height, width, text_tokens, seed=seed, device=dev)
+        kwargs, tokens = inputs.kwargs, f"{inputs.image_tokens} image + {inputs.text_tokens} text"
+    _timed_forward(model, kwargs, dev)  # warm-up
+    ref, bf16_ms = _timed_forward(model, kwargs, dev)
     bytes_before = model_bytes(model)
     inductor = dev.type == "cuda"
     start = time.perf_counter()
@@ -92,9 +109,9 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     quantize_s = time.perf_counter() - start
     decisions = model.convrot_decisions
     start = time.perf_counter()
-    _timed_forward(model, inputs.kwargs, dev)
+    _timed_forward(model, kwargs, dev)
     first_call_s = time.perf_counter() - start
-    out, q_ms = _timed_forward(model, inputs.kwargs, dev)
+    out, q_ms = _timed_forward(model, kwargs, dev)
     regional = bool(model.forward.units)
     rel_error = relative_error(out, ref)
     weight_bytes_quantized = weight_bytes(model)
@@ -104,10 +121,10 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
         torch._dynamo.reset()
         yardstick = convrot_compile(load(), plan=YARDSTICK, group_size=group_size, rotation=rotation,
                                     inductor=inductor, progress=False, regional=False if whole_model else None)
-        yardstick_error = relative_error(_timed_forward(yardstick, inputs.kwargs, dev)[0], ref)
+        yardstick_error = relative_error(_timed_forward(yardstick, kwargs, dev)[0], ref)
         del yardstick
     return DemoResult(
-        model=name, device=str(dev), tokens=f"{inputs.image_tokens} image + {inputs.text_tokens} text",
+        model=name, device=str(dev), tokens=tokens,
         plan=plan, rotation=rotation, group_size=group_size, layers=summarize(decisions),
         weight_bytes_bf16=bytes_before, weight_bytes_quantized=weight_bytes_quantized,
         linear_bytes_bf16=sum(d.bytes_before for d in decisions),
