@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -251,7 +252,7 @@ def run(args) -> dict:
         args.config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
     variants = parse_variants(args.variants, VARIANTS)
     for res in args.resolution:
-        image_tokens_for(res, res)
+        image_tokens_for(*_height_width(res))
     rows, breakdown, baseline_breakdown = [], None, None
     for res in args.resolution:
         torch._dynamo.reset()
@@ -284,6 +285,11 @@ def run(args) -> dict:
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                     times = time_forward(fn, kwargs, dev, args.iters)
+                    replay = getattr(getattr(model, "forward", None), "replay", None)
+                    if replay is not None and replay.unreplayable:  # the note said replay before the first call
+                        why = next(iter(replay.unreplayable.values()))
+                        note = note.replace("CUDA graph replay", f"kernels launched one by one: CUDA-graph replay "
+                                                                 f"is off, {why}")
                     row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
                                weight_bytes=model_bytes(model) + prepared,
                                peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
@@ -304,11 +310,29 @@ def run(args) -> dict:
     return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
 
 
-def _inputs(model, res: int, args, dev) -> tuple[dict, int]:
-    """One forward's inputs at ``res`` x ``res`` (families.example_inputs) and its tokens per sample."""
-    kwargs = example_inputs(model, dev, height=res, width=res, text_tokens=args.text_tokens, frames=args.frames,
+def resolution(text: str) -> int | str:
+    """A ``--resolution``: ``1024`` (square) or ``480x832`` (height x width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size in pixels, 1024 or 480x832") from None
+    return h if h == w else f"{h}x{w}"
+
+
+def _height_width(res: int | str) -> tuple[int, int]:
+    if isinstance(res, int):
+        return res, res
+    h, w = res.split("x")
+    return int(h), int(w)
+
+
+def _inputs(model, res: int | str, args, dev) -> tuple[dict, int]:
+    """One forward's inputs at ``res`` (square, or height x width; families.example_inputs) and its tokens per
+    sample."""
+    h, w = _height_width(res)
+    kwargs = example_inputs(model, dev, height=h, width=w, text_tokens=args.text_tokens, frames=args.frames,
                             batch=args.batch)
-    return kwargs, image_tokens(model, res, res, args.frames) + args.text_tokens
+    return kwargs, image_tokens(model, h, w, args.frames) + args.text_tokens
 
 
 def _profiled(variant: str, fn, kwargs, forward_ms: float) -> dict:
@@ -392,7 +416,8 @@ def merge(results: dict[str, dict]) -> str:
     rows = [dict(r, call=name) for name, res in results.items() for r in res["rows"]]
     envs = {f"GPU {res['env'].get('gpu')} | torch {res['env']['torch']} | triton {res['env']['triton']} | "
             f"diffusers {res['env']['diffusers']} | {res['env']['date']}" for res in results.values()}
-    points = sorted({(r["resolution"], r.get("batch", 1)) for r in rows if r.get("ms")})
+    points = sorted({(r["resolution"], r.get("batch", 1)) for r in rows if r.get("ms")},
+                    key=lambda p: (math.prod(_height_width(p[0])), p[1]))
     growth = []
     for variant in dict.fromkeys(r["variant"] for r in rows if r.get("ms")):
         cells = []
@@ -416,7 +441,8 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="auto", help="a built-in config: FLUX.1's (auto: flux-dev on CUDA, flux-tiny "
                    f"elsewhere) or another family's ({', '.join(FAMILY_CONFIGS)})")
     p.add_argument("--frames", type=int, default=1, help="video frames, for a video model (wan*)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[1024])
+    p.add_argument("--resolution", type=resolution, nargs="+", default=[1024],
+                   help="pixels: 1024 (square) or 480x832 (height x width), one or more")
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))

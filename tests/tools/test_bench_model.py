@@ -28,11 +28,12 @@ def test_model_bench_runs_and_writes_consistent_results(tmp_path):
     assert result["rows"] == data["rows"]
 
 
-@pytest.mark.parametrize("config,frames,tokens", [("qwen-image-tiny", 1, 64 + 16), ("wan-tiny", 5, 2 * 64 + 16)])
-def test_model_bench_takes_another_familys_config(tmp_path, config, frames, tokens):
-    """Another family's built-in config through the same harness: its own inputs, its tokens per sample (a
-    video's latent frames included), the modulation weight-only by its role."""
-    bench_model.main(["--config", config, "--resolution", "128", "--text-tokens", "16", "--frames", str(frames),
+@pytest.mark.parametrize("config,frames,res,tokens", [("qwen-image-tiny", 1, "128", 64 + 16),
+                                                      ("wan-tiny", 5, "96x160", 2 * 6 * 10 + 16)])
+def test_model_bench_takes_another_familys_config(tmp_path, config, frames, res, tokens):
+    """Another family's built-in config through the same harness: its own inputs at a square or height x width
+    size, its tokens per sample (a video's latent frames included), the modulation weight-only by its role."""
+    bench_model.main(["--config", config, "--resolution", res, "--text-tokens", "16", "--frames", str(frames),
                       "--variants", "bf16,w4a4", "--iters", "1", "--device", "cpu", "--out", str(tmp_path),
                       "--name", "family"])
     rows = {r["variant"]: r for r in json.loads((tmp_path / "family.json").read_text())["rows"]}
@@ -112,8 +113,18 @@ def test_merge_refuses_files_that_are_not_results(tmp_path):
         bench_model.main(["--merge", str(bad), "--out", str(tmp_path)])
 
 
+def test_resolutions_are_square_or_height_by_width():
+    import argparse
+
+    assert bench_model.resolution("1024") == bench_model.resolution("1024x1024") == 1024
+    assert bench_model.resolution("480x832") == "480x832"
+    with pytest.raises(argparse.ArgumentTypeError, match="480x832"):
+        bench_model.resolution("480p")
+
+
 def test_kernel_groups_and_the_top_kernels_table():
     group = bench_model.kernel_group
+    assert group("_tiles_kernel") == group("_w4a16_row_kernel") == "weight-only GEMV"
     assert group("_int_gemm_kernel") == group("_packed_gemm_kernel") == "quantized GEMM"
     assert group("_int_gemm_tma_kernel") == "quantized GEMM"
     assert group("_rotate_quant_kernel") == "rotate+quantize"
