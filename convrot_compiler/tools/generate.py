@@ -28,8 +28,15 @@ from .bench_model import sync
 from .cli_options import add_quant_args, quant_overrides
 from .demo import resolve_device
 from .models import image_tokens_for
-from .pipelines import (VAE_TILE, VAE_TILING, StepTimer, decode_latents, load_pipeline, random_pipeline,
-                        random_prompt_embeds)
+from .pipelines import (
+    VAE_TILE,
+    VAE_TILING,
+    StepTimer,
+    decode_latents,
+    load_pipeline,
+    random_pipeline,
+    random_prompt_embeds,
+)
 
 DEFAULT_PROMPT = "a red fox in fresh snow, morning light"
 

@@ -11,8 +11,14 @@ from torch import nn
 
 import convrot_compiler as cc
 from convrot_compiler.tools.models import relative_error
-from convrot_compiler.tools.pipelines import (VAE_CONFIGS, VAE_TILE, decode_latents, enable_vae_tiling, random_pipeline,
-                                              random_prompt_embeds)
+from convrot_compiler.tools.pipelines import (
+    VAE_CONFIGS,
+    VAE_TILE,
+    decode_latents,
+    enable_vae_tiling,
+    random_pipeline,
+    random_prompt_embeds,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: Dynamo reset around each test
 

@@ -2,14 +2,12 @@ import pytest
 import torch
 
 from convrot_compiler.numerics.quant import (
-    pack_int8_tiles,
-    pack_values,
-    unpack_int8_tiles,
-    unpack_values,
     PACK_TILES_ROWS,
     dequantize,
     pack_int4,
     pack_int4_tiles,
+    pack_int8_tiles,
+    pack_values,
     quantize_activation,
     quantize_symmetric,
     quantize_weight,
@@ -17,6 +15,8 @@ from convrot_compiler.numerics.quant import (
     relayout,
     unpack_int4,
     unpack_int4_tiles,
+    unpack_int8_tiles,
+    unpack_values,
 )
 from convrot_compiler.numerics.rotations import GroupHadamardRotation, make_rotation
 
