@@ -92,6 +92,18 @@ class Calibration:
             self._bases[key] = pca_bases(self.second_moment(name).to(device)).to(dtype)
         return self._bases[key]
 
+    def forget_basis(self, name: str) -> None:
+        """Drop the bases cached for linear ``name``'s input (in every dtype and on every device): for a caller that
+        has prepared every linear reading it and keeps what it needs (``convrot quantize`` writes each basis once
+        and would otherwise hold all of them on the device, about 9 GB for FLUX.1-dev)."""
+        lead = self.shared.get(name, name)
+        for key in [k for k in self._bases if k[0] == lead]:
+            del self._bases[key]
+
+    def cached_basis_bytes(self) -> int:
+        """Bytes of the bases ``basis`` holds for reuse."""
+        return sum(t.numel() * t.element_size() for t in self._bases.values())
+
     @property
     def layers(self) -> list[str]:
         return list(self.shared)

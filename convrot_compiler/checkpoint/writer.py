@@ -13,6 +13,7 @@ it finished and quantizes the rest (GPTQ on a large model takes minutes).
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 from dataclasses import dataclass
@@ -141,6 +142,9 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
     try:
         writer = _ShardWriter(tmp, shard_bytes)
         done = set(writer.tensors)
+        # DiRotQ: linears still to prepare per input, so that its cached basis is dropped after the last of them
+        readers = collections.Counter(calibration.shared.get(d.name, d.name) for d in quantized.values()
+                                      if pca and d.precision == "w4a4" and f"{d.name}.qweight" not in done)
         bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
                    initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
         for path, shard_keys in src.files.items():
@@ -168,6 +172,10 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
                         if basis not in writer.tensors and basis not in writer.buffer:
                             writer.add(basis, qw.basis.cpu())
                         writer.add(f"{d.name}.w_hi", qw.w_hi.cpu())
+                        lead = calibration.shared.get(d.name, d.name)
+                        readers[lead] -= 1
+                        if readers[lead] == 0:
+                            calibration.forget_basis(d.name)
                     writer.add(f"{d.name}.qweight", qw.values.cpu())
                     writer.add(f"{d.name}.weight_scale", qw.scale.cpu())
                     bar.update()

@@ -381,6 +381,24 @@ def test_a_dirotq_checkpoint_loads_to_what_compiling_with_dirotq_gives(saved, tm
     assert torch.equal(model(**_inputs())[0], expected)
 
 
+def test_quantizing_with_dirotq_drops_each_basis_after_the_last_linear_reading_its_input(saved, tmp_path):
+    """The calibration caches a basis per input for the linears sharing it; quantize writes each once and must not
+    keep them all (about 9 GB on the GPU at FLUX.1-dev size): it drops each after its input's last linear."""
+    cal = cc.calibrate(_model(), [_inputs()], progress=False)
+    held, basis = [], cal.basis
+
+    def counted(*args, **kwargs):
+        out = basis(*args, **kwargs)
+        held.append(len(cal._bases))
+        return out
+
+    cal.basis = counted
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), rotation="pca", calibration=cal, progress=False)
+    inputs = {layer.basis for layer in manifest.layers if layer.basis is not None}
+    assert len(inputs) > 3 and held and max(held) <= 3 < len(inputs)
+    assert cal.cached_basis_bytes() == 0
+
+
 def test_a_dirotq_checkpoint_with_a_wrong_rank_is_refused(saved, tmp_path):
     cal = cc.calibrate(_model(), [_inputs()], progress=False)
     cc.quantize(saved, str(tmp_path / "ckpt"), rotation="pca", calibration=cal, progress=False)
