@@ -12,8 +12,9 @@ Under freezing a linear reaches the post-grad graph as ``mm`` / ``addmm`` of a r
 activation and a frozen (already transposed) weight constant. The pass quantizes that
 constant, registers the prepared tensors as new constants and replaces the GEMM with the
 convrot custom ops; GEMMs of one activation node (AOTAutograd's CSE makes Q/K/V's reshapes one
-node) share its rotate+quantize and one GEMM. The backend's GELU epilogue and producer fusions
-are not done here. Its ``uuid()`` is None on purpose: prepared weights are graph constants
+node) share its rotate+quantize and one GEMM. DiRotQ (``rotation="pca"``, ``"pca-hadamard"``) and GPTQ weights
+take a ``calibration``, read by each GEMM's module name: DiRotQ's linears of one input share its basis constant
+and its rotate+split+quantize. The backend's GELU epilogue and producer fusions are not done here. Its ``uuid()`` is None on purpose: prepared weights are graph constants
 here, and a cacheable pass would pickle them into every FX-cache entry (gigabytes for FLUX),
 so graphs compiled with it bypass the FX graph cache. The ``convrot`` backend has no such
 cost (its prepared weights are graph inputs); prefer it.
@@ -26,19 +27,20 @@ from __future__ import annotations
 
 import itertools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import ConvRotConfig
-from ..numerics.quant import SCHEME_BITS
-from ..numerics.rotations import GroupHadamardRotation
+from ..numerics.pca import PCAWeight
+from ..numerics.quant import SCHEME_BITS, WEIGHT_ONLY
 from ..plans import LayerDecision, decide
 from .emit import QuantizedUse, emit
 from .match import module_name
-from .weights import prepare_weight, weight_spec
+from .stages import graph_rotation_matrix
+from .weights import prepare_weight
 
 aten = torch.ops.aten
 
@@ -52,6 +54,7 @@ class _Target:
     fake_mode: object
     anchor: fx.Node | None  # the first non-placeholder node: new constants are read before it
     h: fx.Node | None = None
+    bases: dict = field(default_factory=dict)  # DiRotQ: id(basis tensor) -> its constant
 
     @property
     def graph(self) -> fx.Graph:
@@ -65,8 +68,10 @@ class ConvRotInductorPass(CustomGraphPass):
     happened to each linear, ``activation_quantizations`` and ``fused_gemms`` what was shared."""
 
     def __init__(self, config: ConvRotConfig | None = None, **overrides):
-        """The pass reads ``plan``, ``group_size``, ``rotation`` and ``fuse_gemms`` of a ``ConvRotConfig``
-        (or those names as ``overrides``); the other graph options are the backend's alone."""
+        """The pass reads ``plan``, ``group_size``, ``rotation``, ``fuse_gemms`` and the calibrated methods'
+        ``weights``, ``calibration`` and ``high_precision_fraction`` of a ``ConvRotConfig`` (or those names as
+        ``overrides``); the other graph options are the backend's alone. DiRotQ (``rotation="pca"``) and GPTQ
+        find each linear's input statistics by its module name, which freezing keeps."""
         config = (config or ConvRotConfig()).replace(**overrides)
         default = ConvRotConfig()
         others = [f for f in ("fuse_producers", "gelu_epilogue", "attention", "inductor", "dry_run")
@@ -74,6 +79,7 @@ class ConvRotInductorPass(CustomGraphPass):
         if others:
             raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation and fuse_gemms; {others} "
                              "are the convrot backend's only (torch.compile(model, backend='convrot'))")
+        self.config = config
         self.plan = config.plan
         self.group_size = config.group_size
         self.rotation = config.rotation
@@ -181,17 +187,30 @@ class ConvRotInductorPass(CustomGraphPass):
         self.decisions.append(decision)
         if decision.precision == "bf16":
             return None
-        spec = weight_spec(decision.precision, self.rotation, self.group_size, w)
-        qw = prepare_weight(w.contiguous(), spec)
+        spec = self.config.spec_for(decision.precision, w)
+        if spec.calibration is not None and not known:
+            raise ValueError(f"{name}: a GEMM with no module name (Inductor built it) cannot find its input's "
+                             f"statistics in the calibration that rotation={self.rotation!r}, "
+                             f"weights={self.config.weights!r} need")
+        qw = prepare_weight(w.contiguous(), spec, layer=known)
         decision.bytes_after = qw.nbytes()
-        if spec.rotation is not None and self.rotation != "none" and g.h is None:
-            # in the weights' (= activations') dtype, as the backend passes it: the kernel would otherwise
-            # cast it on every call; group-Hadamard entries are exact in bf16/fp16
-            h = GroupHadamardRotation(self.rotation, self.group_size).kernel_matrix()
-            g.h = self._constant(g, "_convrot_h", h.to(w.device, w.dtype))
-        return QuantizedUse(node, x, bias, self._constant(g, f"_convrot_{node.name}_values", qw.values),
-                            self._constant(g, f"_convrot_{node.name}_scale", qw.scale), n_out, decision.precision,
-                            spec.act_order)
+        if decision.precision not in WEIGHT_ONLY and g.h is None:
+            h = graph_rotation_matrix(self.config)
+            if h is not None:
+                # in the weights' (= activations') dtype, as the backend passes it: the kernel would otherwise
+                # cast it on every call; group-Hadamard entries are exact in bf16/fp16
+                g.h = self._constant(g, "_convrot_h", h.to(w.device, w.dtype))
+        values = self._constant(g, f"_convrot_{node.name}_values", qw.values)
+        scale = self._constant(g, f"_convrot_{node.name}_scale", qw.scale)
+        if not isinstance(qw, PCAWeight):
+            return QuantizedUse(node, x, bias, values, scale, n_out, decision.precision, spec.act_order)
+        decision.extra["rank"] = qw.rank
+        basis = g.bases.get(id(qw.basis))  # one constant per input's basis, which its linears share
+        if basis is None:
+            basis = g.bases[id(qw.basis)] = self._constant(g, f"_convrot_{node.name}_basis", qw.basis)
+        return QuantizedUse(node, x, bias, values, scale, n_out, decision.precision, basis=basis,
+                            w_hi=self._constant(g, f"_convrot_{node.name}_w_hi", qw.w_hi), rank=qw.rank,
+                            share=spec.calibration.shared.get(known, known))
 
 
 class _InductorForm:
@@ -222,6 +241,15 @@ class _InductorForm:
     def weight_only(self, use, x, bias):
         return self._call(torch.ops.convrot.weight_only_gemm.default,
                           (x, use.values, use.scale, bias, self.group_size, SCHEME_BITS[use.scheme][0]))
+
+    def pca_quantize(self, x, use):
+        return self._call(torch.ops.convrot.pca_rotate_quantize.default,
+                          (x, use.basis, self.g.h, use.rank, self.group_size))
+
+    def pca_gemm(self, zqs, like, use, bias):
+        z_hi, q, s = (self._call(operator.getitem, (zqs, i)) for i in range(3))
+        return self._call(torch.ops.convrot.pca_gemm.default,
+                          (z_hi, q, s, use.w_hi, use.values, use.scale, bias, self.group_size))
 
     def replace(self, old, new):
         _replace(self.g.graph, old, new)

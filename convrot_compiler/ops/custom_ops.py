@@ -157,8 +157,9 @@ def _(x, qw, scale, bias, group_size, bits):
 def pca_rotate_quantize_op(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], rank: int,
                            group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DiRotQ's activation half on basis blocks [n, b, b]: (z_hi [M, n rank], int4 values [M, n (b - rank)] as int8,
-    scales [M, n (b - rank) / G]); see ``numerics.pca.pca_rotate_quantize``."""
-    return pca_rotate_quantize(x, basis, h, rank, group_size)
+    scales [M, n (b - rank) / G]); see ``numerics.pca.pca_rotate_quantize``. Contiguous, as the fake says (Inductor
+    checks the strides): the reference's z_hi is a column slice of the rotated rows."""
+    return tuple(t.contiguous() for t in pca_rotate_quantize(x, basis, h, rank, group_size))
 
 
 @pca_rotate_quantize_op.register_kernel("cuda")

@@ -198,3 +198,43 @@ def test_the_pass_reads_a_config_and_refuses_the_backend_only_options():
         ConvRotInductorPass(attention="fp8")
     with pytest.raises(TypeError, match="unknown convrot option"):
         ConvRotInductorPass(plann="w4a4")
+
+
+@pytest.mark.parametrize("rotation,weights", [("pca", "rtn"), ("pca-hadamard", "gptq"), ("regular", "gptq")])
+def test_post_grad_pass_runs_the_calibrated_methods_as_the_backend_does(rotation, weights):
+    """DiRotQ (one basis per input, shared by Q/K/V-like linears and one constant) and GPTQ weights, their
+    statistics found by the frozen GEMMs' module names: the same output as convrot_compiler.compile's."""
+    model = _SharedInput().eval()
+    x = torch.randn(3, 10, 256)
+    cal = cc.calibrate(model, [(torch.randn(4, 10, 256),)], progress=False)
+    options = dict(rotation=rotation, weights=weights, calibration=cal, group_size=64)
+    with torch.no_grad():
+        import copy
+
+        expected = cc.compile(copy.deepcopy(model), progress=False, **options)(x)
+    torch._dynamo.reset()
+    p = ConvRotInductorPass(**options)
+    seen = []
+
+    def run(graph):
+        p(graph)
+        seen.append([n.target for n in graph.nodes if n.op == "get_attr" and "basis" in str(n.target)])
+
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=run, **{"cpp.weight_prepack": False}):
+        with torch.no_grad():
+            out = torch.compile(model)(x)
+    assert sorted(d.name for d in p.decisions if d.precision == "w4a4") == ["k", "out", "q", "v"]
+    if rotation.startswith("pca"):
+        assert len(seen[0]) == 2 and p.activation_quantizations == 2  # x's basis for q/k/v, q * k's for out
+        assert all(d.extra["rank"] > 0 for d in p.decisions)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_post_grad_pass_refuses_a_calibrated_method_for_a_linear_the_calibration_never_saw():
+    model = _SharedInput().eval()
+    cal = cc.calibrate(model, [(torch.randn(2, 4, 256),)], progress=False)
+    del cal.shared["out"]
+    p = ConvRotInductorPass(rotation="pca", calibration=cal, group_size=64)
+    with inductor_config.patch(freezing=True, post_grad_custom_post_pass=p, **{"cpp.weight_prepack": False}):
+        with torch.no_grad(), pytest.raises(Exception, match="out: the calibration never saw this linear"):
+            torch.compile(model)(torch.randn(2, 4, 256))
