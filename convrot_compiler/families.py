@@ -13,6 +13,10 @@ from torch import nn
 
 TEXT_TOKENS = 16  # the probe's; per-token linears then see 16 or more rows per sample
 
+_WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
 # name -> (diffusers class, config): the published transformer configs, and tiny ones of the same structure
 # (hidden 256, two blocks of each kind) that compile on a CPU in seconds.
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -38,19 +42,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=2,
         joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=256, out_channels=16,
         pos_embed_max_size=32)),
-    "wan2.1-14b": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    "wan2.1-14b": ("WanTransformer3DModel", _WAN_14B),
     "wan-tiny": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
         text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32)),
     # Wan 2.2 A14B: two experts of this config (high noise, then low noise), one transformer each
-    "wan2.2-a14b": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    "wan2.2-a14b": ("WanTransformer3DModel", _WAN_14B),
     # Wan 2.2 TI2V 5B: latents of its own VAE (48 channels, 16x16 pixels each), one token per 32 x 32 pixels
     "wan2.2-ti2v-5b": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
