@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,11 @@ def open_source(path: str) -> SourceModel:
     folder = path
     if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
         folder = os.path.join(path, "transformer")
+        second = os.path.join(path, "transformer_2")
+        if os.path.isdir(second):
+            warnings.warn(f"{path} also holds transformer_2 (a second expert, as Wan 2.2's, denoising the low-noise "
+                          f"steps): this takes transformer/ only; quantize {second} into a checkpoint of its own",
+                          stacklevel=2)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json (nor transformer/config.json): not a diffusers model folder")

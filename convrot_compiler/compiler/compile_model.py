@@ -98,16 +98,23 @@ def weight_bytes(model: nn.Module) -> int:
     return model_bytes(model) + prepared
 
 
+def pipeline_transformers(pipeline) -> dict[str, nn.Module]:
+    """A pipeline's transformers by component name: ``transformer``, and ``transformer_2`` where one denoises
+    part of the steps (Wan 2.2's low-noise expert)."""
+    return {name: m for name in ("transformer", "transformer_2") if isinstance(m := getattr(pipeline, name, None),
+                                                                           nn.Module)}
+
+
 def _target(obj) -> tuple[object | None, nn.Module]:
     """(the pipeline or None, the module to compile)."""
     from diffusers import DiffusionPipeline
 
     if isinstance(obj, DiffusionPipeline):
-        transformer = getattr(obj, "transformer", None)
-        if not isinstance(transformer, nn.Module):
+        transformers = pipeline_transformers(obj)
+        if not transformers:
             raise ValueError(f"{type(obj).__name__} has no transformer to compile (its components: "
                              f"{sorted(obj.components)}); convrot compiles diffusion transformers")
-        return obj, transformer
+        return obj, next(iter(transformers.values()))
     if not isinstance(obj, nn.Module):
         raise TypeError(f"convrot_compiler.compile takes an nn.Module or a diffusers pipeline, got "
                         f"{type(obj).__name__}")
@@ -127,7 +134,8 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
     """Compile ``model`` with the convrot backend, in place, and return it.
 
     ``model`` is an ``nn.Module`` (returned, the same object, its forward compiled) or a diffusers
-    pipeline (its ``transformer`` compiled in place; the pipeline returned). The options are a
+    pipeline (its ``transformer`` compiled in place, and its ``transformer_2`` where it has one; the pipeline
+    returned). The options are a
     ``ConvRotConfig`` (default: ``ConvRotConfig()``) with ``overrides`` by field name, e.g.
     ``compile(model, plan="mix", attention="fp8")``. The layer decisions are ``model.convrot_decisions``,
     the compile report of each graph ``model.convrot_reports``. Inference only: call the model under
@@ -151,6 +159,16 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
                            "compile a fresh model")
     if config is not None and not isinstance(config, ConvRotConfig):
         raise TypeError(f"config must be a ConvRotConfig, got {type(config).__name__}")
+    experts = pipeline_transformers(pipeline) if pipeline is not None else {}
+    if len(experts) > 1:  # each denoises its own steps: both quantized, or the pipeline runs half of them in bf16
+        options = (config or ConvRotConfig()).replace(**overrides)
+        if options.calibration is not None:
+            raise ValueError(f"{type(pipeline).__name__} has {len(experts)} transformers ({', '.join(experts)}), and "
+                             "a calibration describes one of them: compile each with its own calibration "
+                             "(compile(pipe.transformer, ...), compile(pipe.transformer_2, ...))")
+        for expert in experts.values():
+            compile(expert, config, **overrides)
+        return pipeline
     config = _checkpoint_config(module, config, overrides)
     if config.calibration is not None:
         config.calibration.bind(module)

@@ -90,6 +90,17 @@ def test_the_cli_writes_what_the_api_loads(saved, tmp_path):
         cc.compile(cc.load(str(out), device="cpu"), plan="mix", progress=False)
 
 
+def test_quantizing_a_pipeline_root_with_a_second_expert_says_it_takes_the_first_only(saved, tmp_path):
+    """Wan 2.2's pipelines hold transformer/ and transformer_2/: quantize takes transformer/ and says so."""
+    import shutil
+
+    for name in ("transformer", "transformer_2"):
+        shutil.copytree(saved, tmp_path / "pipe" / name)
+    with pytest.warns(UserWarning, match="also holds transformer_2.*quantize .*transformer_2 into a checkpoint"):
+        manifest = cc.quantize(str(tmp_path / "pipe"), str(tmp_path / "ckpt"), progress=False)
+    assert manifest.layers and os.path.isfile(tmp_path / "ckpt" / "convrot.json")
+
+
 def test_a_pipeline_takes_the_loaded_transformer(tmp_path):
     """FluxPipeline.from_pretrained(base, transformer=convrot_compiler.load(OUT)): the base's own transformer
     weights are never read, and the pipeline's latents are those of the in-memory compile."""

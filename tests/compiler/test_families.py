@@ -185,3 +185,24 @@ def test_inspect_names_the_linears_of_a_graph_that_starts_inside_a_submodule():
     assert report.decisions and all(d.name in names for d in report.decisions)
     one_row = [d for d in report.decisions if d.rows == 1]
     assert one_row and all(d.precision in ("w4a16", "bf16") for d in one_row)
+
+
+def test_compiling_a_pipeline_with_two_experts_compiles_both():
+    """Wan 2.2 A14B denoises its high-noise steps with ``transformer`` and the rest with ``transformer_2``:
+    compiling the pipeline quantizes both, where it left the second in bf16 for half the steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from convrot_compiler.compiler.compile_model import is_compiled
+
+    high, low = (build_family("wan-tiny", seed=s, device="cpu") for s in (0, 1))
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=high, transformer_2=low, boundary_ratio=0.875)
+    cal = cc.calibrate(high, [example_inputs(high, "cpu", frames=5)], progress=False)
+    with pytest.raises(ValueError, match="compile each with its own calibration"):
+        cc.compile(pipe, rotation="pca", calibration=cal, progress=False)
+    assert not is_compiled(high) and not is_compiled(low)
+    assert cc.compile(pipe, progress=False) is pipe
+    assert is_compiled(pipe.transformer) and is_compiled(pipe.transformer_2)
+    inputs = example_inputs(low, "cpu", frames=5)
+    assert any(d.precision == "w4a4" for d in pipe.transformer_2.convrot_decisions)
+    assert torch.isfinite(sample_output(pipe.transformer_2(**inputs))).all()
