@@ -115,8 +115,8 @@ def _miniature_roles(model: nn.Module, shrink: dict) -> dict[str, str]:
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
-    try:
-        with torch.device("cpu"):
+    try:  # its random init leaves the caller's random state as it was
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(0)
             miniature = type(model)(**{**config, **shrink}).eval()
     finally:

@@ -151,7 +151,9 @@ def test_a_family_the_meta_device_cannot_run_gets_its_roles_from_a_miniature():
     from convrot_compiler.compiler.roles import probe_roles
 
     model = build_family("hunyuanvideo-1.5")
+    state = torch.random.get_rng_state()
     probe = probe_roles(model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the miniature's random init leaves the caller's
     assert "miniature HunyuanVideo15Transformer3DModel" in probe.note
     per_sample = {n for n, r in probe.roles.items() if r == PER_SAMPLE}
     assert {f"transformer_blocks.{i}.norm1.linear" for i in range(54)} <= per_sample
