@@ -135,15 +135,18 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
     weight_dtypes: dict[str, torch.dtype] = {}
     check_calibrated_plan(list(quantized.values()), config)  # before anything is written
 
-    def basis_key(name: str) -> str:  # DiRotQ: one basis per input, named after the first linear reading it
-        return f"{calibration.shared.get(name, name)}.pca_basis"
+    def input_of(name: str) -> str:  # DiRotQ: the first linear reading the input this one reads
+        return calibration.shared.get(name, name)
+
+    def basis_key(name: str) -> str:  # one basis per input, named after that linear
+        return f"{input_of(name)}.pca_basis"
     tmp = _out_folder(out, overwrite, resume)
     writer = None
     try:
         writer = _ShardWriter(tmp, shard_bytes)
         done = set(writer.tensors)
         # DiRotQ: linears still to prepare per input, so that its cached basis is dropped after the last of them
-        readers = collections.Counter(calibration.shared.get(d.name, d.name) for d in quantized.values()
+        readers = collections.Counter(input_of(d.name) for d in quantized.values()
                                       if pca and d.precision == "w4a4" and f"{d.name}.qweight" not in done)
         bar = tqdm(total=len(quantized), desc="quantizing", unit="layer", disable=not progress,
                    initial=sum(f"{d.name}.qweight" in done for d in quantized.values()))
@@ -172,9 +175,8 @@ def quantize(model: str, out: str, plan="w4a4", group_size: int | None = None, r
                         if basis not in writer.tensors and basis not in writer.buffer:
                             writer.add(basis, qw.basis.cpu())
                         writer.add(f"{d.name}.w_hi", qw.w_hi.cpu())
-                        lead = calibration.shared.get(d.name, d.name)
-                        readers[lead] -= 1
-                        if readers[lead] == 0:
+                        readers[input_of(d.name)] -= 1
+                        if readers[input_of(d.name)] == 0:
                             calibration.forget_basis(d.name)
                     writer.add(f"{d.name}.qweight", qw.values.cpu())
                     writer.add(f"{d.name}.weight_scale", qw.scale.cpu())

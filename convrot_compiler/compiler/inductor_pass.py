@@ -14,8 +14,8 @@ constant, registers the prepared tensors as new constants and replaces the GEMM 
 convrot custom ops; GEMMs of one activation node (AOTAutograd's CSE makes Q/K/V's reshapes one
 node) share its rotate+quantize and one GEMM. DiRotQ (``rotation="pca"``, ``"pca-hadamard"``) and GPTQ weights
 take a ``calibration``, read by each GEMM's module name: DiRotQ's linears of one input share its basis constant
-and its rotate+split+quantize. The backend's GELU epilogue and producer fusions are not done here. Its ``uuid()`` is None on purpose: prepared weights are graph constants
-here, and a cacheable pass would pickle them into every FX-cache entry (gigabytes for FLUX),
+and its rotate+split+quantize. The backend's GELU epilogue and producer fusions are not done here. Its
+``uuid()`` is None on purpose: prepared weights are graph constants here, and a cacheable pass would pickle them into every FX-cache entry (gigabytes for FLUX),
 so graphs compiled with it bypass the FX graph cache. The ``convrot`` backend has no such
 cost (its prepared weights are graph inputs); prefer it.
 
@@ -77,16 +77,29 @@ class ConvRotInductorPass(CustomGraphPass):
         others = [f for f in ("fuse_producers", "gelu_epilogue", "attention", "inductor", "dry_run")
                   if getattr(config, f) != getattr(default, f)]
         if others:
-            raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation and fuse_gemms; {others} "
-                             "are the convrot backend's only (torch.compile(model, backend='convrot'))")
+            raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation, fuse_gemms, weights, "
+                             f"calibration and high_precision_fraction; {others} are the convrot backend's only "
+                             "(torch.compile(model, backend='convrot'))")
         self.config = config
-        self.plan = config.plan
-        self.group_size = config.group_size
-        self.rotation = config.rotation
-        self.fuse_gemms = config.fuse_gemms
         self.decisions: list[LayerDecision] = []
         self.activation_quantizations = 0
         self.fused_gemms = 0
+
+    @property
+    def plan(self):
+        return self.config.plan
+
+    @property
+    def group_size(self) -> int:
+        return self.config.group_size
+
+    @property
+    def rotation(self) -> str:
+        return self.config.rotation
+
+    @property
+    def fuse_gemms(self) -> bool:
+        return self.config.fuse_gemms
 
     def uuid(self):
         return None  # deliberately uncacheable: see module docstring

@@ -1,15 +1,14 @@
 """Which kernel runs each convrot op: decided here, and nowhere else.
 
 When a weight is prepared: how GPTQ runs (``gptq_options``), the channel order of W4A4/W8A8 activations and
-weights (``act_order_for``), the packed layout of weight-only weights (``weight_only_layout``), and whether the fused kernels take a weight at all
-(``has_kernel``). When an op runs on CUDA (the CUDA implementations in custom_ops.py): ``rotate_quantize``
-(the sm_90 Gluon kernel where it takes the activations, else Triton's), ``int_gemm`` (the sm_90 packed GEMM,
-else Triton's int8 GEMM on unpacked weights, one program per tile or persistent as ``gemm_schedule`` says),
-``weight_only_gemm`` (by the bits and the layout the weight was prepared in) and ``fp8_attention`` (cuDNN's).
-Every choice
-computes the same values; only the speed differs. A benchmark that compares kernels in one process replaces
-``use_sm90_rotate``, ``use_sm90_packed_gemm`` or ``gemm_schedule`` for its duration (tools/bench_model.py,
-``kernel_choice``).
+weights (``act_order_for``), the packed layout of weight-only weights (``weight_only_layout``), and whether
+the fused kernels take a weight at all (``has_kernel``). When an op runs on CUDA (the CUDA implementations in
+custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the activations, else Triton's),
+``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
+persistent as ``gemm_schedule`` says), ``weight_only_gemm`` (by the bits and the layout the weight was
+prepared in) and ``fp8_attention`` (cuDNN's). Every choice computes the same values; only the speed differs. A
+benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or
+``gemm_schedule`` for its duration (tools/bench_model.py, ``kernel_choice``).
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ KERNEL_GROUPS = {"DiRotQ rotate+quantize": ("_pca_rotate_quantize",), "DiRotQ GE
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
-                 "weight-only GEMV": ("_w4a16", "_tiles_kernel", "_weight_only_kernel"), "bf16 GEMM (cuBLAS)": ("gemm", "sm90_xmma", "cutlass", "nvjet")}
+                 "weight-only GEMV": ("_w4a16", "_tiles_kernel", "_weight_only_kernel"),
+                 "bf16 GEMM (cuBLAS)": ("gemm", "sm90_xmma", "cutlass", "nvjet")}
 
 
 def kernel_group(name: str) -> str:

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers; "
                                      "--debug anywhere shows the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a FLUX transformer (or another family's) and compare one forward with bf16")
+    demo = sub.add_parser("demo", help="quantize a FLUX transformer (or another family's) and compare one forward "
+                                       "with bf16")
     add_model_args(demo, families=True)
     add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")

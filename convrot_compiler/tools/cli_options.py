@@ -61,7 +61,8 @@ def add_model_args(p: argparse.ArgumentParser, default_size: str = "1024; 256 fo
     from ..families import CONFIGS
 
     p.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in random config)")
-    p.add_argument("--config", default="auto", choices=["auto", "flux-tiny", "flux-dev", *(CONFIGS if families else ())],
+    p.add_argument("--config", default="auto",
+                   choices=["auto", "flux-tiny", "flux-dev", *(CONFIGS if families else ())],
                    help="built-in config: auto = flux-dev on CUDA, flux-tiny on CPU"
                         + (f"; or another family's ({', '.join(CONFIGS)}; 128 px and 16 text tokens for a "
                            "*-tiny one)" if families else ""))

@@ -78,7 +78,7 @@ def run_demo(model_path: str | None = None, config: str = "auto", device: str = 
     if family and model_path:
         raise ValueError(f"--model loads a FLUX.1 checkpoint; --config {config} builds a random {config} instead: "
                          "pass one of them")
-    small = config == "flux-tiny" or config.endswith("-tiny")
+    small = config.endswith("-tiny")
     height = height or (128 if family and small else 256 if small else 1024)
     width = width or height
     text_tokens = text_tokens or (16 if family and small else 64 if small else 512)

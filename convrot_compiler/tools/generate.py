@@ -141,7 +141,8 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     denoise_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    image = pipe.image_processor.postprocess(decode_latents(pipe, latents, height, width, vae_tiling), output_type="pil")[0]
+    decoded = decode_latents(pipe, latents, height, width, vae_tiling)
+    image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
     decode_s = time.perf_counter() - t0
     image.save(out)
     return GenerateResult(

@@ -133,8 +133,8 @@ class InspectReport:
 
 
 def _precision_label(d: LayerDecision) -> str:
-    """The precision, marked where a weight-only weight is prepared for the tensor-core kernels (dispatch.weight_only_layout)
-    and where W4A4/W8A8 activations and weights take the sm_90 kernel's channel order (dispatch.act_order_for)."""
+    """The precision, marked where a weight-only weight is prepared for the tensor-core kernels
+    (dispatch.weight_only_layout) and where W4A4/W8A8 activations and weights take the sm_90 kernel's channel order (dispatch.act_order_for)."""
     if d.extra.get("layout") == "tiles":
         return f"{d.precision} (tensor-core tiles)"
     if d.extra.get("act_order") == "mma":
