@@ -140,7 +140,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
         ))
 
 
-BACK_TO_BACK = 8  # launches per graph replay in the back-to-back timing of rotate+quantize
+BACK_TO_BACK = 8  # launches per graph replay in the back-to-back timings (rotate+quantize, weight-only GEMMs)
 
 
 def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
@@ -165,10 +165,13 @@ def bench_rotate(m, k, bits, copy_gbs, rows, timed_ms, back_to_back: bool):
     rows.append(row)
 
 
-def bench_skinny(name, m, k, n, rows, timed_ms):
+def bench_skinny(name, m, k, n, rows, timed_ms, back_to_back: bool):
     """The W4A16 and W8A16 ops as the compiler prepares and calls them (on sm_90 the tensor-core kernels on
     tile-layout weights, kernels/sm90/weight_only.py), and the CUDA-core kernels on the group layout
-    (kernels/triton/weight_only.py); groups of 256 inputs."""
+    (kernels/triton/weight_only.py); groups of 256 inputs. With ``back_to_back`` cuBLAS and the two ops as the
+    compiler calls them are also timed per launch of BACK_TO_BACK launches on distinct weights in one graph, as
+    the model's blocks call them: a single replay adds ~5 us and the write-back of the ~50 MB of L2 the flush
+    left dirty, which at 3072 -> 18432 is about as much traffic as the int8 weights themselves."""
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     layout = dispatch.weight_only_layout(w, 256)
@@ -188,6 +191,16 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
     out8_cc = w8a16_gemm(x, g8.values, g8.scale, None, 256)
     t_w8_cc = timed_ms(lambda: w8a16_gemm(x, g8.values, g8.scale, None, 256))
     wbytes = qw.values.numel() * qw.values.element_size() + qw.scale.numel() * 4
+    if back_to_back:
+        ws = [w] + [w.roll(i, 0) for i in range(1, BACK_TO_BACK)]
+        q4s = [quantize_weight(wi, "w4a16", None, group_size=256, layout=layout) for wi in ws]
+        q8s = [quantize_weight(wi, "w8a16", None, group_size=256, layout=layout) for wi in ws]
+        b2b_bf16 = bench_graph_per_call_ms([lambda wi=wi: torch.mm(x, wi.T) for wi in ws])
+        b2b_w4 = bench_graph_per_call_ms([lambda qi=qi: torch.ops.convrot.weight_only_gemm(x, qi.values, qi.scale, None,
+                                                                                            256, 4) for qi in q4s])
+        b2b_w8 = bench_graph_per_call_ms([lambda qi=qi: torch.ops.convrot.weight_only_gemm(x, qi.values, qi.scale, None,
+                                                                                            256, 8) for qi in q8s])
+        del ws, q4s, q8s
     rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, cuda_core_us=t_cc * 1e3, cuda_core_speedup=t_bf16 / t_cc,
                      w4a16_gbs=wbytes / t_ours / 1e6, bf16_gbs=n * k * 2 / t_bf16 / 1e6,
@@ -198,6 +211,9 @@ def bench_skinny(name, m, k, n, rows, timed_ms):
                      w8a16_gbs=(q8.values.numel() * q8.values.element_size() + q8.scale.numel() * 4) / t_w8 / 1e6,
                      w8a16_cuda_core_us=t_w8_cc * 1e3, w8a16_cuda_core_speedup=t_bf16 / t_w8_cc,
                      w8a16_cuda_core_rel_err_vs_ref=relative_error(out8_cc, ref8)))
+    if back_to_back:
+        rows[-1].update(b2b_bf16_us=b2b_bf16 * 1e3, b2b_w4a16_us=b2b_w4 * 1e3, b2b_w4a16_speedup=b2b_bf16 / b2b_w4,
+                        b2b_w8a16_us=b2b_w8 * 1e3, b2b_w8a16_speedup=b2b_bf16 / b2b_w8)
 
 
 def skinny_table_of(skinny: list[dict]) -> str:
@@ -208,10 +224,16 @@ def skinny_table_of(skinny: list[dict]) -> str:
           f"{r['w4a16_gbs']:.0f}", f"{r['rel_err_vs_ref']:.1e}", f"{r['cuda_core_us']:.1f}",
           f"{r['cuda_core_speedup']:.2f}", f"{r['cuda_core_rel_err_vs_ref']:.1e}", f"{r['w8a16_us']:.1f}",
           f"{r['w8a16_speedup']:.2f}", f"{r['w8a16_gbs']:.0f}", f"{r['w8a16_rel_err_vs_ref']:.1e}",
-          f"{r['w8a16_cuda_core_us']:.1f}", f"{r['w8a16_cuda_core_speedup']:.2f}"] for r in skinny],
+          f"{r['w8a16_cuda_core_us']:.1f}", f"{r['w8a16_cuda_core_speedup']:.2f}",
+          *(f"{r[key]:.{2 if key.endswith('speedup') else 1}f}" if key in r else "" for key in _B2B_KEYS)]
+         for r in skinny],
         headers=["shape", "M", "layout", "bf16 us", "w4a16 us", "x bf16", "GB/s", "err vs ref", "CUDA-core us",
                  "CUDA-core x bf16", "CUDA-core err", "w8a16 us", "w8a16 x bf16", "w8a16 GB/s", "w8a16 err",
-                 "w8a16 CUDA-core us", "w8a16 CUDA-core x bf16"], tablefmt="github")
+                 "w8a16 CUDA-core us", "w8a16 CUDA-core x bf16", f"back-to-back x{BACK_TO_BACK}: bf16 us", "w4a16 us",
+                 "w4a16 x bf16", "w8a16 us", "w8a16 x bf16"], tablefmt="github")
+
+
+_B2B_KEYS = ("b2b_bf16_us", "b2b_w4a16_us", "b2b_w4a16_speedup", "b2b_w8a16_us", "b2b_w8a16_speedup")
 
 
 def geomean(xs):
@@ -259,7 +281,7 @@ def main() -> None:
         skinny = []
         for name, k, n in SKINNY:
             for m in (1, 4, 8):
-                bench_skinny(name, m, k, n, skinny, timed_ms)
+                bench_skinny(name, m, k, n, skinny, timed_ms, back_to_back=not args.eager)
         md = f"# Weight-only GEMM (W4A16, W8A16)\n\n{head}\n{skinny_table_of(skinny)}\n"
         print(md)
         print("written:", *write_results(args.name or "gemm_weight_only", dict(env=env, timing=timing, skinny=skinny), md, args.out))
@@ -280,7 +302,7 @@ def main() -> None:
         bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms)
     for name, k, n in SKINNY:
         for m in (1, 4, 8):
-            bench_skinny(name, m, k, n, skinny, timed_ms)
+            bench_skinny(name, m, k, n, skinny, timed_ms, back_to_back=not args.eager)
 
     table = tabulate(
         [[r["shape"], r["M"], r["scheme"], f"{r['gemm_tops']:.0f}",
