@@ -16,9 +16,9 @@ of 256) at the same shapes.
 
 Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
 forward (benchmarks/timing.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
-wrapper's host time wherever it is longer than the kernel. rotate+quantize is also timed back to back
-(8 launches on distinct inputs per replay, bench_graph_per_call_ms): a single replay costs ~5 us by
-itself, a quarter of the kernel at K = 3072 (measured on an H100). W4A4/W8A8 run in the channel
+wrapper's host time wherever it is longer than the kernel. rotate+quantize and the weight-only GEMMs are also
+timed back to back (8 launches on distinct inputs or weights per replay, bench_graph_per_call_ms): a single
+replay costs ~5 us by itself, a quarter of the rotate+quantize kernel at K = 3072 (measured on an H100). W4A4/W8A8 run in the channel
 order the compiler picks for the GPU (ops/dispatch.py, act_order_for; "mma" on sm_90), weights prepared to match.
 
     python benchmarks/gemm.py [--quick] [--no-rotate] [--w4a16-only] [--eager] [--schemes w4a4,w4a4-flat,...] [--name STEM] [--out DIR]
