@@ -360,7 +360,8 @@ def test_w8a16_kernel_matches_reference(m, n, k, group):
 
 
 @pytest.mark.parametrize("hadamard", [None, "regular"])
-@pytest.mark.parametrize("m,k,blocks,rank", [(1, 256, 1, 64), (19, 256, 1, 0), (33, 384, 1, 128), (5, 512, 2, 64)])
+@pytest.mark.parametrize("m,k,blocks,rank", [(1, 256, 1, 64), (19, 256, 1, 0), (33, 384, 1, 128), (5, 512, 2, 64),
+                                         (7, 768, 1, 192)])
 def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, blocks, rank):
     """A signed-permutation basis on integer-valued activations: every product is exact, so the kernel and the
     reference agree bit for bit on z_hi, the int4 values and the scales."""
