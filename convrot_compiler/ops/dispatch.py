@@ -186,7 +186,18 @@ def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | 
 
 def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
              sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """DiRotQ's GEMM (16-bit subspace + group-scaled int4): Triton's kernel."""
+    """DiRotQ's GEMM (16-bit subspace + group-scaled int4): the Gluon kernel on sm_90 where it takes the operands,
+    else Triton's."""
+    def unsupported():
+        from ..kernels.sm90 import pca_gemm as sm90  # Gluon: imported where it can run
+
+        return sm90.supported(z_hi, q, w_hi, qw, group_size)
+
+    if _sm90_runs(q.device, unsupported, "pca_gemm: the sm_90 kernel cannot run these operands ({why}); running the "
+                                         "Triton kernel instead (same numerics, slower)"):
+        from ..kernels.sm90.pca_gemm import pca_gemm as sm90_kernel
+
+        return sm90_kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
     from ..kernels.triton.pca import pca_gemm as kernel
 
     return kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)

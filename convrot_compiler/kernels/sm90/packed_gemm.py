@@ -146,10 +146,28 @@ def _epilogue(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_desc, c_smem, M, N,
     if HAS_GELU:
         if pid_n * BN + BN > gelu_from:
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
-    tma.store_wait(0)  # the previous tile's store has left c_smem
+    store_transposed(out, c_desc, c_smem, pid_m, pid_n)
+
+
+@gluon.jit
+def store_transposed(out, c_desc, c_smem, pid_m, pid_n):
+    """Store a [BN, BM] tile of C^T as C's [BM, BN] tile (pid_m, pid_n), through shared memory by TMA (which clips
+    the tile at M and N), once the previous tile's store has left c_smem."""
+    tma.store_wait(0)
     c_smem.store(gl.permute(out.to(c_desc.dtype), (1, 0)))
     fence_async_shared()
-    tma.async_copy_shared_to_global(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+    tma.async_copy_shared_to_global(c_desc, [pid_m * out.type.shape[1], pid_n * out.type.shape[0]], c_smem)
+
+
+@gluon.jit
+def barrier_ring(STAGES: gl.constexpr):
+    """(ready, empty): one mbarrier each per stage of a ring, initialised for one arrival."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    return ready, empty
 
 
 @gluon.jit
@@ -225,11 +243,7 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    ready, empty = barrier_ring(STAGES)
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
                           M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
