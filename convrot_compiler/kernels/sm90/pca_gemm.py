@@ -20,8 +20,8 @@ lanes): at G = 64 the scaling alone takes about twice the MMAs' time, a bound of
 on Hopper for any kernel that scales each group in float32 (packed_gemm scales once per tile).
 
 Measured (H100, M = 4608, `benchmarks/results/dirotq.md`): 335 us at 3072 -> 3072, 1.2x faster than the Triton
-kernel and 4.8x ConvRot's GEMM; that bound would allow about 100 us. What else holds it back is not found (see
-docs/PERFORMANCE.md for the schedules tried).
+kernel and 4.8x ConvRot's GEMM; that bound would allow about 100 us. Of the rest, the stages of 32 packed bytes
+cost ConvRot's kernel 1.6x what stages of 64 do (docs/PERFORMANCE.md: the breakdown, and the schedules tried).
 
 sm_90 only, like packed_gemm: tests compare it with the reference on a GPU.
 """
