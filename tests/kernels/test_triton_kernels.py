@@ -383,6 +383,19 @@ def test_pca_rotate_quantize_kernel_matches_reference_exactly(hadamard, m, k, bl
     assert torch.equal(z.cpu(), z_ref) and torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
+def test_pca_rotate_quantize_kernel_takes_rows_that_tma_cannot_read_in_place():
+    """Rows of a wider tensor at an odd stride (not 16-byte aligned, which TMA needs) give the same result."""
+    from convrot_compiler.kernels.triton.pca import pca_rotate_quantize
+    from convrot_compiler.numerics.pca import pca_rotate_quantize as reference
+
+    x = _int_valued(9, 257, seed=3).bfloat16().to(DEV)[:, 1:]
+    assert (x.stride(0) * x.element_size()) % 16 and not x.is_contiguous()
+    basis = torch.eye(256).flip(1).bfloat16().reshape(1, 256, 256)
+    got = pca_rotate_quantize(x, basis.to(DEV), None, 64, 64)
+    want = reference(x.cpu(), basis, None, 64, 64)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,rank,lo", [(1, 48, 64, 192), (37, 80, 0, 128), (20, 16, 128, 64)])
 def test_pca_gemm_kernel_matches_reference(dtype, m, n, rank, lo):
