@@ -56,6 +56,6 @@ def test_sm90_pca_gemm_says_where_it_cannot_run():
     assert supported(z_hi, q, w_hi, qw, 64) is None
     assert "not a CUDA tensor" in supported(z_hi.cpu(), q.cpu(), w_hi.cpu(), qw.cpu(), 64)
     assert "float32" in str(supported(z_hi.float(), q, w_hi.float(), qw, 64))
-    assert "group size 32" in supported(z_hi, q, w_hi, qw, 32)
+    assert "group size 32" in supported(z_hi, q, w_hi, qw, 32) and "group size 128" in supported(z_hi, q, w_hi, qw, 128)
     with pytest.raises(ValueError, match="16-bit width 32"):
         pca_gemm(z_hi[:, :32], q, sa, w_hi[:, :32], qw, sw, bias, 64)

@@ -229,8 +229,8 @@ def supported(z_hi: torch.Tensor, q: torch.Tensor, w_hi: torch.Tensor, qw: torch
         return f"the 16-bit subspace is {z_hi.dtype} x {w_hi.dtype}, not bf16 or fp16"
     if q.dtype != torch.int8 or qw.dtype != torch.int8:
         return "the quantized operands are not int8"
-    if group_size % 64 or group_size > 256:
-        return f"group size {group_size} (this kernel takes 64, 128 or 256: a stage is one group)"
+    if group_size != 64:
+        return f"group size {group_size} (this kernel takes DiRotQ's 64, the only size tested on a GPU)"
     if q.shape[1] == 0:
         return "no quantized inputs"
     if z_hi.shape[1] % config.BKH:
