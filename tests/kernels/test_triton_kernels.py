@@ -331,6 +331,28 @@ def test_packed_gemm_refuses_what_it_cannot_run():
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_sm90_pca_gemm_refuses_what_it_cannot_run():
+    """DiRotQ's Gluon GEMM has no interpreter: on CPU tensors supported() says so and pca_gemm raises with what to
+    use instead; dispatch runs Triton's kernel there (the interpreter under test)."""
+    from convrot_compiler.kernels.sm90 import pca_gemm as pca_gemm_sm90
+    from convrot_compiler.numerics.pca import pca_matmul
+
+    g = torch.Generator().manual_seed(5)
+    z_hi = torch.randn(4, 64, generator=g).bfloat16()
+    q = torch.randint(-7, 8, (4, 128), generator=g, dtype=torch.int8)
+    sa = torch.rand(4, 2, generator=g)
+    w_hi = torch.randn(16, 64, generator=g).bfloat16()
+    qw = pack_int4(torch.randint(-7, 8, (16, 128), generator=g, dtype=torch.int8), 64)
+    sw = torch.rand(16, 2, generator=g)
+    assert pca_gemm_sm90.supported(z_hi, q, w_hi, qw, 64) == "not a CUDA tensor"
+    with pytest.raises(ValueError, match="use kernels.triton.pca.pca_gemm"):
+        pca_gemm_sm90.pca_gemm(z_hi, q, sa, w_hi, qw, sw, None, 64)
+    if interpreting():
+        ref = pca_matmul(z_hi, q, sa, w_hi, qw, sw, None, 64).float()
+        out = dispatch.pca_gemm(z_hi, q, sa, w_hi, qw, sw, None, 64).float()
+        assert ((out - ref).abs() <= 2.0 ** -7 * (ref.abs() + ref.abs().mean())).all()
+
+
 def test_tiles_w4a16_kernel_refuses_cpu_tensors_with_what_to_use():
     from convrot_compiler.kernels.sm90.weight_only import w4a16_gemm_tiles
     from convrot_compiler.numerics.quant import pack_int4_tiles
