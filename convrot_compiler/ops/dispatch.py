@@ -195,9 +195,9 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
 
     if _sm90_runs(q.device, unsupported, "pca_gemm: the sm_90 kernel cannot run these operands ({why}); running the "
                                          "Triton kernel instead (same numerics, slower)"):
-        from ..kernels.sm90.pca_gemm import pca_gemm as sm90_kernel
+        from ..kernels.sm90.pca_gemm import pca_gemm_unchecked
 
-        return sm90_kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
+        return pca_gemm_unchecked(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
     from ..kernels.triton.pca import pca_gemm as kernel
 
     return kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)

@@ -253,6 +253,14 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
     why = supported(z_hi, q, w_hi, qw, group_size, config)
     if why is not None:
         raise ValueError(f"sm90 pca_gemm cannot run these operands: {why}; use kernels.triton.pca.pca_gemm")
+    return pca_gemm_unchecked(z_hi, q, sa, w_hi, qw, sw, bias, group_size, config)
+
+
+def pca_gemm_unchecked(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
+                       sw: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                       config: PcaGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """pca_gemm without ``supported``, for a caller that found it None (ops.dispatch, on every call); the operands'
+    shapes, dtypes and bias are still checked."""
     check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, group_size)
     m, lo = q.shape
     n, r = w_hi.shape
