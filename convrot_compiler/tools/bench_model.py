@@ -5,8 +5,8 @@ dynamic (torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.com
 installed; otherwise reported as skipped), and convrot plans (w8a8, w4a4, mix) compiled with the
 convrot backend + Inductor. Per variant: median latency, speedups, weight memory, peak memory,
 first-call (compile) time, output relative error vs bf16 eager on the same inputs.
-With --profile, a kernel-time breakdown of the convrot w4a4 forward, and of the bf16 torch.compile
-forward when it runs too (the baseline's parts are what a speedup target can be set against).
+With --profile, a kernel-time breakdown of each w4a4 variant's forward (w4a4, w4a4-dirotq, ...), and of the bf16
+torch.compile forward when it runs too (the baseline's parts are what a speedup target can be set against).
 
     convrot bench --config flux-dev --resolution 1024 --variants bf16,bf16-compile,fp8,w4a4
 """
@@ -254,7 +254,7 @@ def run(args) -> dict:
     variants = parse_variants(args.variants, VARIANTS)
     for res in args.resolution:
         image_tokens_for(*_height_width(res))
-    rows, breakdown, baseline_breakdown = [], None, None
+    rows, breakdowns = [], []
     for res in args.resolution:
         torch._dynamo.reset()
         base = build_model(args.config, seed=0, device=dev)
@@ -295,20 +295,17 @@ def run(args) -> dict:
                                weight_bytes=model_bytes(model) + prepared,
                                peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                                rel_err_vs_bf16=err)
-                    if args.profile and dev.type == "cuda":
-                        if variant.startswith("w4a4") and breakdown is None:
-                            breakdown = _profiled(variant, fn, kwargs, row["ms"])
-                        elif variant == "bf16-compile":
-                            baseline_breakdown = _profiled(variant, fn, kwargs, row["ms"])
+                    if args.profile and dev.type == "cuda" and _profiles(variant, breakdowns):
+                        breakdowns.append(_profiled(variant, fn, kwargs, row["ms"]))
                 except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
                     row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
             print(row, flush=True)
             # a run cut short keeps what it measured
-            partial = _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
+            partial = _result(args, dev, rows, breakdowns, bf16_bytes)
             write_results(args.name, partial, to_markdown(partial), args.out)
             del model, fn  # the compiled callable holds the model: a second copy would not fit a big one
-    return _result(args, dev, rows, breakdown, baseline_breakdown, bf16_bytes)
+    return _result(args, dev, rows, breakdowns, bf16_bytes)
 
 
 def resolution(text: str) -> int | str:
@@ -336,12 +333,19 @@ def _inputs(model, res: int | str, args, dev) -> tuple[dict, int]:
     return kwargs, image_tokens(model, h, w, args.frames) + args.text_tokens
 
 
+def _profiles(variant: str, breakdowns: list[dict]) -> bool:
+    """Whether ``--profile`` breaks this variant's forward down: bf16 torch.compile (what a speedup target is set
+    against) and each variant of the w4a4 plan, once each."""
+    return (variant == "bf16-compile" or variant.startswith("w4a4")) and all(
+        b["variant"] != variant for b in breakdowns)
+
+
 def _profiled(variant: str, fn, kwargs, forward_ms: float) -> dict:
     parts, top = kernel_breakdown(fn, kwargs)
     return {"variant": variant, "forward_ms": forward_ms, "kernels_ms": parts, "top_kernels": top}
 
 
-def _result(args, dev, rows: list[dict], breakdown, baseline_breakdown, bf16_bytes: int) -> dict:
+def _result(args, dev, rows: list[dict], breakdowns: list[dict], bf16_bytes: int) -> dict:
     for r in rows:
         same = {x["variant"]: x for x in rows if x["resolution"] == r["resolution"] and x.get("ms")}
         for b in ("bf16", "bf16-compile", "fp8", "fp8-scaled-mm"):
@@ -352,8 +356,7 @@ def _result(args, dev, rows: list[dict], breakdown, baseline_breakdown, bf16_byt
         if r.get("ms"):
             r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
             r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
-    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdown": breakdown,
-            "baseline_breakdown": baseline_breakdown}
+    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdowns": breakdowns}
 
 
 def _rows_table(rows: list[dict], with_call: bool = False) -> str:
@@ -384,9 +387,8 @@ def to_markdown(result: dict) -> str:
     md = (f"# Model benchmark: {result['config']}, one denoising forward\n\n"
           f"GPU {env.get('gpu')} | torch {env['torch']} | triton {env['triton']} | diffusers {env['diffusers']} | "
           f"{env['date']}\n\n{table}\n")
-    for key in ("breakdown", "baseline_breakdown"):
-        if result.get(key):
-            md += _breakdown_markdown(result[key])
+    for breakdown in result.get("breakdowns", []):
+        md += _breakdown_markdown(breakdown)
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
            "measure.\n")
     return md

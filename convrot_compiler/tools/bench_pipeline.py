@@ -16,28 +16,32 @@ torchao's ``quantize_`` slows every later compile in the process.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import time
 import traceback
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..compiler.compile_model import CompiledForward, weight_bytes
 from ..compiler.compile_model import compile as convrot_compile
+from ..calibration import Calibrator
 from ..compiler.cudagraphs import CUDAGraphReplay
+from ..numerics.pca import needs_calibration
 from .bench_model import LAUNCHES, environment, parse_variants, sync, time_forward, write_results
 from .demo import resolve_device
 from .models import build_flux, image_tokens_for, relative_error
 from .pipelines import StepTimer, decode_latents, random_pipeline, random_prompt_embeds
 
 PIPELINE_VARIANTS = ("bf16", "bf16-compile", "w4a4", "w4a4-fp8attn", "mix", "mix-fp8attn", "w8a8", "w4a4-whole",
-                     "fp8")
+                     "w4a4-gptq", "w4a4-dirotq", "fp8")
 
 
-def setups(variant: str, model) -> Iterator[tuple[str, str]]:
-    """Set ``model`` up for each row ``variant`` measures, yielding (row name, note) once it is ready."""
+def setups(variant: str, model, calibrate_on: Callable[[], object] | None = None) -> Iterator[tuple[str, str]]:
+    """Set ``model`` up for each row ``variant`` measures, yielding (row name, note) once it is ready. The
+    calibrated variants (``-gptq``, ``-dirotq``) calibrate while ``calibrate_on()`` runs the pipeline once."""
     if variant == "bf16":
         yield "bf16", "eager"
     elif variant == "bf16-compile":
@@ -61,6 +65,13 @@ def setups(variant: str, model) -> Iterator[tuple[str, str]]:
     else:
         plan, _, launch = variant.partition("-")
         options, note = LAUNCHES[launch] if launch else ({}, "")
+        if needs_calibration(options.get("rotation"), options.get("weights")):
+            if calibrate_on is None:
+                raise ValueError(f"variant {variant!r} calibrates on a pipeline call: pass calibrate_on")
+            with Calibrator(model, plan=plan) as calibration, torch.no_grad():
+                calibrate_on()
+            options = {**options, "calibration": calibration}
+            note = f"{note}; calibrated on one call of the measured pipeline"
         convrot_compile(model, plan=plan, progress=False, **options)
         replay = model.forward.replay is not None
         yield variant, "; ".join(x for x in ("convrot_compiler.compile" + (", CUDA-graph replay" if replay else ""),
@@ -129,7 +140,8 @@ def run(args) -> dict:
         pipe.transformer = model
         kwargs = pipeline_kwargs(pipe, call)
         try:
-            for name, note in setups(variant, model):
+            calibrate_on = functools.partial(pipe, **call, generator=torch.Generator("cpu").manual_seed(1))
+            for name, note in setups(variant, model, calibrate_on):
                 print(f"[{name}] first pipeline call ...", flush=True)
                 row = {"variant": name, "resolution": res, "steps": args.steps, "note": note}
                 latents = pipe(**call, generator=torch.Generator("cpu").manual_seed(0)).images

@@ -198,3 +198,18 @@ def test_pipeline_benchmark_times_steps_and_checks_latents(tmp_path):
     assert "ms/step" in (tmp_path / "smoke.md").read_text()
     with pytest.raises(SystemExit):
         bench_pipeline.main(["--variants", "int3", "--device", "cpu", "--config", "flux-tiny"])
+
+
+def test_pipeline_benchmark_calibrates_dirotq_on_a_call_of_the_pipeline(tmp_path):
+    from convrot_compiler.tools import bench_pipeline
+
+    result = bench_pipeline.main(["--config", "flux-tiny", "--resolution", "32", "--text-tokens", "16",
+                                  "--steps", "2", "--iters", "1", "--device", "cpu", "--variants", "bf16,w4a4-dirotq",
+                                  "--out", str(tmp_path), "--name", "dirotq"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    dirotq = rows["w4a4-dirotq"]
+    assert dirotq["ms_per_step"] > 0, dirotq.get("note")
+    assert "calibrated on one call of the measured pipeline" in dirotq["note"]
+    assert 0 < dirotq["latent_err_vs_bf16"] < 0.1
+    with pytest.raises(ValueError, match="calibrates on a pipeline call"):
+        next(bench_pipeline.setups("w4a4-dirotq", bench_pipeline.build_flux("flux-tiny", seed=0)))

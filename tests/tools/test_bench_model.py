@@ -75,8 +75,7 @@ def test_convrot_bench_cli_forwards_to_the_harness(tmp_path):
 
 def _result(name, rows):
     env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
-    return {"env": env, "config": "flux-dev", "device": "cuda", "rows": rows, "breakdown": None,
-            "baseline_breakdown": None}
+    return {"env": env, "config": "flux-dev", "device": "cuda", "rows": rows, "breakdowns": []}
 
 
 def test_merge_combines_calls_and_reports_latency_per_token(tmp_path):
@@ -140,12 +139,12 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert group("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy") == "other"
     env = {"gpu": "test", "torch": "x", "triton": "x", "diffusers": "x", "date": "x"}
-    result = {"env": env, "config": "flux-tiny", "rows": [], "breakdown": {
+    result = {"env": env, "config": "flux-tiny", "rows": [], "breakdowns": [{
         "variant": "w4a4", "forward_ms": 3.0, "kernels_ms": {"quantized GEMM": 2.0, "other": 1.0},
         "top_kernels": [{"kernel": "_int_gemm_kernel", "group": "quantized GEMM", "ms": 2.0, "calls": 7},
-                        {"kernel": "triton_poi_fused_gelu_view_7", "group": "other", "ms": 1.0, "calls": 3}]}}
-    result["baseline_breakdown"] = {"variant": "bf16-compile", "forward_ms": 5.0,
-                                    "kernels_ms": {"bf16 GEMM (cuBLAS)": 4.0, "attention": 1.0}}
+                        {"kernel": "triton_poi_fused_gelu_view_7", "group": "other", "ms": 1.0, "calls": 3}]}]}
+    result["breakdowns"].append({"variant": "bf16-compile", "forward_ms": 5.0,
+                                 "kernels_ms": {"bf16 GEMM (cuBLAS)": 4.0, "attention": 1.0}})
     md = bench_model.to_markdown(result)
     assert "The kernels taking the most time" in md
     assert "w4a4, CUDA kernel time of one forward (kernels sum to 3.0 ms" in md
@@ -154,6 +153,14 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert first_part == ["bf16 GEMM (cuBLAS)", "4", "80%"]
     line = next(li for li in md.splitlines() if "triton_poi_fused_gelu_view_7" in li)
     assert [c.strip() for c in line.strip("|").split("|")] == ["triton_poi_fused_gelu_view_7", "other", "1.00", "3"]
+
+
+def test_profile_breaks_down_bf16_compile_and_each_w4a4_variant_once():
+    from convrot_compiler.tools.bench_model import _profiles
+
+    done = [{"variant": "w4a4"}]
+    assert _profiles("w4a4-dirotq", done) and _profiles("bf16-compile", done)
+    assert not _profiles("w4a4", done) and not _profiles("mix", done) and not _profiles("bf16", done)
 
 
 def test_the_calibrated_variants_calibrate_on_the_measured_inputs_and_say_so():
