@@ -20,11 +20,17 @@ from .numerics.rotations import GroupHadamardRotation
 from .plans import PlanSpec, make_plan
 
 ATTENTION_MODES = ("keep", "fp8")
+ATTENTION_SCALES = ("bound", "absmax")
 
 
 def check_attention_mode(mode: str) -> None:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"option 'attention' must be one of {ATTENTION_MODES}, got {mode!r}")
+
+
+def check_attention_scales(scales: str) -> None:
+    if scales not in ATTENTION_SCALES:
+        raise ValueError(f"option 'attention_scales' must be one of {ATTENTION_SCALES}, got {scales!r}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ConvRotConfig:
     fuse_producers: bool = True          # rotate+quantize reads a concatenation in place
     gelu_epilogue: bool = True           # a GELU after a quantized linear runs in its GEMM's epilogue
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
+    attention_scales: str = "bound"      # fp8 Q and K scaled by a bound proven from their RMSNorm, or "absmax"
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 
     release_weights: bool = True         # free the float storage of quantized weights
@@ -93,6 +100,7 @@ class ConvRotConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
         check_attention_mode(self.attention)
+        check_attention_scales(self.attention_scales)
         if self.report is not None and not callable(self.report):
             raise TypeError("option 'report' must be a callable taking a CompileReport")
         if not isinstance(self.max_graphs, int) or self.max_graphs < 1:

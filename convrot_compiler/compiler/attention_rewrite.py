@@ -4,10 +4,13 @@ Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes a call of
 ``attention.fp8_scaled_dot_product_attention(q, k, v, scale=scale)``, the one definition of the fp8 form
 (eager models run it too):
 
-    q8, dq = quantize_e4m3(q); k8, dk = quantize_e4m3(k); v8, dv = quantize_e4m3(v)
+    q8, dq = quantize_e4m3(q, bq); k8, dk = quantize_e4m3(k, bk); v8, dv = quantize_e4m3(v)
     o8 = convrot::fp8_attention(q8, k8, v8, dq, dk, dv, 1 / dv, scale)
     o  = dequantize_e4m3(o8, dv, q.dtype)
 
+``bq``, ``bk``: bounds on |Q| and |K| proven from the graph (value_bounds: FLUX's Q and K come out of an RMSNorm,
+then RoPE), computed from the norm weights at every call; without one (option ``attention_scales="absmax"``,
+or no proof) a tensor is scaled by its absmax, a reduction over the whole tensor before its cast.
 The quantizations and the dequantization are plain torch ops, so Inductor, tracing through the call,
 fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
 attention itself is opaque.
@@ -21,11 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..config import check_attention_mode
+from ..config import check_attention_mode, check_attention_scales
 from ..numerics.fp8_attention import default_softmax_scale
 from ..ops import fp8_scaled_dot_product_attention
 from ..ops.dispatch import fp8_attention_unsupported
 from .match import _example, module_name
+from .value_bounds import Bound, abs_bound, emit
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -38,6 +42,11 @@ class AttentionDecision:
     shape: tuple | None          # [B, H, S, D] of the query
     precision: str               # "fp8" or "keep" (the model's dtype)
     reason: str = ""
+    scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
+
+
+# a graph input bounds Q or K by its absmax at every call only when it is this much smaller than they are
+_RUNTIME_BOUND_SHARE = 4
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -73,8 +82,28 @@ def _ineligible(args: dict, device_check) -> str | None:
     return None
 
 
-def decide_attention(gm: fx.GraphModule, mode: str) -> list[tuple[fx.Node, AttentionDecision]]:
-    """Every SDPA node of the graph with what ``mode`` does to it."""
+def tensor_bounds(args: dict, scales: str) -> dict[str, Bound | None]:
+    """The proven bound on |Q| and |K| for an fp8 attention (None: scaled by its absmax), by ``scales``."""
+    check_attention_scales(scales)
+    bounds = {}
+    for name in ("query", "key"):
+        example = _example(args[name])
+        if scales == "bound" and example is not None:
+            bounds[name] = abs_bound(args[name], example.numel() // _RUNTIME_BOUND_SHARE)
+        else:
+            bounds[name] = None
+    return bounds
+
+
+def _scales_label(bounds: dict[str, Bound | None]) -> str:
+    bounded = [n[0].upper() for n in ("query", "key") if bounds[n] is not None]
+    absmax = [n[0].upper() for n in ("query", "key") if bounds[n] is None] + ["V"]
+    label = f"{', '.join(absmax)} by absmax"
+    return f"{' and '.join(bounded)} by RMSNorm bound; {label}" if bounded else label
+
+
+def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> list[tuple[fx.Node, AttentionDecision]]:
+    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K."""
     check_attention_mode(mode)
     found = []
     for node in gm.graph.nodes:
@@ -88,20 +117,29 @@ def decide_attention(gm: fx.GraphModule, mode: str) -> list[tuple[fx.Node, Atten
             found.append((node, AttentionDecision(name, shape, "keep", "option attention='keep'")))
             continue
         why = _ineligible(args, fp8_attention_unsupported)
-        found.append((node, AttentionDecision(name, shape, "keep" if why else "fp8", why or "")))
+        if why:
+            found.append((node, AttentionDecision(name, shape, "keep", why)))
+        else:
+            found.append((node, AttentionDecision(name, shape, "fp8", "", _scales_label(tensor_bounds(args, scales)))))
     return found
 
 
-def rewrite_attention(gm: fx.GraphModule, planned: list[tuple[fx.Node, AttentionDecision]]) -> int:
+def rewrite_attention(gm: fx.GraphModule, planned: list[tuple[fx.Node, AttentionDecision]],
+                      scales: str = "bound") -> int:
     """Rewrite the attentions planned as fp8; returns how many."""
-    graph, done = gm.graph, 0
+    graph, done, absmax = gm.graph, 0, {}
     for node, decision in planned:
         if decision.precision != "fp8":
             continue
         args = _arguments(node)
+        bounds = tensor_bounds(args, scales)
         with graph.inserting_before(node):
+            kwargs = {"scale": args["scale"]}
+            for name, bound in bounds.items():
+                if bound is not None:
+                    kwargs[f"{name}_bound"] = emit(graph, bound, absmax)
             out = graph.call_function(fp8_scaled_dot_product_attention,
-                                      (args["query"], args["key"], args["value"]), {"scale": args["scale"]})
+                                      (args["query"], args["key"], args["value"]), kwargs)
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

@@ -25,13 +25,22 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 
 
-def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_e4m3(x: torch.Tensor, bound: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor e4m3: (x * 448 / absmax(x) in e4m3, same shape and strides; the descale absmax / 448 as a
     float32 tensor of one element). An all-zero x gets descale 0 and zeros; a non-finite absmax gives NaN
-    values (e4m3fn has no infinity), so a broken input is not hidden."""
-    amax = x.detach().abs().amax().float()
+    values (e4m3fn has no infinity), so a broken input is not hidden.
+
+    ``bound``: a proven bound on |x| (compiler.value_bounds) used instead of its absmax, which then needs no pass
+    over x. Values beyond it (a bound that no longer holds) saturate at +-448 instead of turning NaN."""
+    if bound is None:
+        amax = x.detach().abs().amax().float()
+    else:
+        amax = torch.as_tensor(bound, dtype=torch.float32, device=x.device)
     scale = torch.where(amax == 0, torch.zeros_like(amax), E4M3_MAX / amax)
-    return (x.float() * scale).to(E4M3), (amax / E4M3_MAX).reshape(1)
+    scaled = x.float() * scale
+    if bound is not None:
+        scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
+    return scaled.to(E4M3), (amax / E4M3_MAX).reshape(1)
 
 
 def inverse_descale(descale: torch.Tensor) -> torch.Tensor:

@@ -288,13 +288,17 @@ def pca_linear(x: torch.Tensor, basis: torch.Tensor, h: Optional[torch.Tensor], 
 
 def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                      attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
-                                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                                     scale: float | None = None, enable_gqa: bool = False,
+                                     query_bound: torch.Tensor | float | None = None,
+                                     key_bound: torch.Tensor | float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention``'s signature, computed as the compiler pass rewrites it (quantize Q,
-    K, V; ``convrot::fp8_attention``; dequantize to the query's dtype): to run an eager model the same way."""
+    K, V; ``convrot::fp8_attention``; dequantize to the query's dtype): to run an eager model the same way.
+    ``query_bound``, ``key_bound``: proven bounds on |Q| and |K| that scale them instead of their absmax
+    (numerics.fp8_attention.quantize_e4m3)."""
     if attn_mask is not None or dropout_p != 0 or is_causal or enable_gqa:
         raise ValueError("fp8 attention takes no mask, dropout, causal mask or grouped heads")
-    q8, dq = quantize_e4m3(query)
-    k8, dk = quantize_e4m3(key)
+    q8, dq = quantize_e4m3(query, query_bound)
+    k8, dk = quantize_e4m3(key, key_bound)
     v8, dv = quantize_e4m3(value)
     o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, dq, dk, dv, inverse_descale(dv),
                                          default_softmax_scale(query.shape[-1], scale))

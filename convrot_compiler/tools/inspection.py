@@ -69,12 +69,13 @@ class InspectReport:
                                        "MiB after", "left alone because / role"], tablefmt="github")
 
     def attention_table(self) -> str:
-        """One row per scaled-dot-product attention: fp8 or kept, and why it was kept."""
+        """One row per scaled-dot-product attention: fp8 and how its inputs are scaled, or kept and why."""
         from tabulate import tabulate
 
-        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.reason]
+        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.scales or "-", a.reason]
                 for a in self.attention]
-        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "kept because"], tablefmt="github")
+        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "kept because"],
+                        tablefmt="github")
 
     def summary(self) -> str:
         t = self.totals()

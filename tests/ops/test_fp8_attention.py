@@ -122,7 +122,8 @@ def test_fp8_attention_with_w4a4_plan_and_inductor():
 def test_rewritten_graph_equals_the_eager_model_with_fp8_attention(monkeypatch):
     model = build_flux("flux-tiny")
     kwargs = make_flux_inputs(model, 128, 128, 16).kwargs
-    compiled = cc.compile(model, plan="none", attention="fp8", inductor=False, progress=False, regional=False)
+    compiled = cc.compile(model, plan="none", attention="fp8", attention_scales="absmax", inductor=False,
+                          progress=False, regional=False)
     out = compiled(**kwargs)[0]
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fp8_scaled_dot_product_attention)
     with torch.no_grad():

@@ -72,10 +72,10 @@ def test_flux_dev_widths_with_fp8_attention(monkeypatch):
     to round where eager does, it departs from eager no more than the stock compile does."""
     model = build_flux("flux-dev-short", device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
-    graph_only, decisions = _compiled_forward(kwargs, attention="fp8", inductor=False)
+    graph_only, decisions = _compiled_forward(kwargs, attention="fp8", attention_scales="absmax", inductor=False)
     assert [a.precision for a in decisions] == ["fp8"] * 4
     monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
-    fp8_inductor, _ = _compiled_forward(kwargs, attention="fp8")
+    fp8_inductor, _ = _compiled_forward(kwargs, attention="fp8", attention_scales="absmax")
     keep_inductor, _ = _compiled_forward(kwargs, attention="keep")
     with torch.no_grad():
         eager = model(**kwargs)[0]
@@ -85,3 +85,19 @@ def test_flux_dev_widths_with_fp8_attention(monkeypatch):
     stock = relative_error(keep_inductor, eager)
     assert torch.isfinite(fp8_inductor).all()
     assert relative_error(fp8_inductor, eager_fp8) <= 2 * stock + 0.02, (relative_error(fp8_inductor, eager_fp8), stock)
+
+
+def test_q_and_k_scaled_by_their_norm_bound_on_cudnn():
+    """Q and K scaled by their RMSNorm's bound (the default) reach cuDNN as descale tensors computed in the
+    graph: each attention's output against the absmax form, within e4m3 rounding, at FLUX.1-dev's widths."""
+    model = build_flux("flux-dev-short", device="cuda")
+    kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
+    outs = {}
+    for scales in ("bound", "absmax"):
+        outs[scales], decisions = _compiled_forward(kwargs, attention="fp8", attention_scales=scales, inductor=False)
+        assert all(a.precision == "fp8" for a in decisions)
+        assert all(("RMSNorm bound" in a.scales) == (scales == "bound") for a in decisions)
+    with torch.no_grad():
+        eager = model(**kwargs)[0]
+    assert torch.isfinite(outs["bound"]).all()
+    assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs["absmax"], eager) + 0.02

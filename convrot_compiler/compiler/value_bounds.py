@@ -1,0 +1,151 @@
+"""A bound on |x| for a tensor of a Dynamo FX graph, proven from the ops that made it: FLUX's Q and K are scaled to
+e4m3 by it, without a pass over them (attention_rewrite).
+
+An RMSNorm over D channels with weight w gives |y| <= sqrt(D) max|w|: |x_i| <= sqrt(sum_j x_j^2) = sqrt(D mean(x^2)),
+and the eps only shrinks y. From there the bound follows views, casts, negation, concatenation (the larger bound),
+sums and products (RoPE's x cos + rot(x) sin). cos and sin computed in the graph are bounded by 1; a small graph
+input (RoPE's cos and sin when a block is compiled alone) by its own absmax, taken at every call. A tensor reached
+any other way has no bound here, and its attention keeps the per-call absmax.
+
+The bound is an expression of graph inputs (weights, cos, sin), computed in the graph at every call: it stays
+right when they change.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .match import _example
+
+RMS_NORMS = (torch.rms_norm, torch.nn.functional.rms_norm)
+_SAME = {"view", "reshape", "unflatten", "flatten", "permute", "transpose", "contiguous", "to", "float", "bfloat16",
+         "half", "type_as", "clone", "unbind", "chunk", "split", "expand", "repeat", "repeat_interleave", "squeeze",
+         "unsqueeze", "neg", "getitem", "__getitem__"}  # ops whose largest |value| is at most their input's
+_SAME_FUNCTIONS = {operator.getitem, operator.neg, torch.neg, torch.flatten, torch.reshape, torch.permute,
+                   torch.transpose, torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze,
+                   torch.repeat_interleave}
+_UNIT = {"cos", "sin"}
+_MAX_DEPTH = 48
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``op`` "const" (``value``), "amax" (of ``nodes[0]``, at run time) or "max", "sum", "prod" of ``parts``."""
+
+    op: str
+    value: float = 0.0
+    node: fx.Node | None = None
+    parts: tuple["Bound", ...] = ()
+
+    @property
+    def constant(self) -> float | None:
+        if self.op == "const":
+            return self.value
+        values = [p.constant for p in self.parts]
+        if self.op == "amax" or any(v is None for v in values):
+            return None
+        return {"max": max, "sum": sum, "prod": math.prod}[self.op](values)
+
+    def runtime_inputs(self) -> list[fx.Node]:
+        """The graph nodes whose absmax the bound takes at run time."""
+        if self.op == "amax":
+            return [self.node]
+        return [n for p in self.parts for n in p.runtime_inputs()]
+
+
+def const(value: float) -> Bound:
+    return Bound("const", value=float(value))
+
+
+def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | None:
+    """A bound on |node| by the rules of the module docstring, or None. A graph input bounds by its absmax only
+    when it has at most ``max_runtime_numel`` elements (that reduction runs at every call)."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return const(abs(node))
+    if not isinstance(node, fx.Node) or depth > _MAX_DEPTH:
+        return None
+
+    def sub(x):
+        return abs_bound(x, max_runtime_numel, depth + 1)
+
+    target, args = node.target, node.args
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    if node.op == "placeholder":
+        example = _example(node)
+        if example is not None and example.is_floating_point() and example.numel() <= max_runtime_numel:
+            return Bound("amax", node=node)
+        return None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if target in RMS_NORMS:
+        return _rms_norm_bound(node, sub)
+    if name in _UNIT:
+        return const(1.0)
+    if target in (torch.cat, torch.stack, torch.concat):
+        parts = [sub(p) for p in (args[0] if args else node.kwargs.get("tensors")) or ()]
+        return None if not parts or None in parts else Bound("max", parts=tuple(parts))
+    if target in (operator.add, torch.add, operator.sub, torch.sub) and node.kwargs.get("alpha", 1) == 1:
+        parts = [sub(x) for x in args[:2]]
+        return None if len(parts) < 2 or None in parts else Bound("sum", parts=tuple(parts))
+    if target in (operator.mul, torch.mul):
+        parts = [sub(x) for x in args[:2]]
+        return None if len(parts) < 2 or None in parts else Bound("prod", parts=tuple(parts))
+    if (node.op == "call_method" and name in _SAME) or target in _SAME_FUNCTIONS:
+        return sub(args[0]) if args else None
+    return None
+
+
+def _rms_norm_bound(node: fx.Node, sub) -> Bound | None:
+    args = list(node.args) + [None] * 4
+    shape = node.kwargs.get("normalized_shape", args[1])
+    weight = node.kwargs.get("weight", args[2])
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) for d in shape):
+        return None
+    root_d = const(math.sqrt(math.prod(shape)))
+    if weight is None:
+        return root_d
+    w = sub(weight)
+    return None if w is None else Bound("prod", parts=(root_d, w))
+
+
+def emit(graph: fx.Graph, bound: Bound, absmax: dict[fx.Node, fx.Node] | None = None) -> fx.Node | float:
+    """``bound`` as a float (a constant) or as nodes computing a float32 scalar tensor, inserted at the graph's
+    current insertion point. ``absmax``: the absmax nodes emitted before, by input, reused (pass one dict for a
+    graph, emitting in graph order)."""
+    absmax = {} if absmax is None else absmax
+    value = bound.constant
+    if value is not None:
+        return value
+    if bound.op == "amax":
+        if bound.node not in absmax:
+            absmax[bound.node] = graph.call_method(
+                "amax", (graph.call_method("abs", (graph.call_method("float", (bound.node,)),)),))
+        return absmax[bound.node]
+    parts = [emit(graph, p, absmax) for p in bound.parts]
+    folded = [p for p in parts if not isinstance(p, float)]
+    constants = [p for p in parts if isinstance(p, float)]
+    if bound.op == "max":
+        fn = torch.maximum
+        if constants:
+            folded.append(graph.call_function(torch.full, ((), max(constants)), {"dtype": torch.float32,
+                                                                                 "device": _device(bound)}))
+    else:
+        fn = operator.add if bound.op == "sum" else operator.mul
+        if constants:
+            folded.append({"sum": sum, "prod": math.prod}[bound.op](constants))
+    out = folded[0]
+    for p in folded[1:]:
+        out = graph.call_function(fn, (out, p))
+    return out
+
+
+def _device(bound: Bound) -> torch.device | None:
+    example = _example(bound.runtime_inputs()[0])
+    return example.device if example is not None else None
