@@ -63,6 +63,7 @@ class Calibration:
 
         self._names = WeakIdKeyDictionary()  # weight parameter -> its linear's name in the bound model
         self._bases: dict[tuple, torch.Tensor] = {}
+        self._released = False
 
     def bind(self, model: nn.Module) -> None:
         """Check ``model`` (``check_model``) and learn which linear each weight parameter belongs to, so that a
@@ -76,6 +77,18 @@ class Calibration:
         """Learn one weight's linear name (a weight moved to another device, a whole-model graph's linear)."""
         if weight not in self._names:
             self._names[weight] = name
+
+    def shallow_copy(self) -> "Calibration":
+        """A calibration sharing this one's moment tensors, with its own names, bases and dicts: what ``compile``
+        binds and later lets go of (``release_moments``) without touching the caller's."""
+        return Calibration(dict(self.moments), dict(self.shared), dict(self.tokens), dict(self.model))
+
+    def release_moments(self) -> None:
+        """Drop the second moments and the cached bases; names and sharing stay. Asking for a moment afterwards is a
+        clear error."""
+        self.moments = {}
+        self._bases.clear()
+        self._released = True
 
     def layer_of(self, weight: torch.Tensor) -> str:
         name = self._names.get(weight)
@@ -118,6 +131,10 @@ class Calibration:
             raise CalibrationError(f"{name}: the calibration never saw this linear (it covers {len(self.shared)} "
                                    "linears); calibrate with a plan that quantizes it, or keep it out of the plan")
         lead = self.shared[name]
+        if self._released:
+            raise CalibrationError(f"{name}: this compiled model let its calibration's moments go once every weight "
+                                   "was prepared (release_weights=True); a weight prepared later needs them: "
+                                   "compile again with the calibration, or with release_weights=False")
         moment = self.moments[lead]
         width = moment.shape[0] * moment.shape[1]
         if in_features is not None and width != in_features:

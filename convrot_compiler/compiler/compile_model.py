@@ -171,6 +171,8 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
         return pipeline
     config = _checkpoint_config(module, config, overrides)
     if config.calibration is not None:
+        if config.release_weights:  # its moments are let go once every weight is prepared: not the caller's
+            config = config.replace(calibration=config.calibration.shallow_copy())
         config.calibration.bind(module)
     reports: list[CompileReport] = []
 
@@ -199,6 +201,10 @@ def compile(model, config: ConvRotConfig | None = None, **overrides):
         blocks, eager = compiled_units(module, block_instances(module, classes), decisions)
         units = unit_plans(config.plan, decisions, blocks, eager)
     _prepare(module, decisions, config)
+    if config.calibration is not None and config.release_weights:
+        # the weights are prepared and their float storage is gone: the compiled model need not pin the second
+        # moments (17 GiB for FLUX.1-dev) or the bases the prepared weights hold
+        config.calibration.release_moments()
     if config.device is not None:
         module.to(config.device)
     cuda_graphs = config.cuda_graphs

@@ -87,3 +87,36 @@ def test_calibrated_methods_refuse_what_does_not_fit(model, cal):
         cc.ConvRotConfig(rotation="pca", calibration={"a": 1})
     assert cc.ConvRotConfig(rotation="pca", calibration=cal).group_size == 64
     assert cc.ConvRotConfig().replace(rotation="pca", calibration=cal).group_size == 64
+
+
+def test_a_compiled_model_lets_go_of_its_calibrations_moments(model, inputs):
+    import gc
+    import weakref
+
+    cal = cc.calibrate(model, [inputs], progress=False)
+    kept = cc.calibrate(model, [inputs], progress=False)
+    compiled = cc.compile(copy.deepcopy(model), rotation="pca", weights="gptq", calibration=cal, progress=False)
+    held = cc.compile(copy.deepcopy(model), rotation="pca", calibration=kept, release_weights=False, progress=False)
+    refs = [weakref.ref(t) for t in cal.moments.values()]
+    name = next(iter(cal.shared))
+    assert cal.second_moment(name).shape[-1] > 0  # the caller's calibration is whole
+    del cal
+    gc.collect()
+    assert all(r() is None for r in refs), "the compiled model pins the second moments"
+    assert torch.isfinite(compiled(**inputs)[0]).all()
+    # without release_weights a weight can change and be prepared again: the moments stay
+    refs = [weakref.ref(t) for t in kept.moments.values()]
+    del kept
+    gc.collect()
+    assert all(r() is not None for r in refs) and torch.isfinite(held(**inputs)[0]).all()
+
+
+def test_a_released_calibration_says_so():
+    from convrot_compiler.calibration import Calibration
+
+    cal = Calibration({"a": torch.eye(2)[None]}, {"a": "a"}, {"a": 1})
+    copy_ = cal.shallow_copy()
+    copy_.release_moments()
+    assert cal.second_moment("a").shape == (1, 2, 2)
+    with pytest.raises(CalibrationError, match="let its calibration's moments go"):
+        copy_.second_moment("a")
