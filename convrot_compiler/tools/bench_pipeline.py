@@ -72,7 +72,9 @@ def setups(variant: str, model, calibrate_on: Callable[[], object] | None = None
                 calibrate_on()
             options = {**options, "calibration": calibration}
             note = f"{note}; calibrated on one call of the measured pipeline"
+            del calibration  # the rows are timed while this generator waits: its frame must not pin the moments
         convrot_compile(model, plan=plan, progress=False, **options)
+        options = None
         replay = model.forward.replay is not None
         yield variant, "; ".join(x for x in ("convrot_compiler.compile" + (", CUDA-graph replay" if replay else ""),
                                              note) if x)
