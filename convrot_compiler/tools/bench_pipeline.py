@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..calibration import Calibrator
 from ..compiler.compile_model import CompiledForward, weight_bytes
 from ..compiler.compile_model import compile as convrot_compile
-from ..calibration import Calibrator
 from ..compiler.cudagraphs import CUDAGraphReplay
 from ..numerics.pca import needs_calibration
 from .bench_model import LAUNCHES, environment, parse_variants, sync, time_forward, write_results
