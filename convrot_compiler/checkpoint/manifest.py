@@ -21,9 +21,12 @@ from .tensor_file import SAFETENSORS_DTYPES, CheckpointError, read_header
 
 FORMAT = "convrot-checkpoint"
 FORMAT_VERSION = 1       # ConvRot's checkpoints
-PCA_FORMAT_VERSION = 2   # DiRotQ's: a basis per input and 16-bit columns besides the int4 ones
+PCA_FORMAT_VERSION = 3   # DiRotQ's: a basis per input and 16-bit columns besides the int4 ones, packed in pairs
+PCA_GROUP_PACKED_VERSION = 2  # DiRotQ's with int4 packed per group: read, and repacked when loaded
 MANIFEST = "convrot.json"
 INT4_PACKING = "per group of G inputs: byte j holds input j (low nibble) and input j + G/2 (high nibble)"
+PCA_INT4_PACKING = ("per pair of groups where the groups pair up, else per group (numerics.pca.int4_pack): per P "
+                    "inputs, byte j holds input j (low nibble) and input j + P/2 (high nibble)")
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -76,6 +79,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     weights: str = "rtn"                    # the weight quantizer: "rtn" or "gptq"
     high_precision_fraction: float | None = None  # DiRotQ's checkpoints only
+    pca_int4_pairs: bool = True             # DiRotQ's int4 packed per pair of groups (False: an older checkpoint)
 
     @property
     def format_version(self) -> int:
@@ -90,7 +94,8 @@ class Manifest:
             "quantization": {"plan": {"name": self.plan_name, "rules": [list(r) for r in self.plan_rules]},
                              "group_size": self.group_size, "rotation": self.rotation,
                              "channel_order": self.channel_order, "w4a16_layout": self.w4a16_layout,
-                             "int4_packing": INT4_PACKING, "weights": self.weights,
+                             "int4_packing": INT4_PACKING if self.high_precision_fraction is None else
+                             PCA_INT4_PACKING, "weights": self.weights,
                              **({} if self.high_precision_fraction is None else
                                 {"high_precision_fraction": self.high_precision_fraction})},
             "layers": [{"name": d.name, "precision": d.precision, "reason": d.reason, "in_features": d.in_features,
@@ -130,10 +135,12 @@ def read_manifest(folder: str) -> Manifest:
     if _need(raw, "format", str, path) != FORMAT:
         raise CheckpointError(f"{path}: format {raw['format']!r} is not {FORMAT!r}")
     version = _need(raw, "format_version", int, path)
-    if version not in (FORMAT_VERSION, PCA_FORMAT_VERSION):
+    readable = (FORMAT_VERSION, PCA_GROUP_PACKED_VERSION, PCA_FORMAT_VERSION)
+    if version not in readable:
         raise CheckpointError(f"{path}: format version {version} is not one this convrot-compiler reads "
-                              f"({FORMAT_VERSION}, {PCA_FORMAT_VERSION}); quantize the model again, or use the "
+                              f"({', '.join(map(str, readable))}); quantize the model again, or use the "
                               "version that wrote it")
+    pca = version in (PCA_GROUP_PACKED_VERSION, PCA_FORMAT_VERSION)
     model = _need(raw, "model", dict, path)
     quant = _need(raw, "quantization", dict, path)
     plan = _need(quant, "plan", dict, f"{path}: quantization")
@@ -159,7 +166,7 @@ def read_manifest(folder: str) -> Manifest:
         if entry.precision != "bf16":
             keys = _need(d, "tensors", dict, where)
             entry.values, entry.scale = _need(keys, "values", str, where), _need(keys, "scale", str, where)
-            if version == PCA_FORMAT_VERSION and entry.precision == "w4a4":
+            if pca and entry.precision == "w4a4":
                 entry.basis, entry.w_hi = _need(keys, "basis", str, where), _need(keys, "w_hi", str, where)
                 entry.rank = _need(d, "rank", int, where)
             for key in (entry.values, entry.scale, entry.basis, entry.w_hi):
@@ -174,8 +181,8 @@ def read_manifest(folder: str) -> Manifest:
                         _need(quant, "w4a16_layout", str, f"{path}: quantization"), layers, tensors,
                         raw.get("library", {}).get("version", ""), weights=quant.get("weights", "rtn"),
                         high_precision_fraction=(_need(quant, "high_precision_fraction", float,
-                                                       f"{path}: quantization")
-                                                 if version == PCA_FORMAT_VERSION else None))
+                                                       f"{path}: quantization") if pca else None),
+                        pca_int4_pairs=version != PCA_GROUP_PACKED_VERSION)
     check_shards(folder, manifest)
     return manifest
 

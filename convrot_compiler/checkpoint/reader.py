@@ -20,7 +20,7 @@ from torch import nn
 from ..compiler.compile_model import guard_released
 from ..compiler.weights import PREPARED, placeholder
 from ..config import ConvRotConfig
-from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pca_rank, pca_shapes
+from ..numerics.pca import PCA_ROTATIONS, PCAWeight, pairs_from_group_packed, pca_rank, pca_shapes
 from ..numerics.quant import WEIGHT_ONLY, QuantizedWeight, prepared_shapes, relayout
 from ..numerics.rotations import GroupHadamardRotation
 from ..plans import Plan, iter_linears
@@ -157,8 +157,11 @@ def load(path: str, device: str | torch.device | None = None, expect_config: dic
         param = placeholder((layer.out_features, layer.in_features), layer.weight_dtype, device)
         spec = quantization.spec_for(layer.precision, param)
         if layer.basis is not None:
+            values = tensors.pop(layer.values)
+            if not manifest.pca_int4_pairs:
+                values = pairs_from_group_packed(values, quantization.group_size)
             PREPARED.put(param, spec, PCAWeight(
-                tensors[layer.basis], tensors.pop(layer.w_hi), tensors.pop(layer.values), tensors.pop(layer.scale),
+                tensors[layer.basis], tensors.pop(layer.w_hi), values, tensors.pop(layer.scale),
                 layer.in_features, layer.out_features, layer.rank, quantization.group_size,
                 PCA_ROTATIONS[quantization.rotation], manifest.weights))
             lin.weight = param

@@ -99,8 +99,8 @@ def pca_basis(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class PCAWeight:
     """A linear's weight prepared for DiRotQ. ``basis`` [n, b, b] (n blocks of b inputs) and ``w_hi`` [N, n r_b]
-    in the activations' dtype; ``values``: the other n (b - r_b) columns as int4 packed per group
-    (``pack_int4``), int8 [N, n (b - r_b) / 2]; ``scale``: float32 [N, n (b - r_b) / group_size]. ``rank`` is r_b,
+    in the activations' dtype; ``values``: the other n (b - r_b) columns as int4 packed per pair of groups where
+    they pair up (``int4_pack``), int8 [N, n (b - r_b) / 2]; ``scale``: float32 [N, n (b - r_b) / group_size]. ``rank`` is r_b,
     the 16-bit columns of each block."""
 
     basis: torch.Tensor
@@ -128,12 +128,26 @@ class PCAWeight:
 
     def int_values(self) -> torch.Tensor:
         """Unpacked int8 values [N, K - r] of the quantized subspace."""
-        return unpack_int4(self.values, self.group_size)
+        return unpack_int4(self.values, int4_pack(2 * self.values.shape[1], self.group_size))
 
     def nbytes(self, include_basis: bool = True) -> int:
         """Bytes of its tensors; ``include_basis`` False leaves out the basis, which linears of one input share."""
         tensors = self.graph_tensors() if include_basis else self.graph_tensors()[1:]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def int4_pack(width: int, group_size: int) -> int:
+    """The ``pack_int4`` group of DiRotQ's int4 columns, ``width`` of them: pairs of quantization groups (2 G) where
+    the groups pair up, so that byte j of a pair holds group 2p's value j in its low nibble and group 2p + 1's in
+    its high one (each nibble half is then one group's whole MMA operand, the sm_90 GEMM's stages of two groups);
+    else one group (its first half in the low nibbles)."""
+    return 2 * group_size if width % (2 * group_size) == 0 else group_size
+
+
+def pairs_from_group_packed(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DiRotQ int4 values packed per group (an older checkpoint's layout) in ``int4_pack``'s layout."""
+    width = 2 * values.shape[-1]
+    return pack_int4(unpack_int4(values, group_size), int4_pack(width, group_size))
 
 
 def pca_rank(in_features: int, high_precision_fraction: float, group_size: int) -> int:
@@ -217,8 +231,8 @@ def pca_quantize_weight(weight: torch.Tensor, second_moment: torch.Tensor, high_
     else:
         q, scale = quantize_symmetric(w_lo.reshape(n_out, lo // group_size, group_size), 4)
         q = q.reshape(n_out, lo)
-    return PCAWeight(basis, w_hi.to(dtype), pack_int4(q, group_size), scale.float(), k, n_out, r, group_size,
-                     hadamard, weights)
+    return PCAWeight(basis, w_hi.to(dtype), pack_int4(q, int4_pack(lo, group_size)), scale.float(), k, n_out, r,
+                     group_size, hadamard, weights)
 
 
 def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | None, rank: int,
@@ -248,7 +262,8 @@ def group_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: tor
 def pca_matmul(z_hi: torch.Tensor, qa: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw_packed: torch.Tensor,
                sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """The DiRotQ GEMM: z_hi w_hi^T + the group-scaled int4 product of the rest (+ bias), in z_hi's dtype."""
-    out = z_hi.float() @ w_hi.float().T + group_int_gemm(qa, sa, unpack_int4(qw_packed, group_size), sw, group_size)
+    qw = unpack_int4(qw_packed, int4_pack(qa.shape[1], group_size))
+    out = z_hi.float() @ w_hi.float().T + group_int_gemm(qa, sa, qw, sw, group_size)
     return with_bias(out, bias).to(z_hi.dtype)
 
 

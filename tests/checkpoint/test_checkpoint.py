@@ -382,7 +382,7 @@ def test_a_dirotq_checkpoint_loads_to_what_compiling_with_dirotq_gives(saved, tm
     bases = {layer.basis for layer in pca}
     assert len(bases) < len(pca) and bases == {k for k in manifest.tensors if k.endswith(".pca_basis")}
     with open(tmp_path / "ckpt" / "convrot.json") as f:
-        assert json.load(f)["format_version"] == 2
+        assert json.load(f)["format_version"] == 3
     model = cc.load(str(tmp_path / "ckpt"), device="cpu")
     q = model.transformer_blocks[0].attn
     assert PREPARED.get(q.to_q.weight, cc.ConvRotConfig(rotation=rotation, prepared=True).spec_for(
@@ -423,7 +423,7 @@ def test_a_dirotq_checkpoint_with_a_wrong_rank_is_refused(saved, tmp_path):
     raw["format_version"] = 1
     layer["rank"] -= 64
     path.write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match="DiRotQ's rotations take version 2"):
+    with pytest.raises(CheckpointError, match="DiRotQ.s rotations take version 3"):
         cc.load(str(tmp_path / "ckpt"), device="cpu")
 
 
@@ -442,4 +442,34 @@ def test_an_interrupted_dirotq_run_with_resume_finishes_a_checkpoint_that_loads(
     manifest = cc.quantize(saved, str(tmp_path / "ckpt"), **options)
     assert all(layer.basis and layer.rank for layer in manifest.layers if layer.precision == "w4a4")
     model = cc.compile(cc.load(str(tmp_path / "ckpt"), device="cpu"), progress=False)
+    assert torch.equal(model(**_inputs())[0], expected)
+
+
+def test_an_older_dirotq_checkpoint_packed_per_group_loads_to_the_same_model(saved, tmp_path):
+    """Format version 2 packed DiRotQ's int4 per group; such a checkpoint is repacked per pair as it loads."""
+    from safetensors.torch import load_file, save_file
+
+    from convrot_compiler.numerics.pca import int4_pack
+    from convrot_compiler.numerics.quant import pack_int4, unpack_int4
+
+    cal = cc.calibrate(_model(), [_inputs()], progress=False)
+    expected = cc.compile(_model(), rotation="pca", calibration=cal, progress=False)(**_inputs())[0]
+    torch._dynamo.reset()
+    manifest = cc.quantize(saved, str(tmp_path / "ckpt"), rotation="pca", calibration=cal, progress=False)
+    keys = {layer.values for layer in manifest.layers if layer.basis is not None}
+    paired = 0
+    for file in {manifest.tensors[k].file for k in keys}:
+        tensors = load_file(str(tmp_path / "ckpt" / file))
+        for k in keys & tensors.keys():
+            pack = int4_pack(2 * tensors[k].shape[1], manifest.group_size)
+            paired += pack != manifest.group_size
+            tensors[k] = pack_int4(unpack_int4(tensors[k], pack), manifest.group_size)
+        save_file(tensors, str(tmp_path / "ckpt" / file))
+    assert paired  # some layers' groups pair up: their bytes differ between the layouts
+    path = tmp_path / "ckpt" / "convrot.json"
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 2
+    path.write_text(json.dumps(raw))
+    model = cc.load(str(tmp_path / "ckpt"), device="cpu")
+    cc.compile(model, progress=False)
     assert torch.equal(model(**_inputs())[0], expected)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from convrot_compiler.numerics.pca import pca_matmul
+from convrot_compiler.numerics.pca import int4_pack, pca_matmul
 from convrot_compiler.numerics.quant import pack_int4
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -15,13 +15,14 @@ def _operands(m, n, rank, lo, group, dtype, seed):
     q = torch.randint(-7, 8, (m, lo), generator=g, dtype=torch.int8, device="cuda")
     sa = torch.rand(m, lo // group, generator=g, device="cuda") * 0.1
     w_hi = (torch.randn(n, rank, generator=g, device="cuda") * 0.1).to(dtype)
-    qw = pack_int4(torch.randint(-7, 8, (n, lo), generator=g, dtype=torch.int8, device="cuda"), group)
+    qw = pack_int4(torch.randint(-7, 8, (n, lo), generator=g, dtype=torch.int8, device="cuda"),
+                   int4_pack(lo, group))
     sw = torch.rand(n, lo // group, generator=g, device="cuda") * 0.01
     bias = torch.randn(n, generator=g, device="cuda").to(dtype)
     return z_hi, q, sa, w_hi, qw, sw, bias
 
 
-@pytest.mark.parametrize("m,n,rank,lo", [(4608, 3072, 384, 2688), (4608, 3072, 1920, 13440), (77, 80, 64, 192),
+@pytest.mark.parametrize("m,n,rank,lo", [(4608, 3072, 384, 2688), (4608, 3072, 1920, 13440), (77, 80, 64, 256),
                                          (1, 3072, 384, 2688), (300, 136, 0, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -59,3 +60,5 @@ def test_sm90_pca_gemm_says_where_it_cannot_run():
     assert "group size 32" in supported(z_hi, q, w_hi, qw, 32) and "group size 128" in supported(z_hi, q, w_hi, qw, 128)
     with pytest.raises(ValueError, match="16-bit width 32"):
         pca_gemm(z_hi[:, :32], q, sa, w_hi[:, :32], qw, sw, bias, 64)
+    odd = _operands(64, 128, 64, 192, 64, torch.bfloat16, 3)
+    assert "3 groups do not pair up" in supported(odd[0], odd[1], odd[3], odd[4], 64)

@@ -342,7 +342,7 @@ def test_sm90_pca_gemm_refuses_what_it_cannot_run():
     q = torch.randint(-7, 8, (4, 128), generator=g, dtype=torch.int8)
     sa = torch.rand(4, 2, generator=g)
     w_hi = torch.randn(16, 64, generator=g).bfloat16()
-    qw = pack_int4(torch.randint(-7, 8, (16, 128), generator=g, dtype=torch.int8), 64)
+    qw = pack_int4(torch.randint(-7, 8, (16, 128), generator=g, dtype=torch.int8), 128)  # a pair of groups
     sw = torch.rand(16, 2, generator=g)
     assert pca_gemm_sm90.supported(z_hi, q, w_hi, qw, 64) == "not a CUDA tensor"
     with pytest.raises(ValueError, match="use kernels.triton.pca.pca_gemm"):
@@ -421,15 +421,16 @@ def test_pca_rotate_quantize_kernel_takes_rows_that_tma_cannot_read_in_place():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,rank,lo", [(1, 48, 64, 192), (37, 80, 0, 128), (20, 16, 128, 64)])
 def test_pca_gemm_kernel_matches_reference(dtype, m, n, rank, lo):
+    """Weights packed per pair of groups (lo 128) and per group (an odd number of groups: 192, 64)."""
     from convrot_compiler.kernels.triton.pca import pca_gemm
-    from convrot_compiler.numerics.pca import pca_matmul
+    from convrot_compiler.numerics.pca import int4_pack, pca_matmul
 
     g = torch.Generator().manual_seed(m + n + rank)
     z_hi = torch.randn(m, rank, generator=g).to(dtype)
     q = torch.randint(-7, 8, (m, lo), generator=g, dtype=torch.int8)
     sa = torch.rand(m, lo // 64, generator=g) * 0.1
     w_hi = (torch.randn(n, rank, generator=g) * 0.1).to(dtype)
-    qw = pack_int4(torch.randint(-7, 8, (n, lo), generator=g, dtype=torch.int8), 64)
+    qw = pack_int4(torch.randint(-7, 8, (n, lo), generator=g, dtype=torch.int8), int4_pack(lo, 64))
     sw = torch.rand(n, lo // 64, generator=g) * 0.01
     bias = torch.randn(n, generator=g).to(dtype)
     ref = pca_matmul(z_hi, q, sa, w_hi, qw, sw, bias, 64).float()

@@ -147,3 +147,18 @@ def test_a_block_diagonal_calibration_gives_a_block_diagonal_dirotq_linear():
     ref = x.float() @ w.float().T
     convrot = relative_error(reference_linear(x, quantize_weight(w, "w4a4", GroupHadamardRotation("regular", 256))), ref)
     assert relative_error(pca_linear(x, pw), ref) < 0.5 * convrot
+
+
+def test_dirotq_int4_is_packed_per_pair_of_groups_where_they_pair_up():
+    from convrot_compiler.numerics.pca import int4_pack, pairs_from_group_packed
+    from convrot_compiler.numerics.quant import pack_int4, unpack_int4
+
+    assert int4_pack(2688, 64) == 128 and int4_pack(192, 64) == 64 and int4_pack(64, 64) == 64
+    q = torch.randint(-7, 8, (3, 256), dtype=torch.int8)
+    paired = pack_int4(q, 128)
+    # byte j of a pair: group 2p's value j in the low nibble, group 2p + 1's in the high one
+    assert torch.equal(unpack_int4(paired, 128), q)
+    assert torch.equal((paired[:, :64] << 4) >> 4, q[:, :64]) and torch.equal(paired[:, :64] >> 4, q[:, 64:128])
+    assert torch.equal(pairs_from_group_packed(pack_int4(q, 64), 64), paired)
+    odd = torch.randint(-7, 8, (3, 192), dtype=torch.int8)
+    assert torch.equal(pairs_from_group_packed(pack_int4(odd, 64), 64), pack_int4(odd, 64))

@@ -5,12 +5,13 @@
 It is packed_gemm's kernel (C^T = W X^T, the packed weights split in registers as wgmma's A operand, a one-warp
 TMA producer feeding a ring of stages) with two changes:
 
-* a stage is one quantization group (G/2 packed bytes: the low nibbles are the group's first half, the high ones
-  its second, quant.pack_int4's layout). Its two int8 wgmmas go into an int32 accumulator of their own, which is
-  then scaled by the group's token and channel scales into the float32 one. That accumulator starts at the bits
-  of 1.5 * 2^23, so the MMAs leave a float whose mantissa holds the product (|16 * 7 * 7 * G| is far below
+* a stage is two quantization groups, G packed bytes: the weights are packed per pair of groups
+  (numerics.pca.int4_pack), so the low nibbles are one group's whole A operand and the high ones the next's.
+  Each group's int8 wgmma goes into an int32 accumulator of its own, which is then scaled by the group's token
+  and channel scales into the float32 one while the other group's MMA runs. That accumulator starts at the bits
+  of 1.5 * 2^23, so the MMA leaves a float whose mantissa holds the product (|16 * 7 * 7 * G| is far below
   2^22) and one float subtract converts it, not the conversion instruction. The scales are read group-major
-  (transposed per call, a few us), two groups ahead;
+  (transposed per call, a few us);
 * before the groups, the 16-bit subspace runs through a second ring of stages as bf16/fp16 wgmmas from shared
   memory straight into the float32 accumulator.
 
@@ -19,9 +20,9 @@ two multiplies) where its MMAs cost G / 4096 cycles per element on an SM (4096 i
 lanes): at G = 64 the scaling alone takes about twice the MMAs' time, a bound of the method's group-64 scales
 on Hopper for any kernel that scales each group in float32 (packed_gemm scales once per tile).
 
-Measured (H100, M = 4608, `benchmarks/results/dirotq.md`): 335 us at 3072 -> 3072, 1.2x faster than the Triton
-kernel and 4.8x ConvRot's GEMM; that bound would allow about 100 us. Of the rest, the stages of 32 packed bytes
-cost ConvRot's kernel 1.6x what stages of 64 do (docs/PERFORMANCE.md: the breakdown, and the schedules tried).
+Measured (H100, M = 4608, `benchmarks/results/dirotq.md`): stages of two groups 263 us at 3072 -> 3072 where
+stages of one group (32 packed bytes) took 330, 3.8x ConvRot's GEMM; that bound would allow about 100 us
+(docs/PERFORMANCE.md: the breakdown, and the schedules tried).
 
 sm_90 only, like packed_gemm: tests compare it with the reference on a GPU.
 """
@@ -43,6 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ...numerics.pca import int4_pack
 from ..triton.common import sm_count
 from ..triton.pca import check_gemm_operands
 from .packed_gemm import (
@@ -64,14 +66,13 @@ class PcaGemmConfig:
     BN: int = 128
     BM: int = 64
     BKH: int = 64
-    STAGES: int = 6
+    STAGES: int = 4
     HSTAGES: int = 2
     WARPS: int = 8
     GROUP_N: int = 8
 
     def smem_bytes(self, group_size: int, out_bytes: int = 2) -> int:
-        half = group_size // 2
-        return (self.STAGES * (self.BN + 2 * self.BM) * half + self.HSTAGES * (self.BN + self.BM) * self.BKH * 2
+        return (self.STAGES * (self.BN + 2 * self.BM) * group_size + self.HSTAGES * (self.BN + self.BM) * self.BKH * 2
                 + self.BM * self.BN * out_bytes)
 
 
@@ -119,7 +120,7 @@ def _load_partition(w_desc, x_desc, whi_desc, zhi_desc, w_bufs, xlo_bufs, xhi_bu
 @gluon.jit
 def _group_scales(scales, g, groups):
     """Group g's channel scales (divided by 16: the split nibbles are 16 x the values) and token scales, zeros
-    past the last group (a prefetch beyond it). ``scales``: the tile's channel and token scale pointers into the
+    past the last group. ``scales``: the tile's channel and token scale pointers into the
     group-major scales ([groups, N] and [groups, M]), their masks, N and M."""
     sw_ptrs, sx_ptrs, n_mask, m_mask, N, M = scales
     sw = gl.load(sw_ptrs + g * N, mask=n_mask & (g < groups), other=0.0) * 0.0625
@@ -144,7 +145,7 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, whi_bufs, zhi_bufs, ready, empty,
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=i_layout, k_width=4)
     num_n = gl.cdiv(N, BN)
     num_m = gl.cdiv(M, BM)
-    groups = L // (2 * HALF)
+    groups = L // HALF
     i = 0
     h = 0
     for tile in range(gl.program_id(0), num_n * num_m, NUM_PROGRAMS):
@@ -153,10 +154,6 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, whi_bufs, zhi_bufs, ready, empty,
         rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, i_layout))
         n_mask = rn < N
         scales = (sw_ptr + rn, sx_ptr + rm, n_mask, rm < M, N, M)
-        # the scales of the next two groups are in flight while a group runs (loaded at its own group, about 10%
-        # slower on an H100)
-        sw0, sx0 = _group_scales(scales, 0, groups)
-        sw1, sx1 = _group_scales(scales, 1, groups)
         hi_acc = gl.zeros([BN, BM], gl.float32, layout=f_layout)
         for k in range(0, R, BKH):
             s = h % HSTAGES
@@ -166,25 +163,26 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, whi_bufs, zhi_bufs, ready, empty,
             mbarrier.arrive(hempty.index(s), count=1)
             h += 1
         acc = gl.convert_layout(hi_acc, i_layout)
-        for g in range(0, groups):
+        for p in range(0, groups // 2):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             lo, hi = _nibbles_times_16(w_bufs.index(s).load(a_layout))
-            # the accumulator starts at the bits of 1.5 * 2^23: the MMAs leave 1.5 * 2^23 + the product in its
+            # each accumulator starts at the bits of 1.5 * 2^23: the MMA leaves 1.5 * 2^23 + the product in its
             # mantissa, and a float subtract converts it
-            part = gl.full([BN, BM], _MAGIC, gl.int32, layout=i_layout)
-            part = warpgroup_mma(lo, xlo_bufs.index(s).permute((1, 0)), part, is_async=True)
-            part = warpgroup_mma(hi, xhi_bufs.index(s).permute((1, 0)), part, is_async=True)
-            sw, sx = sw0, sx0
-            sw0, sx0 = sw1, sx1
-            sw1, sx1 = _group_scales(scales, g + 2, groups)
-            part = warpgroup_mma_wait(0, deps=(part,))
+            pa = gl.full([BN, BM], _MAGIC, gl.int32, layout=i_layout)
+            pa = warpgroup_mma(lo, xlo_bufs.index(s).permute((1, 0)), pa, is_async=True)
+            pb = gl.full([BN, BM], _MAGIC, gl.int32, layout=i_layout)
+            pb = warpgroup_mma(hi, xhi_bufs.index(s).permute((1, 0)), pb, is_async=True)
+            swa, sxa = _group_scales(scales, 2 * p, groups)
+            swb, sxb = _group_scales(scales, 2 * p + 1, groups)
+            pa = warpgroup_mma_wait(1, deps=(pa,))
+            acc += ((pa.to(gl.float32, bitcast=True) - _MAGIC_F) * swa[:, None]) * sxa[None, :]
+            pb = warpgroup_mma_wait(0, deps=(pb,))
             _keep_alive(lo)
             _keep_alive(hi)
             fence_async_shared()
             mbarrier.arrive(empty.index(s), count=1)
-            exact = part.to(gl.float32, bitcast=True) - _MAGIC_F
-            acc += (exact * sw[:, None]) * sx[None, :]
+            acc += ((pb.to(gl.float32, bitcast=True) - _MAGIC_F) * swb[:, None]) * sxb[None, :]
             i += 1
         if HAS_BIAS:
             acc += gl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(gl.float32)[:, None]
@@ -233,6 +231,9 @@ def supported(z_hi: torch.Tensor, q: torch.Tensor, w_hi: torch.Tensor, qw: torch
         return f"group size {group_size} (this kernel takes DiRotQ's 64, the only size tested on a GPU)"
     if q.shape[1] == 0:
         return "no quantized inputs"
+    if int4_pack(q.shape[1], group_size) != 2 * group_size:
+        return (f"{q.shape[1] // group_size} groups do not pair up (the weights are packed per group, not per pair "
+                "of groups: numerics.pca.int4_pack)")
     if z_hi.shape[1] % config.BKH:
         return f"16-bit width {z_hi.shape[1]} is not a multiple of {config.BKH}"
     if w_hi.shape[0] % 8:
@@ -248,7 +249,8 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
              sw: torch.Tensor, bias: torch.Tensor | None, group_size: int,
              config: PcaGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """numerics.pca.pca_matmul on sm_90: z_hi [M, R] and w_hi [N, R] in 16 bits, q [M, L] int8 in [-7, 7] with
-    float32 scales sa [M, L/G], qw [N, L/2] (quant.pack_int4, groups of G) with sw [N, L/G]; [M, N] in z_hi's
+    float32 scales sa [M, L/G], qw [N, L/2] (quant.pack_int4 per pair of groups, numerics.pca.int4_pack) with
+    sw [N, L/G]; [M, N] in z_hi's
     dtype. Check ``supported`` first (kernels.triton.pca.pca_gemm takes anything)."""
     why = supported(z_hi, q, w_hi, qw, group_size, config)
     if why is not None:
@@ -272,7 +274,7 @@ def pca_gemm_unchecked(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_
     if m == 0 or n == 0:
         return c
     cfg = config
-    half = group_size // 2
+    half = group_size  # a stage: two groups, G packed bytes
     dt = _GL_DTYPES[z_hi.dtype]
     x_desc = TensorDescriptor.from_tensor(q, [cfg.BM, half], gl.NVMMASharedLayout.get_default_for([cfg.BM, half],
                                                                                                    gl.int8))

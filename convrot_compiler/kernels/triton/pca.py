@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...numerics.pca import int4_pack
 from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
 
 _QUANT_GPU_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_stages=st, num_warps=w)
@@ -129,9 +130,9 @@ def pca_rotate_quantize(x: torch.Tensor, basis: torch.Tensor, h: torch.Tensor | 
 @triton.jit
 def _pca_gemm_kernel(zhi_ptr, q_ptr, sa_ptr, whi_ptr, qw_ptr, sw_ptr, bias_ptr, c_ptr, M, N, R, L,
                      stride_zm, stride_qm, stride_sam, stride_whn, stride_qwn, stride_swn, stride_cm,
-                     G: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BKH: tl.constexpr):
-    HALF: tl.constexpr = G // 2
+                     G: tl.constexpr, PACK: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr):
+    HALF: tl.constexpr = PACK // 2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -150,20 +151,33 @@ def _pca_gemm_kernel(zhi_ptr, q_ptr, sa_ptr, whi_ptr, qw_ptr, sw_ptr, bias_ptr, 
                     other=0.0)
         acc = _dot16(a, b, acc, EXACT)
     rh = tl.arange(0, HALF)
-    for g in range(0, L // G):
-        qa_lo = tl.load(q_ptr + rm64[:, None] * stride_qm + (g * G + rh)[None, :], mask=mmask[:, None], other=0)
-        qa_hi = tl.load(q_ptr + rm64[:, None] * stride_qm + (g * G + HALF + rh)[None, :], mask=mmask[:, None], other=0)
-        packed = tl.load(qw_ptr + rn64[None, :] * stride_qwn + (g * HALF + rh)[:, None], mask=nmask[None, :], other=0)
+    for c in range(0, L // PACK):  # a chunk of PACK values: one group (PACK = G) or two (PACK = 2 G)
+        qa_lo = tl.load(q_ptr + rm64[:, None] * stride_qm + (c * PACK + rh)[None, :], mask=mmask[:, None], other=0)
+        qa_hi = tl.load(q_ptr + rm64[:, None] * stride_qm + (c * PACK + HALF + rh)[None, :], mask=mmask[:, None],
+                        other=0)
+        packed = tl.load(qw_ptr + rn64[None, :] * stride_qwn + (c * HALF + rh)[:, None], mask=nmask[None, :], other=0)
         w_lo = (packed << 4).to(tl.int8) >> 4
         w_hi = packed >> 4
-        exact = tl.dot(qa_lo, w_lo, out_dtype=tl.int32) + tl.dot(qa_hi, w_hi, out_dtype=tl.int32)
-        sa = tl.load(sa_ptr + rm64 * stride_sam + g, mask=mmask, other=0.0)
-        sw = tl.load(sw_ptr + rn64 * stride_swn + g, mask=nmask, other=0.0)
-        acc += exact.to(tl.float32) * sa[:, None] * sw[None, :]
+        if PACK == G:
+            exact = tl.dot(qa_lo, w_lo, out_dtype=tl.int32) + tl.dot(qa_hi, w_hi, out_dtype=tl.int32)
+            acc = _scaled(acc, exact, sa_ptr, sw_ptr, rm64, rn64, mmask, nmask, stride_sam, stride_swn, c)
+        else:
+            acc = _scaled(acc, tl.dot(qa_lo, w_lo, out_dtype=tl.int32), sa_ptr, sw_ptr, rm64, rn64, mmask, nmask,
+                          stride_sam, stride_swn, 2 * c)
+            acc = _scaled(acc, tl.dot(qa_hi, w_hi, out_dtype=tl.int32), sa_ptr, sw_ptr, rm64, rn64, mmask, nmask,
+                          stride_sam, stride_swn, 2 * c + 1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm64[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _scaled(acc, exact, sa_ptr, sw_ptr, rm64, rn64, mmask, nmask, stride_sam, stride_swn, g):
+    """acc + group g's exact int32 product scaled by its token and channel scales."""
+    sa = tl.load(sa_ptr + rm64 * stride_sam + g, mask=mmask, other=0.0)
+    sw = tl.load(sw_ptr + rn64 * stride_swn + g, mask=nmask, other=0.0)
+    return acc + exact.to(tl.float32) * sa[:, None] * sw[None, :]
 
 
 def check_gemm_operands(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
@@ -182,7 +196,8 @@ def check_gemm_operands(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w
 
 def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
              sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """numerics.pca.pca_matmul on the GPU (or the interpreter): [M, N] in z_hi's dtype."""
+    """numerics.pca.pca_matmul on the GPU (or the interpreter): [M, N] in z_hi's dtype; ``qw`` packed as
+    numerics.pca.int4_pack says."""
     check_device(z_hi, q, sa, w_hi, qw, sw)
     check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, group_size)
     m, lo = q.shape
@@ -193,6 +208,7 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
     _pca_gemm_kernel[grid](z_hi, q, sa, w_hi, qw, sw, bias if bias is not None else sw, c, m, n, rank, lo,
                            max(z_hi.stride(0), 1), q.stride(0), sa.stride(0), w_hi.stride(0), qw.stride(0),
-                           sw.stride(0), c.stride(0), G=group_size, HAS_BIAS=bias is not None,
+                           sw.stride(0), c.stride(0), G=group_size, PACK=int4_pack(lo, group_size),
+                           HAS_BIAS=bias is not None,
                            EXACT=interpreting() or z_hi.dtype == torch.float32)
     return c
