@@ -13,10 +13,8 @@ against the float product, and DiRotQ's kernels against its reference.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
+from args import gpu_benchmark_args  # benchmarks/args.py
 from timing import bench_graph_ms  # benchmarks/timing.py
 
 from convrot_compiler.kernels.triton.pca import pca_gemm as triton_pca_gemm
@@ -111,12 +109,7 @@ def forward_rotation() -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--name", default="dirotq")
-    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/dirotq.py needs a CUDA GPU")
+    args = gpu_benchmark_args("dirotq", __doc__.splitlines()[0])
     from tabulate import tabulate
 
     env = environment()

@@ -12,12 +12,11 @@ so that the bound sqrt(128) max|w| is what a model with outlier norm channels wo
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
+from args import gpu_benchmark_args  # benchmarks/args.py
 from timing import bench_graph_ms  # benchmarks/timing.py
 
 from convrot_compiler.numerics.error import relative_error
@@ -68,12 +67,7 @@ def attention(form: str):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--name", default="fp8_attention")
-    p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/fp8_attention.py needs a CUDA GPU")
+    args = gpu_benchmark_args("fp8_attention", __doc__.splitlines()[0])
     from tabulate import tabulate
 
     g = torch.Generator(device="cuda").manual_seed(0)
