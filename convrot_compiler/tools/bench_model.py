@@ -271,7 +271,7 @@ def run(args) -> dict:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             model = build_model(args.config, seed=0, device=dev)
-            fn = None
+            fn = replay = None
             row = {"variant": variant, "resolution": res, "batch": args.batch, "tokens": tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
             with kernel_choice(variant.rsplit("-", 1)[-1]):
@@ -306,7 +306,9 @@ def run(args) -> dict:
             # a run cut short keeps what it measured
             partial = _result(args, dev, rows, breakdowns, bf16_bytes)
             write_results(args.name, partial, to_markdown(partial), args.out)
-            del model, fn  # the compiled callable holds the model: a second copy would not fit a big one
+            # the compiled callable holds the model (a second copy would not fit a big one), its replay the CUDA graphs'
+            # memory: neither may count in the next variant's peak
+            del model, fn, replay
     return _result(args, dev, rows, breakdowns, bf16_bytes)
 
 
