@@ -2,9 +2,12 @@
 e4m3 by it, without a pass over them (attention_rewrite).
 
 An RMSNorm over D channels with weight w gives |y| <= sqrt(D) max|w|: |x_i| <= sqrt(sum_j x_j^2) = sqrt(D mean(x^2)),
-and the eps only shrinks y. From there the bound follows views, casts, negation, concatenation (the larger bound),
-sums and products (RoPE's x cos + rot(x) sin). cos and sin computed in the graph are bounded by 1; a small graph
-input (RoPE's cos and sin when a block is compiled alone) by its own absmax, taken at every call. A tensor reached
+and the eps only shrinks y; torch's ``rms_norm`` and the same written out (x * rsqrt(mean(x^2, -1) + eps), then
+times w: Qwen-Image's) both count. From there the bound follows views, casts, negation, concatenation (the larger
+bound), sums and products (RoPE's x cos + rot(x) sin), and complex RoPE (pairs seen as complex numbers, at most
+sqrt(2) times the bound in modulus, times complex frequencies; each part of a product is at most its modulus).
+cos and sin computed in the graph are bounded by 1; a small graph input (RoPE's cos, sin or complex frequencies
+when a block is compiled alone) by its own absmax (modulus), taken at every call. A tensor reached
 any other way has no bound here, and its attention keeps the per-call absmax.
 
 The bound is an expression of graph inputs (weights, cos, sin), computed in the graph at every call: it stays
@@ -77,7 +80,8 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | N
     name = target if isinstance(target, str) else getattr(target, "__name__", None)
     if node.op == "placeholder":
         example = _example(node)
-        if example is not None and example.is_floating_point() and example.numel() <= max_runtime_numel:
+        if example is not None and (example.is_floating_point() or example.is_complex()) and \
+                example.numel() <= max_runtime_numel:
             return Bound("amax", node=node)
         return None
     if node.op not in ("call_function", "call_method"):
@@ -93,11 +97,59 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | N
         parts = [sub(x) for x in args[:2]]
         return None if len(parts) < 2 or None in parts else Bound("sum", parts=tuple(parts))
     if target in (operator.mul, torch.mul):
+        if _is_rms_normalized(node):
+            return const(math.sqrt(_example(node).shape[-1]))
         parts = [sub(x) for x in args[:2]]
         return None if len(parts) < 2 or None in parts else Bound("prod", parts=tuple(parts))
+    if target is torch.view_as_complex:  # a pair (a, b) with |a|, |b| <= B: |a + ib| <= sqrt(2) B
+        inner = sub(args[0]) if args else None
+        return None if inner is None else Bound("prod", parts=(const(math.sqrt(2.0)), inner))
+    if target is torch.view_as_real:
+        return sub(args[0]) if args else None
     if (node.op == "call_method" and name in _SAME) or target in _SAME_FUNCTIONS:
         return sub(args[0]) if args else None
     return None
+
+
+_CASTS = {"to", "float", "type_as", "bfloat16", "half"}
+
+
+def _uncast(node: object) -> object:
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _called(node: object, name: str) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target == name) or
+        (node.op == "call_function" and getattr(node.target, "__name__", None) == name))
+
+
+def _is_rms_normalized(node: fx.Node) -> bool:
+    """Whether ``node`` is x * rsqrt(mean(x^2, -1, keepdim=True) + eps) (either factor first; x^2 of a cast of x):
+    |x_i| <= sqrt(D) * rms(x) then bounds it by sqrt(D)."""
+    if len(node.args) != 2 or _example(node) is None:
+        return False
+    for x, r in (node.args, node.args[::-1]):
+        if not _called(r, "rsqrt") or not r.args:
+            continue
+        total = r.args[0]
+        if not (_called(total, "add") and len(total.args) == 2):
+            continue
+        mean, eps = total.args if isinstance(total.args[0], fx.Node) else total.args[::-1]
+        if not (isinstance(eps, (int, float)) and eps >= 0 and _called(mean, "mean") and mean.args):
+            continue
+        dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+        example = _example(x)
+        last = example.dim() - 1 if example is not None else None
+        if dims not in (-1, last, (-1,), [-1], (last,), [last]) or not mean.kwargs.get("keepdim", False):
+            continue
+        square = mean.args[0]
+        if _called(square, "pow") and len(square.args) == 2 and square.args[1] == 2 and \
+                _uncast(square.args[0]) is _uncast(x):
+            return True
+    return False
 
 
 def _rms_norm_bound(node: fx.Node, sub) -> Bound | None:
@@ -124,9 +176,9 @@ def emit(graph: fx.Graph, bound: Bound, absmax: dict[fx.Node, fx.Node] | None = 
     if value is not None:
         return value
     if bound.op == "amax":
-        if bound.node not in absmax:
+        if bound.node not in absmax:  # abs first: a complex input's modulus
             absmax[bound.node] = graph.call_method(
-                "amax", (graph.call_method("abs", (graph.call_method("float", (bound.node,)),)),))
+                "amax", (graph.call_method("float", (graph.call_method("abs", (bound.node,)),)),))
         return absmax[bound.node]
     parts = [emit(graph, p, absmax) for p in bound.parts]
     folded = [p for p in parts if not isinstance(p, float)]

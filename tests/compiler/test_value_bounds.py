@@ -42,6 +42,22 @@ class _QueryPath(nn.Module):
         return out.permute(0, 2, 1, 3), self.proj(img)
 
 
+class _ComplexQueryPath(nn.Module):
+    """Qwen-Image's query path: the RMSNorm written out, then RoPE on pairs seen as complex numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(HEADS * D, HEADS * D)
+        self.weight = nn.Parameter(torch.rand(D) * 2.5 + 0.5)
+
+    def forward(self, x, freqs):
+        h = self.proj(x).unflatten(-1, (HEADS, D))
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = (h * torch.rsqrt(variance + 1e-6)).to(h.dtype) * self.weight
+        rotated = torch.view_as_complex(h.float().reshape(*h.shape[:-1], -1, 2)) * freqs[:, None]
+        return torch.view_as_real(rotated).flatten(3).type_as(h).permute(0, 2, 1, 3)
+
+
 def _graph(module, *args) -> fx.GraphModule:
     graphs = []
 
@@ -97,6 +113,26 @@ def test_the_bound_holds_and_is_near_tight_on_an_adversarial_input(passed_in):
         module.proj.bias[torch.arange(HEADS) * D + module.norm_img.weight.argmax()] = 1.0
     y, bound = gm(*example)
     assert y.abs().max() >= bound / rope * 0.9
+
+
+def test_the_written_out_rms_norm_and_complex_rope_are_bounded_too():
+    module = _ComplexQueryPath()
+    x = torch.randn(1, 16, HEADS * D)
+    freqs = torch.polar(torch.ones(16, D // 2), torch.rand(16, D // 2) * 6)
+    gm, example = _graph(module, x, freqs)
+    assert _with_bound(gm, 0, max_numel=10**6) is not None
+    y, bound = gm(*example)
+    assert bound.item() == pytest.approx(math.sqrt(D) * math.sqrt(2) * module.weight.max().item(), rel=1e-4)
+    assert y.abs().max() <= bound
+    with torch.no_grad():  # one channel pair per head: its modulus reaches sqrt(D) w_i, a part of it sqrt(D/2) w_i
+        module.proj.weight.zero_()
+        module.proj.bias.zero_()
+        module.proj.bias[torch.arange(HEADS) * D + module.weight.argmax()] = 1.0
+    y, bound = gm(*example)
+    assert y.abs().max() >= bound / 2 * 0.95
+    # x * rsqrt(mean(y^2)) of another tensor y is not a normalization of x
+    gm, _ = _graph(lambda a, b: a * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-6), x, x + 1)
+    assert _with_bound(gm, 0, max_numel=10**6) is None
 
 
 def test_tensors_without_a_proof_have_no_bound():
@@ -164,3 +200,24 @@ def test_sdpa_helper_matches_the_reference_with_bounds():
     loose = fp8_scaled_dot_product_attention(q, k, v, query_bound=4 * q.abs().max().float(),
                                              key_bound=4 * k.abs().max().float())
     assert relative_error(loose, ref) < 0.1
+
+
+def test_qwen_image_q_and_k_are_scaled_by_their_norm_bound():
+    """Qwen-Image writes its RMSNorm out and turns pairs into complex numbers for RoPE; at 1024² its frequency table
+    is small beside Q (every call reduces it), and the attention matches the absmax form's closely."""
+    from convrot_compiler.families import example_inputs
+    from convrot_compiler.tools.models import build_model
+
+    kwargs = example_inputs(build_model("qwen-image-tiny", seed=0, device="cpu"), torch.device("cpu"), height=1024, width=1024,
+                            text_tokens=16, frames=1, batch=1)
+    outs = {}
+    for scales in ("bound", "absmax"):
+        torch._dynamo.reset()
+        reports = []
+        model = cc.compile(build_model("qwen-image-tiny", seed=0, device="cpu"), plan="none", attention="fp8",
+                           attention_scales=scales, inductor=False, progress=False, report=reports.append)
+        outs[scales] = model(**kwargs)[0]
+        assert {a.scales for r in reports for a in r.attention} == (
+            {"Q and K by RMSNorm bound; V by absmax"} if scales == "bound" else {"Q, K, V by absmax"})
+    ref = build_model("qwen-image-tiny", seed=0, device="cpu")(**kwargs)[0]
+    assert relative_error(outs["bound"], ref) < 1.5 * relative_error(outs["absmax"], ref) + 1e-3
