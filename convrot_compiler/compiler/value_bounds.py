@@ -1,5 +1,6 @@
 """A bound on |x| for a tensor of a Dynamo FX graph, proven from the ops that made it: FLUX's Q and K are scaled to
-e4m3 by it, without a pass over them (attention_rewrite).
+e4m3 by it, without a pass over them (attention_rewrite). A 16-bit value rounded past it saturates at 448
+(numerics.fp8_attention.quantize_e4m3).
 
 An RMSNorm over D channels with weight w gives |y| <= sqrt(D) max|w|: |x_i| <= sqrt(sum_j x_j^2) = sqrt(D mean(x^2)),
 and the eps only shrinks y; torch's ``rms_norm`` and the same written out (x * rsqrt(mean(x^2, -1) + eps), then
@@ -38,7 +39,7 @@ _MAX_DEPTH = 48
 
 @dataclass(frozen=True)
 class Bound:
-    """``op`` "const" (``value``), "amax" (of ``nodes[0]``, at run time) or "max", "sum", "prod" of ``parts``."""
+    """``op`` "const" (``value``), "amax" (of ``node``, at run time) or "max", "sum", "prod" of ``parts``."""
 
     op: str
     value: float = 0.0
