@@ -20,6 +20,7 @@ An attention that cannot run in fp8 keeps its op, and its decision says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -84,7 +85,6 @@ def _ineligible(args: dict, device_check) -> str | None:
 
 def tensor_bounds(args: dict, scales: str) -> dict[str, Bound | None]:
     """The proven bound on |Q| and |K| for an fp8 attention (None: scaled by its absmax), by ``scales``."""
-    check_attention_scales(scales)
     bounds = {}
     for name in ("query", "key"):
         example = _example(args[name])
@@ -102,9 +102,16 @@ def _scales_label(bounds: dict[str, Bound | None]) -> str:
     return f"{' and '.join(bounded)} by RMSNorm bound; {label}" if bounded else label
 
 
-def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> list[tuple[fx.Node, AttentionDecision]]:
+class PlannedAttention(NamedTuple):
+    node: fx.Node
+    decision: AttentionDecision
+    bounds: dict[str, Bound | None]  # fp8: the bounds Q and K are scaled by (None: their absmax)
+
+
+def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> list[PlannedAttention]:
     """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K."""
     check_attention_mode(mode)
+    check_attention_scales(scales)
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ATTENTION_TARGETS:
@@ -114,25 +121,25 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> li
         name = f"{module_name(node) or '<graph>'}:{node.name}"
         shape = tuple(q.shape) if q is not None else None
         if mode == "keep":
-            found.append((node, AttentionDecision(name, shape, "keep", "option attention='keep'")))
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", "option attention='keep'"), {}))
             continue
         why = _ineligible(args, fp8_attention_unsupported)
         if why:
-            found.append((node, AttentionDecision(name, shape, "keep", why)))
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", why), {}))
         else:
-            found.append((node, AttentionDecision(name, shape, "fp8", "", _scales_label(tensor_bounds(args, scales)))))
+            bounds = tensor_bounds(args, scales)
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds)),
+                                          bounds))
     return found
 
 
-def rewrite_attention(gm: fx.GraphModule, planned: list[tuple[fx.Node, AttentionDecision]],
-                      scales: str = "bound") -> int:
-    """Rewrite the attentions planned as fp8; returns how many."""
+def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> int:
+    """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds; returns how many."""
     graph, done, absmax = gm.graph, 0, {}
-    for node, decision in planned:
+    for node, decision, bounds in planned:
         if decision.precision != "fp8":
             continue
         args = _arguments(node)
-        bounds = tensor_bounds(args, scales)
         with graph.inserting_before(node):
             kwargs = {"scale": args["scale"]}
             for name, bound in bounds.items():

@@ -163,7 +163,7 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
 def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
     """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten."""
     decided = decide_attention(gm, config.attention, config.attention_scales)
-    return [d for _, d in decided], rewrite_attention(gm, decided, config.attention_scales)
+    return [planned.decision for planned in decided], rewrite_attention(gm, decided)
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLinear], rewritten: RewriteResult | None,

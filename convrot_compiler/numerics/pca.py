@@ -100,8 +100,8 @@ def pca_basis(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class PCAWeight:
     """A linear's weight prepared for DiRotQ. ``basis`` [n, b, b] (n blocks of b inputs) and ``w_hi`` [N, n r_b]
     in the activations' dtype; ``values``: the other n (b - r_b) columns as int4 packed per pair of groups where
-    they pair up (``int4_pack``), int8 [N, n (b - r_b) / 2]; ``scale``: float32 [N, n (b - r_b) / group_size]. ``rank`` is r_b,
-    the 16-bit columns of each block."""
+    they pair up (``int4_pack``), int8 [N, n (b - r_b) / 2]; ``scale``: float32 [N, n (b - r_b) / group_size].
+    ``rank`` is r_b, the 16-bit columns of each block."""
 
     basis: torch.Tensor
     w_hi: torch.Tensor

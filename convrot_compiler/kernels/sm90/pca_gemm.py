@@ -118,13 +118,13 @@ def _load_partition(w_desc, x_desc, whi_desc, zhi_desc, w_bufs, xlo_bufs, xhi_bu
 
 
 @gluon.jit
-def _group_scales(scales, g, groups):
-    """Group g's channel scales (divided by 16: the split nibbles are 16 x the values) and token scales, zeros
-    past the last group. ``scales``: the tile's channel and token scale pointers into the
-    group-major scales ([groups, N] and [groups, M]), their masks, N and M."""
+def _group_scales(scales, g):
+    """Group g's channel scales (divided by 16: the split nibbles are 16 x the values) and token scales.
+    ``scales``: the tile's channel and token scale pointers into the group-major scales ([groups, N] and
+    [groups, M]), their masks, N and M."""
     sw_ptrs, sx_ptrs, n_mask, m_mask, N, M = scales
-    sw = gl.load(sw_ptrs + g * N, mask=n_mask & (g < groups), other=0.0) * 0.0625
-    sx = gl.load(sx_ptrs + g * M, mask=m_mask & (g < groups), other=0.0)
+    sw = gl.load(sw_ptrs + g * N, mask=n_mask, other=0.0) * 0.0625
+    sx = gl.load(sx_ptrs + g * M, mask=m_mask, other=0.0)
     return sw, sx
 
 
@@ -173,8 +173,8 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, whi_bufs, zhi_bufs, ready, empty,
             pa = warpgroup_mma(lo, xlo_bufs.index(s).permute((1, 0)), pa, is_async=True)
             pb = gl.full([BN, BM], _MAGIC, gl.int32, layout=i_layout)
             pb = warpgroup_mma(hi, xhi_bufs.index(s).permute((1, 0)), pb, is_async=True)
-            swa, sxa = _group_scales(scales, 2 * p, groups)
-            swb, sxb = _group_scales(scales, 2 * p + 1, groups)
+            swa, sxa = _group_scales(scales, 2 * p)
+            swb, sxb = _group_scales(scales, 2 * p + 1)
             pa = warpgroup_mma_wait(1, deps=(pa,))
             acc += ((pa.to(gl.float32, bitcast=True) - _MAGIC_F) * swa[:, None]) * sxa[None, :]
             pb = warpgroup_mma_wait(0, deps=(pb,))
