@@ -12,7 +12,8 @@ itself, whichever path the GEMM took. ``--schemes`` adds Triton's int8 GEMM in i
 default" is their largest difference from the default GEMM on the same operands (list that first). Each of ours is checked against the reference in the same run. Also the W4A16
 weight-only GEMM at M = 1, 4 and 8: the op as the compiler calls it (on sm_90 the tensor-core kernel on
 tile-layout weights) and the CUDA-core kernel on group-layout weights; and the W8A16 op (int8 weights, groups
-of 256) at the same shapes.
+of 256) at the same shapes, at M = 1 beside the fastest plain read of its weights and of cuBLAS's
+(benchmarks/read_ceiling.py), back to back: the speedup over cuBLAS a kernel reading at that speed would reach.
 
 Every time is the median of CUDA-graph replays with L2 flushed between them, as the model runs its
 forward (benchmarks/timing.py: bench_graph_ms); ``--eager`` times eager calls instead, which adds each
@@ -31,6 +32,7 @@ import math
 import sys
 
 import torch
+from read_ceiling import read_ceiling_us  # benchmarks/read_ceiling.py
 from timing import bench_graph_ms, bench_graph_per_call_ms, bench_ms  # benchmarks/timing.py
 
 from convrot_compiler.kernels.triton.int_gemm import int_gemm, unpack_int4
@@ -140,6 +142,7 @@ def bench_shape(name, m, k, n, copy_gbs, rows, schemes, timed_ms):
         ))
 
 
+W8_GROUPS_AT_M1 = (64, None)  # W8A16 also timed in groups of 64 and per channel (None) at M = 1, back to back
 BACK_TO_BACK = 8  # launches per graph replay in the back-to-back timings (rotate+quantize, weight-only GEMMs)
 
 
@@ -200,6 +203,17 @@ def bench_skinny(name, m, k, n, rows, timed_ms, back_to_back: bool):
                                                                                             256, 4) for qi in q4s])
         b2b_w8 = bench_graph_per_call_ms([lambda qi=qi: torch.ops.convrot.weight_only_gemm(x, qi.values, qi.scale, None,
                                                                                             256, 8) for qi in q8s])
+        if m == 1:  # the read ceilings depend on the bytes only
+            read_w8, read_w8_shape = read_ceiling_us([qi.values for qi in q8s])
+            read_bf16, _ = read_ceiling_us(ws)
+            b2b_w8_groups = {}
+            for group in W8_GROUPS_AT_M1:
+                g = group or k
+                qgs = [quantize_weight(wi, "w8a16", None, group_size=g, layout=layout) for wi in ws]
+                b2b_w8_groups[group] = bench_graph_per_call_ms(
+                    [lambda qi=qi, g=g: torch.ops.convrot.weight_only_gemm(x, qi.values, qi.scale, None, g, 8)
+                     for qi in qgs])
+                del qgs
         del ws, q4s, q8s
     rows.append(dict(shape=name, M=m, K=k, N=n, layout=layout, bf16_us=t_bf16 * 1e3, w4a16_us=t_ours * 1e3,
                      speedup=t_bf16 / t_ours, cuda_core_us=t_cc * 1e3, cuda_core_speedup=t_bf16 / t_cc,
@@ -214,6 +228,10 @@ def bench_skinny(name, m, k, n, rows, timed_ms, back_to_back: bool):
     if back_to_back:
         rows[-1].update(b2b_bf16_us=b2b_bf16 * 1e3, b2b_w4a16_us=b2b_w4 * 1e3, b2b_w4a16_speedup=b2b_bf16 / b2b_w4,
                         b2b_w8a16_us=b2b_w8 * 1e3, b2b_w8a16_speedup=b2b_bf16 / b2b_w8)
+        if m == 1:
+            rows[-1].update(read_w8_us=read_w8, read_w8_shape=str(read_w8_shape), read_bf16_us=read_bf16,
+                            w8a16_of_read=read_w8 / (b2b_w8 * 1e3), w8a16_speedup_bound=b2b_bf16 * 1e3 / read_w8,
+                            b2b_w8a16_groups_us={g or "channel": t * 1e3 for g, t in b2b_w8_groups.items()})
 
 
 def skinny_table_of(skinny: list[dict]) -> str:
@@ -231,6 +249,23 @@ def skinny_table_of(skinny: list[dict]) -> str:
                  "CUDA-core x bf16", "CUDA-core err", "w8a16 us", "w8a16 x bf16", "w8a16 GB/s", "w8a16 err",
                  "w8a16 CUDA-core us", "w8a16 CUDA-core x bf16", f"back-to-back x{BACK_TO_BACK}: bf16 us", "w4a16 us",
                  "w4a16 x bf16", "w8a16 us", "w8a16 x bf16"], tablefmt="github")
+
+
+def ceiling_table_of(skinny: list[dict]) -> str:
+    """W8A16 at M = 1 against the fastest plain read of its weights (benchmarks/read_ceiling.py), back to back: the
+    speedup over cuBLAS that a kernel reading those bytes at that speed would reach."""
+    from tabulate import tabulate
+
+    return tabulate(
+        [[r["shape"], f"{r['b2b_bf16_us']:.1f}", f"{r['read_bf16_us']:.1f}",
+          f"{r['read_bf16_us'] / r['b2b_bf16_us']:.0%}", f"{r['b2b_w8a16_us']:.1f}", f"{r['read_w8_us']:.1f}",
+          f"{r['w8a16_of_read']:.0%}", f"{r['b2b_w8a16_speedup']:.2f}", f"{r['w8a16_speedup_bound']:.2f}",
+          *(f"{r['b2b_bf16_us'] / r['b2b_w8a16_groups_us'][g or 'channel']:.2f}" for g in W8_GROUPS_AT_M1),
+          r["read_w8_shape"]] for r in skinny if "read_w8_us" in r],
+        headers=["shape (M = 1, back to back)", "cuBLAS bf16 us", "read of bf16 weights us", "cuBLAS of read",
+                 "w8a16 us, groups of 256", "read of int8 weights us", "w8a16 of read", "w8a16 x bf16", "read-bound x bf16",
+                 *(f"w8a16 x bf16, {f'groups of {g}' if g else 'per channel'}" for g in W8_GROUPS_AT_M1),
+                 "fastest read"], tablefmt="github")
 
 
 _B2B_KEYS = ("b2b_bf16_us", "b2b_w4a16_us", "b2b_w4a16_speedup", "b2b_w8a16_us", "b2b_w8a16_speedup")
@@ -282,7 +317,8 @@ def main() -> None:
         for name, k, n in SKINNY:
             for m in (1, 4, 8):
                 bench_skinny(name, m, k, n, skinny, timed_ms, back_to_back=not args.eager)
-        md = f"# Weight-only GEMM (W4A16, W8A16)\n\n{head}\n{skinny_table_of(skinny)}\n"
+        md = (f"# Weight-only GEMM (W4A16, W8A16)\n\n{head}\n{skinny_table_of(skinny)}\n\n"
+              f"W8A16 against the fastest plain read of its weights:\n\n{ceiling_table_of(skinny)}\n")
         print(md)
         print("written:", *write_results(args.name or "gemm_weight_only", dict(env=env, timing=timing, skinny=skinny), md, args.out))
         return
