@@ -20,9 +20,9 @@ two multiplies) where its MMAs cost G / 4096 cycles per element on an SM (4096 i
 lanes): at G = 64 the scaling alone takes about twice the MMAs' time, a bound of the method's group-64 scales
 on Hopper for any kernel that scales each group in float32 (packed_gemm scales once per tile).
 
-Measured (H100, M = 4608, `benchmarks/results/dirotq.md`): stages of two groups 263 us at 3072 -> 3072 where
-stages of one group (32 packed bytes) took 330, 3.8x ConvRot's GEMM; that bound would allow about 100 us
-(docs/PERFORMANCE.md: the breakdown, and the schedules tried).
+Measured (H100, M = 4608, `benchmarks/results/dirotq.md`): 266 us at 3072 -> 3072, 3.8x ConvRot's GEMM, where
+stages of one group (32 packed bytes) took 330; that bound would allow about 100 us (docs/PERFORMANCE.md: the
+breakdown, and the schedules tried).
 
 sm_90 only, like packed_gemm: tests compare it with the reference on a GPU.
 """
