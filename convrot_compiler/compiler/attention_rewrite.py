@@ -1,24 +1,25 @@
 """Find the scaled-dot-product attentions of a Dynamo FX graph and rewrite them to fp8 (option ``attention``).
 
-Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes a call of
-``attention.fp8_scaled_dot_product_attention(q, k, v, scale=scale)``, the one definition of the fp8 form
-(eager models run it too):
+Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes the fp8 form that
+``ops.fp8_scaled_dot_product_attention`` defines (eager models run it too):
 
-    q8, dq = quantize_e4m3(q, bq); k8, dk = quantize_e4m3(k, bk); v8, dv = quantize_e4m3(v)
-    o8 = convrot::fp8_attention(q8, k8, v8, dq, dk, dv, 1 / dv, scale)
-    o  = dequantize_e4m3(o8, dv, q.dtype)
+    q8, dq = quantize_e4m3(q, bq); k8, dk = quantize_e4m3(k, bk)
+    o = fp8_attention_from_e4m3(q8, dq, k8, dk, v, scale)   # V by its absmax, convrot::fp8_attention, dequantize
 
 ``bq``, ``bk``: bounds on |Q| and |K| proven from the graph (value_bounds: FLUX's Q and K come out of an RMSNorm,
 then RoPE), computed from the norm weights at every call; without one (option ``attention_scales="absmax"``,
 or no proof) a tensor is scaled by its absmax, a reduction over the whole tensor before its cast.
 The quantizations and the dequantization are plain torch ops, so Inductor, tracing through the call,
 fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
-attention itself is opaque.
+attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
+RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
+``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``).
 An attention that cannot run in fp8 keeps its op, and its decision says why.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,10 +27,11 @@ import torch
 from torch import fx
 
 from ..config import check_attention_mode, check_attention_scales
-from ..numerics.fp8_attention import default_softmax_scale
-from ..ops import fp8_scaled_dot_product_attention
-from ..ops.dispatch import fp8_attention_unsupported
+from ..numerics.fp8_attention import default_softmax_scale, quantize_e4m3
+from ..ops import fp8_attention_from_e4m3, rms_rope_quantize_e4m3
+from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
 from .match import _example, module_name
+from .qk_prologue import RmsRopeChain, match_rms_rope
 from .value_bounds import Bound, abs_bound, emit
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -44,6 +46,7 @@ class AttentionDecision:
     precision: str               # "fp8" or "keep" (the model's dtype)
     reason: str = ""
     scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
+    prologue: str = ""           # fp8: what casts Q and K (one kernel from their RMSNorm on, or Inductor)
 
 
 # a graph input bounds Q or K by its absmax at every call only when it is this much smaller than they are
@@ -106,10 +109,35 @@ class PlannedAttention(NamedTuple):
     node: fx.Node
     decision: AttentionDecision
     bounds: dict[str, Bound | None]  # fp8: the bounds Q and K are scaled by (None: their absmax)
+    chains: dict[str, RmsRopeChain | None] = {}  # fp8: Q's, K's chain that runs as one kernel (None: Inductor's)
 
 
-def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> list[PlannedAttention]:
-    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K."""
+PROLOGUE_KERNEL = "RMSNorm+RoPE+e4m3 kernel"
+
+
+def fused_chains(args: dict, bounds: dict[str, Bound | None], fuse: bool) -> tuple[dict, str]:
+    """Q's and K's chain where one kernel runs it (scaled by a bound, FLUX's chain, a kernel for it on the
+    device), and the label saying so."""
+    chains, why = {}, {}
+    for name in ("query", "key"):
+        chain = match_rms_rope(args[name]) if fuse and bounds.get(name) is not None else None
+        example = _example(args[name])
+        if chain is not None and example.is_cuda:
+            reason = rms_rope_e4m3_unsupported(example.dtype, chain.head_dim, len(chain.sources))
+            if reason:
+                chain, why[name] = None, reason
+        chains[name] = chain
+    fused = [n[0].upper() for n in ("query", "key") if chains[n] is not None]
+    label = "Inductor" if not fused else PROLOGUE_KERNEL if len(fused) == 2 else f"{fused[0]}: {PROLOGUE_KERNEL}"
+    if why:
+        label += "; " + "; ".join(f"{n[0].upper()} by Inductor: {r}" for n, r in why.items())
+    return chains, label
+
+
+def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
+                     fuse_prologue: bool = True) -> list[PlannedAttention]:
+    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K and
+    whether their RMSNorm, RoPE and cast run as one kernel (``fuse_prologue``)."""
     check_attention_mode(mode)
     check_attention_scales(scales)
     found = []
@@ -128,28 +156,61 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound") -> li
             found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", why), {}))
         else:
             bounds = tensor_bounds(args, scales)
-            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds)),
-                                          bounds))
+            chains, prologue = fused_chains(args, bounds, fuse_prologue)
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds),
+                                                                  prologue), bounds, chains))
     return found
 
 
+def _quantized(graph: fx.Graph, x: fx.Node, bound, chain: RmsRopeChain | None) -> tuple[fx.Node, fx.Node]:
+    """Nodes of (e4m3 [B, H, S, D], descale) for ``x``: its chain as one kernel, or ``quantize_e4m3``."""
+    if chain is None:
+        out = graph.call_function(quantize_e4m3, (x, bound))
+        return graph.call_function(operator.getitem, (out, 0)), graph.call_function(operator.getitem, (out, 1))
+    cos, sin = (graph.call_method("reshape", (t, chain.seq, chain.head_dim)) for t in (chain.cos, chain.sin))
+    out = graph.call_function(rms_rope_quantize_e4m3, (list(chain.sources), list(chain.weights), list(chain.eps),
+                                                        cos, sin, bound))
+    x8 = graph.call_method("permute", (graph.call_function(operator.getitem, (out, 0)), 0, 2, 1, 3))
+    return x8, graph.call_function(operator.getitem, (out, 1))
+
+
+def _erase_unused_chain(graph: fx.Graph, end: fx.Node, chain: RmsRopeChain) -> None:
+    """Erase the nodes from ``chain``'s streams, weights and tables to ``end`` that nothing reads any more (the
+    kernel computes them); the chain's ops are all pure."""
+    leaves = {*chain.sources, *chain.weights, chain.cos, chain.sin}
+    interior, stack = [], [end]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, fx.Node) and n not in leaves and n not in interior and n.op != "placeholder":
+            interior.append(n)
+            stack.extend(n.all_input_nodes)
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(interior, key=position.__getitem__, reverse=True):  # a node's users are erased before it
+        if not n.users:
+            graph.erase_node(n)
+
+
 def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> int:
-    """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds; returns how many."""
+    """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds and cast by their planned
+    kernels; returns how many."""
     graph, done, absmax = gm.graph, 0, {}
-    for node, decision, bounds in planned:
+    for node, decision, bounds, chains in planned:
         if decision.precision != "fp8":
             continue
         args = _arguments(node)
         with graph.inserting_before(node):
-            kwargs = {"scale": args["scale"]}
-            for name, bound in bounds.items():
-                if bound is not None:
-                    kwargs[f"{name}_bound"] = emit(graph, bound, absmax)
-            out = graph.call_function(fp8_scaled_dot_product_attention,
-                                      (args["query"], args["key"], args["value"]), kwargs)
+            quantized = []
+            for name in ("query", "key"):
+                bound = bounds.get(name)
+                bound = emit(graph, bound, absmax) if bound is not None else None
+                quantized.extend(_quantized(graph, args[name], bound, chains.get(name)))
+            out = graph.call_function(fp8_attention_from_e4m3, (*quantized, args["value"]), {"scale": args["scale"]})
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+        for name, chain in chains.items():
+            if chain is not None:
+                _erase_unused_chain(graph, args[name], chain)
         done += 1
     if done:
         graph.lint()

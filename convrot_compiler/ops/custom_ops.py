@@ -13,12 +13,14 @@ from typing import Optional
 import torch
 
 from ..numerics.fp8_attention import (
+    E4M3_MAX,
     default_softmax_scale,
     dequantize_e4m3,
     fp8_attention_reference,
     inverse_descale,
     output_like,
     quantize_e4m3,
+    rms_rope_e4m3_reference,
 )
 from ..numerics.hadamard import padded_size, rotate_with
 from ..numerics.pca import pca_matmul, pca_rotate_quantize
@@ -211,6 +213,26 @@ def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
     return output_like(q8)
 
 
+@torch.library.custom_op("convrot::rms_rope_e4m3", mutates_args=())
+def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],
+                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """FLUX's Q or K to e4m3 from its projections: RMSNorm of each source, their concatenation along the
+    sequence, RoPE on pairs, the cast scaled by ``bound``; see ``rms_rope_e4m3_reference``. On CUDA: one Triton
+    kernel (kernels/triton/rms_rope_e4m3.py)."""
+    return rms_rope_e4m3_reference(sources, weights, eps, cos, sin, bound)[0]
+
+
+@rms_rope_e4m3.register_kernel("cuda")
+def _rms_rope_e4m3_cuda(sources, weights, eps, cos, sin, bound):
+    return dispatch.rms_rope_e4m3(sources, weights, eps, cos, sin, bound)
+
+
+@rms_rope_e4m3.register_fake
+def _(sources, weights, eps, cos, sin, bound):
+    b, _, h, d = sources[0].shape
+    return sources[0].new_empty(b, cos.shape[0], h, d, dtype=torch.float8_e4m3fn)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as contiguous rows [M, K], as the kernels take them."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -299,7 +321,23 @@ def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
         raise ValueError("fp8 attention takes no mask, dropout, causal mask or grouped heads")
     q8, dq = quantize_e4m3(query, query_bound)
     k8, dk = quantize_e4m3(key, key_bound)
+    return fp8_attention_from_e4m3(q8, dq, k8, dk, value, scale)
+
+
+def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
+                            value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """fp8 attention on Q and K already in e4m3 ([B, H, S, D] with their descales), V in 16 bits: V quantized by its
+    absmax, ``convrot::fp8_attention``, the output dequantized to V's dtype."""
     v8, dv = quantize_e4m3(value)
-    o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, dq, dk, dv, inverse_descale(dv),
-                                         default_softmax_scale(query.shape[-1], scale))
-    return dequantize_e4m3(o8, dv, query.dtype)
+    o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, inverse_descale(dv),
+                                         default_softmax_scale(q8.shape[-1], scale))
+    return dequantize_e4m3(o8, dv, value.dtype)
+
+
+def rms_rope_quantize_e4m3(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],
+                           cos: torch.Tensor, sin: torch.Tensor,
+                           bound: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``convrot::rms_rope_e4m3`` and its descale, bound / 448, as ``quantize_e4m3`` returns them: the e4m3
+    [B, S, H, D] tensor and a float32 tensor of one element."""
+    bound = torch.as_tensor(bound, dtype=torch.float32, device=sources[0].device).reshape(1)
+    return torch.ops.convrot.rms_rope_e4m3(sources, weights, eps, cos, sin, bound), bound / E4M3_MAX

@@ -6,7 +6,7 @@ the fused kernels take a weight at all (``has_kernel``). When an op runs on CUDA
 custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the activations, else Triton's),
 ``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
 persistent as ``gemm_schedule`` says), ``weight_only_gemm`` (by the bits and the layout the weight was
-prepared in) and ``fp8_attention`` (cuDNN's). Every choice computes the same values; only the speed differs. A
+prepared in), ``fp8_attention`` (cuDNN's) and ``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A
 benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or
 ``gemm_schedule`` for its duration (tools/bench_model.py, ``kernel_choice``).
 """
@@ -219,3 +219,20 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_
     from ..kernels.cudnn.fp8_attention import fp8_attention as kernel
 
     return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
+
+
+def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
+                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Q or K's RMSNorm, RoPE and e4m3 cast before fp8 attention: Triton's kernel, the one kernel of
+    ``convrot::rms_rope_e4m3``."""
+    from ..kernels.triton.rms_rope_e4m3 import rms_rope_e4m3 as kernel
+
+    return kernel(sources, weights, eps, cos, sin, bound)
+
+
+def rms_rope_e4m3_unsupported(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:
+    """None when ``rms_rope_e4m3``'s kernel takes ``streams`` streams of ``dtype`` with heads of ``head_dim``
+    on CUDA, else why not."""
+    from ..kernels.triton.rms_rope_e4m3 import unsupported_reason
+
+    return unsupported_reason(dtype, head_dim, streams)

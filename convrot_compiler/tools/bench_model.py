@@ -92,6 +92,8 @@ LAUNCHES = {
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
+    "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
+                    "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
                   "attention in fp8, Q and K scaled by their absmax (not by their RMSNorm's bound)"),
     # calibrated on the measured inputs (prepare): these variants time the method, not its fidelity

@@ -72,9 +72,10 @@ class InspectReport:
         """One row per scaled-dot-product attention: fp8 and how its inputs are scaled, or kept and why."""
         from tabulate import tabulate
 
-        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.scales or "-", a.reason]
-                for a in self.attention]
-        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "kept because"],
+        rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.scales or "-",
+                 a.prologue or "-", a.reason] for a in self.attention]
+        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "Q, K cast by",
+                                       "kept because"],
                         tablefmt="github")
 
     def summary(self) -> str:

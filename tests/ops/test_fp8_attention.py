@@ -16,7 +16,7 @@ from convrot_compiler.numerics.fp8_attention import (
     inverse_descale,
     quantize_e4m3,
 )
-from convrot_compiler.ops import fp8_scaled_dot_product_attention
+from convrot_compiler.ops import fp8_attention_from_e4m3, fp8_scaled_dot_product_attention
 from convrot_compiler.tools.inspection import inspect
 from convrot_compiler.tools.models import build_flux, make_flux_inputs, relative_error
 
@@ -102,7 +102,7 @@ def test_flux_attentions_run_in_fp8_when_asked():
     (keep,), (fp8,) = reports["keep"], reports["fp8"]
     assert [a.precision for a in keep.attention] == ["keep"] * 4
     assert [a.precision for a in fp8.attention] == ["fp8"] * 4
-    assert sum(n.target is fp8_scaled_dot_product_attention for n in fp8.graph_modules["after"].graph.nodes) == 4
+    assert sum(n.target is fp8_attention_from_e4m3 for n in fp8.graph_modules["after"].graph.nodes) == 4
     assert relative_error(outs["keep"], ref) == 0
     assert 0 < relative_error(outs["fp8"], ref) < 0.05
 

@@ -87,6 +87,17 @@ def round_half_even(y):
 
 
 @triton.jit
+def round_to_float_grid(v, STEP: tl.constexpr, MIN_ULP: tl.constexpr):
+    """float32 ``v`` rounded to nearest, ties to even, on the grid of a narrower float format: STEP = 2^-m for m
+    stored mantissa bits, MIN_ULP its subnormal step (bf16: 2^-7, 2^-133; e4m3: 2^-3, 2^-9). What a cast to
+    that format computes, spelled out for the interpreter, whose casts to bf16 and e4m3 do not round to
+    nearest. Finite values within the format's range only."""
+    pow2 = (tl.abs(v).to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    ulp = tl.maximum(pow2 * STEP, MIN_ULP)
+    return round_half_even(v / ulp) * ulp
+
+
+@triton.jit
 def tanh_approx(x):
     """tanh by the GPU's special-function unit (PTX tanh.approx.f32, sm_75+: maximum relative error
     about 2^-11, PTX ISA). One MUFU instruction, where exp + division take two. GPU only: the
