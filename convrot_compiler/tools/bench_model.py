@@ -212,6 +212,7 @@ INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
 KERNEL_GROUPS = {"DiRotQ rotate+quantize": ("_pca_rotate_quantize",), "DiRotQ GEMM": ("_pca_gemm",),
                  "quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel"),
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
+                 "Q, K RMSNorm+RoPE+e4m3": ("_rms_rope_e4m3",),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
                  "weight-only GEMV": ("_w4a16", "_tiles_kernel", "_weight_only_kernel"),
