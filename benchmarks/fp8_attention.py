@@ -1,6 +1,7 @@
 """FLUX.1-dev's attention at 1024² (4096 image + 512 text tokens, 24 heads of 128) from the RMSNorm to the output,
 compiled as the convrot compiler runs it: bf16, and fp8 with Q and K scaled by their absmax or by their RMSNorm's
-bound (compiler/value_bounds.py), in one process.
+bound (compiler/value_bounds.py), the last with Inductor's RMSNorm + RoPE + cast or with the one kernel
+(convrot::rms_rope_e4m3, the compiler's default), in one process.
 
 Per form: the attention error against float32 on the same Q, K, V, and the time of the compiled step (per-head
 RMSNorm of Q and K, their concatenation, RoPE, the e4m3 casts and attention; a CUDA-graph replay, L2 flushed).
@@ -20,10 +21,11 @@ from args import gpu_benchmark_args  # benchmarks/args.py
 from timing import bench_graph_ms  # benchmarks/timing.py
 
 from convrot_compiler.numerics.error import relative_error
-from convrot_compiler.ops import fp8_scaled_dot_product_attention
+from convrot_compiler.ops import fp8_attention_from_e4m3, fp8_scaled_dot_product_attention, rms_rope_quantize_e4m3
 from convrot_compiler.tools.bench_model import environment, write_results
 
 TXT, IMG, HEADS, D = 512, 4096, 24, 128
+FORMS = ("bf16", "fp8 absmax", "fp8 RMSNorm bound", "fp8 RMSNorm bound, one kernel")
 
 
 def norm_weight(seed: int) -> torch.Tensor:
@@ -60,9 +62,14 @@ def attention(form: str):
         if form == "fp8 absmax":
             return fp8_scaled_dot_product_attention(q, k, v)
         bound = math.sqrt(D) * (cos.abs().amax() + sin.abs().amax())  # compiler/value_bounds.py's rules
-        return fp8_scaled_dot_product_attention(
-            q, k, v, query_bound=bound * torch.maximum(wq_txt.float().abs().amax(), wq_img.float().abs().amax()),
-            key_bound=bound * torch.maximum(wk_txt.float().abs().amax(), wk_img.float().abs().amax()))
+        q_bound = bound * torch.maximum(wq_txt.float().abs().amax(), wq_img.float().abs().amax())
+        k_bound = bound * torch.maximum(wk_txt.float().abs().amax(), wk_img.float().abs().amax())
+        if form == "fp8 RMSNorm bound":
+            return fp8_scaled_dot_product_attention(q, k, v, query_bound=q_bound, key_bound=k_bound)
+        heads = [t.unflatten(-1, (HEADS, D)) for t in (xq_txt, xq_img, xk_txt, xk_img)]
+        q8, dq = rms_rope_quantize_e4m3(heads[:2], [wq_txt, wq_img], [1e-6] * 2, cos, sin, q_bound)
+        k8, dk = rms_rope_quantize_e4m3(heads[2:], [wk_txt, wk_img], [1e-6] * 2, cos, sin, k_bound)
+        return fp8_attention_from_e4m3(q8.transpose(1, 2), dq, k8.transpose(1, 2), dk, v)
     return run
 
 
@@ -76,7 +83,7 @@ def main() -> None:
     inputs = (*acts, v, *(norm_weight(i) for i in range(4)), *rope_tables())
     exact = attention("bf16")(*(t.float() if t.dtype == torch.bfloat16 else t for t in inputs))
     rows = []
-    for form in ("bf16", "fp8 absmax", "fp8 RMSNorm bound"):
+    for form in FORMS:
         torch._dynamo.reset()
         fn = torch.compile(attention(form))
         with torch.no_grad():
