@@ -65,7 +65,7 @@ def _unpermuted(node: object) -> fx.Node | None:
         dims = tuple(node.args[1:]) if len(node.args) > 2 else tuple(_arg(node, 1, "dims", ()))
         return node.args[0] if dims == (0, 2, 1, 3) else None
     if _is(node, "transpose", torch.transpose):
-        return node.args[0] if {node.args[1], node.args[2]} in ({1, 2}, {1, -2}) and len(node.args) == 3 else None
+        return node.args[0] if len(node.args) == 3 and {node.args[1], node.args[2]} in ({1, 2}, {1, -2}) else None
     return None
 
 
