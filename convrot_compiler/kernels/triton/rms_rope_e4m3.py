@@ -4,8 +4,8 @@ streams, concatenated along the sequence), RoPE on pairs, and the e4m3 cast scal
 
 Why a kernel: Inductor splits this chain into a row reduction and pointwise passes around the concatenation,
 and the single blocks' fused kernel ran at a third of copy speed (88 us for 85 MB on an H100). Here each
-program owns ROWS rows of D channels (one head of one token each), reads them once, and writes the e4m3
-rows contiguously: 3 bytes moved per element.
+program owns HEADS_BLOCK heads of one token (rows of D channels), reads them and the token's cos and sin once,
+and writes the e4m3 rows contiguously: 3 bytes moved per element.
 """
 
 from __future__ import annotations
@@ -34,30 +34,29 @@ def _rounded(y, dtype: tl.constexpr, EMULATE_CASTS: tl.constexpr):
 
 @triton.autotune(
     configs=autotune_configs(
-        [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))],
-        interpreter=triton.Config({"ROWS": 4}, num_warps=1)),
+        [triton.Config({"HEADS_BLOCK": hb}, num_warps=w) for hb, w in ((8, 1), (8, 2), (16, 2), (16, 4), (32, 4),
+                                                                        (32, 8))],
+        interpreter=triton.Config({"HEADS_BLOCK": 2}, num_warps=1)),
     key=["D", "TWO"])
 @triton.jit
 def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr,
-                          rows, seq, heads, seq0,
+                          seq, heads, seq0,
                           x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
                           D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
-                          EMULATE_CASTS: tl.constexpr, ROWS: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = r < rows
-    h = r % heads
-    token = r // heads
-    s = token % seq
+                          EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
     b = token // seq
+    s = token % seq
+    h = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
+    live = (h < heads)[:, None]
     d = tl.arange(0, D)[None, :]
-    first = s < seq0
-    x = tl.load(x0_ptr + (b * x0_sb + s * x0_ss + h * x0_sh)[:, None] + d,
-                mask=(live & first)[:, None], other=0.0).to(tl.float32)
-    eps = tl.where(first, eps0, eps1)
+    row = x0_ptr + b * x0_sb + s * x0_ss + h[:, None] * x0_sh
+    eps = eps0
     if TWO:
-        x1 = tl.load(x1_ptr + (b * x1_sb + (s - seq0) * x1_ss + h * x1_sh)[:, None] + d,
-                     mask=(live & ~first)[:, None], other=0.0).to(tl.float32)
-        x += x1
+        if s >= seq0:
+            row = x1_ptr + b * x1_sb + (s - seq0) * x1_ss + h[:, None] * x1_sh
+            eps = eps1
+    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None]
     if HAS_W0:
@@ -69,13 +68,12 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
             w1 = tl.load(w1_ptr + d).to(tl.float32)
         else:
             w1 = tl.full((1, D), 1.0, tl.float32)
-        w = tl.where(first[:, None], w, w1)
-    y = y * w
-    y = _rounded(y, x0_ptr.dtype.element_ty, EMULATE_CASTS)
-    c = tl.load(cos_ptr + s[:, None] * cos_ss + d, mask=live[:, None], other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + s[:, None] * sin_ss + d, mask=live[:, None], other=0.0).to(tl.float32)
-    even, odd = tl.split(tl.reshape(y, (ROWS, D // 2, 2)))
-    rotated = tl.reshape(tl.join(-odd, even), (ROWS, D))
+        w = tl.where(s < seq0, w, w1)
+    y = _rounded(y * w, x0_ptr.dtype.element_ty, EMULATE_CASTS)
+    c = tl.load(cos_ptr + s * cos_ss + d).to(tl.float32)
+    sn = tl.load(sin_ptr + s * sin_ss + d).to(tl.float32)
+    even, odd = tl.split(tl.reshape(y, (HEADS_BLOCK, D // 2, 2)))
+    rotated = tl.reshape(tl.join(-odd, even), (HEADS_BLOCK, D))
     o = _rounded(y * c + rotated * sn, x0_ptr.dtype.element_ty, EMULATE_CASTS)
     bound = tl.load(bound_ptr)
     scale = tl.where(bound == 0, 0.0, E4M3_LIMIT / tl.where(bound == 0, 1.0, bound))
@@ -83,7 +81,7 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
                    propagate_nan=tl.PropagateNan.ALL)
     if EMULATE_CASTS:
         o = round_to_float_grid(o, 0.125, 2.0 ** -9)
-    tl.store(out_ptr + r[:, None] * D + d, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(out_ptr + (token * heads + h[:, None]) * D + d, o.to(out_ptr.dtype.element_ty), mask=live)
 
 
 
@@ -130,11 +128,10 @@ def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None
     seq = cos.shape[0]
     out = torch.empty(b, seq, heads, d, dtype=E4M3, device=x0.device)
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
-    rows = b * seq * heads
-    grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
+    grid = lambda meta: (b * seq, triton.cdiv(heads, meta["HEADS_BLOCK"]))  # noqa: E731
     _rms_rope_e4m3_kernel[grid](
         x0, x1, w0 if w0 is not None else x0, w1 if w1 is not None else x0, cos, sin, bound.float().reshape(1),
-        out, rows, seq, heads, x0.shape[1] if two else seq,
+        out, seq, heads, x0.shape[1] if two else seq,
         x0.stride(0), x0.stride(1), x0.stride(2), x1.stride(0), x1.stride(1), x1.stride(2),
         cos.stride(0), sin.stride(0), float(eps[0]), float(eps[-1]),
         D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, EMULATE_CASTS=interpreting())
