@@ -15,7 +15,8 @@ from convrot_compiler.kernels.triton.common import interpreting
 from convrot_compiler.kernels.triton.rms_rope_e4m3 import rms_rope_e4m3, unsupported_reason
 from convrot_compiler.numerics.fp8_attention import E4M3_MAX, quantize_e4m3, rms_rope_e4m3_reference, rope_pairs
 from convrot_compiler.ops import rms_rope_quantize_e4m3
-from convrot_compiler.tools.models import build_flux, make_flux_inputs, relative_error
+from convrot_compiler.families import example_inputs
+from convrot_compiler.tools.models import build_flux, build_model, make_flux_inputs, relative_error
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,17 +180,17 @@ def test_other_rope_forms_are_not_matched():
     assert match_rms_rope(q) is None and match_rms_rope(k) is None
 
 
-@pytest.mark.parametrize("regional", [False, None])
-def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(regional):
+@pytest.mark.parametrize("config,regional", [("flux-tiny", False), ("flux-tiny", None), ("flux2-tiny", False)])
+def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional):
     """On CPU the op runs its reference, the model's own ops: the fused and unfused graphs agree bit for bit, and
-    every FLUX attention's Q and K take the op."""
-    kwargs = make_flux_inputs(build_flux("flux-tiny"), 128, 128, 16).kwargs
+    every attention's Q and K take the op (FLUX.1's and FLUX.2's)."""
+    kwargs = example_inputs(build_model(config, device="cpu"), "cpu", height=128, width=128, text_tokens=16)
     outs = {}
     for fuse in (True, False):
         torch._dynamo.reset()
         reports = []
-        compiled = cc.compile(build_flux("flux-tiny"), plan="none", attention="fp8", inductor=False, progress=False,
-                              regional=regional, fuse_attention_prologue=fuse, report=reports.append)
+        compiled = cc.compile(build_model(config, device="cpu"), plan="none", attention="fp8", inductor=False,
+                              progress=False, regional=regional, fuse_attention_prologue=fuse, report=reports.append)
         outs[fuse] = compiled(**kwargs)[0]
         labels = {a.prologue for r in reports for a in r.attention}
         ops = sum(n.target is rms_rope_quantize_e4m3 for r in reports for n in r.graph_modules["after"].graph.nodes)
