@@ -11,11 +11,11 @@ from torch import fx, nn
 
 import convrot_compiler as cc
 from convrot_compiler.compiler.qk_prologue import match_rms_rope
+from convrot_compiler.families import example_inputs
 from convrot_compiler.kernels.triton.common import interpreting
 from convrot_compiler.kernels.triton.rms_rope_e4m3 import rms_rope_e4m3, unsupported_reason
 from convrot_compiler.numerics.fp8_attention import E4M3_MAX, quantize_e4m3, rms_rope_e4m3_reference, rope_pairs
 from convrot_compiler.ops import rms_rope_quantize_e4m3
-from convrot_compiler.families import example_inputs
 from convrot_compiler.tools.models import build_flux, build_model, make_flux_inputs, relative_error
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
