@@ -106,6 +106,9 @@ def test_the_kernel_says_what_it_cannot_take():
     assert unsupported_reason(torch.float16, 128, 2) is None
     sources = _streams((4, 6))
     cos, sin = _tables(9)
+    with pytest.raises(ValueError, match="one weight"):
+        rms_rope_e4m3([s.to(DEV) for s in sources], [None], [1e-6] * 2, *(t.to(DEV) for t in _tables(10)),
+                      torch.tensor(1.0, device=DEV))
     with pytest.raises(ValueError, match=r"cos, sin are \(9, 32\)"):
         rms_rope_e4m3([s.to(DEV) for s in sources], [None, None], [1e-6] * 2, cos.to(DEV), sin.to(DEV),
                       torch.tensor(1.0, device=DEV))

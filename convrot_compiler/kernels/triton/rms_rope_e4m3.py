@@ -84,7 +84,6 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
     tl.store(out_ptr + (token * heads + h[:, None]) * D + d, o.to(out_ptr.dtype.element_ty), mask=live)
 
 
-
 def unsupported_reason(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:
     """Why the kernel cannot take ``streams`` sources of ``dtype`` with heads of ``head_dim``, or None."""
     if not 1 <= streams <= MAX_SOURCES:
@@ -96,7 +95,10 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, streams: int) -> str |
     return None
 
 
-def _check(sources: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _check(sources: list[torch.Tensor], weights: list, eps: list, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if not sources or len(weights) != len(sources) or len(eps) != len(sources):
+        raise ValueError(f"rms_rope_e4m3: one weight (or None) and one eps per source, got {len(sources)} sources, "
+                         f"{len(weights)} weights, {len(eps)} eps")
     x0 = sources[0]
     why = unsupported_reason(x0.dtype, x0.shape[-1], len(sources))
     if why is None and any(x.dim() != 4 or x.shape[0] != x0.shape[0] or x.shape[2:] != x0.shape[2:] or
@@ -114,7 +116,7 @@ def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None
     """The kernel: e4m3 [B, S, H, D] contiguous (S the sources' total) from 1 or 2 sources [B, S_i, H, D],
     their RMSNorm weights [D] (or None) and eps, cos and sin [S, D], and ``bound`` (float32, one element) on
     |RoPE's output|."""
-    _check(sources, cos, sin)
+    _check(sources, weights, eps, cos, sin)
     check_device(*sources, cos, sin, bound)
     sources = [x if x.stride(-1) == 1 else x.contiguous() for x in sources]
     weights = [w if w is None else w.reshape(-1).contiguous() for w in weights]
