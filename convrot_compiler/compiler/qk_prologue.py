@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from .match import _example
-from .value_bounds import RMS_NORMS
+from .value_bounds import rms_norm_call
 
 MAX_STREAMS = 2
 
@@ -123,14 +123,13 @@ def _rope(node: object) -> tuple[fx.Node, fx.Node, fx.Node] | None:
 
 def _rms_norm(node: object) -> tuple[fx.Node, fx.Node | None, float] | None:
     """(x, weight, eps) for ``F.rms_norm(x, (D,), weight, eps)`` over the last dimension with a given eps."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in RMS_NORMS):
+    call = rms_norm_call(node)
+    if call is None:
         return None
-    x, shape = _arg(node, 0, "input"), _arg(node, 1, "normalized_shape")
-    weight, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
+    x, shape, weight, eps = call
     example = _example(x)
-    if isinstance(shape, int):
-        shape = (shape,)
-    if example is None or tuple(shape or ()) != (example.shape[-1],) or not isinstance(eps, float):
+    if example is None or not isinstance(shape, (tuple, list)) or tuple(shape) != (example.shape[-1],) or \
+            not isinstance(eps, float):
         return None
     return x, weight, eps
 

@@ -153,12 +153,19 @@ def _is_rms_normalized(node: fx.Node) -> bool:
     return False
 
 
-def _rms_norm_bound(node: fx.Node, sub) -> Bound | None:
+def rms_norm_call(node: object) -> tuple | None:
+    """(input, normalized_shape, weight, eps) of a ``rms_norm`` call node, an int shape as a tuple; None for
+    another node."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in RMS_NORMS):
+        return None
     args = list(node.args) + [None] * 4
-    shape = node.kwargs.get("normalized_shape", args[1])
-    weight = node.kwargs.get("weight", args[2])
-    if isinstance(shape, int):
-        shape = (shape,)
+    x, shape, weight, eps = (node.kwargs.get(name, args[i])
+                             for i, name in enumerate(("input", "normalized_shape", "weight", "eps")))
+    return x, (shape,) if isinstance(shape, int) else shape, weight, eps
+
+
+def _rms_norm_bound(node: fx.Node, sub) -> Bound | None:
+    _, shape, weight, _ = rms_norm_call(node)
     if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) for d in shape):
         return None
     root_d = const(math.sqrt(math.prod(shape)))
