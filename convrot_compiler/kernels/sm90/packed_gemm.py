@@ -129,22 +129,34 @@ def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, 
 
 
 @gluon.jit
-def _epilogue(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_desc, c_smem, M, N, gelu_from,
+def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: gl.constexpr, BN: gl.constexpr,
+                       BM: gl.constexpr, layout: gl.constexpr):
+    """The channel scales, token scales and bias of tile (pid_n, pid_m), in the accumulator's slices. Loaded as the
+    tile starts, so that their latency hides under its K loop instead of following its last MMA."""
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
+    sw = gl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    sx = gl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
+    else:
+        bias = sw
+    return sw, sx, bias
+
+
+@gluon.jit
+def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
               HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
     """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
     x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
     transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
-    BM: gl.constexpr = acc.type.shape[1]
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
-    sw = gl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    sx = gl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
-        out += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+        out += bias[:, None]
     if HAS_GELU:
         if pid_n * BN + BN > gelu_from:
+            rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
     store_transposed(out, c_desc, c_smem, pid_m, pid_n)
 
@@ -208,6 +220,8 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
     i = 0
     for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
+        pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
+        sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM, mma_layout)
         # Two stages per iteration, so that their A registers are two sets (see _keep_alive): ptxas
         # waits for every MMA in flight before it overwrites an A register one of them reads. No
         # branch inside: ptxas also waits for every MMA at a join of paths that MMAs are in flight on.
@@ -226,9 +240,7 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
         acc = warpgroup_mma_wait(0, deps=(acc,))
         fence_async_shared()
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-        _epilogue(acc, pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, c_desc, c_smem, M, N, gelu_from,
-                  HAS_BIAS, HAS_GELU, mma_layout)
+        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
     tma.store_wait(0)
 
 
