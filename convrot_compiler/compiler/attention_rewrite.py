@@ -4,14 +4,14 @@ Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes the fp8 form t
 ``ops.fp8_scaled_dot_product_attention`` defines (eager models run it too):
 
     q8, dq = quantize_e4m3(q, bq); k8, dk = quantize_e4m3(k, bk)
-    o = fp8_attention_from_e4m3(q8, dq, k8, dk, v, scale)   # V by its absmax, convrot::fp8_attention in V's dtype
+    o = fp8_attention_from_e4m3(q8, dq, k8, dk, v, scale)   # V by its absmax, convrot::fp8_attention, dequantize
 
 ``bq``, ``bk``: bounds on |Q| and |K| proven from the graph (value_bounds: FLUX's Q and K come out of an RMSNorm,
 then RoPE), computed from the norm weights at every call; without one (option ``attention_scales="absmax"``,
 or no proof) a tensor is scaled by its absmax, a reduction over the whole tensor before its cast.
-The quantizations are plain torch ops, so Inductor, tracing through the call, fuses them into the kernels
-around them (FLUX's RMSNorm + RoPE before); only the attention itself is opaque, and its output comes in the
-model's dtype. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
+The quantizations and the dequantization are plain torch ops, so Inductor, tracing through the call,
+fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
+attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
 RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
 ``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``).
 An attention that cannot run in fp8 keeps its op, and its decision says why.
@@ -82,7 +82,7 @@ def _ineligible(args: dict, device_check) -> str | None:
     if q.shape[-1] % 16:
         return f"head dim {q.shape[-1]} is not a multiple of 16"
     if q.is_cuda:
-        return device_check(tuple(q.shape), default_softmax_scale(q.shape[-1], args["scale"]), q.device, v.dtype)
+        return device_check(tuple(q.shape), default_softmax_scale(q.shape[-1], args["scale"]), q.device)
     return None
 
 

@@ -8,9 +8,8 @@ e4m3 matmuls at twice the bf16 rate. The scheme is the one cuDNN's fp8 flash att
   to e4m3; the descales (absmax / 448) go with them;
 - the softmax numerators exp(s - max) (in [0, 1]) scaled by 448 and rounded to e4m3 before the P @ V
   product, the row sums taken in float;
-- the output in the model's dtype (what the compiler emits: no e4m3 rounding of O and no dequantization pass after
-  the kernel), or in e4m3 with V's scale: every output row is a convex combination of V's rows, so |O| <= absmax(V)
-  and V's descale is the output's too.
+- the output in e4m3 with V's scale: every output row is a convex combination of V's rows, so
+  |O| <= absmax(V) and V's descale is the output's too.
 
 ``fp8_attention_reference`` is that computation with the whole key range as one tile; the kernel's
 online softmax rescales numerators tile by tile, so the two agree to e4m3 rounding, not bit for bit.
@@ -55,32 +54,28 @@ def dequantize_e4m3(x8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype)
 
 
 def fp8_attention_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                            descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor | None,
-                            softmax_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """softmax(Q K^T * softmax_scale) V on e4m3 [B, H, S, D] inputs with per-tensor descales, scaled by ``scale_o``
-    (None: 1), in ``out_dtype`` (None: e4m3) and the layout of q8's memory (see the module docstring for the
-    rounding)."""
+                            descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                            softmax_scale: float) -> torch.Tensor:
+    """softmax(Q K^T * softmax_scale) V on e4m3 [B, H, S, D] inputs with per-tensor descales; e4m3 output
+    scaled by ``scale_o``, in the layout of q8's memory (see the module docstring for the rounding)."""
     q, k, v = (t.float() * d for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
     s = (q @ k.transpose(-1, -2)) * softmax_scale
     num = torch.exp(s - s.amax(-1, keepdim=True))
     rows = num.sum(-1, keepdim=True)
     p8 = (num * E4M3_MAX).to(E4M3).float() / E4M3_MAX
     o = (p8 @ v) / rows
-    if scale_o is not None:
-        o = o * scale_o
-    out = output_like(q8, out_dtype)
-    out.copy_(o.to(out.dtype))
+    out = output_like(q8)
+    out.copy_((o * scale_o).to(E4M3))
     return out
 
 
-def output_like(q8: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The fp8 attention output for ``q8`` in ``dtype`` (None: e4m3): empty, in q8's layout when its last dimension
-    is dense (FLUX's Q is a [B, S, H, D] tensor seen as [B, H, S, D]: O then reads as [B, S, H * D] for free), else
-    contiguous. Reference, kernel and fake all allocate it here, so their strides agree."""
-    dtype = dtype or q8.dtype
+def output_like(q8: torch.Tensor) -> torch.Tensor:
+    """The fp8 attention output for ``q8``: empty, in q8's layout when its last dimension is dense
+    (FLUX's Q is a [B, S, H, D] tensor seen as [B, H, S, D]: O then reads as [B, S, H * D] for free),
+    else contiguous. Reference, kernel and fake all allocate it here, so their strides agree."""
     if q8.stride(-1) == 1:
-        return torch.empty_like(q8, dtype=dtype)
-    return torch.empty(q8.shape, dtype=dtype, device=q8.device)
+        return torch.empty_like(q8)
+    return torch.empty(q8.shape, dtype=q8.dtype, device=q8.device)
 
 
 def default_softmax_scale(head_dim: int, scale: float | None) -> float:

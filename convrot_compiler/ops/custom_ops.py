@@ -15,7 +15,9 @@ import torch
 from ..numerics.fp8_attention import (
     E4M3_MAX,
     default_softmax_scale,
+    dequantize_e4m3,
     fp8_attention_reference,
+    inverse_descale,
     output_like,
     quantize_e4m3,
     rms_rope_e4m3_reference,
@@ -194,21 +196,21 @@ def _(z_hi, q, sa, w_hi, qw, sw, bias, group_size):
 
 @torch.library.custom_op("convrot::fp8_attention", mutates_args=())
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: Optional[torch.Tensor],
-                  softmax_scale: float, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Attention on per-tensor e4m3 [B, H, S, D] Q, K, V; output scaled by scale_o (None: 1) in out_dtype (None:
-    e4m3); see ``attention.fp8_attention_reference``. On CUDA: cuDNN's fp8 flash attention."""
-    return fp8_attention_reference(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, out_dtype)
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                  softmax_scale: float) -> torch.Tensor:
+    """Attention on per-tensor e4m3 [B, H, S, D] Q, K, V; e4m3 output scaled by scale_o; see
+    ``attention.fp8_attention_reference``. On CUDA: cuDNN's fp8 flash attention."""
+    return fp8_attention_reference(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
 
 
 @fp8_attention.register_kernel("cuda")
-def _fp8_attention_cuda(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, out_dtype=None):
-    return dispatch.fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, out_dtype)
+def _fp8_attention_cuda(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
+    return dispatch.fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
 
 
 @fp8_attention.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, out_dtype=None):
-    return output_like(q8, out_dtype)
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
+    return output_like(q8)
 
 
 @torch.library.custom_op("convrot::rms_rope_e4m3", mutates_args=())
@@ -312,7 +314,7 @@ def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
                                      query_bound: torch.Tensor | float | None = None,
                                      key_bound: torch.Tensor | float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention``'s signature, computed as the compiler pass rewrites it (quantize Q,
-    K, V; ``convrot::fp8_attention`` with its output in V's dtype): to run an eager model the same way.
+    K, V; ``convrot::fp8_attention``; dequantize to the query's dtype): to run an eager model the same way.
     ``query_bound``, ``key_bound``: proven bounds on |Q| and |K| that scale them instead of their absmax
     (numerics.fp8_attention.quantize_e4m3)."""
     if attn_mask is not None or dropout_p != 0 or is_causal or enable_gqa:
@@ -325,10 +327,11 @@ def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
 def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
                             value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """fp8 attention on Q and K already in e4m3 ([B, H, S, D] with their descales), V in 16 bits: V quantized by its
-    absmax, ``convrot::fp8_attention`` with its output in V's dtype."""
+    absmax, ``convrot::fp8_attention``, the output dequantized to V's dtype."""
     v8, dv = quantize_e4m3(value)
-    return torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, None,
-                                           default_softmax_scale(q8.shape[-1], scale), value.dtype)
+    o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, inverse_descale(dv),
+                                         default_softmax_scale(q8.shape[-1], scale))
+    return dequantize_e4m3(o8, dv, value.dtype)
 
 
 def rms_rope_quantize_e4m3(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],

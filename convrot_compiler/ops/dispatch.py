@@ -203,22 +203,22 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
     return kernel(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
 
 
-def fp8_attention_unsupported(shape: tuple[int, int, int, int], softmax_scale: float, device: torch.device,
-                              out_dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """None when fp8 attention (cuDNN's fp8 flash attention) runs [B, H, S, D] inputs on this CUDA device with its
-    output in ``out_dtype``, else why not."""
+def fp8_attention_unsupported(shape: tuple[int, int, int, int], softmax_scale: float,
+                              device: torch.device) -> str | None:
+    """None when fp8 attention (cuDNN's fp8 flash attention) runs [B, H, S, D] inputs on this CUDA device,
+    else why not."""
     from ..kernels.cudnn.fp8_attention import check_supported
 
-    return check_supported(shape, softmax_scale, device, out_dtype)
+    return check_supported(shape, softmax_scale, device)
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor | None,
-                  softmax_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                  softmax_scale: float) -> torch.Tensor:
     """cuDNN's fp8 flash attention, the one kernel of ``convrot::fp8_attention``."""
     from ..kernels.cudnn.fp8_attention import fp8_attention as kernel
 
-    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, out_dtype)
+    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
 
 
 def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],

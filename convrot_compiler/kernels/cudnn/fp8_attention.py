@@ -45,11 +45,11 @@ def _handle(device_index: int):
 
 
 class _Plan:
-    """One built cuDNN fp8 SDPA graph: e4m3 Q, K, V of one shape and layout, O in e4m3 or 16 bits, fp32 descales
-    as device tensors (new scales need no rebuild, and a captured CUDA graph replays with new ones)."""
+    """One built cuDNN fp8 SDPA graph: e4m3 Q, K, V, O of one shape and layout, fp32 descales as
+    device tensors (new scales need no rebuild, and a captured CUDA graph replays with new ones)."""
 
     def __init__(self, shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...], softmax_scale: float,
-                 out_dtype: torch.dtype, device: torch.device):
+                 device: torch.device):
         import cudnn
 
         self.cudnn = cudnn
@@ -68,7 +68,7 @@ class _Plan:
                                               descale_s=self.scalars[3], scale_s=self.scalars[4],
                                               scale_o=self.scalars[5], is_inference=True, attn_scale=softmax_scale,
                                               use_causal_mask=False, name="sdpa_fp8")
-        o.set_output(True).set_dim(dims).set_stride(list(strides[3])).set_data_type(_cudnn_dtype(cudnn, out_dtype))
+        o.set_output(True).set_dim(dims).set_stride(list(strides[3])).set_data_type(e4m3)
         for t in (amax_s, amax_o):
             t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
         self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
@@ -80,60 +80,49 @@ class _Plan:
         self.graph = graph
         self.workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
         self.amax = torch.empty(2, device=device, dtype=torch.float32)  # cuDNN reports them; unused
-        s = torch.tensor([1.0 / E4M3_MAX, E4M3_MAX, 1.0], device=device)
-        self.descale_s, self.scale_s, self.one = (s[i:i + 1].view(1, 1, 1, 1) for i in range(3))
+        s = torch.tensor([1.0 / E4M3_MAX, E4M3_MAX], device=device)
+        self.descale_s, self.scale_s = s[0:1].view(1, 1, 1, 1), s[1:2].view(1, 1, 1, 1)
 
-    def __call__(self, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out) -> None:
+    def __call__(self, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out8) -> None:
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-        one = [t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v)]
-        one.append(self.one if scale_o is None else scale_o.reshape(1, 1, 1, 1))
-        pack = {self.q: q8, self.k: k8, self.v: v8, self.o: out,
+        one = [t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v, scale_o)]
+        pack = {self.q: q8, self.k: k8, self.v: v8, self.o: out8,
                 self.scalars[0]: one[0], self.scalars[1]: one[1], self.scalars[2]: one[2],
                 self.scalars[3]: self.descale_s, self.scalars[4]: self.scale_s, self.scalars[5]: one[3],
                 self.amax_s: self.amax[0:1].view(1, 1, 1, 1), self.amax_o: self.amax[1:2].view(1, 1, 1, 1)}
         self.graph.execute(pack, self.workspace, handle=self.handle)
 
 
-def _cudnn_dtype(cudnn, dtype: torch.dtype):
-    types = {torch.float8_e4m3fn: cudnn.data_type.FP8_E4M3, torch.bfloat16: cudnn.data_type.BFLOAT16,
-             torch.float16: cudnn.data_type.HALF}
-    if dtype not in types:
-        raise ValueError(f"fp8 attention: output dtype {dtype} (e4m3, bf16 or fp16)")
-    return types[dtype]
-
-
-def _plan(shape, strides, softmax_scale: float, out_dtype: torch.dtype, device: torch.device) -> _Plan:
-    key = (tuple(shape), strides, float(softmax_scale), out_dtype, device.index)
+def _plan(shape, strides, softmax_scale: float, device: torch.device) -> _Plan:
+    key = (tuple(shape), strides, float(softmax_scale), device.index)
     plan = _PLANS.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("fp8 attention: a new shape reached the cuDNN kernel during CUDA-graph capture; "
                                "run the model once outside capture first (convrot_compiler.compile does)")
-        plan = _PLANS[key] = _Plan(tuple(shape), strides, softmax_scale, out_dtype, device)
+        plan = _PLANS[key] = _Plan(tuple(shape), strides, softmax_scale, device)
     return plan
 
 
-def check_supported(shape: tuple[int, int, int, int], softmax_scale: float, device: torch.device,
-                    out_dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """None when cuDNN builds an fp8 plan for [B, H, S, D] inputs in the model's [B, S, H, D] memory with its
-    output in ``out_dtype``, else why not (cuDNN's message)."""
+def check_supported(shape: tuple[int, int, int, int], softmax_scale: float, device: torch.device) -> str | None:
+    """None when cuDNN builds an fp8 plan for [B, H, S, D] inputs in the model's [B, S, H, D] memory,
+    else why not (cuDNN's message)."""
     why = unavailable_reason(device)
     if why:
         return why
     b, h, s, d = shape
     bshd = (s * h * d, d, h * d, 1)
     try:
-        _plan(shape, (bshd,) * 4, softmax_scale, out_dtype, device)
+        _plan(shape, (bshd,) * 4, softmax_scale, device)
     except Exception as e:  # cudnn raises its own error types for unsupported configurations
         return f"cuDNN has no fp8 attention plan for [B, H, S, D] = {list(shape)}: {e}"
     return None
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor | None,
-                  softmax_scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """e4m3 [B, H, S, D] Q, K, V (any strides with unit stride on D) -> O scaled by ``scale_o`` (None: 1) in
-    ``out_dtype`` (None: e4m3) and q8's layout."""
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                  softmax_scale: float) -> torch.Tensor:
+    """e4m3 [B, H, S, D] Q, K, V (any strides with unit stride on D) -> e4m3 O in q8's layout."""
     for name, t in (("q8", q8), ("k8", k8), ("v8", v8)):
         if t.dtype != torch.float8_e4m3fn or t.dim() != 4 or not t.is_cuda:
             raise ValueError(f"fp8_attention: {name} must be a 4-D float8_e4m3fn CUDA tensor [B, H, S, D], "
@@ -141,9 +130,8 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_
     if q8.shape != k8.shape or q8.shape != v8.shape:
         raise ValueError(f"fp8_attention: q, k, v shapes differ: {tuple(q8.shape)}, {tuple(k8.shape)}, "
                          f"{tuple(v8.shape)} (cross-attention and grouped heads are not supported)")
-    out = output_like(q8, out_dtype)
+    out8 = output_like(q8)
     q8, k8, v8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q8, k8, v8))
-    strides = tuple(tuple(t.stride()) for t in (q8, k8, v8, out))
-    _plan(q8.shape, strides, softmax_scale, out.dtype, q8.device)(q8, k8, v8, descale_q, descale_k, descale_v,
-                                                                   scale_o, out)
-    return out
+    strides = tuple(tuple(t.stride()) for t in (q8, k8, v8, out8))
+    _plan(q8.shape, strides, softmax_scale, q8.device)(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out8)
+    return out8
