@@ -45,7 +45,6 @@ class ConvRotConfig:
     calibration: Any = None              # calibration.Calibration: for rotation "pca*" and weights "gptq"
     high_precision_fraction: float = 0.125  # DiRotQ: the share of each input's channels kept in 16 bits
     inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
-    inductor_multi_kernel: bool = True   # Inductor times persistent and looped forms of wide reductions, keeps the faster
     report: Callable | None = None       # receives each graph's CompileReport
     linear_names: Callable | None = None  # weight -> the linear's name in the model, for graphs that start
                                           # inside a submodule (a whole-model trace with graph breaks)
@@ -98,7 +97,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
-                    "inductor_multi_kernel", "release_weights", "fullgraph", "progress", "prepared"):
+                    "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
         check_attention_mode(self.attention)

@@ -198,21 +198,13 @@ def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLin
 
         extra = extra_inputs(example_inputs)
         static_fakes = _fakeify_static(extra)
-        inner = compile_fx(gm, list(example_inputs) + extra, config_patches=inductor_patches(config))
+        inner = compile_fx(gm, list(example_inputs) + extra)
         del static_fakes
 
     def run(*args):
         return inner(*args, *extra_inputs(args))
 
     return run
-
-
-def inductor_patches(config: ConvRotConfig) -> dict:
-    """Inductor settings for the rewritten graph. ``inductor_multi_kernel``: a reduction over up to 16 384 values
-    (FLUX's LayerNorms over 3072 channels) is compiled both persistent, one row held in registers, and looped,
-    and the first call keeps the faster; Inductor's own default loops over any row above 1024 values and reads it
-    twice (the adaLN LayerNorm + modulation kernels ran at 40-45% of copy speed)."""
-    return {"triton.multi_kernel": 1 if config.inductor_multi_kernel else 0}
 
 
 def _fakeify_static(tensors: list[torch.Tensor]) -> list:

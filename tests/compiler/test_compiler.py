@@ -222,9 +222,8 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
     real = cfx.compile_fx
 
     def spy(gm, inputs, **kwargs):
-        if "config_patches" in kwargs:  # the backend's call, not compile_fx's own call under the patches
-            mode = torch._guards.TracingContext.get().fake_mode
-            seen.extend((tuple(mode.from_tensor(t).shape), t.dtype) for t in inputs[-3:])
+        mode = torch._guards.TracingContext.get().fake_mode
+        seen.extend((tuple(mode.from_tensor(t).shape), t.dtype) for t in inputs[-3:])
         return real(gm, inputs, **kwargs)
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
@@ -232,23 +231,6 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
     cc.compile(model, inductor=True, progress=False, regional=False)(torch.randn(24, 512, dtype=torch.bfloat16))
     # packed int4 values, scales, the 16x16 Hadamard factor (in the activations' dtype: no cast per call)
     assert seen == [((256, 256), torch.int8), ((256,), torch.float32), ((16, 16), torch.bfloat16)]
-
-
-@pytest.mark.parametrize("multi_kernel", [True, False])
-def test_inductor_times_both_forms_of_wide_reductions_unless_told_not_to(monkeypatch, multi_kernel):
-    from torch._inductor import compile_fx as cfx
-
-    patches = []
-
-    def spy(gm, inputs, **kwargs):
-        patches.append(kwargs.get("config_patches"))
-        return gm.forward
-
-    monkeypatch.setattr(cfx, "compile_fx", spy)
-    model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
-    options = {} if multi_kernel else {"inductor_multi_kernel": False}
-    cc.compile(model, inductor=True, progress=False, regional=False, **options)(torch.randn(24, 512))
-    assert patches == [{"triton.multi_kernel": int(multi_kernel)}]
 
 
 def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantization():
