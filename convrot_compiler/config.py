@@ -45,6 +45,7 @@ class ConvRotConfig:
     calibration: Any = None              # calibration.Calibration: for rotation "pca*" and weights "gptq"
     high_precision_fraction: float = 0.125  # DiRotQ: the share of each input's channels kept in 16 bits
     inductor: bool | None = None         # compile the rewritten graph with Inductor; None: on CUDA
+    persistent_rows: bool = True         # Inductor keeps rows of up to 4096 values (LayerNorms) in registers
     report: Callable | None = None       # receives each graph's CompileReport
     linear_names: Callable | None = None  # weight -> the linear's name in the model, for graphs that start
                                           # inside a submodule (a whole-model trace with graph breaks)
@@ -97,7 +98,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
-                    "release_weights", "fullgraph", "progress", "prepared"):
+                    "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
         check_attention_mode(self.attention)

@@ -233,6 +233,26 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
     assert seen == [((256, 256), torch.int8), ((256,), torch.float32), ((16, 16), torch.bfloat16)]
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_inductor_compiles_with_persistent_rows_unless_told_not_to(monkeypatch, enabled):
+    from torch._inductor import compile_fx as cfx
+    from torch._inductor.virtualized import V
+
+    calls = []
+
+    def spy(gm, inputs, **kwargs):
+        calls.append((type(V.choices).__name__, kwargs.get("config_patches")))
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
+    options = {} if enabled else {"persistent_rows": False}
+    cc.compile(model, inductor=True, progress=False, regional=False, **options)(torch.randn(24, 512))
+    # Inductor's cache does not key on the choices: the graph compiled with Inductor's own skips it
+    assert calls == [("PersistentRows", None) if enabled else ("InductorChoices", {"fx_graph_cache": False})]
+    assert type(V.choices).__name__ == "InductorChoices"  # restored after the compile
+
+
 def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantization():
     """The defaults: each MLP up-projection's GELU runs in its GEMM's epilogue (in the single blocks the
     MLP goes last in the fused Q/K/V/MLP GEMM, which applies the GELU from its first MLP column), and

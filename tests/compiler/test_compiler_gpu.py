@@ -32,6 +32,39 @@ def test_linear_with_epilogue_under_inductor_is_exact(dims):
     torch.testing.assert_close(compiled(x) * 0.5 + 1, ref, rtol=0, atol=0)
 
 
+class _AdaNormLinear(nn.Module):
+    """FLUX's adaLN shape: LayerNorm over 3072 channels without affine, modulation, a quantized linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(3072, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(3072, 3072)
+
+    def forward(self, x, scale, shift):
+        return self.linear(self.norm(x) * (1 + scale) + shift)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_layer_norm_rows_compile_persistent_with_persistent_rows(persistent):
+    """Option persistent_rows: Inductor's LayerNorm kernel before the quantized linear is a persistent reduction
+    (triton_per_*), not a looped one (triton_red_*), and computes what the looped one does."""
+    from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
+
+    torch.manual_seed(0)
+    model = _AdaNormLinear().cuda().bfloat16()
+    x = torch.randn(1, 600, 3072, device="cuda", dtype=torch.bfloat16)
+    scale, shift = (torch.randn(1, 1, 3072, device="cuda", dtype=torch.bfloat16) * 0.1 for _ in range(2))
+    with torch.no_grad():
+        ref = model.linear(model.norm(x) * (1 + scale) + shift)
+    compiled = cc.compile(model, inductor=True, progress=False, regional=False, release_weights=False,
+                          persistent_rows=persistent)
+    with fresh_inductor_cache():  # a cached graph would bring back no code to read
+        out, code = run_and_get_code(compiled, x, scale, shift)
+    source = "\n".join(code)
+    assert ("def triton_per_" in source) == persistent and ("def triton_red_" in source) != persistent
+    assert relative_error(out, ref) < 0.05  # W4A4 on random weights; the LayerNorm's own rounding is far below
+
+
 FUSIONS = {"default": {}, "unfused": {"fuse_producers": False, "gelu_epilogue": False}}
 # flux-dev-short has 2 double and 2 single blocks: (concatenations read by rotate+quantize, GELUs in a GEMM
 # epilogue) under each fusion
