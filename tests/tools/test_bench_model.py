@@ -175,3 +175,15 @@ def test_the_calibrated_variants_calibrate_on_the_measured_inputs_and_say_so():
     fn, prepared, note = prepare("w4a4-dirotq", model, inputs)
     assert "DiRotQ" in note and prepared > 0
     assert any(d.extra.get("method") == "dirotq" for d in model.convrot_decisions)
+
+
+@pytest.mark.parametrize("launch", sorted(bench_model.LAUNCHES))
+def test_every_launch_suffix_sets_real_options(launch):
+    """A variant's suffix passes its options to convrot_compiler.compile: each must be an option it takes, with a
+    value it accepts (a misspelt one would fail only on the GPU machine). The calibrated launches get their
+    calibration when they run; here they are taken as prepared."""
+    from convrot_compiler.config import ConvRotConfig
+
+    options, _ = bench_model.LAUNCHES[launch]
+    calibrated = options.get("weights") == "gptq" or str(options.get("rotation", "")).startswith("pca")
+    ConvRotConfig(**options, **({"prepared": True} if calibrated else {}))
