@@ -183,7 +183,8 @@ def test_every_launch_suffix_sets_real_options(launch):
     value it accepts (a misspelt one would fail only on the GPU machine). The calibrated launches get their
     calibration when they run; here they are taken as prepared."""
     from convrot_compiler.config import ConvRotConfig
+    from convrot_compiler.numerics.pca import needs_calibration
 
     options, _ = bench_model.LAUNCHES[launch]
-    calibrated = options.get("weights") == "gptq" or str(options.get("rotation", "")).startswith("pca")
+    calibrated = needs_calibration(options.get("rotation", "regular"), options.get("weights", "rtn"))
     ConvRotConfig(**options, **({"prepared": True} if calibrated else {}))
