@@ -44,25 +44,31 @@ class _AdaNormLinear(nn.Module):
         return self.linear(self.norm(x) * (1 + scale) + shift)
 
 
-@pytest.mark.parametrize("persistent", [True, False])
-def test_layer_norm_rows_compile_persistent_with_persistent_rows(persistent):
+def test_layer_norm_rows_compile_persistent_with_persistent_rows():
     """Option persistent_rows: Inductor's LayerNorm kernel before the quantized linear is a persistent reduction
-    (triton_per_*), not a looped one (triton_red_*), and the output stays within W4A4's error of the eager model."""
+    (triton_per_*), or with the option off a looped one (triton_red_*). Both forms compute the same LayerNorm
+    (the outputs differ only where a reduction order flips an int4 rounding), and both stay near the rewritten
+    graph run without Inductor (eager LayerNorm, rounded after each op): a wrong LayerNorm would be off by ~1."""
+    import copy
+
     from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
 
     torch.manual_seed(0)
     model = _AdaNormLinear().cuda().bfloat16()
     x = torch.randn(1, 600, 3072, device="cuda", dtype=torch.bfloat16)
     scale, shift = (torch.randn(1, 1, 3072, device="cuda", dtype=torch.bfloat16) * 0.1 for _ in range(2))
+    options = dict(progress=False, regional=False, release_weights=False)
     with torch.no_grad():
-        ref = model.linear(model.norm(x) * (1 + scale) + shift)
-    compiled = cc.compile(model, inductor=True, progress=False, regional=False, release_weights=False,
-                          persistent_rows=persistent)
-    with fresh_inductor_cache():  # a cached graph would bring back no code to read
-        out, code = run_and_get_code(compiled, x, scale, shift)
-    source = "\n".join(code)
-    assert ("def triton_per_" in source) == persistent and ("def triton_red_" in source) != persistent
-    assert relative_error(out, ref) < 0.05  # W4A4 on random weights; the LayerNorm's own rounding is far below
+        graph_only = cc.compile(copy.deepcopy(model), inductor=False, **options)(x, scale, shift)
+    outs = {}
+    for persistent in (True, False):
+        compiled = cc.compile(copy.deepcopy(model), inductor=True, persistent_rows=persistent, **options)
+        with fresh_inductor_cache():  # a cached graph would bring back no code to read
+            outs[persistent], code = run_and_get_code(compiled, x, scale, shift)
+        source = "\n".join(code)
+        assert ("def triton_per_" in source) == persistent and ("def triton_red_" in source) != persistent
+        assert relative_error(outs[persistent], graph_only) < 0.1
+    assert relative_error(outs[True], outs[False]) < 0.02
 
 
 FUSIONS = {"default": {}, "unfused": {"fuse_producers": False, "gelu_epilogue": False}}
