@@ -166,3 +166,77 @@ def test_attention_option_is_validated_and_reported_by_inspect():
     assert "single_transformer_blocks.1.attn" in table and "1x4x32x64" in table
     assert "4 of 4 attentions in fp8" in report.summary()
     assert inspect(model, example_kwargs=kwargs).totals()["attention_fp8"] == 0
+
+
+def test_column_block_absmax_gives_the_scale_quantize_e4m3_would_find():
+    from convrot_compiler.numerics.fp8_attention import ROW_BLOCK, column_block_absmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(ROW_BLOCK + 5, 24, generator=g).to(torch.bfloat16)
+    x[ROW_BLOCK + 2, 10] = -40.0  # inside the range, in the second (partial) block
+    x[0, 23] = 90.0               # outside it
+    maxima = column_block_absmax(x, 8, 16)
+    assert maxima.dtype == torch.float32 and maxima.shape == (2, 8)
+    assert maxima[1, 2].item() == 40.0 and maxima[0].max().item() < 40.0
+    assert torch.equal(maxima[0], x[:ROW_BLOCK, 8:16].float().abs().amax(0))
+    v = x[:, 8:16]
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(quantize_e4m3(v, maxima.amax()), quantize_e4m3(v)))
+    assert torch.equal(column_block_absmax(x[:0], 8, 16), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="columns"):
+        column_block_absmax(x, 16, 16)
+
+
+def _gemm_operands(m=37, k=512, ns=(256, 256, 128), seed=0):
+    from convrot_compiler.numerics.quant import pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, generator=g)
+    sx = torch.rand(m, generator=g) * 1e-2 + 1e-3
+    qws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g), 256) for n in ns]
+    sws = [torch.rand(n, generator=g) * 1e-2 + 1e-3 for n in ns]
+    biases = [torch.randn(n, generator=g).to(torch.bfloat16) for n in ns]
+    return qx, sx, qws, sws, biases
+
+
+def test_int_gemm_absmax_op_returns_int_gemm_and_its_columns_absmax():
+    from convrot_compiler.numerics.fp8_attention import column_block_absmax
+    from convrot_compiler.ops import quantized_matmul_absmax
+
+    qx, sx, qws, sws, biases = _gemm_operands(m=137)
+    args = (qx, sx, qws, sws, biases, True, 256, torch.bfloat16, 512)
+    out, maxima = torch.ops.convrot.int_gemm_absmax(*args, 256, 512)
+    ref = torch.ops.convrot.int_gemm(*args)
+    assert torch.equal(out, ref) and torch.equal(maxima, column_block_absmax(ref, 256, 512))
+    assert maxima.shape == (2, 256)
+    x = torch.zeros(1, 137, 512, dtype=torch.bfloat16)  # read for its shape and dtype
+    y, amax = quantized_matmul_absmax(qx, sx, x, qws, sws, biases, "w4a4", 256, 640, 512, (256, 512))
+    assert torch.equal(y, ref.reshape(1, 137, 640))
+    assert amax.item() == ref[:, 256:512].float().abs().max().item() > 0
+    torch.library.opcheck(torch.ops.convrot.int_gemm_absmax.default, (*args, 256, 512),
+                          test_utils=("test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("config", ["flux-tiny", "flux2-tiny"])
+def test_v_scaled_by_its_gemms_absmax_equals_v_scaled_by_a_pass(config):
+    """W4A4 with fp8 attention: where V is columns of the fused QKV GEMMs (FLUX.1's text and image streams
+    concatenated), those GEMMs return the columns' absmax and V is scaled by it, with the same output, bit for
+    bit, as a pass over V; option value_absmax_epilogue=False takes the pass. The report says which."""
+    from convrot_compiler.families import example_inputs
+    from convrot_compiler.ops import quantized_matmul_absmax
+    from convrot_compiler.tools.models import build_model
+
+    kwargs = example_inputs(build_model(config, device="cpu"), "cpu", height=128, width=128, text_tokens=16)
+    outs = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        reports = []
+        compiled = cc.compile(build_model(config, device="cpu"), plan="w4a4", attention="fp8", inductor=False,
+                              progress=False, value_absmax_epilogue=on, report=reports.append)
+        outs[on] = compiled(**kwargs)[0]
+        fp8 = [a for r in reports for a in r.attention if a.precision == "fp8"]
+        from_gemm = [a for a in fp8 if "GEMM's epilogue" in a.scales]
+        ops = sum(n.target is quantized_matmul_absmax for r in reports for n in r.graph_modules["after"].graph.nodes)
+        assert fp8 and (len(from_gemm) > 0) == on and ops >= len(from_gemm)
+        if config == "flux-tiny":  # every attention: each double block's V from two GEMMs, each single's from one
+            assert len(from_gemm) == (len(fp8) if on else 0)
+    assert torch.equal(outs[True], outs[False])
