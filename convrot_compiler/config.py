@@ -55,7 +55,6 @@ class ConvRotConfig:
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     attention_scales: str = "bound"      # fp8 Q and K scaled by a bound proven from their RMSNorm, or "absmax"
     fuse_attention_prologue: bool = True  # fp8 Q, K by bound: their RMSNorm, RoPE and cast as one kernel
-    value_absmax_epilogue: bool = True   # fp8 V's absmax taken by the GEMMs that make it, not by a pass over V
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 
     release_weights: bool = True         # free the float storage of quantized weights
@@ -99,7 +98,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
-                    "value_absmax_epilogue", "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
+                    "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")
         check_attention_mode(self.attention)

@@ -13,10 +13,7 @@ The quantizations and the dequantization are plain torch ops, so Inductor, traci
 fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
 attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
 RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
-``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``). Where V is columns of quantized GEMMs' outputs
-(FLUX's V projections, fused with Q's and K's), seen through views and concatenations, those GEMMs also return
-the columns' absmax from their epilogue (``convrot::int_gemm_absmax``) and V is scaled by the largest, the same
-scale as a pass over V would find (option ``value_absmax_epilogue``).
+``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``).
 An attention that cannot run in fp8 keeps its op, and its decision says why.
 """
 
@@ -31,7 +28,7 @@ from torch import fx
 
 from ..config import check_attention_mode, check_attention_scales
 from ..numerics.fp8_attention import default_softmax_scale, quantize_e4m3
-from ..ops import fp8_attention_from_e4m3, quantized_matmul, quantized_matmul_absmax, rms_rope_quantize_e4m3
+from ..ops import fp8_attention_from_e4m3, rms_rope_quantize_e4m3
 from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
 from .match import _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
@@ -48,7 +45,7 @@ class AttentionDecision:
     shape: tuple | None          # [B, H, S, D] of the query
     precision: str               # "fp8" or "keep" (the model's dtype)
     reason: str = ""
-    scales: str = ""             # fp8: how Q, K and V are scaled to e4m3 (and where V's absmax is taken)
+    scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
     prologue: str = ""           # fp8: what casts Q and K (one kernel from their RMSNorm on, or Inductor)
 
 
@@ -101,77 +98,11 @@ def tensor_bounds(args: dict, scales: str) -> dict[str, Bound | None]:
     return bounds
 
 
-VALUE_FROM_GEMM = "V by absmax from its GEMM's epilogue"
-
-
-def _scales_label(bounds: dict[str, Bound | None], value_columns: tuple | None = None) -> str:
+def _scales_label(bounds: dict[str, Bound | None]) -> str:
     bounded = [n[0].upper() for n in ("query", "key") if bounds[n] is not None]
-    unbounded = [n[0].upper() for n in ("query", "key") if bounds[n] is None]
-    parts = [f"{' and '.join(bounded)} by RMSNorm bound"] if bounded else []
-    if value_columns:
-        parts += [f"{', '.join(unbounded)} by absmax"] if unbounded else []
-        parts.append(VALUE_FROM_GEMM)
-    else:
-        parts.append(f"{', '.join(unbounded + ['V'])} by absmax")
-    return "; ".join(parts)
-
-
-class GemmColumns(NamedTuple):
-    gemm: fx.Node  # a ``quantized_matmul`` call
-    start: int
-    stop: int
-
-
-_VIEWS = {"view", "reshape", "unflatten", "flatten", "permute", "transpose", "contiguous", "clone", "squeeze",
-          "unsqueeze"}  # ops that keep every value and add none: the absmax of their output is their input's
-_VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze}
-
-
-def _narrow_columns(node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(x, start, stop) of ``torch.narrow(x, -1, start, length)`` with constant arguments, else None."""
-    if not (node.op == "call_function" and node.target is torch.narrow and len(node.args) == 4):
-        return None
-    x, dim, start, length = node.args
-    example = _example(x)
-    if not all(isinstance(v, int) for v in (dim, start, length)) or \
-            dim not in (-1, example.dim() - 1 if example is not None else -1):
-        return None
-    return x, start, start + length
-
-
-def _is_gemm(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is quantized_matmul
-
-
-def value_gemm_columns(value: object, depth: int = 0) -> tuple[GemmColumns, ...] | None:
-    """The quantized GEMM outputs' column ranges that ``value`` is made of, through views and concatenations
-    (FLUX: the V projections' columns of the fused QKV GEMMs, text and image streams concatenated), or None
-    where any part of it comes from elsewhere."""
-    if not isinstance(value, fx.Node) or depth > 16 or value.op not in ("call_function", "call_method"):
-        return None
-    if _is_gemm(value):  # its arguments as the linear rewrite emits them: out_features ninth
-        return (GemmColumns(value, 0, value.args[8]),) if len(value.args) > 8 else None
-    narrowed = _narrow_columns(value)
-    if narrowed is not None:
-        x, start, stop = narrowed
-        return (GemmColumns(x, start, stop),) if _is_gemm(x) else None
-    if value.target in (torch.cat, torch.concat):
-        parts = [value_gemm_columns(p, depth + 1) for p in (value.args[0] if value.args else value.kwargs["tensors"])]
-        return None if not parts or None in parts else tuple(c for p in parts for c in p)
-    if (value.op == "call_method" and value.target in _VIEWS) or value.target in _VIEW_FUNCTIONS:
-        return value_gemm_columns(value.args[0], depth + 1) if value.args else None
-    return None
-
-
-def _value_columns(args: dict, enabled: bool, claimed: dict[fx.Node, tuple[int, int]]) -> tuple | None:
-    """V's GEMM columns where its GEMMs can report their absmax (each GEMM for one column range), else None;
-    ``claimed`` records the ranges given out, across a graph's attentions."""
-    columns = value_gemm_columns(args["value"]) if enabled else None
-    if not columns or any(claimed.get(c.gemm, (c.start, c.stop)) != (c.start, c.stop) for c in columns) or \
-            len({c.gemm for c in columns}) != len(columns):
-        return None
-    claimed.update({c.gemm: (c.start, c.stop) for c in columns})
-    return columns
+    absmax = [n[0].upper() for n in ("query", "key") if bounds[n] is None] + ["V"]
+    label = f"{', '.join(absmax)} by absmax"
+    return f"{' and '.join(bounded)} by RMSNorm bound; {label}" if bounded else label
 
 
 class PlannedAttention(NamedTuple):
@@ -179,7 +110,6 @@ class PlannedAttention(NamedTuple):
     decision: AttentionDecision
     bounds: dict[str, Bound | None]  # fp8: the bounds Q and K are scaled by (None: their absmax)
     chains: dict[str, RmsRopeChain | None] = {}  # fp8: Q's, K's chain that runs as one kernel (None: Inductor's)
-    value_columns: tuple[GemmColumns, ...] | None = None  # fp8: the GEMM columns whose absmax scales V
 
 
 PROLOGUE_KERNEL = "RMSNorm+RoPE+e4m3 kernel"
@@ -204,14 +134,13 @@ def fused_chains(args: dict, bounds: dict[str, Bound | None], fuse: bool) -> tup
     return chains, label
 
 
-def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_prologue: bool = True,
-                     value_absmax_epilogue: bool = True) -> list[PlannedAttention]:
-    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K,
-    whether their RMSNorm, RoPE and cast run as one kernel (``fuse_prologue``) and whether V's absmax comes from
-    the GEMMs that make it (``value_absmax_epilogue``)."""
+def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
+                     fuse_prologue: bool = True) -> list[PlannedAttention]:
+    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K and
+    whether their RMSNorm, RoPE and cast run as one kernel (``fuse_prologue``)."""
     check_attention_mode(mode)
     check_attention_scales(scales)
-    found, claimed = [], {}
+    found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ATTENTION_TARGETS:
             continue
@@ -228,9 +157,8 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_
         else:
             bounds = tensor_bounds(args, scales)
             chains, prologue = fused_chains(args, bounds, fuse_prologue)
-            columns = _value_columns(args, value_absmax_epilogue, claimed)
-            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds, columns),
-                                                                  prologue), bounds, chains, columns))
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds),
+                                                                  prologue), bounds, chains))
     return found
 
 
@@ -262,47 +190,11 @@ def _erase_unused_chain(graph: fx.Graph, end: fx.Node, chain: RmsRopeChain) -> N
             graph.erase_node(n)
 
 
-def _gemm_with_absmax(graph: fx.Graph, gemm: fx.Node, start: int, stop: int) -> fx.Node:
-    """Replace ``gemm`` (a ``quantized_matmul`` call) by ``quantized_matmul_absmax`` of columns [start, stop);
-    returns the node of that absmax."""
-    if gemm.kwargs:
-        raise ValueError(f"{gemm.name}: quantized_matmul is called with keywords {sorted(gemm.kwargs)}; the attention "
-                         "pass expects its arguments by position, as the linear rewrite emits them")
-    with graph.inserting_after(gemm):
-        both = graph.call_function(quantized_matmul_absmax, (*_padded_args(gemm), (start, stop)))
-    with graph.inserting_after(both):
-        out = graph.call_function(operator.getitem, (both, 0))
-    with graph.inserting_after(out):
-        amax = graph.call_function(operator.getitem, (both, 1))
-    out.meta.update(gemm.meta)
-    gemm.replace_all_uses_with(out)
-    graph.erase_node(gemm)
-    return amax
-
-
-def _value_absmax(graph: fx.Graph, columns: tuple[GemmColumns, ...], done: dict[fx.Node, fx.Node]) -> fx.Node:
-    """The largest of the absmaxes of V's GEMM columns, each GEMM rewritten to return its own (once: ``done``
-    holds the absmax of each GEMM rewritten so far)."""
-    for c in columns:
-        if c.gemm not in done:
-            done[c.gemm] = _gemm_with_absmax(graph, c.gemm, c.start, c.stop)
-    amaxes = [done[c.gemm] for c in columns]
-    out = amaxes[0]
-    for a in amaxes[1:]:
-        out = graph.call_function(torch.maximum, (out, a))
-    return out
-
-
-def _padded_args(gemm: fx.Node) -> tuple:
-    """``quantized_matmul``'s arguments with its optional ``gelu_from`` given."""
-    return gemm.args + (None,) * (10 - len(gemm.args))
-
-
 def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> int:
     """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds and cast by their planned
-    kernels, V by the absmax of its planned GEMM columns; returns how many."""
-    graph, done, absmax, gemm_absmax = gm.graph, 0, {}, {}
-    for node, decision, bounds, chains, value_columns in planned:
+    kernels; returns how many."""
+    graph, done, absmax = gm.graph, 0, {}
+    for node, decision, bounds, chains in planned:
         if decision.precision != "fp8":
             continue
         args = _arguments(node)
@@ -312,9 +204,7 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> in
                 bound = bounds.get(name)
                 bound = emit(graph, bound, absmax) if bound is not None else None
                 quantized.extend(_quantized(graph, args[name], bound, chains.get(name)))
-            value_absmax = _value_absmax(graph, value_columns, gemm_absmax) if value_columns else None
-            out = graph.call_function(fp8_attention_from_e4m3, (*quantized, args["value"]),
-                                      {"scale": args["scale"], "value_absmax": value_absmax})
+            out = graph.call_function(fp8_attention_from_e4m3, (*quantized, args["value"]), {"scale": args["scale"]})
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

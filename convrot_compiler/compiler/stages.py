@@ -163,8 +163,7 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
 
 def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
     """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten."""
-    decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue,
-                               config.value_absmax_epilogue)
+    decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue)
     return [planned.decision for planned in decided], rewrite_attention(gm, decided)
 
 

@@ -44,21 +44,6 @@ def quantize_e4m3(x: torch.Tensor, bound: torch.Tensor | float | None = None) ->
     return scaled.to(E4M3), (amax / E4M3_MAX).reshape(1)
 
 
-ROW_BLOCK = 128  # rows per block of column_block_absmax: the sm_90 GEMM's tile
-
-
-def column_block_absmax(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """For each block of ROW_BLOCK rows of x [M, N], the largest |value| of each column in [start, stop): float32
-    [max(1, cdiv(M, ROW_BLOCK)), stop - start], zeros for no rows. Its max is the scale ``quantize_e4m3`` takes
-    of a tensor made of those columns; a GEMM computes it in its epilogue, tile by tile, without atomics."""
-    if x.dim() != 2 or not 0 <= start < stop <= x.shape[-1]:
-        raise ValueError(f"columns [{start}, {stop}) of a [M, N] tensor, got {list(x.shape)}")
-    blocks = max(1, -(-x.shape[0] // ROW_BLOCK))
-    cols = torch.zeros(blocks * ROW_BLOCK, stop - start, dtype=torch.float32, device=x.device)
-    cols[:x.shape[0]] = x[:, start:stop].detach().float().abs()
-    return cols.view(blocks, ROW_BLOCK, stop - start).amax(1)
-
-
 def inverse_descale(descale: torch.Tensor) -> torch.Tensor:
     """1 / descale, 0 for 0 (an all-zero tensor), NaN for NaN."""
     return torch.where(descale == 0, torch.zeros_like(descale), 1.0 / descale)

@@ -12,10 +12,9 @@ from .custom_ops import (
                          quantize_cat_activation,
                          quantized_linear,
                          quantized_matmul,
-                         quantized_matmul_absmax,
                          rms_rope_quantize_e4m3,
 )
 
 __all__ = ["fp8_attention_from_e4m3", "fp8_scaled_dot_product_attention", "pca_linear", "pca_matmul_like",
            "pca_quantize_activation", "quantize_activation", "quantize_cat_activation", "quantized_linear",
-           "quantized_matmul", "quantized_matmul_absmax", "rms_rope_quantize_e4m3"]
+           "quantized_matmul", "rms_rope_quantize_e4m3"]

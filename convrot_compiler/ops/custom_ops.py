@@ -14,8 +14,6 @@ import torch
 
 from ..numerics.fp8_attention import (
     E4M3_MAX,
-    ROW_BLOCK,
-    column_block_absmax,
     default_softmax_scale,
     dequantize_e4m3,
     fp8_attention_reference,
@@ -138,28 +136,6 @@ def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_fro
 @int_gemm.register_fake
 def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
-
-
-@torch.library.custom_op("convrot::int_gemm_absmax", mutates_args=())
-def int_gemm_absmax(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
-                    bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
-                    gelu_from: Optional[int], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int_gemm`` and, for each block of ROW_BLOCK rows, the largest |value| of each of its output's columns
-    [start, stop) (numerics.fp8_attention.column_block_absmax): their max is the scale of an fp8 tensor made of
-    those columns (FLUX's V), which the sm_90 GEMM finds in its epilogue instead of a pass over them."""
-    out = int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from)
-    return out, column_block_absmax(out, start, stop)
-
-
-@int_gemm_absmax.register_kernel("cuda")
-def _int_gemm_absmax_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, start, stop):
-    return dispatch.int_gemm_absmax(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, (start, stop))
-
-
-@int_gemm_absmax.register_fake
-def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, start, stop):
-    return (qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype),
-            qx.new_empty(max(1, -(-qx.shape[0] // ROW_BLOCK)), stop - start, dtype=torch.float32))
 
 
 @torch.library.custom_op("convrot::weight_only_gemm", mutates_args=())
@@ -298,18 +274,6 @@ def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, 
     return out.reshape(*x.shape[:-1], out_features)
 
 
-def quantized_matmul_absmax(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
-                            group_size: int, out_features: int, gelu_from: Optional[int],
-                            columns: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantized_matmul`` and the largest |value| of its output's ``columns`` = (start, stop), a float32 scalar
-    (the max of ``convrot::int_gemm_absmax``'s column maxima): the compiler's attention pass scales FLUX's V to
-    e4m3 by it."""
-    values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
-    out, maxima = torch.ops.convrot.int_gemm_absmax(q, s, values, scale, bias, scheme == "w4a4", group_size,
-                                                    x.dtype, gelu_from, *columns)
-    return out.reshape(*x.shape[:-1], out_features), maxima.amax()
-
-
 def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int,
                      order: str = "natural") -> torch.Tensor:
@@ -361,12 +325,10 @@ def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
 
 
 def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
-                            value: torch.Tensor, scale: float | None = None,
-                            value_absmax: torch.Tensor | None = None) -> torch.Tensor:
+                            value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """fp8 attention on Q and K already in e4m3 ([B, H, S, D] with their descales), V in 16 bits: V quantized by its
-    absmax (``value_absmax`` where the graph computed it already, else a pass over V), ``convrot::fp8_attention``,
-    the output dequantized to V's dtype."""
-    v8, dv = quantize_e4m3(value, value_absmax)
+    absmax, ``convrot::fp8_attention``, the output dequantized to V's dtype."""
+    v8, dv = quantize_e4m3(value)
     o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, inverse_descale(dv),
                                          default_softmax_scale(q8.shape[-1], scale))
     return dequantize_e4m3(o8, dv, value.dtype)

@@ -4,8 +4,8 @@ When a weight is prepared: how GPTQ runs (``gptq_options``), the channel order o
 weights (``act_order_for``), the packed layout of weight-only weights (``weight_only_layout``), and whether
 the fused kernels take a weight at all (``has_kernel``). When an op runs on CUDA (the CUDA implementations in
 custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the activations, else Triton's),
-``int_gemm`` and ``int_gemm_absmax`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one
-program per tile or persistent as ``gemm_schedule`` says), ``weight_only_gemm`` (by the bits and the layout the weight was
+``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
+persistent as ``gemm_schedule`` says), ``weight_only_gemm`` (by the bits and the layout the weight was
 prepared in), ``fp8_attention`` (cuDNN's) and ``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A
 benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or
 ``gemm_schedule`` for its duration (tools/bench_model.py, ``kernel_choice``).
@@ -20,7 +20,6 @@ import torch
 import triton
 
 from ..kernels.triton.common import interpreting
-from ..numerics.fp8_attention import ROW_BLOCK, column_block_absmax
 from ..numerics.pca import PCAWeight
 from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
@@ -150,41 +149,15 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        return _packed_gemm(qx, sx, qws, sws, biases, group_size, out_dtype, gelu_from)
+        from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
+
+        s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+        b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from)
     n = sum(w.shape[0] for w in qws)
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
                               persistent=persistent, warp_specialize=warp_specialize)
-
-
-def int_gemm_absmax(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
-                    biases: list[torch.Tensor | None], packed: bool, group_size: int, out_dtype: torch.dtype,
-                    gelu_from: int | None, columns: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int_gemm`` and numerics.fp8_attention.column_block_absmax of its output's ``columns`` = (start, stop):
-    from the sm_90 packed GEMM's epilogue where that GEMM runs (its tile is ROW_BLOCK rows), else by a pass
-    over the columns."""
-    from ..kernels.triton.int_gemm import check_gemm_operands
-
-    check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
-    m = qx.shape[0]
-    if packed and m > 0 and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG
-
-        if DEFAULT_CONFIG.BM == ROW_BLOCK:
-            maxima = torch.empty(triton.cdiv(m, ROW_BLOCK), columns[1] - columns[0], dtype=torch.float32,
-                                 device=qx.device)
-            return _packed_gemm(qx, sx, qws, sws, biases, group_size, out_dtype, gelu_from, maxima, columns), maxima
-    out = int_gemm(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from)
-    return out, column_block_absmax(out, *columns)
-
-
-def _packed_gemm(qx, sx, qws, sws, biases, group_size, out_dtype, gelu_from, amax=None, columns=(0, 0)):
-    from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
-
-    s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
-    b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-    return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from, amax=amax,
-                                 amax_columns=columns)
 
 
 def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

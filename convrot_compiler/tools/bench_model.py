@@ -96,8 +96,6 @@ LAUNCHES = {
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
     "fp8looped": ({"attention": "fp8", "persistent_rows": False},
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
-    "fp8vpass": ({"attention": "fp8", "value_absmax_epilogue": False},
-                 "attention in fp8, V's absmax by a pass over V (not in its projection's GEMM)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
                   "attention in fp8, Q and K scaled by their absmax (not by their RMSNorm's bound)"),
     # calibrated on the measured inputs (prepare): these variants time the method, not its fidelity

@@ -145,12 +145,11 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: g
 
 
 @gluon.jit
-def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, amax_ptr, amax_from, amax_to, M,
-              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_AMAX: gl.constexpr, layout: gl.constexpr):
+def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
+              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
     """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
     x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
-    transposed through shared memory by TMA (which clips the tile at M and N). With HAS_AMAX, the largest
-    |value| as stored of each channel in [amax_from, amax_to) over the tile's rows < M (_column_maxima)."""
+    transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
     out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
@@ -159,25 +158,7 @@ def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, amax_p
         if pid_n * BN + BN > gelu_from:
             rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
-    out = out.to(c_desc.dtype)
-    if HAS_AMAX:
-        if (pid_n * BN < amax_to) & (pid_n * BN + BN > amax_from):
-            _column_maxima(out, pid_n, pid_m, amax_ptr, amax_from, amax_to, M, layout)
     store_transposed(out, c_desc, c_smem, pid_m, pid_n)
-
-
-@gluon.jit
-def _column_maxima(out, pid_n, pid_m, maxima_ptr, amax_from, amax_to, M, layout: gl.constexpr):
-    """max |out| over the tile's rows < M, for each of its channels in [amax_from, amax_to): row pid_m of
-    maxima [cdiv(M, BM), amax_to - amax_from]. A reduction within each warp and a store: no atomics, no
-    exchange between warps."""
-    BN: gl.constexpr = out.type.shape[0]
-    BM: gl.constexpr = out.type.shape[1]
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
-    tile_max = gl.max(gl.where((rm < M)[None, :], gl.abs(out.to(gl.float32)), 0.0), axis=1)
-    width = amax_to - amax_from
-    gl.store(maxima_ptr + pid_m * width + (rn - amax_from), tile_max, mask=(rn >= amax_from) & (rn < amax_to))
 
 
 @gluon.jit
@@ -222,8 +203,7 @@ def _keep_alive(x):
 
 @gluon.jit
 def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                   M, N, K, gelu_from, amax_ptr, amax_from, amax_to, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr,
-                   HAS_AMAX: gl.constexpr, GROUP_N: gl.constexpr,
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
                    NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
@@ -260,16 +240,14 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
         acc = warpgroup_mma_wait(0, deps=(acc,))
         fence_async_shared()
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, amax_ptr, amax_from, amax_to, M,
-                  HAS_BIAS, HAS_GELU, HAS_AMAX, mma_layout)
+        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, amax_ptr,
-                        M, N, K, n1, n2, n3, gelu_from, amax_from, amax_to,
-                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_AMAX: gl.constexpr, HALF: gl.constexpr,
-                        NUM_W: gl.constexpr,
+def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
+                        M, N, K, n1, n2, n3, gelu_from,
+                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
@@ -280,8 +258,7 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
     ready, empty = barrier_ring(STAGES)
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                          M, N, K, gelu_from, amax_ptr, amax_from, amax_to, HAS_BIAS, HAS_GELU, HAS_AMAX, GROUP_N,
-                          NUM_PROGRAMS, INSTR_N, num_warps)),
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
         (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
                            ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
@@ -330,16 +307,11 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
 
 def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                 bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
-                config: PackedGemmConfig = DEFAULT_CONFIG, amax: torch.Tensor | None = None,
-                amax_columns: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
     quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
     holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
-    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first.
-
-    ``amax``: a float32 [cdiv(M, BM), stop - start] tensor that receives, for each block of BM rows, the largest
-    |value| as stored of each output column in ``amax_columns`` = [start, stop)
-    (numerics.fp8_attention.column_block_absmax, for BM = its ROW_BLOCK)."""
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
     why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.triton.int_gemm.int_gemm")
@@ -352,22 +324,12 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
         raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
-    if amax is not None:
-        start, stop = amax_columns
-        if not 0 <= start < stop <= n:
-            raise ValueError(f"amax_columns {amax_columns} is not a non-empty range of the {n} output columns")
-        shape = (triton.cdiv(m, config.BM), stop - start)
-        if amax.dtype != torch.float32 or tuple(amax.shape) != shape or not amax.is_contiguous() or \
-                amax.device != qx.device:
-            raise ValueError(f"amax must be a contiguous float32 {list(shape)} tensor on {qx.device}, got "
-                             f"{amax.dtype} {list(amax.shape)} on {amax.device}")
-    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config, amax, amax_columns)
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
 def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                           bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG,
-                          amax: torch.Tensor | None = None, amax_columns: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """packed_gemm without its checks, for a caller that has validated the operands and found
     ``supported`` None (int_gemm, on every call of a forward)."""
     m, k = qx.shape
@@ -388,10 +350,8 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
-        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, amax if amax is not None else sw,
-        m, n, k, *starts, gelu_from or 0, *amax_columns,
-        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HAS_AMAX=amax is not None, HALF=group_size // 2,
-        NUM_W=len(qws),
+        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
+        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
         STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
         num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
