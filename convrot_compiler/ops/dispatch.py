@@ -13,6 +13,7 @@ benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``u
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -34,6 +35,14 @@ from ..numerics.rotations import GroupHadamardRotation
 PERSISTENT_TILE, PERSISTENT_MIN_WAVES = 128, 2
 PERSISTENT_MIN_M = 2048
 PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
+
+# The sm_90 packed GEMM's tile is 128 weight rows by 128 tokens, or by 256 tokens in 4 stages where that fills the
+# SMs' last wave as well. Measured on an H100 against 128 (CUDA-graph replays, results bit-equal): image QKV at
+# 4096 tokens (3072 -> 9216) 167.2 -> 158.5 us, ff down (12288 -> 3072) 207.7 -> 196.4, to_out 59.1 -> 58.7; it
+# loses where its last wave is emptier (single blocks' proj_out at 4608 tokens 284.2 -> 305.6, the text stream's
+# QKV at 512 33.4 -> 42.0) and with a GELU epilogue (single blocks' QKV+MLP 451.3 -> 552.0).
+PACKED_TILE_N = 128
+PACKED_WIDE_TOKENS = {"BM": 256, "STAGES": 4}
 
 
 def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rotated: bool) -> str:
@@ -120,6 +129,17 @@ def use_sm90_packed_gemm(qx: torch.Tensor, qws: list[torch.Tensor], group_size: 
                       "running the int8 GEMM instead (same result, slower)")
 
 
+def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bool:
+    """Whether the sm_90 packed GEMM takes tiles of PACKED_WIDE_TOKENS (256 tokens) for an [m, n] output: without a
+    GELU epilogue, where their last wave leaves the SMs no emptier than 128-token tiles' would (the measurements
+    above)."""
+    if has_gelu:
+        return False
+    def cost(tokens: int) -> int:  # waves of tiles, times each tile's tokens
+        return triton.cdiv(triton.cdiv(m, tokens) * triton.cdiv(n, PACKED_TILE_N), programs) * tokens
+    return cost(PACKED_WIDE_TOKENS["BM"]) <= cost(PACKED_TILE_N)
+
+
 def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:
     """(persistent, warp_specialize) of Triton's int8 GEMM for an [m, n] output (the measurements above)."""
     if not has_gelu:
@@ -149,11 +169,14 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
+        from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, packed_gemm_unchecked
 
         s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
         b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from)
+        n = sum(w.shape[0] for w in qws)
+        wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
+        config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS) if wide else DEFAULT_CONFIG
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from, config)
     n = sum(w.shape[0] for w in qws)
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,

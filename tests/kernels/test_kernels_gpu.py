@@ -82,11 +82,12 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 @needs_sm90
 @pytest.mark.parametrize("k,n", [(3072, 3072), (12288, 3072), (15360, 3072), (512, 320)])
-@pytest.mark.parametrize("m", [4608, 512, 77, 1])
+@pytest.mark.parametrize("m", [4608, 4096, 512, 77, 1])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_packed_gemm_equals_the_unpack_path(k, n, m, out_dtype):
     """The Gluon GEMM (weights split in registers) against unpack + int8 GEMM on the same operands:
-    bit-equal, partial tiles included (M = 77, 1; N = 320), every output element written."""
+    bit-equal, partial tiles included (M = 77, 1; N = 320), every output element written; through dispatch at
+    M = 4096 and N = 3072 in tiles of 256 tokens."""
     from convrot_compiler.kernels.sm90.packed_gemm import packed_gemm
 
     qx = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
