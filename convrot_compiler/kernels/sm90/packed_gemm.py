@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import sm_count
-from .gluon_common import gelu_tanh
+from .gluon_common import gelu_tanh, tma_load, tma_store
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,15 @@ def _load_weights(w_descs, starts, row, kp, bar, buf, NUM_W: gl.constexpr):
     w0, w1, w2, w3 = w_descs
     n1, n2, n3 = starts
     if NUM_W == 1:
-        tma.async_copy_global_to_shared(w0, [row, kp], bar, buf)
+        tma_load(w0, [row, kp], bar, buf)
     elif row < n1:
-        tma.async_copy_global_to_shared(w0, [row, kp], bar, buf)
+        tma_load(w0, [row, kp], bar, buf)
     elif NUM_W == 2 or row < n2:
-        tma.async_copy_global_to_shared(w1, [row - n1, kp], bar, buf)
+        tma_load(w1, [row - n1, kp], bar, buf)
     elif NUM_W == 3 or row < n3:
-        tma.async_copy_global_to_shared(w2, [row - n2, kp], bar, buf)
+        tma_load(w2, [row - n2, kp], bar, buf)
     else:
-        tma.async_copy_global_to_shared(w3, [row - n3, kp], bar, buf)
+        tma_load(w3, [row - n3, kp], bar, buf)
 
 
 @gluon.jit
@@ -123,8 +123,8 @@ def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, 
             mbarrier.expect(bar, stage_bytes)
             kx = (kp // HALF) * (2 * HALF) + kp % HALF
             _load_weights(w_descs, starts, pid_n * BN, kp, bar, w_bufs.index(s), NUM_W)
-            tma.async_copy_global_to_shared(x_desc, [pid_m * BM, kx], bar, xlo_bufs.index(s))
-            tma.async_copy_global_to_shared(x_desc, [pid_m * BM, kx + HALF], bar, xhi_bufs.index(s))
+            tma_load(x_desc, [pid_m * BM, kx], bar, xlo_bufs.index(s))
+            tma_load(x_desc, [pid_m * BM, kx + HALF], bar, xhi_bufs.index(s))
             i += 1
 
 
@@ -168,7 +168,7 @@ def store_transposed(out, c_desc, c_smem, pid_m, pid_n):
     tma.store_wait(0)
     c_smem.store(gl.permute(out.to(c_desc.dtype), (1, 0)))
     fence_async_shared()
-    tma.async_copy_shared_to_global(c_desc, [pid_m * out.type.shape[1], pid_n * out.type.shape[0]], c_smem)
+    tma_store(c_desc, [pid_m * out.type.shape[1], pid_n * out.type.shape[0]], c_smem)
 
 
 @gluon.jit

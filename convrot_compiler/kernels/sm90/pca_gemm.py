@@ -47,6 +47,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ...numerics.pca import int4_pack
 from ..triton.common import sm_count
 from ..triton.pca import check_gemm_operands
+from .gluon_common import tma_load
 from .packed_gemm import (
     _GL_DTYPES,
     SMEM_LIMIT,
@@ -103,17 +104,17 @@ def _load_partition(w_desc, x_desc, whi_desc, zhi_desc, w_bufs, xlo_bufs, xhi_bu
             mbarrier.wait(hempty.index(s), ((h // HSTAGES) & 1) ^ 1)
             bar = hready.index(s)
             mbarrier.expect(bar, hstage_bytes)
-            tma.async_copy_global_to_shared(whi_desc, [pid_n * BN, k], bar, whi_bufs.index(s))
-            tma.async_copy_global_to_shared(zhi_desc, [pid_m * BM, k], bar, zhi_bufs.index(s))
+            tma_load(whi_desc, [pid_n * BN, k], bar, whi_bufs.index(s))
+            tma_load(zhi_desc, [pid_m * BM, k], bar, zhi_bufs.index(s))
             h += 1
         for kp in range(0, L // 2, HALF):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, stage_bytes)
-            tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kp], bar, w_bufs.index(s))
-            tma.async_copy_global_to_shared(x_desc, [pid_m * BM, 2 * kp], bar, xlo_bufs.index(s))
-            tma.async_copy_global_to_shared(x_desc, [pid_m * BM, 2 * kp + HALF], bar, xhi_bufs.index(s))
+            tma_load(w_desc, [pid_n * BN, kp], bar, w_bufs.index(s))
+            tma_load(x_desc, [pid_m * BM, 2 * kp], bar, xlo_bufs.index(s))
+            tma_load(x_desc, [pid_m * BM, 2 * kp + HALF], bar, xhi_bufs.index(s))
             i += 1
 
 

@@ -46,10 +46,11 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...numerics.quant import check_act_order
+from .gluon_common import smem_reinterpret, thread_barrier, tma_load
 
 GROUP_SIZE = 256
 WARPS = 4
@@ -146,9 +147,9 @@ def _load_row(x_desc, x2_desc, xs_tma, bars, LOADS: gl.constexpr, BOX: gl.conste
         mbarrier.expect(bar, BOX * GROUP * 2)
         g = i * BOX
         if g < GROUPS1:
-            tma.async_copy_global_to_shared(x_desc, [row, g, 0], bar, xs_tma.index(i))
+            tma_load(x_desc, [row, g, 0], bar, xs_tma.index(i))
         else:
-            tma.async_copy_global_to_shared(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(i))
+            tma_load(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(i))
 
 
 @gluon.jit
@@ -225,7 +226,7 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     maxes = gl.allocate_shared_memory(gl.float32, [NB], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                                                    order=[0]))
     maxes.store(per_warp)
-    gl.thread_barrier()
+    thread_barrier()
     every: gl.constexpr = gl.BlockedLayout([NB], [32], [num_warps], [0])
     amax = gl.reduce(maxes.load(every), 0, _max_nan)
     finite = amax < float("inf")
@@ -277,9 +278,9 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, k
     for i in gl.static_range(LOADS):
         mbarrier.init(bars.index(i), count=1)
     plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-    xs = xs_tma._reinterpret(gl.bfloat16, [LOADS * BOX // NB, NB, 16, 16], plain)  # step slots
+    xs = smem_reinterpret(xs_tma, gl.bfloat16, [LOADS * BOX // NB, NB, 16, 16], plain)  # step slots
     fence_async_shared()
-    gl.thread_barrier()  # the barriers are initialized before any warp waits on one
+    thread_barrier()  # the barriers are initialized before any warp waits on one
     _load_row(x_desc, x2_desc, xs_tma, bars, LOADS, BOX, GROUPS1)
     _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, QMAX, MASKED, KEEP, MMA_ORDER, num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
