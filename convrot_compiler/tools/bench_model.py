@@ -90,6 +90,7 @@ LAUNCHES = {
     "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
+    "tile128": ({}, "packed GEMM in 128-token tiles everywhere (not 256 where the last wave allows)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
@@ -113,7 +114,8 @@ def kernel_choice(launch: str) -> Iterator[None]:
     ``flat``, the one-program-per-tile int8 GEMM at every M (the default is persistent at large M); ``nows``,
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
-    rotate+quantize kernel where the sm_90 one would run. Other launches change nothing. A CUDA graph
+    rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
+    tokens where it would take 256. Other launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
     choices = {
@@ -122,6 +124,7 @@ def kernel_choice(launch: str) -> Iterator[None]:
                  "gemm_schedule": lambda m, n, gelu, p: (rule(m, n, True, p)[0], False)},
         "unpack": {"use_sm90_packed_gemm": lambda *a: False},
         "tritonrq": {"use_sm90_rotate": lambda *a: False},
+        "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
     }.get(launch, {})
     saved = {name: getattr(dispatch, name) for name in choices}
     try:

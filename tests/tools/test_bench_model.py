@@ -188,3 +188,18 @@ def test_every_launch_suffix_sets_real_options(launch):
     options, _ = bench_model.LAUNCHES[launch]
     calibrated = needs_calibration(options.get("rotation", "regular"), options.get("weights", "rtn"))
     ConvRotConfig(**options, **({"prepared": True} if calibrated else {}))
+
+
+def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
+    """``tile128`` turns off the packed GEMM's 256-token tiles and ``tritonrq`` the sm_90 rotate+quantize inside
+    the block; both come back after it (a renamed dispatch rule would leave the launch comparing nothing)."""
+    from convrot_compiler.ops import dispatch
+
+    assert dispatch.packed_gemm_wide_tokens(4096, 9216, False, 132)
+    with bench_model.kernel_choice("tile128"):
+        assert not dispatch.packed_gemm_wide_tokens(4096, 9216, False, 132)
+    assert dispatch.packed_gemm_wide_tokens(4096, 9216, False, 132)
+    rotate = dispatch.use_sm90_rotate
+    with bench_model.kernel_choice("tritonrq"):
+        assert dispatch.use_sm90_rotate is not rotate
+    assert dispatch.use_sm90_rotate is rotate
