@@ -169,13 +169,16 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, packed_gemm_unchecked
+        from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT, packed_gemm_unchecked
 
         s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
         b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
         n = sum(w.shape[0] for w in qws)
-        wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS) if wide else DEFAULT_CONFIG
+        config = DEFAULT_CONFIG
+        if packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device)):
+            wide = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
+            # a float32 output tile of 256 tokens does not fit beside the stages
+            config = wide if wide.smem_bytes(out_dtype.itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
         return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from, config)
     n = sum(w.shape[0] for w in qws)
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
