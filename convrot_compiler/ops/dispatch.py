@@ -14,6 +14,7 @@ benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable
 
@@ -140,6 +141,16 @@ def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bo
     return cost(PACKED_WIDE_TOKENS["BM"]) <= cost(PACKED_TILE_N)
 
 
+@functools.lru_cache(maxsize=None)
+def _packed_config(wide: bool, out_itemsize: int):
+    """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile fits in shared memory beside
+    the stages (not a float32 one), else the default."""
+    from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
+
+    config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
+    return config if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
+
+
 def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:
     """(persistent, warp_specialize) of Triton's int8 GEMM for an [m, n] output (the measurements above)."""
     if not has_gelu:
@@ -168,19 +179,15 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
     from ..kernels.triton.int_gemm import check_gemm_operands, int_gemm_unchecked, programs
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
+    n = sum(w.shape[0] for w in qws)
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT, packed_gemm_unchecked
+        from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
 
         s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
         b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-        n = sum(w.shape[0] for w in qws)
-        config = DEFAULT_CONFIG
-        if packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device)):
-            wide = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
-            # a float32 output tile of 256 tokens does not fit beside the stages
-            config = wide if wide.smem_bytes(out_dtype.itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
-        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from, config)
-    n = sum(w.shape[0] for w in qws)
+        wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
+                                     _packed_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
                               persistent=persistent, warp_specialize=warp_specialize)

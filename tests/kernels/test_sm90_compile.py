@@ -120,3 +120,23 @@ def test_dirotq_gemm_compiles_for_sm90(sm90):
         torch.zeros(m, r, dtype=torch.bfloat16), torch.zeros(m, lo, dtype=torch.int8), torch.ones(m, lo // 64),
         torch.zeros(n, r, dtype=torch.bfloat16), torch.zeros(n, lo // 2, dtype=torch.int8), torch.ones(n, lo // 64),
         None, 64))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype):
+    """ops.dispatch at 4096 x 3072 (where its rule takes 256-token tiles): the compiled kernel fits in an H100's
+    shared memory for a bf16 output (256-token tiles) and for a float32 one (kept at 128 tokens: 256 would need
+    294 912 bytes)."""
+    from convrot_compiler.kernels.sm90 import packed_gemm
+    from convrot_compiler.kernels.triton import int_gemm
+    from convrot_compiler.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "use_sm90_packed_gemm", lambda *a: True)
+    monkeypatch.setattr(int_gemm, "programs", lambda device: 132)
+    m, k, n = 4096, 3072, 3072
+    with pytest.raises(_ReachedLaunch):
+        dispatch.int_gemm(torch.zeros(m, k, dtype=torch.int8), torch.ones(m),
+                          [torch.zeros(n, k // 2, dtype=torch.int8)], [torch.ones(n)], [None], True, 256, out_dtype)
+    (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
+    assert compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
+    assert (compiled.metadata.shared > 200_000) == (out_dtype == torch.bfloat16)  # the 256-token tile's stages
