@@ -6,7 +6,8 @@ adaLN LayerNorm + modulation kernels (3072 channels) ran looped at 40-45% of cop
 which Inductor's multi-kernel timing picked over the looped ones, took the single blocks' kernel from 1.65 ms to
 0.78 ms of a forward and the double blocks' two from 0.64 and 0.53 to 0.42 and 0.33 (H200; docs/PERFORMANCE.md).
 ``persistent_rows`` makes that choice without the multi-kernel, whose compiled code fails when Inductor loads it
-back from its cache (torch 2.11, triton 3.6).
+back from its cache (torch 2.11, triton 3.6). ``inductor_choices`` sets it for a compile, with a cache tag that
+keeps each choice's graphs apart in Inductor's FX graph cache.
 """
 
 from __future__ import annotations
@@ -66,8 +67,22 @@ def persistent_rows(enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def inductor_cache_patch(config: "ConvRotConfig") -> dict:
-    """compile_fx's keyword arguments for ``config``'s choices. Inductor's FX graph cache does not key on the
-    choices handler, so a graph compiled with Inductor's own choices (``persistent_rows=False``) skips that cache:
-    it then holds only the persistent form, and a cached graph always comes back in the form its option asks for."""
-    return {} if config.persistent_rows else {"config_patches": {"fx_graph_cache": False}}
+CHOICES_CACHE_VERSION = 1  # raise when a choice's code changes: graphs cached with the old one then miss
+
+
+def choices_cache_tag(config: "ConvRotConfig") -> str:
+    """What Inductor's FX graph cache keys a graph compiled with ``config``'s choices on, beside the graph. The
+    cache does not key on the choices handler; without this, a graph cached under one choice (or by an earlier
+    version of the package) would come back in its form under the other."""
+    return f"convrot-inductor-choices:v{CHOICES_CACHE_VERSION}:persistent_rows={int(config.persistent_rows)}"
+
+
+@contextlib.contextmanager
+def inductor_choices(config: "ConvRotConfig") -> Iterator[None]:
+    """Inside the ``with``: Inductor's choices for ``config`` (``persistent_rows``), and its FX graph cache keyed
+    on them (torch.compiler.config.cache_key_tag, the tag already set kept in front)."""
+    import torch.compiler.config as compiler_config
+
+    tag = "|".join(t for t in (compiler_config.cache_key_tag, choices_cache_tag(config)) if t)
+    with persistent_rows(config.persistent_rows), compiler_config.patch(cache_key_tag=tag):
+        yield

@@ -25,7 +25,7 @@ from ..ops.dispatch import has_kernel
 from ..plans import LayerDecision
 from ..plans import decide as decide_layer
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
-from .inductor_choices import inductor_cache_patch, persistent_rows
+from .inductor_choices import inductor_choices
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
 from .roles import PER_SAMPLE, per_sample_linears
@@ -199,8 +199,8 @@ def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLin
 
         extra = extra_inputs(example_inputs)
         static_fakes = _fakeify_static(extra)
-        with persistent_rows(config.persistent_rows):
-            inner = compile_fx(gm, list(example_inputs) + extra, **inductor_cache_patch(config))
+        with inductor_choices(config):
+            inner = compile_fx(gm, list(example_inputs) + extra)
         del static_fakes
 
     def run(*args):

@@ -235,22 +235,49 @@ def test_prepared_weights_reach_inductor_with_static_shapes(monkeypatch):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_inductor_compiles_with_persistent_rows_unless_told_not_to(monkeypatch, enabled):
+    import torch.compiler.config as compiler_config
     from torch._inductor import compile_fx as cfx
     from torch._inductor.virtualized import V
 
     calls = []
 
     def spy(gm, inputs, **kwargs):
-        calls.append((type(V.choices).__name__, kwargs.get("config_patches")))
+        calls.append((type(V.choices).__name__, compiler_config.cache_key_tag, kwargs.get("config_patches")))
         return gm.forward
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
     model = nn.Sequential(nn.Linear(512, 256), nn.GELU())
     options = {} if enabled else {"persistent_rows": False}
-    cc.compile(model, inductor=True, progress=False, regional=False, **options)(torch.randn(24, 512))
-    # Inductor's cache does not key on the choices: the graph compiled with Inductor's own skips it
-    assert calls == [("PersistentRows", None) if enabled else ("InductorChoices", {"fx_graph_cache": False})]
+    with compiler_config.patch(cache_key_tag="the user's tag"):
+        cc.compile(model, inductor=True, progress=False, regional=False, **options)(torch.randn(24, 512))
+        assert compiler_config.cache_key_tag == "the user's tag"
+    # Inductor's cache does not key on the choices handler: the tag it keys on carries the choice
+    ((handler, tag, patches),) = calls
+    assert handler == ("PersistentRows" if enabled else "InductorChoices") and patches is None
+    assert tag.startswith("the user's tag|convrot-inductor-choices:") and tag.endswith(f"persistent_rows={int(enabled)}")
     assert type(V.choices).__name__ == "InductorChoices"  # restored after the compile
+
+
+def test_each_persistent_rows_choice_has_its_own_graphs_in_inductors_cache():
+    """Compiled by Inductor (on CPU here) with one choice and then the other, each misses Inductor's FX graph cache
+    the first time and hits it the second: a graph cached under one choice never comes back under the other."""
+    import copy
+
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_inductor_cache
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 128))
+    x = torch.randn(8, 256)
+    seen = []
+    with fresh_inductor_cache():
+        for enabled in (True, False, True, False):
+            torch._dynamo.reset()
+            counters.clear()
+            cc.compile(copy.deepcopy(model), inductor=True, progress=False, regional=False,
+                       persistent_rows=enabled)(x)
+            seen.append({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")})
+    assert seen == [{"fxgraph_cache_miss": 1}] * 2 + [{"fxgraph_cache_hit": 1}] * 2
 
 
 def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantization():
