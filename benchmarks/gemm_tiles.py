@@ -1,7 +1,7 @@
 """The sm_90 packed W4A4 GEMM's token tile at FLUX.1-dev's token GEMMs, as one forward at 1024² runs them.
 
 For each shape (its calls per forward: 19 double blocks, 38 single), in one process: the GEMM in tiles of 128 and of
-256 tokens (ops/dispatch.py, ``PACKED_WIDE_TOKENS``), and what dispatch picks (``packed_gemm_wide_tokens``); each
+256 tokens (ops/dispatch.py, ``packed_gemm_config``), and what dispatch picks (``packed_gemm_wide_tokens``); each
 result compared bit for bit with the 128-token tiles'. Times are medians of CUDA-graph replays with L2 flushed
 (benchmarks/timing.py); the last line sums each column over a forward's calls.
 
@@ -11,7 +11,6 @@ result compared bit for bit with the 128-token tiles'. Times are medians of CUDA
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
@@ -44,9 +43,9 @@ def main() -> None:
         sys.exit("benchmarks/gemm_tiles.py times the sm_90 packed GEMM: it needs a Hopper GPU")
     from tabulate import tabulate
 
-    from convrot_compiler.kernels.sm90.packed_gemm import DEFAULT_CONFIG, packed_gemm
+    from convrot_compiler.kernels.sm90.packed_gemm import packed_gemm
 
-    wide = dataclasses.replace(DEFAULT_CONFIG, **dispatch.PACKED_WIDE_TOKENS)
+    narrow, wide = (dispatch.packed_gemm_config(w, torch.bfloat16.itemsize) for w in (False, True))
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -62,7 +61,7 @@ def main() -> None:
         picked = dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs)
         us = {tiles: bench_graph_ms(lambda cfg=cfg: packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from,
                                                                 config=cfg)) * 1e3
-              for tiles, cfg in ((128, DEFAULT_CONFIG), (256, wide))}
+              for tiles, cfg in ((128, narrow), (256, wide))}
         rows.append(dict(shape=name, M=m, N=n, K=k, calls=calls, us_128=us[128], us_256=us[256],
                          picked=256 if picked else 128, us_picked=us[256] if picked else us[128],
                          bit_equal=torch.equal(out, ref)))

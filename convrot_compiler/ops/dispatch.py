@@ -42,7 +42,7 @@ PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
 # 4096 tokens (3072 -> 9216) 167.2 -> 158.5 us, ff down (12288 -> 3072) 207.7 -> 196.4, to_out 59.1 -> 58.7; it
 # loses where its last wave is emptier (single blocks' proj_out at 4608 tokens 284.2 -> 305.6, the text stream's
 # QKV at 512 33.4 -> 42.0) and with a GELU epilogue (single blocks' QKV+MLP 451.3 -> 552.0).
-PACKED_TILE_N = 128
+PACKED_TILE = 128  # kernels/sm90/packed_gemm.py's DEFAULT_CONFIG: weight rows and tokens (imported where Gluon runs)
 PACKED_WIDE_TOKENS = {"BM": 256, "STAGES": 4}
 
 
@@ -137,14 +137,14 @@ def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bo
     if has_gelu:
         return False
     def cost(tokens: int) -> int:  # waves of tiles, times each tile's tokens
-        return triton.cdiv(triton.cdiv(m, tokens) * triton.cdiv(n, PACKED_TILE_N), programs) * tokens
-    return cost(PACKED_WIDE_TOKENS["BM"]) <= cost(PACKED_TILE_N)
+        return triton.cdiv(triton.cdiv(m, tokens) * triton.cdiv(n, PACKED_TILE), programs) * tokens
+    return cost(PACKED_WIDE_TOKENS["BM"]) <= cost(PACKED_TILE)
 
 
 @functools.lru_cache(maxsize=None)
-def _packed_config(wide: bool, out_itemsize: int):
+def packed_gemm_config(wide: bool, out_itemsize: int):
     """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile fits in shared memory beside
-    the stages (not a float32 one), else the default."""
+    the stages (not a float32 one), else the default. Cached: int_gemm asks on every call."""
     from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
 
     config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
@@ -187,7 +187,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
         b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
         wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
         return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
-                                     _packed_config(wide, out_dtype.itemsize))
+                                     packed_gemm_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
                               persistent=persistent, warp_specialize=warp_specialize)

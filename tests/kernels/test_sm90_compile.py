@@ -137,6 +137,9 @@ def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype
     with pytest.raises(_ReachedLaunch):
         dispatch.int_gemm(torch.zeros(m, k, dtype=torch.int8), torch.ones(m),
                           [torch.zeros(n, k // 2, dtype=torch.int8)], [torch.ones(n)], [None], True, 256, out_dtype)
+    # dispatch's rule reads the default tile from its own copy: packed_gemm is imported only where Gluon runs
+    assert (packed_gemm.DEFAULT_CONFIG.BN, packed_gemm.DEFAULT_CONFIG.BM) == (dispatch.PACKED_TILE,) * 2
+    assert dispatch.packed_gemm_config(False, 2) is packed_gemm.DEFAULT_CONFIG
     (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
     assert compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
     assert (compiled.metadata.shared > 200_000) == (out_dtype == torch.bfloat16)  # the 256-token tile's stages
