@@ -31,9 +31,8 @@ smem_reinterpret = (_reinterpret_public if hasattr(gl.shared_memory_descriptor, 
 
 @gluon.jit
 def gelu_tanh(x):
-    """common.gelu_tanh's GPU form on float32, in its arithmetic: u = x (c + c' x^2), h = x / 2, h + h tanh(u) with
-    the hardware tanh (tanh.approx.f32; its error bound is discussed there)."""
-    u = x * (0.7978845608028654 + 0.035677408136300125 * (x * x))
+    """common.gelu_tanh's GPU form on float32: 0.5 x (1 + tanh(u)) with the hardware tanh (tanh.approx.f32;
+    its error bound is discussed there)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True, pack=1)
-    h = 0.5 * x
-    return h + h * t
+    return 0.5 * x * (1.0 + t)

@@ -136,7 +136,7 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: g
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
     sw = gl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    sx = gl.load(sx_ptr + rm, mask=rm < M, other=0.0) * 0.0625
+    sx = gl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     if HAS_BIAS:
         bias = gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     else:
@@ -147,12 +147,11 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: g
 @gluon.jit
 def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
               HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
-    """int_gemm._store_scaled's arithmetic on a [BN, BM] tile of C^T, with its results: acc x (token scale / 16)
-    x channel scale (+ bias), which rounds as (acc / 16) x token scale does (/ 16 is exact), GELU (hardware tanh)
-    on channels >= gelu_from; stored transposed through shared memory by TMA (which clips the tile at M and N).
-    ``sx`` comes divided by 16 from _epilogue_operands."""
+    """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
+    x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
+    transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
-    out = acc.to(gl.float32) * sx[None, :] * sw[:, None]
+    out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
         out += bias[:, None]
     if HAS_GELU:
