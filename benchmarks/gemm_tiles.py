@@ -54,8 +54,8 @@ def main() -> None:
         qx = torch.randint(-7, 8, (m, k), device="cuda", dtype=torch.int8, generator=g)
         qws = [pack_int4(torch.randint(-7, 8, (nj, k), device="cuda", dtype=torch.int8, generator=g), 256) for nj in ns]
         sx = torch.rand(m, device="cuda", generator=g) + 0.5
-        sw = [(torch.rand(nj, device="cuda", generator=g) + 0.5) * 1e-3 for nj in ns]
-        bias = [torch.randn(nj, device="cuda", generator=g).to(torch.bfloat16) for nj in ns]
+        sw = (torch.rand(n, device="cuda", generator=g) + 0.5) * 1e-3
+        bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
         ref = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from)
         out = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from, config=wide)
         picked = dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs)

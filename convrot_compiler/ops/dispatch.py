@@ -23,7 +23,7 @@ import triton
 
 from ..kernels.triton.common import interpreting
 from ..numerics.pca import PCAWeight
-from ..numerics.quant import TILE_K, QuantizedWeight, packed_layout
+from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
 
 # When Triton's persistent GEMM pays, measured on an H100:
@@ -183,8 +183,10 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
         from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
 
+        s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
+        b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
         wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        return packed_gemm_unchecked(qx, sx, qws, sws, biases, group_size, out_dtype, gelu_from,
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
                                      packed_gemm_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,

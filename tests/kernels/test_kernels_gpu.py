@@ -101,7 +101,7 @@ def test_packed_gemm_equals_the_unpack_path(k, n, m, out_dtype):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     ref = int_gemm(qx, sx, packed, sw, bias, True, 256, out_dtype)
     _poison_allocator()
-    out = packed_gemm(qx, sx, [packed], [sw], [bias], 256, out_dtype)
+    out = packed_gemm(qx, sx, [packed], sw, bias, 256, out_dtype)
     assert torch.equal(out, ref)
     assert torch.equal(dispatch.int_gemm(qx, sx, [packed], [sw], [bias], True, 256, out_dtype), ref)  # what runs
 

@@ -87,8 +87,8 @@ def test_packed_gemm_compiles_for_sm90(sm90):
     m, k = 256, 3072
     qws = [torch.zeros(384, k // 2, dtype=torch.int8), torch.zeros(256, k // 2, dtype=torch.int8)]
     _compiles(packed_gemm._packed_gemm_kernel, lambda: packed_gemm.packed_gemm_unchecked(
-        torch.zeros(m, k, dtype=torch.int8), torch.ones(m), qws, [torch.ones(384), torch.ones(256)],
-        [torch.zeros(384, dtype=torch.bfloat16), None], 256, torch.bfloat16, gelu_from=384))
+        torch.zeros(m, k, dtype=torch.int8), torch.ones(m), qws, torch.ones(640), torch.zeros(640, dtype=torch.bfloat16),
+        256, torch.bfloat16, gelu_from=384))
 
 
 @pytest.mark.parametrize("concatenation", [False, True])

@@ -337,7 +337,7 @@ def test_packed_gemm_refuses_what_it_cannot_run():
     sx, sw = torch.rand(4) + 0.1, torch.rand(16) + 0.1
     assert packed_gemm_sm90.supported(qx, [qw], 256, torch.float32) == "not a CUDA tensor"
     with pytest.raises(ValueError, match="use kernels.triton.int_gemm.int_gemm"):
-        packed_gemm_sm90.packed_gemm(qx, sx, [qw], [sw], [None], 256, torch.float32)
+        packed_gemm_sm90.packed_gemm(qx, sx, [qw], sw, None, 256, torch.float32)
     if interpreting():
         ref = custom_ops.int_gemm_reference(qx, sx, qw, sw, None, True, 256, torch.float32)
         out = dispatch.int_gemm(qx, sx, [qw], [sw], [None], True, 256, torch.float32)

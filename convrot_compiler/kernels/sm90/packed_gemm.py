@@ -129,37 +129,16 @@ def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, 
 
 
 @gluon.jit
-def _linear_of(row, sw_ptrs, bias_ptrs, starts, NUM_W: gl.constexpr):
-    """(channel scales, bias, first row) of the linear that holds weight row ``row`` (starts as in _load_weights)."""
-    sw0, sw1, sw2, sw3 = sw_ptrs
-    b0, b1, b2, b3 = bias_ptrs
-    n1, n2, n3 = starts
-    if NUM_W == 1:
-        sw, bias, first = sw0, b0, 0
-    elif row < n1:
-        sw, bias, first = sw0, b0, 0
-    elif NUM_W == 2 or row < n2:
-        sw, bias, first = sw1, b1, n1
-    elif NUM_W == 3 or row < n3:
-        sw, bias, first = sw2, b2, n2
-    else:
-        sw, bias, first = sw3, b3, n3
-    return sw, bias, first
-
-
-@gluon.jit
-def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptrs, bias_ptrs, starts, M, N, HAS_BIAS: gl.constexpr,
-                       NUM_W: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, layout: gl.constexpr):
-    """The channel scales, token scales and bias of tile (pid_n, pid_m), in the accumulator's slices, each
-    linear's read from its own vectors (no tile straddles two). Loaded as the tile starts, so that their latency
-    hides under its K loop instead of following its last MMA."""
-    sw_ptr, bias_ptr, first = _linear_of(pid_n * BN, sw_ptrs, bias_ptrs, starts, NUM_W)
+def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: gl.constexpr, BN: gl.constexpr,
+                       BM: gl.constexpr, layout: gl.constexpr):
+    """The channel scales, token scales and bias of tile (pid_n, pid_m), in the accumulator's slices. Loaded as the
+    tile starts, so that their latency hides under its K loop instead of following its last MMA."""
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
-    sw = gl.load(sw_ptr + (rn - first), mask=rn < N, other=0.0)
+    sw = gl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     sx = gl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     if HAS_BIAS:
-        bias = gl.load(bias_ptr + (rn - first), mask=rn < N, other=0.0).to(gl.float32)
+        bias = gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     else:
         bias = sw
     return sw, sx, bias
@@ -223,10 +202,9 @@ def _keep_alive(x):
 
 
 @gluon.jit
-def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptrs, bias_ptrs, starts,
-                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, NUM_W: gl.constexpr,
-                   GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr,
-                   num_warps: gl.constexpr):
+def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
@@ -243,8 +221,7 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
     i = 0
     for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-        sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptrs, bias_ptrs, starts, M, N, HAS_BIAS, NUM_W,
-                                          BN, BM, mma_layout)
+        sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM, mma_layout)
         # Two stages per iteration, so that their A registers are two sets (see _keep_alive): ptxas
         # waits for every MMA in flight before it overwrites an A register one of them reads. No
         # branch inside: ptxas also waits for every MMA at a join of paths that MMAs are in flight on.
@@ -268,8 +245,8 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
 
 
 @gluon.jit
-def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw0, sw1, sw2, sw3,
-                        b0, b1, b2, b3, M, N, K, n1, n2, n3, gelu_from,
+def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
+                        M, N, K, n1, n2, n3, gelu_from,
                         HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
@@ -280,9 +257,8 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready, empty = barrier_ring(STAGES)
     gl.warp_specialize([
-        (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, (sw0, sw1, sw2, sw3),
-                          (b0, b1, b2, b3), (n1, n2, n3), M, N, K, gelu_from, HAS_BIAS, HAS_GELU, NUM_W, GROUP_N,
-                          NUM_PROGRAMS, INSTR_N, num_warps)),
+        (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
         (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
                            ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
@@ -329,48 +305,35 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
     return None
 
 
-def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
-                biases: list[torch.Tensor | None], group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
+def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
+                bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
                 config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
-    quant.pack_int4's per-group layout) stacked along N, each with its channel scales ``sws[j]`` [N_j] and bias
-    ``biases[j]`` [N_j] or None; qx int8 [M, K] holding int4 values. The same arithmetic and results as
-    int_gemm(..., packed=True) without its unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check
-    ``supported`` first."""
+    quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
+    holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
     why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.triton.int_gemm.int_gemm")
     m, k = qx.shape
+    n = sum(w.shape[0] for w in qws)
     if any(w.shape[1] * 2 != k for w in qws) or k % group_size:
         raise ValueError(f"K mismatch: activations [{m}, {k}], packed weights {[tuple(w.shape) for w in qws]}, "
                          f"group {group_size}")
-    sizes = [w.shape[0] for w in qws]
-    if len(sws) != len(qws) or len(biases) != len(qws) or \
-            any(s.shape != (n,) or (b is not None and b.shape != (n,)) for s, b, n in zip(sws, biases, sizes)):
-        raise ValueError(f"one scale vector and one bias (or None) per weight, of shapes {sizes}")
+    if sw.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
-    return packed_gemm_unchecked(qx, sx, qws, sws, biases, group_size, out_dtype, gelu_from, config)
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
-def _bias_vectors(biases: list[torch.Tensor | None], sizes: list[int]) -> list[torch.Tensor] | None:
-    """One bias vector per weight in one dtype (zeros for a linear without one), or None when none has one."""
-    present = [b for b in biases if b is not None]
-    if not present:
-        return None
-    if len(present) == len(biases) and all(b.dtype == present[0].dtype for b in present):
-        return biases
-    return [b.to(present[0].dtype) if b is not None else present[0].new_zeros(n) for b, n in zip(biases, sizes)]
-
-
-def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
-                          biases: list[torch.Tensor | None], group_size: int, out_dtype: torch.dtype,
+def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
+                          bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
                           gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """packed_gemm without its checks, for a caller that has validated the operands and found
     ``supported`` None (int_gemm, on every call of a forward)."""
     m, k = qx.shape
-    sizes = [w.shape[0] for w in qws]
-    n = sum(sizes)
+    n = sum(w.shape[0] for w in qws)
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0 or n == 0:
         return c
@@ -381,18 +344,14 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
     x_desc = TensorDescriptor.from_tensor(qx, [cfg.BM, cfg.BKP], x_layout)
     w_descs = [TensorDescriptor.from_tensor(w, [cfg.BN, cfg.BKP], w_layout) for w in qws]
     w_descs += [w_descs[0]] * (MAX_WEIGHTS - len(w_descs))
-    pad = MAX_WEIGHTS - len(qws)
-    scales = list(sws) + [sws[0]] * pad
-    bias_vectors = _bias_vectors(biases, sizes)
-    bias_ptrs = (bias_vectors + [bias_vectors[0]] * pad) if bias_vectors is not None else scales
-    starts = [sum(sizes[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
+    starts = [sum(w.shape[0] for w in qws[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN], c_layout)
     programs = min(sm_count(qx.device), triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
-        *w_descs, x_desc, c_desc, sx, *scales, *bias_ptrs, m, n, k, *starts, gelu_from or 0,
-        HAS_BIAS=bias_vectors is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
+        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
+        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
         STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
         num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
