@@ -81,14 +81,20 @@ def _compiles(kernel, call) -> None:
     assert len(kernel.device_caches[0][0]) == 1  # one compiled specialization, cached
 
 
-def test_packed_gemm_compiles_for_sm90(sm90):
+@pytest.mark.parametrize("split", [1, 2])
+def test_packed_gemm_compiles_for_sm90(sm90, split):
+    """Both schedules: one accumulator per tile, and 256-token tiles as two accumulators (config SPLIT = 2)."""
+    import dataclasses
+
     from convrot_compiler.kernels.sm90 import packed_gemm
 
     m, k = 256, 3072
+    config = packed_gemm.DEFAULT_CONFIG if split == 1 else \
+        dataclasses.replace(packed_gemm.DEFAULT_CONFIG, BM=256, STAGES=4, SPLIT=2)
     qws = [torch.zeros(384, k // 2, dtype=torch.int8), torch.zeros(256, k // 2, dtype=torch.int8)]
     _compiles(packed_gemm._packed_gemm_kernel, lambda: packed_gemm.packed_gemm_unchecked(
         torch.zeros(m, k, dtype=torch.int8), torch.ones(m), qws, torch.ones(640), torch.zeros(640, dtype=torch.bfloat16),
-        256, torch.bfloat16, gelu_from=384))
+        256, torch.bfloat16, gelu_from=384, config=config))
 
 
 @pytest.mark.parametrize("concatenation", [False, True])
