@@ -206,19 +206,23 @@ def _keep_alive(x):
 
 
 @gluon.jit
-def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
-                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
+def _tile_counts(M, N, K, w_bufs, xlo_bufs):
+    """Tiles along N and M, and stages along K."""
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
+    return gl.cdiv(N, BN), gl.cdiv(M, BM), (K // 2) // BKP
+
+
+@gluon.jit
+def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, mma_layout: gl.constexpr):
+    BN: gl.constexpr = w_bufs.type.shape[1]
+    BM: gl.constexpr = xlo_bufs.type.shape[1]
     STAGES: gl.constexpr = w_bufs.type.shape[0]
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, INSTR_N, 32])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-    num_n = gl.cdiv(N, BN)
-    num_m = gl.cdiv(M, BM)
-    num_k = (K // 2) // BKP
+    num_n, num_m, num_k = _tile_counts(M, N, K, w_bufs, xlo_bufs)
     pid = gl.program_id(0)
 
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
@@ -268,22 +272,15 @@ def _issue_stage_halves(w_bufs, xlo_bufs, xhi_bufs, ready, acc0, acc1, i, use_ac
 @gluon.jit
 def _mma_partition_halves(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
                           M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr,
-                          GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, mma_layout: gl.constexpr):
     """_mma_partition with each tile's tokens in two accumulators (config SPLIT = 2): the weights are split once
     per stage for both, and each half's epilogue holds half the tile in float32 at a time."""
-    BN: gl.constexpr = w_bufs.type.shape[1]
-    BM: gl.constexpr = xlo_bufs.type.shape[1]
-    HALF_M: gl.constexpr = BM // 2
-    BKP: gl.constexpr = w_bufs.type.shape[2]
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, INSTR_N, 32])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-    num_n = gl.cdiv(N, BN)
-    num_m = gl.cdiv(M, BM)
-    num_k = (K // 2) // BKP
+    HALF_M: gl.constexpr = xlo_bufs.type.shape[1] // 2
+    num_n, num_m, num_k = _tile_counts(M, N, K, w_bufs, xlo_bufs)
     pid = gl.program_id(0)
+    BN: gl.constexpr = w_bufs.type.shape[1]
+    STAGES: gl.constexpr = w_bufs.type.shape[0]
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
 
     acc0 = gl.zeros([BN, HALF_M], gl.int32, layout=mma_layout)
     acc1 = gl.zeros([BN, HALF_M], gl.int32, layout=mma_layout)
@@ -329,19 +326,21 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready, empty = barrier_ring(STAGES)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
     # the same arguments either way (a tuple of them would not keep the constexprs)
     if SPLIT == 2:
         gl.warp_specialize([
             (_mma_partition_halves, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr,
                                      bias_ptr, M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS,
-                                     INSTR_N, num_warps)),
+                                     mma_layout)),
             (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs,
                                xhi_bufs, ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
         ], [1], [40])
     else:
         gl.warp_specialize([
             (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                              M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
+                              M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, mma_layout)),
             (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs,
                                xhi_bufs, ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
         ], [1], [40])
