@@ -149,3 +149,16 @@ def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype
     (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
     assert compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
     assert (compiled.metadata.shared > 200_000) == (out_dtype == torch.bfloat16)  # the 256-token tile's stages
+
+
+def test_dispatch_split_config_takes_256_tokens_for_either_output():
+    """The two-accumulator 256-token config (launch ``tile256x2``) fits a float32 output's tile too; the
+    one-accumulator form gives float32 back the default."""
+    from convrot_compiler.kernels.sm90 import packed_gemm
+    from convrot_compiler.ops import dispatch
+
+    for itemsize in (2, 4):
+        split = dispatch.packed_gemm_split_config(True, itemsize)
+        assert (split.BM, split.SPLIT) == (256, 2) and split.smem_bytes(itemsize) <= packed_gemm.SMEM_LIMIT
+    assert dispatch.packed_gemm_split_config(False, 2) is packed_gemm.DEFAULT_CONFIG
+    assert dispatch.packed_gemm_config(True, 4) is packed_gemm.DEFAULT_CONFIG
