@@ -198,6 +198,13 @@ def test_kernels_reject_bad_input(monkeypatch):
     q256 = torch.zeros(4, 256, dtype=torch.int8, device=DEV)
     with pytest.raises(TypeError, match="int8 activations"):
         int_gemm(q256.to(torch.float8_e4m3fn), s, q256, s, None, False, 256, torch.float32)
+    every_other = torch.ones(8, device=DEV)[::2]  # the kernels would read elements 0-3, not 0, 2, 4, 6
+    for sx, sw, bias, name in ((every_other, s, None, "activation scales"), (s, every_other, None, "weight scales"),
+                               (s, s, every_other, "bias")):
+        with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+            int_gemm(q256, sx, q256[:4], sw, bias, False, 256, torch.float32)
+        with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+            dispatch.int_gemm(q256, sx, [q256[:4]], [sw], [bias], False, 256, torch.float32)
     if DEV == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="CUDA tensors"):
