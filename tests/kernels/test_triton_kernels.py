@@ -205,6 +205,9 @@ def test_kernels_reject_bad_input(monkeypatch):
             int_gemm(q256, sx, q256[:4], sw, bias, False, 256, torch.float32)
         with pytest.raises(ValueError, match=f"{name} must be contiguous"):
             dispatch.int_gemm(q256, sx, [q256[:4]], [sw], [bias], False, 256, torch.float32)
+    qw = quantize_weight(torch.randn(4, 256) * 0.05, "w4a16", None, group_size=256)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        w4a16_gemm(torch.randn(1, 256, device=DEV), qw.values.to(DEV), qw.scale.to(DEV), every_other, 256)
     if DEV == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="CUDA tensors"):

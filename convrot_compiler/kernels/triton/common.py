@@ -69,6 +69,12 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
+def check_dense_vector(name: str, v: torch.Tensor) -> None:
+    """The kernels read a vector's element i at offset i: a strided view would be read wrong, not refused."""
+    if v.numel() > 1 and v.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {v.stride(0)}: pass .contiguous()")
+
+
 def check_2d_rows(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ...numerics.quant import concat_biases
-from .common import autotune_configs, check_2d_rows, check_device, gelu_tanh, interpreting, sm_count
+from .common import autotune_configs, check_2d_rows, check_dense_vector, check_device, gelu_tanh, interpreting, sm_count
 
 # (BN weight rows, BM tokens, BK, stages, warps)
 GEMM_TILES = [
@@ -201,12 +201,6 @@ def stacked_weights(qws: list[torch.Tensor], packed: bool, group_size: int) -> t
     return out
 
 
-def _check_dense(name: str, v: torch.Tensor) -> None:
-    """The kernels read a vector's element i at offset i: a strided view would be read wrong, not refused."""
-    if v.numel() > 1 and v.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous (stride 1), got stride {v.stride(0)}: pass .contiguous()")
-
-
 def check_gemm_operands(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
                         biases: list[torch.Tensor | None], packed: bool, group_size: int,
                         gelu_from: int | None) -> None:
@@ -231,15 +225,15 @@ def check_gemm_operands(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tens
             raise ValueError(f"weight scales must be float32 [N]={n}, got {tuple(s.shape)} {s.dtype}")
         if b is not None and b.shape != (n,):
             raise ValueError(f"bias must have shape [{n}], got {tuple(b.shape)}")
-        _check_dense("weight scales", s)
+        check_dense_vector("weight scales", s)
         if b is not None:
-            _check_dense("bias", b)
+            check_dense_vector("bias", b)
     if k % group_size or group_size % 256:
         raise ValueError(f"K={k} must be a multiple of group_size={group_size}, itself a multiple of 256: "
                          "pad K to the rotation group size")
     if sx.shape != (m,) or sx.dtype != torch.float32:
         raise ValueError(f"activation scales must be float32 [M]={m}, got {tuple(sx.shape)} {sx.dtype}")
-    _check_dense("activation scales", sx)
+    check_dense_vector("activation scales", sx)
     n = sum(w.shape[0] for w in qws)
     if gelu_from is not None and not 0 <= gelu_from <= n:
         raise ValueError(f"gelu_from must lie in [0, N={n}], got {gelu_from}")

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_2d_rows, check_device, interpreting
+from .common import autotune_configs, check_2d_rows, check_dense_vector, check_device, interpreting
 
 # The fastest launch configs of a sweep at FLUX's shapes (H100: M = 1
 # 3072->18432 30.2 us (1.80x bf16; 33.4 us before the nibble and scale tricks),
@@ -173,7 +173,7 @@ def _check(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.T
            bits: int) -> tuple[int, int, int, int]:
     """(m, k, n, bytes per weight row) of a weight-only GEMM's operands, checked."""
     name = f"w{bits}a16_gemm"
-    check_device(x, qw, scale)
+    check_device(x, qw, scale, *(() if bias is None else (bias,)))
     check_2d_rows("x", x)
     check_2d_rows("qw", qw)
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -192,6 +192,9 @@ def _check(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.T
                          f"{scale.dtype}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    check_2d_rows("scale", scale)
+    if bias is not None:
+        check_dense_vector("bias", bias)
     return m, k, n, kb
 
 
