@@ -462,6 +462,29 @@ def test_pca_gemm_kernel_matches_reference(dtype, m, n, rank, lo):
     assert torch.all((out - ref).abs() <= tol * (ref.abs() + ref.abs().mean())), (out - ref).abs().max()
 
 
+def test_pca_gemm_refuses_operands_its_kernels_would_read_wrong():
+    """A strided bias or scale columns, a bias of the wrong length and float64 scales are refused before the
+    kernel (which reads them at unit stride, and float32), with what is wrong; the same operands made dense run."""
+    from convrot_compiler.kernels.triton.pca import pca_gemm
+    from convrot_compiler.numerics.pca import int4_pack
+
+    m, n, rank, lo = 8, 16, 64, 128
+    z_hi, w_hi = torch.randn(m, rank, device=DEV), torch.randn(n, rank, device=DEV) * 0.1
+    q = torch.randint(-7, 8, (m, lo), dtype=torch.int8, device=DEV)
+    qw = pack_int4(torch.randint(-7, 8, (n, lo), dtype=torch.int8), int4_pack(lo, 64)).to(DEV)
+    sa, sw = torch.rand(m, lo // 64, device=DEV), torch.rand(n, lo // 64, device=DEV) * 0.01
+    bias = torch.randn(2 * n, device=DEV)
+    bad = {"bias must be contiguous": dict(bias=bias[::2]), r"bias must have shape \[16\]": dict(bias=bias),
+           "sa must have a contiguous last dimension": dict(sa=torch.rand(lo // 64, m, device=DEV).T),
+           "scales must be float32": dict(sw=sw.double())}
+    for message, change in bad.items():
+        operands = dict(z_hi=z_hi, q=q, sa=sa, w_hi=w_hi, qw=qw, sw=sw, bias=bias[:n])
+        operands.update(change)
+        with pytest.raises(ValueError, match=message):
+            pca_gemm(**operands, group_size=64)
+    assert pca_gemm(z_hi, q, sa, w_hi, qw, sw, bias[::2].contiguous(), 64).shape == (m, n)
+
+
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_gptq_column_kernel_equals_the_reference_in_float32(group_size):
     """Every operation of the kernel's column loop is rounded as torch rounds the reference's, so GPTQ with the

@@ -264,13 +264,9 @@ def pca_gemm_unchecked(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_
                        config: PcaGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """pca_gemm without ``supported``, for a caller that found it None (ops.dispatch, on every call); the operands'
     shapes, dtypes and bias are still checked."""
-    check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, group_size)
+    check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
     m, lo = q.shape
     n, r = w_hi.shape
-    if sa.dtype != torch.float32 or sw.dtype != torch.float32:
-        raise ValueError("scales must be float32")
-    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be contiguous [{n}], got {tuple(bias.shape)}")
     c = torch.empty(m, n, dtype=z_hi.dtype, device=q.device)
     if m == 0 or n == 0:
         return c

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...numerics.pca import int4_pack
-from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
+from .common import autotune_configs, check_2d_rows, check_dense_vector, check_device, interpreting, round_half_even
 
 _QUANT_GPU_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_stages=st, num_warps=w)
                       for bm, bk, st, w in [(128, 64, 4, 8), (128, 64, 3, 8), (64, 64, 4, 4)]]
@@ -181,9 +181,10 @@ def _scaled(acc, exact, sa_ptr, sw_ptr, rm64, rn64, mmask, nmask, stride_sam, st
 
 
 def check_gemm_operands(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
-                        sw: torch.Tensor, group_size: int) -> None:
-    """The shapes of pca_gemm's operands agree with one another, whichever kernel runs them."""
-    for name, t in (("q", q), ("qw", qw), ("w_hi", w_hi)):
+                        sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+    """pca_gemm's operands agree with one another and lie as the kernels read them (rows with a contiguous last
+    dimension, float32 scales, a contiguous bias [N]), whichever kernel runs them."""
+    for name, t in (("z_hi", z_hi), ("q", q), ("sa", sa), ("w_hi", w_hi), ("qw", qw), ("sw", sw)):
         check_2d_rows(name, t)
     m, lo = q.shape
     n, rank = w_hi.shape
@@ -192,14 +193,20 @@ def check_gemm_operands(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w
         raise ValueError(f"pca_gemm shapes disagree: z_hi {tuple(z_hi.shape)}, q {tuple(q.shape)}, "
                          f"sa {tuple(sa.shape)}, w_hi {tuple(w_hi.shape)}, qw {tuple(qw.shape)}, sw {tuple(sw.shape)}, "
                          f"group {group_size}")
+    if sa.dtype != torch.float32 or sw.dtype != torch.float32:
+        raise ValueError(f"pca_gemm's scales must be float32, got {sa.dtype} and {sw.dtype}")
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+        check_dense_vector("bias", bias)
 
 
 def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.Tensor, qw: torch.Tensor,
              sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """numerics.pca.pca_matmul on the GPU (or the interpreter): [M, N] in z_hi's dtype; ``qw`` packed as
     numerics.pca.int4_pack says."""
-    check_device(z_hi, q, sa, w_hi, qw, sw)
-    check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, group_size)
+    check_device(z_hi, q, sa, w_hi, qw, sw, *(() if bias is None else (bias,)))
+    check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
     m, lo = q.shape
     n, rank = w_hi.shape
     c = torch.empty(m, n, dtype=z_hi.dtype, device=q.device)
