@@ -31,10 +31,10 @@ def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config,
     return gpu
 
 
-def check_device(*tensors: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter. None (an absent bias) passes."""
     for t in tensors:
-        if t.device.type != "cuda" and not interpreting():
+        if t is not None and t.device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"a Triton kernel got a {t.device.type} tensor; pass CUDA tensors, use the reference ops "
                 "(convrot_compiler.ops) on CPU, or set TRITON_INTERPRET=1 to run the kernel in the interpreter")

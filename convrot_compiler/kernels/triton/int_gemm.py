@@ -208,7 +208,7 @@ def check_gemm_operands(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tens
     if not (len(qws) == len(sws) == len(biases) >= 1):
         raise ValueError(f"int_gemm takes as many weights, scales and biases, got {len(qws)}, {len(sws)}, "
                          f"{len(biases)}")
-    check_device(qx, sx, *qws, *sws, *(b for b in biases if b is not None))
+    check_device(qx, sx, *qws, *sws, *biases)
     check_2d_rows("qx", qx)
     for w in qws:
         check_2d_rows("qw", w)

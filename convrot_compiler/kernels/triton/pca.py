@@ -205,7 +205,7 @@ def pca_gemm(z_hi: torch.Tensor, q: torch.Tensor, sa: torch.Tensor, w_hi: torch.
              sw: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """numerics.pca.pca_matmul on the GPU (or the interpreter): [M, N] in z_hi's dtype; ``qw`` packed as
     numerics.pca.int4_pack says."""
-    check_device(z_hi, q, sa, w_hi, qw, sw, *(() if bias is None else (bias,)))
+    check_device(z_hi, q, sa, w_hi, qw, sw, bias)
     check_gemm_operands(z_hi, q, sa, w_hi, qw, sw, bias, group_size)
     m, lo = q.shape
     n, rank = w_hi.shape

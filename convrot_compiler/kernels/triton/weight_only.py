@@ -173,7 +173,7 @@ def _check(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.T
            bits: int) -> tuple[int, int, int, int]:
     """(m, k, n, bytes per weight row) of a weight-only GEMM's operands, checked."""
     name = f"w{bits}a16_gemm"
-    check_device(x, qw, scale, *(() if bias is None else (bias,)))
+    check_device(x, qw, scale, bias)
     check_2d_rows("x", x)
     check_2d_rows("qw", qw)
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
