@@ -109,12 +109,14 @@ def _sm90_runs(device: torch.device, unsupported: Callable[[], str | None], fall
     return why is None
 
 
-def use_sm90_rotate(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int) -> bool:
-    """Whether the sm_90 rotate+quantize kernel runs these activations."""
+def use_sm90_rotate(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int,
+                    e4m3_to: torch.dtype | None = None) -> bool:
+    """Whether the sm_90 rotate+quantize kernel runs these activations (``e4m3_to``: the dtype an e4m3 x widens
+    to)."""
     def unsupported():
         from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
 
-        return rotate_quant.supported(x, x2, h, group_size)
+        return rotate_quant.supported(x, x2, h, group_size, e4m3_to)
 
     return _sm90_runs((x if x is not None else x2).device, unsupported,
                       "rotate_quantize: the sm_90 kernel cannot take these activations ({why}); running the Triton "
@@ -176,15 +178,19 @@ def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, 
 
 
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int, *,
-                    x2: torch.Tensor | None = None, order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels.triton.rotate_quant.rotate_quantize, or the sm_90 kernel where ``use_sm90_rotate``."""
-    if use_sm90_rotate(x, x2, h, group_size):
-        from ..kernels.sm90.rotate_quant import rotate_quantize_sm90
-
-        return rotate_quantize_sm90(x, h, bits, x2=x2, order=order)
+                    x2: torch.Tensor | None = None, order: str = "natural", x_descale: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.triton.rotate_quant.rotate_quantize, or the sm_90 kernel where ``use_sm90_rotate``. ``x_descale``:
+    x is e4m3, widened to ``dtype`` (x2's by default) as it loads."""
+    from ..kernels.triton.rotate_quant import check_e4m3_rows
     from ..kernels.triton.rotate_quant import rotate_quantize as triton_rotate_quantize
 
-    return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order)
+    e4m3_to = None if x_descale is None or x is None else check_e4m3_rows(x, x_descale, dtype, x2)
+    if use_sm90_rotate(x, x2, h, group_size, e4m3_to):
+        from ..kernels.sm90.rotate_quant import rotate_quantize_sm90
+
+        return rotate_quantize_sm90(x, h, bits, x2=x2, order=order, x_descale=x_descale)
+    return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order, x_descale=x_descale, dtype=dtype)
 
 
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],

@@ -309,6 +309,26 @@ def test_mma_order_is_the_natural_order_permuted_at_flux_shapes(kernel, k1):
 
 
 @sm90
+@pytest.mark.parametrize("m,k1,k2,order", [(4608, 3072, 0, "mma"), (4096, 3072, 0, "natural"), (37, 3072, 0, "mma"),
+                                          (4608, 3072, 12288, "mma"), (300, 1024, 2048, "natural")])
+def test_sm90_rotate_quantize_of_e4m3_rows_equals_their_dequantized_rows(m, k1, k2, order):
+    """fp8 attention's output read as it is (x_descale): FLUX's to_out (K = 3072, one box, kept in registers)
+    and proj_out (3072 of e4m3 before the GELU's 12288, rotated twice) bit for bit the kernel on the rows
+    dequantize_e4m3 writes, and dispatch's choice the same."""
+    from convrot_compiler.numerics.fp8_attention import dequantize_e4m3, quantize_e4m3
+
+    x8, descale = quantize_e4m3(_dit_activations(m, k1))
+    x2 = _dit_activations(m, 21504)[:, 21504 - k2:] if k2 else None
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = rotate_quantize_sm90(dequantize_e4m3(x8, descale, torch.bfloat16), h, 4, x2=x2, order=order)
+    _poison_allocator()
+    q, s = rotate_quantize_sm90(x8, h, 4, x2=x2, order=order, x_descale=descale)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q, s = rotate_quantize(x8, h, 256, 4, x2=x2, order=order, x_descale=descale, dtype=torch.bfloat16)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@sm90
 def test_sm90_rotate_quantize_says_where_it_cannot_run():
     """A width off the 256-channel grid: the Gluon kernel's check says why, and dispatch warns and runs the
     Triton kernel."""

@@ -97,14 +97,17 @@ def test_packed_gemm_compiles_for_sm90(sm90, split):
         256, torch.bfloat16, gelu_from=384, config=config))
 
 
+@pytest.mark.parametrize("e4m3", [False, True])
 @pytest.mark.parametrize("concatenation", [False, True])
-def test_rotate_quantize_compiles_for_sm90(sm90, concatenation):
+def test_rotate_quantize_compiles_for_sm90(sm90, concatenation, e4m3):
+    """Both of FLUX's forms (3072 channels; 3072 + 12288 concatenated), x in bf16 or as fp8 attention's e4m3 output."""
     from convrot_compiler.kernels.sm90 import rotate_quant
 
-    x = torch.zeros(64, 3072, dtype=torch.bfloat16)
+    x = torch.zeros(64, 3072, dtype=torch.float8_e4m3fn if e4m3 else torch.bfloat16)
     x2 = torch.zeros(64, 12288, dtype=torch.bfloat16) if concatenation else None
     _compiles(rotate_quant._rotate_quant_sm90_kernel, lambda: rotate_quant.rotate_quantize_sm90(
-        x, torch.ones(16, 16, dtype=torch.bfloat16), 4, x2=x2, order="mma"))
+        x, torch.ones(16, 16, dtype=torch.bfloat16), 4, x2=x2, order="mma",
+        x_descale=torch.ones(1) if e4m3 else None))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -233,6 +233,48 @@ def test_rotate_quantize_reads_a_concatenation_from_both_parts(bits):
     assert torch.equal(q_op, q_ref) and torch.equal(s_op, s_ref)
 
 
+@pytest.mark.parametrize("order", ["natural", "mma"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k2", [0, 744])
+def test_rotate_quantize_of_e4m3_rows_equals_their_dequantized_rows(k2, dtype, order):
+    """x in e4m3 with its descale (fp8 attention's output) is widened as it loads, by dequantize_e4m3's rounding:
+    bit for bit the kernel on the dequantized rows and the custom op's reference, alone and concatenated with a
+    16-bit x2 (a column slice, K off the group grid)."""
+    from convrot_compiler.numerics.fp8_attention import dequantize_e4m3, quantize_e4m3
+
+    g = torch.Generator().manual_seed(31 + k2)
+    h = hadamard_matrix("regular", 16)
+    x8, descale = quantize_e4m3(torch.randn(5, 512, generator=g) * 7)
+    wide = (torch.randn(5, 1000, generator=g) * 3).to(dtype)
+    x2 = wide[:, 1000 - k2:] if k2 else None
+    x = dequantize_e4m3(x8, descale, dtype)
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    q_ref, s_ref = rotate_quantize(dev(x), dev(h), 256, 4, x2=dev(x2), order=order)
+    q, s = rotate_quantize(dev(x8), dev(h), 256, 4, x2=dev(x2), order=order, x_descale=dev(descale), dtype=dtype)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q_op, s_op = custom_ops.rotate_quantize_e4m3(x8, descale, x2, h, 256, 4, order, dtype)
+    q_cat, s_cat = custom_ops.rotate_quantize_cat(x, x2, h, 256, 4, order) if k2 else custom_ops.rotate_quantize(
+        x, h, 256, 4, order)
+    assert torch.equal(q_op, q_cat) and torch.equal(s_op, s_cat)
+    torch.testing.assert_close(s.cpu(), s_cat, rtol=1e-6, atol=0)
+
+
+def test_rotate_quantize_of_e4m3_rows_says_what_it_needs():
+    x8 = torch.zeros(3, 256, dtype=torch.float8_e4m3fn, device=DEV)
+    one = torch.ones(1, device=DEV)
+    with pytest.raises(TypeError, match="must be float8_e4m3fn"):
+        rotate_quantize(x8.bfloat16(), None, 256, 4, x_descale=one, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one float32 value"):
+        rotate_quantize(x8, None, 256, 4, x_descale=torch.ones(2, device=DEV), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="widens to dtype"):
+        rotate_quantize(x8, None, 256, 4, x_descale=one)
+    with pytest.raises(ValueError, match="widens to dtype"):
+        rotate_quantize(x8, None, 256, 4, x2=torch.zeros(3, 256, device=DEV).half(), x_descale=one,
+                        dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="e4m3 with x_descale"):
+        rotate_quantize(x8, None, 256, 4)
+
+
 def test_rotate_quantize_rejects_a_concatenation_off_the_group_grid():
     x1, x2 = torch.randn(3, 100).bfloat16(), torch.randn(3, 256).bfloat16()
     with pytest.raises(ValueError, match="multiple of group_size=256"):

@@ -138,28 +138,65 @@ def _max_nan(a, b):
 
 
 @gluon.jit
-def _load_row(x_desc, x2_desc, xs_tma, bars, LOADS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr):
+def _load_x_box(x_desc, xs_tma, x8s, bar, i, g, X_E4M3: gl.constexpr):
+    """Box i (from group g) of x: into the row, or X_E4M3: into x8s, in e4m3, to be widened (_widen_box)."""
+    BOX: gl.constexpr = xs_tma.shape[2]
+    row = gl.program_id(0)
+    if X_E4M3:
+        mbarrier.expect(bar, BOX * GROUP)
+        tma_load(x_desc, [row, g, 0], bar, x8s.index(i))
+    else:
+        mbarrier.expect(bar, BOX * GROUP * 2)
+        tma_load(x_desc, [row, g, 0], bar, xs_tma.index(i))
+
+
+@gluon.jit
+def _load_row(x_desc, x2_desc, xs_tma, x8s, bars, LOADS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr,
+              ALL_X: gl.constexpr, X_E4M3: gl.constexpr):
     """TMA loads of the whole row, LOADS boxes [1, BOX, 256], each with its mbarrier (one elected thread issues
-    them; a box never straddles GROUPS1)."""
+    them; a box never straddles GROUPS1). ALL_X: every box is x's (x2_desc is not read: it may be x's e4m3)."""
     row = gl.program_id(0)
     for i in range(LOADS):
         bar = bars.index(i)
-        mbarrier.expect(bar, BOX * GROUP * 2)
         g = i * BOX
-        if g < GROUPS1:
-            tma_load(x_desc, [row, g, 0], bar, xs_tma.index(i))
+        if ALL_X:
+            _load_x_box(x_desc, xs_tma, x8s, bar, i, g, X_E4M3)
+        elif g < GROUPS1:
+            _load_x_box(x_desc, xs_tma, x8s, bar, i, g, X_E4M3)
         else:
+            mbarrier.expect(bar, BOX * GROUP * 2)
             tma_load(x2_desc, [row, g - GROUPS1, 0], bar, xs_tma.index(i))
 
 
 @gluon.jit
-def _landed_step(xs, bars, step, h_a, h_b, amax_t, BOX: gl.constexpr, layout: gl.constexpr,
-                 b_layout: gl.constexpr):
-    """Pass 1 on one step: wait for its groups' box, rotate them, fold |y| into the running max. Returns (y, max)."""
+def _widen_box(x8s, xs_tma, i, descale, num_warps: gl.constexpr):
+    """Box i of e4m3 values, times the descale, into the bf16 row in shared memory (dequantize_e4m3's numerics:
+    e4m3 to float32 is exact, one product and one rounding), behind a CTA barrier."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [1, num_warps, 1], [2, 1, 0])
+    v = x8s.index(i).load(layout)
+    xs_tma.index(i).store((v.to(gl.float32) * descale).to(gl.bfloat16))
+    thread_barrier()
+
+
+@gluon.jit
+def _box_landed(bars, box, step, wide, num_warps: gl.constexpr):
+    """Wait for a box; widen it where it holds e4m3 x (``wide``: (x8s, xs_tma, descale, GROUPS1), or None)."""
+    mbarrier.wait(bars.index(box), 0)
+    if wide is not None:
+        x8s, xs_tma, descale, GROUPS1 = wide
+        if step * GROUPS_PER_STEP < GROUPS1:
+            _widen_box(x8s, xs_tma, box, descale, num_warps)
+
+
+@gluon.jit
+def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, BOX: gl.constexpr, layout: gl.constexpr,
+                 b_layout: gl.constexpr, num_warps: gl.constexpr):
+    """Pass 1 on one step: wait for its groups' box (and widen it, where it is e4m3), rotate them, fold |y| into
+    the running max. ``wide``: (x8s, xs_tma, descale, GROUPS1) of an e4m3 x, or None. Returns (y, max)."""
     if BOX == GROUPS_PER_STEP:
-        mbarrier.wait(bars.index(step), 0)
+        _box_landed(bars, step, step, wide, num_warps)
     elif (step * GROUPS_PER_STEP) % BOX == 0:  # the box's first step; a wait per step costs a CTA barrier
-        mbarrier.wait(bars.index((step * GROUPS_PER_STEP) // BOX), 0)
+        _box_landed(bars, (step * GROUPS_PER_STEP) // BOX, step, wide, num_warps)
     y = _rotate(_load_step(xs, step, b_layout), h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
@@ -188,7 +225,7 @@ def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp
 
 
 @gluon.jit
-def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
+def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
                   QMAX: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
                   num_warps: gl.constexpr):
     """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store).
@@ -209,16 +246,16 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
     if KEEP:
         gl.static_assert(STEPS <= 4, "KEEP holds at most 4 steps")
-        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, BOX, mma, b_layout)
+        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
         if STEPS > 1:
-            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, BOX, mma, b_layout)
+            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
         if STEPS > 2:
-            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, BOX, mma, b_layout)
+            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
         if STEPS > 3:
-            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, BOX, mma, b_layout)
+            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
     else:
         for step in range(STEPS):
-            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, BOX, mma, b_layout)
+            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
 
     # each warp's max, then across warps through shared memory behind one barrier (the generic reduction
     # over the warps' axis took two)
@@ -264,16 +301,24 @@ def _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.conste
 
 
 @gluon.jit
-def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, kp,
+def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr, stride_qm, kp,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              X_E4M3: gl.constexpr, num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc; STEPS steps of NB
     groups cover the padded row (TMA reads zeros past either tensor's end;
-    MASKED: the last step reaches past the row's padded width kp, whose groups are not stored)."""
+    MASKED: the last step reaches past the row's padded width kp, whose groups are not stored).
+    X_E4M3: x_desc's rows are e4m3, widened to bf16 by *descale_ptr in shared memory as their boxes land."""
     NB: gl.constexpr = GROUPS_PER_STEP
     LOADS: gl.constexpr = (STEPS * NB + BOX - 1) // BOX
-    xs_tma = gl.allocate_shared_memory(gl.bfloat16, [LOADS, 1, BOX, GROUP], x_desc.layout)
+    row_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    xs_tma = gl.allocate_shared_memory(gl.bfloat16, [LOADS, 1, BOX, GROUP], row_layout)
+    if X_E4M3:
+        x8s = gl.allocate_shared_memory(gl.float8e4nv, [(GROUPS1 + BOX - 1) // BOX, 1, BOX, GROUP], x_desc.layout)
+        wide = (x8s, xs_tma, gl.load(descale_ptr), GROUPS1)
+    else:
+        x8s = xs_tma
+        wide = None
     bars = gl.allocate_shared_memory(gl.int64, [LOADS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(LOADS):
         mbarrier.init(bars.index(i), count=1)
@@ -281,17 +326,20 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, stride_qm, k
     xs = smem_reinterpret(xs_tma, gl.bfloat16, [LOADS * BOX // NB, NB, 16, 16], plain)  # step slots
     fence_async_shared()
     thread_barrier()  # the barriers are initialized before any warp waits on one
-    _load_row(x_desc, x2_desc, xs_tma, bars, LOADS, BOX, GROUPS1)
-    _quantize_row(xs, bars, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, QMAX, MASKED, KEEP, MMA_ORDER, num_warps)
+    _load_row(x_desc, x2_desc, xs_tma, x8s, bars, LOADS, BOX, GROUPS1, GROUPS1 >= STEPS * NB, X_E4M3)
+    _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, QMAX, MASKED, KEEP, MMA_ORDER,
+                  num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
     # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
     xs_tma._keep_alive()
+    x8s._keep_alive()
     bars._keep_alive()
 
 
-def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int) -> str | None:
+def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int,
+              e4m3_to: torch.dtype | None = None) -> str | None:
     """None when rotate_quantize_sm90 can take these activations (rotate_quant.rotate_quantize's
-    x, x2, h and group_size), else why not."""
+    x, x2, h and group_size; ``e4m3_to``: the dtype an e4m3 x widens to, None for 16-bit x), else why not."""
     srcs = [t for t in (x, x2) if t is not None]
     if any(t.device.type != "cuda" for t in srcs):
         return "not a CUDA tensor"
@@ -299,9 +347,11 @@ def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor |
         return "the Gluon kernel is for sm_90 only"
     if group_size != GROUP_SIZE or h is None or tuple(h.shape) != (16, 16):
         return "only the 256-channel groups' Kronecker form is implemented"
-    if any(t.dtype != torch.bfloat16 for t in srcs):
+    if e4m3_to is not None and e4m3_to != torch.bfloat16:
+        return f"e4m3 activations widen to bf16 here, not {e4m3_to}"
+    if any(t.dtype != torch.bfloat16 for t in srcs if t is not x or e4m3_to is None):
         return "activations are not bf16"
-    if any(t.stride(1) != 1 or (t.stride(0) * 2) % 16 or t.data_ptr() % 16 for t in srcs):
+    if any(t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16 for t in srcs):
         return "rows not 16-byte aligned with unit column stride (TMA)"
     if any(t.shape[1] % GROUP_SIZE for t in srcs):
         return f"a width is not a multiple of {GROUP_SIZE} (the TMA boxes are whole groups)"
@@ -310,24 +360,27 @@ def supported(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor |
         return f"the first part of the concatenation is not a multiple of {STEP_GROUPS * GROUP_SIZE} channels"
     k = sum(t.shape[1] for t in srcs)
     steps = triton.cdiv(triton.cdiv(k, GROUP_SIZE), STEP_GROUPS)
-    if steps * STEP_GROUPS * GROUP_SIZE * 2 + 8 * steps > SMEM_LIMIT:
+    e4m3_bytes = x.shape[1] if e4m3_to is not None else 0
+    if steps * STEP_GROUPS * GROUP_SIZE * 2 + e4m3_bytes + 8 * steps > SMEM_LIMIT:
         return f"a row of {k} channels does not fit in shared memory"
     return None
 
 
 def _group_descriptor(t: torch.Tensor, box: int) -> TensorDescriptor:
-    """TMA descriptor of rows [M, K] viewed as [M, K / 256, 256], boxes of ``box`` groups."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    """TMA descriptor of rows [M, K] (bf16, or e4m3) viewed as [M, K / 256, 256], boxes of ``box`` groups."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(), rank=3)
     groups = t.unflatten(1, (t.shape[1] // GROUP_SIZE, GROUP_SIZE))
     return TensorDescriptor.from_tensor(groups, [1, box, GROUP_SIZE], layout)
 
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, x2: torch.Tensor | None = None,
-                         keep: bool | None = None, one_box: bool | None = None,
-                         order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+                         keep: bool | None = None, one_box: bool | None = None, order: str = "natural",
+                         x_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments, same numerics. Check ``supported`` first (ops/dispatch.py does, and
     runs the Triton kernel where this one cannot).
+    ``x_descale``: x is e4m3 (fp8 attention's output), widened to bf16 by it in shared memory as it lands: the
+    16-bit copy is never written to memory.
     ``order``: the values' channel order within each group, "natural" or "mma" (quant.mma_channel_order: each
     lane's 8 values of a step go out in one 8-byte store instead of 8 byte stores 16 bytes apart, a quarter
     of a sector each; what the compiler picks on sm_90, dispatch.act_order_for).
@@ -364,7 +417,7 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     # is already on the device in the activations' dtype, so nothing is copied per call
     h = h.to(device=first.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, scale, q.stride(0), k, STEPS=steps, BOX=box, GROUPS1=groups1,
-        QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
-        MMA_ORDER=order == "mma", num_warps=WARPS)
+        desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, STEPS=steps, BOX=box,
+        GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
+        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, num_warps=WARPS)
     return q, scale

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...numerics.quant import check_act_order
-from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even
+from .common import autotune_configs, check_2d_rows, check_device, interpreting, round_half_even, round_to_float_grid
 
 METHOD_NONE, METHOD_DENSE, METHOD_KRON = 0, 1, 2
 
@@ -81,25 +81,42 @@ def _repeat_each(v, N: tl.constexpr, REPS: tl.constexpr):
 
 
 @triton.jit
-def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G: tl.constexpr, TWO_SOURCES: tl.constexpr, CH: tl.constexpr):
+def _load_x(ptrs, mask, descale, X_E4M3: tl.constexpr, WIDE: tl.constexpr, GPU_MATH: tl.constexpr):
+    """x's values: as stored, or X_E4M3: e4m3 times its descale, rounded to WIDE (dequantize_e4m3's numerics;
+    the interpreter's casts to bf16 and fp16 truncate, so there the rounding is spelled out)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if X_E4M3:
+        x = x.to(tl.float32) * descale
+        if not GPU_MATH:
+            if WIDE == tl.bfloat16:
+                x = round_to_float_grid(x, 2.0 ** -7, 2.0 ** -133)
+            elif WIDE == tl.float16:
+                x = round_to_float_grid(x, 2.0 ** -10, 2.0 ** -24)
+        x = x.to(WIDE)
+    return x
+
+
+@triton.jit
+def _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, descale, G: tl.constexpr, TWO_SOURCES: tl.constexpr,
+                CH: tl.constexpr, X_E4M3: tl.constexpr, WIDE: tl.constexpr, GPU_MATH: tl.constexpr):
     """Step g of the rows: groups g * CH .. g * CH + CH - 1 (cols: arange(CH * G)); channels past K
     read as zeros. TWO_SOURCES: channels [0, K1) from x, channels [K1, K) from x2, so that cat([x, x2])
     (or x2 alone, K1 = 0) is never written to memory; K1 is a multiple of G (a step of several groups
-    may straddle it)."""
+    may straddle it). X_E4M3: x holds e4m3 values, widened as they load (_load_x)."""
     k = g * (CH * G) + cols
     if TWO_SOURCES:
         if CH == 1:
             if g * G < K1:
-                x = tl.load(x_rows + k[None, :], mask=rmask[:, None], other=0.0)
+                x = _load_x(x_rows + k[None, :], rmask[:, None], descale, X_E4M3, WIDE, GPU_MATH)
             else:
                 x = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
         else:
             first = k[None, :] < K1
-            xa = tl.load(x_rows + k[None, :], mask=rmask[:, None] & first, other=0.0)
+            xa = _load_x(x_rows + k[None, :], rmask[:, None] & first, descale, X_E4M3, WIDE, GPU_MATH)
             xb = tl.load(x2_rows + (k - K1)[None, :], mask=rmask[:, None] & ~first & (k[None, :] < K), other=0.0)
             x = tl.where(first, xa, xb)
     else:
-        x = tl.load(x_rows + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
+        x = _load_x(x_rows + k[None, :], rmask[:, None] & (k[None, :] < K), descale, X_E4M3, WIDE, GPU_MATH)
     return x
 
 
@@ -169,18 +186,20 @@ def _prune(configs, named_args, **kwargs):
         _config(8, 2, 4, 1),  # the interpreter: two groups per step, so that the CPU tests run that path
         quick=_config(2, 1, 2, 3),
     ),
-    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "SMALL_M"],
+    key=["K", "G", "METHOD", "QMAX", "TWO_SOURCES", "SMALL_M", "X_E4M3"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
-def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm, stride_x2m, stride_qm,
-                         G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr, TWO_SOURCES: tl.constexpr,
-                         DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr, SMALL_M: tl.constexpr, MMA_ORDER: tl.constexpr,
+def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, descale_ptr, M, K, K1, stride_xm, stride_x2m,
+                         stride_qm, G: tl.constexpr, METHOD: tl.constexpr, QMAX: tl.constexpr,
+                         TWO_SOURCES: tl.constexpr, DOT_F32: tl.constexpr, GPU_MATH: tl.constexpr,
+                         SMALL_M: tl.constexpr, MMA_ORDER: tl.constexpr, X_E4M3: tl.constexpr, WIDE: tl.constexpr,
                          BM: tl.constexpr, CH: tl.constexpr):
     """BM rows per program, CH groups of each per step: a step's tile is [BM * CH, G], tile row r * CH + c
     holding group c of row r. SMALL_M only selects the configs (see _prune). MMA_ORDER (Kronecker form):
-    each group's values go out in quant.mma_channel_order."""
+    each group's values go out in quant.mma_channel_order. X_E4M3: x is e4m3, times *descale_ptr, in WIDE."""
     pid = tl.program_id(0)
+    descale = tl.load(descale_ptr) if X_E4M3 else 1.0
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, CH * G)
@@ -197,7 +216,7 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
     else:
         amax_t = tl.zeros([R, G], dtype=tl.float32)
     for g in range(0, n_steps):
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, CH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, descale, G, TWO_SOURCES, CH, X_E4M3, WIDE, GPU_MATH)
         y = _rotate_group(tl.reshape(x, (R, G)), h_ptr, R, G, METHOD, DOT_F32)
         # a non-finite input rotates to inf or NaN (as in the reference, which checks the rotated
         # row): keep NaN through the max, then one check per element after the loop
@@ -236,15 +255,35 @@ def _rotate_quant_kernel(x_ptr, x2_ptr, h_ptr, q_ptr, s_ptr, M, K, K1, stride_xm
         q_t_ptrs = (q_ptr + row_t[:, None].to(tl.int64) * stride_qm + (c_t * G)[:, None]
                     + tl.arange(0, G)[None, :])
     for g in range(0, n_steps):
-        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, G, TWO_SOURCES, CH)
+        x = _load_group(x_rows, x2_rows, g, cols, rmask, K, K1, descale, G, TWO_SOURCES, CH, X_E4M3, WIDE, GPU_MATH)
         y = _rotate_group(tl.reshape(x, (R, G)), h_ptr, R, G, METHOD, DOT_F32)
         # stored from the Kronecker order through strided addresses: no permute
         q = _quantize_tile(y, p_t, s_t, inv_t, usable_t, QMAX, GPU_MATH).to(q_ptr.dtype.element_ty)
         tl.store(q_t_ptrs + g * (CH * G), q, mask=((row_t < M) & (g * CH + c_t < n_groups))[:, None])
 
 
+_WIDE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def check_e4m3_rows(x: torch.Tensor, x_descale: torch.Tensor, dtype: torch.dtype | None,
+                    x2: torch.Tensor | None) -> torch.dtype:
+    """The dtype e4m3 rows ``x`` widen to (``dtype``, or x2's), after checking x is e4m3 and ``x_descale`` one
+    float32 value on x's device; raises what to fix otherwise."""
+    if x.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"x_descale is given, so x must be float8_e4m3fn, got {x.dtype}")
+    if x_descale.numel() != 1 or x_descale.dtype != torch.float32 or x_descale.device != x.device:
+        raise ValueError(f"x_descale must be one float32 value on {x.device}, got {x_descale.dtype} "
+                         f"{tuple(x_descale.shape)} on {x_descale.device}")
+    wide = dtype if dtype is not None else None if x2 is None else x2.dtype
+    if wide is None or wide not in _WIDE or (x2 is not None and x2.dtype != wide):
+        raise ValueError(f"e4m3 x widens to dtype (bf16, fp16 or fp32), x2's dtype if x2 is given; got dtype {dtype} "
+                         f"and x2 {None if x2 is None else x2.dtype}")
+    return wide
+
+
 def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: int, bits: int, *,
-                    x2: torch.Tensor | None = None, order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+                    x2: torch.Tensor | None = None, order: str = "natural", x_descale: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [M, K] activations group-wise and quantize each row symmetrically.
 
     ``h``: the [G, G] rotation, its [16, 16] Kronecker square root when G = 256
@@ -256,11 +295,16 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     writing the concatenation out first. x2 may be a column slice (row stride larger than its width), e.g.
     of a fused GEMM's output.
 
+    ``x_descale``: x is float8_e4m3fn (fp8 attention's output) and its values are
+    ``dequantize_e4m3(x, x_descale, dtype)``, widened as they load; ``dtype`` defaults to x2's.
+
     ``order``: the values' channel order within each group, ``"natural"`` or ``"mma"``
     (quant.mma_channel_order: what the sm_90 kernel stores with whole sectors; 256-channel groups with
     the Kronecker factor h).
     """
     check_act_order(order, group_size)
+    if x_descale is not None and x is None:
+        raise ValueError("x_descale scales x, which is None")
     if x2 is not None:
         check_device(x2)
         check_2d_rows("x2", x2)
@@ -268,7 +312,7 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
             x, x2, k1 = x2, None, 0
         else:
             k1 = x.shape[1]
-            if x.dtype != x2.dtype or x.shape[0] != x2.shape[0] or k1 % group_size:
+            if (x.dtype != x2.dtype and x_descale is None) or x.shape[0] != x2.shape[0] or k1 % group_size:
                 raise ValueError(f"cat([x, x2]) needs one dtype, as many rows, and x's width a multiple of "
                                  f"group_size={group_size}; got {x.dtype} {tuple(x.shape)} and {x2.dtype} "
                                  f"{tuple(x2.shape)}")
@@ -276,8 +320,9 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
         raise ValueError("rotate_quantize needs x (or x2)")
     check_device(x)
     check_2d_rows("x", x)
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations, got {x.dtype}")
+    act_dtype = x.dtype if x_descale is None else check_e4m3_rows(x, x_descale, dtype, x2)
+    if act_dtype not in _WIDE:
+        raise TypeError(f"rotate_quantize takes bf16, fp16 or fp32 activations (e4m3 with x_descale), got {x.dtype}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size < 16 or group_size & (group_size - 1):
@@ -294,8 +339,8 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
                          f"got {tuple(h.shape)} for G = {group_size}")
     if order == "mma" and method != METHOD_KRON:
         raise ValueError("order='mma' needs the rotation's [16, 16] Kronecker factor h (groups of 256)")
-    dot_f32 = interpreting() or x.dtype == torch.float32
-    h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else x.dtype).contiguous()
+    dot_f32 = interpreting() or act_dtype == torch.float32
+    h = h.to(device=x.device, dtype=torch.float32 if dot_f32 else act_dtype).contiguous()
     m = x.shape[0]
     k = x.shape[1] if x2 is None else k1 + x2.shape[1]
     kp = -(-k // group_size) * group_size
@@ -306,8 +351,9 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
     two = x2 is not None
     x2 = x if x2 is None else x2
-    _rotate_quant_kernel[grid](x, x2, h, q, scale, m, k, k1 if two else 0, x.stride(0), x2.stride(0), q.stride(0),
+    _rotate_quant_kernel[grid](x, x2, h, q, scale, scale if x_descale is None else x_descale, m, k,
+                               k1 if two else 0, x.stride(0), x2.stride(0), q.stride(0),
                                G=group_size, METHOD=method, QMAX=7 if bits == 4 else 127, TWO_SOURCES=two,
                                DOT_F32=dot_f32, GPU_MATH=not interpreting(), SMALL_M=m <= SMALL_M,
-                               MMA_ORDER=order == "mma")
+                               MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, WIDE=_WIDE[act_dtype])
     return q, scale
