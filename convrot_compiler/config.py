@@ -55,6 +55,7 @@ class ConvRotConfig:
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     attention_scales: str = "bound"      # fp8 Q and K scaled by a bound proven from their RMSNorm, or "absmax"
     fuse_attention_prologue: bool = True  # fp8 Q, K by bound: their RMSNorm, RoPE and cast as one kernel
+    fuse_attention_output: bool = True   # fp8 attention's e4m3 output read as it is by the next rotate+quantize
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 
     release_weights: bool = True         # free the float storage of quantized weights
@@ -98,6 +99,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
+                    "fuse_attention_output",
                     "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")

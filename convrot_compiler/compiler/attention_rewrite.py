@@ -4,7 +4,8 @@ Each eligible ``F.scaled_dot_product_attention(q, k, v)`` becomes the fp8 form t
 ``ops.fp8_scaled_dot_product_attention`` defines (eager models run it too):
 
     q8, dq = quantize_e4m3(q, bq); k8, dk = quantize_e4m3(k, bk)
-    o = fp8_attention_from_e4m3(q8, dq, k8, dk, v, scale)   # V by its absmax, convrot::fp8_attention, dequantize
+    o8, dv = fp8_attention_e4m3_output(q8, dq, k8, dk, v, scale)   # V by its absmax, convrot::fp8_attention
+    o = dequantize_e4m3(o8, dv, v.dtype)
 
 ``bq``, ``bk``: bounds on |Q| and |K| proven from the graph (value_bounds: FLUX's Q and K come out of an RMSNorm,
 then RoPE), computed from the norm weights at every call; without one (option ``attention_scales="absmax"``,
@@ -13,7 +14,8 @@ The quantizations and the dequantization are plain torch ops, so Inductor, traci
 fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the reshape after); only the
 attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
 RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
-``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``).
+``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``). Where ``o`` feeds quantized linears, they read
+``o8`` instead (attention_output.py, option ``fuse_attention_output``).
 An attention that cannot run in fp8 keeps its op, and its decision says why.
 """
 
@@ -27,8 +29,8 @@ import torch
 from torch import fx
 
 from ..config import check_attention_mode, check_attention_scales
-from ..numerics.fp8_attention import default_softmax_scale, quantize_e4m3
-from ..ops import fp8_attention_from_e4m3, rms_rope_quantize_e4m3
+from ..numerics.fp8_attention import default_softmax_scale, dequantize_e4m3, quantize_e4m3
+from ..ops import fp8_attention_e4m3_output, rms_rope_quantize_e4m3
 from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
 from .match import _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
@@ -47,6 +49,7 @@ class AttentionDecision:
     reason: str = ""
     scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
     prologue: str = ""           # fp8: what casts Q and K (one kernel from their RMSNorm on, or Inductor)
+    output: str = ""             # fp8: who reads the e4m3 output (the next linears' rotate+quantize, or a dequantize)
 
 
 # a graph input bounds Q or K by its absmax at every call only when it is this much smaller than they are
@@ -190,10 +193,10 @@ def _erase_unused_chain(graph: fx.Graph, end: fx.Node, chain: RmsRopeChain) -> N
             graph.erase_node(n)
 
 
-def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> int:
+def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> dict[fx.Node, AttentionDecision]:
     """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds and cast by their planned
-    kernels; returns how many."""
-    graph, done, absmax = gm.graph, 0, {}
+    kernels; returns each one's dequantize node (``o`` of the module docstring) with its decision."""
+    graph, done, absmax = gm.graph, {}, {}
     for node, decision, bounds, chains in planned:
         if decision.precision != "fp8":
             continue
@@ -204,14 +207,17 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> in
                 bound = bounds.get(name)
                 bound = emit(graph, bound, absmax) if bound is not None else None
                 quantized.extend(_quantized(graph, args[name], bound, chains.get(name)))
-            out = graph.call_function(fp8_attention_from_e4m3, (*quantized, args["value"]), {"scale": args["scale"]})
+            o8dv = graph.call_function(fp8_attention_e4m3_output, (*quantized, args["value"]),
+                                       {"scale": args["scale"]})
+            o8, dv = (graph.call_function(operator.getitem, (o8dv, i)) for i in (0, 1))
+            out = graph.call_function(dequantize_e4m3, (o8, dv, _example(args["value"]).dtype))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         for name, chain in chains.items():
             if chain is not None:
                 _erase_unused_chain(graph, args[name], chain)
-        done += 1
+        done[out] = decision
     if done:
         graph.lint()
         gm.recompile()

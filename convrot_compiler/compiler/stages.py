@@ -24,6 +24,7 @@ from ..numerics.rotations import GroupHadamardRotation
 from ..ops.dispatch import has_kernel
 from ..plans import LayerDecision
 from ..plans import decide as decide_layer
+from .attention_output import read_attention_outputs_in_e4m3
 from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
 from .inductor_choices import inductor_choices
 from .match import LinearMatch, find_linears
@@ -162,9 +163,16 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
 
 
 def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
-    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten."""
+    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten; with
+    ``config.fuse_attention_output``, the quantized linears after an fp8 attention read its e4m3 output."""
     decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue)
-    return [planned.decision for planned in decided], rewrite_attention(gm, decided)
+    rewritten = rewrite_attention(gm, decided)
+    read_in_e4m3 = read_attention_outputs_in_e4m3(gm) if config.fuse_attention_output and rewritten else {}
+    for dequantize, decision in rewritten.items():
+        n = read_in_e4m3.get(dequantize, 0)
+        left = "" if not dequantize.users else "; dequantized for its other users" if n else "dequantized"
+        decision.output = (f"e4m3 into {n} rotate+quantize" if n else "") + left
+    return [planned.decision for planned in decided], len(rewritten)
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLinear], rewritten: RewriteResult | None,

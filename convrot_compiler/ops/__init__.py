@@ -3,6 +3,7 @@ device, a fake for tracing, a CUDA implementation), the functions the compiler a
 them through, and the one place that picks a kernel for each (dispatch.py)."""
 
 from .custom_ops import (
+                         fp8_attention_e4m3_output,
                          fp8_attention_from_e4m3,
                          fp8_scaled_dot_product_attention,
                          pca_linear,
@@ -10,11 +11,12 @@ from .custom_ops import (
                          pca_quantize_activation,
                          quantize_activation,
                          quantize_cat_activation,
+                         quantize_e4m3_activation,
                          quantized_linear,
                          quantized_matmul,
                          rms_rope_quantize_e4m3,
 )
 
-__all__ = ["fp8_attention_from_e4m3", "fp8_scaled_dot_product_attention", "pca_linear", "pca_matmul_like",
-           "pca_quantize_activation", "quantize_activation", "quantize_cat_activation", "quantized_linear",
-           "quantized_matmul", "rms_rope_quantize_e4m3"]
+__all__ = ["fp8_attention_e4m3_output", "fp8_attention_from_e4m3", "fp8_scaled_dot_product_attention", "pca_linear",
+           "pca_matmul_like", "pca_quantize_activation", "quantize_activation", "quantize_cat_activation",
+           "quantize_e4m3_activation", "quantized_linear", "quantized_matmul", "rms_rope_quantize_e4m3"]

@@ -120,6 +120,26 @@ def _(x, x2, h, group_size, bits, order="natural"):
     return _quantized_rows_like(x2, (0 if x is None else x.shape[-1]) + x2.shape[-1], group_size)
 
 
+@torch.library.custom_op("convrot::rotate_quantize_e4m3", mutates_args=())
+def rotate_quantize_e4m3(x8: torch.Tensor, descale: torch.Tensor, x2: Optional[torch.Tensor], h: Optional[torch.Tensor],
+                         group_size: int, bits: int, order: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quantize_cat of (dequantize_e4m3(x8, descale, dtype), x2) (x2 may be None): fp8 attention's output
+    read by the next linear's rotate+quantize as it is, e4m3; on CUDA the kernel widens it as it loads, so the
+    16-bit copy is never written to memory."""
+    x = dequantize_e4m3(x8, descale, dtype)
+    return rotate_quantize_reference(x if x2 is None else cat_reference(x, x2), h, group_size, bits, order)
+
+
+@rotate_quantize_e4m3.register_kernel("cuda")
+def _rotate_quantize_e4m3_cuda(x8, descale, x2, h, group_size, bits, order, dtype):
+    return dispatch.rotate_quantize(x8, h, group_size, bits, x2=x2, order=order, x_descale=descale, dtype=dtype)
+
+
+@rotate_quantize_e4m3.register_fake
+def _(x8, descale, x2, h, group_size, bits, order, dtype):
+    return _quantized_rows_like(x8, x8.shape[-1] + (0 if x2 is None else x2.shape[-1]), group_size)
+
+
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
              bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
@@ -263,14 +283,26 @@ def quantize_cat_activation(x: Optional[torch.Tensor], x2: torch.Tensor, h: Opti
                                                  group_size, bits, order)
 
 
+def quantize_e4m3_activation(x8: torch.Tensor, descale: torch.Tensor, x2: Optional[torch.Tensor],
+                             h: Optional[torch.Tensor], group_size: int, bits: int, order: str,
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_cat_activation of (dequantize_e4m3(x8, descale, dtype), x2) (x2 may be None), reading x8 as it is:
+    the compiler pass inserts it where fp8 attention's output feeds a quantized linear."""
+    return torch.ops.convrot.rotate_quantize_e4m3(_strided_rows(x8), descale, None if x2 is None else _strided_rows(x2),
+                                                  h, group_size, bits, order, dtype)
+
+
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
-                     group_size: int, out_features: int, gelu_from: Optional[int] = None) -> torch.Tensor:
-    """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype).
+                     group_size: int, out_features: int, gelu_from: Optional[int] = None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype; ``dtype``
+    instead where x is e4m3 that widened to it).
     values, scale and bias may be lists, one entry per linear reading x: one GEMM then computes all
     of them, their outputs side by side in the last dimension (out_features in total).
     ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, in the GEMM's epilogue."""
     values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
-    out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, x.dtype, gelu_from)
+    out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, dtype or x.dtype,
+                                     gelu_from)
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -324,13 +356,20 @@ def fp8_scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, val
     return fp8_attention_from_e4m3(q8, dq, k8, dk, value, scale)
 
 
-def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
-                            value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def fp8_attention_e4m3_output(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
+                              value: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 attention on Q and K already in e4m3 ([B, H, S, D] with their descales), V in 16 bits: V quantized by its
-    absmax, ``convrot::fp8_attention``, the output dequantized to V's dtype."""
+    absmax, ``convrot::fp8_attention``. Returns the e4m3 output and its descale (V's)."""
     v8, dv = quantize_e4m3(value)
     o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, inverse_descale(dv),
                                          default_softmax_scale(q8.shape[-1], scale))
+    return o8, dv
+
+
+def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
+                            value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``fp8_attention_e4m3_output``, its output dequantized to V's dtype."""
+    o8, dv = fp8_attention_e4m3_output(q8, descale_q, k8, descale_k, value, scale)
     return dequantize_e4m3(o8, dv, value.dtype)
 
 

@@ -97,6 +97,9 @@ LAUNCHES = {
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
+    "fp8dequant": ({"attention": "fp8", "fuse_attention_output": False},
+                   "attention in fp8, its output dequantized by Inductor before the next rotate+quantize (not read "
+                   "in e4m3)"),
     "fp8looped": ({"attention": "fp8", "persistent_rows": False},
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},

@@ -16,7 +16,7 @@ from convrot_compiler.numerics.fp8_attention import (
     inverse_descale,
     quantize_e4m3,
 )
-from convrot_compiler.ops import fp8_attention_from_e4m3, fp8_scaled_dot_product_attention
+from convrot_compiler.ops import fp8_attention_e4m3_output, fp8_scaled_dot_product_attention
 from convrot_compiler.tools.inspection import inspect
 from convrot_compiler.tools.models import build_flux, make_flux_inputs, relative_error
 
@@ -102,7 +102,7 @@ def test_flux_attentions_run_in_fp8_when_asked():
     (keep,), (fp8,) = reports["keep"], reports["fp8"]
     assert [a.precision for a in keep.attention] == ["keep"] * 4
     assert [a.precision for a in fp8.attention] == ["fp8"] * 4
-    assert sum(n.target is fp8_attention_from_e4m3 for n in fp8.graph_modules["after"].graph.nodes) == 4
+    assert sum(n.target is fp8_attention_e4m3_output for n in fp8.graph_modules["after"].graph.nodes) == 4
     assert relative_error(outs["keep"], ref) == 0
     assert 0 < relative_error(outs["fp8"], ref) < 0.05
 
@@ -117,6 +117,34 @@ def test_fp8_attention_with_w4a4_plan_and_inductor():
     out = compiled(**kwargs)[0]
     assert reports[0].rewritten > 0 and all(a.precision == "fp8" for a in reports[0].attention)
     assert 0 < relative_error(out, ref) < 0.5
+
+
+def test_linears_after_fp8_attention_read_its_e4m3_output():
+    """With a w4a4 plan, to_out, to_add_out and proj_out quantize fp8 attention's e4m3 output as it is
+    (convrot::rotate_quantize_e4m3): no 16-bit copy is left in the graph, the decisions say who reads it, and the
+    output is the dequantizing graph's bit for bit."""
+    from convrot_compiler.ops import quantize_e4m3_activation
+
+    model = build_flux("flux-tiny")
+    kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
+    outs, reports = {}, {}
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        reports[fuse] = []
+        compiled = cc.compile(build_flux("flux-tiny"), plan="w4a4", attention="fp8", fuse_attention_output=fuse,
+                              inductor=False, progress=False, regional=False, report=reports[fuse].append)
+        with torch.no_grad():
+            outs[fuse] = compiled(**kwargs)[0]
+    (fused,), (unfused,) = reports[True], reports[False]
+    nodes = list(fused.graph_modules["after"].graph.nodes)
+    assert sum(n.target is quantize_e4m3_activation for n in nodes) == 2 * 2 + 2  # 2 double blocks, 2 single
+    assert not any(n.target is dequantize_e4m3 for n in nodes)
+    assert sum(n.target is dequantize_e4m3 for n in unfused.graph_modules["after"].graph.nodes) == 4
+    assert [a.output for a in fused.attention] == ["e4m3 into 2 rotate+quantize"] * 2 + ["e4m3 into 1 rotate+quantize"] * 2
+    assert [a.output for a in unfused.attention] == ["dequantized"] * 4
+    assert torch.equal(outs[True], outs[False])
+    with pytest.raises(ValueError, match="fuse_attention_output"):
+        ConvRotConfig(fuse_attention_output="yes")
 
 
 def test_rewritten_graph_equals_the_eager_model_with_fp8_attention(monkeypatch):
