@@ -1,9 +1,8 @@
 """The sm_90 packed W4A4 GEMM's token tile at FLUX.1-dev's token GEMMs, as one forward at 1024² runs them.
 
 For each shape (its calls per forward: 19 double blocks, 38 single), in one process: the GEMM in tiles of 128 and of
-256 tokens (ops/dispatch.py, ``packed_gemm_config``), in 256-token tiles as two 128-token accumulators
-(``packed_gemm_split_config``), and what dispatch picks (``packed_gemm_wide_tokens``); each result compared bit for
-bit with the 128-token tiles'. Times are medians of CUDA-graph replays with L2 flushed
+256 tokens (ops/dispatch.py, ``packed_gemm_config``), and what dispatch picks (``packed_gemm_wide_tokens``); each
+result compared bit for bit with the 128-token tiles'. Times are medians of CUDA-graph replays with L2 flushed
 (benchmarks/timing.py); the last line sums each column over a forward's calls.
 
     python benchmarks/gemm_tiles.py [--batch B] [--name STEM] [--out DIR]
@@ -47,7 +46,6 @@ def main() -> None:
     from convrot_compiler.kernels.sm90.packed_gemm import packed_gemm
 
     narrow, wide = (dispatch.packed_gemm_config(w, torch.bfloat16.itemsize) for w in (False, True))
-    split = dispatch.packed_gemm_split_config(True, torch.bfloat16.itemsize)
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -58,29 +56,24 @@ def main() -> None:
         sx = torch.rand(m, device="cuda", generator=g) + 0.5
         sw = (torch.rand(n, device="cuda", generator=g) + 0.5) * 1e-3
         bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
-        configs = {"128": narrow, "256": wide, "256x2": split}
-        outs = {tiles: packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from, config=cfg)
-                for tiles, cfg in configs.items()}
-        picked = "256" if dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs) else "128"
+        ref = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from)
+        out = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from, config=wide)
+        picked = dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs)
         us = {tiles: bench_graph_ms(lambda cfg=cfg: packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from,
                                                                 config=cfg)) * 1e3
-              for tiles, cfg in configs.items()}
-        rows.append(dict(shape=name, M=m, N=n, K=k, calls=calls, us_128=us["128"], us_256=us["256"],
-                         us_256x2=us["256x2"], picked=picked, us_picked=us[picked],
-                         bit_equal=torch.equal(outs["256"], outs["128"]),
-                         split_bit_equal=torch.equal(outs["256x2"], outs["128"])))
+              for tiles, cfg in ((128, narrow), (256, wide))}
+        rows.append(dict(shape=name, M=m, N=n, K=k, calls=calls, us_128=us[128], us_256=us[256],
+                         picked=256 if picked else 128, us_picked=us[256] if picked else us[128],
+                         bit_equal=torch.equal(out, ref)))
         print(rows[-1], flush=True)
-    total = {key: sum(r[key] * r["calls"] for r in rows) / 1e3
-             for key in ("us_128", "us_256", "us_256x2", "us_picked")}
+    total = {key: sum(r[key] * r["calls"] for r in rows) / 1e3 for key in ("us_128", "us_256", "us_picked")}
     env = environment()
     table = tabulate([[r["shape"], r["M"], r["N"], r["K"], r["calls"], f"{r['us_128']:.1f}", f"{r['us_256']:.1f}",
-                       f"{r['us_256x2']:.1f}", r["picked"], f"{r['us_128'] / r['us_picked']:.3f}",
-                       r["bit_equal"] and r["split_bit_equal"]] for r in rows]
+                       r["picked"], f"{r['us_128'] / r['us_picked']:.3f}", r["bit_equal"]] for r in rows]
                      + [["a forward's calls, ms", "", "", "", "", f"{total['us_128']:.2f}", f"{total['us_256']:.2f}",
-                         f"{total['us_256x2']:.2f}", "", f"{total['us_128'] / total['us_picked']:.3f}", ""]],
-                     headers=["GEMM", "M", "N", "K", "calls", "128 tokens us", "256 tokens us",
-                              "256 as 2x128 us", "dispatch picks", "x 128", "256 and 2x128 bit-equal"],
-                     tablefmt="github")
+                         "", f"{total['us_128'] / total['us_picked']:.3f}", ""]],
+                     headers=["GEMM", "M", "N", "K", "calls", "128 tokens us", "256 tokens us", "dispatch picks",
+                              "x 128", "256 bit-equal"], tablefmt="github")
     md = (f"# Packed W4A4 GEMM: tokens per tile\n\nGPU {env.get('gpu')} | torch {env['torch']} | triton "
           f"{env['triton']} | {env['date']} | batch {args.batch} | CUDA-graph replays, median, L2 flushed\n\n{table}\n")
     print(md)

@@ -44,9 +44,6 @@ PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
 # QKV at 512 33.4 -> 42.0) and with a GELU epilogue (single blocks' QKV+MLP 451.3 -> 552.0).
 PACKED_TILE = 128  # kernels/sm90/packed_gemm.py's DEFAULT_CONFIG: weight rows and tokens (imported where Gluon runs)
 PACKED_WIDE_TOKENS = {"BM": 256, "STAGES": 4}
-# The same tile as two 128-token accumulators (config SPLIT): compiled for sm_90 its GELU epilogue spills 8 bytes,
-# not 392. Not timed on a GPU yet, so not dispatched: `convrot bench`'s launch ``tile256x2`` runs it.
-PACKED_SPLIT_TOKENS = {**PACKED_WIDE_TOKENS, "SPLIT": 2}
 
 
 def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rotated: bool) -> str:
@@ -139,34 +136,21 @@ def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bo
     """Whether the sm_90 packed GEMM takes tiles of PACKED_WIDE_TOKENS (256 tokens) for an [m, n] output: without a
     GELU epilogue, where their last wave leaves the SMs no emptier than 128-token tiles' would (the measurements
     above)."""
-    return not has_gelu and wide_tiles_fill_as_well(m, n, programs)
-
-
-def wide_tiles_fill_as_well(m: int, n: int, programs: int) -> bool:
-    """Whether 256-token tiles of an [m, n] output leave their last wave no emptier than 128-token tiles'."""
+    if has_gelu:
+        return False
     def cost(tokens: int) -> int:  # waves of tiles, times each tile's tokens
         return triton.cdiv(triton.cdiv(m, tokens) * triton.cdiv(n, PACKED_TILE), programs) * tokens
     return cost(PACKED_WIDE_TOKENS["BM"]) <= cost(PACKED_TILE)
-
-
-def _wide_config(wide: bool, out_itemsize: int, fields: dict):
-    from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
-
-    config = dataclasses.replace(DEFAULT_CONFIG, **fields)
-    return config if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
 
 
 @functools.lru_cache(maxsize=None)
 def packed_gemm_config(wide: bool, out_itemsize: int):
     """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile fits in shared memory beside
     the stages (not a float32 one), else the default. Cached: int_gemm asks on every call."""
-    return _wide_config(wide, out_itemsize, PACKED_WIDE_TOKENS)
+    from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
 
-
-@functools.lru_cache(maxsize=None)
-def packed_gemm_split_config(wide: bool, out_itemsize: int):
-    """packed_gemm_config with the 256-token tile as two accumulators (PACKED_SPLIT_TOKENS; a float32 output fits)."""
-    return _wide_config(wide, out_itemsize, PACKED_SPLIT_TOKENS)
+    config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
+    return config if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
 
 
 def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:

@@ -129,21 +129,19 @@ def test_packed_gemm_fused_weights_and_gelu_equal_the_unpack_path(m):
 
 
 @needs_sm90
-@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("m", [4608, 77])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_packed_gemm_256_token_tiles_equal_the_unpack_path(split, m, out_dtype):
-    """Tiles of 256 tokens, as one accumulator or as two of 128 tokens reading the same split weights (SPLIT), on
-    the single blocks' four fused weights with the GELU epilogue: bit-equal to the unpack path, a partial tile
-    (M = 77) included. A float32 output fits only the split form's shared memory."""
+def test_packed_gemm_256_token_tiles_equal_the_unpack_path(m, out_dtype):
+    """Tiles of 256 tokens on the single blocks' four fused weights with the GELU epilogue: bit-equal to the unpack
+    path, a partial tile (M = 77) included. A float32 output does not fit their shared memory: refused."""
     import dataclasses
 
     from convrot_compiler.kernels.sm90 import packed_gemm
 
-    config = dataclasses.replace(packed_gemm.DEFAULT_CONFIG, BM=256, STAGES=4, SPLIT=split)
+    config = dataclasses.replace(packed_gemm.DEFAULT_CONFIG, BM=256, STAGES=4)
     qx, sx, qws, sws, biases = _single_block_gemm_operands(m)
     if config.smem_bytes(out_dtype.itemsize) > packed_gemm.SMEM_LIMIT:
-        assert split == 1 and out_dtype == torch.float32
+        assert out_dtype == torch.float32
         with pytest.raises(ValueError, match="shared memory"):
             packed_gemm.packed_gemm(qx, sx, qws, torch.cat(sws), torch.cat(biases), 256, out_dtype, 9216, config)
         return

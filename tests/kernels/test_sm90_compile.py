@@ -81,20 +81,14 @@ def _compiles(kernel, call) -> None:
     assert len(kernel.device_caches[0][0]) == 1  # one compiled specialization, cached
 
 
-@pytest.mark.parametrize("split", [1, 2])
-def test_packed_gemm_compiles_for_sm90(sm90, split):
-    """Both schedules: one accumulator per tile, and 256-token tiles as two accumulators (config SPLIT = 2)."""
-    import dataclasses
-
+def test_packed_gemm_compiles_for_sm90(sm90):
     from convrot_compiler.kernels.sm90 import packed_gemm
 
     m, k = 256, 3072
-    config = packed_gemm.DEFAULT_CONFIG if split == 1 else \
-        dataclasses.replace(packed_gemm.DEFAULT_CONFIG, BM=256, STAGES=4, SPLIT=2)
     qws = [torch.zeros(384, k // 2, dtype=torch.int8), torch.zeros(256, k // 2, dtype=torch.int8)]
     _compiles(packed_gemm._packed_gemm_kernel, lambda: packed_gemm.packed_gemm_unchecked(
         torch.zeros(m, k, dtype=torch.int8), torch.ones(m), qws, torch.ones(640), torch.zeros(640, dtype=torch.bfloat16),
-        256, torch.bfloat16, gelu_from=384, config=config))
+        256, torch.bfloat16, gelu_from=384))
 
 
 @pytest.mark.parametrize("e4m3", [False, True])
@@ -152,16 +146,3 @@ def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype
     (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
     assert compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
     assert (compiled.metadata.shared > 200_000) == (out_dtype == torch.bfloat16)  # the 256-token tile's stages
-
-
-def test_dispatch_split_config_takes_256_tokens_for_either_output():
-    """The two-accumulator 256-token config (launch ``tile256x2``) fits a float32 output's tile too; the
-    one-accumulator form gives float32 back the default."""
-    from convrot_compiler.kernels.sm90 import packed_gemm
-    from convrot_compiler.ops import dispatch
-
-    for itemsize in (2, 4):
-        split = dispatch.packed_gemm_split_config(True, itemsize)
-        assert (split.BM, split.SPLIT) == (256, 2) and split.smem_bytes(itemsize) <= packed_gemm.SMEM_LIMIT
-    assert dispatch.packed_gemm_split_config(False, 2) is packed_gemm.DEFAULT_CONFIG
-    assert dispatch.packed_gemm_config(True, 4) is packed_gemm.DEFAULT_CONFIG

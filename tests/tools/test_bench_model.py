@@ -199,13 +199,6 @@ def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
     with bench_model.kernel_choice("tile128"):
         assert not dispatch.packed_gemm_wide_tokens(4096, 9216, False, 132)
     assert dispatch.packed_gemm_wide_tokens(4096, 9216, False, 132)
-    config = dispatch.packed_gemm_config
-    assert not dispatch.packed_gemm_wide_tokens(4608, 21504, True, 132)  # FLUX's single blocks' QKV+MLP, GELU
-    with bench_model.kernel_choice("tile256x2"):
-        assert dispatch.packed_gemm_wide_tokens(4608, 21504, True, 132)
-        assert not dispatch.packed_gemm_wide_tokens(4608, 3072, False, 132)  # proj_out: an emptier last wave
-        assert dispatch.packed_gemm_config is dispatch.packed_gemm_split_config
-    assert dispatch.packed_gemm_config is config and not dispatch.packed_gemm_wide_tokens(4608, 21504, True, 132)
     rotate = dispatch.use_sm90_rotate
     with bench_model.kernel_choice("tritonrq"):
         assert dispatch.use_sm90_rotate is not rotate

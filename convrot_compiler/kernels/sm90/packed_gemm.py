@@ -48,20 +48,16 @@ from .gluon_common import gelu_tanh, tma_load, tma_store
 @dataclass(frozen=True)
 class PackedGemmConfig:
     """A launch config: BN weight rows x BM tokens per tile, BKP packed bytes (2 * BKP values) per
-    stage, STAGES shared-memory stages, consumer warps (4: one warpgroup, 8: two). SPLIT accumulators
-    (1 or 2) of BM / SPLIT tokens each: both read the same split weight registers, and the epilogue runs
-    on one while the other waits in its int32 registers."""
+    stage, STAGES shared-memory stages, consumer warps (4: one warpgroup, 8: two)."""
     BN: int = 128
     BM: int = 128
     BKP: int = 64
     STAGES: int = 5
     WARPS: int = 8
     GROUP_N: int = 8
-    SPLIT: int = 1
 
     def smem_bytes(self, out_bytes: int = 2) -> int:
-        return self.STAGES * (self.BN * self.BKP + 2 * self.BM * self.BKP) + \
-            (self.BM // self.SPLIT) * self.BN * out_bytes
+        return self.STAGES * (self.BN * self.BKP + 2 * self.BM * self.BKP) + self.BM * self.BN * out_bytes
 
 
 # The fastest of 6-8 configs at every FLUX.1-dev token-GEMM shape, M = 4608 and M = 512, on an H100: 1.68-1.98x
@@ -206,23 +202,19 @@ def _keep_alive(x):
 
 
 @gluon.jit
-def _tile_counts(M, N, K, w_bufs, xlo_bufs):
-    """Tiles along N and M, and stages along K."""
+def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
-    return gl.cdiv(N, BN), gl.cdiv(M, BM), (K // 2) // BKP
-
-
-@gluon.jit
-def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
-                   NUM_PROGRAMS: gl.constexpr, mma_layout: gl.constexpr):
-    BN: gl.constexpr = w_bufs.type.shape[1]
-    BM: gl.constexpr = xlo_bufs.type.shape[1]
     STAGES: gl.constexpr = w_bufs.type.shape[0]
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-    num_n, num_m, num_k = _tile_counts(M, N, K, w_bufs, xlo_bufs)
+    num_n = gl.cdiv(N, BN)
+    num_m = gl.cdiv(M, BM)
+    num_k = (K // 2) // BKP
     pid = gl.program_id(0)
 
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
@@ -253,97 +245,23 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
 
 
 @gluon.jit
-def _issue_stage_halves(w_bufs, xlo_bufs, xhi_bufs, ready, acc0, acc1, i, use_acc, a_layout: gl.constexpr):
-    """_issue_stage for two accumulators, each over half the stage's tokens, on the same split weights."""
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
-    HALF_M: gl.constexpr = acc0.type.shape[1]
-    s = i % STAGES
-    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-    lo, hi = _nibbles_times_16(w_bufs.index(s).load(a_layout))
-    xlo = xlo_bufs.index(s)
-    xhi = xhi_bufs.index(s)
-    acc0 = warpgroup_mma(lo, xlo.slice(0, HALF_M).permute((1, 0)), acc0, use_acc=use_acc, is_async=True)
-    acc0 = warpgroup_mma(hi, xhi.slice(0, HALF_M).permute((1, 0)), acc0, is_async=True)
-    acc1 = warpgroup_mma(lo, xlo.slice(HALF_M, HALF_M).permute((1, 0)), acc1, use_acc=use_acc, is_async=True)
-    acc1 = warpgroup_mma(hi, xhi.slice(HALF_M, HALF_M).permute((1, 0)), acc1, is_async=True)
-    return lo, hi, acc0, acc1
-
-
-@gluon.jit
-def _mma_partition_halves(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                          M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr,
-                          GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, mma_layout: gl.constexpr):
-    """_mma_partition with each tile's tokens in two accumulators (config SPLIT = 2): the weights are split once
-    per stage for both, and each half's epilogue holds half the tile in float32 at a time."""
-    HALF_M: gl.constexpr = xlo_bufs.type.shape[1] // 2
-    num_n, num_m, num_k = _tile_counts(M, N, K, w_bufs, xlo_bufs)
-    pid = gl.program_id(0)
-    BN: gl.constexpr = w_bufs.type.shape[1]
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-
-    acc0 = gl.zeros([BN, HALF_M], gl.int32, layout=mma_layout)
-    acc1 = gl.zeros([BN, HALF_M], gl.int32, layout=mma_layout)
-    i = 0
-    for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
-        pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-        sw, sx0, bias = _epilogue_operands(pid_n, 2 * pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, HALF_M,
-                                           mma_layout)
-        for kk in range(0, num_k, 2):  # as in _mma_partition, four MMAs a stage
-            a_lo, a_hi, acc0, acc1 = _issue_stage_halves(w_bufs, xlo_bufs, xhi_bufs, ready, acc0, acc1, i, kk > 0,
-                                                         a_layout)
-            acc0, acc1 = warpgroup_mma_wait(4, deps=(acc0, acc1))
-            fence_async_shared()
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
-            b_lo, b_hi, acc0, acc1 = _issue_stage_halves(w_bufs, xlo_bufs, xhi_bufs, ready, acc0, acc1, i + 1, True,
-                                                         a_layout)
-            acc0, acc1 = warpgroup_mma_wait(4, deps=(acc0, acc1))
-            _keep_alive(a_lo)
-            _keep_alive(a_hi)
-            fence_async_shared()
-            mbarrier.arrive(empty.index(i % STAGES), count=1)
-            i += 2
-        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
-        fence_async_shared()
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        _epilogue(acc0, pid_n, 2 * pid_m, sw, sx0, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
-        _unused0, sx1, _unused1 = _epilogue_operands(pid_n, 2 * pid_m + 1, sx_ptr, sw_ptr, bias_ptr, M, N, False,
-                                                     BN, HALF_M, mma_layout)
-        _epilogue(acc1, pid_n, 2 * pid_m + 1, sw, sx1, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU,
-                  mma_layout)
-    tma.store_wait(0)
-
-
-@gluon.jit
 def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
                         M, N, K, n1, n2, n3, gelu_from,
                         HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                        INSTR_N: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                        INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready, empty = barrier_ring(STAGES)
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, INSTR_N, 32])
-    # the same arguments either way (a tuple of them would not keep the constexprs)
-    if SPLIT == 2:
-        gl.warp_specialize([
-            (_mma_partition_halves, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr,
-                                     bias_ptr, M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS,
-                                     mma_layout)),
-            (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs,
-                               xhi_bufs, ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
-        ], [1], [40])
-    else:
-        gl.warp_specialize([
-            (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                              M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, mma_layout)),
-            (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs,
-                               xhi_bufs, ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
-        ], [1], [40])
+    gl.warp_specialize([
+        (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
+        (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
+                           ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
+    ], [1], [40])
 
 
 _INT8_INSTR_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)
@@ -422,19 +340,18 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
     cfg = config
     x_layout = gl.NVMMASharedLayout.get_default_for([cfg.BM, cfg.BKP], gl.int8)
     w_layout = gl.NVMMASharedLayout.get_default_for([cfg.BN, cfg.BKP], gl.int8)
-    out_tokens = cfg.BM // cfg.SPLIT  # each accumulator's tokens: the output tile that TMA stores
-    c_layout = gl.NVMMASharedLayout.get_default_for([out_tokens, cfg.BN], _GL_DTYPES[out_dtype])
+    c_layout = gl.NVMMASharedLayout.get_default_for([cfg.BM, cfg.BN], _GL_DTYPES[out_dtype])
     x_desc = TensorDescriptor.from_tensor(qx, [cfg.BM, cfg.BKP], x_layout)
     w_descs = [TensorDescriptor.from_tensor(w, [cfg.BN, cfg.BKP], w_layout) for w in qws]
     w_descs += [w_descs[0]] * (MAX_WEIGHTS - len(w_descs))
     starts = [sum(w.shape[0] for w in qws[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
-    c_desc = TensorDescriptor.from_tensor(c, [out_tokens, cfg.BN], c_layout)
+    c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN], c_layout)
     programs = min(sm_count(qx.device), triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
         *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
         HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
-        STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(out_tokens, cfg.BN, cfg.WARPS),
-        SPLIT=cfg.SPLIT, num_warps=cfg.WARPS, maxnreg=maxnreg)
+        STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
+        num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
