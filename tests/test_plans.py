@@ -62,8 +62,11 @@ def test_sensitivity_measures_every_quantized_linear_and_leaves_the_model_as_it_
     modulation = next(s for s in report.layers if s.name == "transformer_blocks.0.norm1.linear")
     assert set(token.errors) == {"w4a4", "w8a8"} and set(modulation.errors) == {"w4a16", "w8a16"}
     assert token.kind == "transformer_blocks.*.attn.to_q" and token.block == 0
-    assert all(s.errors[hi] < s.errors[lo] for s in report.layers
-               for lo, hi in (("w4a4", "w8a8"), ("w4a16", "w8a16")) if lo in s.errors)
+    # 8 bits cost at most what 4 do: far less for most layers, within 1% where a layer's error is at the floor the
+    # rest of the forward sets (the text stream's first projections: floating-point summation order decides there)
+    ratios = sorted(s.errors[hi] / s.errors[lo] for s in report.layers
+                    for lo, hi in (("w4a4", "w8a8"), ("w4a16", "w8a16")) if lo in s.errors)
+    assert ratios[-1] < 1.01 and ratios[len(ratios) // 2] < 0.5, ratios
     ranked = report.ranked()
     assert ranked[0].plan_gain >= ranked[-1].plan_gain and "plan error saved in float" in report.table(5)
     assert SensitivityReport.from_json(report.to_json()) == report

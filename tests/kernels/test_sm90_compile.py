@@ -2,7 +2,15 @@
 ptxas it ships need no GPU. A stand-in driver names an sm_90 target; each kernel's wrapper runs on CPU tensors up
 to the launch, which the stand-in refuses. Gluon's API moves between Triton releases (3.6 -> 3.9 renamed its TMA
 copies, a descriptor's reinterpret and the thread barrier); this is where such a move shows, without a Hopper GPU.
-GPU tests check what the kernels compute."""
+GPU tests check what the kernels compute.
+
+Where the rest of the suite runs Triton through its interpreter (conftest, without a GPU), these tests run in a
+process of their own without it: the interpreter's functions are what a Gluon kernel would reference then
+(``gl.sum``'s combine function), and a kernel it has run leaves ``triton.language`` patched for the process."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,6 +65,11 @@ def sm90(monkeypatch):
     from triton.runtime import driver
 
     from convrot_compiler.kernels.sm90 import packed_gemm, pca_gemm, rotate_quant, weight_only
+    from convrot_compiler.kernels.triton.common import interpreting
+
+    if interpreting():
+        pytest.skip("Triton's interpreter is on in this process: test_gluon_kernels_compile_without_the_interpreter "
+                    "runs this test in a process of its own")
 
     kernels = [packed_gemm._packed_gemm_kernel, pca_gemm._pca_gemm_kernel, rotate_quant._rotate_quant_sm90_kernel,
                weight_only._tiles_kernel]
@@ -73,6 +86,20 @@ def sm90(monkeypatch):
         driver._active = saved
         for kernel in kernels:
             kernel.device_caches.clear()
+
+
+def test_gluon_kernels_compile_without_the_interpreter():
+    """This module's compile tests in a fresh process with Triton's interpreter off, where it is on in this one."""
+    from convrot_compiler.kernels.triton.common import interpreting
+
+    if not interpreting():
+        pytest.skip("the interpreter is off: the compile tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    summary = run.stdout.splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary.replace("1 skipped", ""), summary  # only this one
 
 
 def _compiles(kernel, call) -> None:
@@ -136,6 +163,7 @@ def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype
 
     monkeypatch.setattr(dispatch, "use_sm90_packed_gemm", lambda *a: True)
     monkeypatch.setattr(int_gemm, "programs", lambda device: 132)
+    monkeypatch.setattr(int_gemm, "check_device", lambda *tensors: None)  # CPU tensors go on to the stand-in's launch
     m, k, n = 4096, 3072, 3072
     with pytest.raises(_ReachedLaunch):
         dispatch.int_gemm(torch.zeros(m, k, dtype=torch.int8), torch.ones(m),
