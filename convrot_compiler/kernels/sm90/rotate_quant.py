@@ -180,32 +180,12 @@ def _widen_box(x8s, xs_tma, i, descale, num_warps: gl.constexpr):
 
 @gluon.jit
 def _box_landed(bars, box, step, wide, num_warps: gl.constexpr):
-    """Wait for a box; widen it where it holds e4m3 x (``wide``: (x8s, xs_tma, x8_steps, descale, GROUPS1,
-    IN_REGISTERS), or None), unless the steps widen their operands in registers."""
+    """Wait for a box; widen it where it holds e4m3 x (``wide``: (x8s, xs_tma, descale, GROUPS1), or None)."""
     mbarrier.wait(bars.index(box), 0)
     if wide is not None:
-        x8s, xs_tma, x8_steps, descale, GROUPS1, IN_REGISTERS = wide
-        if not IN_REGISTERS:
-            if step * GROUPS_PER_STEP < GROUPS1:
-                _widen_box(x8s, xs_tma, box, descale, num_warps)
-
-
-@gluon.jit
-def _step_operand(xs, wide, step, layout: gl.constexpr):
-    """The step's groups as the first product's operand (_load_step): from the bf16 row, or where the step is e4m3
-    x widened in registers (``wide``'s IN_REGISTERS), from its e4m3 box."""
-    if wide is None:
-        xt = _load_step(xs, step, layout)
-    else:
-        x8s, xs_tma, x8_steps, descale, GROUPS1, IN_REGISTERS = wide
-        if IN_REGISTERS:
-            if step * GROUPS_PER_STEP < GROUPS1:
-                xt = (_load_step(x8_steps, step, layout).to(gl.float32) * descale).to(gl.bfloat16)
-            else:
-                xt = _load_step(xs, step, layout)
-        else:
-            xt = _load_step(xs, step, layout)
-    return xt
+        x8s, xs_tma, descale, GROUPS1 = wide
+        if step * GROUPS_PER_STEP < GROUPS1:
+            _widen_box(x8s, xs_tma, box, descale, num_warps)
 
 
 @gluon.jit
@@ -217,13 +197,13 @@ def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, BOX: gl.constexpr, layo
         _box_landed(bars, step, step, wide, num_warps)
     elif (step * GROUPS_PER_STEP) % BOX == 0:  # the box's first step; a wait per step costs a CTA barrier
         _box_landed(bars, (step * GROUPS_PER_STEP) // BOX, step, wide, num_warps)
-    y = _rotate(_step_operand(xs, wide, step, b_layout), h_a, h_b, layout)
+    y = _rotate(_load_step(xs, step, b_layout), h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
 
 
 @gluon.jit
-def _store_step(y, xs, wide, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, ROTATE: gl.constexpr,
+def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, ROTATE: gl.constexpr,
                 MASKED: gl.constexpr, MMA_ORDER: gl.constexpr, layout: gl.constexpr, b_layout: gl.constexpr,
                 out_layout: gl.constexpr):
     """Pass 2 on one step: quantize the rotated groups (y, or ROTATE: the step's groups rotated again from
@@ -231,7 +211,7 @@ def _store_step(y, xs, wide, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, star
     NB: gl.constexpr = GROUPS_PER_STEP
     if usable:  # uniform over the row
         if ROTATE:
-            y = _rotate(_step_operand(xs, wide, step, b_layout), h_a, h_b, layout)
+            y = _rotate(_load_step(xs, step, b_layout), h_a, h_b, layout)
         q = _quantize(y, p, neg_s, inv)
     else:
         q = gl.full([NB, 16, 16], ROUNDER, gl.float32, layout)
@@ -303,28 +283,28 @@ def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.
     starts = bi * GROUP
     q_ptrs = q_ptr + row.to(gl.int64) * stride_qm + (starts + offs)
     if KEEP:
-        _store_step(y0, xs, wide, 0, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER, mma,
+        _store_step(y0, xs, 0, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER, mma,
                     b_layout, out_layout)
         if STEPS > 1:
-            _store_step(y1, xs, wide, 1, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
+            _store_step(y1, xs, 1, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
                         mma, b_layout, out_layout)
         if STEPS > 2:
-            _store_step(y2, xs, wide, 2, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
+            _store_step(y2, xs, 2, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
                         mma, b_layout, out_layout)
         if STEPS > 3:
-            _store_step(y3, xs, wide, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
+            _store_step(y3, xs, 3, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, False, MASKED, MMA_ORDER,
                         mma, b_layout, out_layout)
     else:
         for step in range(STEPS):  # y is rotated again inside (ROTATE): amax_t only fills the argument
-            _store_step(amax_t, xs, wide, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, True, MASKED,
-                        MMA_ORDER, mma, b_layout, out_layout)
+            _store_step(amax_t, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp, True, MASKED, MMA_ORDER,
+                        mma, b_layout, out_layout)
 
 
 @gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr, stride_qm, kp,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
-                              X_E4M3: gl.constexpr, WIDEN_IN_REGISTERS: gl.constexpr, num_warps: gl.constexpr):
+                              X_E4M3: gl.constexpr, num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc; STEPS steps of NB
     groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored).
@@ -335,9 +315,7 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr,
     xs_tma = gl.allocate_shared_memory(gl.bfloat16, [LOADS, 1, BOX, GROUP], row_layout)
     if X_E4M3:
         x8s = gl.allocate_shared_memory(gl.float8e4nv, [(GROUPS1 + BOX - 1) // BOX, 1, BOX, GROUP], x_desc.layout)
-        x8_steps = smem_reinterpret(x8s, gl.float8e4nv, [(GROUPS1 + BOX - 1) // BOX * BOX // NB, NB, 16, 16],
-                                    gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0]))
-        wide = (x8s, xs_tma, x8_steps, gl.load(descale_ptr), GROUPS1, WIDEN_IN_REGISTERS)
+        wide = (x8s, xs_tma, gl.load(descale_ptr), GROUPS1)
     else:
         x8s = xs_tma
         wide = None
@@ -397,8 +375,7 @@ def _group_descriptor(t: torch.Tensor, box: int) -> TensorDescriptor:
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, x2: torch.Tensor | None = None,
                          keep: bool | None = None, one_box: bool | None = None, order: str = "natural",
-                         x_descale: torch.Tensor | None = None,
-                         widen_in_registers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         x_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments, same numerics. Check ``supported`` first (ops/dispatch.py does, and
     runs the Triton kernel where this one cannot).
@@ -442,6 +419,5 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, STEPS=steps, BOX=box,
         GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
-        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, WIDEN_IN_REGISTERS=widen_in_registers,
-        num_warps=WARPS)
+        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, num_warps=WARPS)
     return q, scale
