@@ -101,10 +101,10 @@ def read_attention_outputs_in_e4m3(gm: fx.GraphModule) -> dict[fx.Node, int]:
                 moved[n] = graph.node_copy(n, lambda a: moved.get(a, a))
                 for key in ("example_value", "val"):  # the 16-bit values' metadata does not hold for e4m3
                     moved[n].meta.pop(key, None)
-            new = graph.call_function(quantize_e4m3_activation, (moved[chain[-1]] if chain else o8, dv, x2, h,
-                                                                 group_size, bits, order, dtype))
+            x8 = moved[chain[-1]] if chain else o8
+            new = graph.call_function(quantize_e4m3_activation, (x8, dv, x2, h, group_size, bits, order, dtype))
         new.meta.update(node.meta)
-        _gemms_read_shape_of(node, moved[chain[-1]] if chain else o8, dtype)
+        _gemms_read_shape_of(node, x8, dtype)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         _erase_unused(graph, [dequantize, *chain])
