@@ -32,9 +32,9 @@ from ..config import check_attention_mode, check_attention_scales
 from ..numerics.fp8_attention import default_softmax_scale, dequantize_e4m3, quantize_e4m3
 from ..ops import fp8_attention_e4m3_output, rms_rope_quantize_e4m3
 from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
-from .match import _example, module_name
+from .match import LINEAR_TARGETS, _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
-from .value_bounds import Bound, abs_bound, emit
+from .value_bounds import Bound, abs_bound, emit, keeps_bound
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -90,22 +90,50 @@ def _ineligible(args: dict, device_check) -> str | None:
 
 
 def tensor_bounds(args: dict, scales: str) -> dict[str, Bound | None]:
-    """The proven bound on |Q| and |K| for an fp8 attention (None: scaled by its absmax), by ``scales``."""
+    """The proven bound on |Q|, |K| and |V| for an fp8 attention (None: scaled by its absmax), by ``scales``: Q and
+    K by the rules of value_bounds ("bound", "qk-bound"); V by its projections' operands ("bound": Q and K's rules
+    would bound a V with an RMSNorm, which FLUX's has not, and nothing else)."""
     bounds = {}
-    for name in ("query", "key"):
+    for name in ("query", "key", "value"):
         example = _example(args[name])
-        if scales == "bound" and example is not None:
-            bounds[name] = abs_bound(args[name], example.numel() // _RUNTIME_BOUND_SHARE)
-        else:
-            bounds[name] = None
+        wanted = scales == "bound" or (scales == "qk-bound" and name != "value")
+        bound = abs_bound(args[name], example.numel() // _RUNTIME_BOUND_SHARE, linears=name == "value") \
+            if wanted and example is not None else None
+        bounds[name] = bound if name != "value" or (bound is not None and "linear" in bound.kinds) else None
     return bounds
 
 
 def _scales_label(bounds: dict[str, Bound | None]) -> str:
     bounded = [n[0].upper() for n in ("query", "key") if bounds[n] is not None]
-    absmax = [n[0].upper() for n in ("query", "key") if bounds[n] is None] + ["V"]
-    label = f"{', '.join(absmax)} by absmax"
-    return f"{' and '.join(bounded)} by RMSNorm bound; {label}" if bounded else label
+    absmax = [n[0].upper() for n in ("query", "key", "value") if bounds.get(n) is None]
+    parts = [f"{' and '.join(bounded)} by RMSNorm bound"] if bounded else []
+    if bounds.get("value") is not None:
+        parts.append("V by its projection's operands")
+    if absmax:
+        parts.append(f"{', '.join(absmax)} by absmax")
+    return "; ".join(parts)
+
+
+def value_projections(gm: fx.GraphModule) -> set[fx.Node]:
+    """The linear nodes whose outputs reach a scaled-dot-product attention's value through ops that keep a bound
+    (views, casts, concatenation): the linears whose weights' row bounds the rewrite passes to the graph, so that V
+    is scaled by its projections' operands (``tensor_bounds``)."""
+    found, stack, seen = set(), [], set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ATTENTION_TARGETS:
+            stack.append(_arguments(node)["value"])
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in LINEAR_TARGETS:
+            found.add(n)
+        elif n.op == "call_function" and n.target in (torch.cat, torch.concat):
+            stack.extend((n.args[0] if n.args else n.kwargs.get("tensors")) or ())
+        elif keeps_bound(n) and n.args:
+            stack.append(n.args[0])
+    return found
 
 
 class PlannedAttention(NamedTuple):
@@ -207,8 +235,10 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> di
                 bound = bounds.get(name)
                 bound = emit(graph, bound, absmax) if bound is not None else None
                 quantized.extend(_quantized(graph, args[name], bound, chains.get(name)))
+            value_bound = bounds.get("value")
+            value_bound = emit(graph, value_bound, absmax) if value_bound is not None else None
             o8dv = graph.call_function(fp8_attention_e4m3_output, (*quantized, args["value"]),
-                                       {"scale": args["scale"]})
+                                       {"scale": args["scale"], "value_bound": value_bound})
             o8, dv = (graph.call_function(operator.getitem, (o8dv, i)) for i in (0, 1))
             out = graph.call_function(dequantize_e4m3, (o8, dv, _example(args["value"]).dtype))
         out.meta.update(node.meta)

@@ -25,7 +25,7 @@ from ..ops.dispatch import has_kernel
 from ..plans import LayerDecision
 from ..plans import decide as decide_layer
 from .attention_output import read_attention_outputs_in_e4m3
-from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention
+from .attention_rewrite import AttentionDecision, decide_attention, rewrite_attention, value_projections
 from .inductor_choices import inductor_choices
 from .match import LinearMatch, find_linears
 from .rewrite import Rewrite, RewriteResult, rewrite_linears
@@ -41,6 +41,7 @@ class QuantizedLinear:
     match: LinearMatch
     decision: LayerDecision
     spec: PrepSpec
+    row_bounds: bool = False  # the graph takes its weight's row bounds (its output is fp8 attention's V)
 
 
 def match(gm: fx.GraphModule, example_inputs: list, names: Callable | None = None) -> list[LinearMatch]:
@@ -131,12 +132,17 @@ def rewrite(gm: fx.GraphModule, quantized: list[QuantizedLinear], config: ConvRo
     if not quantized:
         return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = value_projections(gm) if config.attention == "fp8" and config.attention_scales == "bound" else set()
+    for q in quantized:
+        q.row_bounds = q.match.node in values and not q.spec.is_pca and q.decision.precision in ("w4a4", "w8a8")
     rewrites = [Rewrite(q.match, q.decision.precision, q.spec.act_order,
                         pca_rank=q.decision.extra["rank"] if q.spec.is_pca else None,
-                        share=_input_share(q, config) if q.spec.is_pca else None) for q in quantized]
+                        share=_input_share(q, config) if q.spec.is_pca else None, row_bounds=q.row_bounds)
+                for q in quantized]
     result = rewrite_linears(gm, rewrites, config.group_size, rotated=graph_rotation_matrix(config) is not None,
                              fuse=config.fuse_gemms,
-                             fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue)
+                             fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue,
+                             residual_epilogue=config.residual_epilogue)
     for q in quantized:
         q.decision.extra["graph_reads_weight"] = bool(placeholders[q.match.weight_index].users)
     return result
@@ -188,6 +194,8 @@ def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLin
         for q in quantized:
             qw = PREPARED.get(args[q.match.weight_index], q.spec)
             extra += qw.graph_tensors()
+            if q.row_bounds:
+                extra.append(qw.row_bounds())
         if rewritten is not None and rewritten.uses_h:
             # in the weights' (= activations') dtype: the kernel would otherwise cast it on every call
             # (a copy kernel per rotate+quantize); group-Hadamard entries are exact in bf16/fp16

@@ -11,8 +11,14 @@ cos and sin computed in the graph are bounded by 1; a small graph input (RoPE's 
 when a block is compiled alone) by its own absmax (modulus), taken at every call. A tensor reached
 any other way has no bound here, and its attention keeps the per-call absmax.
 
-The bound is an expression of graph inputs (weights, cos, sin), computed in the graph at every call: it stays
-right when they change.
+For V, whose FLUX projection has no RMSNorm after it, a quantized linear's output is bounded by its GEMM's operands
+(``linears``): |y| <= max token scale x qmax x max over rows (channel scale x sum of |w|) + max |bias|
+(quant.quantized_linear_bound; on synthetic FLUX-like data about 80 times V's absmax, which e4m3's range absorbs:
+the values keep their 3-bit mantissa down to 1/360 of the absmax). That replaces two passes over V with reductions
+over the token scales and the weight's bytes.
+
+The bound is an expression of graph inputs (weights, cos, sin, token scales), computed in the graph at every call:
+it stays right when they change.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..numerics.quant import quantized_linear_bound
+from ..ops import quantized_matmul
+from .emit import ACT_BITS, OUT_FEATURES, ROW_BOUNDS
 from .match import _example
 
 RMS_NORMS = (torch.rms_norm, torch.nn.functional.rms_norm)
@@ -39,43 +48,55 @@ _MAX_DEPTH = 48
 
 @dataclass(frozen=True)
 class Bound:
-    """``op`` "const" (``value``), "amax" (of ``node``, at run time) or "max", "sum", "prod" of ``parts``."""
+    """``op`` "const" (``value``), "amax" (of ``node``, at run time), "linear" (quant.quantized_linear_bound of
+    ``linear``'s nodes and arguments, at run time) or "max", "sum", "prod" of ``parts``."""
 
     op: str
     value: float = 0.0
     node: fx.Node | None = None
     parts: tuple["Bound", ...] = ()
+    linear: tuple = ()
 
     @property
     def constant(self) -> float | None:
         if self.op == "const":
             return self.value
         values = [p.constant for p in self.parts]
-        if self.op == "amax" or any(v is None for v in values):
+        if self.op in ("amax", "linear") or any(v is None for v in values):
             return None
         return {"max": max, "sum": sum, "prod": math.prod}[self.op](values)
 
     def runtime_inputs(self) -> list[fx.Node]:
-        """The graph nodes whose absmax the bound takes at run time."""
+        """The graph nodes the bound reads at run time."""
         if self.op == "amax":
             return [self.node]
+        if self.op == "linear":
+            return [self.linear[0]]
         return [n for p in self.parts for n in p.runtime_inputs()]
+
+    @property
+    def kinds(self) -> set[str]:
+        """The ops of the bound's leaves that read the graph at run time ("amax", "linear")."""
+        if self.op in ("amax", "linear"):
+            return {self.op}
+        return set().union(*(p.kinds for p in self.parts)) if self.parts else set()
 
 
 def const(value: float) -> Bound:
     return Bound("const", value=float(value))
 
 
-def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | None:
+def abs_bound(node: object, max_runtime_numel: int, depth: int = 0, linears: bool = False) -> Bound | None:
     """A bound on |node| by the rules of the module docstring, or None. A graph input bounds by its absmax only
-    when it has at most ``max_runtime_numel`` elements (that reduction runs at every call)."""
+    when it has at most ``max_runtime_numel`` elements (that reduction runs at every call). With ``linears``, a
+    quantized linear's output is bounded by its operands too (``linear_bound``)."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return const(abs(node))
     if not isinstance(node, fx.Node) or depth > _MAX_DEPTH:
         return None
 
     def sub(x):
-        return abs_bound(x, max_runtime_numel, depth + 1)
+        return abs_bound(x, max_runtime_numel, depth + 1, linears)
 
     target, args = node.target, node.args
     name = target if isinstance(target, str) else getattr(target, "__name__", None)
@@ -89,6 +110,14 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | N
         return None
     if target in RMS_NORMS:
         return _rms_norm_bound(node, sub)
+    if linears and target is quantized_matmul:
+        return linear_bound(node)
+    if linears and target is torch.narrow and args and _called_matmul(args[0]):
+        dim, start, length = (list(args[1:4]) + [None] * 3)[:3]
+        out = _example(args[0])  # a fused GEMM's node has none: its column blocks replaced the linears
+        if dim == -1 or (out is not None and dim == out.dim() - 1):
+            return linear_bound(args[0], start, length)
+        return None
     if name in _UNIT:
         return const(1.0)
     if target in (torch.cat, torch.stack, torch.concat):
@@ -107,8 +136,44 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0) -> Bound | N
         return None if inner is None else Bound("prod", parts=(const(math.sqrt(2.0)), inner))
     if target is torch.view_as_real:
         return sub(args[0]) if args else None
-    if (node.op == "call_method" and name in _SAME) or target in _SAME_FUNCTIONS:
+    if keeps_bound(node):
         return sub(args[0]) if args else None
+    return None
+
+
+def keeps_bound(node: fx.Node) -> bool:
+    """Whether node's largest |value| is at most its first input's (a view, a cast, a negation, a split)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", None)
+    return (node.op == "call_method" and name in _SAME) or (node.op == "call_function" and node.target in
+                                                             _SAME_FUNCTIONS)
+
+
+def _called_matmul(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is quantized_matmul
+
+
+def linear_bound(gemm: fx.Node, start: object = None, length: object = None) -> Bound | None:
+    """The bound on columns [start, start + length) of a quantized GEMM node (ops.quantized_matmul; all of them when
+    start is None) where they are one W4A4 or W8A8 linear's output, no GELU or residual added in the epilogue, and
+    the graph takes that weight's row bounds (rewrite.py, ``row_bounds``): quant.quantized_linear_bound of its token
+    scales, row bounds and bias, at run time."""
+    args = list(gemm.args) + [None] * 10
+    _, s, _, values, scales, biases, scheme, _, _, gelu_from = args[:10]
+    gelu_from = gemm.kwargs.get("gelu_from", gelu_from)
+    if gemm.kwargs.get("residual") is not None or scheme not in ACT_BITS:
+        return None
+    values, scales, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (values, scales, biases))
+    begin = 0
+    for v, sc, b in zip(values, scales, biases):
+        width = v.meta.get(OUT_FEATURES) if isinstance(v, fx.Node) else None
+        if width is None:
+            return None
+        if (start is None and len(values) == 1) or (start == begin and length == width):
+            rows = v.meta.get(ROW_BOUNDS)
+            if rows is None or (gelu_from is not None and begin + width > gelu_from):
+                return None
+            return Bound("linear", linear=(s, rows, b, ACT_BITS[scheme]))
+        begin += width
     return None
 
 
@@ -183,6 +248,8 @@ def emit(graph: fx.Graph, bound: Bound, absmax: dict[fx.Node, fx.Node] | None = 
     value = bound.constant
     if value is not None:
         return value
+    if bound.op == "linear":
+        return graph.call_function(quantized_linear_bound, bound.linear)
     if bound.op == "amax":
         if bound.node not in absmax:  # abs first: a complex input's modulus
             absmax[bound.node] = graph.call_method(

@@ -321,6 +321,16 @@ class QuantizedWeight:
         """What a compiled graph takes for this weight, in order."""
         return [self.values, self.scale]
 
+    def row_bounds(self) -> torch.Tensor:
+        """``row_bounds`` of a W4A4 / W8A8 weight, computed once (again if its values change)."""
+        if self.act_bits is None:
+            raise ValueError(f"row bounds are for weights with quantized activations, not {self.scheme}")
+        key = (self.values.data_ptr(), self.values._version, self.scale.data_ptr(), self.scale._version)
+        if getattr(self, "_row_bounds_key", None) != key:
+            self._row_bounds = row_bounds(self.values, self.scale, self.weight_bits == 4)
+            self._row_bounds_key = key
+        return self._row_bounds
+
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.scale.numel() * self.scale.element_size()
 
@@ -443,6 +453,38 @@ def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw:
     if gelu_from is not None:
         out = torch.cat([out[:, :gelu_from], torch.nn.functional.gelu(out[:, gelu_from:], approximate="tanh")], -1)
     return out.to(out_dtype)
+
+
+def gated_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """residual + gate * y for y, residual [M, N] and gate [B, N] (each sample's M / B rows share its gate row), in
+    float32 and rounded once to y's dtype: DiT blocks' gated residual (FLUX's ``x + gate * proj_out(...)``) as
+    Inductor computes it from 16-bit tensors, and as the GEMM epilogue that absorbs it does."""
+    if residual.shape != y.shape or gate.dim() != 2 or gate.shape[1] != y.shape[1] or y.shape[0] % gate.shape[0]:
+        raise ValueError(f"gated residual: y {tuple(y.shape)} needs a residual of its shape and a gate [B, "
+                         f"{y.shape[1]}] with B dividing {y.shape[0]}; got {tuple(residual.shape)} and "
+                         f"{tuple(gate.shape)}")
+    g = gate.float().repeat_interleave(y.shape[0] // gate.shape[0], 0)
+    return torch.addcmul(residual.float(), g, y.float()).to(y.dtype)
+
+
+def row_bounds(values: torch.Tensor, scale: torch.Tensor, packed: bool) -> torch.Tensor:
+    """scale x the sum of |W| over each row, float32 [N], for a W4A4 / W8A8 weight's integer values (``values``: int8
+    [N, K], or int4 [N, K / 2] two to a byte, ``packed``) and channel scales: what quantized_linear_bound takes."""
+    v = values
+    if packed:  # the low nibble as a signed value: ((n & 15) ^ 8) - 8; the high one by the arithmetic shift
+        magnitudes = ((v.bitwise_and(15).bitwise_xor(8) - 8).abs() + v.bitwise_right_shift(4).abs()).to(torch.int32)
+    else:
+        magnitudes = v.to(torch.int32).abs()
+    return scale.float() * magnitudes.sum(-1).float()
+
+
+def quantized_linear_bound(act_scales: torch.Tensor, bounds: torch.Tensor, bias: torch.Tensor | None,
+                           act_bits: int) -> torch.Tensor:
+    """A bound on |y| for the quantized GEMM y = (q @ W^T) * act_scales * scale (+ bias) with |q| <= qmax(act_bits):
+    max(act_scales) x qmax x max(``bounds``, the weight's row_bounds) + max |bias|, a float32 scalar. It holds for
+    any activations; y's rounding to 16 bits may pass it by 2^-8 relative."""
+    bound = act_scales.float().amax() * qmax(act_bits) * bounds.float().amax()
+    return bound if bias is None else bound + bias.float().abs().amax()
 
 
 def concat_biases(biases: list, sizes: list[int], device: torch.device) -> torch.Tensor | None:

@@ -188,7 +188,66 @@ def test_the_inspection_table_says_how_each_fp8_attention_is_scaled():
     model = build_flux("flux-tiny", device="meta")
     kwargs = make_flux_inputs(model, 64, 64, 16, device="meta").kwargs
     table = inspect(model, example_kwargs=kwargs, attention="fp8").attention_table()
+    assert "Q and K by RMSNorm bound; V by its projection's operands" in table
+    table = inspect(model, example_kwargs=kwargs, attention="fp8", attention_scales="qk-bound").attention_table()
     assert "Q and K by RMSNorm bound; V by absmax" in table
+
+
+@pytest.mark.parametrize("packed,bits", [(True, 4), (False, 8)])
+def test_a_quantized_linears_output_stays_within_its_operand_bound(packed, bits):
+    """quant.quantized_linear_bound holds on any operands and is reached where each token's values take the sign of
+    the weight row that gives the bound, at the largest token scale; row_bounds reads packed int4 and int8 alike."""
+    from convrot_compiler.numerics.quant import pack_int4, qmax, quantized_linear_bound, reference_int_gemm, row_bounds
+
+    g = torch.Generator().manual_seed(0)
+    m, k, n, top = 6, 512, 8, qmax(bits)
+    w = torch.randint(-top, top + 1, (n, k), generator=g, dtype=torch.int8)
+    w[2, :3] = -8 if bits == 4 else -127  # the int4 grid's one extra value
+    sw, sx = torch.rand(n, generator=g) + 0.5, torch.rand(m, generator=g) + 0.5
+    bias = torch.randn(n, generator=g)
+    rows = row_bounds(pack_int4(w, 256) if packed else w, sw, packed)
+    torch.testing.assert_close(rows, sw * w.float().abs().sum(-1), rtol=1e-6, atol=0)
+    q = torch.randint(-top, top + 1, (m, k), generator=g, dtype=torch.int8)
+    assert reference_int_gemm(q, sx, w, sw, bias, torch.float32).abs().max() <= quantized_linear_bound(sx, rows, bias,
+                                                                                                       bits)
+    q[int(sx.argmax())] = top * w[int(rows.argmax())].sign()
+    y = reference_int_gemm(q, sx, w, sw, None, torch.float32)
+    torch.testing.assert_close(y.abs().max(), quantized_linear_bound(sx, rows, None, bits), rtol=1e-6, atol=0)
+
+
+def test_flux_v_is_scaled_by_its_projections_operands():
+    """FLUX's V comes out of the Q/K/V GEMMs (fused, the text stream's concatenated before the image's): scaled by the
+    larger of the two projections' operand bounds, recomputed from the token scales and weights at every call; the
+    attention output stays within the absmax form's error of bf16's. A GELU'd column block or a GEMM with a residual
+    has no such bound."""
+    from convrot_compiler.compiler.backend import REPORTS
+    from convrot_compiler.compiler.value_bounds import linear_bound
+    from convrot_compiler.numerics.quant import quantized_linear_bound
+
+    kwargs = make_flux_inputs(build_flux("flux-tiny", seed=2), 128, 128, 16, seed=0).kwargs
+    ref = build_flux("flux-tiny", seed=2)(**kwargs)[0]
+    errors = {}
+    for scales in ("bound", "qk-bound"):
+        torch._dynamo.reset()
+        out = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", attention="fp8", attention_scales=scales,
+                         progress=False, regional=False)(**kwargs)[0]
+        report = REPORTS[-1]
+        labels = {a.scales for a in report.attention}
+        assert labels == {"Q and K by RMSNorm bound; V by " + ("its projection's operands" if scales == "bound"
+                                                               else "absmax")}
+        errors[scales] = relative_error(out, ref)
+    gm = report.graph_modules["after"]
+    assert sum(n.target is quantized_linear_bound for n in gm.graph.nodes) == 0  # the qk-bound graph
+    assert errors["bound"] < 1.5 * errors["qk-bound"] + 1e-3
+    torch._dynamo.reset()
+    cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", attention="fp8", progress=False, regional=False)(**kwargs)
+    gm = REPORTS[-1].graph_modules["after"]
+    bounds = [n for n in gm.graph.nodes if n.target is quantized_linear_bound]
+    assert len(bounds) == 2 * 2 + 2  # each double block's two streams, each single block's one
+    gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "quantized_matmul"]
+    gelu = next(n for n in gemms if n.args[9] is not None)
+    assert linear_bound(gelu) is None and linear_bound(gelu, gelu.args[9], 1024) is None
+    assert all(linear_bound(n) is None for n in gemms if "residual" in n.kwargs)
 
 
 def test_sdpa_helper_matches_the_reference_with_bounds():
