@@ -52,7 +52,6 @@ class ConvRotConfig:
     fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
     fuse_producers: bool = True          # rotate+quantize reads a concatenation in place
     gelu_epilogue: bool = True           # a GELU after a quantized linear runs in its GEMM's epilogue
-    residual_epilogue: bool = True       # x + gate * linear(h) after a quantized linear: added in its GEMM's epilogue
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     attention_scales: str = "bound"      # fp8 Q, K (RMSNorm) and V (its GEMM's operands) scaled by proven bounds;
                                          # "qk-bound": V by its absmax; "absmax": all three
@@ -100,8 +99,7 @@ class ConvRotConfig:
         for key in ("inductor", "cuda_graphs", "dynamic"):
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
-        for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "residual_epilogue",
-                    "fuse_attention_prologue",
+        for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
                     "fuse_attention_output",
                     "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):

@@ -37,7 +37,6 @@ class CompileReport:
     fused_linears: int = 0                    # linears computed by those
     fused_producers: int = 0                  # quantizations that read the concatenation feeding them
     gelu_epilogues: int = 0                   # GELUs computed in the epilogue of the GEMM before them
-    residual_epilogues: int = 0               # gated residuals added in the epilogue of the GEMM before them
     attention: list[AttentionDecision] = field(default_factory=list)  # every SDPA of the graph, fp8 or kept
 
     @property
@@ -75,7 +74,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
         report.shared_activation_quantizations = rewritten.shared
         report.fused_gemms, report.fused_linears = rewritten.fused_gemms, rewritten.fused_linears
         report.fused_producers, report.gelu_epilogues = rewritten.fused_producers, rewritten.gelu_epilogues
-        report.residual_epilogues = rewritten.residual_epilogues
     changed = bool(quantized) or attention_rewrites > 0
     report.graph_after = gm.print_readable(print_output=False) if changed else before
     report.graph_modules["after"] = gm

@@ -21,7 +21,6 @@ from typing import Protocol
 from torch import fx
 
 from ..numerics.quant import WEIGHT_ONLY
-from .gated_residual import GatedResidual
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
 OUT_FEATURES = "convrot_out_features"  # node meta of a prepared weight's graph inputs: its linear's output width
@@ -45,7 +44,6 @@ class QuantizedUse:
     w_hi: fx.Node | None = None
     rank: int = 0
     share: str | None = None      # DiRotQ: uses of one input with one share key have one basis (calibration)
-    residual: GatedResidual | None = None  # a gated residual added in its GEMM's epilogue (backend form only)
 
     @property
     def is_pca(self) -> bool:
@@ -60,9 +58,8 @@ class GraphForm(Protocol):
         dtype the GEMM output takes (x, or what replaced it)."""
 
     def gemm(self, q: fx.Node, s: fx.Node, like: fx.Node, uses: list[QuantizedUse], biases: list,
-             gelu_from: int | None, residual: tuple[fx.Node, fx.Node] | None = None) -> fx.Node:
-        """One GEMM of the uses' weights on (q, s), their outputs side by side; with ``residual`` (residual, gate
-        nodes) its one use's gated residual added in the epilogue."""
+             gelu_from: int | None) -> fx.Node:
+        """One GEMM of the uses' weights on (q, s), their outputs side by side."""
 
     def column_block(self, out: fx.Node, start: int, length: int) -> fx.Node:
         """Columns [start, start + length) of a fused GEMM's output."""
@@ -87,7 +84,6 @@ class Emitted:
     fused_gemms: int = 0               # GEMMs computing two or more linears
     fused_linears: int = 0             # linears computed by those
     gelu_epilogues: int = 0            # GELUs computed in the epilogue of the GEMM before them
-    residual_epilogues: int = 0        # gated residuals added in the epilogue of the GEMM before them
     replaced: dict = field(default_factory=dict)  # old node -> new node
 
 
@@ -140,15 +136,13 @@ def emit(graph: fx.Graph, uses: list[QuantizedUse], form: GraphForm, fuse: bool)
         done.shared += len(members) - 1
         members = sorted(members, key=lambda u: u.gelu is not None)  # GELU outputs last: one gelu_from column
         biases = {u: replaced.live(u.bias) for u in members}
-        fusable = fuse and len(members) > 1 and all(u.residual is None for u in members) and all(
+        fusable = fuse and len(members) > 1 and all(
             not isinstance(b, fx.Node) or order.get(b, len(order)) < order[first] for b in biases.values())
         for part in [members] if fusable else [[u] for u in members]:
             plain = [u for u in part if u.gelu is None]
             gelu_from = sum(u.out_features for u in plain) if len(plain) < len(part) else None
-            gated = part[0].residual if len(part) == 1 else None
-            residual = None if gated is None else (replaced.live(gated.residual), replaced.live(gated.gate))
             with graph.inserting_before(first if fusable else part[0].node):
-                out = form.gemm(q, s, like, part, [biases[u] for u in part], gelu_from, residual)
+                out = form.gemm(q, s, like, part, [biases[u] for u in part], gelu_from)
                 outs, start = [], 0
                 for u in part:
                     outs.append(out if len(part) == 1 else form.column_block(out, start, u.out_features))
@@ -157,12 +151,6 @@ def emit(graph: fx.Graph, uses: list[QuantizedUse], form: GraphForm, fuse: bool)
                 done.fused_gemms += 1
                 done.fused_linears += len(part)
             for u, new in zip(part, outs):
-                if gated is not None:  # the GEMM computed the sum: its users read the GEMM's output
-                    gated.add.replace_all_uses_with(new)
-                    replaced[gated.add] = new
-                    for n in (gated.add, *reversed(gated.between)):
-                        graph.erase_node(n)
-                    done.residual_epilogues += 1
                 _replace(form, u.node, new, replaced)
                 if u.gelu is not None:  # the GEMM computed it: its users read the GEMM's output
                     replaced[u.gelu] = new

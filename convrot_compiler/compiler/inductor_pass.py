@@ -242,7 +242,7 @@ class _InductorForm:
         rq = self._call(torch.ops.convrot.rotate_quantize.default, (x, self.g.h, self.group_size, bits, act_order))
         return self._call(operator.getitem, (rq, 0)), self._call(operator.getitem, (rq, 1)), x
 
-    def gemm(self, q, s, like, uses, biases, gelu_from, residual=None):
+    def gemm(self, q, s, like, uses, biases, gelu_from):
         out_dtype = uses[0].node.meta["val"].dtype
         return self._call(torch.ops.convrot.int_gemm.default, (
             q, s, [u.values for u in uses], [u.scale for u in uses], biases, uses[0].scheme == "w4a4",

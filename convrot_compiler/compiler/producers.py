@@ -23,7 +23,7 @@ def is_gelu_tanh(n) -> bool:
             and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh")
 
 
-def is_inference_dropout(n) -> bool:
+def _is_inference_dropout(n) -> bool:
     """F.dropout(x, p, training=False, ...) or p = 0: the identity."""
     if not _is_call(n, torch.nn.functional.dropout):
         return False
@@ -39,7 +39,7 @@ def _value(n: fx.Node):
 def match_cat_producer(x: fx.Node, group_size: int) -> tuple[fx.Node, fx.Node] | None:
     """(a, b) when x is cat([a, b], -1) with a's width a multiple of group_size (possibly behind an
     inference dropout), else None."""
-    if is_inference_dropout(x):
+    if _is_inference_dropout(x):
         x = x.args[0]
     if not _is_call(x, torch.cat):
         return None

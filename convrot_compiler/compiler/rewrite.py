@@ -35,7 +35,6 @@ from ..ops import (
     quantized_matmul,
 )
 from .emit import OUT_FEATURES, ROW_BOUNDS, Emitted, QuantizedUse, emit
-from .gated_residual import GatedResidual, match_gated_residual
 from .match import LinearMatch
 from .producers import is_gelu_tanh, match_cat_producer
 
@@ -86,12 +85,11 @@ class _DynamoForm:
             like = x
         return call(operator.getitem, (qs, 0)), call(operator.getitem, (qs, 1)), like
 
-    def gemm(self, q, s, like, uses, biases, gelu_from, residual=None):
+    def gemm(self, q, s, like, uses, biases, gelu_from):
         total = sum(u.out_features for u in uses)
-        kwargs = {} if residual is None else {"residual": residual[0], "gate": residual[1]}
         return self.graph.call_function(quantized_matmul, (
             q, s, like, [u.values for u in uses], [u.scale for u in uses], biases, uses[0].scheme, self.group_size,
-            total, gelu_from), kwargs)
+            total, gelu_from))
 
     def column_block(self, out, start, length):
         return self.graph.call_function(torch.narrow, (out, -1, start, length))
@@ -156,33 +154,18 @@ def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
     return weights, h
 
 
-def _gated_residual(rw: Rewrite, order: dict[fx.Node, int]) -> GatedResidual | None:
-    """The gated residual after a W4A4 / W8A8 linear that its GEMM can add (its residual and gate computed
-    before the linear, where the GEMM goes), else None."""
-    if rw.scheme in WEIGHT_ONLY or rw.pca_rank is not None:
-        return None
-    found = match_gated_residual(rw.match.node)
-    if found is None or max(order[found.residual], order[found.gate]) > order[rw.match.node]:
-        return None
-    return found
-
-
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int, rotated: bool, fuse: bool = True,
-                    fuse_producers: bool = False, gelu_epilogue: bool = False,
-                    residual_epilogue: bool = False) -> RewriteResult:
+                    fuse_producers: bool = False, gelu_epilogue: bool = False) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: each rewrite's weight tensors (values, scale; for DiRotQ
     basis, w_hi, values, scale), then h if any rewrite quantizes activations with a rotation (``rotated``)."""
     graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     weights, h = _new_inputs(graph, rewrites, rotated)
-    uses = []
-    for rw, w in zip(rewrites, weights):
-        gelu = (_sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme not in WEIGHT_ONLY and
-                rw.pca_rank is None else None)
-        residual = _gated_residual(rw, order) if residual_epilogue and gelu is None else None
-        uses.append(QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, w["values"], w["scale"],
-                                 rw.match.out_features, rw.scheme, rw.act_order, gelu, basis=w.get("basis"),
-                                 w_hi=w.get("w_hi"), rank=rw.pca_rank or 0, share=rw.share, residual=residual))
+    uses = [QuantizedUse(rw.match.node, rw.match.x, rw.match.bias, w["values"], w["scale"], rw.match.out_features,
+                         rw.scheme, rw.act_order,
+                         _sole_gelu_user(rw.match.node) if gelu_epilogue and rw.scheme not in WEIGHT_ONLY and
+                         rw.pca_rank is None else None,
+                         basis=w.get("basis"), w_hi=w.get("w_hi"), rank=rw.pca_rank or 0, share=rw.share)
+            for rw, w in zip(rewrites, weights)]
     form = _DynamoForm(graph, h, group_size, fuse_producers)
     done = emit(graph, uses, form, fuse)
     for node in dict.fromkeys(form.absorbed):  # a concatenation that only fed quantizations

@@ -154,17 +154,17 @@ def _called_matmul(node: object) -> bool:
 
 def linear_bound(gemm: fx.Node, start: object = None, length: object = None) -> Bound | None:
     """The bound on columns [start, start + length) of a quantized GEMM node (ops.quantized_matmul; all of them when
-    start is None) where they are one W4A4 or W8A8 linear's output, no GELU or residual added in the epilogue, and
+    start is None) where they are one W4A4 or W8A8 linear's output, no GELU in the epilogue, and
     the graph takes that weight's row bounds (rewrite.py, ``row_bounds``): quant.quantized_linear_bound of its token
     scales, row bounds and bias, at run time."""
     args = list(gemm.args) + [None] * 10
-    _, s, _, values, scales, biases, scheme, _, _, gelu_from = args[:10]
+    _, s, _, values, _, biases, scheme, _, _, gelu_from = args[:10]
     gelu_from = gemm.kwargs.get("gelu_from", gelu_from)
-    if gemm.kwargs.get("residual") is not None or scheme not in ACT_BITS:
+    if scheme not in ACT_BITS:
         return None
-    values, scales, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (values, scales, biases))
+    values, biases = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (values, biases))
     begin = 0
-    for v, sc, b in zip(values, scales, biases):
+    for v, b in zip(values, biases):
         width = v.meta.get(OUT_FEATURES) if isinstance(v, fx.Node) else None
         if width is None:
             return None

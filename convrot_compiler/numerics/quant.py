@@ -455,18 +455,6 @@ def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw:
     return out.to(out_dtype)
 
 
-def gated_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """residual + gate * y for y, residual [M, N] and gate [B, N] (each sample's M / B rows share its gate row), in
-    float32 and rounded once to y's dtype: DiT blocks' gated residual (FLUX's ``x + gate * proj_out(...)``) as
-    Inductor computes it from 16-bit tensors, and as the GEMM epilogue that absorbs it does."""
-    if residual.shape != y.shape or gate.dim() != 2 or gate.shape[1] != y.shape[1] or y.shape[0] % gate.shape[0]:
-        raise ValueError(f"gated residual: y {tuple(y.shape)} needs a residual of its shape and a gate [B, "
-                         f"{y.shape[1]}] with B dividing {y.shape[0]}; got {tuple(residual.shape)} and "
-                         f"{tuple(gate.shape)}")
-    g = gate.float().repeat_interleave(y.shape[0] // gate.shape[0], 0)
-    return torch.addcmul(residual.float(), g, y.float()).to(y.dtype)
-
-
 def row_bounds(values: torch.Tensor, scale: torch.Tensor, packed: bool) -> torch.Tensor:
     """scale x the sum of |W| over each row, float32 [N], for a W4A4 / W8A8 weight's integer values (``values``: int8
     [N, K], or int4 [N, K / 2] two to a byte, ``packed``) and channel scales: what quantized_linear_bound takes."""

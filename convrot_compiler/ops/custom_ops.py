@@ -28,7 +28,6 @@ from ..numerics.quant import (
     SCHEME_BITS,
     WEIGHT_ONLY,
     concat_biases,
-    gated_residual,
     quantize_symmetric,
     reference_int_gemm,
     to_act_order,
@@ -64,17 +63,14 @@ def stacked_weights_reference(qws: list[torch.Tensor], packed: bool, group_size:
 
 
 def int_gemm_reference(qx: torch.Tensor, sx: torch.Tensor, qw, sw, bias, packed: bool, group_size: int,
-                       out_dtype: torch.dtype, gelu_from: Optional[int] = None, residual: Optional[torch.Tensor] = None,
-                       gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out_dtype: torch.dtype, gelu_from: Optional[int] = None) -> torch.Tensor:
     """(qx @ W^T) * sx * sw (+ bias): int8 activations, int8 or packed int4 (``packed``) weights; any device.
     qw, sw and bias may be lists, one entry per linear reading qx: the outputs then sit side by side.
-    ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, before the cast to out_dtype.
-    ``residual`` [M, N] and ``gate`` [B, N]: the output is quant.gated_residual of that (residual + gate * it)."""
+    ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, before the cast to out_dtype."""
     qws, sws, biases = _as_list(qw), _as_list(sw), _as_list(bias)
     w = stacked_weights_reference(qws, packed, group_size)
     b = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
-    out = reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype, gelu_from)
-    return out if residual is None else gated_residual(out, residual, gate)
+    return reference_int_gemm(qx, sx, w, torch.cat(sws), b, out_dtype, gelu_from)
 
 
 @torch.library.custom_op("convrot::rotate_quantize", mutates_args=())
@@ -147,19 +143,18 @@ def _(x8, descale, x2, h, group_size, bits, order, dtype):
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
              bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
-             gelu_from: Optional[int] = None, residual: Optional[torch.Tensor] = None,
-             gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+             gelu_from: Optional[int] = None) -> torch.Tensor:
     """Quantized GEMM of one or several linears on the same activations, [M, sum N]; see ``int_gemm_reference``."""
-    return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, residual, gate)
+    return int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from)
 
 
 @int_gemm.register_kernel("cuda")
-def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None, residual=None, gate=None):
-    return dispatch.int_gemm(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, residual, gate)
+def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
+    return dispatch.int_gemm(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from)
 
 
 @int_gemm.register_fake
-def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None, residual=None, gate=None):
+def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
 
 
@@ -299,22 +294,15 @@ def quantize_e4m3_activation(x8: torch.Tensor, descale: torch.Tensor, x2: Option
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
                      group_size: int, out_features: int, gelu_from: Optional[int] = None,
-                     dtype: Optional[torch.dtype] = None, residual: Optional[torch.Tensor] = None,
-                     gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The second half: the GEMM on quantized activations (q, s) of x (read for its shape and dtype; ``dtype``
     instead where x is e4m3 that widened to it).
     values, scale and bias may be lists, one entry per linear reading x: one GEMM then computes all
     of them, their outputs side by side in the last dimension (out_features in total).
-    ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, in the GEMM's epilogue.
-    ``residual`` [B, ..., out_features] and ``gate`` [B, 1, out_features]: the result is residual + gate * the
-    GEMM's output (quant.gated_residual), in the GEMM's epilogue."""
+    ``gelu_from``: GELU (tanh form) on output columns >= gelu_from, in the GEMM's epilogue."""
     values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
-    if residual is not None:
-        residual = _rows(residual)
-        gate = gate.reshape(gate.shape[0], gate.shape[-1])
-        gate = gate if gate.is_contiguous() else gate.contiguous()
     out = torch.ops.convrot.int_gemm(q, s, values, scale, bias, scheme == "w4a4", group_size, dtype or x.dtype,
-                                     gelu_from, residual, gate)
+                                     gelu_from)
     return out.reshape(*x.shape[:-1], out_features)
 
 

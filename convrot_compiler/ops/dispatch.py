@@ -23,7 +23,7 @@ import triton
 
 from ..kernels.triton.common import interpreting
 from ..numerics.pca import PCAWeight
-from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, gated_residual, packed_layout
+from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
 
 # When Triton's persistent GEMM pays, measured on an H100:
@@ -120,14 +120,12 @@ def use_sm90_rotate(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Te
                       "kernel instead (same numerics, slower)")
 
 
-def use_sm90_packed_gemm(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-                         residual: bool = False) -> bool:
-    """Whether the sm_90 packed GEMM runs these W4A4 operands (weights split in registers, no unpack pass), with a
-    gated residual in its epilogue where ``residual``."""
+def use_sm90_packed_gemm(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype) -> bool:
+    """Whether the sm_90 packed GEMM runs these W4A4 operands (weights split in registers, no unpack pass)."""
     def unsupported():
         from ..kernels.sm90 import packed_gemm  # Gluon: imported where it can run
 
-        return packed_gemm.supported(qx, qws, group_size, out_dtype, residual=residual)
+        return packed_gemm.supported(qx, qws, group_size, out_dtype)
 
     return _sm90_runs(qx.device, unsupported,
                       "int_gemm: the sm_90 packed GEMM cannot run these operands ({why}); unpacking the weights and "
@@ -146,14 +144,13 @@ def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bo
 
 
 @functools.lru_cache(maxsize=None)
-def packed_gemm_config(wide: bool, out_itemsize: int, residual: bool = False):
-    """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile (and residual tile, with
-    ``residual``) fits in shared memory beside the stages (not a float32 one, nor a residual), else the default.
-    Cached: int_gemm asks on every call."""
+def packed_gemm_config(wide: bool, out_itemsize: int):
+    """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile fits in shared memory beside
+    the stages (not a float32 one), else the default. Cached: int_gemm asks on every call."""
     from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
 
     config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
-    return config if wide and config.smem_bytes(out_itemsize, residual) <= SMEM_LIMIT else DEFAULT_CONFIG
+    return config if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
 
 
 def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:
@@ -182,54 +179,24 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
 
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
              biases: list[torch.Tensor | None], packed: bool, group_size: int, out_dtype: torch.dtype,
-             gelu_from: int | None = None, residual: torch.Tensor | None = None,
-             gate: torch.Tensor | None = None) -> torch.Tensor:
+             gelu_from: int | None = None) -> torch.Tensor:
     """kernels.int_gemm.int_gemm with its schedule from ``gemm_schedule``, or the sm_90 packed GEMM where
-    ``use_sm90_packed_gemm``. ``residual`` and ``gate``: residual + gate * the output (quant.gated_residual), in
-    the packed GEMM's epilogue; after Triton's GEMM, by torch."""
+    ``use_sm90_packed_gemm``."""
     from ..kernels.triton.int_gemm import check_gemm_operands, int_gemm_unchecked, programs
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     n = sum(w.shape[0] for w in qws)
-    if residual is not None or gate is not None:
-        check_gated_residual(qx, n, out_dtype, gelu_from, residual, gate)
-    if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype, residual is not None):
+    if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
         from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
 
         s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
         b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
         wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        # its epilogue takes each 128-token tile's gate rows from two samples at most
-        fused = residual is not None and qx.shape[0] // gate.shape[0] >= PACKED_TILE
-        out = packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
-                                    packed_gemm_config(wide, out_dtype.itemsize, fused), residual if fused else None,
-                                    gate if fused else None)
-        return out if fused or residual is None else gated_residual(out, residual, gate)
+        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
+                                     packed_gemm_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-    out = int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
-                             persistent=persistent, warp_specialize=warp_specialize)
-    return out if residual is None else gated_residual(out, residual, gate)
-
-
-def check_gated_residual(qx: torch.Tensor, n: int, out_dtype: torch.dtype, gelu_from: int | None,
-                         residual: torch.Tensor, gate: torch.Tensor | None) -> None:
-    """The operands of a GEMM on qx [m, K] whose epilogue adds a gated residual: residual [m, n] and gate [B, n],
-    both contiguous in the output's dtype on qx's device, B dividing m, and no GELU."""
-    m = qx.shape[0]
-    if residual is None or gate is None:
-        raise ValueError("int_gemm: a gated residual takes both a residual [M, N] and a gate [B, N] (a gate of ones "
-                         "for a plain residual)")
-    if gelu_from is not None:
-        raise ValueError("int_gemm: a GELU epilogue and a gated residual do not combine")
-    if residual.shape != (m, n) or gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] == 0 or m % gate.shape[0]:
-        raise ValueError(f"int_gemm: residual must be [M, N] = [{m}, {n}] and gate [B, {n}] with B dividing {m}, got "
-                         f"{tuple(residual.shape)} and {tuple(gate.shape)}")
-    for name, t in (("residual", residual), ("gate", gate)):
-        if t.dtype != out_dtype or not t.is_contiguous():
-            raise ValueError(f"int_gemm: {name} must be contiguous {out_dtype} (the output's dtype), got "
-                             f"{t.dtype}{'' if t.is_contiguous() else ', strided'}: pass .contiguous().to(dtype)")
-        if t.device != qx.device:
-            raise ValueError(f"int_gemm: {name} is on {t.device}, the activations on {qx.device}")
+    return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
+                              persistent=persistent, warp_specialize=warp_specialize)
 
 
 def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -85,8 +85,7 @@ CONVROT = ("w8a8", "w4a4", "mix")
 LAUNCHES = {
     "nograph": ({"cuda_graphs": False}, ""),
     "epilogue": ({"fuse_producers": False}, "GELU in the GEMM epilogue, cat by Inductor"),
-    "unfused": ({"fuse_producers": False, "gelu_epilogue": False, "residual_epilogue": False},
-                "GELU, cat and gated residuals by Inductor"),
+    "unfused": ({"fuse_producers": False, "gelu_epilogue": False}, "GELU and cat by Inductor"),
     "flat": ({}, "int8 GEMM one program per tile at every M (not persistent)"),  # run under kernel_choice
     "nows": ({}, "int8 GEMM never warp-specialized (the schedule before it)"),  # likewise
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
@@ -96,8 +95,6 @@ LAUNCHES = {
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
-    "fp8residual": ({"attention": "fp8", "residual_epilogue": False},
-                    "attention in fp8, each block's gated residuals added by Inductor (not in the GEMM epilogue)"),
     "fp8dequant": ({"attention": "fp8", "fuse_attention_output": False},
                    "attention in fp8, its output dequantized by Inductor before the next rotate+quantize (not read "
                    "in e4m3)"),

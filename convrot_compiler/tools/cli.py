@@ -41,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show the pass without reading the concatenation inside rotate+quantize")
     ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_false",
                      help="show the pass with the GELU after the MLP up-projections left to Inductor")
-    ins.add_argument("--no-residual-epilogue", dest="residual_epilogue", action="store_false",
-                     help="show the pass with the gated residual after each block's output linears left to Inductor")
     qz = sub.add_parser("quantize", help="quantize a diffusers model folder into a checkpoint, one layer at a time "
                         "(convrot_compiler.load reads it)")
     qz.add_argument("model", metavar="MODEL", help="a diffusers transformer folder, or a pipeline root with transformer/")
@@ -145,8 +143,7 @@ def _inspect(args) -> None:
     inputs = example_inputs(model, device, height=args.height, width=args.width, text_tokens=args.text_tokens,
                             frames=args.frames)
     report = inspect(model, example_kwargs=inputs, plan=args.plan, fuse_producers=args.fuse_producers,
-                     gelu_epilogue=args.gelu_epilogue, residual_epilogue=args.residual_epilogue,
-                     attention=args.attention, **quant_overrides(args))
+                     gelu_epilogue=args.gelu_epilogue, attention=args.attention, **quant_overrides(args))
     print(report.table())
     if args.attention != "keep":
         print(report.attention_table())

@@ -46,7 +46,6 @@ class InspectReport:
                 "fused_linears": sum(r.fused_linears for r in self.reports),
                 "fused_producers": sum(r.fused_producers for r in self.reports),
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
-                "residual_epilogues": sum(r.residual_epilogues for r in self.reports),
                 "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
                 "attention_kept": sum(a.precision != "fp8" for a in self.attention),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
@@ -89,8 +88,6 @@ class InspectReport:
                 f"{t['shared_activation_quantizations']} linears sharing one with another linear on the same input; "
                 f"{t['fused_linears']} linears computed by {t['fused_gemms']} fused GEMMs"
                 + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
-                + (f"; {t['residual_epilogues']} gated residuals added in their GEMM's epilogue"
-                   if t["residual_epilogues"] else "")
                 + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
                    if t["fused_producers"] else "")
                 + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8"

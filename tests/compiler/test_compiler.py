@@ -40,10 +40,9 @@ def test_compiled_equals_eager_modules_and_rewrites_what_the_plan_predicts(plan,
     kwargs = _inputs(model)
     expected = sum(d.precision != "bf16" for d in decide_linears(model, plan))
     ref = _eager_reference(3, plan, rotation, kwargs)
-    # the eager modules round each GEMM output to bf16 before the GELU, and gate * output before the residual's
-    # sum; the default epilogues do not (tested in test_gelu_runs_in_the_gemm_epilogue_... and test_gated_residual)
-    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False, regional=False, gelu_epilogue=False,
-                          residual_epilogue=False)
+    # the eager modules round each GEMM output to bf16 before the GELU; the default GELU epilogue does
+    # not (tested against this path in test_gelu_runs_in_the_gemm_epilogue_...)
+    compiled = cc.compile(model, plan=plan, rotation=rotation, progress=False, regional=False, gelu_epilogue=False)
     out = compiled(**kwargs)[0]
     report = REPORTS[-1]
     assert report.rewritten == expected > 0
@@ -83,8 +82,7 @@ def test_two_instances_of_one_class_keep_their_own_weights():
     kwargs = _inputs(a)
     ref_a = _eager_reference(10, "w4a4", "regular", kwargs)
     ref_b = _eager_reference(11, "w4a4", "regular", kwargs)
-    opts = {"plan": "w4a4", "gelu_epilogue": False,
-            "residual_epilogue": False}  # bit-equal to the eager modules (see above)
+    opts = {"plan": "w4a4", "gelu_epilogue": False}  # bit-equal to the eager modules (see above)
     ca = torch.compile(a, backend="convrot", options=opts, fullgraph=True)
     cb = torch.compile(b, backend="convrot", options=opts, fullgraph=True)
     with torch.no_grad():
@@ -102,7 +100,6 @@ def test_new_sequence_length_recompiles_and_stays_correct():
     refs = [_eager_reference(4, "w4a4", "regular", k) for k in (small, large)]
     graphs = []
     compiled = cc.compile(model, progress=False, regional=False, gelu_epilogue=False,  # bit-equal to the eager modules
-                          residual_epilogue=False,
                           report=graphs.append)
     outs = [compiled(**k)[0] for k in (small, large)]
     assert len(graphs) == 2  # dynamic=False: one graph per sequence length
@@ -295,7 +292,7 @@ def test_gelu_runs_in_the_gemm_epilogue_and_the_concatenation_in_the_quantizatio
     dim = model.config.num_attention_heads * model.config.attention_head_dim
     kwargs = _inputs(model)
     plain = cc.compile(build_flux("flux-tiny", seed=2), plan="w4a4", progress=False, regional=False, fuse_producers=False,
-                       gelu_epilogue=False, residual_epilogue=False)(**kwargs)[0]
+                       gelu_epilogue=False)(**kwargs)[0]
     cats_before = sum(n.target is torch.cat for n in REPORTS[-1].graph_modules["after"].graph.nodes)
     torch._dynamo.reset()
     out = cc.compile(model, plan="w4a4", progress=False, regional=False)(**kwargs)[0]
@@ -344,7 +341,7 @@ def test_inspect_reports_folded_producers(tmp_path):
     model = build_flux("flux-tiny", device="meta")
     kwargs = make_flux_inputs(model, 128, 128, 16, device="meta").kwargs
     assert inspect(model, example_kwargs=kwargs, plan="w4a4", fuse_producers=False).totals()["fused_producers"] == 0
-    report = inspect(model, example_kwargs=kwargs, plan="w4a4", gelu_epilogue=False, residual_epilogue=False)
+    report = inspect(model, example_kwargs=kwargs, plan="w4a4", gelu_epilogue=False)
     assert report.totals()["fused_producers"] == 2 and report.totals()["gelu_epilogues"] == 0
     assert "2 concatenations read inside their rotate+quantize" in report.summary()
     proc = subprocess.run([sys.executable, "-m", "convrot_compiler", "inspect", "--config", "flux-tiny", "--height",

@@ -77,7 +77,7 @@ def test_compiled_guidance_free_model_and_a_lora_scale():
     model = build_flux(cfg)
     kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
     assert kwargs["guidance"] is None
-    cc.compile(model, progress=False, gelu_epilogue=False, residual_epilogue=False)
+    cc.compile(model, progress=False, gelu_epilogue=False)
     ref = build_flux(cfg)
     quantize_model(ref, [(d.name, d.precision) for d in model.convrot_decisions], progress=False)
     with torch.no_grad():

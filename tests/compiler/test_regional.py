@@ -26,8 +26,7 @@ def test_regional_compile_equals_eager_modules_with_one_graph_per_block_class():
     kwargs = make_flux_inputs(model, 128, 128, 32).kwargs
     whole = {d.name: d.precision for d in decide_linears(model, "w4a4")}
     graphs = []
-    compiled = cc.compile(model, regional=True, progress=False, gelu_epilogue=False, residual_epilogue=False,
-                          report=graphs.append)
+    compiled = cc.compile(model, regional=True, progress=False, gelu_epilogue=False, report=graphs.append)
     out = compiled(**kwargs)[0]
     assert compiled is model and {d.name: d.precision for d in model.convrot_decisions} == whole
     assert len(graphs) <= 5, [g.plan for g in graphs]
@@ -106,7 +105,7 @@ def test_instances_a_plan_tells_apart_get_graphs_of_their_own():
             ("x_embedder", "bf16"), ("proj_out", "bf16"), ("*norm*.linear", "w4a16"), ("time_text_embed.*", "w4a16"),
             ("*", "w4a4")]
     graphs = []
-    cc.compile(model, plan=plan, progress=False, gelu_epilogue=False, residual_epilogue=False, report=graphs.append)
+    cc.compile(model, plan=plan, progress=False, gelu_epilogue=False, report=graphs.append)
     units = {tuple(u.modules) for u in model.forward.units}
     assert {("transformer_blocks.0", "transformer_blocks.1"), ("transformer_blocks.2",),
             ("single_transformer_blocks.0", "single_transformer_blocks.1", "single_transformer_blocks.2"),
@@ -145,7 +144,7 @@ def test_regional_is_the_default_where_blocks_repeat_and_finds_module_lists():
 
     model = _flux()
     kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
-    cc.compile(model, progress=False, gelu_epilogue=False, residual_epilogue=False)
+    cc.compile(model, progress=False, gelu_epilogue=False)
     assert all(b._compiled_call_impl is not None for b in model.single_transformer_blocks)
     assert {u.name for u in model.forward.units} == {"FluxTransformerBlock", "FluxSingleTransformerBlock",
                                                      "time_text_embed", "norm_out"}

@@ -118,26 +118,6 @@ def test_packed_gemm_compiles_for_sm90(sm90):
         256, torch.bfloat16, gelu_from=384))
 
 
-def test_dispatch_packed_gemm_with_a_gated_residual_fits_in_shared_memory(sm90, monkeypatch):
-    """ops.dispatch at 4096 x 3072 with a gated residual in the epilogue: 128-token tiles (the 256-token tile and its
-    residual tile would not fit), the residual tile's shared memory beside the output tile's."""
-    from convrot_compiler.kernels.sm90 import packed_gemm
-    from convrot_compiler.kernels.triton import int_gemm
-    from convrot_compiler.ops import dispatch
-
-    monkeypatch.setattr(dispatch, "use_sm90_packed_gemm", lambda *a: True)
-    monkeypatch.setattr(int_gemm, "programs", lambda device: 132)
-    monkeypatch.setattr(int_gemm, "check_device", lambda *tensors: None)
-    m, k, n = 4096, 3072, 3072
-    with pytest.raises(_ReachedLaunch):
-        dispatch.int_gemm(torch.zeros(m, k, dtype=torch.int8), torch.ones(m),
-                          [torch.zeros(n, k // 2, dtype=torch.int8)], [torch.ones(n)], [None], True, 256,
-                          torch.bfloat16, None, torch.zeros(m, n, dtype=torch.bfloat16),
-                          torch.ones(2, n, dtype=torch.bfloat16))
-    (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
-    assert packed_gemm.DEFAULT_CONFIG.smem_bytes(2, residual=True) <= compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
-
-
 @pytest.mark.parametrize("e4m3", [False, True])
 @pytest.mark.parametrize("concatenation", [False, True])
 def test_rotate_quantize_compiles_for_sm90(sm90, concatenation, e4m3):

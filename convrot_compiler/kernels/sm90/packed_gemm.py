@@ -56,10 +56,8 @@ class PackedGemmConfig:
     WARPS: int = 8
     GROUP_N: int = 8
 
-    def smem_bytes(self, out_bytes: int = 2, residual: bool = False) -> int:
-        """Shared memory of the stages and the output tile, and of a residual tile as large (``residual``)."""
-        tiles = 2 if residual else 1
-        return self.STAGES * (self.BN * self.BKP + 2 * self.BM * self.BKP) + tiles * self.BM * self.BN * out_bytes
+    def smem_bytes(self, out_bytes: int = 2) -> int:
+        return self.STAGES * (self.BN * self.BKP + 2 * self.BM * self.BKP) + self.BM * self.BN * out_bytes
 
 
 # The fastest of 6-8 configs at every FLUX.1-dev token-GEMM shape, M = 4608 and M = 512, on an H100: 1.68-1.98x
@@ -106,11 +104,8 @@ def _load_weights(w_descs, starts, row, kp, bar, buf, NUM_W: gl.constexpr):
 
 
 @gluon.jit
-def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, r_desc, r_smem, r_ready, r_empty,
-                    M, N, K, HALF: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                    NUM_W: gl.constexpr, HAS_RESIDUAL: gl.constexpr):
-    """Each tile's stages, then its residual tile (HAS_RESIDUAL): by then the consumers have read the previous
-    tile's, and the stages already loaded cover its latency."""
+def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, empty, M, N, K,
+                    HALF: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, NUM_W: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -119,7 +114,6 @@ def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, 
     num_m = gl.cdiv(M, BM)
     stage_bytes: gl.constexpr = BN * BKP + 2 * x_desc.block_type.nbytes
     i = 0
-    t = 0
     for tile in range(gl.program_id(0), num_n * num_m, NUM_PROGRAMS):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
         for kp in range(0, K // 2, BKP):
@@ -132,21 +126,13 @@ def _load_partition(w_descs, starts, x_desc, w_bufs, xlo_bufs, xhi_bufs, ready, 
             tma_load(x_desc, [pid_m * BM, kx], bar, xlo_bufs.index(s))
             tma_load(x_desc, [pid_m * BM, kx + HALF], bar, xhi_bufs.index(s))
             i += 1
-        if HAS_RESIDUAL:
-            mbarrier.wait(r_empty.index(0), (t & 1) ^ 1)
-            mbarrier.expect(r_ready.index(0), r_desc.block_type.nbytes)
-            tma_load(r_desc, [pid_m * BM, pid_n * BN], r_ready.index(0), r_smem)
-        t += 1
 
 
 @gluon.jit
-def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, gate_ptr, tokens_per_gate, M, N,
-                       HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-                       layout: gl.constexpr):
-    """The channel scales, token scales and bias of tile (pid_n, pid_m), in the accumulator's slices, and with
-    HAS_RESIDUAL the gate rows of the tile's first and last token's samples (a tile spans at most two: packed_gemm
-    takes samples of at least BM tokens). Loaded as the tile starts, so that their latency hides under its K loop
-    instead of following its last MMA."""
+def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: gl.constexpr, BN: gl.constexpr,
+                       BM: gl.constexpr, layout: gl.constexpr):
+    """The channel scales, token scales and bias of tile (pid_n, pid_m), in the accumulator's slices. Loaded as the
+    tile starts, so that their latency hides under its K loop instead of following its last MMA."""
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
     sw = gl.load(sw_ptr + rn, mask=rn < N, other=0.0)
@@ -155,29 +141,16 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, gate_ptr, tokens_
         bias = gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
     else:
         bias = sw
-    if HAS_RESIDUAL:
-        first = (pid_m * BM) // tokens_per_gate
-        last = (gl.minimum(pid_m * BM + BM, M) - 1) // tokens_per_gate
-        gate_first = gl.load(gate_ptr + first * N + rn, mask=rn < N, other=0.0).to(gl.float32)
-        gate_last = gl.load(gate_ptr + last * N + rn, mask=rn < N, other=0.0).to(gl.float32)
-    else:
-        first = 0
-        gate_first = sw
-        gate_last = sw
-    return sw, sx, bias, (first, gate_first, gate_last)
+    return sw, sx, bias
 
 
 @gluon.jit
-def _epilogue(acc, pid_n, pid_m, sw, sx, bias, gates, c_desc, c_smem, gelu_from, r_smem, r_ready, r_empty,
-              tokens_per_gate, t, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
-              layout: gl.constexpr):
+def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
+              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
     """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
-    x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; with HAS_RESIDUAL,
-    rounded to C's dtype and then residual + gate * it in float32 (quant.gated_residual; the residual tile from
-    r_smem, tile t's, each token's gate row of ``gates`` from _epilogue_operands); stored transposed through shared
-    memory by TMA (which clips the tile at M and N)."""
+    x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
+    transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
-    BM: gl.constexpr = acc.type.shape[1]
     out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
         out += bias[:, None]
@@ -185,16 +158,6 @@ def _epilogue(acc, pid_n, pid_m, sw, sx, bias, gates, c_desc, c_smem, gelu_from,
         if pid_n * BN + BN > gelu_from:
             rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
-    if HAS_RESIDUAL:
-        first, gate_first, gate_last = gates
-        rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, layout))
-        gate = gl.where((rm // tokens_per_gate == first)[None, :], gate_first[:, None], gate_last[:, None])
-        mbarrier.wait(r_ready.index(0), t & 1)
-        residual = r_smem.permute((1, 0)).load(layout)
-        fence_async_shared()
-        mbarrier.arrive(r_empty.index(0), count=1)
-        y = out.to(c_desc.dtype).to(gl.float32)
-        out = residual.to(gl.float32) + gate * y
     store_transposed(out, c_desc, c_smem, pid_m, pid_n)
 
 
@@ -240,9 +203,8 @@ def _keep_alive(x):
 
 @gluon.jit
 def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                   r_smem, r_ready, r_empty, gate_ptr, tokens_per_gate,
-                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
-                   GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
@@ -257,11 +219,9 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
 
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
     i = 0
-    t = 0
     for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-        sw, sx, bias, gates = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, gate_ptr, tokens_per_gate, M, N,
-                                                 HAS_BIAS, HAS_RESIDUAL, BN, BM, mma_layout)
+        sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM, mma_layout)
         # Two stages per iteration, so that their A registers are two sets (see _keep_alive): ptxas
         # waits for every MMA in flight before it overwrites an A register one of them reads. No
         # branch inside: ptxas also waits for every MMA at a join of paths that MMAs are in flight on.
@@ -280,37 +240,27 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
         acc = warpgroup_mma_wait(0, deps=(acc,))
         fence_async_shared()
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        _epilogue(acc, pid_n, pid_m, sw, sx, bias, gates, c_desc, c_smem, gelu_from, r_smem, r_ready, r_empty,
-                  tokens_per_gate, t, HAS_BIAS, HAS_GELU, HAS_RESIDUAL, mma_layout)
-        t += 1
+        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, r_desc, sx_ptr, sw_ptr, bias_ptr, gate_ptr,
-                        M, N, K, n1, n2, n3, gelu_from, tokens_per_gate,
-                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr, HALF: gl.constexpr,
-                        NUM_W: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
+                        M, N, K, n1, n2, n3, gelu_from,
+                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
+                        STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    if HAS_RESIDUAL:
-        r_smem = gl.allocate_shared_memory(r_desc.dtype, r_desc.block_type.shape, r_desc.layout)
-    else:
-        r_smem = c_smem
     ready, empty = barrier_ring(STAGES)
-    r_ready, r_empty = barrier_ring(1)
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                          r_smem, r_ready, r_empty, gate_ptr, tokens_per_gate,
-                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, HAS_RESIDUAL, GROUP_N, NUM_PROGRAMS, INSTR_N,
-                          num_warps)),
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
         (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
-                           ready, empty, r_desc, r_smem, r_ready, r_empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W,
-                           HAS_RESIDUAL)),
+                           ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
 
 
@@ -331,8 +281,8 @@ MAX_WEIGHTS = 4  # linears per GEMM (FLUX's single blocks fuse Q, K, V and the M
 
 
 def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-              config: PackedGemmConfig = DEFAULT_CONFIG, residual: bool = False) -> str | None:
-    """None when packed_gemm can run these operands (with a gated residual: ``residual``), else why not."""
+              config: PackedGemmConfig = DEFAULT_CONFIG) -> str | None:
+    """None when packed_gemm can run these operands, else why not."""
     if qx.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(qx.device) != (9, 0):
@@ -352,21 +302,17 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
         return "weights not contiguous with 16-byte aligned rows (TMA)"
     if (group_size // 2) % config.BKP or (qx.shape[1] // 2) % (2 * config.BKP):
         return f"K = {qx.shape[1]} or group size {group_size} is not a multiple of {4 * config.BKP}"
-    if residual and config.smem_bytes(out_dtype.itemsize, True) > SMEM_LIMIT:
-        return f"a {out_dtype} output tile and its residual tile do not fit in shared memory beside the stages"
     return None
 
 
 def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                 bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
-                config: PackedGemmConfig = DEFAULT_CONFIG, residual: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
+                config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
     quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
     holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
-    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). ``residual`` [M, N] and ``gate`` [B, N]: the
-    output is residual + gate * that (quant.gated_residual), in the epilogue. Check ``supported`` first."""
-    why = supported(qx, qws, group_size, out_dtype, config, residual is not None)
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
+    why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.triton.int_gemm.int_gemm")
     m, k = qx.shape
@@ -376,23 +322,14 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
                          f"group {group_size}")
     if sw.shape != (n,) or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"scales and bias must have shape [{n}]")
-    if residual is not None or gate is not None:
-        from ...ops.dispatch import check_gated_residual
-
-        check_gated_residual(qx, n, out_dtype, gelu_from, residual, gate)
-        if m // gate.shape[0] < config.BM:
-            raise ValueError(f"packed_gemm adds a gated residual for samples of at least {config.BM} tokens, got "
-                             f"{m // gate.shape[0]}: use ops.dispatch.int_gemm")
-    if config.smem_bytes(out_dtype.itemsize, residual is not None) > SMEM_LIMIT:
-        raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory"
-                         f"{' with a residual tile' if residual is not None else ''}")
-    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config, residual, gate)
+    if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
+        raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
 def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                           bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG,
-                          residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """packed_gemm without its checks, for a caller that has validated the operands and found
     ``supported`` None (int_gemm, on every call of a forward)."""
     m, k = qx.shape
@@ -409,14 +346,12 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
     w_descs += [w_descs[0]] * (MAX_WEIGHTS - len(w_descs))
     starts = [sum(w.shape[0] for w in qws[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN], c_layout)
-    r_desc = c_desc if residual is None else TensorDescriptor.from_tensor(residual, [cfg.BM, cfg.BN], c_layout)
     programs = min(sm_count(qx.device), triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
-        *w_descs, x_desc, c_desc, r_desc, sx, sw, bias if bias is not None else sw, gate if gate is not None else sw,
-        m, n, k, *starts, gelu_from or 0, m // gate.shape[0] if gate is not None else 1,
-        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HAS_RESIDUAL=residual is not None,
-        HALF=group_size // 2, NUM_W=len(qws), STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs,
-        INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS), num_warps=cfg.WARPS, maxnreg=maxnreg)
+        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
+        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
+        STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
+        num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
