@@ -55,12 +55,12 @@ def test_cudnn_fp8_attention_matches_the_reference(b, s, layout):
     assert relative_error(got, exact) < 0.1
 
 
-def _compiled_forward(kwargs, **options):
+def _compiled_forward(kwargs, plan="none", **options):
     """A fresh flux-dev-short (the seed's weights) compiled in place, run once."""
     torch._dynamo.reset()
     reports = []
     model = build_flux("flux-dev-short", device="cuda")
-    out = cc.compile(model, plan="none", progress=False, release_weights=False, report=reports.append, regional=False,
+    out = cc.compile(model, plan=plan, progress=False, release_weights=False, report=reports.append, regional=False,
                      **options)(**kwargs)[0]
     return out, [a for r in reports for a in r.attention]
 
@@ -101,3 +101,20 @@ def test_q_and_k_scaled_by_their_norm_bound_on_cudnn():
         eager = model(**kwargs)[0]
     assert torch.isfinite(outs["bound"]).all()
     assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs["absmax"], eager) + 0.02
+
+
+def test_v_scaled_by_its_projections_bound_on_cudnn():
+    """With W4A4 linears, V is scaled by its projection's operand bound (the default) and reaches cuDNN as a descale
+    computed in the graph from the token scales and the prepared row bounds: the output against V by its absmax
+    (``qk-bound``), within e4m3 rounding at FLUX.1-dev's widths."""
+    model = build_flux("flux-dev-short", device="cuda")
+    kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
+    outs = {}
+    for scales in ("bound", "qk-bound"):
+        outs[scales], decisions = _compiled_forward(kwargs, plan="w4a4", attention="fp8", attention_scales=scales)
+        assert all(a.precision == "fp8" for a in decisions)
+        assert all(("V by its projection's operands" in a.scales) == (scales == "bound") for a in decisions)
+    with torch.no_grad():
+        eager = model(**kwargs)[0]
+    assert torch.isfinite(outs["bound"]).all()
+    assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs["qk-bound"], eager) + 0.02
