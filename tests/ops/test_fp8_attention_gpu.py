@@ -87,34 +87,30 @@ def test_flux_dev_widths_with_fp8_attention(monkeypatch):
     assert relative_error(fp8_inductor, eager_fp8) <= 2 * stock + 0.02, (relative_error(fp8_inductor, eager_fp8), stock)
 
 
-def test_q_and_k_scaled_by_their_norm_bound_on_cudnn():
-    """Q and K scaled by their RMSNorm's bound (the default) reach cuDNN as descale tensors computed in the
-    graph: each attention's output against the absmax form, within e4m3 rounding, at FLUX.1-dev's widths."""
+def _bound_against_other_scales(other: str, label: str, **options) -> None:
+    """flux-dev-short with attention_scales "bound" and ``other``: every attention in fp8, ``label`` in the scales of
+    exactly the bound form's, and the bound form's output within e4m3 rounding of the other's (against eager bf16)."""
     model = build_flux("flux-dev-short", device="cuda")
     kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
     outs = {}
-    for scales in ("bound", "absmax"):
-        outs[scales], decisions = _compiled_forward(kwargs, attention="fp8", attention_scales=scales, inductor=False)
+    for scales in ("bound", other):
+        outs[scales], decisions = _compiled_forward(kwargs, attention="fp8", attention_scales=scales, **options)
         assert all(a.precision == "fp8" for a in decisions)
-        assert all(("RMSNorm bound" in a.scales) == (scales == "bound") for a in decisions)
+        assert all((label in a.scales) == (scales == "bound") for a in decisions)
     with torch.no_grad():
         eager = model(**kwargs)[0]
     assert torch.isfinite(outs["bound"]).all()
-    assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs["absmax"], eager) + 0.02
+    assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs[other], eager) + 0.02
+
+
+def test_q_and_k_scaled_by_their_norm_bound_on_cudnn():
+    """Q and K scaled by their RMSNorm's bound (the default) reach cuDNN as descale tensors computed in the
+    graph: each attention's output against the absmax form, within e4m3 rounding, at FLUX.1-dev's widths."""
+    _bound_against_other_scales("absmax", "RMSNorm bound", inductor=False)
 
 
 def test_v_scaled_by_its_projections_bound_on_cudnn():
     """With W4A4 linears, V is scaled by its projection's operand bound (the default) and reaches cuDNN as a descale
     computed in the graph from the token scales and the prepared row bounds: the output against V by its absmax
     (``qk-bound``), within e4m3 rounding at FLUX.1-dev's widths."""
-    model = build_flux("flux-dev-short", device="cuda")
-    kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
-    outs = {}
-    for scales in ("bound", "qk-bound"):
-        outs[scales], decisions = _compiled_forward(kwargs, plan="w4a4", attention="fp8", attention_scales=scales)
-        assert all(a.precision == "fp8" for a in decisions)
-        assert all(("V by its projection's operands" in a.scales) == (scales == "bound") for a in decisions)
-    with torch.no_grad():
-        eager = model(**kwargs)[0]
-    assert torch.isfinite(outs["bound"]).all()
-    assert relative_error(outs["bound"], eager) <= 1.5 * relative_error(outs["qk-bound"], eager) + 0.02
+    _bound_against_other_scales("qk-bound", "V by its projection's operands", plan="w4a4")
