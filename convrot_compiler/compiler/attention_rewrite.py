@@ -34,7 +34,7 @@ from ..ops import fp8_attention_e4m3_output, rms_rope_quantize_e4m3
 from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
 from .match import LINEAR_TARGETS, _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
-from .value_bounds import Bound, abs_bound, emit, keeps_bound
+from .value_bounds import Bound, abs_bound, emit, joined_tensors, keeps_bound
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -129,8 +129,8 @@ def value_projections(gm: fx.GraphModule) -> set[fx.Node]:
         seen.add(n)
         if n.op == "call_function" and n.target in LINEAR_TARGETS:
             found.add(n)
-        elif n.op == "call_function" and n.target in (torch.cat, torch.concat):
-            stack.extend((n.args[0] if n.args else n.kwargs.get("tensors")) or ())
+        elif joined_tensors(n) is not None:
+            stack.extend(joined_tensors(n))
         elif keeps_bound(n) and n.args:
             stack.append(n.args[0])
     return found

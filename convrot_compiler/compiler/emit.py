@@ -23,7 +23,7 @@ from torch import fx
 from ..numerics.quant import WEIGHT_ONLY
 
 ACT_BITS = {"w4a4": 4, "w8a8": 8}
-OUT_FEATURES = "convrot_out_features"  # node meta of a prepared weight's graph inputs: its linear's output width
+OUT_FEATURES = "convrot_out_features"  # node meta of a weight's values input: its linear's output width
 ROW_BOUNDS = "convrot_row_bounds"      # node meta of a weight's values input: its row bounds' input, if the graph has one
 
 

@@ -142,8 +142,8 @@ def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
         for name in rw.input_names:
             with graph.inserting_after(anchor):
                 anchor = graph.placeholder(f"convrot_{i}_{name}")
-            anchor.meta[OUT_FEATURES] = rw.match.out_features  # the widths of a fused GEMM's column blocks
             nodes[name] = anchor
+        nodes["values"].meta[OUT_FEATURES] = rw.match.out_features  # the widths of a fused GEMM's column blocks
         if "row_bounds" in nodes:
             nodes["values"].meta[ROW_BOUNDS] = nodes["row_bounds"]
         weights.append(nodes)

@@ -120,8 +120,9 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0, linears: boo
         return None
     if name in _UNIT:
         return const(1.0)
-    if target in (torch.cat, torch.stack, torch.concat):
-        parts = [sub(p) for p in (args[0] if args else node.kwargs.get("tensors")) or ()]
+    joined = joined_tensors(node)
+    if joined is not None:
+        parts = [sub(p) for p in joined]
         return None if not parts or None in parts else Bound("max", parts=tuple(parts))
     if target in (operator.add, torch.add, operator.sub, torch.sub) and node.kwargs.get("alpha", 1) == 1:
         parts = [sub(x) for x in args[:2]]
@@ -139,6 +140,13 @@ def abs_bound(node: object, max_runtime_numel: int, depth: int = 0, linears: boo
     if keeps_bound(node):
         return sub(args[0]) if args else None
     return None
+
+
+def joined_tensors(node: fx.Node) -> list | None:
+    """The tensors a concatenation or stack node joins (its largest |value| is theirs), or None for another node."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.stack, torch.concat):
+        return None
+    return list((node.args[0] if node.args else node.kwargs.get("tensors")) or ())
 
 
 def keeps_bound(node: fx.Node) -> bool:
