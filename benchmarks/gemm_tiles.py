@@ -1,9 +1,8 @@
-"""The sm_90 packed W4A4 GEMM's tile and epilogue at FLUX.1-dev's token GEMMs, as one forward at 1024² runs them.
+"""The sm_90 packed W4A4 GEMM's token tile at FLUX.1-dev's token GEMMs, as one forward at 1024² runs them.
 
-For each shape (its calls per forward: 19 double blocks, 38 single), in one process: the GEMM in tiles of 128 tokens
-with each tile's epilogue after its MMAs, the same with it behind the next tile's first MMAs, and in tiles of 256 tokens
-(ops/dispatch.py, ``packed_gemm_config``), and what dispatch picks (``packed_gemm_wide_tokens``); each result
-compared bit for bit with the first form's. Times are medians of CUDA-graph replays with L2 flushed
+For each shape (its calls per forward: 19 double blocks, 38 single), in one process: the GEMM in tiles of 128 and of
+256 tokens (ops/dispatch.py, ``packed_gemm_config``), and what dispatch picks (``packed_gemm_wide_tokens``); each
+result compared bit for bit with the 128-token tiles'. Times are medians of CUDA-graph replays with L2 flushed
 (benchmarks/timing.py); the last line sums each column over a forward's calls.
 
     python benchmarks/gemm_tiles.py [--batch B] [--name STEM] [--out DIR]
@@ -46,8 +45,7 @@ def main() -> None:
 
     from convrot_compiler.kernels.sm90.packed_gemm import packed_gemm
 
-    forms = {"128": dispatch.packed_gemm_config(False, 2, defer_epilogue=False),
-             "128 deferred": dispatch.packed_gemm_config(False, 2), "256": dispatch.packed_gemm_config(True, 2)}
+    narrow, wide = (dispatch.packed_gemm_config(w, torch.bfloat16.itemsize) for w in (False, True))
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -58,31 +56,26 @@ def main() -> None:
         sx = torch.rand(m, device="cuda", generator=g) + 0.5
         sw = (torch.rand(n, device="cuda", generator=g) + 0.5) * 1e-3
         bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
-        picked = "256" if dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs) else "128 deferred"
-        row = dict(shape=name, M=m, N=n, K=k, calls=calls, picked=picked)
-        ref = None
-        for form, cfg in forms.items():
-            def gemm(cfg=cfg):
-                return packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from, config=cfg)
-            out = gemm()
-            ref = out if ref is None else ref
-            row[f"us {form}"] = bench_graph_ms(gemm) * 1e3
-            row[f"bit-equal {form}"] = torch.equal(out, ref)
-        row["us picked"] = row[f"us {picked}"]
-        rows.append(row)
+        ref = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from)
+        out = packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from, config=wide)
+        picked = dispatch.packed_gemm_wide_tokens(m, n, gelu_from is not None, programs)
+        us = {tiles: bench_graph_ms(lambda cfg=cfg: packed_gemm(qx, sx, qws, sw, bias, 256, torch.bfloat16, gelu_from,
+                                                                config=cfg)) * 1e3
+              for tiles, cfg in ((128, narrow), (256, wide))}
+        rows.append(dict(shape=name, M=m, N=n, K=k, calls=calls, us_128=us[128], us_256=us[256],
+                         picked=256 if picked else 128, us_picked=us[256] if picked else us[128],
+                         bit_equal=torch.equal(out, ref)))
         print(rows[-1], flush=True)
-    total = {key: sum(r[key] * r["calls"] for r in rows) / 1e3 for key in [f"us {f}" for f in forms] + ["us picked"]}
+    total = {key: sum(r[key] * r["calls"] for r in rows) / 1e3 for key in ("us_128", "us_256", "us_picked")}
     env = environment()
-    table = tabulate([[r["shape"], r["M"], r["N"], r["K"], r["calls"], *(f"{r[f'us {f}']:.1f}" for f in forms),
-                       r["picked"], f"{r['us 128'] / r['us picked']:.3f}", all(r[f"bit-equal {f}"] for f in forms)]
-                      for r in rows]
-                     + [["a forward's calls, ms", "", "", "", "", *(f"{total[f'us {f}']:.2f}" for f in forms), "",
-                         f"{total['us 128'] / total['us picked']:.3f}", ""]],
-                     headers=["GEMM", "M", "N", "K", "calls", "128 tokens us", "128 tokens, epilogue deferred us",
-                              "256 tokens us", "dispatch picks", "x 128", "bit-equal"], tablefmt="github")
-    md = (f"# Packed W4A4 GEMM: tokens per tile, deferred epilogue\n\nGPU {env.get('gpu')} | torch {env['torch']} | "
-          f"triton {env['triton']} | {env['date']} | batch {args.batch} | CUDA-graph replays, median, L2 flushed"
-          f"\n\n{table}\n")
+    table = tabulate([[r["shape"], r["M"], r["N"], r["K"], r["calls"], f"{r['us_128']:.1f}", f"{r['us_256']:.1f}",
+                       r["picked"], f"{r['us_128'] / r['us_picked']:.3f}", r["bit_equal"]] for r in rows]
+                     + [["a forward's calls, ms", "", "", "", "", f"{total['us_128']:.2f}", f"{total['us_256']:.2f}",
+                         "", f"{total['us_128'] / total['us_picked']:.3f}", ""]],
+                     headers=["GEMM", "M", "N", "K", "calls", "128 tokens us", "256 tokens us", "dispatch picks",
+                              "x 128", "256 bit-equal"], tablefmt="github")
+    md = (f"# Packed W4A4 GEMM: tokens per tile\n\nGPU {env.get('gpu')} | torch {env['torch']} | triton "
+          f"{env['triton']} | {env['date']} | batch {args.batch} | CUDA-graph replays, median, L2 flushed\n\n{table}\n")
     print(md)
     print("written:", *write_results(args.name, dict(env=env, batch=args.batch, rows=rows, total_ms=total), md,
                                      args.out))

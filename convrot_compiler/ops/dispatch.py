@@ -44,8 +44,6 @@ PERSISTENT_WIDE_MIN_M, PERSISTENT_WIDE_N = 1024, 12288
 # QKV at 512 33.4 -> 42.0) and with a GELU epilogue (single blocks' QKV+MLP 451.3 -> 552.0).
 PACKED_TILE = 128  # kernels/sm90/packed_gemm.py's DEFAULT_CONFIG: weight rows and tokens (imported where Gluon runs)
 PACKED_WIDE_TOKENS = {"BM": 256, "STAGES": 4}
-# 128-token tiles run each tile's epilogue behind the next tile's first MMAs, into a second accumulator
-# (packed_gemm.PackedGemmConfig.DEFER_EPILOGUE); a 256-token tile's two accumulators would not fit in registers.
 
 
 def act_order_for(device: torch.device, dtype: torch.dtype, group_size: int, rotated: bool) -> str:
@@ -146,16 +144,13 @@ def packed_gemm_wide_tokens(m: int, n: int, has_gelu: bool, programs: int) -> bo
 
 
 @functools.lru_cache(maxsize=None)
-def packed_gemm_config(wide: bool, out_itemsize: int, defer_epilogue: bool = True):
+def packed_gemm_config(wide: bool, out_itemsize: int):
     """The packed GEMM's config: 256-token tiles where ``wide`` and their output tile fits in shared memory beside
-    the stages (not a float32 one), else 128-token tiles, each one's epilogue behind the next one's first MMAs where
-    ``defer_epilogue``. Cached: int_gemm asks on every call."""
+    the stages (not a float32 one), else the default. Cached: int_gemm asks on every call."""
     from ..kernels.sm90.packed_gemm import DEFAULT_CONFIG, SMEM_LIMIT
 
     config = dataclasses.replace(DEFAULT_CONFIG, **PACKED_WIDE_TOKENS)
-    if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT:
-        return config
-    return dataclasses.replace(DEFAULT_CONFIG, DEFER_EPILOGUE=defer_epilogue)
+    return config if wide and config.smem_bytes(out_itemsize) <= SMEM_LIMIT else DEFAULT_CONFIG
 
 
 def gemm_schedule(m: int, n: int, has_gelu: bool, programs: int) -> tuple[bool, bool]:

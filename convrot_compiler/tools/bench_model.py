@@ -91,8 +91,6 @@ LAUNCHES = {
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
     "tile128": ({}, "packed GEMM in 128-token tiles everywhere (not 256 where the last wave allows)"),  # likewise
-    "fp8nodefer": ({"attention": "fp8"}, "attention in fp8, the packed GEMM's epilogue after each tile's MMAs (not "
-                   "behind the next tile's first ones)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
@@ -122,10 +120,9 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8nodefer``, its 128-token tiles' epilogue after the tile's MMAs. Other
-    launches change nothing. A CUDA graph
+    tokens where it would take 256. Other launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
-    rule, config = dispatch.gemm_schedule, dispatch.packed_gemm_config
+    rule = dispatch.gemm_schedule
     choices = {
         "flat": {"use_sm90_packed_gemm": lambda *a: False, "gemm_schedule": lambda m, n, gelu, p: (False, False)},
         "nows": {"use_sm90_packed_gemm": lambda *a: False,
@@ -133,7 +130,6 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "unpack": {"use_sm90_packed_gemm": lambda *a: False},
         "tritonrq": {"use_sm90_rotate": lambda *a: False},
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
-        "fp8nodefer": {"packed_gemm_config": lambda wide, size: config(wide, size, False)},
     }.get(launch, {})
     saved = {name: getattr(dispatch, name) for name in choices}
     try:

@@ -151,29 +151,6 @@ def test_packed_gemm_256_token_tiles_equal_the_unpack_path(m, out_dtype):
     assert torch.equal(out, ref)
 
 
-@needs_sm90
-@pytest.mark.parametrize("m", [4608, 77, 1])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_packed_gemm_deferred_epilogue_equals_the_unpack_path(m, out_dtype):
-    """Each tile's epilogue behind the next tile's first MMAs, on the single blocks' four fused weights with the GELU
-    epilogue: bit-equal to the epilogue after each tile's MMAs and to the unpack path. At M = 4608 the programs take
-    45 or 46 tiles (pairs, and a last tile alone or not), at M = 77 and 1 one or two, partial tiles included."""
-    import dataclasses
-
-    from convrot_compiler.kernels.sm90 import packed_gemm
-
-    qx, sx, qws, sws, biases = _single_block_gemm_operands(m)
-    ref = int_gemm(qx, sx, qws, sws, biases, True, 256, out_dtype, gelu_from=9216)
-    outs = []
-    for defer in (False, True):
-        config = dataclasses.replace(packed_gemm.DEFAULT_CONFIG, DEFER_EPILOGUE=defer)
-        _poison_allocator()
-        outs.append(packed_gemm.packed_gemm(qx, sx, qws, torch.cat(sws), torch.cat(biases), 256, out_dtype, 9216,
-                                            config))
-    assert torch.equal(outs[0], ref)
-    assert torch.equal(outs[1], ref)
-
-
 @pytest.mark.parametrize("m", [4608, 512])
 def test_fused_qkv_mlp_gemm_at_flux_shapes(m):
     """The single blocks' Q, K, V and MLP-in linears as one GEMM: each block of the output equals

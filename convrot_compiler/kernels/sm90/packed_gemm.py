@@ -18,9 +18,7 @@ packed weights are the A operand (the kernel computes C^T = W X^T):
   exact in int8. The accumulator holds 16 x the product (|16 * 7 * 7 * K| < 2^31 for K < 2.7M)
   and the epilogue multiplies by 1/16, exactly (a power of two): results are bit-equal to the
   int8 GEMM's;
-* the next stage's packed tile is loaded and split while the current wgmmas run;
-* with ``DEFER_EPILOGUE``, a tile's epilogue runs once the next tile's first two stages of MMAs are issued, into a
-  second accumulator, so that the tensor cores are not idle while the warps scale, round and store.
+* the next stage's packed tile is loaded and split while the current wgmmas run.
 
 Runs on sm_90 only: Gluon has no CPU interpreter. The tests compare it with the reference on a
 GPU (tests/kernels/test_kernels_gpu.py); on CPU the compiler keeps the Triton path.
@@ -50,15 +48,13 @@ from .gluon_common import gelu_tanh, tma_load, tma_store
 @dataclass(frozen=True)
 class PackedGemmConfig:
     """A launch config: BN weight rows x BM tokens per tile, BKP packed bytes (2 * BKP values) per
-    stage, STAGES shared-memory stages, consumer warps (4: one warpgroup, 8: two); DEFER_EPILOGUE: each tile's
-    epilogue behind the next tile's first MMAs (two accumulators: 128 x 128 tiles only)."""
+    stage, STAGES shared-memory stages, consumer warps (4: one warpgroup, 8: two)."""
     BN: int = 128
     BM: int = 128
     BKP: int = 64
     STAGES: int = 5
     WARPS: int = 8
     GROUP_N: int = 8
-    DEFER_EPILOGUE: bool = False
 
     def smem_bytes(self, out_bytes: int = 2) -> int:
         return self.STAGES * (self.BN * self.BKP + 2 * self.BM * self.BKP) + self.BM * self.BN * out_bytes
@@ -150,21 +146,17 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: g
 
 @gluon.jit
 def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
-              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr, BRANCH_FREE: gl.constexpr = False):
+              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
     """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
     x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
-    transposed through shared memory by TMA (which clips the tile at M and N). ``BRANCH_FREE``: the GELU is
-    computed on every tile and selected, for an epilogue that runs while MMAs are in flight (ptxas waits for them
-    at a join of paths)."""
+    transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
     out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
         out += bias[:, None]
     if HAS_GELU:
-        rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-        if BRANCH_FREE:
-            out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
-        elif pid_n * BN + BN > gelu_from:
+        if pid_n * BN + BN > gelu_from:
+            rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
     store_transposed(out, c_desc, c_smem, pid_m, pid_n)
 
@@ -210,68 +202,13 @@ def _keep_alive(x):
 
 
 @gluon.jit
-def _k_loop(w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, first_kk, num_k, a_layout: gl.constexpr):
-    """A tile's K loop from iteration first_kk (two stages each), to its last MMA's completion; every stage handed
-    back to the producer once its MMAs are done. Returns (acc, the next stage)."""
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
-    # Two stages per iteration, so that their A registers are two sets (see _keep_alive): ptxas
-    # waits for every MMA in flight before it overwrites an A register one of them reads. No
-    # branch inside: ptxas also waits for every MMA at a join of paths that MMAs are in flight on.
-    for kk in range(first_kk, num_k, 2):
-        a_lo, a_hi, acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready, acc, i, kk > 0, a_layout)
-        acc = warpgroup_mma_wait(2, deps=(acc,))  # the previous iteration's second stage is done
-        fence_async_shared()
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
-        b_lo, b_hi, acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready, acc, i + 1, True, a_layout)
-        acc = warpgroup_mma_wait(2, deps=(acc,))  # the first stage is done
-        _keep_alive(a_lo)
-        _keep_alive(a_hi)
-        fence_async_shared()
-        mbarrier.arrive(empty.index(i % STAGES), count=1)
-        i += 2
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    fence_async_shared()
-    mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-    return acc, i
-
-
-@gluon.jit
-def _next_tile_behind_epilogue(w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, num_k, tile, pid_n, pid_m, c_desc,
-                               c_smem, sx_ptr, sw_ptr, bias_ptr, M, N, num_n, num_m, gelu_from,
-                               HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
-                               a_layout: gl.constexpr, mma_layout: gl.constexpr):
-    """Tile ``tile``'s first two stages issued into a fresh accumulator, the epilogue of tile (pid_n, pid_m) from
-    ``acc`` while they run, then the rest of the new tile's K loop. Returns the new tile's accumulator, the next
-    stage and the new tile's (pid_n, pid_m). The epilogue's operands are loaded where it runs: a value held across
-    (the token scales, 32 registers a thread) makes ptxas serialize every MMA."""
-    STAGES: gl.constexpr = w_bufs.type.shape[0]
-    BN: gl.constexpr = w_bufs.type.shape[1]
-    BM: gl.constexpr = xlo_bufs.type.shape[1]
-    a_lo, a_hi, next_acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready,
-                                        gl.zeros([BN, BM], gl.int32, layout=mma_layout), i, False, a_layout)
-    b_lo, b_hi, next_acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready, next_acc, i + 1, True, a_layout)
-    sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM, mma_layout)
-    _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout,
-              BRANCH_FREE=True)
-    next_acc = warpgroup_mma_wait(2, deps=(next_acc,))  # the first stage is done
-    _keep_alive(a_lo)
-    _keep_alive(a_hi)
-    fence_async_shared()
-    mbarrier.arrive(empty.index(i % STAGES), count=1)
-    # the K loop's first iteration hands the second stage back
-    next_acc, i = _k_loop(w_bufs, xlo_bufs, xhi_bufs, ready, empty, next_acc, i + 2, 2, num_k, a_layout)
-    pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-    return next_acc, i, pid_n, pid_m
-
-
-@gluon.jit
 def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
                    M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
-                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, DEFER_EPILOGUE: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
+    STAGES: gl.constexpr = w_bufs.type.shape[0]
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, INSTR_N, 32])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
@@ -282,36 +219,28 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
 
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
     i = 0
-    if DEFER_EPILOGUE:
-        # Two accumulators that take turns: while one tile's K loop runs into one, the other's epilogue runs behind
-        # its first two stages. Tiles go in pairs so that each accumulator keeps its registers (a register copy
-        # between the two would make ptxas serialize every MMA).
-        tiles = gl.cdiv(num_n * num_m - pid, NUM_PROGRAMS)
-        pid_n, pid_m = _tile_of(pid, num_n, num_m, GROUP_N)
-        acc, i = _k_loop(w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, 0, num_k, a_layout)
-        for j in range(1, tiles - 1, 2):
-            other, i, pid_n, pid_m = _next_tile_behind_epilogue(
-                w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, num_k, pid + j * NUM_PROGRAMS, pid_n, pid_m,
-                c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr, M, N, num_n, num_m, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N,
-                a_layout, mma_layout)
-            acc, i, pid_n, pid_m = _next_tile_behind_epilogue(
-                w_bufs, xlo_bufs, xhi_bufs, ready, empty, other, i, num_k, pid + (j + 1) * NUM_PROGRAMS, pid_n, pid_m,
-                c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr, M, N, num_n, num_m, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N,
-                a_layout, mma_layout)
-        if tiles % 2 == 0:
-            acc, i, pid_n, pid_m = _next_tile_behind_epilogue(
-                w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, num_k, pid + (tiles - 1) * NUM_PROGRAMS, pid_n,
-                pid_m, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr, M, N, num_n, num_m, gelu_from, HAS_BIAS, HAS_GELU,
-                GROUP_N, a_layout, mma_layout)
+    for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
+        pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
         sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM, mma_layout)
+        # Two stages per iteration, so that their A registers are two sets (see _keep_alive): ptxas
+        # waits for every MMA in flight before it overwrites an A register one of them reads. No
+        # branch inside: ptxas also waits for every MMA at a join of paths that MMAs are in flight on.
+        for kk in range(0, num_k, 2):
+            a_lo, a_hi, acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready, acc, i, kk > 0, a_layout)
+            acc = warpgroup_mma_wait(2, deps=(acc,))  # the previous iteration's second stage is done
+            fence_async_shared()
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+            b_lo, b_hi, acc = _issue_stage(w_bufs, xlo_bufs, xhi_bufs, ready, acc, i + 1, True, a_layout)
+            acc = warpgroup_mma_wait(2, deps=(acc,))  # the first stage is done
+            _keep_alive(a_lo)
+            _keep_alive(a_hi)
+            fence_async_shared()
+            mbarrier.arrive(empty.index(i % STAGES), count=1)
+            i += 2
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        fence_async_shared()
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
         _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
-    else:
-        for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
-            pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
-            sw, sx, bias = _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS, BN, BM,
-                                              mma_layout)
-            acc, i = _k_loop(w_bufs, xlo_bufs, xhi_bufs, ready, empty, acc, i, 0, num_k, a_layout)
-            _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
     tma.store_wait(0)
 
 
@@ -320,7 +249,7 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
                         M, N, K, n1, n2, n3, gelu_from,
                         HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                        INSTR_N: gl.constexpr, DEFER_EPILOGUE: gl.constexpr, num_warps: gl.constexpr):
+                        INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -329,8 +258,7 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
     ready, empty = barrier_ring(STAGES)
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, DEFER_EPILOGUE,
-                          num_warps)),
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
         (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
                            ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
@@ -396,8 +324,6 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
         raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
-    if config.DEFER_EPILOGUE and config.BM * config.BN > 128 * 128:
-        raise ValueError(f"{config}: a deferred epilogue's two accumulators fit in registers for 128 x 128 tiles only")
     return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
@@ -427,5 +353,5 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
         *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
         HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
         STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
-        DEFER_EPILOGUE=cfg.DEFER_EPILOGUE, num_warps=cfg.WARPS, maxnreg=maxnreg)
+        num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c
