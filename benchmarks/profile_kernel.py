@@ -5,6 +5,8 @@
     ... python benchmarks/profile_kernel.py rotate-mma   # the sm_90 kernel storing each group in the mma channel order
     ... python benchmarks/profile_kernel.py gemv     # W4A16 at M = 1, 3072 -> 18432
     ... python benchmarks/profile_kernel.py gemm     # persistent warp-specialized int8 GEMM, 4608 x 3072 -> 12288
+    ... python benchmarks/profile_kernel.py packed   # the sm_90 packed W4A4 GEMM as FLUX.1-dev's single blocks run
+                                                     # it: 4608 x 3072 -> Q, K, V and MLP in (21504), GELU on the MLP
 """
 
 from __future__ import annotations
@@ -49,7 +51,19 @@ def gemm(m: int = 4608, k: int = 3072, n: int = 12288):
                             warp_specialize=True)
 
 
-KERNELS = {"rotate": rotate, "rotate-mma": rotate_mma, "gemv": gemv, "gemm": gemm}
+def packed(m: int = 4608, k: int = 3072):
+    from convrot_compiler.numerics.quant import pack_int4
+    from convrot_compiler.ops import dispatch
+
+    ns = (3072, 3072, 3072, 12288)
+    x = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda")
+    ws = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device="cuda"), 256) for n in ns]
+    sx = torch.rand(m, device="cuda") + 0.5
+    sws = [(torch.rand(n, device="cuda") + 0.5) * 1e-3 for n in ns]
+    return lambda: dispatch.int_gemm(x, sx, ws, sws, [None] * 4, True, 256, torch.bfloat16, gelu_from=9216)
+
+
+KERNELS = {"rotate": rotate, "rotate-mma": rotate_mma, "gemv": gemv, "gemm": gemm, "packed": packed}
 
 
 def main() -> None:
