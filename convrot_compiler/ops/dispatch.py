@@ -5,10 +5,11 @@ weights (``act_order_for``), the packed layout of weight-only weights (``weight_
 the fused kernels take a weight at all (``has_kernel``). When an op runs on CUDA (the CUDA implementations in
 custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the activations, else Triton's),
 ``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
-persistent as ``gemm_schedule`` says), ``weight_only_gemm`` (by the bits and the layout the weight was
-prepared in), ``fp8_attention`` (cuDNN's) and ``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A
-benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm`` or
-``gemm_schedule`` for its duration (tools/bench_model.py, ``kernel_choice``).
+persistent as ``gemm_schedule`` says; a fused GEMM's scales and biases joined once, ``joined_vectors``),
+``weight_only_gemm`` (by the bits and the layout the weight was prepared in), ``fp8_attention`` (cuDNN's) and
+``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A benchmark that
+compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm``, ``gemm_schedule`` or
+``joined_vectors`` for its duration (tools/bench_model.py, ``kernel_choice``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..kernels.triton.common import interpreting
 from ..numerics.pca import PCAWeight
 from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
+from .joined_vectors import JoinedVectors
 
 # When Triton's persistent GEMM pays, measured on an H100:
 # * warp-specialized (no GELU epilogue): wherever the output has at least two 128 x 128 tiles per SM
@@ -177,6 +179,15 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order, x_descale=x_descale, dtype=dtype)
 
 
+_JOINED = JoinedVectors()
+
+
+def joined_vectors(parts: list[torch.Tensor | None], join: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """A fused GEMM's scales or biases as one vector: ``join()``, kept while the parts live unchanged
+    (ops/joined_vectors.py)."""
+    return _JOINED.get(parts, join)
+
+
 def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
              biases: list[torch.Tensor | None], packed: bool, group_size: int, out_dtype: torch.dtype,
              gelu_from: int | None = None) -> torch.Tensor:
@@ -186,13 +197,15 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
     n = sum(w.shape[0] for w in qws)
+    if len(qws) > 1:  # the kernels read one vector of channel scales and one of biases
+        scales, parts, sizes = sws, biases, [w.shape[0] for w in qws]
+        sws = [joined_vectors(scales, lambda: torch.cat(scales))]
+        biases = [joined_vectors(parts, lambda: concat_biases(parts, sizes, qx.device))]
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
         from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
 
-        s_all = sws[0] if len(sws) == 1 else torch.cat(sws)
-        b_all = concat_biases(biases, [w.shape[0] for w in qws], qx.device)
         wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        return packed_gemm_unchecked(qx, sx, qws, s_all, b_all, group_size, out_dtype, gelu_from,
+        return packed_gemm_unchecked(qx, sx, qws, sws[0], biases[0], group_size, out_dtype, gelu_from,
                                      packed_gemm_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,

@@ -91,6 +91,8 @@ LAUNCHES = {
     "unpack": ({}, "packed weights unpacked, then the int8 GEMM (not the sm_90 packed GEMM)"),  # likewise
     "tritonrq": ({}, "rotate+quantize by the Triton kernel (not the sm_90 one)"),  # likewise
     "tile128": ({}, "packed GEMM in 128-token tiles everywhere (not 256 where the last wave allows)"),  # likewise
+    "fp8joincall": ({"attention": "fp8"}, "attention in fp8, a fused GEMM's scales and biases joined at every call "
+                    "(not once)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
@@ -120,7 +122,8 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256. Other launches change nothing. A CUDA graph
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call. Other
+    launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
     choices = {
@@ -130,6 +133,7 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "unpack": {"use_sm90_packed_gemm": lambda *a: False},
         "tritonrq": {"use_sm90_rotate": lambda *a: False},
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
+        "fp8joincall": {"joined_vectors": lambda parts, join: join()},
     }.get(launch, {})
     saved = {name: getattr(dispatch, name) for name in choices}
     try:
