@@ -322,11 +322,12 @@ class QuantizedWeight:
         return [self.values, self.scale]
 
     def row_bounds(self) -> torch.Tensor:
-        """``row_bounds`` of a W4A4 / W8A8 weight, computed once (again if its values change)."""
+        """``row_bounds`` of a W4A4 / W8A8 weight, computed once (again if its values or scales change, and at every
+        call for inference tensors: ``contents_key``)."""
         if self.act_bits is None:
             raise ValueError(f"row bounds are for weights with quantized activations, not {self.scheme}")
-        key = (self.values.data_ptr(), self.values._version, self.scale.data_ptr(), self.scale._version)
-        if getattr(self, "_row_bounds_key", None) != key:
+        key = contents_key([self.values, self.scale])
+        if key is None or getattr(self, "_row_bounds_key", None) != key:
             self._row_bounds = row_bounds(self.values, self.scale, self.weight_bits == 4)
             self._row_bounds_key = key
         return self._row_bounds
@@ -453,6 +454,15 @@ def reference_int_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw:
     if gelu_from is not None:
         out = torch.cat([out[:, :gelu_from], torch.nn.functional.gelu(out[:, gelu_from:], approximate="tanh")], -1)
     return out.to(out_dtype)
+
+
+def contents_key(tensors: list[torch.Tensor | None]) -> tuple | None:
+    """What a value derived from ``tensors`` is kept under: each one's storage and version counter (None for a
+    missing one); it changes when one is replaced or modified in place. None when one is an inference tensor, which
+    keeps no version counter: what is derived from it is derived again each time."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
 def row_bounds(values: torch.Tensor, scale: torch.Tensor, packed: bool) -> torch.Tensor:

@@ -215,6 +215,26 @@ def test_a_quantized_linears_output_stays_within_its_operand_bound(packed, bits)
     torch.testing.assert_close(y.abs().max(), quantized_linear_bound(sx, rows, None, bits), rtol=1e-6, atol=0)
 
 
+def test_row_bounds_are_kept_until_the_weight_changes_and_inference_tensors_work():
+    """QuantizedWeight.row_bounds is computed once and again after an in-place change; a weight prepared under
+    torch.inference_mode (no version counter) gets its row bounds too, computed at every call, so a change shows."""
+    from convrot_compiler.numerics.quant import quantize_weight, row_bounds
+    from convrot_compiler.numerics.rotations import GroupHadamardRotation
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    rotation = GroupHadamardRotation("regular", 256)
+    qw = quantize_weight(w, "w4a4", rotation, group_size=256)
+    first = qw.row_bounds()
+    assert qw.row_bounds() is first
+    qw.scale.mul_(2)
+    torch.testing.assert_close(qw.row_bounds(), 2 * first)
+    with torch.inference_mode():
+        frozen = quantize_weight(w, "w4a4", rotation, group_size=256)
+        torch.testing.assert_close(frozen.row_bounds(), row_bounds(frozen.values, frozen.scale, True))
+        frozen.scale.mul_(2)
+        torch.testing.assert_close(frozen.row_bounds(), row_bounds(frozen.values, frozen.scale, True))
+
+
 def test_flux_v_is_scaled_by_its_projections_operands():
     """FLUX's V comes out of the Q/K/V GEMMs (fused, the text stream's concatenated before the image's): scaled by the
     larger of the two projections' operand bounds, recomputed from the token scales and weights at every call; the
