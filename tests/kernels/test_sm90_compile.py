@@ -174,3 +174,48 @@ def test_dispatch_packed_tiles_fit_in_shared_memory(sm90, monkeypatch, out_dtype
     (compiled,) = packed_gemm._packed_gemm_kernel.device_caches[0][0].values()
     assert compiled.metadata.shared <= packed_gemm.SMEM_LIMIT
     assert (compiled.metadata.shared > 200_000) == (out_dtype == torch.bfloat16)  # the 256-token tile's stages
+
+
+def _compiled(kernel):
+    (compiled,) = kernel.device_caches[0][0].values()
+    return compiled
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_kernels_with_programmatic_launch_wait_for_the_grid_before_them(sm90, monkeypatch, pdl):
+    """With ``pdl`` each sm_90 kernel is compiled to launch with programmatic dependent launch and waits for the grid
+    before it (griddepcontrol.wait) before it lets the next one launch; without, neither instruction is there."""
+    from convrot_compiler.kernels.sm90 import packed_gemm, rotate_quant, weight_only
+    from convrot_compiler.kernels.triton import rms_rope_e4m3
+
+    k = 3072
+    monkeypatch.setattr(rms_rope_e4m3, "check_device", lambda *tensors: None)  # CPU tensors go on to the launch
+    tuner = rms_rope_e4m3._rms_rope_e4m3_kernel
+    monkeypatch.setattr(tuner, "configs", tuner.configs[:1])  # one config: no timing, which would launch
+    rms_rope = tuner.fn  # Triton's kernel, behind its autotuner
+    rms_rope.device_caches.clear()
+    q = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
+    calls = {
+        rms_rope: lambda: rms_rope_e4m3.rms_rope_e4m3([q], [None], [1e-6], torch.ones(64, 128), torch.ones(64, 128),
+                                                      torch.ones(1), pdl=pdl),
+        packed_gemm._packed_gemm_kernel: lambda: packed_gemm.packed_gemm_unchecked(
+            torch.zeros(256, k, dtype=torch.int8), torch.ones(256), [torch.zeros(256, k // 2, dtype=torch.int8)],
+            torch.ones(256), None, 256, torch.bfloat16, pdl=pdl),
+        rotate_quant._rotate_quant_sm90_kernel: lambda: rotate_quant.rotate_quantize_sm90(
+            torch.zeros(64, k, dtype=torch.bfloat16), torch.ones(16, 16, dtype=torch.bfloat16), 4, pdl=pdl),
+        weight_only._tiles_kernel: lambda: weight_only.w4a16_gemm_tiles(
+            torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(k // 16, k // 64, 32, 4, dtype=torch.int32),
+            torch.ones(k, k // 256), None, 256, pdl=pdl),
+    }
+    for kernel, call in calls.items():
+        _compiles(kernel, call)
+        compiled = _compiled(kernel)
+        ptx = compiled.asm["ptx"]
+        assert compiled.metadata.launch_pdl == pdl
+        if pdl:
+            assert 0 <= ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
+            assert ptx.index("griddepcontrol.wait") < min(ptx.find(op) for op in ("ld.global", "cp.async.bulk")
+                                                          if op in ptx)
+        else:
+            assert "griddepcontrol" not in ptx
+    rms_rope.device_caches.clear()
