@@ -7,9 +7,7 @@ which Inductor's multi-kernel timing picked over the looped ones, took the singl
 0.78 ms of a forward and the double blocks' two from 0.64 and 0.53 to 0.42 and 0.33 (H200; docs/PERFORMANCE.md).
 ``persistent_rows`` makes that choice without the multi-kernel, whose compiled code fails when Inductor loads it
 back from its cache (torch 2.11, triton 3.6). ``inductor_choices`` sets it for a compile, with a cache tag that
-keeps each choice's graphs apart in Inductor's FX graph cache. Inductor's kernels launch with programmatic dependent
-launch where ``ops.dispatch.programmatic_launch`` says, as the convrot ops' kernels do (its ``triton.enable_pdl``,
-which Inductor applies on sm_90 and newer and keys its cache on).
+keeps each choice's graphs apart in Inductor's FX graph cache.
 """
 
 from __future__ import annotations
@@ -82,14 +80,9 @@ def choices_cache_tag(config: "ConvRotConfig") -> str:
 @contextlib.contextmanager
 def inductor_choices(config: "ConvRotConfig") -> Iterator[None]:
     """Inside the ``with``: Inductor's choices for ``config`` (``persistent_rows``), and its FX graph cache keyed
-    on them (torch.compiler.config.cache_key_tag, the tag already set kept in front); programmatic dependent launch
-    as ``ops.dispatch.programmatic_launch`` says."""
-    import torch._inductor.config as inductor_config
+    on them (torch.compiler.config.cache_key_tag, the tag already set kept in front)."""
     import torch.compiler.config as compiler_config
 
-    from ..ops import dispatch
-
     tag = "|".join(t for t in (compiler_config.cache_key_tag, choices_cache_tag(config)) if t)
-    with persistent_rows(config.persistent_rows), compiler_config.patch(cache_key_tag=tag), \
-            inductor_config.patch({"triton.enable_pdl": dispatch.programmatic_launch()}):
+    with persistent_rows(config.persistent_rows), compiler_config.patch(cache_key_tag=tag):
         yield

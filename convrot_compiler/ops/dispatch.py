@@ -7,11 +7,9 @@ custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the a
 ``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
 persistent as ``gemm_schedule`` says; a fused GEMM's scales and biases joined once, ``joined_vectors``),
 ``weight_only_gemm`` (by the bits and the layout the weight was prepared in), ``fp8_attention`` (cuDNN's) and
-``rms_rope_e4m3`` (Triton's); on sm_90 and newer the kernels launched here, and Inductor's, use programmatic
-dependent launch (``programmatic_launch``). Every choice computes the same values; only the speed differs. A
-benchmark that compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm``,
-``gemm_schedule``, ``joined_vectors`` or ``programmatic_launch`` for its duration (tools/bench_model.py,
-``kernel_choice``).
+``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A benchmark that
+compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm``, ``gemm_schedule`` or
+``joined_vectors`` for its duration (tools/bench_model.py, ``kernel_choice``).
 """
 
 from __future__ import annotations
@@ -110,17 +108,6 @@ def _sm90_runs(device: torch.device, unsupported: Callable[[], str | None], fall
     return why is None
 
 
-def programmatic_launch(device: torch.device | None = None) -> bool:
-    """Whether kernels launch with programmatic dependent launch (PDL) on ``device``: on an sm_90 or newer GPU,
-    outside the interpreter. Each such kernel waits for the grid before it at its start (griddepcontrol.wait), then
-    lets the next one launch, so that the next grid's programs are scheduled while this one drains instead of after
-    it. Without a device: whether Inductor generates its kernels that way where the device allows (the lower stage
-    sets ``triton.enable_pdl`` from it; Inductor checks the device)."""
-    if device is None:
-        return True
-    return not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def use_sm90_rotate(x: torch.Tensor | None, x2: torch.Tensor | None, h: torch.Tensor | None, group_size: int,
                     e4m3_to: torch.dtype | None = None) -> bool:
     """Whether the sm_90 rotate+quantize kernel runs these activations (``e4m3_to``: the dtype an e4m3 x widens
@@ -188,8 +175,7 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     if use_sm90_rotate(x, x2, h, group_size, e4m3_to):
         from ..kernels.sm90.rotate_quant import rotate_quantize_sm90
 
-        return rotate_quantize_sm90(x, h, bits, x2=x2, order=order, x_descale=x_descale,
-                                    pdl=programmatic_launch((x if x is not None else x2).device))
+        return rotate_quantize_sm90(x, h, bits, x2=x2, order=order, x_descale=x_descale)
     return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order, x_descale=x_descale, dtype=dtype)
 
 
@@ -220,7 +206,7 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 
         wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
         return packed_gemm_unchecked(qx, sx, qws, sws[0], biases[0], group_size, out_dtype, gelu_from,
-                                     packed_gemm_config(wide, out_dtype.itemsize), programmatic_launch(qx.device))
+                                     packed_gemm_config(wide, out_dtype.itemsize))
     persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
     return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
                               persistent=persistent, warp_specialize=warp_specialize)
@@ -229,13 +215,14 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
 def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      group_size: int, bits: int) -> torch.Tensor:
     """The kernel of the layout the weight was prepared in: the tensor-core tile kernels, or Triton's."""
-    if packed_layout(qw) == "tiles":
-        from ..kernels.sm90.weight_only import w4a16_gemm_tiles, w8a16_gemm_tiles
-
-        kernel = w8a16_gemm_tiles if bits == 8 else w4a16_gemm_tiles
-        return kernel(x, qw, scale, bias, group_size, pdl=programmatic_launch(x.device))
+    tiles = packed_layout(qw) == "tiles"
     if bits == 8:
-        from ..kernels.triton.weight_only import w8a16_gemm as kernel
+        if tiles:
+            from ..kernels.sm90.weight_only import w8a16_gemm_tiles as kernel
+        else:
+            from ..kernels.triton.weight_only import w8a16_gemm as kernel
+    elif tiles:
+        from ..kernels.sm90.weight_only import w4a16_gemm_tiles as kernel
     else:
         from ..kernels.triton.weight_only import w4a16_gemm as kernel
     return kernel(x, qw, scale, bias, group_size)
@@ -292,7 +279,7 @@ def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None
     ``convrot::rms_rope_e4m3``."""
     from ..kernels.triton.rms_rope_e4m3 import rms_rope_e4m3 as kernel
 
-    return kernel(sources, weights, eps, cos, sin, bound, pdl=programmatic_launch(sources[0].device))
+    return kernel(sources, weights, eps, cos, sin, bound)
 
 
 def rms_rope_e4m3_unsupported(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:

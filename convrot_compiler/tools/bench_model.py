@@ -93,12 +93,6 @@ LAUNCHES = {
     "tile128": ({}, "packed GEMM in 128-token tiles everywhere (not 256 where the last wave allows)"),  # likewise
     "fp8joincall": ({"attention": "fp8"}, "attention in fp8, a fused GEMM's scales and biases joined at every call "
                     "(not once)"),  # likewise
-    "fp8nopdl": ({"attention": "fp8"}, "attention in fp8, kernels launched without programmatic dependent launch "
-                 "(Inductor's too)"),  # likewise
-    "fp8pdlops": ({"attention": "fp8"}, "attention in fp8, programmatic dependent launch for the convrot ops' "
-                  "kernels only (not Inductor's)"),  # likewise
-    "fp8pdlinductor": ({"attention": "fp8"}, "attention in fp8, programmatic dependent launch for Inductor's kernels "
-                       "only (not the convrot ops')"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
@@ -128,8 +122,7 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call;
-    ``fp8nopdl``, every kernel launched without programmatic dependent launch (Inductor's too). Other
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call. Other
     launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
@@ -141,9 +134,6 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "tritonrq": {"use_sm90_rotate": lambda *a: False},
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
         "fp8joincall": {"joined_vectors": lambda parts, join: join()},
-        "fp8nopdl": {"programmatic_launch": lambda device=None: False},
-        "fp8pdlops": {"programmatic_launch": lambda device=None: device is not None},
-        "fp8pdlinductor": {"programmatic_launch": lambda device=None: device is None},
     }.get(launch, {})
     saved = {name: getattr(dispatch, name) for name in choices}
     try:

@@ -375,39 +375,3 @@ def test_gptq_column_kernel_equals_the_reference_on_the_gpu(group_size):
     q0, s0 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32)
     q1, s1 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32, solver=gptq_columns)
     assert torch.equal(q1, q0) and torch.equal(s1, s0)
-
-
-def _linear_chain(x, layers, h):
-    """Each layer's rotate+quantize and packed GEMM, through dispatch: every kernel reads what the one before it
-    wrote."""
-    for qw, sw, bias in layers:
-        qx, sx = rotate_quantize(x, h, 256, 4, order="natural")
-        x = dispatch.int_gemm(qx, sx, [qw], [sw], [bias], True, 256, torch.bfloat16)
-    return x
-
-
-@needs_sm90
-def test_programmatic_launch_chains_equal_plain_launches():
-    """Kernels launched with programmatic dependent launch (dispatch's choice on sm_90) wait for the grid before
-    them: a chain of rotate+quantize and packed GEMMs, each reading the one before, gives the same bits as plain
-    launches, eagerly and replayed as a CUDA graph (where the launches become programmatic graph edges)."""
-    assert dispatch.programmatic_launch(torch.device("cuda"))
-    m, k = 4608, 3072
-    h = hadamard_matrix("regular", 16, device="cuda")
-    layers = [(pack_int4(torch.randint(-7, 8, (k, k), dtype=torch.int8, device="cuda"), 256),
-               torch.rand(k, device="cuda") * 1e-3 + 5e-4, torch.randn(k, device="cuda", dtype=torch.bfloat16))
-              for _ in range(8)]
-    x = _dit_activations(m, k)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dispatch, "programmatic_launch", lambda device=None: False)
-        ref = _linear_chain(x, layers, h)
-    out = _linear_chain(x, layers, h)
-    assert torch.equal(out, ref)
-    _linear_chain(x, layers, h)  # compiled and warm before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = _linear_chain(x, layers, h)
-    for _ in range(3):
-        replayed.zero_()
-        graph.replay()
-        assert torch.equal(replayed, ref)

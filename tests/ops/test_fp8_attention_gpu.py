@@ -114,28 +114,3 @@ def test_v_scaled_by_its_projections_bound_on_cudnn():
     computed in the graph from the token scales and the prepared row bounds: the output against V by its absmax
     (``qk-bound``), within e4m3 rounding at FLUX.1-dev's widths."""
     _bound_against_other_scales("qk-bound", "V by its projection's operands", plan="w4a4")
-
-
-def test_programmatic_launch_forward_equals_plain_launches(monkeypatch):
-    """flux-dev-short at w4a4 with fp8 attention, regional and replayed as CUDA graphs: with every kernel launched
-    by programmatic dependent launch (dispatch's choice on sm_90, Inductor's kernels too) the output has the bits of
-    plain launches, on the first call and on replays."""
-    from convrot_compiler.ops import dispatch
-
-    if not dispatch.programmatic_launch(torch.device("cuda")):
-        pytest.skip("programmatic dependent launch needs sm_90 or newer")
-    model = build_flux("flux-dev-short", device="cuda")
-    kwargs = make_flux_inputs(model, 512, 512, 512, device="cuda").kwargs
-
-    def forwards():
-        torch._dynamo.reset()
-        compiled = cc.compile(build_flux("flux-dev-short", device="cuda"), plan="w4a4", attention="fp8",
-                              progress=False, cuda_graphs=True, regional=True)
-        return [compiled(**kwargs)[0].clone() for _ in range(3)]
-
-    programmatic = forwards()
-    monkeypatch.setattr(dispatch, "programmatic_launch", lambda device=None: False)
-    plain = forwards()
-    assert torch.isfinite(plain[0]).all()
-    for a in programmatic + plain[1:]:
-        assert torch.equal(a, plain[0])

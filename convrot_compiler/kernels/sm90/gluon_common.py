@@ -36,16 +36,3 @@ def gelu_tanh(x):
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True, pack=1)
     return 0.5 * x * (1.0 + t)
-
-
-@gluon.jit
-def grid_dependencies(PDL: gl.constexpr):
-    """In a grid launched with programmatic dependent launch (``PDL``, Triton's ``launch_pdl``): wait until the grid
-    before it has completed and its writes are visible (griddepcontrol.wait), then let the next grid launch
-    (griddepcontrol.launch_dependents), so that its programs are scheduled while this one drains. Called first, by
-    every thread, before any memory access: a kernel that waits at its start reads and overwrites nothing the grids
-    before it still use, and triggers its dependents only after those completed."""
-    if PDL:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)

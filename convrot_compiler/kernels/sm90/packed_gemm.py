@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.common import sm_count
-from .gluon_common import gelu_tanh, grid_dependencies, tma_load, tma_store
+from .gluon_common import gelu_tanh, tma_load, tma_store
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,7 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_p
                         M, N, K, n1, n2, n3, gelu_from,
                         HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                        INSTR_N: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
-    grid_dependencies(PDL)
+                        INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -308,12 +307,11 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
 
 def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                 bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
-                config: PackedGemmConfig = DEFAULT_CONFIG, pdl: bool = False) -> torch.Tensor:
+                config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
     quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
     holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
-    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). ``pdl``: launched with programmatic dependent
-    launch (gluon_common.grid_dependencies). Check ``supported`` first."""
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
     why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.triton.int_gemm.int_gemm")
@@ -326,13 +324,12 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
         raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
-    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config, pdl)
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
 def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                           bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG,
-                          pdl: bool = False) -> torch.Tensor:
+                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """packed_gemm without its checks, for a caller that has validated the operands and found
     ``supported`` None (int_gemm, on every call of a forward)."""
     m, k = qx.shape
@@ -356,5 +353,5 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
         *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
         HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
         STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
-        PDL=pdl, num_warps=cfg.WARPS, maxnreg=maxnreg, launch_pdl=pdl)
+        num_warps=cfg.WARPS, maxnreg=maxnreg)
     return c

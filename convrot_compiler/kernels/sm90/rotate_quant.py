@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ...numerics.quant import check_act_order
-from .gluon_common import grid_dependencies, smem_reinterpret, thread_barrier, tma_load
+from .gluon_common import smem_reinterpret, thread_barrier, tma_load
 
 GROUP_SIZE = 256
 WARPS = 4
@@ -304,12 +304,11 @@ def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr, stride_qm, kp,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
-                              X_E4M3: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
+                              X_E4M3: gl.constexpr, num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc; STEPS steps of NB
     groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored).
     X_E4M3: x_desc's rows are e4m3, widened to bf16 by *descale_ptr in shared memory as their boxes land."""
-    grid_dependencies(PDL)
     NB: gl.constexpr = GROUPS_PER_STEP
     LOADS: gl.constexpr = (STEPS * NB + BOX - 1) // BOX
     row_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
@@ -376,7 +375,7 @@ def _group_descriptor(t: torch.Tensor, box: int) -> TensorDescriptor:
 
 def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, x2: torch.Tensor | None = None,
                          keep: bool | None = None, one_box: bool | None = None, order: str = "natural",
-                         x_descale: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         x_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rotate_quant.rotate_quantize for 256-channel groups (``h`` the [16, 16] Kronecker factor) of
     bf16 rows, on sm_90: same arguments, same numerics. Check ``supported`` first (ops/dispatch.py does, and
     runs the Triton kernel where this one cannot).
@@ -388,8 +387,7 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     ``keep``: hold the rotated row in registers between the passes (default: rows of at most
     KEEP_MAX_STEPS steps); ``one_box``: load a row that is not a concatenation with one TMA box of a power
     of two of groups (zeros past its end) instead of one per step (default: with ``keep``, for a row that is
-    not a concatenation); for comparisons. ``pdl``: launched with programmatic dependent launch
-    (gluon_common.grid_dependencies)."""
+    not a concatenation); for comparisons."""
     check_act_order(order, GROUP_SIZE)
     first = x if x is not None else x2
     m = first.shape[0]
@@ -421,6 +419,5 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, STEPS=steps, BOX=box,
         GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
-        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, PDL=pdl, num_warps=WARPS,
-        launch_pdl=pdl)
+        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, num_warps=WARPS)
     return q, scale

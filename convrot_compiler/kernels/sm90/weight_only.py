@@ -35,7 +35,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from ...numerics.quant import TILE_K, TILE_ROWS
-from .gluon_common import grid_dependencies
 
 
 def _mma_chunk_asm(magic: int, one: int, neg_offset: int, kind: str) -> str:
@@ -103,12 +102,10 @@ TILE_ROWS_C = gl.constexpr(TILE_ROWS)
 @gluon.jit
 def _tiles_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, KC, stride_xm, stride_sn, stride_cm,
                   CHUNKS_PER_GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, FP16: gl.constexpr, BITS: gl.constexpr,
-                  EVEN_KC: gl.constexpr, PREFETCH: gl.constexpr, U: gl.constexpr, PDL: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  EVEN_KC: gl.constexpr, PREFETCH: gl.constexpr, U: gl.constexpr, num_warps: gl.constexpr):
     """Program (b, m): channels 16b .. 16b + 15, tokens 8m .. 8m + 7. x_ptr: the activations as int64
     (4 values each), stride_xm in those units; w_ptr: the tiles, as int32 words (BITS = 4) or int64 double
     words (BITS = 8): 128 of them a chunk either way."""
-    grid_dependencies(PDL)
     J: gl.constexpr = U * num_warps
     layout: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [num_warps, 1, 1], [2, 1, 0])
     b = gl.program_id(0)
@@ -207,25 +204,22 @@ def supported(x: torch.Tensor) -> str | None:
 
 
 def w4a16_gemm_tiles(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group_size: int, *, config: tuple[int, int, bool] | None = None,
-                     pdl: bool = False) -> torch.Tensor:
+                     group_size: int, *, config: tuple[int, int, bool] | None = None) -> torch.Tensor:
     """[M, N] = x @ dequant(W)^T (+ bias), W in quant.pack_int4_tiles' layout ([ceil(N/16), K'/64, 32, 4]
     int32) with float32 scales [N, K'/group_size]; x bf16 or fp16 [M, K], K <= K'. Any M (8 tokens per
-    program: each 8 more re-read the weights). ``config``: (U, warps, prefetch), default ``launch_config``.
-    ``pdl``: launched with programmatic dependent launch (gluon_common.grid_dependencies)."""
-    return _tiles_gemm(x, tiles, scale, bias, group_size, 4, config, pdl)
+    program: each 8 more re-read the weights). ``config``: (U, warps, prefetch), default ``launch_config``."""
+    return _tiles_gemm(x, tiles, scale, bias, group_size, 4, config)
 
 
 def w8a16_gemm_tiles(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group_size: int, *, config: tuple[int, int, bool] | None = None,
-                     pdl: bool = False) -> torch.Tensor:
+                     group_size: int, *, config: tuple[int, int, bool] | None = None) -> torch.Tensor:
     """``w4a16_gemm_tiles`` for int8 weights in quant.pack_int8_tiles' layout ([ceil(N/16), K'/64, 32, 4]
     int64)."""
-    return _tiles_gemm(x, tiles, scale, bias, group_size, 8, config, pdl)
+    return _tiles_gemm(x, tiles, scale, bias, group_size, 8, config)
 
 
 def _tiles_gemm(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                group_size: int, bits: int, config: tuple[int, int, bool] | None, pdl: bool) -> torch.Tensor:
+                group_size: int, bits: int, config: tuple[int, int, bool] | None) -> torch.Tensor:
     name = f"w{bits}a16_gemm_tiles"
     reason = supported(x)
     if reason is not None:
@@ -262,6 +256,5 @@ def _tiles_gemm(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, bias:
     _tiles_kernel[grid](x.view(torch.int64), tiles, scale, bias if bias is not None else scale, c, m, n, kc,
                         x.stride(0) // 4, scale.stride(0), c.stride(0), CHUNKS_PER_GROUP=group_size // TILE_K,
                         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, BITS=bits,
-                        EVEN_KC=kc % (u * num_warps) == 0, PREFETCH=prefetch, U=u, PDL=pdl,
-                        num_warps=num_warps, launch_pdl=pdl)
+                        EVEN_KC=kc % (u * num_warps) == 0, PREFETCH=prefetch, U=u, num_warps=num_warps)
     return c

@@ -17,14 +17,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@triton.jit
-def grid_dependencies(PDL: tl.constexpr):
-    """kernels.sm90.gluon_common.grid_dependencies for Triton kernels (a Gluon function cannot call a Triton one)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
 def autotune_configs(gpu: list[triton.Config], interpreter: triton.Config,
                      quick: triton.Config | None = None) -> list[triton.Config]:
     """The configs a kernel autotunes over.

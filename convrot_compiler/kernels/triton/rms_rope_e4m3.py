@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ...numerics.fp8_attention import E4M3, E4M3_MAX
-from .common import autotune_configs, check_device, grid_dependencies, interpreting, round_to_float_grid
+from .common import autotune_configs, check_device, interpreting, round_to_float_grid
 
 MAX_SOURCES = 2
 E4M3_LIMIT: tl.constexpr = tl.constexpr(E4M3_MAX)
@@ -43,8 +43,7 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
                           seq, heads, seq0,
                           x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
                           D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
-                          EMULATE_CASTS: tl.constexpr, PDL: tl.constexpr, HEADS_BLOCK: tl.constexpr):
-    grid_dependencies(PDL)
+                          EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq
     s = token % seq
@@ -113,10 +112,10 @@ def _check(sources: list[torch.Tensor], weights: list, eps: list, cos: torch.Ten
 
 
 def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
-                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """The kernel: e4m3 [B, S, H, D] contiguous (S the sources' total) from 1 or 2 sources [B, S_i, H, D],
     their RMSNorm weights [D] (or None) and eps, cos and sin [S, D], and ``bound`` (float32, one element) on
-    |RoPE's output|. ``pdl``: launched with programmatic dependent launch (common.grid_dependencies; CUDA only)."""
+    |RoPE's output|."""
     _check(sources, weights, eps, cos, sin)
     check_device(*sources, cos, sin, bound)
     sources = [x if x.stride(-1) == 1 else x.contiguous() for x in sources]
@@ -137,6 +136,5 @@ def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None
         out, seq, heads, x0.shape[1] if two else seq,
         x0.stride(0), x0.stride(1), x0.stride(2), x1.stride(0), x1.stride(1), x1.stride(2),
         cos.stride(0), sin.stride(0), float(eps[0]), float(eps[-1]),
-        D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, EMULATE_CASTS=interpreting(),
-        PDL=pdl, launch_pdl=pdl)
+        D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, EMULATE_CASTS=interpreting())
     return out
