@@ -4,9 +4,8 @@ streams, concatenated along the sequence), RoPE on pairs, and the e4m3 cast scal
 
 Why a kernel: Inductor splits this chain into a row reduction and pointwise passes around the concatenation,
 and the single blocks' fused kernel ran at a third of copy speed (88 us for 85 MB on an H100). Here each
-program owns HEADS_BLOCK heads of TOKENS consecutive tokens (rows of D channels; a block of tokens may span both
-streams and two batch entries), reads them and each token's cos and sin once, and writes the e4m3 rows
-contiguously: 3 bytes moved per element.
+program owns HEADS_BLOCK heads of one token (rows of D channels), reads them and the token's cos and sin once,
+and writes the e4m3 rows contiguously: 3 bytes moved per element.
 """
 
 from __future__ import annotations
@@ -35,48 +34,46 @@ def _rounded(y, dtype: tl.constexpr, EMULATE_CASTS: tl.constexpr):
 
 @triton.autotune(
     configs=autotune_configs(
-        [triton.Config({"TOKENS": t, "HEADS_BLOCK": hb}, num_warps=w)
-         for t, hb, w in ((1, 8, 1), (1, 8, 2), (1, 16, 2), (1, 16, 4), (1, 32, 4), (1, 32, 8), (2, 8, 2), (4, 8, 2),
-                          (4, 8, 4), (8, 8, 4), (8, 8, 8), (2, 16, 4), (4, 16, 4), (4, 16, 8))],
-        interpreter=triton.Config({"TOKENS": 2, "HEADS_BLOCK": 2}, num_warps=1)),
+        [triton.Config({"HEADS_BLOCK": hb}, num_warps=w) for hb, w in ((8, 1), (8, 2), (16, 2), (16, 4), (32, 4),
+                                                                        (32, 8))],
+        interpreter=triton.Config({"HEADS_BLOCK": 2}, num_warps=1)),
     key=["D", "TWO"])
 @triton.jit
 def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr,
-                          seq, heads, seq0, total,
+                          seq, heads, seq0,
                           x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
                           D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
-                          EMULATE_CASTS: tl.constexpr, TOKENS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
-    token = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None, None]  # [T, 1, 1]
+                          EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
     b = token // seq
     s = token % seq
-    h = (tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK))[None, :, None]  # [1, HB, 1]
-    d = tl.arange(0, D)[None, None, :]
-    live = (token < total) & (h < heads)
-    row = x0_ptr + b * x0_sb + s * x0_ss + h * x0_sh
+    h = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
+    live = (h < heads)[:, None]
+    d = tl.arange(0, D)[None, :]
+    row = x0_ptr + b * x0_sb + s * x0_ss + h[:, None] * x0_sh
     eps = eps0
     if TWO:
-        second = s >= seq0
-        row = tl.where(second, x1_ptr + b * x1_sb + (s - seq0) * x1_ss + h * x1_sh, row)
-        eps = tl.where(second, eps1, eps0)
+        if s >= seq0:
+            row = x1_ptr + b * x1_sb + (s - seq0) * x1_ss + h[:, None] * x1_sh
+            eps = eps1
     x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=2, keep_dims=True) / D + eps)
-    y = x * rstd
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+    y = x * rstd[:, None]
     if HAS_W0:
         w = tl.load(w0_ptr + d).to(tl.float32)
     else:
-        w = tl.full((1, 1, D), 1.0, tl.float32)
+        w = tl.full((1, D), 1.0, tl.float32)
     if TWO:
         if HAS_W1:
             w1 = tl.load(w1_ptr + d).to(tl.float32)
         else:
-            w1 = tl.full((1, 1, D), 1.0, tl.float32)
-        w = tl.where(second, w1, w)
+            w1 = tl.full((1, D), 1.0, tl.float32)
+        w = tl.where(s < seq0, w, w1)
     y = _rounded(y * w, x0_ptr.dtype.element_ty, EMULATE_CASTS)
-    in_range = token < total
-    c = tl.load(cos_ptr + s * cos_ss + d, mask=in_range, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + s * sin_ss + d, mask=in_range, other=0.0).to(tl.float32)
-    even, odd = tl.split(tl.reshape(y, (TOKENS, HEADS_BLOCK, D // 2, 2)))
-    rotated = tl.reshape(tl.join(-odd, even), (TOKENS, HEADS_BLOCK, D))
+    c = tl.load(cos_ptr + s * cos_ss + d).to(tl.float32)
+    sn = tl.load(sin_ptr + s * sin_ss + d).to(tl.float32)
+    even, odd = tl.split(tl.reshape(y, (HEADS_BLOCK, D // 2, 2)))
+    rotated = tl.reshape(tl.join(-odd, even), (HEADS_BLOCK, D))
     o = _rounded(y * c + rotated * sn, x0_ptr.dtype.element_ty, EMULATE_CASTS)
     bound = tl.load(bound_ptr)
     scale = tl.where(bound == 0, 0.0, E4M3_LIMIT / tl.where(bound == 0, 1.0, bound))
@@ -84,7 +81,7 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
                    propagate_nan=tl.PropagateNan.ALL)
     if EMULATE_CASTS:
         o = round_to_float_grid(o, 0.125, 2.0 ** -9)
-    tl.store(out_ptr + (token * heads + h) * D + d, o.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + (token * heads + h[:, None]) * D + d, o.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def unsupported_reason(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:
@@ -133,10 +130,10 @@ def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None
     seq = cos.shape[0]
     out = torch.empty(b, seq, heads, d, dtype=E4M3, device=x0.device)
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
-    grid = lambda meta: (triton.cdiv(b * seq, meta["TOKENS"]), triton.cdiv(heads, meta["HEADS_BLOCK"]))  # noqa: E731
+    grid = lambda meta: (b * seq, triton.cdiv(heads, meta["HEADS_BLOCK"]))  # noqa: E731
     _rms_rope_e4m3_kernel[grid](
         x0, x1, w0 if w0 is not None else x0, w1 if w1 is not None else x0, cos, sin, bound.float().reshape(1),
-        out, seq, heads, x0.shape[1] if two else seq, b * seq,
+        out, seq, heads, x0.shape[1] if two else seq,
         x0.stride(0), x0.stride(1), x0.stride(2), x1.stride(0), x1.stride(1), x1.stride(2),
         cos.stride(0), sin.stride(0), float(eps[0]), float(eps[-1]),
         D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, EMULATE_CASTS=interpreting())
