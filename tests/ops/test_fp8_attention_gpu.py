@@ -114,3 +114,20 @@ def test_v_scaled_by_its_projections_bound_on_cudnn():
     computed in the graph from the token scales and the prepared row bounds: the output against V by its absmax
     (``qk-bound``), within e4m3 rounding at FLUX.1-dev's widths."""
     _bound_against_other_scales("qk-bound", "V by its projection's operands", plan="w4a4")
+
+
+def test_cudnn_fp8_attention_keeps_its_amaxes_virtual():
+    """cuDNN memsets an amax output before reducing into it; the plan asks for none (S's and O's amaxes stay virtual),
+    so a call runs fewer memsets than the three of a plan with both amaxes as outputs."""
+    q, k, v = _qkv(1, 1024, 24, 128, "bshd")
+    (q8, dq), (k8, dk), (v8, dv) = quantize_e4m3(q), quantize_e4m3(k), quantize_e4m3(v)
+    args = (q8, k8, v8, dq, dk, dv, inverse_descale(dv), 128 ** -0.5)
+    torch.ops.convrot.fp8_attention(*args)  # the plan is built
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            torch.ops.convrot.fp8_attention(*args)
+        torch.cuda.synchronize()
+    events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("fprop" in n or "sdpa" in n for n in events) == 4, events
+    assert sum("emset" in n for n in events) < 3 * 4, events

@@ -69,9 +69,11 @@ class _Plan:
                                               scale_o=self.scalars[5], is_inference=True, attn_scale=softmax_scale,
                                               use_causal_mask=False, name="sdpa_fp8")
         o.set_output(True).set_dim(dims).set_stride(list(strides[3])).set_data_type(e4m3)
+        # The amaxes of S and O stay virtual: as outputs, each call memsets them before reducing into them
+        # (3 memsets a call instead of 1, and 282.1 against 279.1 us at FLUX.1-dev's attention, H100)
         for t in (amax_s, amax_o):
-            t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
-        self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
+            t.set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
+        self.o = o
         graph.validate()
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -79,7 +81,6 @@ class _Plan:
         graph.build_plans()
         self.graph = graph
         self.workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
-        self.amax = torch.empty(2, device=device, dtype=torch.float32)  # cuDNN reports them; unused
         s = torch.tensor([1.0 / E4M3_MAX, E4M3_MAX], device=device)
         self.descale_s, self.scale_s = s[0:1].view(1, 1, 1, 1), s[1:2].view(1, 1, 1, 1)
 
@@ -88,8 +89,7 @@ class _Plan:
         one = [t.reshape(1, 1, 1, 1) for t in (descale_q, descale_k, descale_v, scale_o)]
         pack = {self.q: q8, self.k: k8, self.v: v8, self.o: out8,
                 self.scalars[0]: one[0], self.scalars[1]: one[1], self.scalars[2]: one[2],
-                self.scalars[3]: self.descale_s, self.scalars[4]: self.scale_s, self.scalars[5]: one[3],
-                self.amax_s: self.amax[0:1].view(1, 1, 1, 1), self.amax_o: self.amax[1:2].view(1, 1, 1, 1)}
+                self.scalars[3]: self.descale_s, self.scalars[4]: self.scale_s, self.scalars[5]: one[3]}
         self.graph.execute(pack, self.workspace, handle=self.handle)
 
 
