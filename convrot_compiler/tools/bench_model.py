@@ -23,7 +23,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -159,6 +159,35 @@ def parse_variants(spec: str, known: tuple[str, ...]) -> list[str]:
     return variants
 
 
+def time_interleaved(calls: list[tuple[str, Callable]], kwargs, dev, iters: int) -> list[list[float]]:
+    """Milliseconds per forward of each (launch suffix, callable), timed in turns: one warm-up round, then ``iters``
+    rounds of one forward each, the order rotated by one every round, so that a drift of the machine (clocks,
+    temperature) or a variant's position falls on all of them alike. Each call runs under its launch's kernel
+    choice (a CUDA graph captured on the warm-up keeps the kernels it captured)."""
+    def one(launch: str, fn) -> float:
+        with kernel_choice(launch):
+            if dev.type != "cuda":
+                t = time.perf_counter()
+                fn(**kwargs)
+                return (time.perf_counter() - t) * 1e3
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(**kwargs)
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b)
+
+    times = [[] for _ in calls]
+    with torch.no_grad():
+        for launch, fn in calls:
+            one(launch, fn)
+        sync(dev)
+        for r in range(iters):
+            for i in (r + j for j in range(len(calls))):
+                times[i % len(calls)].append(one(*calls[i % len(calls)]))
+    return times
+
+
 def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
     """Milliseconds per forward: CUDA events on GPU, perf_counter on CPU; one warm-up call first."""
     with torch.no_grad():
@@ -282,51 +311,85 @@ def run(args) -> dict:
             ref = sample_output(base(**kwargs)).float()
         bf16_bytes = model_bytes(base)
         del base
+        held = []  # --interleave: (row, callable, model) of each variant that ran its first call, timed together
         for variant in variants:
-            torch._dynamo.reset()
+            if not held:
+                torch._dynamo.reset()
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            model = build_model(args.config, seed=0, device=dev)
-            fn = replay = None
             row = {"variant": variant, "resolution": res, "batch": args.batch, "tokens": tokens}
             print(f"[{variant} @ {res}] preparing, compiling, first call ...", flush=True)
-            with kernel_choice(variant.rsplit("-", 1)[-1]):
-                try:
-                    t0 = time.perf_counter()
-                    fn, prepared, note = prepare(variant, model, kwargs)
-                    with torch.no_grad():
-                        out = sample_output(fn(**kwargs))
-                    sync(dev)
-                    row["first_call_s"] = time.perf_counter() - t0
-                    # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
-                    err = relative_error(out, ref)
-                    del out
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    times = time_forward(fn, kwargs, dev, args.iters)
-                    replay = getattr(getattr(model, "forward", None), "replay", None)
-                    if replay is not None and replay.unreplayable:  # the note said replay before the first call
-                        why = next(iter(replay.unreplayable.values()))
-                        note = note.replace("CUDA graph replay", f"kernels launched one by one: CUDA-graph replay "
-                                                                 f"is off, {why}")
-                    row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note,
-                               weight_bytes=model_bytes(model) + prepared,
-                               peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                               rel_err_vs_bf16=err)
-                    if args.profile and dev.type == "cuda" and _profiles(variant, breakdowns):
-                        breakdowns.append(_profiled(variant, fn, kwargs, row["ms"]))
-                except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
-                    row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
+            model = build_model(args.config, seed=0, device=dev)
+            fn = _first_call(variant, model, kwargs, ref, dev, row)
+            if fn is not None and args.interleave:
+                held.append((row, fn, model))
+            elif fn is not None:
+                with kernel_choice(_launch(variant)):
+                    try:
+                        _timed(row, time_forward(fn, kwargs, dev, args.iters), model, dev)
+                        if args.profile and dev.type == "cuda" and _profiles(variant, breakdowns):
+                            breakdowns.append(_profiled(variant, fn, kwargs, row["ms"]))
+                    except (RuntimeError, ValueError) as e:
+                        row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
             rows.append(row)
-            print(row, flush=True)
-            # a run cut short keeps what it measured
-            partial = _result(args, dev, rows, breakdowns, bf16_bytes)
-            write_results(args.name, partial, to_markdown(partial), args.out)
+            if not args.interleave:
+                print(row, flush=True)
+                # a run cut short keeps what it measured
+                partial = _result(args, dev, rows, breakdowns, bf16_bytes)
+                write_results(args.name, partial, to_markdown(partial), args.out)
             # the compiled callable holds the model (a second copy would not fit a big one), its replay the CUDA graphs'
             # memory: neither may count in the next variant's peak
-            del model, fn, replay
+            del model, fn
+        if held:
+            times = time_interleaved([(_launch(r["variant"]), fn) for r, fn, _ in held], kwargs, dev, args.iters)
+            for (row, fn, model), variant_times in zip(held, times):
+                _timed(row, variant_times, model, dev, interleaved=True)
+                print(row, flush=True)
+                if args.profile and dev.type == "cuda" and _profiles(row["variant"], breakdowns):
+                    with kernel_choice(_launch(row["variant"])):
+                        breakdowns.append(_profiled(row["variant"], fn, kwargs, row["ms"]))
+            del held, fn, model
     return _result(args, dev, rows, breakdowns, bf16_bytes)
+
+
+def _launch(variant: str) -> str:
+    return variant.rsplit("-", 1)[-1]
+
+
+def _first_call(variant: str, model, kwargs: dict, ref: torch.Tensor, dev: torch.device, row: dict):
+    """Prepare and compile ``variant`` on ``model`` and run its first call (under its kernel choice): the row gets
+    its first-call time, output error, weight bytes and note. Returns the callable, or None when the variant cannot
+    run here (the row then says why)."""
+    with kernel_choice(_launch(variant)):
+        try:
+            t0 = time.perf_counter()
+            fn, prepared, note = prepare(variant, model, kwargs)
+            with torch.no_grad():
+                out = sample_output(fn(**kwargs))
+            sync(dev)
+        except (RuntimeError, ValueError) as e:  # e.g. torchao missing, a plan regional cannot compile
+            row.update(ms=None, note=f"skipped: {e}".splitlines()[0][:160])
+            return None
+    row["first_call_s"] = time.perf_counter() - t0
+    # now: Inductor's CUDA graphs (bf16-compile-cg) overwrite an output on the next call
+    row.update(rel_err_vs_bf16=relative_error(out, ref), weight_bytes=model_bytes(model) + prepared, note=note)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    return fn
+
+
+def _timed(row: dict, times: list[float], model, dev: torch.device, interleaved: bool = False) -> None:
+    """The row's median, spread and peak memory from its timed forwards, and the note says how they ran."""
+    note = row["note"]
+    replay = getattr(getattr(model, "forward", None), "replay", None)
+    if replay is not None and replay.unreplayable:  # the note said replay before the first call
+        why = next(iter(replay.unreplayable.values()))
+        note = note.replace("CUDA graph replay", f"kernels launched one by one: CUDA-graph replay is off, {why}")
+    if interleaved:  # every held variant's memory counts in the peak: none is its own
+        note = "; ".join(n for n in (note, "timed interleaved with the other variants") if n)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" and not interleaved else None
+    row.update(ms=statistics.median(times), ms_spread=max(times) - min(times), note=note, peak_bytes=peak)
 
 
 def resolution(text: str) -> int | str:
@@ -473,6 +536,9 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--interleave", action="store_true", help="keep every variant compiled and time them in turns "
+                   "(one forward each, the order rotated every round) instead of one after another: for A/B "
+                   "comparisons of a few variants that fit in memory together; peak memory is then not reported")
     p.add_argument("--name", default="model")
     p.add_argument("--out", help="result folder (default $OUT if set, else ./convrot-out/bench)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: merge result files of separate "

@@ -203,3 +203,45 @@ def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
     with bench_model.kernel_choice("tritonrq"):
         assert dispatch.use_sm90_rotate is not rotate
     assert dispatch.use_sm90_rotate is rotate
+
+
+def test_interleaved_timing_rotates_the_order_and_runs_each_under_its_launch(monkeypatch):
+    """time_interleaved: a warm-up round, then ``iters`` rounds of one call each, the first of a round moving on by
+    one every round; each call runs inside its own launch's kernel choice."""
+    import torch
+
+    calls, launches = [], []
+    monkeypatch.setattr(bench_model, "kernel_choice", lambda launch: _recording(launches, launch))
+
+    def variant(name):
+        return lambda **kw: calls.append(name)
+
+    times = bench_model.time_interleaved([("a", variant("a")), ("b", variant("b")), ("c", variant("c"))], {},
+                                         torch.device("cpu"), 3)
+    assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert launches == calls
+
+
+class _recording:
+    def __init__(self, log, launch):
+        self.log, self.launch = log, launch
+
+    def __enter__(self):
+        self.log.append(self.launch)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_model_bench_interleaved_holds_every_variant_and_times_them_in_turns(tmp_path):
+    result = bench_model.main(["--config", "flux-tiny", "--resolution", "64", "--text-tokens", "16",
+                               "--variants", "w4a4,w4a4-fp8attn", "--iters", "2", "--device", "cpu", "--interleave",
+                               "--out", str(tmp_path), "--name", "interleaved"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    for r in rows.values():
+        assert r["ms"] > 0 and r["first_call_s"] > 0 and "timed interleaved with the other variants" in r["note"]
+        assert r["peak_bytes"] is None and 0 < r["rel_err_vs_bf16"] < 0.1
+    assert "attention in fp8" in rows["w4a4-fp8attn"]["note"]
+    assert rows["w4a4-fp8attn"]["rel_err_vs_bf16"] != rows["w4a4"]["rel_err_vs_bf16"]
+    assert json.loads((tmp_path / "interleaved.json").read_text())["rows"] == result["rows"]
