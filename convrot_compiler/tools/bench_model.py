@@ -164,28 +164,35 @@ def time_interleaved(calls: list[tuple[str, Callable]], kwargs, dev, iters: int)
     rounds of one forward each, the order rotated by one every round, so that a drift of the machine (clocks,
     temperature) or a variant's position falls on all of them alike. Each call runs under its launch's kernel
     choice (a CUDA graph captured on the warm-up keeps the kernels it captured)."""
-    def one(launch: str, fn) -> float:
+    def one(k: int) -> float:
+        launch, fn = calls[k]
         with kernel_choice(launch):
-            if dev.type != "cuda":
-                t = time.perf_counter()
-                fn(**kwargs)
-                return (time.perf_counter() - t) * 1e3
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(**kwargs)
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b)
+            return _one_forward_ms(fn, kwargs, dev)
 
     times = [[] for _ in calls]
     with torch.no_grad():
-        for launch, fn in calls:
-            one(launch, fn)
+        for k in range(len(calls)):
+            one(k)
         sync(dev)
         for r in range(iters):
-            for i in (r + j for j in range(len(calls))):
-                times[i % len(calls)].append(one(*calls[i % len(calls)]))
+            for j in range(len(calls)):
+                k = (r + j) % len(calls)
+                times[k].append(one(k))
     return times
+
+
+def _one_forward_ms(fn, kwargs, dev) -> float:
+    """Milliseconds of one forward: CUDA events on GPU, perf_counter on CPU."""
+    if dev.type != "cuda":
+        t = time.perf_counter()
+        fn(**kwargs)
+        return (time.perf_counter() - t) * 1e3
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn(**kwargs)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
@@ -193,20 +200,7 @@ def time_forward(fn, kwargs, dev, iters: int) -> list[float]:
     with torch.no_grad():
         fn(**kwargs)
         sync(dev)
-        times = []
-        for _ in range(iters):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn(**kwargs)
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn(**kwargs)
-                times.append((time.perf_counter() - t) * 1e3)
-    return times
+        return [_one_forward_ms(fn, kwargs, dev) for _ in range(iters)]
 
 
 def prepare(variant: str, model, inputs: dict | None = None):

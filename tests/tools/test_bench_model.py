@@ -208,10 +208,18 @@ def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
 def test_interleaved_timing_rotates_the_order_and_runs_each_under_its_launch(monkeypatch):
     """time_interleaved: a warm-up round, then ``iters`` rounds of one call each, the first of a round moving on by
     one every round; each call runs inside its own launch's kernel choice."""
+    import contextlib
+
     import torch
 
     calls, launches = [], []
-    monkeypatch.setattr(bench_model, "kernel_choice", lambda launch: _recording(launches, launch))
+
+    @contextlib.contextmanager
+    def recording(launch):
+        launches.append(launch)
+        yield
+
+    monkeypatch.setattr(bench_model, "kernel_choice", recording)
 
     def variant(name):
         return lambda **kw: calls.append(name)
@@ -221,17 +229,6 @@ def test_interleaved_timing_rotates_the_order_and_runs_each_under_its_launch(mon
     assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
     assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert launches == calls
-
-
-class _recording:
-    def __init__(self, log, launch):
-        self.log, self.launch = log, launch
-
-    def __enter__(self):
-        self.log.append(self.launch)
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_model_bench_interleaved_holds_every_variant_and_times_them_in_turns(tmp_path):
