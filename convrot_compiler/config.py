@@ -55,7 +55,7 @@ class ConvRotConfig:
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     attention_scales: str = "bound"      # fp8 Q, K (RMSNorm) and V (its GEMM's operands) scaled by proven bounds;
                                          # "qk-bound": V by its absmax; "absmax": all three
-    fuse_attention_prologue: bool = True  # fp8 Q, K by bound: their RMSNorm, RoPE and cast as one kernel
+    fuse_attention_prologue: bool = True  # Q, K's RMSNorm and RoPE (fp8 by bound: and cast) as one kernel
     fuse_attention_output: bool = True   # fp8 attention's e4m3 output read as it is by the next rotate+quantize
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 

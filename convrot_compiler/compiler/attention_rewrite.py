@@ -16,7 +16,10 @@ attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX
 RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
 ``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``). Where ``o`` feeds quantized linears, they read
 ``o8`` instead (attention_output.py, option ``fuse_attention_output``).
-An attention that cannot run in fp8 keeps its op, and its decision says why.
+An attention that cannot run in fp8 keeps its op, and its decision says why. An attention kept in 16 bits
+(``attention="keep"``, or not eligible) still takes its Q and K from one kernel where FLUX's chain makes them,
+``convrot::rms_rope`` (the same option): Inductor runs that chain as a reduction and pointwise passes around the
+concatenation, at a third of copy speed.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from torch import fx
 
 from ..config import check_attention_mode, check_attention_scales
 from ..numerics.fp8_attention import default_softmax_scale, dequantize_e4m3, quantize_e4m3
-from ..ops import fp8_attention_e4m3_output, rms_rope_quantize_e4m3
-from ..ops.dispatch import fp8_attention_unsupported, rms_rope_e4m3_unsupported
+from ..ops import fp8_attention_e4m3_output, rms_rope_16bit, rms_rope_quantize_e4m3
+from ..ops.dispatch import fp8_attention_unsupported, rms_rope_unsupported
 from .match import LINEAR_TARGETS, _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
 from .value_bounds import Bound, abs_bound, emit, joined_tensors, keeps_bound
@@ -48,7 +51,7 @@ class AttentionDecision:
     precision: str               # "fp8" or "keep" (the model's dtype)
     reason: str = ""
     scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
-    prologue: str = ""           # fp8: what casts Q and K (one kernel from their RMSNorm on, or Inductor)
+    prologue: str = ""           # what makes Q and K from their RMSNorm on (and casts them, for fp8): a kernel, or Inductor
     output: str = ""             # fp8: who reads the e4m3 output (the next linears' rotate+quantize, or a dequantize)
 
 
@@ -140,26 +143,29 @@ class PlannedAttention(NamedTuple):
     node: fx.Node
     decision: AttentionDecision
     bounds: dict[str, Bound | None]  # fp8: the bounds Q and K are scaled by (None: their absmax)
-    chains: dict[str, RmsRopeChain | None] = {}  # fp8: Q's, K's chain that runs as one kernel (None: Inductor's)
+    chains: dict[str, RmsRopeChain | None] = {}  # Q's, K's chain that runs as one kernel (None: Inductor's)
 
 
-PROLOGUE_KERNEL = "RMSNorm+RoPE+e4m3 kernel"
+PROLOGUE_KERNEL = "RMSNorm+RoPE kernel"
+PROLOGUE_KERNEL_E4M3 = "RMSNorm+RoPE+e4m3 kernel"
 
 
-def fused_chains(args: dict, bounds: dict[str, Bound | None], fuse: bool) -> tuple[dict, str]:
-    """Q's and K's chain where one kernel runs it (scaled by a bound, FLUX's chain, a kernel for it on the
-    device), and the label saying so."""
+def fused_chains(args: dict, bounds: dict[str, Bound | None] | None, fuse: bool) -> tuple[dict, str]:
+    """Q's and K's chain where one kernel runs it (FLUX's chain, a kernel for it on the device, and for fp8
+    attention, ``bounds`` not None, scaled by a bound), and the label saying so."""
     chains, why = {}, {}
     for name in ("query", "key"):
-        chain = match_rms_rope(args[name]) if fuse and bounds.get(name) is not None else None
+        wanted = fuse and (bounds is None or bounds.get(name) is not None)
+        chain = match_rms_rope(args[name]) if wanted else None
         example = _example(args[name])
         if chain is not None and example.is_cuda:
-            reason = rms_rope_e4m3_unsupported(example.dtype, chain.head_dim, len(chain.sources))
+            reason = rms_rope_unsupported(example.dtype, chain.head_dim, len(chain.sources))
             if reason:
                 chain, why[name] = None, reason
         chains[name] = chain
     fused = [n[0].upper() for n in ("query", "key") if chains[n] is not None]
-    label = "Inductor" if not fused else PROLOGUE_KERNEL if len(fused) == 2 else f"{fused[0]}: {PROLOGUE_KERNEL}"
+    kernel = PROLOGUE_KERNEL if bounds is None else PROLOGUE_KERNEL_E4M3
+    label = "Inductor" if not fused else kernel if len(fused) == 2 else f"{fused[0]}: {kernel}"
     if why:
         label += "; " + "; ".join(f"{n[0].upper()} by Inductor: {r}" for n, r in why.items())
     return chains, label
@@ -167,8 +173,8 @@ def fused_chains(args: dict, bounds: dict[str, Bound | None], fuse: bool) -> tup
 
 def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
                      fuse_prologue: bool = True) -> list[PlannedAttention]:
-    """Every SDPA node of the graph with what ``mode`` does to it, and for fp8 how ``scales`` scales Q and K and
-    whether their RMSNorm, RoPE and cast run as one kernel (``fuse_prologue``)."""
+    """Every SDPA node of the graph with what ``mode`` does to it, for fp8 how ``scales`` scales Q and K, and
+    whether their RMSNorm, RoPE (and for fp8 the cast) run as one kernel (``fuse_prologue``)."""
     check_attention_mode(mode)
     check_attention_scales(scales)
     found = []
@@ -179,12 +185,11 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
         q = _example(args["query"])
         name = f"{module_name(node) or '<graph>'}:{node.name}"
         shape = tuple(q.shape) if q is not None else None
-        if mode == "keep":
-            found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", "option attention='keep'"), {}))
-            continue
-        why = _ineligible(args, fp8_attention_unsupported)
+        why = "option attention='keep'" if mode == "keep" else _ineligible(args, fp8_attention_unsupported)
         if why:
-            found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", why), {}))
+            chains, prologue = fused_chains(args, None, fuse_prologue)
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", why, prologue=prologue), {},
+                                          chains))
         else:
             bounds = tensor_bounds(args, scales)
             chains, prologue = fused_chains(args, bounds, fuse_prologue)
@@ -193,16 +198,41 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
     return found
 
 
+def _chain_call(graph: fx.Graph, chain: RmsRopeChain, op, *extra) -> fx.Node:
+    """A node calling ``op`` (rms_rope_16bit or rms_rope_quantize_e4m3) on ``chain``'s streams, weights, eps and
+    [S, D] tables, and ``extra``."""
+    cos, sin = (graph.call_method("reshape", (t, chain.seq, chain.head_dim)) for t in (chain.cos, chain.sin))
+    return graph.call_function(op, (list(chain.sources), list(chain.weights), list(chain.eps), cos, sin, *extra))
+
+
+def _as_bhsd(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """[B, S, H, D] seen as the attention's [B, H, S, D], as the model's own permute gave it."""
+    return graph.call_method("permute", (x, 0, 2, 1, 3))
+
+
 def _quantized(graph: fx.Graph, x: fx.Node, bound, chain: RmsRopeChain | None) -> tuple[fx.Node, fx.Node]:
     """Nodes of (e4m3 [B, H, S, D], descale) for ``x``: its chain as one kernel, or ``quantize_e4m3``."""
     if chain is None:
         out = graph.call_function(quantize_e4m3, (x, bound))
         return graph.call_function(operator.getitem, (out, 0)), graph.call_function(operator.getitem, (out, 1))
-    cos, sin = (graph.call_method("reshape", (t, chain.seq, chain.head_dim)) for t in (chain.cos, chain.sin))
-    out = graph.call_function(rms_rope_quantize_e4m3, (list(chain.sources), list(chain.weights), list(chain.eps),
-                                                        cos, sin, bound))
-    x8 = graph.call_method("permute", (graph.call_function(operator.getitem, (out, 0)), 0, 2, 1, 3))
+    out = _chain_call(graph, chain, rms_rope_quantize_e4m3, bound)
+    x8 = _as_bhsd(graph, graph.call_function(operator.getitem, (out, 0)))
     return x8, graph.call_function(operator.getitem, (out, 1))
+
+
+def _fuse_16bit_chains(graph: fx.Graph, node: fx.Node, chains: dict[str, RmsRopeChain | None]) -> bool:
+    """Give the 16-bit attention ``node`` its Q and K from ``chains``' kernel; whether any chain was fused."""
+    args = _arguments(node)
+    fused = False
+    for name, chain in chains.items():
+        if chain is None:
+            continue
+        with graph.inserting_before(node):
+            made = _as_bhsd(graph, _chain_call(graph, chain, rms_rope_16bit))
+        node.replace_input_with(args[name], made)
+        _erase_unused_chain(graph, args[name], chain)
+        fused = True
+    return fused
 
 
 def _erase_unused_chain(graph: fx.Graph, end: fx.Node, chain: RmsRopeChain) -> None:
@@ -223,10 +253,13 @@ def _erase_unused_chain(graph: fx.Graph, end: fx.Node, chain: RmsRopeChain) -> N
 
 def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> dict[fx.Node, AttentionDecision]:
     """Rewrite the attentions planned as fp8, Q and K scaled by their planned bounds and cast by their planned
-    kernels; returns each one's dequantize node (``o`` of the module docstring) with its decision."""
+    kernels, and give those kept in 16 bits their Q and K from their planned kernels; returns each fp8 one's
+    dequantize node (``o`` of the module docstring) with its decision."""
     graph, done, absmax = gm.graph, {}, {}
+    changed = False
     for node, decision, bounds, chains in planned:
         if decision.precision != "fp8":
+            changed |= _fuse_16bit_chains(graph, node, chains)
             continue
         args = _arguments(node)
         with graph.inserting_before(node):
@@ -248,7 +281,7 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> di
             if chain is not None:
                 _erase_unused_chain(graph, args[name], chain)
         done[out] = decision
-    if done:
+    if done or changed:
         graph.lint()
         gm.recompile()
     return done

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .rope import rms_rope_reference
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -82,23 +83,11 @@ def default_softmax_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved pairs as diffusers applies it to FLUX's [B, S, H, D] Q and K (``apply_rotary_emb``,
-    real tables, pairs on the last dimension): x cos + rot(x) sin with rot(x)_2i = -x_2i+1, rot(x)_2i+1 = x_2i and
-    cos, sin [S, D], in float32, rounded to x's dtype."""
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
-    return (x.float() * cos[:, None] + rotated.float() * sin[:, None]).to(x.dtype)
-
-
 def rms_rope_e4m3_reference(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
                             cos: torch.Tensor, sin: torch.Tensor,
                             bound: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     """FLUX's Q or K from its projections to e4m3, as the model computes it and fp8 attention scales it: each
     source [B, S_i, H, D] RMS-normalized over D with its weight and eps, the sources concatenated along the
-    sequence, RoPE on pairs (``rope_pairs``), then ``quantize_e4m3`` by ``bound``. Returns the contiguous e4m3
-    [B, S, H, D] tensor and its descale."""
-    normed = [F.rms_norm(x, (x.shape[-1],), w, e) for x, w, e in zip(sources, weights, eps)]
-    y = normed[0] if len(normed) == 1 else torch.cat(normed, dim=1)
-    q8, descale = quantize_e4m3(rope_pairs(y, cos, sin), bound)
-    return q8.contiguous(), descale
+    sequence, RoPE on pairs (``rope.rms_rope_reference``), then ``quantize_e4m3`` by ``bound``. Returns the
+    contiguous e4m3 [B, S, H, D] tensor and its descale."""
+    return quantize_e4m3(rms_rope_reference(sources, weights, eps, cos, sin), bound)

@@ -34,6 +34,7 @@ from ..numerics.quant import (
     unpack_int4,
     weight_only_gemm,
 )
+from ..numerics.rope import rms_rope_reference
 from . import dispatch
 
 
@@ -233,18 +234,38 @@ def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale):
     return output_like(q8)
 
 
+@torch.library.custom_op("convrot::rms_rope", mutates_args=())
+def rms_rope(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],
+             cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """FLUX's Q or K from its projections, in their dtype: RMSNorm of each source, their concatenation along the
+    sequence, RoPE on pairs; see ``rms_rope_reference``. On CUDA: one Triton kernel (kernels/triton/rms_rope.py)
+    where Inductor runs the chain as several."""
+    return rms_rope_reference(sources, weights, eps, cos, sin)
+
+
+@rms_rope.register_kernel("cuda")
+def _rms_rope_cuda(sources, weights, eps, cos, sin):
+    return dispatch.rms_rope(sources, weights, eps, cos, sin)
+
+
+@rms_rope.register_fake
+def _(sources, weights, eps, cos, sin):
+    b, _, h, d = sources[0].shape
+    return sources[0].new_empty(b, cos.shape[0], h, d)
+
+
 @torch.library.custom_op("convrot::rms_rope_e4m3", mutates_args=())
 def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],
                   cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """FLUX's Q or K to e4m3 from its projections: RMSNorm of each source, their concatenation along the
     sequence, RoPE on pairs, the cast scaled by ``bound``; see ``rms_rope_e4m3_reference``. On CUDA: one Triton
-    kernel (kernels/triton/rms_rope_e4m3.py)."""
+    kernel (kernels/triton/rms_rope.py)."""
     return rms_rope_e4m3_reference(sources, weights, eps, cos, sin, bound)[0]
 
 
 @rms_rope_e4m3.register_kernel("cuda")
 def _rms_rope_e4m3_cuda(sources, weights, eps, cos, sin, bound):
-    return dispatch.rms_rope_e4m3(sources, weights, eps, cos, sin, bound)
+    return dispatch.rms_rope(sources, weights, eps, cos, sin, bound)
 
 
 @rms_rope_e4m3.register_fake
@@ -373,6 +394,12 @@ def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch
     """``fp8_attention_e4m3_output``, its output dequantized to V's dtype."""
     o8, dv = fp8_attention_e4m3_output(q8, descale_q, k8, descale_k, value, scale)
     return dequantize_e4m3(o8, dv, value.dtype)
+
+
+def rms_rope_16bit(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``convrot::rms_rope``: FLUX's Q or K [B, S, H, D] in the sources' dtype, for an attention kept in 16 bits."""
+    return torch.ops.convrot.rms_rope(sources, weights, eps, cos, sin)
 
 
 def rms_rope_quantize_e4m3(sources: list[torch.Tensor], weights: list[Optional[torch.Tensor]], eps: list[float],

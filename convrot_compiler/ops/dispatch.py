@@ -7,7 +7,7 @@ custom_ops.py): ``rotate_quantize`` (the sm_90 Gluon kernel where it takes the a
 ``int_gemm`` (the sm_90 packed GEMM, else Triton's int8 GEMM on unpacked weights, one program per tile or
 persistent as ``gemm_schedule`` says; a fused GEMM's scales and biases joined once, ``joined_vectors``),
 ``weight_only_gemm`` (by the bits and the layout the weight was prepared in), ``fp8_attention`` (cuDNN's) and
-``rms_rope_e4m3`` (Triton's). Every choice computes the same values; only the speed differs. A benchmark that
+``rms_rope`` (Triton's; 16-bit or e4m3). Every choice computes the same values; only the speed differs. A benchmark that
 compares kernels in one process replaces ``use_sm90_rotate``, ``use_sm90_packed_gemm``, ``gemm_schedule`` or
 ``joined_vectors`` for its duration (tools/bench_model.py, ``kernel_choice``).
 """
@@ -273,18 +273,18 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_
     return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
 
 
-def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
-                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """Q or K's RMSNorm, RoPE and e4m3 cast before fp8 attention: Triton's kernel, the one kernel of
-    ``convrot::rms_rope_e4m3``."""
-    from ..kernels.triton.rms_rope_e4m3 import rms_rope_e4m3 as kernel
+def rms_rope(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
+             cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
+    """Q or K's RMSNorm and RoPE before attention, with ``bound`` cast to e4m3 for fp8 attention: Triton's kernel,
+    the one kernel of ``convrot::rms_rope`` and ``convrot::rms_rope_e4m3``."""
+    from ..kernels.triton.rms_rope import rms_rope as kernel
 
     return kernel(sources, weights, eps, cos, sin, bound)
 
 
-def rms_rope_e4m3_unsupported(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:
-    """None when ``rms_rope_e4m3``'s kernel takes ``streams`` streams of ``dtype`` with heads of ``head_dim``
-    on CUDA, else why not."""
-    from ..kernels.triton.rms_rope_e4m3 import unsupported_reason
+def rms_rope_unsupported(dtype: torch.dtype, head_dim: int, streams: int) -> str | None:
+    """None when ``rms_rope``'s kernel takes ``streams`` streams of ``dtype`` with heads of ``head_dim`` on CUDA,
+    else why not."""
+    from ..kernels.triton.rms_rope import unsupported_reason
 
     return unsupported_reason(dtype, head_dim, streams)

@@ -95,6 +95,8 @@ LAUNCHES = {
                     "(not once)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
+    "qkinductor": ({"fuse_attention_prologue": False},
+                   "Q and K's RMSNorm and RoPE by Inductor (not one kernel)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
     "fp8dequant": ({"attention": "fp8", "fuse_attention_output": False},
@@ -249,7 +251,7 @@ INDUCTOR_FUSED = "norms, RoPE, pointwise (Inductor)"
 KERNEL_GROUPS = {"DiRotQ rotate+quantize": ("_pca_rotate_quantize",), "DiRotQ GEMM": ("_pca_gemm",),
                  "quantized GEMM": ("_int_gemm_kernel", "_int_gemm_tma_kernel", "_packed_gemm_kernel"),
                  INDUCTOR_FUSED: ("triton_poi_", "triton_red_", "triton_per_"),
-                 "Q, K RMSNorm+RoPE+e4m3": ("_rms_rope_e4m3",),
+                 "Q, K RMSNorm+RoPE": ("_rms_rope",),
                  "attention": ("flash", "attention", "fmha", "sdpa"),
                  "rotate+quantize": ("_rotate_quant",), "int4 unpack": ("_unpack_int4",),
                  "weight-only GEMV": ("_w4a16", "_tiles_kernel", "_weight_only_kernel"),

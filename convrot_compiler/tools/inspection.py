@@ -74,7 +74,7 @@ class InspectReport:
 
         rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.scales or "-",
                  a.prologue or "-", a.output or "-", a.reason] for a in self.attention]
-        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "Q, K cast by",
+        return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "Q, K made by",
                                        "e4m3 output", "kept because"],
                         tablefmt="github")
 

@@ -1,6 +1,6 @@
-"""FLUX's Q and K chain (per-head RMSNorm, concatenation, RoPE on pairs) with its e4m3 cast as one op,
-``convrot::rms_rope_e4m3``: the kernel against the reference (the Triton interpreter on CPU), the graph match,
-and the rewritten model against the unfused one."""
+"""FLUX's Q and K chain (per-head RMSNorm, concatenation, RoPE on pairs) as one op, in 16 bits
+(``convrot::rms_rope``) or with its e4m3 cast (``convrot::rms_rope_e4m3``): the kernel against the reference (the
+Triton interpreter on CPU), the graph match, and the rewritten model against the unfused one."""
 
 import math
 
@@ -13,9 +13,10 @@ import convrot_compiler as cc
 from convrot_compiler.compiler.qk_prologue import match_rms_rope
 from convrot_compiler.families import example_inputs
 from convrot_compiler.kernels.triton.common import interpreting
-from convrot_compiler.kernels.triton.rms_rope_e4m3 import rms_rope_e4m3, unsupported_reason
-from convrot_compiler.numerics.fp8_attention import E4M3_MAX, quantize_e4m3, rms_rope_e4m3_reference, rope_pairs
-from convrot_compiler.ops import rms_rope_quantize_e4m3
+from convrot_compiler.kernels.triton.rms_rope import rms_rope, unsupported_reason
+from convrot_compiler.numerics.fp8_attention import E4M3_MAX, quantize_e4m3, rms_rope_e4m3_reference
+from convrot_compiler.numerics.rope import rms_rope_reference, rope_pairs
+from convrot_compiler.ops import rms_rope_16bit, rms_rope_quantize_e4m3
 from convrot_compiler.tools.models import build_flux, build_model, make_flux_inputs, relative_error
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
@@ -71,7 +72,7 @@ def test_kernel_matches_the_reference_exactly(seqs, none_at):
     eps = [1e-6, 1e-5][:len(seqs)]
     bound = _bound(weights)
     ref, descale = rms_rope_e4m3_reference(sources, weights, eps, cos, sin, bound)
-    out = rms_rope_e4m3([s.to(DEV) for s in sources], [None if w is None else w.to(DEV) for w in weights], eps,
+    out = rms_rope([s.to(DEV) for s in sources], [None if w is None else w.to(DEV) for w in weights], eps,
                         cos.to(DEV), sin.to(DEV), bound.to(DEV))
     assert out.shape == ref.shape == (2, sum(seqs), HEADS, D) and out.is_contiguous()
     _assert_same_e4m3(out, ref)
@@ -79,22 +80,44 @@ def test_kernel_matches_the_reference_exactly(seqs, none_at):
     assert descale.item() == pytest.approx(bound.item() / E4M3_MAX)
 
 
+@pytest.mark.parametrize("seqs,none_at", [((5, 11), None), ((13,), None), ((7, 4), 0), ((3, 9), 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_in_16_bits_matches_the_reference(seqs, none_at, dtype):
+    """The row's 1 / RMS is computed otherwise than torch's rms_norm (and on a GPU its sum of squares reduced in
+    another order), so a value on a rounding boundary may land one step of its dtype away: at most 1 in 1000."""
+    sources = [s.to(dtype) for s in _streams(seqs)]
+    weights = [None if w is None else w.to(dtype) for w in _weights(len(seqs), none_at=none_at)]
+    cos, sin = _tables(sum(seqs))
+    eps = [1e-6, 1e-5][:len(seqs)]
+    ref = rms_rope_reference(sources, weights, eps, cos, sin)
+    out = rms_rope([s.to(DEV) for s in sources], [None if w is None else w.to(DEV) for w in weights], eps,
+                   cos.to(DEV), sin.to(DEV)).cpu()
+    assert out.dtype == ref.dtype == dtype and out.shape == ref.shape == (2, sum(seqs), HEADS, D)
+    assert out.is_contiguous()
+    mantissa = 7 if dtype == torch.bfloat16 else 10
+    out, ref = out.float(), ref.float()
+    step = torch.exp2(torch.floor(torch.log2(torch.maximum(out.abs(), ref.abs()).clamp_min(2.0 ** -14))) - mantissa)
+    off = out != ref
+    assert off.float().mean() <= 1e-3 and ((out - ref).abs() <= step)[off].all()
+    assert relative_error(out, torch.cat(sources, 1).float()) > 0.5  # normalized and rotated, not copied
+
+
 def test_a_bound_exceeded_saturates_a_zero_bound_gives_zeros_and_a_nan_row_stays_nan():
     sources, weights = _streams((4, 6)), _weights(2)
     cos, sin = _tables(10)
     tight = torch.tensor(0.5)
     ref, _ = rms_rope_e4m3_reference(sources, weights, [1e-6] * 2, cos, sin, tight)
-    out = rms_rope_e4m3([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
+    out = rms_rope([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
                         sin.to(DEV), tight.to(DEV)).cpu()
     _assert_same_e4m3(out, ref)
     assert out.float().abs().max() == E4M3_MAX
-    zero = rms_rope_e4m3([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
+    zero = rms_rope([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
                          sin.to(DEV), torch.tensor(0.0, device=DEV)).cpu()
     assert not zero.float().any()
     if interpreting():  # the interpreter casts NaN to e4m3 as 384, where the GPU's conversion keeps NaN
         return
     sources[1][0, 2, 1, 5] = math.nan
-    bad = rms_rope_e4m3([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
+    bad = rms_rope([s.to(DEV) for s in sources], [w.to(DEV) for w in weights], [1e-6] * 2, cos.to(DEV),
                         sin.to(DEV), _bound(weights).to(DEV)).cpu().float()
     assert bad[0, 6, 1].isnan().all() and not bad[0, 5].isnan().any() and not bad[1].isnan().any()
 
@@ -107,10 +130,10 @@ def test_the_kernel_says_what_it_cannot_take():
     sources = _streams((4, 6))
     cos, sin = _tables(9)
     with pytest.raises(ValueError, match="one weight"):
-        rms_rope_e4m3([s.to(DEV) for s in sources], [None], [1e-6] * 2, *(t.to(DEV) for t in _tables(10)),
+        rms_rope([s.to(DEV) for s in sources], [None], [1e-6] * 2, *(t.to(DEV) for t in _tables(10)),
                       torch.tensor(1.0, device=DEV))
     with pytest.raises(ValueError, match=r"cos, sin are \(9, 32\)"):
-        rms_rope_e4m3([s.to(DEV) for s in sources], [None, None], [1e-6] * 2, cos.to(DEV), sin.to(DEV),
+        rms_rope([s.to(DEV) for s in sources], [None, None], [1e-6] * 2, cos.to(DEV), sin.to(DEV),
                       torch.tensor(1.0, device=DEV))
 
 
@@ -183,23 +206,27 @@ def test_other_rope_forms_are_not_matched():
     assert match_rms_rope(q) is None and match_rms_rope(k) is None
 
 
-@pytest.mark.parametrize("config,regional", [("flux-tiny", False), ("flux-tiny", None), ("flux2-tiny", False)])
-def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional):
+@pytest.mark.parametrize("config,regional,attention", [
+    ("flux-tiny", False, "fp8"), ("flux-tiny", None, "fp8"), ("flux2-tiny", False, "fp8"),
+    ("flux-tiny", None, "keep"), ("flux2-tiny", False, "keep")])
+def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional, attention):
     """On CPU the op runs its reference, the model's own ops: the fused and unfused graphs agree bit for bit, and
-    every attention's Q and K take the op (FLUX.1's and FLUX.2's)."""
+    every attention's Q and K take the op (FLUX.1's and FLUX.2's), with fp8 attention or kept in 16 bits."""
     kwargs = example_inputs(build_model(config, device="cpu"), "cpu", height=128, width=128, text_tokens=16)
+    op, label = {"fp8": (rms_rope_quantize_e4m3, "RMSNorm+RoPE+e4m3 kernel"),
+                 "keep": (rms_rope_16bit, "RMSNorm+RoPE kernel")}[attention]
     outs = {}
     for fuse in (True, False):
         torch._dynamo.reset()
         reports = []
-        compiled = cc.compile(build_model(config, device="cpu"), plan="none", attention="fp8", inductor=False,
+        compiled = cc.compile(build_model(config, device="cpu"), plan="none", attention=attention, inductor=False,
                               progress=False, regional=regional, fuse_attention_prologue=fuse, report=reports.append)
         outs[fuse] = compiled(**kwargs)[0]
         labels = {a.prologue for r in reports for a in r.attention}
-        ops = sum(n.target is rms_rope_quantize_e4m3 for r in reports for n in r.graph_modules["after"].graph.nodes)
-        fp8 = sum(a.precision == "fp8" for r in reports for a in r.attention)
-        assert labels == ({"RMSNorm+RoPE+e4m3 kernel"} if fuse else {"Inductor"})
-        assert ops == (2 * fp8 if fuse else 0) and fp8 > 0
+        ops = sum(n.target is op for r in reports for n in r.graph_modules["after"].graph.nodes)
+        taken = sum(a.precision == attention for r in reports for a in r.attention)
+        assert labels == ({label} if fuse else {"Inductor"})
+        assert ops == (2 * taken if fuse else 0) and taken > 0
         norms = sum(n.target in (torch.rms_norm, F.rms_norm) for r in reports
                     for n in r.graph_modules["after"].graph.nodes)
         assert (norms == 0) == fuse  # the chain the kernel computes is gone from the graph
@@ -223,6 +250,9 @@ def test_the_op_returns_quantize_e4m3s_descale_and_passes_opcheck():
     assert torch.equal(q8.float(), ref.float()) and torch.equal(descale, ref_descale)
     torch.library.opcheck(torch.ops.convrot.rms_rope_e4m3.default,
                           (sources, weights, [1e-6] * 2, cos, sin, torch.tensor([5.0])),
+                          test_utils=("test_faketensor", "test_aot_dispatch_static"))
+    assert torch.equal(rms_rope_16bit(sources, weights, [1e-6] * 2, cos, sin), y)
+    torch.library.opcheck(torch.ops.convrot.rms_rope.default, (sources, weights, [1e-6] * 2, cos, sin),
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -255,3 +285,26 @@ def test_fused_chain_on_cudnn_at_flux_widths_is_as_accurate_as_inductors():
     errors = {fuse: relative_error(out, exact) for fuse, out in outs.items()}
     assert torch.isfinite(outs[True]).all() and 0 < errors[True] <= 1.1 * errors[False] + 1e-3, errors
     assert relative_error(outs[True], outs[False]) < errors[False], errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_chain_before_16_bit_attention_at_flux_widths_matches_inductors():
+    """FLUX.1-dev's attention shape compiled with Inductor and attention kept in bf16: Q and K from the kernel,
+    against the same graph with Inductor's chain, each against the float32 attention."""
+    inputs = [t.cuda() for t in _attention_inputs(txt=512, img=1024, heads=24, d=128, batch=1)]
+    module = _Attention(d=128).cuda()
+    exact = module.float()(*(t.float() for t in inputs))
+    module = module.bfloat16()
+    outs, labels = {}, {}
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        reports = []
+        compiled = torch.compile(module, backend="convrot", options={
+            "fuse_attention_prologue": fuse, "report": reports.append})
+        outs[fuse] = compiled(*inputs)
+        labels[fuse] = {a.prologue for r in reports for a in r.attention}
+    assert labels == {True: {"RMSNorm+RoPE kernel"}, False: {"Inductor"}}
+    errors = {fuse: relative_error(out, exact) for fuse, out in outs.items()}
+    assert 0 < errors[True] <= 1.1 * errors[False] + 1e-4, errors
+    assert relative_error(outs[True], outs[False]) < 2 * errors[False], errors

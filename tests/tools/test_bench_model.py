@@ -127,7 +127,7 @@ def test_kernel_groups_and_the_top_kernels_table():
     assert group("_int_gemm_kernel") == group("_packed_gemm_kernel") == "quantized GEMM"
     assert group("_int_gemm_tma_kernel") == "quantized GEMM"
     assert group("_rotate_quant_kernel") == "rotate+quantize"
-    assert group("_rms_rope_e4m3_kernel") == "Q, K RMSNorm+RoPE+e4m3"
+    assert group("_rms_rope_kernel") == "Q, K RMSNorm+RoPE"
     assert group("_unpack_int4_kernel") == "int4 unpack"
     assert group("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert group("sm90_xmma_gemm_bf16bf16_bf16f32") == "bf16 GEMM (cuBLAS)"

@@ -1,11 +1,12 @@
-"""FLUX's Q or K before fp8 attention in one pass: per-head RMSNorm of one or two sources (text and image
-streams, concatenated along the sequence), RoPE on pairs, and the e4m3 cast scaled by a bound
+"""FLUX's Q or K before attention in one pass: per-head RMSNorm of one or two sources (text and image
+streams, concatenated along the sequence), RoPE on pairs, written in the sources' dtype
+(numerics.rope.rms_rope_reference) or, for fp8 attention, cast to e4m3 scaled by a bound
 (numerics.fp8_attention.rms_rope_e4m3_reference).
 
 Why a kernel: Inductor splits this chain into a row reduction and pointwise passes around the concatenation,
 and the single blocks' fused kernel ran at a third of copy speed (88 us for 85 MB on an H100). Here each
 program owns HEADS_BLOCK heads of one token (rows of D channels), reads them and the token's cos and sin once,
-and writes the e4m3 rows contiguously: 3 bytes moved per element.
+and writes the rows contiguously: 3 bytes moved per element in e4m3, 4 in 16 bits.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def _rounded(y, dtype: tl.constexpr, EMULATE_CASTS: tl.constexpr):
         [triton.Config({"HEADS_BLOCK": hb}, num_warps=w) for hb, w in ((8, 1), (8, 2), (16, 2), (16, 4), (32, 4),
                                                                         (32, 8))],
         interpreter=triton.Config({"HEADS_BLOCK": 2}, num_warps=1)),
-    key=["D", "TWO"])
+    key=["D", "TWO", "E4M3_OUT"])
 @triton.jit
-def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr,
+def _rms_rope_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr,
                           seq, heads, seq0,
                           x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
                           D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
-                          EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+                          E4M3_OUT: tl.constexpr, EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq
     s = token % seq
@@ -75,12 +76,13 @@ def _rms_rope_e4m3_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, boun
     even, odd = tl.split(tl.reshape(y, (HEADS_BLOCK, D // 2, 2)))
     rotated = tl.reshape(tl.join(-odd, even), (HEADS_BLOCK, D))
     o = _rounded(y * c + rotated * sn, x0_ptr.dtype.element_ty, EMULATE_CASTS)
-    bound = tl.load(bound_ptr)
-    scale = tl.where(bound == 0, 0.0, E4M3_LIMIT / tl.where(bound == 0, 1.0, bound))
-    o = tl.minimum(tl.maximum(o * scale, -E4M3_LIMIT, propagate_nan=tl.PropagateNan.ALL), E4M3_LIMIT,
-                   propagate_nan=tl.PropagateNan.ALL)
-    if EMULATE_CASTS:
-        o = round_to_float_grid(o, 0.125, 2.0 ** -9)
+    if E4M3_OUT:
+        bound = tl.load(bound_ptr)
+        scale = tl.where(bound == 0, 0.0, E4M3_LIMIT / tl.where(bound == 0, 1.0, bound))
+        o = tl.minimum(tl.maximum(o * scale, -E4M3_LIMIT, propagate_nan=tl.PropagateNan.ALL), E4M3_LIMIT,
+                       propagate_nan=tl.PropagateNan.ALL)
+        if EMULATE_CASTS:
+            o = round_to_float_grid(o, 0.125, 2.0 ** -9)
     tl.store(out_ptr + (token * heads + h[:, None]) * D + d, o.to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -97,7 +99,7 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, streams: int) -> str |
 
 def _check(sources: list[torch.Tensor], weights: list, eps: list, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if not sources or len(weights) != len(sources) or len(eps) != len(sources):
-        raise ValueError(f"rms_rope_e4m3: one weight (or None) and one eps per source, got {len(sources)} sources, "
+        raise ValueError(f"rms_rope: one weight (or None) and one eps per source, got {len(sources)} sources, "
                          f"{len(weights)} weights, {len(eps)} eps")
     x0 = sources[0]
     why = unsupported_reason(x0.dtype, x0.shape[-1], len(sources))
@@ -108,33 +110,36 @@ def _check(sources: list[torch.Tensor], weights: list, eps: list, cos: torch.Ten
     if why is None and (tuple(cos.shape) != (seq, x0.shape[-1]) or cos.shape != sin.shape):
         why = f"cos, sin are {tuple(cos.shape)}, {tuple(sin.shape)}, not [S, D] = [{seq}, {x0.shape[-1]}]"
     if why:
-        raise ValueError(f"rms_rope_e4m3: {why}")
+        raise ValueError(f"rms_rope: {why}")
 
 
-def rms_rope_e4m3(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
-                  cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """The kernel: e4m3 [B, S, H, D] contiguous (S the sources' total) from 1 or 2 sources [B, S_i, H, D],
-    their RMSNorm weights [D] (or None) and eps, cos and sin [S, D], and ``bound`` (float32, one element) on
-    |RoPE's output|."""
+def rms_rope(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],
+             cos: torch.Tensor, sin: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel: [B, S, H, D] contiguous (S the sources' total) from 1 or 2 sources [B, S_i, H, D], their
+    RMSNorm weights [D] (or None) and eps, cos and sin [S, D]; in the sources' dtype, or with ``bound`` (float32,
+    one element, on |RoPE's output|) in e4m3 scaled by 448 / bound."""
     _check(sources, weights, eps, cos, sin)
     check_device(*sources, cos, sin, bound)
     sources = [x if x.stride(-1) == 1 else x.contiguous() for x in sources]
     weights = [w if w is None else w.reshape(-1).contiguous() for w in weights]
     if any(w is not None and w.numel() != sources[0].shape[-1] for w in weights):
-        raise ValueError(f"rms_rope_e4m3: weights {[None if w is None else tuple(w.shape) for w in weights]} are "
+        raise ValueError(f"rms_rope: weights {[None if w is None else tuple(w.shape) for w in weights]} are "
                          f"not [D] = [{sources[0].shape[-1]}]")
     two = len(sources) == 2
     x0, x1 = sources[0], sources[-1]
     w0, w1 = weights[0], weights[-1]
     b, _, heads, d = x0.shape
     seq = cos.shape[0]
-    out = torch.empty(b, seq, heads, d, dtype=E4M3, device=x0.device)
+    e4m3 = bound is not None
+    out = torch.empty(b, seq, heads, d, dtype=E4M3 if e4m3 else x0.dtype, device=x0.device)
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     grid = lambda meta: (b * seq, triton.cdiv(heads, meta["HEADS_BLOCK"]))  # noqa: E731
-    _rms_rope_e4m3_kernel[grid](
-        x0, x1, w0 if w0 is not None else x0, w1 if w1 is not None else x0, cos, sin, bound.float().reshape(1),
+    bound = bound.float().reshape(1) if e4m3 else out  # read only with E4M3_OUT
+    _rms_rope_kernel[grid](
+        x0, x1, w0 if w0 is not None else x0, w1 if w1 is not None else x0, cos, sin, bound,
         out, seq, heads, x0.shape[1] if two else seq,
         x0.stride(0), x0.stride(1), x0.stride(2), x1.stride(0), x1.stride(1), x1.stride(2),
         cos.stride(0), sin.stride(0), float(eps[0]), float(eps[-1]),
-        D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, EMULATE_CASTS=interpreting())
+        D=d, TWO=two, HAS_W0=w0 is not None, HAS_W1=two and w1 is not None, E4M3_OUT=e4m3,
+        EMULATE_CASTS=interpreting())
     return out
