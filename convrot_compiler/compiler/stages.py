@@ -168,16 +168,19 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
 
 
 def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
-    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten; with
-    ``config.fuse_attention_output``, the quantized linears after an fp8 attention read its e4m3 output."""
+    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten (to fp8, or
+    in 16 bits to take Q and K from one kernel); with ``config.fuse_attention_output``, the quantized linears after
+    an fp8 attention read its e4m3 output."""
     decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue)
     rewritten = rewrite_attention(gm, decided)
+    fused_16bit = sum(p.decision.precision == "keep" and any(c is not None for c in p.chains.values())
+                      for p in decided)
     read_in_e4m3 = read_attention_outputs_in_e4m3(gm) if config.fuse_attention_output and rewritten else {}
     for dequantize, decision in rewritten.items():
         n = read_in_e4m3.get(dequantize, 0)
         left = "" if not dequantize.users else "; dequantized for its other users" if n else "dequantized"
         decision.output = (f"e4m3 into {n} rotate+quantize" if n else "") + left
-    return [planned.decision for planned in decided], len(rewritten)
+    return [planned.decision for planned in decided], len(rewritten) + fused_16bit
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLinear], rewritten: RewriteResult | None,

@@ -16,7 +16,7 @@ from convrot_compiler.kernels.triton.common import interpreting
 from convrot_compiler.kernels.triton.rms_rope import rms_rope, unsupported_reason
 from convrot_compiler.numerics.fp8_attention import E4M3_MAX, quantize_e4m3, rms_rope_e4m3_reference
 from convrot_compiler.numerics.rope import rms_rope_reference, rope_pairs
-from convrot_compiler.ops import rms_rope_16bit, rms_rope_quantize_e4m3
+from convrot_compiler.ops import custom_ops, rms_rope_16bit, rms_rope_quantize_e4m3
 from convrot_compiler.tools.models import build_flux, build_model, make_flux_inputs, relative_error
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")  # conftest: Dynamo reset, no_grad
@@ -209,19 +209,25 @@ def test_other_rope_forms_are_not_matched():
 @pytest.mark.parametrize("config,regional,attention", [
     ("flux-tiny", False, "fp8"), ("flux-tiny", None, "fp8"), ("flux2-tiny", False, "fp8"),
     ("flux-tiny", None, "keep"), ("flux2-tiny", False, "keep")])
-def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional, attention):
+def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional, attention, monkeypatch):
     """On CPU the op runs its reference, the model's own ops: the fused and unfused graphs agree bit for bit, and
     every attention's Q and K take the op (FLUX.1's and FLUX.2's), with fp8 attention or kept in 16 bits."""
     kwargs = example_inputs(build_model(config, device="cpu"), "cpu", height=128, width=128, text_tokens=16)
     op, label = {"fp8": (rms_rope_quantize_e4m3, "RMSNorm+RoPE+e4m3 kernel"),
                  "keep": (rms_rope_16bit, "RMSNorm+RoPE kernel")}[attention]
+    reference = {"fp8": "rms_rope_e4m3_reference", "keep": "rms_rope_reference"}[attention]
+    ran = []
+    counted = getattr(custom_ops, reference)
+    monkeypatch.setattr(custom_ops, reference, lambda *a: ran.append(1) or counted(*a))
     outs = {}
     for fuse in (True, False):
         torch._dynamo.reset()
         reports = []
+        ran.clear()
         compiled = cc.compile(build_model(config, device="cpu"), plan="none", attention=attention, inductor=False,
                               progress=False, regional=regional, fuse_attention_prologue=fuse, report=reports.append)
         outs[fuse] = compiled(**kwargs)[0]
+        assert bool(ran) == fuse  # the compiled model ran the op (the graph it returned is the rewritten one)
         labels = {a.prologue for r in reports for a in r.attention}
         ops = sum(n.target is op for r in reports for n in r.graph_modules["after"].graph.nodes)
         taken = sum(a.precision == attention for r in reports for a in r.attention)
