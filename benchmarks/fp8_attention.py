@@ -1,5 +1,6 @@
 """FLUX.1-dev's attention at 1024² (4096 image + 512 text tokens, 24 heads of 128) from the RMSNorm to the output,
-compiled as the convrot compiler runs it: bf16, and fp8 with Q and K scaled by their absmax or by their RMSNorm's
+compiled as the convrot compiler runs it: bf16 with Inductor's RMSNorm + RoPE or with the one kernel
+(convrot::rms_rope, the compiler's default), and fp8 with Q and K scaled by their absmax or by their RMSNorm's
 bound (compiler/value_bounds.py), the last with Inductor's RMSNorm + RoPE + cast or with the one kernel
 (convrot::rms_rope_e4m3, the compiler's default), in one process.
 
@@ -21,11 +22,16 @@ from args import gpu_benchmark_args  # benchmarks/args.py
 from timing import bench_graph_ms  # benchmarks/timing.py
 
 from convrot_compiler.numerics.error import relative_error
-from convrot_compiler.ops import fp8_attention_from_e4m3, fp8_scaled_dot_product_attention, rms_rope_quantize_e4m3
+from convrot_compiler.ops import (
+    fp8_attention_from_e4m3,
+    fp8_scaled_dot_product_attention,
+    rms_rope_16bit,
+    rms_rope_quantize_e4m3,
+)
 from convrot_compiler.tools.bench_model import environment, write_results
 
 TXT, IMG, HEADS, D = 512, 4096, 24, 128
-FORMS = ("bf16", "fp8 absmax", "fp8 RMSNorm bound", "fp8 RMSNorm bound, one kernel")
+FORMS = ("bf16", "bf16, one kernel", "fp8 absmax", "fp8 RMSNorm bound", "fp8 RMSNorm bound, one kernel")
 
 
 def norm_weight(seed: int) -> torch.Tensor:
@@ -55,6 +61,11 @@ def qk(txt, img, w_txt, w_img, cos, sin):
 
 def attention(form: str):
     def run(xq_txt, xq_img, xk_txt, xk_img, v, wq_txt, wq_img, wk_txt, wk_img, cos, sin):
+        heads = [t.unflatten(-1, (HEADS, D)) for t in (xq_txt, xq_img, xk_txt, xk_img)]
+        if form == "bf16, one kernel":
+            q, k = (rms_rope_16bit(h, w, [1e-6] * 2, cos, sin).transpose(1, 2)
+                    for h, w in ((heads[:2], [wq_txt, wq_img]), (heads[2:], [wk_txt, wk_img])))
+            return F.scaled_dot_product_attention(q, k, v)
         q = qk(xq_txt, xq_img, wq_txt, wq_img, cos, sin)
         k = qk(xk_txt, xk_img, wk_txt, wk_img, cos, sin)
         if form == "bf16":
@@ -66,7 +77,6 @@ def attention(form: str):
         k_bound = bound * torch.maximum(wk_txt.float().abs().amax(), wk_img.float().abs().amax())
         if form == "fp8 RMSNorm bound":
             return fp8_scaled_dot_product_attention(q, k, v, query_bound=q_bound, key_bound=k_bound)
-        heads = [t.unflatten(-1, (HEADS, D)) for t in (xq_txt, xq_img, xk_txt, xk_img)]
         q8, dq = rms_rope_quantize_e4m3(heads[:2], [wq_txt, wq_img], [1e-6] * 2, cos, sin, q_bound)
         k8, dk = rms_rope_quantize_e4m3(heads[2:], [wk_txt, wk_img], [1e-6] * 2, cos, sin, k_bound)
         return fp8_attention_from_e4m3(q8.transpose(1, 2), dq, k8.transpose(1, 2), dk, v)

@@ -145,7 +145,7 @@ def _inspect(args) -> None:
     report = inspect(model, example_kwargs=inputs, plan=args.plan, fuse_producers=args.fuse_producers,
                      gelu_epilogue=args.gelu_epilogue, attention=args.attention, **quant_overrides(args))
     print(report.table())
-    if args.attention != "keep":
+    if report.attention:
         print(report.attention_table())
     print(report.summary())
     if args.json:

@@ -48,6 +48,7 @@ class InspectReport:
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
                 "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
                 "attention_kept": sum(a.precision != "fp8" for a in self.attention),
+                "attention_prologue_kernel": sum(a.prologue.startswith("RMSNorm") for a in self.attention),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
@@ -91,6 +92,8 @@ class InspectReport:
                 + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
                    if t["fused_producers"] else "")
                 + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8"
+                + (f", {t['attention_prologue_kernel']} with Q and K from one RMSNorm+RoPE kernel"
+                   if t["attention_prologue_kernel"] else "")
                 + self._coverage() + (f"; {self.roles}" if self.roles else ""))
 
     def _coverage(self) -> str:

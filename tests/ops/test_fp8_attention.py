@@ -192,5 +192,10 @@ def test_attention_option_is_validated_and_reported_by_inspect():
     assert report.totals()["attention_fp8"] == 4 and report.totals()["attention_kept"] == 0
     table = report.attention_table()
     assert "single_transformer_blocks.1.attn" in table and "1x4x32x64" in table
-    assert "4 of 4 attentions in fp8" in report.summary()
-    assert inspect(model, example_kwargs=kwargs).totals()["attention_fp8"] == 0
+    assert "4 of 4 attentions in fp8, 4 with Q and K from one RMSNorm+RoPE kernel" in report.summary()
+    kept = inspect(model, example_kwargs=kwargs)
+    assert kept.totals()["attention_fp8"] == 0 and kept.totals()["attention_prologue_kernel"] == 4
+    assert {a.prologue for a in kept.attention} == {"RMSNorm+RoPE kernel"}
+    assert "0 of 4 attentions in fp8, 4 with Q and K" in kept.summary()
+    unfused = inspect(model, example_kwargs=kwargs, fuse_attention_prologue=False)
+    assert {a.prologue for a in unfused.attention} == {"Inductor"} and "RMSNorm+RoPE" not in unfused.summary()
