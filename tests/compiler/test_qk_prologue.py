@@ -270,11 +270,10 @@ def _cudnn_missing() -> str | None:
     return unavailable_reason()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(_cudnn_missing() is not None, reason=str(_cudnn_missing()))
-def test_fused_chain_on_cudnn_at_flux_widths_is_as_accurate_as_inductors():
-    """FLUX.1-dev's attention shape (24 heads of 128, 512 text tokens) compiled with Inductor: Q and K from the
-    kernel, against the same graph with Inductor's chain; each against the float32 attention."""
+def _flux_width_attention_both_ways(**options) -> tuple[dict, dict, dict]:
+    """FLUX.1-dev's attention shape (24 heads of 128, 512 text tokens) compiled by the convrot backend with Inductor,
+    Q and K by the kernel (True) and by Inductor's chain (False): (outputs, prologue labels, errors against the
+    float32 attention), each keyed by the fusion."""
     inputs = [t.cuda() for t in _attention_inputs(txt=512, img=1024, heads=24, d=128, batch=1)]
     module = _Attention(d=128).cuda()
     exact = module.float()(*(t.float() for t in inputs))
@@ -284,11 +283,17 @@ def test_fused_chain_on_cudnn_at_flux_widths_is_as_accurate_as_inductors():
         torch._dynamo.reset()
         reports = []
         compiled = torch.compile(module, backend="convrot", options={
-            "attention": "fp8", "fuse_attention_prologue": fuse, "report": reports.append})
+            **options, "fuse_attention_prologue": fuse, "report": reports.append})
         outs[fuse] = compiled(*inputs)
         labels[fuse] = {a.prologue for r in reports for a in r.attention}
+    return outs, labels, {fuse: relative_error(out, exact) for fuse, out in outs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cudnn_missing() is not None, reason=str(_cudnn_missing()))
+def test_fused_chain_on_cudnn_at_flux_widths_is_as_accurate_as_inductors():
+    outs, labels, errors = _flux_width_attention_both_ways(attention="fp8")
     assert labels == {True: {"RMSNorm+RoPE+e4m3 kernel"}, False: {"Inductor"}}
-    errors = {fuse: relative_error(out, exact) for fuse, out in outs.items()}
     assert torch.isfinite(outs[True]).all() and 0 < errors[True] <= 1.1 * errors[False] + 1e-3, errors
     assert relative_error(outs[True], outs[False]) < errors[False], errors
 
@@ -296,21 +301,7 @@ def test_fused_chain_on_cudnn_at_flux_widths_is_as_accurate_as_inductors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_chain_before_16_bit_attention_at_flux_widths_matches_inductors():
-    """FLUX.1-dev's attention shape compiled with Inductor and attention kept in bf16: Q and K from the kernel,
-    against the same graph with Inductor's chain, each against the float32 attention."""
-    inputs = [t.cuda() for t in _attention_inputs(txt=512, img=1024, heads=24, d=128, batch=1)]
-    module = _Attention(d=128).cuda()
-    exact = module.float()(*(t.float() for t in inputs))
-    module = module.bfloat16()
-    outs, labels = {}, {}
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        reports = []
-        compiled = torch.compile(module, backend="convrot", options={
-            "fuse_attention_prologue": fuse, "report": reports.append})
-        outs[fuse] = compiled(*inputs)
-        labels[fuse] = {a.prologue for r in reports for a in r.attention}
+    outs, labels, errors = _flux_width_attention_both_ways()
     assert labels == {True: {"RMSNorm+RoPE kernel"}, False: {"Inductor"}}
-    errors = {fuse: relative_error(out, exact) for fuse, out in outs.items()}
     assert 0 < errors[True] <= 1.1 * errors[False] + 1e-4, errors
     assert relative_error(outs[True], outs[False]) < 2 * errors[False], errors
