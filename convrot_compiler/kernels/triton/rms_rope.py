@@ -41,10 +41,10 @@ def _rounded(y, dtype: tl.constexpr, EMULATE_CASTS: tl.constexpr):
     key=["D", "TWO", "E4M3_OUT"])
 @triton.jit
 def _rms_rope_kernel(x0_ptr, x1_ptr, w0_ptr, w1_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr,
-                          seq, heads, seq0,
-                          x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
-                          D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
-                          E4M3_OUT: tl.constexpr, EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+                     seq, heads, seq0,
+                     x0_sb, x0_ss, x0_sh, x1_sb, x1_ss, x1_sh, cos_ss, sin_ss, eps0, eps1,
+                     D: tl.constexpr, TWO: tl.constexpr, HAS_W0: tl.constexpr, HAS_W1: tl.constexpr,
+                     E4M3_OUT: tl.constexpr, EMULATE_CASTS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq
     s = token % seq
