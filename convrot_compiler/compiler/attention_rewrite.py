@@ -171,10 +171,11 @@ def fused_chains(args: dict, bounds: dict[str, Bound | None] | None, fuse: bool)
     return chains, label
 
 
-def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
-                     fuse_prologue: bool = True) -> list[PlannedAttention]:
+def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_prologue: bool = True,
+                     fuse_16bit_prologue: bool = True) -> list[PlannedAttention]:
     """Every SDPA node of the graph with what ``mode`` does to it, for fp8 how ``scales`` scales Q and K, and
-    whether their RMSNorm, RoPE (and for fp8 the cast) run as one kernel (``fuse_prologue``)."""
+    whether their RMSNorm, RoPE (and for fp8 the cast) run as one kernel (``fuse_prologue``; for an attention kept
+    in 16 bits, ``fuse_16bit_prologue``)."""
     check_attention_mode(mode)
     check_attention_scales(scales)
     found = []
@@ -187,7 +188,7 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound",
         shape = tuple(q.shape) if q is not None else None
         why = "option attention='keep'" if mode == "keep" else _ineligible(args, fp8_attention_unsupported)
         if why:
-            chains, prologue = fused_chains(args, None, fuse_prologue)
+            chains, prologue = fused_chains(args, None, fuse_16bit_prologue)
             found.append(PlannedAttention(node, AttentionDecision(name, shape, "keep", why, prologue=prologue), {},
                                           chains))
         else:

@@ -66,7 +66,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
     decisions = stages.decide(matches, config)
     quantized = stages.prepare(matches, decisions, config)
     rewritten = stages.rewrite(gm, quantized, config)
-    attention, attention_rewrites = stages.attention(gm, config)
+    attention, attention_rewrites = stages.attention(gm, config, linears_rewritten=bool(quantized))
     report = CompileReport(decisions, config.plan.name, config.rotation, config.group_size, graph_before=before,
                            attention=attention)
     if rewritten is not None:

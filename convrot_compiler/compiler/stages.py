@@ -167,11 +167,13 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
     return GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
 
 
-def attention(gm: fx.GraphModule, config: ConvRotConfig) -> tuple[list[AttentionDecision], int]:
+def attention(gm: fx.GraphModule, config: ConvRotConfig, linears_rewritten: bool) -> tuple[list[AttentionDecision], int]:
     """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten (to fp8, or
-    in 16 bits to take Q and K from one kernel); with ``config.fuse_attention_output``, the quantized linears after
-    an fp8 attention read its e4m3 output."""
-    decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue)
+    in 16 bits to take Q and K from one kernel: only where ``linears_rewritten``, so that an empty plan leaves the
+    graph as it was); with ``config.fuse_attention_output``, the quantized linears after an fp8 attention read its
+    e4m3 output."""
+    decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue,
+                               fuse_16bit_prologue=config.fuse_attention_prologue and linears_rewritten)
     rewritten = rewrite_attention(gm, decided)
     fused_16bit = sum(p.decision.precision == "keep" and any(c is not None for c in p.chains.values())
                       for p in decided)

@@ -211,11 +211,13 @@ def test_other_rope_forms_are_not_matched():
     ("flux-tiny", None, "keep"), ("flux2-tiny", False, "keep")])
 def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, regional, attention, monkeypatch):
     """On CPU the op runs its reference, the model's own ops: the fused and unfused graphs agree bit for bit, and
-    every attention's Q and K take the op (FLUX.1's and FLUX.2's), with fp8 attention or kept in 16 bits."""
+    every attention's Q and K take the op (FLUX.1's and FLUX.2's), with fp8 attention or kept in 16 bits (in a
+    graph whose linears are quantized: an empty plan leaves a 16-bit graph as it was)."""
     kwargs = example_inputs(build_model(config, device="cpu"), "cpu", height=128, width=128, text_tokens=16)
     op, label = {"fp8": (rms_rope_quantize_e4m3, "RMSNorm+RoPE+e4m3 kernel"),
                  "keep": (rms_rope_16bit, "RMSNorm+RoPE kernel")}[attention]
     reference = {"fp8": "rms_rope_e4m3_reference", "keep": "rms_rope_reference"}[attention]
+    plan = {"fp8": "none", "keep": "w4a4"}[attention]
     ran = []
     counted = getattr(custom_ops, reference)
     monkeypatch.setattr(custom_ops, reference, lambda *a: ran.append(1) or counted(*a))
@@ -224,7 +226,7 @@ def test_flux_compiled_with_the_fused_chain_equals_the_unfused_graph(config, reg
         torch._dynamo.reset()
         reports = []
         ran.clear()
-        compiled = cc.compile(build_model(config, device="cpu"), plan="none", attention=attention, inductor=False,
+        compiled = cc.compile(build_model(config, device="cpu"), plan=plan, attention=attention, inductor=False,
                               progress=False, regional=regional, fuse_attention_prologue=fuse, report=reports.append)
         outs[fuse] = compiled(**kwargs)[0]
         assert bool(ran) == fuse  # the compiled model ran the op (the graph it returned is the rewritten one)
@@ -305,3 +307,12 @@ def test_fused_chain_before_16_bit_attention_at_flux_widths_matches_inductors():
     assert labels == {True: {"RMSNorm+RoPE kernel"}, False: {"Inductor"}}
     assert 0 < errors[True] <= 1.1 * errors[False] + 1e-4, errors
     assert relative_error(outs[True], outs[False]) < 2 * errors[False], errors
+
+
+def test_an_empty_plan_leaves_a_16_bit_attentions_chain_to_the_model():
+    model = build_flux("flux-tiny")
+    kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
+    reports = []
+    cc.compile(model, plan="none", inductor=False, progress=False, regional=False, report=reports.append)(**kwargs)
+    assert {a.prologue for a in reports[0].attention} == {"Inductor"}
+    assert reports[0].graph_after == reports[0].graph_before
