@@ -51,7 +51,7 @@ class AttentionDecision:
     precision: str               # "fp8" or "keep" (the model's dtype)
     reason: str = ""
     scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
-    prologue: str = ""           # what makes Q and K from their RMSNorm on (and casts them, for fp8): a kernel, or Inductor
+    prologue: str = ""           # what makes Q and K from their RMSNorm on (fp8: and casts them): a kernel, or Inductor
     output: str = ""             # fp8: who reads the e4m3 output (the next linears' rotate+quantize, or a dequantize)
 
 

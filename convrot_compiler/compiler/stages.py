@@ -167,22 +167,21 @@ def graph_rotation_matrix(config: ConvRotConfig) -> torch.Tensor | None:
     return GroupHadamardRotation(config.rotation, config.group_size).kernel_matrix()
 
 
-def attention(gm: fx.GraphModule, config: ConvRotConfig, linears_rewritten: bool) -> tuple[list[AttentionDecision], int]:
-    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten (to fp8, or
-    in 16 bits to take Q and K from one kernel: only where ``linears_rewritten``, so that an empty plan leaves the
-    graph as it was); with ``config.fuse_attention_output``, the quantized linears after an fp8 attention read its
-    e4m3 output."""
+def attention(gm: fx.GraphModule, config: ConvRotConfig,
+              linears_rewritten: bool) -> tuple[list[AttentionDecision], int]:
+    """What ``config.attention`` does to each scaled-dot-product attention, and how many were rewritten to fp8; an
+    attention kept in 16 bits takes its Q and K from one kernel only where ``linears_rewritten`` (the graph changes
+    anyway: an empty plan leaves it as it was); with ``config.fuse_attention_output``, the quantized linears after
+    an fp8 attention read its e4m3 output."""
     decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue,
                                fuse_16bit_prologue=config.fuse_attention_prologue and linears_rewritten)
     rewritten = rewrite_attention(gm, decided)
-    fused_16bit = sum(p.decision.precision == "keep" and any(c is not None for c in p.chains.values())
-                      for p in decided)
     read_in_e4m3 = read_attention_outputs_in_e4m3(gm) if config.fuse_attention_output and rewritten else {}
     for dequantize, decision in rewritten.items():
         n = read_in_e4m3.get(dequantize, 0)
         left = "" if not dequantize.users else "; dequantized for its other users" if n else "dequantized"
         decision.output = (f"e4m3 into {n} rotate+quantize" if n else "") + left
-    return [planned.decision for planned in decided], len(rewritten) + fused_16bit
+    return [planned.decision for planned in decided], len(rewritten)
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, quantized: list[QuantizedLinear], rewritten: RewriteResult | None,
