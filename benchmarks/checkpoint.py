@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from convrot_compiler.tools.cli_options import doc_summary
+
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -204,7 +206,7 @@ def _gib(n: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--config", default="flux-dev")
     p.add_argument("--plan", default="w4a4")
     p.add_argument("--steps", type=int, default=8)

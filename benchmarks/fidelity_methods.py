@@ -27,6 +27,7 @@ import convrot_compiler as cc
 from convrot_compiler.nn.linear import make_quantized_linear
 from convrot_compiler.numerics.pca import needs_calibration
 from convrot_compiler.tools.bench_model import environment, write_results
+from convrot_compiler.tools.cli_options import doc_summary
 
 # name -> (rotation, weights, group size)
 METHODS = {
@@ -143,7 +144,7 @@ def tiny_pipeline() -> list[dict]:
 def main(argv=None) -> dict:
     from tabulate import tabulate
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.manual_seed(0)

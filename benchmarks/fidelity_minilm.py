@@ -17,6 +17,7 @@ import os
 import torch
 
 from convrot_compiler.tools.bench_model import environment, write_results
+from convrot_compiler.tools.cli_options import doc_summary
 
 PAIRS = [
     ("How do I bake bread at home?", "Mix flour, water, yeast and salt, let the dough rise, then bake it in a hot oven."),
@@ -88,7 +89,7 @@ def evaluate(plan: str, rotation: str, group_size: int = 64) -> dict:
 def main(argv=None) -> list[dict]:
     from tabulate import tabulate
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--out")
     args = p.parse_args(argv)
     rows = [evaluate(plan, rot) for plan, rot in CONFIGS]

@@ -19,6 +19,7 @@ import torch
 from convrot_compiler.numerics.quant import quantize_weight, reference_linear
 from convrot_compiler.numerics.rotations import GroupHadamardRotation
 from convrot_compiler.tools.bench_model import environment, write_results
+from convrot_compiler.tools.cli_options import doc_summary
 
 
 def activations(kind: str, m: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -114,7 +115,7 @@ def _gkey(label: str) -> int:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=512)

@@ -35,6 +35,7 @@ from ..families import example_inputs, image_tokens, sample_output
 from ..numerics.pca import needs_calibration
 from ..ops import dispatch
 from .baselines import swap_fp8_rowwise
+from .cli_options import doc_summary
 from .demo import resolve_device
 from .models import build_model, image_tokens_for, relative_error
 
@@ -520,7 +521,7 @@ def merge(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="convrot bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot bench", description=doc_summary(__doc__))
     p.add_argument("--config", default="auto", help="a built-in config: FLUX.1's (auto: flux-dev on CUDA, flux-tiny "
                    f"elsewhere) or another family's ({', '.join(FAMILY_CONFIGS)})")
     p.add_argument("--frames", type=int, default=1, help="video frames, for a video model (wan*)")

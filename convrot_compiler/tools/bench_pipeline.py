@@ -31,6 +31,7 @@ from ..compiler.compile_model import compile as convrot_compile
 from ..compiler.cudagraphs import CUDAGraphReplay
 from ..numerics.pca import needs_calibration
 from .bench_model import LAUNCHES, environment, parse_variants, sync, time_forward, write_results
+from .cli_options import doc_summary
 from .demo import resolve_device
 from .models import build_flux, image_tokens_for, relative_error
 from .pipelines import StepTimer, decode_latents, random_pipeline, random_prompt_embeds
@@ -237,7 +238,7 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="convrot bench --pipeline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot bench --pipeline", description=doc_summary(__doc__))
     p.add_argument("--config", default="auto", help="a built-in config (auto: flux-dev on CUDA, flux-tiny elsewhere)")
     p.add_argument("--resolution", type=int, nargs=1, default=[1024])
     p.add_argument("--text-tokens", type=int, default=512)

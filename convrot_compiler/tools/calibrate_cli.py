@@ -16,13 +16,14 @@ import torch
 
 from ..calibration import Calibrator
 from ..plans import PRESETS
+from .cli_options import doc_summary
 from .demo import resolve_device
 from .evaluate import DEFAULT_PROMPTS
 from .pipelines import load_pipeline, random_pipeline, random_prompt_embeds
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convrot calibrate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot calibrate", description=doc_summary(__doc__))
     p.add_argument("--model", metavar="PATH", help="local FLUX.1 pipeline folder (default: a tiny random pipeline)")
     p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: three built-in ones)")
     p.add_argument("--steps", type=int, help="denoising steps per prompt (default 25; 4 for the tiny pipeline)")

@@ -80,3 +80,8 @@ def write_json(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
     print(f"JSON written to {path}")
+
+
+def doc_summary(doc: str) -> str:
+    """A module docstring's first paragraph on one line: an argparse description that does not stop mid-sentence."""
+    return " ".join(doc.split("\n\n")[0].split())

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..compiler.compile_model import compile as convrot_compile
 from ..plans import make_plan
 from ..sensitivity.layerwise import layerwise
+from .cli_options import doc_summary
 from .demo import resolve_device
 from .models import image_tokens_for
 from .pipelines import StepTimer, capture_transformer_inputs, load_pipeline, random_pipeline, random_prompt_embeds
@@ -247,7 +248,7 @@ def format_eval(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="convrot eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot eval", description=doc_summary(__doc__))
     p.add_argument("--model", help="local FLUX.1-dev pipeline folder (default: a tiny random pipeline)")
     p.add_argument("--plans", default="w4a4,mix", help="comma-separated convrot plans")
     p.add_argument("--prompts", help="text file, one prompt per line")

@@ -25,7 +25,7 @@ from ..compiler.compile_model import weight_bytes
 from ..config import check_attention_mode
 from ..plans import make_plan
 from .bench_model import sync
-from .cli_options import add_quant_args, quant_overrides
+from .cli_options import add_quant_args, doc_summary, quant_overrides
 from .demo import resolve_device
 from .models import image_tokens_for
 from .pipelines import (
@@ -185,7 +185,7 @@ def format_generate(r: GenerateResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convrot generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot generate", description=doc_summary(__doc__))
     p.add_argument("--model", metavar="PATH", help="local FLUX.1 pipeline folder (default: a built-in random pipeline)")
     p.add_argument("--quantized", metavar="CKPT", help="the transformer from this checkpoint (convrot quantize), with "
                    "--model's text encoders, VAE and scheduler")

@@ -17,7 +17,7 @@ import re
 import torch
 
 from ..sensitivity import SensitivityReport, budget_plan, plan_bytes, sensitivity
-from .cli_options import add_model_args, add_quant_args, write_json
+from .cli_options import add_model_args, add_quant_args, doc_summary, write_json
 from .demo import DEMO_GATE_BIAS, resolve_device
 from .models import build_flux, load_flux, make_flux_inputs
 from .pipelines import batch_transformer_inputs, capture_transformer_inputs, load_pipeline
@@ -67,7 +67,7 @@ def plot(report: SensitivityReport, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convrot sensitivity", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convrot sensitivity", description=doc_summary(__doc__))
     add_model_args(p, default_size="512; 64 for flux-tiny", default_tokens="512; 16 for flux-tiny")
     add_quant_args(p, attention=False)
     p.add_argument("--prompt", action="append", help="with --model (a pipeline folder): measure on the transformer's "
