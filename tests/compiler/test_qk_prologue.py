@@ -150,11 +150,13 @@ def test_rope_pairs_rotates_each_pair_by_its_angle():
 
 class _Attention(nn.Module):
     """FLUX's attention as diffusers writes it: per-head RMSNorm of both streams, text first, RoPE on pairs
-    with the tables passed in, the native backend's permute."""
+    with the tables passed in, the native backend's permute. With ``out_features``, also the attention's output
+    projection (a linear for the compiler to quantize), its result returned beside the attention's."""
 
-    def __init__(self, written_out_rope: bool = False, d: int = D):
+    def __init__(self, written_out_rope: bool = False, d: int = D, out_features: int | None = None):
         super().__init__()
         self.norms = nn.ModuleList(nn.RMSNorm(d, eps=1e-6, dtype=torch.bfloat16) for _ in range(4))
+        self.proj = nn.Linear(out_features, out_features, dtype=torch.bfloat16) if out_features else None
         self.written_out_rope = written_out_rope
         with torch.no_grad():
             for n in self.norms:
@@ -173,7 +175,8 @@ class _Attention(nn.Module):
         q = torch.cat([self.norms[0](q_txt), self.norms[1](q_img)], dim=1)
         k = torch.cat([self.norms[2](q_txt * 0.5), self.norms[3](k_img)], dim=1)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        return F.scaled_dot_product_attention(*(t.permute(0, 2, 1, 3) for t in (q, k, v)))
+        out = F.scaled_dot_product_attention(*(t.permute(0, 2, 1, 3) for t in (q, k, v)))
+        return out if self.proj is None else (out, self.proj(out.transpose(1, 2).flatten(2)))
 
 
 def _attention_inputs(txt=4, img=12, **shape):
@@ -273,12 +276,13 @@ def _cudnn_missing() -> str | None:
 
 
 def _flux_width_attention_both_ways(**options) -> tuple[dict, dict, dict]:
-    """FLUX.1-dev's attention shape (24 heads of 128, 512 text tokens) compiled by the convrot backend with Inductor,
-    Q and K by the kernel (True) and by Inductor's chain (False): (outputs, prologue labels, errors against the
-    float32 attention), each keyed by the fusion."""
+    """FLUX.1-dev's attention shape (24 heads of 128, 512 text tokens) and its output projection compiled by the
+    convrot backend with Inductor (the Q, K fusion applies to a graph whose linears are quantized), Q and K by the
+    kernel (True) and by Inductor's chain (False): (attention outputs, prologue labels, errors against the float32
+    attention), each keyed by the fusion."""
     inputs = [t.cuda() for t in _attention_inputs(txt=512, img=1024, heads=24, d=128, batch=1)]
-    module = _Attention(d=128).cuda()
-    exact = module.float()(*(t.float() for t in inputs))
+    module = _Attention(d=128, out_features=24 * 128).cuda()
+    exact = module.float()(*(t.float() for t in inputs))[0]
     module = module.bfloat16()
     outs, labels = {}, {}
     for fuse in (True, False):
@@ -286,8 +290,9 @@ def _flux_width_attention_both_ways(**options) -> tuple[dict, dict, dict]:
         reports = []
         compiled = torch.compile(module, backend="convrot", options={
             **options, "fuse_attention_prologue": fuse, "report": reports.append})
-        outs[fuse] = compiled(*inputs)
+        outs[fuse] = compiled(*inputs)[0]
         labels[fuse] = {a.prologue for r in reports for a in r.attention}
+        assert sum(r.rewritten for r in reports) == 1, "the output projection was not quantized"
     return outs, labels, {fuse: relative_error(out, exact) for fuse, out in outs.items()}
 
 
