@@ -264,27 +264,13 @@ def fp8_attention_unsupported(shape: tuple[int, int, int, int], softmax_scale: f
     return check_supported(shape, softmax_scale, device)
 
 
-def fp8_attention_plan_choice() -> str:
-    """Which of cuDNN's fp8 attention plans runs a new shape: ``"timed"``, the fastest of all it offers on that
-    shape (``"heuristic"``: cuDNN's first choice)."""
-    return "timed"
-
-
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
                   softmax_scale: float) -> torch.Tensor:
     """cuDNN's fp8 flash attention, the one kernel of ``convrot::fp8_attention``."""
     from ..kernels.cudnn.fp8_attention import fp8_attention as kernel
 
-    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, fp8_attention_plan_choice())
-
-
-def fp8_attention_plans() -> list[dict]:
-    """The cuDNN fp8 attention plans this process has built: shape, choice, the plan kept, each timed plan's us."""
-    import sys
-
-    module = sys.modules.get("convrot_compiler.kernels.cudnn.fp8_attention")
-    return module.chosen_plans() if module is not None else []
+    return kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale)
 
 
 def rms_rope(sources: list[torch.Tensor], weights: list[torch.Tensor | None], eps: list[float],

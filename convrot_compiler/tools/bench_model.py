@@ -105,7 +105,6 @@ LAUNCHES = {
                    "in e4m3)"),
     "fp8looped": ({"attention": "fp8", "persistent_rows": False},
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
-    "fp8heuristic": ({"attention": "fp8"}, "attention in fp8 by cuDNN's heuristic plan (not the fastest timed)"),
     "fp8vabsmax": ({"attention": "fp8", "attention_scales": "qk-bound"},
                    "attention in fp8, V scaled by its absmax (not by its projection's operands)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
@@ -126,8 +125,7 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call;
-    ``fp8heuristic``, cuDNN's first fp8 attention plan where the fastest timed one would run. Other
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call. Other
     launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
@@ -139,7 +137,6 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "tritonrq": {"use_sm90_rotate": lambda *a: False},
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
         "fp8joincall": {"joined_vectors": lambda parts, join: join()},
-        "fp8heuristic": {"fp8_attention_plan_choice": lambda: "heuristic"},
     }.get(launch, {})
     saved = {name: getattr(dispatch, name) for name in choices}
     try:
@@ -440,8 +437,7 @@ def _result(args, dev, rows: list[dict], breakdowns: list[dict], bf16_bytes: int
         if r.get("ms"):
             r["weight_ratio_vs_bf16"] = r["weight_bytes"] / bf16_bytes
             r["us_per_token"] = r["ms"] * 1e3 / (r["tokens"] * r["batch"])
-    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdowns": breakdowns,
-            "attention_plans": dispatch.fp8_attention_plans()}
+    return {"env": environment(), "config": args.config, "device": str(dev), "rows": rows, "breakdowns": breakdowns}
 
 
 def _rows_table(rows: list[dict], with_call: bool = False) -> str:
@@ -474,23 +470,9 @@ def to_markdown(result: dict) -> str:
           f"{env['date']}\n\n{table}\n")
     for breakdown in result.get("breakdowns", []):
         md += _breakdown_markdown(breakdown)
-    md += _attention_plans_markdown(result.get("attention_plans", []))
     md += ("\nOutput error vs bf16 on random weights compounds chaotically through the blocks: not a fidelity "
            "measure.\n")
     return md
-
-
-def _attention_plans_markdown(plans: list[dict]) -> str:
-    from tabulate import tabulate
-
-    if not plans:
-        return ""
-    rows = [[str(p["shape"]), p["choice"], p["plan"],
-             ", ".join(f"{t:.1f}" for t in p["times_us"].values() if t is not None) or "-"] for p in plans]
-    return ("\ncuDNN fp8 attention plans ([B, H, S, D]; \"timed\": the fastest of every plan offered, each timed "
-            "on random inputs of the shape):\n\n" + tabulate(rows, headers=["shape", "choice", "plan kept",
-                                                                   "us per call of each plan"],
-                                                          tablefmt="github", disable_numparse=True) + "\n")
 
 
 def _breakdown_markdown(breakdown: dict) -> str:

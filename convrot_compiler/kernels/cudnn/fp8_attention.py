@@ -5,25 +5,20 @@ TMA, e4m3 wgmma), measured at 1.44-1.55x its bf16 kernel at FLUX's shapes,
 and the frontend (``pip install nvidia-cudnn-frontend``, the ``fp8-attention`` extra) drives the cuDNN
 library PyTorch already ships. The numerics are attention.fp8_attention_reference's.
 
-One execution plan per (shapes, strides, softmax scale, device), built on first use and kept: execution is one
-kernel, and capturable in a CUDA graph (the stream is set on every call; the workspace is allocated when the plan
-is built, outside any capture). ``plan_choice="timed"`` (the default) builds every plan cuDNN's heuristics (modes A
-and B) offer for the graph and keeps the fastest on random inputs of the call's shape and strides, timed by CUDA
-events; ``"heuristic"`` keeps the first plan of mode A that builds, cuDNN's own choice.
+One execution plan per (shapes, strides, softmax scale, device), built on first use and kept: building
+takes tens of milliseconds, execution is one kernel, and capturable in a CUDA graph (the stream is set on
+every call; the workspace is allocated when the plan is built, outside any capture).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 
 from ...numerics.fp8_attention import E4M3_MAX, output_like
 
 _PLANS: dict[tuple, "_Plan"] = {}
-PlanChoice = Literal["timed", "heuristic"]
-PLAN_CHOICES: tuple[str, ...] = ("timed", "heuristic")
 
 
 def unavailable_reason(device: torch.device | None = None) -> str | None:
@@ -54,7 +49,7 @@ class _Plan:
     device tensors (new scales need no rebuild, and a captured CUDA graph replays with new ones)."""
 
     def __init__(self, shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...], softmax_scale: float,
-                 device: torch.device, choice: PlanChoice = "timed"):
+                 device: torch.device):
         import cudnn
 
         self.cudnn = cudnn
@@ -81,53 +76,13 @@ class _Plan:
         self.o = o
         graph.validate()
         graph.build_operation_graph()
-        modes = [cudnn.heur_mode.A] + ([cudnn.heur_mode.B] if choice == "timed" else []) + [cudnn.heur_mode.FALLBACK]
-        graph.create_execution_plans(modes)
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
+        graph.build_plans()
         self.graph = graph
+        self.workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
         s = torch.tensor([1.0 / E4M3_MAX, E4M3_MAX], device=device)
         self.descale_s, self.scale_s = s[0:1].view(1, 1, 1, 1), s[1:2].view(1, 1, 1, 1)
-        built = []
-        for index in range(graph.get_execution_plan_count()):
-            try:
-                graph.build_plan_at_index(index)
-            except Exception:  # cudnn raises its own error types for a plan it cannot build here
-                continue
-            built.append(index)
-            if choice == "heuristic":
-                break
-        if not built:
-            raise RuntimeError(f"cuDNN built none of its fp8 attention plans for {list(shape)}")
-        size = max(graph.get_workspace_size_plan_at_index(i) for i in built)
-        self.workspace = torch.empty(max(size, 1), device=device, dtype=torch.uint8)
-        self.times_us = self._time_plans(built, shape, strides, device) if len(built) > 1 else {built[0]: None}
-        self.index = min(self.times_us, key=lambda i: self.times_us[i] or 0.0)
-        self.name = graph.get_plan_name_at_index(self.index)
-
-    def _time_plans(self, indices: list[int], shape, strides, device: torch.device) -> dict[int, float]:
-        """Microseconds per call of each plan on random e4m3 inputs of the call's shape and strides: the median of
-        five timings of ten calls each, after a warm-up call."""
-        size = max(sum((n - 1) * st for n, st in zip(shape, s)) + 1 for s in strides)
-        tensors = []
-        for s in strides:
-            storage = torch.randn(size, device=device).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-            tensors.append(storage.as_strided(shape, s))
-        one = torch.ones(1, 1, 1, 1, device=device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = {}
-        for index in indices:
-            self.index = index
-            self(*tensors[:3], one, one, one, one, tensors[3])
-            runs = []
-            for _ in range(5):
-                start.record()
-                for _ in range(10):
-                    self(*tensors[:3], one, one, one, one, tensors[3])
-                end.record()
-                end.synchronize()
-                runs.append(start.elapsed_time(end) * 100.0)
-            times[index] = sorted(runs)[2]
-        return times
 
     def __call__(self, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out8) -> None:
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
@@ -135,26 +90,18 @@ class _Plan:
         pack = {self.q: q8, self.k: k8, self.v: v8, self.o: out8,
                 self.scalars[0]: one[0], self.scalars[1]: one[1], self.scalars[2]: one[2],
                 self.scalars[3]: self.descale_s, self.scalars[4]: self.scale_s, self.scalars[5]: one[3]}
-        self.graph.execute_plan_at_index(pack, self.workspace, self.index, handle=self.handle)
+        self.graph.execute(pack, self.workspace, handle=self.handle)
 
 
-def _plan(shape, strides, softmax_scale: float, device: torch.device, choice: PlanChoice = "timed") -> _Plan:
-    if choice not in PLAN_CHOICES:
-        raise ValueError(f"fp8 attention: plan choice {choice!r}, expected one of {PLAN_CHOICES}")
-    key = (tuple(shape), strides, float(softmax_scale), device.index, choice)
+def _plan(shape, strides, softmax_scale: float, device: torch.device) -> _Plan:
+    key = (tuple(shape), strides, float(softmax_scale), device.index)
     plan = _PLANS.get(key)
     if plan is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("fp8 attention: a new shape reached the cuDNN kernel during CUDA-graph capture; "
                                "run the model once outside capture first (convrot_compiler.compile does)")
-        plan = _PLANS[key] = _Plan(tuple(shape), strides, softmax_scale, device, choice)
+        plan = _PLANS[key] = _Plan(tuple(shape), strides, softmax_scale, device)
     return plan
-
-
-def chosen_plans() -> list[dict]:
-    """The plans built so far: shape, plan choice, cuDNN's name of the plan kept, and each timed plan's us per call."""
-    return [dict(shape=list(key[0]), choice=key[4], plan=plan.name, times_us=plan.times_us)
-            for key, plan in _PLANS.items()]
 
 
 def check_supported(shape: tuple[int, int, int, int], softmax_scale: float, device: torch.device) -> str | None:
@@ -166,7 +113,7 @@ def check_supported(shape: tuple[int, int, int, int], softmax_scale: float, devi
     b, h, s, d = shape
     bshd = (s * h * d, d, h * d, 1)
     try:
-        _plan(shape, (bshd,) * 4, softmax_scale, device, "heuristic")
+        _plan(shape, (bshd,) * 4, softmax_scale, device)
     except Exception as e:  # cudnn raises its own error types for unsupported configurations
         return f"cuDNN has no fp8 attention plan for [B, H, S, D] = {list(shape)}: {e}"
     return None
@@ -174,7 +121,7 @@ def check_supported(shape: tuple[int, int, int, int], softmax_scale: float, devi
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
-                  softmax_scale: float, plan_choice: PlanChoice = "timed") -> torch.Tensor:
+                  softmax_scale: float) -> torch.Tensor:
     """e4m3 [B, H, S, D] Q, K, V (any strides with unit stride on D) -> e4m3 O in q8's layout."""
     for name, t in (("q8", q8), ("k8", k8), ("v8", v8)):
         if t.dtype != torch.float8_e4m3fn or t.dim() != 4 or not t.is_cuda:
@@ -186,6 +133,5 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_
     out8 = output_like(q8)
     q8, k8, v8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q8, k8, v8))
     strides = tuple(tuple(t.stride()) for t in (q8, k8, v8, out8))
-    plan = _plan(q8.shape, strides, softmax_scale, q8.device, plan_choice)
-    plan(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out8)
+    _plan(q8.shape, strides, softmax_scale, q8.device)(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, out8)
     return out8
