@@ -11,12 +11,17 @@ from ..families import CONFIGS as FAMILY_CONFIGS
 from .cli_options import add_model_args, add_quant_args, quant_overrides, write_json
 
 
+def _command(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary in ``convrot -h`` is also the description its own ``-h`` opens with."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrot", description="ConvRot W4A4 compiler for diffusion transformers; "
                                      "--debug anywhere shows the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a FLUX transformer (or another family's) and compare one forward "
-                                       "with bf16")
+    demo = _command(sub, "demo", "quantize a FLUX transformer (or another family's) and compare one forward with "
+                    "bf16")
     add_model_args(demo, families=True)
     add_quant_args(demo)
     demo.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -24,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--whole-model", action="store_true",
                       help="compile the whole forward as one graph (default: one graph per repeated block class)")
 
-    ins = sub.add_parser("inspect", help="show what the compiler pass does to every linear, and why")
+    ins = _command(sub, "inspect", "show what the compiler pass does to every linear and attention, and why")
     ins.add_argument("--model", metavar="PATH", help="local diffusers FLUX checkpoint (default: built-in config)")
     ins.add_argument("--config", default="flux-dev", choices=["flux-tiny", "flux-dev", *FAMILY_CONFIGS],
                      help="built-in config, traced on the meta device (no memory, no weights): FLUX.1's, or another "
@@ -41,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show the pass without reading the concatenation inside rotate+quantize")
     ins.add_argument("--no-gelu-epilogue", dest="gelu_epilogue", action="store_false",
                      help="show the pass with the GELU after the MLP up-projections left to Inductor")
-    qz = sub.add_parser("quantize", help="quantize a diffusers model folder into a checkpoint, one layer at a time "
-                        "(convrot_compiler.load reads it)")
+    qz = _command(sub, "quantize", "quantize a diffusers model folder into a checkpoint, one layer at a time "
+                  "(convrot_compiler.load reads it)")
     qz.add_argument("model", metavar="MODEL", help="a diffusers transformer folder, or a pipeline root with transformer/")
     qz.add_argument("out", metavar="OUT", help="the checkpoint folder to write")
     add_quant_args(qz, attention=False, calibrated=True)

@@ -24,3 +24,15 @@ def test_help_description_is_the_whole_first_paragraph(name, capsys):
     summary = doc_summary(module.__doc__)
     assert summary in help_text
     assert summary.rstrip("`").endswith((".", "?", ":")), summary
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect", "quantize"])
+def test_a_subcommands_help_opens_with_its_summary(command, capsys):
+    from convrot_compiler.tools.cli import build_parser
+
+    parser = build_parser()
+    summary = next(a for a in parser._subparsers._group_actions[0]._choices_actions if a.dest == command).help
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "-h"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert summary and summary[1:] in help_text
