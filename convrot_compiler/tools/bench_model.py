@@ -541,6 +541,8 @@ def main(argv=None) -> dict:
     p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: merge result files of separate "
                    "calls into one report (<name>.md) with the latency per token by resolution and batch")
     args = p.parse_args(argv)
+    if args.iters < 1:
+        p.error(f"--iters must be at least 1, got {args.iters}")
     if args.merge:
         results = {}
         for path in args.merge:

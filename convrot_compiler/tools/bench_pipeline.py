@@ -253,6 +253,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2: the first step of each call is not timed")
+    if args.iters < 1:
+        p.error(f"--iters must be at least 1, got {args.iters}")
     result = run(args)
     print(to_markdown(result))
     return result

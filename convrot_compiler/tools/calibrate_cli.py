@@ -56,6 +56,8 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     args = build_parser().parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
@@ -64,8 +66,8 @@ def main(argv=None) -> dict:
     tiny = args.model is None
     pipe = random_pipeline("flux-tiny", dev, args.seed) if tiny else load_pipeline(args.model).to(dev)
     pipe.set_progress_bar_config(disable=True)
-    steps = args.steps or (4 if tiny else 25)
-    size = args.size or (64 if tiny else 1024)
+    steps = args.steps if args.steps is not None else 4 if tiny else 25
+    size = args.size if args.size is not None else 64 if tiny else 1024
     calls = (random_prompt_embeds(pipe.transformer, len(prompts), 32, dev, args.seed) if tiny
              else [{"prompt": p} for p in prompts])
     start = time.perf_counter()

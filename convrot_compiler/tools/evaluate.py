@@ -168,13 +168,15 @@ def run_eval(model_path: str | None = None, plans: tuple[str, ...] = ("w4a4", "m
         make_plan(plan)  # bad arguments fail before any image is made
     if size is not None:
         image_tokens_for(size, size)
+    if steps is not None and steps < 2:
+        raise ValueError(f"--steps must be at least 2 (the time per step is taken after each call's first), got {steps}")
     dev = resolve_device(device)
     tiny = model_path is None
     pipe = random_pipeline("flux-tiny", dev, seed) if tiny else load_pipeline(model_path).to(dev)
     pipe.set_progress_bar_config(disable=True)
     prompts = prompts or DEFAULT_PROMPTS
-    size = size or (64 if tiny else 1024)
-    steps = steps or (4 if tiny else 28)
+    size = size if size is not None else 64 if tiny else 1024
+    steps = steps if steps is not None else 4 if tiny else 28
     inputs = (random_prompt_embeds(pipe.transformer, len(prompts), 32, dev, seed) if tiny
               else [{"prompt": p} for p in prompts])
     lpips_fn, lpips_note = lpips_metric()

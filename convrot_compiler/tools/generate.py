@@ -84,10 +84,10 @@ def run_generate(model: str | None = None, prompt: str = DEFAULT_PROMPT, steps: 
     dev = resolve_device(device)
     noise = model is None
     config = "flux-dev" if dev.type == "cuda" else "flux-tiny"
-    height = height or (1024 if not noise or config == "flux-dev" else 64)
-    width = width or height
+    height = height if height is not None else 1024 if not noise or config == "flux-dev" else 64
+    width = width if width is not None else height
     image_tokens_for(height, width)  # refuses sizes that are not multiples of 16
-    steps = steps or (28 if not noise else 8 if config == "flux-dev" else 4)
+    steps = steps if steps is not None else 28 if not noise else 8 if config == "flux-dev" else 4
     if steps < 2:
         raise ValueError(f"--steps must be at least 2 (the first step compiles), got {steps}")
     if not out.lower().endswith(".png"):

@@ -139,8 +139,8 @@ class FluxInputs(Mapping):
 
 def image_tokens_for(height: int, width: int) -> int:
     """FLUX packs 8x-downsampled latents in 2x2 patches: (H/16) * (W/16) tokens."""
-    if height % 16 or width % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+    if height % 16 or width % 16 or height < 16 or width < 16:
+        raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
     return (height // 16) * (width // 16)
 
 
