@@ -105,6 +105,8 @@ LAUNCHES = {
                    "in e4m3)"),
     "fp8looped": ({"attention": "fp8", "persistent_rows": False},
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
+    "cdt": ({}, "Inductor's kernels tuned by coordinate descent"),  # run under kernel_choice
+    "fp8cdt": ({"attention": "fp8"}, "attention in fp8, Inductor's kernels tuned by coordinate descent"),  # likewise
     "fp8vabsmax": ({"attention": "fp8", "attention_scales": "qk-bound"},
                    "attention in fp8, V scaled by its absmax (not by its projection's operands)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
@@ -125,7 +127,8 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call. Other
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call; ``cdt``
+    and ``fp8cdt``, Inductor's kernels tuned by coordinate descent (as they compile, at the first call). Other
     launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
@@ -138,11 +141,15 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
         "fp8joincall": {"joined_vectors": lambda parts, join: join()},
     }.get(launch, {})
+    from torch._inductor import config as inductor_config
+
     saved = {name: getattr(dispatch, name) for name in choices}
+    inductor = {"coordinate_descent_tuning": True} if launch in ("cdt", "fp8cdt") else {}
     try:
         for name, choice in choices.items():
             setattr(dispatch, name, choice)
-        yield
+        with inductor_config.patch(inductor):
+            yield
     finally:
         for name, original in saved.items():
             setattr(dispatch, name, original)
