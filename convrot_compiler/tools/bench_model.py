@@ -165,8 +165,18 @@ def parse_variants(spec: str, known: tuple[str, ...]) -> list[str]:
     variants = spec.split(",")
     bad = [v for v in variants if v not in known]
     if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; choose from {known}")
+        raise SystemExit(f"unknown variant(s) {', '.join(bad)}; choose from {_variant_menu(known)}")
     return variants
+
+
+def _variant_menu(known: tuple[str, ...]) -> str:
+    """The known variants, a launch known with every convrot plan written once as <plan>-<launch>."""
+    every_plan = [launch for launch in LAUNCHES if all(f"{plan}-{launch}" in known for plan in CONVROT)]
+    others = [v for v in known if v.partition("-")[0] not in CONVROT or v.partition("-")[2] not in every_plan]
+    if not every_plan:
+        return ", ".join(others)
+    return (f"{', '.join(others)}, or <plan>-<launch> with a plan of {', '.join(CONVROT)} and a launch of "
+            f"{', '.join(every_plan)}")
 
 
 def time_interleaved(calls: list[tuple[str, Callable]], kwargs, dev, iters: int) -> list[list[float]]:

@@ -256,3 +256,18 @@ def test_model_bench_interleaved_holds_every_variant_and_times_them_in_turns(tmp
     assert "attention in fp8" in rows["w4a4-fp8attn"]["note"]
     assert rows["w4a4-fp8attn"]["rel_err_vs_bf16"] != rows["w4a4"]["rel_err_vs_bf16"]
     assert json.loads((tmp_path / "interleaved.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.parametrize("known", [bench_model.VARIANTS, ("bf16", "w4a4", "w4a4-fp8attn", "mix-fp8attn", "fp8")])
+def test_an_unknown_variant_lists_what_is_known_and_only_that(known):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_model.parse_variants("bf16,foo", known)
+    message = str(exit_info.value)
+    assert message.startswith("unknown variant(s) foo; choose from ")
+    menu = message.split("choose from ", 1)[1]
+    listed, _, grouped = menu.partition(", or <plan>-<launch> with a plan of ")
+    named = set(listed.split(", "))
+    if grouped:
+        plans, launches = grouped.split(" and a launch of ")
+        named |= {f"{p}-{launch}" for p in plans.split(", ") for launch in launches.split(", ")}
+    assert named == set(known)
