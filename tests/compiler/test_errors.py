@@ -111,7 +111,7 @@ def test_cli_errors_are_one_line_unless_debug(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: --prompts {tmp_path / 'none.txt'}: no such file" in proc.stderr
     proc = _cli("demo", "--device", "cpu", "--height", "100", "--no-progress")
-    assert proc.returncode == 2 and "error: height and width must be multiples of 16" in proc.stderr
+    assert proc.returncode == 2 and "error: height and width must be positive multiples of 16" in proc.stderr
     assert "Traceback" not in proc.stderr
     debug = _cli("demo", "--device", "cpu", "--height", "100", "--no-progress", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
