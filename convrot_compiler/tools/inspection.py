@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..compiler.attention_rewrite import AttentionDecision
+from ..compiler.attention_rewrite import PROLOGUE_KERNEL, PROLOGUE_KERNEL_E4M3, AttentionDecision
 from ..compiler.backend import CompileReport, convrot_backend
 from ..compiler.roles import ROLE_RULE, decide_model
 from ..config import ConvRotConfig
@@ -48,7 +48,8 @@ class InspectReport:
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
                 "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
                 "attention_kept": sum(a.precision != "fp8" for a in self.attention),
-                "attention_prologue_kernel": sum(a.prologue.startswith("RMSNorm") for a in self.attention),
+                "attention_prologue_kernel": sum(a.prologue in (PROLOGUE_KERNEL, PROLOGUE_KERNEL_E4M3)
+                                                 for a in self.attention),
                 "by_precision": counts, "linear_weight_bytes_before": before, "linear_weight_bytes_after": after,
                 "ratio": after / before if before else 1.0}
 
