@@ -107,6 +107,8 @@ LAUNCHES = {
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
     "cdt": ({}, "Inductor's kernels tuned by coordinate descent"),  # run under kernel_choice
     "fp8cdt": ({"attention": "fp8"}, "attention in fp8, Inductor's kernels tuned by coordinate descent"),  # likewise
+    "combo": ({}, "Inductor's independent kernels combined horizontally"),  # likewise
+    "fp8combo": ({"attention": "fp8"}, "attention in fp8, Inductor's independent kernels combined horizontally"),
     "fp8vabsmax": ({"attention": "fp8", "attention_scales": "qk-bound"},
                    "attention in fp8, V scaled by its absmax (not by its projection's operands)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
@@ -120,6 +122,12 @@ VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", 
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
+# launches compiled under an Inductor config of their own: coordinate-descent tuning of each kernel's launch
+# parameters, and combo kernels (independent kernels, such as a block's small reductions, in one launch)
+INDUCTOR_CONFIGS = {"cdt": {"coordinate_descent_tuning": True}, "fp8cdt": {"coordinate_descent_tuning": True},
+                    "combo": {"combo_kernels": True}, "fp8combo": {"combo_kernels": True}}
+
+
 @contextlib.contextmanager
 def kernel_choice(launch: str) -> Iterator[None]:
     """The kernels a launch suffix compares, chosen by replacing ops.dispatch's choices for the block:
@@ -127,9 +135,9 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call; ``cdt``
-    and ``fp8cdt``, Inductor's kernels tuned by coordinate descent (as they compile, at the first call). Other
-    launches change nothing. A CUDA graph
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call; Inductor's
+    config for the launches of INDUCTOR_CONFIGS (as they compile, at the first call). Other launches change nothing.
+    A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
     choices = {
@@ -144,7 +152,7 @@ def kernel_choice(launch: str) -> Iterator[None]:
     from torch._inductor import config as inductor_config
 
     saved = {name: getattr(dispatch, name) for name in choices}
-    inductor = {"coordinate_descent_tuning": True} if launch in ("cdt", "fp8cdt") else {}
+    inductor = INDUCTOR_CONFIGS.get(launch, {})
     try:
         for name, choice in choices.items():
             setattr(dispatch, name, choice)

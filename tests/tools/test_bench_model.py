@@ -205,18 +205,21 @@ def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
     assert dispatch.use_sm90_rotate is rotate
 
 
-@pytest.mark.parametrize("launch", ["cdt", "fp8cdt"])
-def test_coordinate_descent_launches_tune_inductors_kernels_inside_their_block_only(launch):
+@pytest.mark.parametrize("launch, option", [("cdt", "coordinate_descent_tuning"),
+                                            ("fp8cdt", "coordinate_descent_tuning"),
+                                            ("combo", "combo_kernels"), ("fp8combo", "combo_kernels")])
+def test_inductor_config_launches_set_it_inside_their_block_only(launch, option):
     """The variant compiles at its first call, inside the block: Inductor's config says so there, and as before
     after it."""
     from torch._inductor import config as inductor_config
 
-    before = inductor_config.coordinate_descent_tuning
+    before = getattr(inductor_config, option)
+    assert before is not True
     with bench_model.kernel_choice(launch):
-        assert inductor_config.coordinate_descent_tuning is True
+        assert getattr(inductor_config, option) is True
     with bench_model.kernel_choice("fp8attn"):
-        assert inductor_config.coordinate_descent_tuning == before
-    assert inductor_config.coordinate_descent_tuning == before and f"w4a4-{launch}" in bench_model.VARIANTS
+        assert getattr(inductor_config, option) == before
+    assert getattr(inductor_config, option) == before and f"w4a4-{launch}" in bench_model.VARIANTS
 
 
 def test_interleaved_timing_rotates_the_order_and_runs_each_under_its_launch(monkeypatch):
