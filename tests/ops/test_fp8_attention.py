@@ -119,23 +119,28 @@ def test_fp8_attention_with_w4a4_plan_and_inductor():
     assert 0 < relative_error(out, ref) < 0.5
 
 
+def _tiny_fp8_both_ways(option: str) -> tuple[dict, dict]:
+    """flux-tiny with a w4a4 plan and fp8 attention compiled with ``option`` on and off (no Inductor, whole
+    graph): each form's output and its one graph's report."""
+    kwargs = make_flux_inputs(build_flux("flux-tiny"), 64, 64, 16).kwargs
+    outs, reports = {}, {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        reports[on] = []
+        compiled = cc.compile(build_flux("flux-tiny"), plan="w4a4", attention="fp8", inductor=False, progress=False,
+                              regional=False, report=reports[on].append, **{option: on})
+        outs[on] = compiled(**kwargs)[0]
+    return outs, {on: r for on, (r,) in reports.items()}
+
+
 def test_linears_after_fp8_attention_read_its_e4m3_output():
     """With a w4a4 plan, to_out, to_add_out and proj_out quantize fp8 attention's e4m3 output as it is
     (convrot::rotate_quantize_e4m3): no 16-bit copy is left in the graph, the decisions say who reads it, and the
     output is the dequantizing graph's bit for bit."""
     from convrot_compiler.ops import quantize_e4m3_activation
 
-    model = build_flux("flux-tiny")
-    kwargs = make_flux_inputs(model, 64, 64, 16).kwargs
-    outs, reports = {}, {}
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        reports[fuse] = []
-        compiled = cc.compile(build_flux("flux-tiny"), plan="w4a4", attention="fp8", fuse_attention_output=fuse,
-                              inductor=False, progress=False, regional=False, report=reports[fuse].append)
-        with torch.no_grad():
-            outs[fuse] = compiled(**kwargs)[0]
-    (fused,), (unfused,) = reports[True], reports[False]
+    outs, reports = _tiny_fp8_both_ways("fuse_attention_output")
+    fused, unfused = reports[True], reports[False]
     nodes = list(fused.graph_modules["after"].graph.nodes)
     assert sum(n.target is quantize_e4m3_activation for n in nodes) == 2 * 2 + 2  # 2 double blocks, 2 single
     assert not any(n.target is dequantize_e4m3 for n in nodes)
@@ -154,15 +159,8 @@ def test_single_blocks_v_is_cast_by_its_gemm_double_blocks_joined_v_by_inductor(
     decisions say who cast V, and the option is checked."""
     from convrot_compiler.ops import quantized_matmul_e4m3_cols
 
-    kwargs = make_flux_inputs(build_flux("flux-tiny"), 64, 64, 16).kwargs
-    outs, reports = {}, {}
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        reports[fuse] = []
-        compiled = cc.compile(build_flux("flux-tiny"), plan="w4a4", attention="fp8", fuse_value_cast=fuse,
-                              inductor=False, progress=False, regional=False, report=reports[fuse].append)
-        outs[fuse] = compiled(**kwargs)[0]
-    (fused,), (unfused,) = reports[True], reports[False]
+    outs, reports = _tiny_fp8_both_ways("fuse_value_cast")
+    fused, unfused = reports[True], reports[False]
     casts = sum(n.target is quantized_matmul_e4m3_cols for n in fused.graph_modules["after"].graph.nodes)
     assert casts == 2 and not any(n.target is quantized_matmul_e4m3_cols
                                   for n in unfused.graph_modules["after"].graph.nodes)
