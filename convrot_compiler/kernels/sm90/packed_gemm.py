@@ -168,7 +168,7 @@ def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, e4m3, 
     store_transposed(rounded, c_desc, c_smem, pid_m, pid_n)
     if HAS_E4M3:
         c8_desc, c8_smem, scale8, col8, width8 = e4m3
-        if pid_n * BN >= col8 and pid_n * BN < col8 + width8:
+        if (pid_n * BN >= col8) & (pid_n * BN < col8 + width8):
             _store_e4m3(rounded, scale8, c8_desc, c8_smem, pid_m, pid_n * BN - col8)
 
 
