@@ -176,7 +176,7 @@ def fused_chains(args: dict, bounds: dict[str, Bound | None] | None, fuse: bool)
 
 
 def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_prologue: bool = True,
-                     fuse_16bit_prologue: bool = True, fuse_value_cast: bool = True) -> list[PlannedAttention]:
+                     fuse_16bit_prologue: bool = True, fuse_value_cast: bool = False) -> list[PlannedAttention]:
     """Every SDPA node of the graph with what ``mode`` does to it, for fp8 how ``scales`` scales Q and K, and
     whether their RMSNorm, RoPE (and for fp8 the cast) run as one kernel (``fuse_prologue``; for an attention kept
     in 16 bits, ``fuse_16bit_prologue``), and whether V's GEMM casts it (``fuse_value_cast``)."""

@@ -100,8 +100,8 @@ LAUNCHES = {
                    "Q and K's RMSNorm and RoPE by Inductor (not one kernel)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
-    "fp8vinductor": ({"attention": "fp8", "fuse_value_cast": False},
-                     "attention in fp8, V cast to e4m3 by Inductor (not by its GEMM's epilogue)"),
+    "fp8vgemm": ({"attention": "fp8", "fuse_value_cast": True},
+                 "attention in fp8, V cast to e4m3 by its GEMM's epilogue (not by Inductor)"),
     "fp8dequant": ({"attention": "fp8", "fuse_attention_output": False},
                    "attention in fp8, its output dequantized by Inductor before the next rotate+quantize (not read "
                    "in e4m3)"),
