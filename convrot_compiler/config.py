@@ -57,7 +57,6 @@ class ConvRotConfig:
                                          # "qk-bound": V by its absmax; "absmax": all three
     fuse_attention_prologue: bool = True  # Q, K's RMSNorm and RoPE (fp8 by bound: and cast) as one kernel
     fuse_attention_output: bool = True   # fp8 attention's e4m3 output read as it is by the next rotate+quantize
-    fuse_value_cast: bool = False        # fp8 attention's V, one linear's GEMM columns, cast to e4m3 by that GEMM
     dry_run: bool = False                # plan and rewrite for inspection only; the graph runs unchanged
 
     release_weights: bool = True         # free the float storage of quantized weights
@@ -101,7 +100,7 @@ class ConvRotConfig:
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
         for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
-                    "fuse_attention_output", "fuse_value_cast",
+                    "fuse_attention_output",
                     "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")

@@ -15,8 +15,7 @@ fuses them into the kernels around them (FLUX's RMSNorm + RoPE before, the resha
 attention itself is opaque. Where Q or K is scaled by its bound and made by FLUX's chain (qk_prologue:
 RMSNorm of each stream, concatenation, RoPE on pairs), the chain and the cast run as one kernel instead,
 ``convrot::rms_rope_e4m3`` (option ``fuse_attention_prologue``). Where ``o`` feeds quantized linears, they read
-``o8`` instead (attention_output.py, option ``fuse_attention_output``). Where V, scaled by its bound, is one
-linear's columns of a quantized GEMM, that GEMM casts it (value_cast.py, option ``fuse_value_cast``).
+``o8`` instead (attention_output.py, option ``fuse_attention_output``).
 An attention that cannot run in fp8 keeps its op, and its decision says why. An attention kept in 16 bits
 (``attention="keep"``, or not eligible) still takes its Q and K from one kernel where FLUX's chain makes them,
 ``convrot::rms_rope`` (the same option): Inductor runs that chain as a reduction and pointwise passes around the
@@ -34,12 +33,11 @@ from torch import fx
 
 from ..config import check_attention_mode, check_attention_scales
 from ..numerics.fp8_attention import default_softmax_scale, dequantize_e4m3, quantize_e4m3
-from ..ops import fp8_attention_e4m3_output, fp8_attention_e4m3_value, rms_rope_16bit, rms_rope_quantize_e4m3
+from ..ops import fp8_attention_e4m3_output, rms_rope_16bit, rms_rope_quantize_e4m3
 from ..ops.dispatch import fp8_attention_unsupported, rms_rope_unsupported
 from .match import LINEAR_TARGETS, _example, module_name
 from .qk_prologue import RmsRopeChain, match_rms_rope
 from .value_bounds import Bound, abs_bound, emit, joined_tensors, keeps_bound
-from .value_cast import CAST_IN_GEMM, ValueColumns, cast_in_gemm, erase_unread, match_value_columns
 
 ATTENTION_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -55,7 +53,6 @@ class AttentionDecision:
     scales: str = ""             # fp8: how Q, K and V are scaled to e4m3
     prologue: str = ""           # what makes Q and K from their RMSNorm on (fp8: and casts them): a kernel, or Inductor
     output: str = ""             # fp8: who reads the e4m3 output (the next linears' rotate+quantize, or a dequantize)
-    value_cast: str = ""         # fp8: what casts V to e4m3 (its GEMM's epilogue, or Inductor)
 
 
 # a graph input bounds Q or K by its absmax at every call only when it is this much smaller than they are
@@ -147,7 +144,6 @@ class PlannedAttention(NamedTuple):
     decision: AttentionDecision
     bounds: dict[str, Bound | None]  # fp8: the bounds Q and K are scaled by (None: their absmax)
     chains: dict[str, RmsRopeChain | None] = {}  # Q's, K's chain that runs as one kernel (None: Inductor's)
-    value_columns: ValueColumns | None = None  # fp8: V's GEMM columns, cast by that GEMM (None: by Inductor)
 
 
 PROLOGUE_KERNEL = "RMSNorm+RoPE kernel"
@@ -176,10 +172,10 @@ def fused_chains(args: dict, bounds: dict[str, Bound | None] | None, fuse: bool)
 
 
 def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_prologue: bool = True,
-                     fuse_16bit_prologue: bool = True, fuse_value_cast: bool = False) -> list[PlannedAttention]:
+                     fuse_16bit_prologue: bool = True) -> list[PlannedAttention]:
     """Every SDPA node of the graph with what ``mode`` does to it, for fp8 how ``scales`` scales Q and K, and
     whether their RMSNorm, RoPE (and for fp8 the cast) run as one kernel (``fuse_prologue``; for an attention kept
-    in 16 bits, ``fuse_16bit_prologue``), and whether V's GEMM casts it (``fuse_value_cast``)."""
+    in 16 bits, ``fuse_16bit_prologue``)."""
     check_attention_mode(mode)
     check_attention_scales(scales)
     found = []
@@ -198,11 +194,8 @@ def decide_attention(gm: fx.GraphModule, mode: str, scales: str = "bound", fuse_
         else:
             bounds = tensor_bounds(args, scales)
             chains, prologue = fused_chains(args, bounds, fuse_prologue)
-            columns = match_value_columns(args["value"], node) \
-                if fuse_value_cast and bounds.get("value") is not None else None
-            decision = AttentionDecision(name, shape, "fp8", "", _scales_label(bounds), prologue,
-                                         value_cast=CAST_IN_GEMM if columns is not None else "Inductor")
-            found.append(PlannedAttention(node, decision, bounds, chains, columns))
+            found.append(PlannedAttention(node, AttentionDecision(name, shape, "fp8", "", _scales_label(bounds),
+                                                                  prologue), bounds, chains))
     return found
 
 
@@ -265,7 +258,7 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> di
     dequantize node (``o`` of the module docstring) with its decision."""
     graph, done, absmax = gm.graph, {}, {}
     changed = False
-    for node, decision, bounds, chains, columns in planned:
+    for node, decision, bounds, chains in planned:
         if decision.precision != "fp8":
             changed |= _fuse_16bit_chains(graph, node, chains)
             continue
@@ -276,14 +269,10 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> di
                 bound = bounds.get(name)
                 bound = emit(graph, bound, absmax) if bound is not None else None
                 quantized.extend(_quantized(graph, args[name], bound, chains.get(name)))
-            if columns is not None:
-                v8, dv = cast_in_gemm(graph, columns, bounds["value"])
-                o8dv = graph.call_function(fp8_attention_e4m3_value, (*quantized, v8, dv), {"scale": args["scale"]})
-            else:
-                value_bound = bounds.get("value")
-                value_bound = emit(graph, value_bound, absmax) if value_bound is not None else None
-                o8dv = graph.call_function(fp8_attention_e4m3_output, (*quantized, args["value"]),
-                                           {"scale": args["scale"], "value_bound": value_bound})
+            value_bound = bounds.get("value")
+            value_bound = emit(graph, value_bound, absmax) if value_bound is not None else None
+            o8dv = graph.call_function(fp8_attention_e4m3_output, (*quantized, args["value"]),
+                                       {"scale": args["scale"], "value_bound": value_bound})
             o8, dv = (graph.call_function(operator.getitem, (o8dv, i)) for i in (0, 1))
             out = graph.call_function(dequantize_e4m3, (o8, dv, _example(args["value"]).dtype))
         out.meta.update(node.meta)
@@ -292,8 +281,6 @@ def rewrite_attention(gm: fx.GraphModule, planned: list[PlannedAttention]) -> di
         for name, chain in chains.items():
             if chain is not None:
                 _erase_unused_chain(graph, args[name], chain)
-        if columns is not None:
-            erase_unread(graph, columns)
         done[out] = decision
     if done or changed:
         graph.lint()

@@ -174,8 +174,7 @@ def attention(gm: fx.GraphModule, config: ConvRotConfig,
     anyway: an empty plan leaves it as it was); with ``config.fuse_attention_output``, the quantized linears after
     an fp8 attention read its e4m3 output."""
     decided = decide_attention(gm, config.attention, config.attention_scales, config.fuse_attention_prologue,
-                               fuse_16bit_prologue=config.fuse_attention_prologue and linears_rewritten,
-                               fuse_value_cast=config.fuse_value_cast)
+                               fuse_16bit_prologue=config.fuse_attention_prologue and linears_rewritten)
     rewritten = rewrite_attention(gm, decided)
     read_in_e4m3 = read_attention_outputs_in_e4m3(gm) if config.fuse_attention_output and rewritten else {}
     for dequantize, decision in rewritten.items():

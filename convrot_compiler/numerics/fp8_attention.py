@@ -38,22 +38,11 @@ def quantize_e4m3(x: torch.Tensor, bound: torch.Tensor | float | None = None) ->
         amax = x.detach().abs().amax().float()
     else:
         amax = torch.as_tensor(bound, dtype=torch.float32, device=x.device)
-    return scale_to_e4m3(x, e4m3_scale(amax), saturate=bound is not None), (amax / E4M3_MAX).reshape(1)
-
-
-def e4m3_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The factor that maps |x| <= amax onto e4m3's range: 448 / amax, 0 for amax 0."""
-    return torch.where(amax == 0, torch.zeros_like(amax), E4M3_MAX / amax)
-
-
-def scale_to_e4m3(x: torch.Tensor, scale: torch.Tensor, saturate: bool = True) -> torch.Tensor:
-    """x (as float32) times ``scale``, rounded to e4m3; with ``saturate``, values past +-448 clamp to it (a bound
-    that no longer holds) instead of turning NaN. quantize_e4m3's arithmetic, and the packed GEMM epilogue's for
-    the columns it writes in e4m3 too."""
+    scale = torch.where(amax == 0, torch.zeros_like(amax), E4M3_MAX / amax)
     scaled = x.float() * scale
-    if saturate:
+    if bound is not None:
         scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
-    return scaled.to(E4M3)
+    return scaled.to(E4M3), (amax / E4M3_MAX).reshape(1)
 
 
 def inverse_descale(descale: torch.Tensor) -> torch.Tensor:

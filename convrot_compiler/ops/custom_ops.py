@@ -13,17 +13,14 @@ from typing import Optional
 import torch
 
 from ..numerics.fp8_attention import (
-    E4M3,
     E4M3_MAX,
     default_softmax_scale,
     dequantize_e4m3,
-    e4m3_scale,
     fp8_attention_reference,
     inverse_descale,
     output_like,
     quantize_e4m3,
     rms_rope_e4m3_reference,
-    scale_to_e4m3,
 )
 from ..numerics.hadamard import padded_size, rotate_with
 from ..numerics.pca import pca_matmul, pca_rotate_quantize
@@ -160,30 +157,6 @@ def _int_gemm_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_fro
 @int_gemm.register_fake
 def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from=None):
     return qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
-
-
-@torch.library.custom_op("convrot::int_gemm_e4m3_cols", mutates_args=())
-def int_gemm_e4m3_cols(qx: torch.Tensor, sx: torch.Tensor, qw: list[torch.Tensor], sw: list[torch.Tensor],
-                       bias: list[Optional[torch.Tensor]], packed: bool, group_size: int, out_dtype: torch.dtype,
-                       gelu_from: Optional[int], col: int, width: int,
-                       scale8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int_gemm``, and its columns [col, col + width) in e4m3 as well: their out_dtype values scaled by
-    ``scale8`` (one float32) and rounded, saturating (numerics.fp8_attention.scale_to_e4m3), as V's cast before fp8
-    attention takes them. The sm_90 packed GEMM writes them from its epilogue, so V is not read back to be cast."""
-    out = int_gemm_reference(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from)
-    return out, scale_to_e4m3(out[:, col:col + width], scale8)
-
-
-@int_gemm_e4m3_cols.register_kernel("cuda")
-def _int_gemm_e4m3_cols_cuda(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, col, width, scale8):
-    return dispatch.int_gemm_e4m3_cols(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, col, width,
-                                       scale8)
-
-
-@int_gemm_e4m3_cols.register_fake
-def _(qx, sx, qw, sw, bias, packed, group_size, out_dtype, gelu_from, col, width, scale8):
-    out = qx.new_empty(qx.shape[0], sum(w.shape[0] for w in qw), dtype=out_dtype)
-    return out, qx.new_empty(qx.shape[0], width, dtype=E4M3)
 
 
 @torch.library.custom_op("convrot::weight_only_gemm", mutates_args=())
@@ -354,20 +327,6 @@ def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, 
     return out.reshape(*x.shape[:-1], out_features)
 
 
-def quantized_matmul_e4m3_cols(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,
-                               group_size: int, out_features: int, gelu_from: Optional[int] = None,
-                               dtype: Optional[torch.dtype] = None, *, col: int, width: int,
-                               bound: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantized_matmul``, and its output's columns [col, col + width) in e4m3 scaled by ``bound`` (a proven bound
-    on their |value|) as quantize_e4m3 would cast them: (output, those columns in e4m3 shaped like x [..., width],
-    their descale bound / 448)."""
-    values, scale, bias = _as_list(values), _as_list(scale), _as_list(bias)
-    amax = torch.as_tensor(bound, dtype=torch.float32, device=q.device).reshape(1)
-    out, out8 = torch.ops.convrot.int_gemm_e4m3_cols(q, s, values, scale, bias, scheme == "w4a4", group_size,
-                                                     dtype or x.dtype, gelu_from, col, width, e4m3_scale(amax))
-    return out.reshape(*x.shape[:-1], out_features), out8.reshape(*x.shape[:-1], width), amax / E4M3_MAX
-
-
 def quantized_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, h: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], scheme: str, group_size: int, out_features: int,
                      order: str = "natural") -> torch.Tensor:
@@ -425,16 +384,9 @@ def fp8_attention_e4m3_output(q8: torch.Tensor, descale_q: torch.Tensor, k8: tor
     ``value_bound`` (a proven bound on |V|) or else its absmax, ``convrot::fp8_attention``. Returns the e4m3 output
     and its descale (V's)."""
     v8, dv = quantize_e4m3(value, value_bound)
-    return fp8_attention_e4m3_value(q8, descale_q, k8, descale_k, v8, dv, scale)
-
-
-def fp8_attention_e4m3_value(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,
-                             v8: torch.Tensor, descale_v: torch.Tensor,
-                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8_attention_e4m3_output`` with V in e4m3 already (its descale ``descale_v``)."""
-    o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, inverse_descale(descale_v),
+    o8 = torch.ops.convrot.fp8_attention(q8, k8, v8, descale_q, descale_k, dv, inverse_descale(dv),
                                          default_softmax_scale(q8.shape[-1], scale))
-    return o8, descale_v
+    return o8, dv
 
 
 def fp8_attention_from_e4m3(q8: torch.Tensor, descale_q: torch.Tensor, k8: torch.Tensor, descale_k: torch.Tensor,

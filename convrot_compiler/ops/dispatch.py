@@ -23,7 +23,6 @@ import torch
 import triton
 
 from ..kernels.triton.common import interpreting
-from ..numerics.fp8_attention import scale_to_e4m3
 from ..numerics.pca import PCAWeight
 from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
@@ -194,20 +193,6 @@ def int_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: l
              gelu_from: int | None = None) -> torch.Tensor:
     """kernels.int_gemm.int_gemm with its schedule from ``gemm_schedule``, or the sm_90 packed GEMM where
     ``use_sm90_packed_gemm``."""
-    return _int_gemm(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from, None)
-
-
-def int_gemm_e4m3_cols(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sws: list[torch.Tensor],
-                       biases: list[torch.Tensor | None], packed: bool, group_size: int, out_dtype: torch.dtype,
-                       gelu_from: int | None, col: int, width: int,
-                       scale8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int_gemm`` and its columns [col, col + width) in e4m3 (custom_ops.int_gemm_e4m3_cols): written by the sm_90
-    packed GEMM's epilogue where it runs them (kernels.sm90.packed_gemm.e4m3_columns_unsupported), else cast from
-    the output after it."""
-    return _int_gemm(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from, (col, width, scale8))
-
-
-def _int_gemm(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from, e4m3_cols):
     from ..kernels.triton.int_gemm import check_gemm_operands, int_gemm_unchecked, programs
 
     check_gemm_operands(qx, sx, qws, sws, biases, packed, group_size, gelu_from)
@@ -217,23 +202,14 @@ def _int_gemm(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from
         sws = [joined_vectors(scales, lambda: torch.cat(scales))]
         biases = [joined_vectors(parts, lambda: concat_biases(parts, sizes, qx.device))]
     if packed and use_sm90_packed_gemm(qx, qws, group_size, out_dtype):
-        from ..kernels.sm90.packed_gemm import e4m3_columns_unsupported, packed_gemm_unchecked
+        from ..kernels.sm90.packed_gemm import packed_gemm_unchecked
 
-        in_epilogue = e4m3_cols is not None and e4m3_columns_unsupported(
-            *e4m3_cols[:2], out_dtype, packed_gemm_config(False, out_dtype.itemsize)) is None
-        wide = not in_epilogue and packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        out = packed_gemm_unchecked(qx, sx, qws, sws[0], biases[0], group_size, out_dtype, gelu_from,
-                                    packed_gemm_config(wide, out_dtype.itemsize), e4m3_cols if in_epilogue else None)
-        if in_epilogue:
-            return out
-    else:
-        persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
-        out = int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
-                                 persistent=persistent, warp_specialize=warp_specialize)
-    if e4m3_cols is None:
-        return out
-    col, width, scale8 = e4m3_cols
-    return out, scale_to_e4m3(out[:, col:col + width], scale8)
+        wide = packed_gemm_wide_tokens(qx.shape[0], n, gelu_from is not None, programs(qx.device))
+        return packed_gemm_unchecked(qx, sx, qws, sws[0], biases[0], group_size, out_dtype, gelu_from,
+                                     packed_gemm_config(wide, out_dtype.itemsize))
+    persistent, warp_specialize = gemm_schedule(qx.shape[0], n, gelu_from is not None, programs(qx.device))
+    return int_gemm_unchecked(qx, sx, qws, sws, biases, packed, group_size, out_dtype, gelu_from=gelu_from,
+                              persistent=persistent, warp_specialize=warp_specialize)
 
 
 def weight_only_gemm(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

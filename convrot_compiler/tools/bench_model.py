@@ -100,17 +100,11 @@ LAUNCHES = {
                    "Q and K's RMSNorm and RoPE by Inductor (not one kernel)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},
                     "attention in fp8, Q and K's RMSNorm, RoPE and e4m3 cast by Inductor (not one kernel)"),
-    "fp8vgemm": ({"attention": "fp8", "fuse_value_cast": True},
-                 "attention in fp8, V cast to e4m3 by its GEMM's epilogue (not by Inductor)"),
     "fp8dequant": ({"attention": "fp8", "fuse_attention_output": False},
                    "attention in fp8, its output dequantized by Inductor before the next rotate+quantize (not read "
                    "in e4m3)"),
     "fp8looped": ({"attention": "fp8", "persistent_rows": False},
                   "attention in fp8, rows of 1025-4096 values looped by Inductor (not persistent)"),
-    "cdt": ({}, "Inductor's kernels tuned by coordinate descent"),  # run under kernel_choice
-    "fp8cdt": ({"attention": "fp8"}, "attention in fp8, Inductor's kernels tuned by coordinate descent"),  # likewise
-    "combo": ({}, "Inductor's independent kernels combined horizontally"),  # likewise
-    "fp8combo": ({"attention": "fp8"}, "attention in fp8, Inductor's independent kernels combined horizontally"),
     "fp8vabsmax": ({"attention": "fp8", "attention_scales": "qk-bound"},
                    "attention in fp8, V scaled by its absmax (not by its projection's operands)"),
     "fp8absmax": ({"attention": "fp8", "attention_scales": "absmax"},
@@ -124,12 +118,6 @@ VARIANTS = ("bf16", "bf16-compile", "bf16-compile-cg", "bf16-compile-regional", 
             *(f"{p}-{how}" for how in LAUNCHES for p in CONVROT))
 
 
-# launches compiled under an Inductor config of their own: coordinate-descent tuning of each kernel's launch
-# parameters, and combo kernels (independent kernels, such as a block's small reductions, in one launch)
-INDUCTOR_CONFIGS = {"cdt": {"coordinate_descent_tuning": True}, "fp8cdt": {"coordinate_descent_tuning": True},
-                    "combo": {"combo_kernels": True}, "fp8combo": {"combo_kernels": True}}
-
-
 @contextlib.contextmanager
 def kernel_choice(launch: str) -> Iterator[None]:
     """The kernels a launch suffix compares, chosen by replacing ops.dispatch's choices for the block:
@@ -137,9 +125,8 @@ def kernel_choice(launch: str) -> Iterator[None]:
     the persistent form without warp specialization; ``unpack``, the int8 GEMM on unpacked weights by the
     usual schedule (each of the three instead of the sm_90 packed GEMM); ``tritonrq``, the Triton
     rotate+quantize kernel where the sm_90 one would run; ``tile128``, the sm_90 packed GEMM in tiles of 128
-    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call; Inductor's
-    config for the launches of INDUCTOR_CONFIGS (as they compile, at the first call). Other launches change nothing.
-    A CUDA graph
+    tokens where it would take 256; ``fp8joincall``, a fused GEMM's scales and biases joined at every call. Other
+    launches change nothing. A CUDA graph
     captured inside the block keeps the kernels it captured."""
     rule = dispatch.gemm_schedule
     choices = {
@@ -151,15 +138,11 @@ def kernel_choice(launch: str) -> Iterator[None]:
         "tile128": {"packed_gemm_wide_tokens": lambda *a: False},
         "fp8joincall": {"joined_vectors": lambda parts, join: join()},
     }.get(launch, {})
-    from torch._inductor import config as inductor_config
-
     saved = {name: getattr(dispatch, name) for name in choices}
-    inductor = INDUCTOR_CONFIGS.get(launch, {})
     try:
         for name, choice in choices.items():
             setattr(dispatch, name, choice)
-        with inductor_config.patch(inductor):
-            yield
+        yield
     finally:
         for name, original in saved.items():
             setattr(dispatch, name, original)

@@ -75,9 +75,9 @@ class InspectReport:
         from tabulate import tabulate
 
         rows = [[a.name, "x".join(map(str, a.shape)) if a.shape else "?", a.precision, a.scales or "-",
-                 a.prologue or "-", a.value_cast or "-", a.output or "-", a.reason] for a in self.attention]
+                 a.prologue or "-", a.output or "-", a.reason] for a in self.attention]
         return tabulate(rows, headers=["attention", "[B, H, S, D]", "precision", "e4m3 scales", "Q, K made by",
-                                       "V cast by", "e4m3 output", "kept because"],
+                                       "e4m3 output", "kept because"],
                         tablefmt="github")
 
     def summary(self) -> str:

@@ -205,23 +205,6 @@ def test_kernel_choice_replaces_dispatch_rules_for_its_block_only():
     assert dispatch.use_sm90_rotate is rotate
 
 
-@pytest.mark.parametrize("launch, option", [("cdt", "coordinate_descent_tuning"),
-                                            ("fp8cdt", "coordinate_descent_tuning"),
-                                            ("combo", "combo_kernels"), ("fp8combo", "combo_kernels")])
-def test_inductor_config_launches_set_it_inside_their_block_only(launch, option):
-    """The variant compiles at its first call, inside the block: Inductor's config says so there, and as before
-    after it."""
-    from torch._inductor import config as inductor_config
-
-    before = getattr(inductor_config, option)
-    assert before is not True
-    with bench_model.kernel_choice(launch):
-        assert getattr(inductor_config, option) is True
-    with bench_model.kernel_choice("fp8attn"):
-        assert getattr(inductor_config, option) == before
-    assert getattr(inductor_config, option) == before and f"w4a4-{launch}" in bench_model.VARIANTS
-
-
 def test_interleaved_timing_rotates_the_order_and_runs_each_under_its_launch(monkeypatch):
     """time_interleaved: a warm-up round, then ``iters`` rounds of one call each, the first of a round moving on by
     one every round; each call runs inside its own launch's kernel choice."""

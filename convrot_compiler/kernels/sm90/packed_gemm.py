@@ -18,10 +18,7 @@ packed weights are the A operand (the kernel computes C^T = W X^T):
   exact in int8. The accumulator holds 16 x the product (|16 * 7 * 7 * K| < 2^31 for K < 2.7M)
   and the epilogue multiplies by 1/16, exactly (a power of two): results are bit-equal to the
   int8 GEMM's;
-* the next stage's packed tile is loaded and split while the current wgmmas run;
-* a range of output columns (V's, before fp8 attention) may also be written in e4m3, scaled from the rounded
-  16-bit values exactly as the cast after the GEMM would (fp8_attention.scale_to_e4m3), from the same tile:
-  that cast's pass over V, and V's read back, are gone.
+* the next stage's packed tile is loaded and split while the current wgmmas run.
 
 Runs on sm_90 only: Gluon has no CPU interpreter. The tests compare it with the reference on a
 GPU (tests/kernels/test_kernels_gpu.py); on CPU the compiler keeps the Triton path.
@@ -33,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -149,13 +145,11 @@ def _epilogue_operands(pid_n, pid_m, sx_ptr, sw_ptr, bias_ptr, M, N, HAS_BIAS: g
 
 
 @gluon.jit
-def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, e4m3, HAS_BIAS: gl.constexpr,
-              HAS_GELU: gl.constexpr, HAS_E4M3: gl.constexpr, layout: gl.constexpr):
+def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from,
+              HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, layout: gl.constexpr):
     """int_gemm._store_scaled's arithmetic, in its order, on a [BN, BM] tile of C^T: acc / 16 (exact)
     x token scale x channel scale (+ bias), GELU (hardware tanh) on channels >= gelu_from; stored
-    transposed through shared memory by TMA (which clips the tile at M and N). ``e4m3``: (its descriptor, shared
-    tile, the scale in the accumulator's row slice, first column, width), the columns also written in e4m3 with
-    HAS_E4M3."""
+    transposed through shared memory by TMA (which clips the tile at M and N)."""
     BN: gl.constexpr = acc.type.shape[0]
     out = (acc.to(gl.float32) * 0.0625) * sx[None, :] * sw[:, None]
     if HAS_BIAS:
@@ -164,26 +158,7 @@ def _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, e4m3, 
         if pid_n * BN + BN > gelu_from:
             rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
             out = gl.where((rn >= gelu_from)[:, None], gelu_tanh(out), out)
-    rounded = out.to(c_desc.dtype)
-    store_transposed(rounded, c_desc, c_smem, pid_m, pid_n)
-    if HAS_E4M3:
-        c8_desc, c8_smem, scale8, col8, width8 = e4m3
-        if (pid_n * BN >= col8) & (pid_n * BN < col8 + width8):
-            _store_e4m3(rounded, scale8, c8_desc, c8_smem, pid_m, pid_n * BN - col8)
-
-
-@gluon.jit
-def _store_e4m3(rounded, scale8, c8_desc, c8_smem, pid_m, col):
-    """fp8_attention.scale_to_e4m3 of a [BN, BM] tile of C^T (its 16-bit values): times scale8 (one value, in
-    every row of its slice), clamped to
-    +-448 (NaN kept), rounded to e4m3, stored transposed at (pid_m's rows, ``col``). Its shared tile is its own,
-    and the previous tile's e4m3 store has left it: the 16-bit store just issued waited for every earlier one."""
-    scaled = rounded.to(gl.float32) * scale8[:, None]
-    scaled = gl.minimum(gl.maximum(scaled, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
-                        propagate_nan=tl.PropagateNan.ALL)
-    c8_smem.store(gl.permute(scaled.to(c8_desc.dtype), (1, 0)))
-    fence_async_shared()
-    tma_store(c8_desc, [pid_m * rounded.type.shape[1], col], c8_smem)
+    store_transposed(out, c_desc, c_smem, pid_m, pid_n)
 
 
 @gluon.jit
@@ -228,9 +203,8 @@ def _keep_alive(x):
 
 @gluon.jit
 def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                   M, N, K, gelu_from, e4m3, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_E4M3: gl.constexpr,
-                   GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   M, N, K, gelu_from, HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, GROUP_N: gl.constexpr,
+                   NUM_PROGRAMS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_bufs.type.shape[1]
     BKP: gl.constexpr = w_bufs.type.shape[2]
     BM: gl.constexpr = xlo_bufs.type.shape[1]
@@ -244,10 +218,6 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
     pid = gl.program_id(0)
 
     acc = gl.zeros([BN, BM], gl.int32, layout=mma_layout)
-    if HAS_E4M3:  # the scale, one float, loaded once into every row of the accumulator's row slice
-        c8_desc, c8_smem, scale8_ptr, col8, width8 = e4m3
-        rows = gl.arange(0, BN, layout=gl.SliceLayout(1, mma_layout))
-        e4m3 = (c8_desc, c8_smem, gl.load(scale8_ptr + rows * 0), col8, width8)
     i = 0
     for tile in range(pid, num_n * num_m, NUM_PROGRAMS):
         pid_n, pid_m = _tile_of(tile, num_n, num_m, GROUP_N)
@@ -270,16 +240,14 @@ def _mma_partition(w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_
         acc = warpgroup_mma_wait(0, deps=(acc,))
         fence_async_shared()
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, e4m3, HAS_BIAS, HAS_GELU, HAS_E4M3,
-                  mma_layout)
+        _epilogue(acc, pid_n, pid_m, sw, sx, bias, c_desc, c_smem, gelu_from, HAS_BIAS, HAS_GELU, mma_layout)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, c8_desc, sx_ptr, sw_ptr, bias_ptr,
-                        scale8_ptr, M, N, K, n1, n2, n3, gelu_from, col8, width8,
-                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HAS_E4M3: gl.constexpr, HALF: gl.constexpr,
-                        NUM_W: gl.constexpr,
+def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, sx_ptr, sw_ptr, bias_ptr,
+                        M, N, K, n1, n2, n3, gelu_from,
+                        HAS_BIAS: gl.constexpr, HAS_GELU: gl.constexpr, HALF: gl.constexpr, NUM_W: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
     w_desc = w0_desc
@@ -287,16 +255,10 @@ def _packed_gemm_kernel(w0_desc, w1_desc, w2_desc, w3_desc, x_desc, c_desc, c8_d
     xlo_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     xhi_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    if HAS_E4M3:
-        c8_smem = gl.allocate_shared_memory(c8_desc.dtype, c8_desc.block_type.shape, c8_desc.layout)
-        e4m3 = (c8_desc, c8_smem, scale8_ptr, col8, width8)
-    else:
-        e4m3 = (c8_desc, c_smem, scale8_ptr, col8, width8)
     ready, empty = barrier_ring(STAGES)
     gl.warp_specialize([
         (_mma_partition, (w_bufs, xlo_bufs, xhi_bufs, ready, empty, c_desc, c_smem, sx_ptr, sw_ptr, bias_ptr,
-                          M, N, K, gelu_from, e4m3, HAS_BIAS, HAS_GELU, HAS_E4M3, GROUP_N, NUM_PROGRAMS, INSTR_N,
-                          num_warps)),
+                          M, N, K, gelu_from, HAS_BIAS, HAS_GELU, GROUP_N, NUM_PROGRAMS, INSTR_N, num_warps)),
         (_load_partition, ((w0_desc, w1_desc, w2_desc, w3_desc), (n1, n2, n3), x_desc, w_bufs, xlo_bufs, xhi_bufs,
                            ready, empty, M, N, K, HALF, GROUP_N, NUM_PROGRAMS, NUM_W)),
     ], [1], [40])
@@ -343,27 +305,13 @@ def supported(qx: torch.Tensor, qws: list[torch.Tensor], group_size: int, out_dt
     return None
 
 
-def e4m3_columns_unsupported(col: int, width: int, out_dtype: torch.dtype,
-                             config: PackedGemmConfig = DEFAULT_CONFIG) -> str | None:
-    """None when packed_gemm can also write output columns [col, col + width) in e4m3 (``e4m3_cols``), else why
-    not: whole tiles of columns, and their e4m3 tile beside the 16-bit one in shared memory."""
-    if col % config.BN or width % config.BN or width <= 0:
-        return f"columns [{col}, {col + width}) are not whole tiles of {config.BN}"
-    if config.smem_bytes(out_dtype.itemsize) + config.BM * config.BN > SMEM_LIMIT:
-        return f"{config} has no room for an e4m3 tile beside a {out_dtype} one"
-    return None
-
-
 def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                 bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype, gelu_from: int | None = None,
-                config: PackedGemmConfig = DEFAULT_CONFIG,
-                e4m3_cols: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+                config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """[M, N] = (qx @ W^T) * sx * sw (+ bias), with W the packed int4 weights ``qws`` ([N_j, K/2] int8 bytes,
     quant.pack_int4's per-group layout) stacked along N, sw and bias [N] likewise; qx int8 [M, K]
     holding int4 values. The same arithmetic and results as int_gemm(..., packed=True) without its
-    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). ``e4m3_cols``: (col, width, scale8), columns
-    [col, col + width) also returned in e4m3 [M, width], as fp8_attention.scale_to_e4m3 casts them (a float32
-    scale8 of one element): (output, those columns). Check ``supported`` first."""
+    unpack pass. ``gelu_from`` as in int_gemm (the hardware tanh). Check ``supported`` first."""
     why = supported(qx, qws, group_size, out_dtype, config)
     if why is not None:
         raise ValueError(f"packed_gemm cannot run these operands: {why}; use kernels.triton.int_gemm.int_gemm")
@@ -376,32 +324,19 @@ def packed_gemm(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw:
         raise ValueError(f"scales and bias must have shape [{n}]")
     if config.smem_bytes(out_dtype.itemsize) > SMEM_LIMIT:
         raise ValueError(f"{config} needs more than {SMEM_LIMIT} bytes of shared memory")
-    if e4m3_cols is not None:
-        col, width, scale8 = e4m3_cols
-        why = e4m3_columns_unsupported(col, width, out_dtype, config)
-        if why is None and col + width > n:
-            why = f"columns [{col}, {col + width}) past the output's {n}"
-        if why is None and (scale8.numel() != 1 or scale8.dtype != torch.float32):
-            why = f"scale8 must be one float32, got {scale8.dtype} {tuple(scale8.shape)}"
-        if why is not None:
-            raise ValueError(f"packed_gemm cannot write those e4m3 columns: {why}")
-    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config, e4m3_cols)
+    return packed_gemm_unchecked(qx, sx, qws, sw, bias, group_size, out_dtype, gelu_from, config)
 
 
 def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Tensor], sw: torch.Tensor,
                           bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG,
-                          e4m3_cols: tuple[int, int, torch.Tensor] | None = None
-                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          gelu_from: int | None = None, config: PackedGemmConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """packed_gemm without its checks, for a caller that has validated the operands and found
-    ``supported`` (and ``e4m3_columns_unsupported``) None (int_gemm, on every call of a forward)."""
+    ``supported`` None (int_gemm, on every call of a forward)."""
     m, k = qx.shape
     n = sum(w.shape[0] for w in qws)
     c = torch.empty(m, n, dtype=out_dtype, device=qx.device)
-    col8, width8, scale8 = (0, 0, sw) if e4m3_cols is None else e4m3_cols
-    c8 = torch.empty(m, width8, dtype=torch.float8_e4m3fn, device=qx.device) if e4m3_cols is not None else None
     if m == 0 or n == 0:
-        return c if c8 is None else (c, c8)
+        return c
     cfg = config
     x_layout = gl.NVMMASharedLayout.get_default_for([cfg.BM, cfg.BKP], gl.int8)
     w_layout = gl.NVMMASharedLayout.get_default_for([cfg.BN, cfg.BKP], gl.int8)
@@ -411,15 +346,12 @@ def packed_gemm_unchecked(qx: torch.Tensor, sx: torch.Tensor, qws: list[torch.Te
     w_descs += [w_descs[0]] * (MAX_WEIGHTS - len(w_descs))
     starts = [sum(w.shape[0] for w in qws[:j + 1]) for j in range(MAX_WEIGHTS - 1)]
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN], c_layout)
-    c8_desc = c_desc if c8 is None else TensorDescriptor.from_tensor(
-        c8, [cfg.BM, cfg.BN], gl.NVMMASharedLayout.get_default_for([cfg.BM, cfg.BN], gl.float8e4nv))
     programs = min(sm_count(qx.device), triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN))
     # registers: (WARPS + 4) warps share the file; the consumer takes what the producer warp leaves
     maxnreg = min(256, 65536 // ((cfg.WARPS + 4) * 32)) // 8 * 8
     _packed_gemm_kernel[(programs,)](
-        *w_descs, x_desc, c_desc, c8_desc, sx, sw, bias if bias is not None else sw, scale8, m, n, k, *starts,
-        gelu_from or 0, col8, width8, HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None,
-        HAS_E4M3=c8 is not None, HALF=group_size // 2, NUM_W=len(qws),
+        *w_descs, x_desc, c_desc, sx, sw, bias if bias is not None else sw, m, n, k, *starts, gelu_from or 0,
+        HAS_BIAS=bias is not None, HAS_GELU=gelu_from is not None, HALF=group_size // 2, NUM_W=len(qws),
         STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N, NUM_PROGRAMS=programs, INSTR_N=_instr_n(cfg.BM, cfg.BN, cfg.WARPS),
         num_warps=cfg.WARPS, maxnreg=maxnreg)
-    return c if c8 is None else (c, c8)
+    return c
