@@ -51,6 +51,7 @@ class ConvRotConfig:
                                           # inside a submodule (a whole-model trace with graph breaks)
     fuse_gemms: bool = True              # linears reading one input at one precision run as one GEMM
     fuse_producers: bool = True          # rotate+quantize reads a concatenation in place
+    fuse_norms: bool = False             # rotate+quantize computes the adaLN LayerNorm + modulation before it
     gelu_epilogue: bool = True           # a GELU after a quantized linear runs in its GEMM's epilogue
     attention: str = "keep"              # "keep", or "fp8": per-tensor e4m3 Q, K, V
     attention_scales: str = "bound"      # fp8 Q, K (RMSNorm) and V (its GEMM's operands) scaled by proven bounds;
@@ -99,7 +100,7 @@ class ConvRotConfig:
         for key in ("inductor", "cuda_graphs", "dynamic"):
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
-        for key in ("dry_run", "fuse_gemms", "fuse_producers", "gelu_epilogue", "fuse_attention_prologue",
+        for key in ("dry_run", "fuse_gemms", "fuse_producers", "fuse_norms", "gelu_epilogue", "fuse_attention_prologue",
                     "fuse_attention_output",
                     "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):

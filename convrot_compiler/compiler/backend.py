@@ -36,6 +36,7 @@ class CompileReport:
     fused_gemms: int = 0                      # GEMMs that compute two or more linears
     fused_linears: int = 0                    # linears computed by those
     fused_producers: int = 0                  # quantizations that read the concatenation feeding them
+    fused_norms: int = 0                      # quantizations that compute the adaLN normalization feeding them
     gelu_epilogues: int = 0                   # GELUs computed in the epilogue of the GEMM before them
     attention: list[AttentionDecision] = field(default_factory=list)  # every SDPA of the graph, fp8 or kept
 
@@ -74,6 +75,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: ConvRotConfi
         report.shared_activation_quantizations = rewritten.shared
         report.fused_gemms, report.fused_linears = rewritten.fused_gemms, rewritten.fused_linears
         report.fused_producers, report.gelu_epilogues = rewritten.fused_producers, rewritten.gelu_epilogues
+        report.fused_norms = rewritten.fused_norms
     changed = bool(quantized) or attention_rewrites > 0
     report.graph_after = gm.print_readable(print_output=False) if changed else before
     report.graph_modules["after"] = gm

@@ -74,7 +74,8 @@ class ConvRotInductorPass(CustomGraphPass):
         find each linear's input statistics by its module name, which freezing keeps."""
         config = (config or ConvRotConfig()).replace(**overrides)
         default = ConvRotConfig()
-        others = [f for f in ("fuse_producers", "gelu_epilogue", "attention", "inductor", "dry_run")
+        others = [f for f in ("fuse_producers", "fuse_norms", "gelu_epilogue", "attention", "inductor",
+                                "dry_run")
                   if getattr(config, f) != getattr(default, f)]
         if others:
             raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation, fuse_gemms, weights, "

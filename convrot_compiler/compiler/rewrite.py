@@ -12,7 +12,8 @@ blocks the MLP input too) and, with ``fuse``, one GEMM whose output each takes a
 3072->3072 GEMMs fill an H100 worse than one 3072->9216, and the weights stay separate tensors, so no
 memory is duplicated. With ``gelu_epilogue`` a GELU (tanh form) that is a linear's only user runs in its
 GEMM's epilogue (FLUX's MLP up-projections); with ``fuse_producers`` a concatenation feeding a quantized
-linear is read in place by its rotate+quantize (producers.py). values, scale and h are *new graph inputs*
+linear is read in place by its rotate+quantize, and with ``fuse_norms`` so is the adaLN normalization feeding a
+block's first quantized linears (producers.py). values, scale and h are *new graph inputs*
 (appended after the existing placeholders; one h for the whole graph): the caller passes the prepared
 weights at every call (weights.py), so the graph holds no weight constants.
 """
@@ -26,17 +27,19 @@ import torch
 from torch import fx
 
 from ..numerics.quant import WEIGHT_ONLY
+from ..ops.dispatch import adaln_fusion_runs
 from ..ops import (
     pca_matmul_like,
     pca_quantize_activation,
     quantize_activation,
+    quantize_adaln_activation,
     quantize_cat_activation,
     quantized_linear,
     quantized_matmul,
 )
 from .emit import OUT_FEATURES, ROW_BOUNDS, Emitted, QuantizedUse, emit
 from .match import LinearMatch
-from .producers import is_gelu_tanh, match_cat_producer
+from .producers import AdaLNProducer, is_gelu_tanh, match_adaln_producer, match_cat_producer
 
 
 @dataclass
@@ -61,20 +64,41 @@ class Rewrite:
 class RewriteResult(Emitted):
     uses_h: bool = False         # whether a shared h input was added after the per-rewrite inputs
     fused_producers: int = 0     # activation quantizations that read a concatenation as they load
+    fused_norms: int = 0         # activation quantizations that compute the adaLN normalization feeding them
 
 
 class _DynamoForm:
     """emit.GraphForm for Dynamo's torch-level graph."""
 
-    def __init__(self, graph: fx.Graph, h: fx.Node | None, group_size: int, fuse_producers: bool):
+    def __init__(self, graph: fx.Graph, h: fx.Node | None, group_size: int, fuse_producers: bool,
+                 fuse_norms: bool = False, quantized: frozenset = frozenset()):
         self.graph, self.h, self.group_size, self.fuse_producers = graph, h, group_size, fuse_producers
-        self.fused_producers = 0
-        self.absorbed: list[fx.Node] = []  # concatenations now read inside a quantization
+        self.fuse_norms, self.quantized = fuse_norms, quantized
+        self.fused_producers = self.fused_norms = 0
+        self.absorbed: list[fx.Node] = []  # concatenations and normalizations now computed inside a quantization
+
+    def _adaln(self, x: fx.Node) -> AdaLNProducer | None:
+        """x's adaLN normalization, when only the rewritten quantized linears read x and the kernel that would
+        compute it runs where the graph does (dispatch.adaln_fusion_runs)."""
+        if not self.fuse_norms or not x.users.keys() <= self.quantized:
+            return None
+        producer = match_adaln_producer(x)
+        value = x.meta.get("example_value", x.meta.get("val"))
+        if producer is None or value is None or not adaln_fusion_runs(value.device, value.dtype, value.shape[-1]):
+            return None
+        return producer
 
     def quantize(self, x, bits, act_order):
         call = self.graph.call_function
         producer = match_cat_producer(x, self.group_size) if self.fuse_producers else None
-        if producer is not None:
+        adaln = self._adaln(x) if producer is None else None
+        if adaln is not None:
+            qs = call(quantize_adaln_activation, (adaln.x, adaln.x2, adaln.scale, adaln.shift, adaln.eps, self.h,
+                                                  self.group_size, bits, act_order))
+            self.fused_norms += 1
+            self.absorbed.append(x)
+            like = adaln.tokens  # x's shape and dtype: the normalization can go
+        elif producer is not None:
             a, b = producer
             qs = call(quantize_cat_activation, (a, b, self.h, self.group_size, bits, act_order))
             self.fused_producers += 1
@@ -155,7 +179,8 @@ def _new_inputs(graph: fx.Graph, rewrites: list[Rewrite],
 
 
 def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int, rotated: bool, fuse: bool = True,
-                    fuse_producers: bool = False, gelu_epilogue: bool = False) -> RewriteResult:
+                    fuse_producers: bool = False, gelu_epilogue: bool = False,
+                    fuse_norms: bool = False) -> RewriteResult:
     """Rewrite gm in place. Extra inputs, in order: each rewrite's weight tensors (values, scale; for DiRotQ
     basis, w_hi, values, scale), then h if any rewrite quantizes activations with a rotation (``rotated``)."""
     graph = gm.graph
@@ -166,10 +191,12 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int
                          rw.pca_rank is None else None,
                          basis=w.get("basis"), w_hi=w.get("w_hi"), rank=rw.pca_rank or 0, share=rw.share)
             for rw, w in zip(rewrites, weights)]
-    form = _DynamoForm(graph, h, group_size, fuse_producers)
+    quantized = frozenset(u.node for u in uses if u.scheme not in WEIGHT_ONLY and not u.is_pca)
+    form = _DynamoForm(graph, h, group_size, fuse_producers, fuse_norms, quantized)
     done = emit(graph, uses, form, fuse)
-    for node in dict.fromkeys(form.absorbed):  # a concatenation that only fed quantizations
+    for node in dict.fromkeys(form.absorbed):  # a concatenation or normalization that only fed quantizations
         _erase_unused_chain(graph, node)
     graph.lint()
     gm.recompile()
-    return RewriteResult(**vars(done), uses_h=h is not None, fused_producers=form.fused_producers)
+    return RewriteResult(**vars(done), uses_h=h is not None, fused_producers=form.fused_producers,
+                         fused_norms=form.fused_norms)

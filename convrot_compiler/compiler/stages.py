@@ -141,7 +141,8 @@ def rewrite(gm: fx.GraphModule, quantized: list[QuantizedLinear], config: ConvRo
                 for q in quantized]
     result = rewrite_linears(gm, rewrites, config.group_size, rotated=graph_rotation_matrix(config) is not None,
                              fuse=config.fuse_gemms,
-                             fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue)
+                             fuse_producers=config.fuse_producers, gelu_epilogue=config.gelu_epilogue,
+                             fuse_norms=config.fuse_norms)
     for q in quantized:
         q.decision.extra["graph_reads_weight"] = bool(placeholders[q.match.weight_index].users)
     return result

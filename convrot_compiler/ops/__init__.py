@@ -10,6 +10,7 @@ from .custom_ops import (
                          pca_matmul_like,
                          pca_quantize_activation,
                          quantize_activation,
+                         quantize_adaln_activation,
                          quantize_cat_activation,
                          quantize_e4m3_activation,
                          quantized_linear,
@@ -19,6 +20,7 @@ from .custom_ops import (
 )
 
 __all__ = ["fp8_attention_e4m3_output", "fp8_attention_from_e4m3", "fp8_scaled_dot_product_attention", "pca_linear",
-           "pca_matmul_like", "pca_quantize_activation", "quantize_activation", "quantize_cat_activation",
+           "pca_matmul_like", "pca_quantize_activation", "quantize_activation", "quantize_adaln_activation",
+           "quantize_cat_activation",
            "quantize_e4m3_activation", "quantized_linear", "quantized_matmul", "rms_rope_16bit",
            "rms_rope_quantize_e4m3"]

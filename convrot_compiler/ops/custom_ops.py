@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..numerics.adaln import adaln_rows_reference
 from ..numerics.fp8_attention import (
     E4M3_MAX,
     default_softmax_scale,
@@ -139,6 +140,27 @@ def _rotate_quantize_e4m3_cuda(x8, descale, x2, h, group_size, bits, order, dtyp
 @rotate_quantize_e4m3.register_fake
 def _(x8, descale, x2, h, group_size, bits, order, dtype):
     return _quantized_rows_like(x8, x8.shape[-1] + (0 if x2 is None else x2.shape[-1]), group_size)
+
+
+@torch.library.custom_op("convrot::rotate_quantize_adaln", mutates_args=())
+def rotate_quantize_adaln(x: torch.Tensor, x2: Optional[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
+                          eps: float, h: Optional[torch.Tensor], group_size: int, bits: int,
+                          order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_quantize of the adaLN normalization ``adaln_rows_reference(x, x2, scale, shift, eps)``: x [B, T1, K]
+    and x2 [B, T2, K] (or None) one sample's tokens after the other's, scale and shift [B, K]. On CUDA the sm_90
+    kernel normalizes each row as it loads it, so neither the normalized rows nor the concatenation is written."""
+    return rotate_quantize_reference(adaln_rows_reference(x, x2, scale, shift, eps), h, group_size, bits, order)
+
+
+@rotate_quantize_adaln.register_kernel("cuda")
+def _rotate_quantize_adaln_cuda(x, x2, scale, shift, eps, h, group_size, bits, order="natural"):
+    return dispatch.rotate_quantize_adaln(x, x2, scale, shift, eps, h, group_size, bits, order=order)
+
+
+@rotate_quantize_adaln.register_fake
+def _(x, x2, scale, shift, eps, h, group_size, bits, order="natural"):
+    rows = x.new_empty(x.shape[0] * (x.shape[1] + (0 if x2 is None else x2.shape[1])), x.shape[-1])
+    return _quantized_rows_like(rows, x.shape[-1], group_size)
 
 
 @torch.library.custom_op("convrot::int_gemm", mutates_args=())
@@ -311,6 +333,19 @@ def quantize_e4m3_activation(x8: torch.Tensor, descale: torch.Tensor, x2: Option
     the compiler pass inserts it where fp8 attention's output feeds a quantized linear."""
     return torch.ops.convrot.rotate_quantize_e4m3(_strided_rows(x8), descale, None if x2 is None else _strided_rows(x2),
                                                   h, group_size, bits, order, dtype)
+
+
+def quantize_adaln_activation(x: torch.Tensor, x2: Optional[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
+                              eps: float, h: Optional[torch.Tensor], group_size: int, bits: int,
+                              order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activation of ``layer_norm(cat([x, x2], 1)) * (1 + scale[:, None]) + shift[:, None]`` (x2 may be
+    None) without writing the normalized rows: the compiler pass inserts it where a DiT block's adaLN normalization
+    feeds quantized linears (compiler/producers.py)."""
+    def tokens(t):
+        return t if t.is_contiguous() else t.contiguous()
+
+    return torch.ops.convrot.rotate_quantize_adaln(tokens(x), None if x2 is None else tokens(x2), scale, shift,
+                                                   float(eps), h, group_size, bits, order)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from ..kernels.triton.common import interpreting
+from ..numerics.adaln import adaln_rows_reference
 from ..numerics.pca import PCAWeight
 from ..numerics.quant import TILE_K, QuantizedWeight, concat_biases, packed_layout
 from ..numerics.rotations import GroupHadamardRotation
@@ -177,6 +178,39 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
 
         return rotate_quantize_sm90(x, h, bits, x2=x2, order=order, x_descale=x_descale)
     return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order, x_descale=x_descale, dtype=dtype)
+
+
+def adaln_fusion_runs(device: torch.device, dtype: torch.dtype, k: int) -> bool:
+    """Whether computing a DiT block's adaLN normalization inside the rotate+quantize after it is worth it where
+    the graph runs: off CUDA (the reference computes either form), or on an sm_90 GPU whose kernel takes rows of
+    ``k`` channels in ``dtype``. On other GPUs the op would normalize with torch first: Inductor's own fused
+    kernel is faster there, so the graph keeps it."""
+    if device.type != "cuda":
+        return True
+    if interpreting() or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
+
+    return rotate_quant.adaln_row_reason(k, dtype) is None
+
+
+def rotate_quantize_adaln(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+                          eps: float, h: torch.Tensor | None, group_size: int, bits: int, *,
+                          order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """The sm_90 kernel, normalizing each row as it loads it, where it can take these tensors; elsewhere
+    ``numerics.adaln.adaln_rows_reference`` by torch, then ``rotate_quantize`` (same numerics, slower: the compiler
+    fuses only where ``adaln_fusion_runs``)."""
+    def unsupported():
+        from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
+
+        return rotate_quant.adaln_supported(x, x2, scale, shift, h, group_size)
+
+    if _sm90_runs(x.device, unsupported, "rotate_quantize_adaln: the sm_90 kernel cannot take these tensors ({why}); "
+                  "normalizing with torch, then rotate_quantize (same numerics, slower)"):
+        from ..kernels.sm90.rotate_quant import rotate_quantize_adaln_sm90
+
+        return rotate_quantize_adaln_sm90(x, x2, scale, shift, eps, h, bits, order=order)
+    return rotate_quantize(adaln_rows_reference(x, x2, scale, shift, eps), h, group_size, bits, order=order)
 
 
 _JOINED = JoinedVectors()

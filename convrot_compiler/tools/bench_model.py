@@ -96,6 +96,9 @@ LAUNCHES = {
                     "(not once)"),  # likewise
     "whole": ({"regional": False}, "the whole forward as one graph (default: one graph per block class)"),
     "fp8attn": ({"attention": "fp8"}, "attention in fp8 (cuDNN on CUDA; not part of ConvRot)"),
+    "fp8norms": ({"attention": "fp8", "fuse_norms": True},
+                 "attention in fp8, the adaLN LayerNorm + modulation computed by the rotate+quantize after it"),
+    "norms": ({"fuse_norms": True}, "the adaLN LayerNorm + modulation computed by the rotate+quantize after it"),
     "qkinductor": ({"fuse_attention_prologue": False},
                    "Q and K's RMSNorm and RoPE by Inductor (not one kernel)"),
     "fp8inductor": ({"attention": "fp8", "fuse_attention_prologue": False},

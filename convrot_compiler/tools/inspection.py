@@ -45,6 +45,7 @@ class InspectReport:
                 "fused_gemms": sum(r.fused_gemms for r in self.reports),
                 "fused_linears": sum(r.fused_linears for r in self.reports),
                 "fused_producers": sum(r.fused_producers for r in self.reports),
+                "fused_norms": sum(r.fused_norms for r in self.reports),
                 "gelu_epilogues": sum(r.gelu_epilogues for r in self.reports),
                 "attention_fp8": sum(a.precision == "fp8" for a in self.attention),
                 "attention_kept": sum(a.precision != "fp8" for a in self.attention),
@@ -92,6 +93,8 @@ class InspectReport:
                 + (f"; {t['gelu_epilogues']} GELUs computed in their GEMM's epilogue" if t["gelu_epilogues"] else "")
                 + (f"; {t['fused_producers']} concatenations read inside their rotate+quantize"
                    if t["fused_producers"] else "")
+                + (f"; {t['fused_norms']} adaLN normalizations computed by their rotate+quantize"
+                   if t["fused_norms"] else "")
                 + f"; {t['attention_fp8']} of {t['attention_fp8'] + t['attention_kept']} attentions in fp8"
                 + (f", {t['attention_prologue_kernel']} with Q and K from one RMSNorm+RoPE kernel"
                    if t["attention_prologue_kernel"] else "")

@@ -375,3 +375,47 @@ def test_gptq_column_kernel_equals_the_reference_on_the_gpu(group_size):
     q0, s0 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32)
     q1, s1 = gptq_quantize(w, h, 4, group_size=group_size, dtype=torch.float32, solver=gptq_columns)
     assert torch.equal(q1, q0) and torch.equal(s1, s0)
+
+
+@sm90
+@pytest.mark.parametrize("b,t1,t2,order", [(1, 4096, 0, "mma"), (1, 512, 4096, "mma"), (2, 48, 80, "natural"),
+                                           (3, 37, 0, "natural")])
+def test_sm90_rotate_quantize_adaln_matches_normalizing_first(b, t1, t2, order):
+    """The adaLN normalization computed by the Gluon kernel as the row lands (FLUX's double blocks: one stream; its
+    single blocks: text then image tokens per sample; scale and shift chunks of one modulation output) against the
+    same kernel on the rows numerics.adaln writes: the float32 statistics differ in summation order and rsqrt, so
+    a value may round to the neighbouring bf16 and move its quantized integer by one, rarely."""
+    from convrot_compiler.numerics.adaln import adaln_rows_reference
+
+    k = 3072
+    x = _dit_activations(b * t1, k).reshape(b, t1, k)
+    x2 = _dit_activations(b * t2, k).reshape(b, t2, k) if t2 else None
+    emb = (torch.randn(b, 3 * k, device="cuda") * 0.5).to(torch.bfloat16)
+    shift, scale = emb[:, :k], emb[:, k:2 * k]
+    h = hadamard_matrix("regular", 16, device="cuda")
+    q_ref, s_ref = rotate_quantize_sm90(adaln_rows_reference(x, x2, scale, shift, 1e-6), h, 4, order=order)
+    _poison_allocator()
+    q, s = dispatch.rotate_quantize_adaln(x, x2, scale, shift, 1e-6, h, 256, 4, order=order)
+    assert q.shape == q_ref.shape == (b * (t1 + t2), k)
+    torch.testing.assert_close(s, s_ref, rtol=2e-3, atol=0)
+    moved = (q.int() - q_ref.int()).abs()
+    assert moved.max() <= 1 and moved.bool().float().mean() < 1e-3
+    q_op, s_op = custom_ops.rotate_quantize_adaln(x, x2, scale, shift, 1e-6, h, 256, 4, order)
+    assert torch.equal(q_op, q) and torch.equal(s_op, s)
+
+
+@sm90
+def test_sm90_rotate_quantize_adaln_says_where_it_cannot_run():
+    """Rows wider than one box: the kernel's check says why, dispatch warns and normalizes with torch first."""
+    from convrot_compiler.kernels.sm90 import rotate_quant as rotate_quant_sm90
+    from convrot_compiler.numerics.adaln import adaln_rows_reference
+
+    x = _dit_activations(64, 5120).reshape(1, 64, 5120)
+    scale = shift = torch.zeros(1, 5120, dtype=torch.bfloat16, device="cuda")
+    h = hadamard_matrix("regular", 16, device="cuda")
+    assert "at most 4096" in rotate_quant_sm90.adaln_supported(x, None, scale, shift, h, 256)
+    assert not dispatch.adaln_fusion_runs(x.device, x.dtype, 5120) and dispatch.adaln_fusion_runs(x.device, x.dtype, 3072)
+    with pytest.warns(UserWarning, match="normalizing with torch"):
+        q, s = dispatch.rotate_quantize_adaln(x, None, scale, shift, 1e-6, h, 256, 4)
+    q_ref, s_ref = rotate_quantize(adaln_rows_reference(x, None, scale, shift, 1e-6), h, 256, 4)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)

@@ -131,6 +131,19 @@ def test_rotate_quantize_compiles_for_sm90(sm90, concatenation, e4m3):
         x_descale=torch.ones(1) if e4m3 else None))
 
 
+@pytest.mark.parametrize("two_sources", [False, True])
+def test_rotate_quantize_adaln_compiles_for_sm90(sm90, two_sources):
+    """FLUX's adaLN inputs: a double block's image tokens, and a single block's text and image tokens together."""
+    from convrot_compiler.kernels.sm90 import rotate_quant
+
+    x = torch.zeros(1, 32, 3072, dtype=torch.bfloat16)
+    x2 = torch.zeros(1, 96, 3072, dtype=torch.bfloat16) if two_sources else None
+    emb = torch.zeros(1, 3 * 3072, dtype=torch.bfloat16)
+    scale, shift = emb[:, 3072:6144], emb[:, :3072]
+    _compiles(rotate_quant._rotate_quant_sm90_kernel, lambda: rotate_quant.rotate_quantize_adaln_sm90(
+        x, x2, scale, shift, 1e-6, torch.ones(16, 16, dtype=torch.bfloat16), 4, order="mma"))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weight_only_gemv_compiles_for_sm90(sm90, bits):
     from convrot_compiler.kernels.sm90 import weight_only

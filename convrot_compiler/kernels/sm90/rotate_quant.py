@@ -189,15 +189,50 @@ def _box_landed(bars, box, step, wide, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, BOX: gl.constexpr, layout: gl.constexpr,
+def _row_stats(xs, eps, STEPS: gl.constexpr, num_warps: gl.constexpr):
+    """The landed row's LayerNorm statistics (mean, 1 / sqrt(var + eps)) over its STEPS * NB groups, in float32:
+    the mean first, then the squared deviations from it (no E[x^2] - E[x]^2 cancellation)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [num_warps, 1, 1], [2, 1, 0])
+    n: gl.constexpr = STEPS * GROUPS_PER_STEP * GROUP
+    acc = xs.index(0).load(layout).to(gl.float32)
+    for step in gl.static_range(1, STEPS):
+        acc += xs.index(step).load(layout).to(gl.float32)
+    mean = gl.sum(gl.sum(gl.sum(acc, 2), 1), 0) / n
+    d = xs.index(0).load(layout).to(gl.float32) - mean
+    acc = d * d
+    for step in gl.static_range(1, STEPS):
+        d = xs.index(step).load(layout).to(gl.float32) - mean
+        acc += d * d
+    var = gl.sum(gl.sum(gl.sum(acc, 2), 1), 0) / n
+    return mean, gl.rsqrt(var + eps)
+
+
+@gluon.jit
+def _adaln(xt, step, adaln, layout: gl.constexpr):
+    """numerics.adaln on one step's groups as the first product's B operand (channel 16 i + j at [b, j, i]):
+    (x - mean) * rstd * (1 + scale) + shift in float32, rounded once to bf16."""
+    scale_row, shift_row, mean, rstd = adaln
+    b, j, i = _index3(GROUPS_PER_STEP, 16, 16, layout)
+    c = (step * GROUPS_PER_STEP + b) * GROUP + i * 16 + j
+    one_plus = 1.0 + gl.load(scale_row + c).to(gl.float32)
+    shift = gl.load(shift_row + c).to(gl.float32)
+    return ((xt.to(gl.float32) - mean) * rstd * one_plus + shift).to(gl.bfloat16)
+
+
+@gluon.jit
+def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, adaln, BOX: gl.constexpr, layout: gl.constexpr,
                  b_layout: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 on one step: wait for its groups' box (and widen it, where it is e4m3), rotate them, fold |y| into
-    the running max. ``wide``: (x8s, xs_tma, descale, GROUPS1) of an e4m3 x, or None. Returns (y, max)."""
+    the running max. ``wide``: (x8s, xs_tma, descale, GROUPS1) of an e4m3 x, or None; ``adaln``: (scale row,
+    shift row, mean, rstd) to normalize the groups with before rotating them, or None. Returns (y, max)."""
     if BOX == GROUPS_PER_STEP:
         _box_landed(bars, step, step, wide, num_warps)
     elif (step * GROUPS_PER_STEP) % BOX == 0:  # the box's first step; a wait per step costs a CTA barrier
         _box_landed(bars, (step * GROUPS_PER_STEP) // BOX, step, wide, num_warps)
-    y = _rotate(_load_step(xs, step, b_layout), h_a, h_b, layout)
+    xt = _load_step(xs, step, b_layout)
+    if adaln is not None:
+        xt = _adaln(xt, step, adaln, b_layout)
+    y = _rotate(xt, h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
 
@@ -225,12 +260,13 @@ def _store_step(y, xs, step, h_a, h_b, usable, p, neg_s, inv, q_ptrs, starts, kp
 
 
 @gluon.jit
-def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
+def _quantize_row(xs, bars, wide, norm, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.constexpr, BOX: gl.constexpr,
                   QMAX: gl.constexpr, MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
                   num_warps: gl.constexpr):
     """Pass 1 (absmax of the rotated row) as the groups land, the row's scale, pass 2 (quantize, store).
     KEEP (STEPS <= 4): the rotated groups stay in registers between the passes (8 floats a thread per
-    step), so pass 2 does not rotate them again; longer rows rotate each step twice."""
+    step), so pass 2 does not rotate them again; longer rows rotate each step twice. ``norm``: (scale row,
+    shift row, eps) of a row loaded as one box, normalized (adaLN) once it has landed, or None."""
     NB: gl.constexpr = GROUPS_PER_STEP
     row = gl.program_id(0)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1, 1],
@@ -244,18 +280,26 @@ def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.
     h_b = gl.load(h_ptr + rb * 16 + cb + bb * 0).to(gl.bfloat16)  # h
 
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
+    if norm is not None:
+        gl.static_assert(KEEP and BOX >= STEPS * NB, "adaLN rows are one box, kept in registers")
+        scale_row, shift_row, eps = norm
+        mbarrier.wait(bars.index(0), 0)
+        mean, rstd = _row_stats(xs, eps, STEPS, num_warps)
+        adaln = (scale_row, shift_row, mean, rstd)
+    else:
+        adaln = None
     if KEEP:
         gl.static_assert(STEPS <= 4, "KEEP holds at most 4 steps")
-        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
+        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
         if STEPS > 1:
-            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
+            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
         if STEPS > 2:
-            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
+            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
         if STEPS > 3:
-            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
+            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
     else:
         for step in range(STEPS):
-            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, BOX, mma, b_layout, num_warps)
+            _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, None, BOX, mma, b_layout, num_warps)
 
     # each warp's max, then across warps through shared memory behind one barrier (the generic reduction
     # over the warps' axis took two)
@@ -301,14 +345,37 @@ def _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS: gl.
 
 
 @gluon.jit
+def _load_token_row(x_desc, x2_desc, xs_tma, bars, tokens, tokens1, TWO: gl.constexpr):
+    """The row as one box, for the adaLN normalization: row r is token t = r % tokens of sample r // tokens, from
+    x_desc for t < tokens1, else (TWO) from x2_desc."""
+    BOX: gl.constexpr = xs_tma.shape[2]
+    row = gl.program_id(0)
+    bar = bars.index(0)
+    mbarrier.expect(bar, BOX * GROUP * 2)
+    if TWO:
+        sample = row // tokens
+        t = row - sample * tokens
+        if t < tokens1:
+            tma_load(x_desc, [sample * tokens1 + t, 0, 0], bar, xs_tma.index(0))
+        else:
+            tma_load(x2_desc, [sample * (tokens - tokens1) + t - tokens1, 0, 0], bar, xs_tma.index(0))
+    else:
+        tma_load(x_desc, [row, 0, 0], bar, xs_tma.index(0))
+
+
+@gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr, stride_qm, kp,
+                              scale_ptr, shift_ptr, stride_vb, tokens, tokens1, eps,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
-                              X_E4M3: gl.constexpr, num_warps: gl.constexpr):
+                              X_E4M3: gl.constexpr, ADALN: gl.constexpr, ADALN_TWO: gl.constexpr,
+                              num_warps: gl.constexpr):
     """One row per program. Groups [0, GROUPS1) come from x_desc, the rest from x2_desc; STEPS steps of NB
     groups cover the padded row (TMA reads zeros past either tensor's end;
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored).
-    X_E4M3: x_desc's rows are e4m3, widened to bf16 by *descale_ptr in shared memory as their boxes land."""
+    X_E4M3: x_desc's rows are e4m3, widened to bf16 by *descale_ptr in shared memory as their boxes land.
+    ADALN: the rows are tokens (``_load_token_row``; ADALN_TWO: of x_desc, then x2_desc, per sample) normalized
+    by numerics.adaln with their sample's scale and shift rows (stride_vb apart) before the rotation."""
     NB: gl.constexpr = GROUPS_PER_STEP
     LOADS: gl.constexpr = (STEPS * NB + BOX - 1) // BOX
     row_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
@@ -326,8 +393,14 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr,
     xs = smem_reinterpret(xs_tma, gl.bfloat16, [LOADS * BOX // NB, NB, 16, 16], plain)  # step slots
     fence_async_shared()
     thread_barrier()  # the barriers are initialized before any warp waits on one
-    _load_row(x_desc, x2_desc, xs_tma, x8s, bars, LOADS, BOX, GROUPS1, GROUPS1 >= STEPS * NB, X_E4M3)
-    _quantize_row(xs, bars, wide, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, QMAX, MASKED, KEEP, MMA_ORDER,
+    if ADALN:
+        _load_token_row(x_desc, x2_desc, xs_tma, bars, tokens, tokens1, ADALN_TWO)
+        sample = gl.program_id(0) // tokens
+        norm = (scale_ptr + sample * stride_vb, shift_ptr + sample * stride_vb, eps)
+    else:
+        _load_row(x_desc, x2_desc, xs_tma, x8s, bars, LOADS, BOX, GROUPS1, GROUPS1 >= STEPS * NB, X_E4M3)
+        norm = None
+    _quantize_row(xs, bars, wide, norm, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEPS, BOX, QMAX, MASKED, KEEP, MMA_ORDER,
                   num_warps)
     # Triton's liveness analysis does not follow the reinterpreted view: without these, the reductions'
     # scratch is placed over the row and the barriers while pass 2 and slower warps still use them
@@ -417,7 +490,64 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     # is already on the device in the activations' dtype, so nothing is copied per call
     h = h.to(device=first.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, STEPS=steps, BOX=box,
-        GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups, KEEP=keep,
-        MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, num_warps=WARPS)
+        desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, scale, scale, 0, 1, 1,
+        0.0, STEPS=steps, BOX=box, GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups,
+        KEEP=keep, MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, ADALN=False, ADALN_TWO=False,
+        num_warps=WARPS)
     return q, scale
+
+
+def adaln_row_reason(k: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot normalize rows of ``k`` channels in ``dtype`` (adaLN), or None: it takes bf16 rows
+    of whole steps that fit one box (at most 16 groups), so the row's statistics cover exactly its channels and
+    the row stays in registers between the passes."""
+    if dtype != torch.bfloat16:
+        return "activations are not bf16"
+    if k % (STEP_GROUPS * GROUP_SIZE) or k > 16 * GROUP_SIZE:
+        return f"adaLN rows must be a multiple of {STEP_GROUPS * GROUP_SIZE} channels, at most {16 * GROUP_SIZE}"
+    return None
+
+
+def adaln_supported(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+                    h: torch.Tensor | None, group_size: int) -> str | None:
+    """None when ``rotate_quantize_adaln_sm90`` can take these tensors (``dispatch.rotate_quantize_adaln``'s), else
+    why not."""
+    rows = [t.flatten(0, 1) for t in (x, x2) if t is not None]
+    why = supported(rows[0], None, h, group_size) or (supported(rows[1], None, h, group_size) if x2 is not None else None)
+    if why is not None:
+        return why
+    if any(t.shape[-1] != x.shape[-1] or t.shape[0] != x.shape[0] for t in (x2,) if t is not None):
+        return "x and x2 differ in samples or channels"
+    why = adaln_row_reason(x.shape[-1], x.dtype)
+    if why is not None:
+        return why
+    if any(v.shape != (x.shape[0], x.shape[-1]) or v.dtype != x.dtype or v.stride(-1) != 1 or v.device != x.device
+           or v.stride(0) != scale.stride(0) for v in (scale, shift)):
+        return "scale and shift are not [B, K] rows of x's dtype with unit column stride and one row stride"
+    return None
+
+
+def rotate_quantize_adaln_sm90(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+                               eps: float, h: torch.Tensor, bits: int, *,
+                               order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.rotate_quantize_adaln on sm_90: rows of x [B, T1, K] then x2 [B, T2, K] (or None) per sample, each
+    normalized by numerics.adaln with its sample's scale and shift [B, K] as it lands, then rotated and quantized
+    as ``rotate_quantize_sm90`` does (check ``adaln_supported`` first)."""
+    check_act_order(order, GROUP_SIZE)
+    b, t1, k = x.shape
+    tokens = t1 + (0 if x2 is None else x2.shape[1])
+    m = b * tokens
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    row_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, row_scale
+    steps = k // (STEP_GROUPS * GROUP_SIZE)
+    box = triton.next_power_of_2(k // GROUP_SIZE)
+    desc1 = _group_descriptor(x.flatten(0, 1), box)
+    desc2 = _group_descriptor(x2.flatten(0, 1), box) if x2 is not None else desc1
+    h = h.to(device=x.device).contiguous()
+    _rotate_quant_sm90_kernel[(m,)](
+        desc1, desc2, h, q, row_scale, row_scale, q.stride(0), k, scale, shift, scale.stride(0), tokens, t1,
+        float(eps), STEPS=steps, BOX=box, GROUPS1=steps * STEP_GROUPS, QMAX=7 if bits == 4 else 127, MASKED=False,
+        KEEP=True, MMA_ORDER=order == "mma", X_E4M3=False, ADALN=True, ADALN_TWO=x2 is not None, num_warps=WARPS)
+    return q, row_scale

@@ -1,0 +1,125 @@
+"""The adaLN normalization computed by the rotate+quantize after it (option ``fuse_norms``), on CPU."""
+
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+import convrot_compiler as cc
+from convrot_compiler.compiler.backend import REPORTS
+from convrot_compiler.compiler.producers import match_adaln_producer
+from convrot_compiler.numerics.adaln import adaln_reference, adaln_rows_reference
+from convrot_compiler.numerics.hadamard import hadamard_matrix
+from convrot_compiler.ops import custom_ops, dispatch, quantize_adaln_activation
+from convrot_compiler.tools.models import build_flux, make_flux_inputs, relative_error
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_grad")
+
+
+def test_adaln_reference_is_the_chain_in_float32_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 5, 64, generator=g) * 3 + 7).bfloat16()
+    scale, shift = torch.randn(2, 64, generator=g).bfloat16(), torch.randn(2, 64, generator=g).bfloat16()
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    exact = (xd - mean) / torch.sqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + 1e-6)
+    exact = exact * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    out = adaln_reference(x, scale, shift, 1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
+    rows = adaln_rows_reference(x[:, :2], x[:, 2:], scale, shift, 1e-6)
+    assert torch.equal(rows, out.reshape(10, 64))
+    with pytest.raises(ValueError, match=r"scale and shift \[B, K\]"):
+        adaln_reference(x, scale[:1], shift, 1e-6)
+
+
+@pytest.mark.parametrize("two_parts", [False, True])
+def test_dispatch_normalizes_then_runs_triton_where_gluon_cannot(two_parts):
+    """Off sm_90 (here: the interpreter) the op normalizes with torch, then runs the Triton rotate+quantize: equal to
+    the reference bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 3, 512, generator=g) * 2).bfloat16()
+    x2 = (torch.randn(2, 4, 512, generator=g) * 2).bfloat16() if two_parts else None
+    emb = torch.randn(2, 1536, generator=g).bfloat16()
+    shift, scale = emb[:, :512], emb[:, 512:1024]
+    h = hadamard_matrix("regular", 16)
+    q, s = dispatch.rotate_quantize_adaln(x, x2, scale, shift, 1e-6, h, 256, 4)
+    q_ref, s_ref = custom_ops.rotate_quantize_adaln(x, x2, scale, shift, 1e-6, h, 256, 4)
+    assert q.shape == (2 * (3 + (4 if two_parts else 0)), 512)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def _count(gm, target) -> int:
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def test_flux_blocks_compute_their_adaln_normalization_inside_rotate_quantize():
+    """flux-tiny (2 double and 2 single blocks): each double block's norm1 and norm2 of both streams and each single
+    block's norm (over its text and image tokens together) are read by one ``rotate_quantize_adaln``, and their
+    LayerNorms leave the graph; norm_out's stays (the output projection it feeds is kept in bf16). The output is within the rounding the fused chain saves of the unfused graph's."""
+    model = build_flux("flux-tiny", seed=4)
+    kwargs = make_flux_inputs(model, 128, 128, 16, seed=4).kwargs
+    plain = cc.compile(build_flux("flux-tiny", seed=4), plan="w4a4", progress=False, regional=False)(**kwargs)[0]
+    before = REPORTS[-1].graph_modules["after"]
+    torch._dynamo.reset()
+    out = cc.compile(model, plan="w4a4", progress=False, regional=False, fuse_norms=True)(**kwargs)[0]
+    report = REPORTS[-1]
+    gm = report.graph_modules["after"]
+    assert report.fused_norms == _count(gm, quantize_adaln_activation) == 2 * 4 + 2
+    layer_norm = torch.nn.functional.layer_norm
+    assert _count(gm, layer_norm) == _count(before, layer_norm) - 10 == 1
+    two_part = [n for n in gm.graph.nodes if n.target is quantize_adaln_activation and n.args[1] is not None]
+    assert len(two_part) == 2  # the single blocks' text and image tokens
+    assert report.activation_quantizations == REPORTS[-2].activation_quantizations
+    assert 0 < relative_error(out, plain) < 2e-2
+    assert "10 adaLN normalizations computed by their rotate+quantize" in cc.inspect(
+        build_flux("flux-tiny", device="meta"), example_kwargs=make_flux_inputs(
+            build_flux("flux-tiny", device="meta"), 128, 128, 16, device="meta").kwargs, plan="w4a4",
+        fuse_norms=True).summary()
+
+
+class _NormThenLinear(nn.Module):
+    """adaLN, a linear on it, and (``also_returned``) the normalized activations returned beside it."""
+
+    def __init__(self, k=512, affine=False, also_returned=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(k, elementwise_affine=affine, eps=1e-6)
+        self.mod = nn.Linear(k, 2 * k)
+        self.proj = nn.Linear(k, k)
+        self.also_returned = also_returned
+
+    def forward(self, x, temb):
+        shift, scale = self.mod(temb).chunk(2, dim=1)
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return (self.proj(h), h) if self.also_returned else self.proj(h)
+
+
+@pytest.mark.parametrize("affine,also_returned,fused", [(False, False, 1), (True, False, 0), (False, True, 0)])
+def test_only_an_adaln_normalization_read_by_quantized_linears_alone_is_fused(affine, also_returned, fused):
+    """A LayerNorm with its own weight is not adaLN's; normalized activations something else reads must still be
+    written: neither is fused, and each graph computes what its eager modules do."""
+    torch.manual_seed(0)
+    model = _NormThenLinear(affine=affine, also_returned=also_returned).bfloat16()
+    x, temb = torch.randn(2, 8, 512).bfloat16(), torch.randn(2, 512).bfloat16()
+    cc.compile(model, plan=[("proj", "w4a4"), ("*", "bf16")], progress=False, fuse_norms=True)(x, temb)
+    assert REPORTS[-1].fused_norms == fused
+
+
+def test_the_matcher_wants_per_sample_scale_and_shift():
+    g = torch.fx.Graph()
+    x, scale, shift = g.placeholder("x"), g.placeholder("scale"), g.placeholder("shift")
+    ln = g.call_function(torch.nn.functional.layer_norm, (x, (512,), None, None, 1e-6))
+    s3 = g.call_function(operator.getitem, (scale, (slice(None, None, None), None)))
+    t3 = g.call_function(operator.getitem, (shift, (slice(None, None, None), None)))
+    one_plus = g.call_function(operator.add, (1, s3))
+    out = g.call_function(operator.add, (g.call_function(operator.mul, (ln, one_plus)), t3))
+    for n, v in ((x, torch.empty(2, 8, 512)), (scale, torch.empty(2, 512)), (shift, torch.empty(2, 512))):
+        n.meta["example_value"] = v
+    found = match_adaln_producer(out)
+    assert (found.tokens, found.x, found.x2, found.scale, found.shift, found.eps) == (x, x, None, scale, shift, 1e-6)
+    shift.meta["example_value"] = torch.empty(2, 256)  # not one shift per channel
+    assert match_adaln_producer(out) is None
+    shift.meta["example_value"] = torch.empty(2, 512)
+    doubled = g.call_function(operator.add, (2, s3))  # (2 + scale) is not adaLN's
+    assert match_adaln_producer(g.call_function(operator.add, (g.call_function(operator.mul, (ln, doubled)), t3))) is None
