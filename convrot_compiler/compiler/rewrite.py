@@ -27,7 +27,6 @@ import torch
 from torch import fx
 
 from ..numerics.quant import WEIGHT_ONLY
-from ..ops.dispatch import adaln_fusion_runs
 from ..ops import (
     pca_matmul_like,
     pca_quantize_activation,
@@ -37,6 +36,7 @@ from ..ops import (
     quantized_linear,
     quantized_matmul,
 )
+from ..ops.dispatch import adaln_fusion_runs
 from .emit import OUT_FEATURES, ROW_BOUNDS, Emitted, QuantizedUse, emit
 from .match import LinearMatch
 from .producers import AdaLNProducer, is_gelu_tanh, match_adaln_producer, match_cat_producer
@@ -78,13 +78,18 @@ class _DynamoForm:
         self.absorbed: list[fx.Node] = []  # concatenations and normalizations now computed inside a quantization
 
     def _adaln(self, x: fx.Node) -> AdaLNProducer | None:
-        """x's adaLN normalization, when only the rewritten quantized linears read x and the kernel that would
-        compute it runs where the graph does (dispatch.adaln_fusion_runs)."""
+        """x's adaLN normalization, when only the rewritten quantized linears read x, its rows are the graph's
+        inputs (a block's, compiled regionally) and the kernel that would compute it runs where the graph does
+        (dispatch.adaln_fusion_runs). Rows the graph computes (FLUX's norm2 after the gated residual, or every
+        block's input when the whole forward is one graph) have their normalization in the kernel that writes
+        them: fusing it would save that kernel's second output alone, for a costlier rotate+quantize."""
         if not self.fuse_norms or not x.users.keys() <= self.quantized:
             return None
         producer = match_adaln_producer(x)
         value = x.meta.get("example_value", x.meta.get("val"))
         if producer is None or value is None or not adaln_fusion_runs(value.device, value.dtype, value.shape[-1]):
+            return None
+        if any(p.op != "placeholder" for p in (producer.x, producer.x2) if p is not None):
             return None
         return producer
 

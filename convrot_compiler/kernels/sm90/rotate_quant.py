@@ -189,49 +189,80 @@ def _box_landed(bars, box, step, wide, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _row_stats(xs, eps, STEPS: gl.constexpr, num_warps: gl.constexpr):
-    """The landed row's LayerNorm statistics (mean, 1 / sqrt(var + eps)) over its STEPS * NB groups, in float32:
-    the mean first, then the squared deviations from it (no E[x^2] - E[x]^2 cancellation)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [num_warps, 1, 1], [2, 1, 0])
-    n: gl.constexpr = STEPS * GROUPS_PER_STEP * GROUP
-    acc = xs.index(0).load(layout).to(gl.float32)
-    for step in gl.static_range(1, STEPS):
-        acc += xs.index(step).load(layout).to(gl.float32)
-    mean = gl.sum(gl.sum(gl.sum(acc, 2), 1), 0) / n
-    d = xs.index(0).load(layout).to(gl.float32) - mean
-    acc = d * d
-    for step in gl.static_range(1, STEPS):
-        d = xs.index(step).load(layout).to(gl.float32) - mean
-        acc += d * d
-    var = gl.sum(gl.sum(gl.sum(acc, 2), 1), 0) / n
-    return mean, gl.rsqrt(var + eps)
+def _sum_all(v):
+    return gl.sum(gl.sum(gl.sum(v, 2), 1), 0)
 
 
 @gluon.jit
-def _adaln(xt, step, adaln, layout: gl.constexpr):
-    """numerics.adaln on one step's groups as the first product's B operand (channel 16 i + j at [b, j, i]):
-    (x - mean) * rstd * (1 + scale) + shift in float32, rounded once to bf16."""
-    scale_row, shift_row, mean, rstd = adaln
+def _modulate(d, step, scale_row, shift_row, rstd, layout: gl.constexpr):
+    """One step's centred groups d = x - mean (float32, the first product's B operand: channel 16 i + j at
+    [b, j, i]) to d * rstd * (1 + scale) + shift, rounded once to bf16."""
     b, j, i = _index3(GROUPS_PER_STEP, 16, 16, layout)
     c = (step * GROUPS_PER_STEP + b) * GROUP + i * 16 + j
     one_plus = 1.0 + gl.load(scale_row + c).to(gl.float32)
-    shift = gl.load(shift_row + c).to(gl.float32)
-    return ((xt.to(gl.float32) - mean) * rstd * one_plus + shift).to(gl.bfloat16)
+    return (d * rstd * one_plus + gl.load(shift_row + c).to(gl.float32)).to(gl.bfloat16)
 
 
 @gluon.jit
-def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, adaln, BOX: gl.constexpr, layout: gl.constexpr,
+def _adaln_steps(xs, norm, STEPS: gl.constexpr, layout: gl.constexpr):
+    """The landed row's STEPS steps (at most 4) as the first product's B operands, normalized by numerics.adaln:
+    the LayerNorm statistics in float32 from the same registers (the mean first, then the squared deviations from
+    it: no E[x^2] - E[x]^2 cancellation), then ``_modulate``. ``norm``: (scale row, shift row, eps). Returns four
+    steps; those past STEPS repeat the first."""
+    scale_row, shift_row, eps = norm
+    n: gl.constexpr = STEPS * GROUPS_PER_STEP * GROUP
+    x0 = _load_step(xs, 0, layout).to(gl.float32)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    acc = x0
+    if STEPS > 1:
+        x1 = _load_step(xs, 1, layout).to(gl.float32)
+        acc += x1
+    if STEPS > 2:
+        x2 = _load_step(xs, 2, layout).to(gl.float32)
+        acc += x2
+    if STEPS > 3:
+        x3 = _load_step(xs, 3, layout).to(gl.float32)
+        acc += x3
+    mean = _sum_all(acc) / n
+    x0 -= mean
+    acc = x0 * x0
+    if STEPS > 1:
+        x1 -= mean
+        acc += x1 * x1
+    if STEPS > 2:
+        x2 -= mean
+        acc += x2 * x2
+    if STEPS > 3:
+        x3 -= mean
+        acc += x3 * x3
+    rstd = gl.rsqrt(_sum_all(acc) / n + eps)
+    y0 = _modulate(x0, 0, scale_row, shift_row, rstd, layout)
+    y1 = y0
+    y2 = y0
+    y3 = y0
+    if STEPS > 1:
+        y1 = _modulate(x1, 1, scale_row, shift_row, rstd, layout)
+    if STEPS > 2:
+        y2 = _modulate(x2, 2, scale_row, shift_row, rstd, layout)
+    if STEPS > 3:
+        y3 = _modulate(x3, 3, scale_row, shift_row, rstd, layout)
+    return y0, y1, y2, y3
+
+
+@gluon.jit
+def _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, xt, BOX: gl.constexpr, layout: gl.constexpr,
                  b_layout: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 on one step: wait for its groups' box (and widen it, where it is e4m3), rotate them, fold |y| into
-    the running max. ``wide``: (x8s, xs_tma, descale, GROUPS1) of an e4m3 x, or None; ``adaln``: (scale row,
-    shift row, mean, rstd) to normalize the groups with before rotating them, or None. Returns (y, max)."""
+    the running max. ``wide``: (x8s, xs_tma, descale, GROUPS1) of an e4m3 x, or None; ``xt``: the step's groups
+    already in registers (normalized by ``_adaln_steps``), or None to load them. Returns (y, max)."""
     if BOX == GROUPS_PER_STEP:
         _box_landed(bars, step, step, wide, num_warps)
     elif (step * GROUPS_PER_STEP) % BOX == 0:  # the box's first step; a wait per step costs a CTA barrier
         _box_landed(bars, (step * GROUPS_PER_STEP) // BOX, step, wide, num_warps)
-    xt = _load_step(xs, step, b_layout)
-    if adaln is not None:
-        xt = _adaln(xt, step, adaln, b_layout)
+    if xt is None:
+        xt = _load_step(xs, step, b_layout)
     y = _rotate(xt, h_a, h_b, layout)
     # NaN rides through the max; one finiteness check after the loop
     return y, _max_abs_nan(amax_t, y)
@@ -282,21 +313,22 @@ def _quantize_row(xs, bars, wide, norm, h_ptr, q_ptr, s_ptr, stride_qm, kp, STEP
     amax_t = gl.zeros([NB, 16, 16], gl.float32, mma)
     if norm is not None:
         gl.static_assert(KEEP and BOX >= STEPS * NB, "adaLN rows are one box, kept in registers")
-        scale_row, shift_row, eps = norm
         mbarrier.wait(bars.index(0), 0)
-        mean, rstd = _row_stats(xs, eps, STEPS, num_warps)
-        adaln = (scale_row, shift_row, mean, rstd)
+        n0, n1, n2, n3 = _adaln_steps(xs, norm, STEPS, b_layout)
     else:
-        adaln = None
+        n0 = None
+        n1 = None
+        n2 = None
+        n3 = None
     if KEEP:
         gl.static_assert(STEPS <= 4, "KEEP holds at most 4 steps")
-        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
+        y0, amax_t = _landed_step(xs, bars, 0, h_a, h_b, amax_t, wide, n0, BOX, mma, b_layout, num_warps)
         if STEPS > 1:
-            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
+            y1, amax_t = _landed_step(xs, bars, 1, h_a, h_b, amax_t, wide, n1, BOX, mma, b_layout, num_warps)
         if STEPS > 2:
-            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
+            y2, amax_t = _landed_step(xs, bars, 2, h_a, h_b, amax_t, wide, n2, BOX, mma, b_layout, num_warps)
         if STEPS > 3:
-            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, wide, adaln, BOX, mma, b_layout, num_warps)
+            y3, amax_t = _landed_step(xs, bars, 3, h_a, h_b, amax_t, wide, n3, BOX, mma, b_layout, num_warps)
     else:
         for step in range(STEPS):
             _, amax_t = _landed_step(xs, bars, step, h_a, h_b, amax_t, wide, None, BOX, mma, b_layout, num_warps)
@@ -365,7 +397,7 @@ def _load_token_row(x_desc, x2_desc, xs_tma, bars, tokens, tokens1, TWO: gl.cons
 
 @gluon.jit
 def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr, stride_qm, kp,
-                              scale_ptr, shift_ptr, stride_vb, tokens, tokens1, eps,
+                              scale_ptr, shift_ptr, stride_scale, stride_shift, tokens, tokens1, eps,
                               STEPS: gl.constexpr, BOX: gl.constexpr, GROUPS1: gl.constexpr, QMAX: gl.constexpr,
                               MASKED: gl.constexpr, KEEP: gl.constexpr, MMA_ORDER: gl.constexpr,
                               X_E4M3: gl.constexpr, ADALN: gl.constexpr, ADALN_TWO: gl.constexpr,
@@ -375,7 +407,7 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr,
     MASKED: the last step reaches past the row's padded width kp, whose groups are not stored).
     X_E4M3: x_desc's rows are e4m3, widened to bf16 by *descale_ptr in shared memory as their boxes land.
     ADALN: the rows are tokens (``_load_token_row``; ADALN_TWO: of x_desc, then x2_desc, per sample) normalized
-    by numerics.adaln with their sample's scale and shift rows (stride_vb apart) before the rotation."""
+    by numerics.adaln with their sample's scale and shift rows before the rotation."""
     NB: gl.constexpr = GROUPS_PER_STEP
     LOADS: gl.constexpr = (STEPS * NB + BOX - 1) // BOX
     row_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
@@ -396,7 +428,7 @@ def _rotate_quant_sm90_kernel(x_desc, x2_desc, h_ptr, q_ptr, s_ptr, descale_ptr,
     if ADALN:
         _load_token_row(x_desc, x2_desc, xs_tma, bars, tokens, tokens1, ADALN_TWO)
         sample = gl.program_id(0) // tokens
-        norm = (scale_ptr + sample * stride_vb, shift_ptr + sample * stride_vb, eps)
+        norm = (scale_ptr + sample * stride_scale, shift_ptr + sample * stride_shift, eps)
     else:
         _load_row(x_desc, x2_desc, xs_tma, x8s, bars, LOADS, BOX, GROUPS1, GROUPS1 >= STEPS * NB, X_E4M3)
         norm = None
@@ -490,8 +522,8 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     # is already on the device in the activations' dtype, so nothing is copied per call
     h = h.to(device=first.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, scale, scale, 0, 1, 1,
-        0.0, STEPS=steps, BOX=box, GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups,
+        desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, scale, scale, 0, 0, 1,
+        1, 0.0, STEPS=steps, BOX=box, GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups,
         KEEP=keep, MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, ADALN=False, ADALN_TWO=False,
         num_warps=WARPS)
     return q, scale
@@ -522,8 +554,8 @@ def adaln_supported(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tenso
     if why is not None:
         return why
     if any(v.shape != (x.shape[0], x.shape[-1]) or v.dtype != x.dtype or v.stride(-1) != 1 or v.device != x.device
-           or v.stride(0) != scale.stride(0) for v in (scale, shift)):
-        return "scale and shift are not [B, K] rows of x's dtype with unit column stride and one row stride"
+           for v in (scale, shift)):
+        return "scale and shift are not [B, K] rows of x's dtype with unit column stride"
     return None
 
 
@@ -534,6 +566,8 @@ def rotate_quantize_adaln_sm90(x: torch.Tensor, x2: torch.Tensor | None, scale: 
     normalized by numerics.adaln with its sample's scale and shift [B, K] as it lands, then rotated and quantized
     as ``rotate_quantize_sm90`` does (check ``adaln_supported`` first)."""
     check_act_order(order, GROUP_SIZE)
+    if x2 is not None and 0 in (x.shape[1], x2.shape[1]):  # one part without tokens: the other's rows alone
+        x, x2 = (x2 if x.shape[1] == 0 else x), None
     b, t1, k = x.shape
     tokens = t1 + (0 if x2 is None else x2.shape[1])
     m = b * tokens
@@ -547,7 +581,7 @@ def rotate_quantize_adaln_sm90(x: torch.Tensor, x2: torch.Tensor | None, scale: 
     desc2 = _group_descriptor(x2.flatten(0, 1), box) if x2 is not None else desc1
     h = h.to(device=x.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, row_scale, row_scale, q.stride(0), k, scale, shift, scale.stride(0), tokens, t1,
+        desc1, desc2, h, q, row_scale, row_scale, q.stride(0), k, scale, shift, scale.stride(0), shift.stride(0), tokens, t1,
         float(eps), STEPS=steps, BOX=box, GROUPS1=steps * STEP_GROUPS, QMAX=7 if bits == 4 else 127, MASKED=False,
         KEEP=True, MMA_ORDER=order == "mma", X_E4M3=False, ADALN=True, ADALN_TWO=x2 is not None, num_warps=WARPS)
     return q, row_scale
