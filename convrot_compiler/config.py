@@ -100,8 +100,8 @@ class ConvRotConfig:
         for key in ("inductor", "cuda_graphs", "dynamic"):
             if getattr(self, key) not in (None, True, False):
                 raise ValueError(f"option {key!r} must be None, True or False, got {getattr(self, key)!r}")
-        for key in ("dry_run", "fuse_gemms", "fuse_producers", "fuse_norms", "gelu_epilogue", "fuse_attention_prologue",
-                    "fuse_attention_output",
+        for key in ("dry_run", "fuse_gemms", "fuse_producers", "fuse_norms", "gelu_epilogue",
+                    "fuse_attention_prologue", "fuse_attention_output",
                     "persistent_rows", "release_weights", "fullgraph", "progress", "prepared"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be a bool, got {getattr(self, key)!r}")

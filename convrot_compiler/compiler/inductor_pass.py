@@ -74,9 +74,8 @@ class ConvRotInductorPass(CustomGraphPass):
         find each linear's input statistics by its module name, which freezing keeps."""
         config = (config or ConvRotConfig()).replace(**overrides)
         default = ConvRotConfig()
-        others = [f for f in ("fuse_producers", "fuse_norms", "gelu_epilogue", "attention", "inductor",
-                                "dry_run")
-                  if getattr(config, f) != getattr(default, f)]
+        backend_only = ("fuse_producers", "fuse_norms", "gelu_epilogue", "attention", "inductor", "dry_run")
+        others = [f for f in backend_only if getattr(config, f) != getattr(default, f)]
         if others:
             raise ValueError(f"the Inductor post-grad pass takes plan, group_size, rotation, fuse_gemms, weights, "
                              f"calibration and high_precision_fraction; {others} are the convrot backend's only "

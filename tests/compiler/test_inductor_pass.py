@@ -196,6 +196,8 @@ def test_the_pass_reads_a_config_and_refuses_the_backend_only_options():
     assert (p.plan.name, p.group_size, p.fuse_gemms) == ("w8a8", 64, False)
     with pytest.raises(ValueError, match=r"\['attention'\] are the convrot backend's only"):
         ConvRotInductorPass(attention="fp8")
+    with pytest.raises(ValueError, match=r"\['fuse_norms'\] are the convrot backend's only"):
+        ConvRotInductorPass(fuse_norms=True)
     with pytest.raises(TypeError, match="unknown convrot option"):
         ConvRotInductorPass(plann="w4a4")
 

@@ -25,6 +25,11 @@ TMA, so here:
   W = C1 h = Y^T, so nothing moves between threads. The second product takes C1 as a sum of two
   bf16 parts, as the Triton kernel's Kronecker form does, so its numerics are the same.
 
+A DiT block's adaLN normalization can be computed as the row lands (``rotate_quantize_adaln_sm90``, option
+``fuse_norms``): the row, a token of one of two tensors, comes in one box; its LayerNorm statistics are taken from
+the registers that feed the first product, then each value is modulated by its sample's scale and shift and
+rounded to bf16 before the rotation, so the normalized rows are never written.
+
 The quantizer's arithmetic (correctly rounded quotient by the scale through a row reciprocal, ties
 to even) is the Triton kernel's, written again because a Gluon function cannot call a Triton one;
 the GPU tests hold both to the reference. Runs on sm_90 only (Gluon has no CPU interpreter).
