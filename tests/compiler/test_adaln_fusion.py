@@ -130,3 +130,20 @@ def test_the_matcher_wants_per_sample_scale_and_shift():
     shift.meta["example_value"] = torch.empty(2, 512)
     doubled = g.call_function(operator.add, (2, s3))  # (2 + scale) is not adaLN's
     assert match_adaln_producer(g.call_function(operator.add, (g.call_function(operator.mul, (ln, doubled)), t3))) is None
+
+
+def test_the_fused_op_compiles_with_inductor():
+    """The op's fake (the rows of both token ranges; scale and shift strided chunks of one modulation output) as
+    Inductor plans it: the rewritten graph compiled by Inductor on CPU computes what it computes uncompiled."""
+    def model():
+        torch.manual_seed(1)
+        return _NormThenLinear().bfloat16()
+
+    x, temb = torch.randn(2, 8, 512).bfloat16(), torch.randn(2, 512).bfloat16()
+    plan = [("proj", "w4a4"), ("*", "bf16")]
+    out = cc.compile(model(), plan=plan, progress=False, fuse_norms=True, inductor=True)(x, temb)
+    assert REPORTS[-1].fused_norms == 1
+    torch._dynamo.reset()
+    plain = cc.compile(model(), plan=plan, progress=False, fuse_norms=True, inductor=False)(x, temb)
+    assert REPORTS[-1].fused_norms == 1
+    torch.testing.assert_close(out, plain, rtol=2e-2, atol=2e-2)
