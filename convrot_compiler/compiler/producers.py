@@ -41,23 +41,33 @@ def _value(n: fx.Node):
     return n.meta.get("example_value", n.meta.get("val"))
 
 
-def match_cat_producer(x: fx.Node, group_size: int) -> tuple[fx.Node, fx.Node] | None:
-    """(a, b) when x is cat([a, b], -1) with a's width a multiple of group_size (possibly behind an
-    inference dropout), else None."""
-    if _is_inference_dropout(x):
-        x = x.args[0]
+def _two_part_cat(x: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """(a, b, dim) when x is cat([a, b], dim) of two graph nodes whose values (and x's) are known, dim made
+    non-negative; else None."""
     if not _is_call(x, torch.cat):
         return None
     tensors = x.args[0] if x.args else x.kwargs.get("tensors")
     dim = x.kwargs.get("dim", x.args[1] if len(x.args) > 1 else 0)
     out = _value(x)
-    if out is None or not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-1, out.dim() - 1):
+    if out is None or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
         return None
     a, b = tensors
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or _value(a) is None or _value(b) is None:
         return None
+    return a, b, dim % out.dim()
+
+
+def match_cat_producer(x: fx.Node, group_size: int) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when x is cat([a, b], -1) with a's width a multiple of group_size (possibly behind an
+    inference dropout), else None."""
+    if _is_inference_dropout(x):
+        x = x.args[0]
+    parts = _two_part_cat(x)
+    if parts is None or parts[2] != _value(x).dim() - 1:
+        return None
+    a, b, _ = parts
     va, vb = _value(a), _value(b)
-    if va is None or vb is None or va.dtype != vb.dtype or va.shape[:-1] != vb.shape[:-1] or va.shape[-1] % group_size:
+    if va.dtype != vb.dtype or va.shape[:-1] != vb.shape[:-1] or va.shape[-1] % group_size:
         return None
     return a, b
 
@@ -94,18 +104,12 @@ def _layer_norm_eps(ln: fx.Node) -> float | None:
 def _token_parts(x: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     """(a, b) when x is cat([a, b], 1) of [B, T, K] tensors of one dtype (FLUX's single blocks: the text tokens,
     then the image tokens), else (x, None)."""
-    if not _is_call(x, torch.cat):
+    parts = _two_part_cat(x)
+    if parts is None or parts[2] != 1:
         return x, None
-    tensors = x.args[0] if x.args else x.kwargs.get("tensors")
-    dim = x.kwargs.get("dim", x.args[1] if len(x.args) > 1 else 0)
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (1, -2):
-        return x, None
-    a, b = tensors
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return x, None
+    a, b, _ = parts
     va, vb = _value(a), _value(b)
-    if va is None or vb is None or va.dim() != 3 or va.dtype != vb.dtype or (va.shape[0], va.shape[2]) != (
-            vb.shape[0], vb.shape[2]):
+    if va.dim() != 3 or va.dtype != vb.dtype or (va.shape[0], va.shape[2]) != (vb.shape[0], vb.shape[2]):
         return x, None
     return a, b
 

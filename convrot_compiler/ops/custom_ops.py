@@ -341,11 +341,8 @@ def quantize_adaln_activation(x: torch.Tensor, x2: Optional[torch.Tensor], scale
     """quantize_activation of ``layer_norm(cat([x, x2], 1)) * (1 + scale[:, None]) + shift[:, None]`` (x2 may be
     None) without writing the normalized rows: the compiler pass inserts it where a DiT block's adaLN normalization
     feeds quantized linears (compiler/producers.py)."""
-    def tokens(t):
-        return t if t.is_contiguous() else t.contiguous()
-
-    return torch.ops.convrot.rotate_quantize_adaln(tokens(x), None if x2 is None else tokens(x2), scale, shift,
-                                                   float(eps), h, group_size, bits, order)
+    return torch.ops.convrot.rotate_quantize_adaln(x.contiguous(), None if x2 is None else x2.contiguous(), scale,
+                                                   shift, float(eps), h, group_size, bits, order)
 
 
 def quantized_matmul(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, values, scale, bias, scheme: str,

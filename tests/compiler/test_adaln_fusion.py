@@ -64,7 +64,8 @@ def test_flux_blocks_compute_their_adaln_normalization_inside_rotate_quantize():
     model = build_flux("flux-tiny", seed=4)
     kwargs = make_flux_inputs(model, 128, 128, 16, seed=4).kwargs
     plain_graphs, graphs = [], []
-    plain = cc.compile(build_flux("flux-tiny", seed=4), plan="w4a4", progress=False, report=plain_graphs.append)(**kwargs)
+    plain = cc.compile(build_flux("flux-tiny", seed=4), plan="w4a4", progress=False,
+                       report=plain_graphs.append)(**kwargs)
     torch._dynamo.reset()
     out = cc.compile(model, plan="w4a4", progress=False, fuse_norms=True, report=graphs.append)(**kwargs)
     layer_norm = torch.nn.functional.layer_norm
@@ -129,7 +130,8 @@ def test_the_matcher_wants_per_sample_scale_and_shift():
     assert match_adaln_producer(out) is None
     shift.meta["example_value"] = torch.empty(2, 512)
     doubled = g.call_function(operator.add, (2, s3))  # (2 + scale) is not adaLN's
-    assert match_adaln_producer(g.call_function(operator.add, (g.call_function(operator.mul, (ln, doubled)), t3))) is None
+    wrong = g.call_function(operator.add, (g.call_function(operator.mul, (ln, doubled)), t3))
+    assert match_adaln_producer(wrong) is None
 
 
 def test_the_fused_op_compiles_with_inductor():

@@ -528,9 +528,9 @@ def rotate_quantize_sm90(x: torch.Tensor | None, h: torch.Tensor, bits: int, *, 
     h = h.to(device=first.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
         desc1, desc2, h, q, scale, scale if x_descale is None else x_descale, q.stride(0), k, scale, scale, 0, 0, 1,
-        1, 0.0, STEPS=steps, BOX=box, GROUPS1=groups1, QMAX=7 if bits == 4 else 127, MASKED=steps * STEP_GROUPS != groups,
-        KEEP=keep, MMA_ORDER=order == "mma", X_E4M3=x_descale is not None, ADALN=False, ADALN_TWO=False,
-        num_warps=WARPS)
+        1, 0.0, STEPS=steps, BOX=box, GROUPS1=groups1, QMAX=7 if bits == 4 else 127,
+        MASKED=steps * STEP_GROUPS != groups, KEEP=keep, MMA_ORDER=order == "mma", X_E4M3=x_descale is not None,
+        ADALN=False, ADALN_TWO=False, num_warps=WARPS)
     return q, scale
 
 
@@ -540,8 +540,9 @@ def adaln_row_reason(k: int, dtype: torch.dtype) -> str | None:
     the row stays in registers between the passes."""
     if dtype != torch.bfloat16:
         return "activations are not bf16"
-    if k % (STEP_GROUPS * GROUP_SIZE) or k > 16 * GROUP_SIZE:
-        return f"adaLN rows must be a multiple of {STEP_GROUPS * GROUP_SIZE} channels, at most {16 * GROUP_SIZE}"
+    widest = KEEP_MAX_STEPS * STEP_GROUPS * GROUP_SIZE
+    if k % (STEP_GROUPS * GROUP_SIZE) or k > widest:
+        return f"adaLN rows must be a multiple of {STEP_GROUPS * GROUP_SIZE} channels, at most {widest}"
     return None
 
 
@@ -549,11 +550,11 @@ def adaln_supported(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tenso
                     h: torch.Tensor | None, group_size: int) -> str | None:
     """None when ``rotate_quantize_adaln_sm90`` can take these tensors (``dispatch.rotate_quantize_adaln``'s), else
     why not."""
-    rows = [t.flatten(0, 1) for t in (x, x2) if t is not None]
-    why = supported(rows[0], None, h, group_size) or (supported(rows[1], None, h, group_size) if x2 is not None else None)
-    if why is not None:
-        return why
-    if any(t.shape[-1] != x.shape[-1] or t.shape[0] != x.shape[0] for t in (x2,) if t is not None):
+    for t in (x, x2):
+        why = supported(t.flatten(0, 1), None, h, group_size) if t is not None else None
+        if why is not None:
+            return why
+    if x2 is not None and (x2.shape[0], x2.shape[-1]) != (x.shape[0], x.shape[-1]):
         return "x and x2 differ in samples or channels"
     why = adaln_row_reason(x.shape[-1], x.dtype)
     if why is not None:
@@ -586,7 +587,8 @@ def rotate_quantize_adaln_sm90(x: torch.Tensor, x2: torch.Tensor | None, scale: 
     desc2 = _group_descriptor(x2.flatten(0, 1), box) if x2 is not None else desc1
     h = h.to(device=x.device).contiguous()
     _rotate_quant_sm90_kernel[(m,)](
-        desc1, desc2, h, q, row_scale, row_scale, q.stride(0), k, scale, shift, scale.stride(0), shift.stride(0), tokens, t1,
-        float(eps), STEPS=steps, BOX=box, GROUPS1=steps * STEP_GROUPS, QMAX=7 if bits == 4 else 127, MASKED=False,
-        KEEP=True, MMA_ORDER=order == "mma", X_E4M3=False, ADALN=True, ADALN_TWO=x2 is not None, num_warps=WARPS)
+        desc1, desc2, h, q, row_scale, row_scale, q.stride(0), k, scale, shift, scale.stride(0), shift.stride(0),
+        tokens, t1, float(eps), STEPS=steps, BOX=box, GROUPS1=steps * STEP_GROUPS, QMAX=7 if bits == 4 else 127,
+        MASKED=False, KEEP=True, MMA_ORDER=order == "mma", X_E4M3=False, ADALN=True, ADALN_TWO=x2 is not None,
+        num_warps=WARPS)
     return q, row_scale
