@@ -21,6 +21,7 @@ weights at every call (weights.py), so the graph holds no weight constants.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from ..ops import (
     quantized_linear,
     quantized_matmul,
 )
-from ..ops.dispatch import adaln_fusion_runs
+from ..ops.dispatch import adaln_fusion_unsupported
 from .emit import OUT_FEATURES, ROW_BOUNDS, Emitted, QuantizedUse, emit
 from .match import LinearMatch
 from .producers import AdaLNProducer, is_gelu_tanh, match_adaln_producer, match_cat_producer
@@ -76,20 +77,25 @@ class _DynamoForm:
         self.fuse_norms, self.quantized = fuse_norms, quantized
         self.fused_producers = self.fused_norms = 0
         self.absorbed: list[fx.Node] = []  # concatenations and normalizations now computed inside a quantization
+        self.norms_kept: dict[str, int] = {}  # why fusable normalizations stay with Inductor: how many each
 
     def _adaln(self, x: fx.Node) -> AdaLNProducer | None:
         """x's adaLN normalization, when only the rewritten quantized linears read x, its rows are the graph's
         inputs (a block's, compiled regionally) and the kernel that would compute it runs where the graph does
-        (dispatch.adaln_fusion_runs). Rows the graph computes (FLUX's norm2 after the gated residual, or every
+        (dispatch.adaln_fusion_unsupported; else the reason is counted in ``norms_kept``). Rows the graph computes (FLUX's norm2 after the gated residual, or every
         block's input when the whole forward is one graph) have their normalization in the kernel that writes
         them: fusing it would save that kernel's second output alone, for a costlier rotate+quantize."""
         if not self.fuse_norms or not x.users.keys() <= self.quantized:
             return None
         producer = match_adaln_producer(x)
         value = x.meta.get("example_value", x.meta.get("val"))
-        if producer is None or value is None or not adaln_fusion_runs(value.device, value.dtype, value.shape[-1]):
+        if producer is None or value is None:
             return None
         if any(p.op != "placeholder" for p in (producer.x, producer.x2) if p is not None):
+            return None
+        why = adaln_fusion_unsupported(value.device, value.dtype, value.shape[-1])
+        if why is not None:
+            self.norms_kept[why] = self.norms_kept.get(why, 0) + 1
             return None
         return producer
 
@@ -201,6 +207,8 @@ def rewrite_linears(gm: fx.GraphModule, rewrites: list[Rewrite], group_size: int
     done = emit(graph, uses, form, fuse)
     for node in dict.fromkeys(form.absorbed):  # a concatenation or normalization that only fed quantizations
         _erase_unused_chain(graph, node)
+    for why, count in form.norms_kept.items():
+        warnings.warn(f"fuse_norms: {count} adaLN normalization(s) stay with Inductor here: {why}")
     graph.lint()
     gm.recompile()
     return RewriteResult(**vars(done), uses_h=h is not None, fused_producers=form.fused_producers,

@@ -180,18 +180,18 @@ def rotate_quantize(x: torch.Tensor | None, h: torch.Tensor | None, group_size: 
     return triton_rotate_quantize(x, h, group_size, bits, x2=x2, order=order, x_descale=x_descale, dtype=dtype)
 
 
-def adaln_fusion_runs(device: torch.device, dtype: torch.dtype, k: int) -> bool:
-    """Whether computing a DiT block's adaLN normalization inside the rotate+quantize after it is worth it where
-    the graph runs: off CUDA (the reference computes either form), or on an sm_90 GPU whose kernel takes rows of
-    ``k`` channels in ``dtype``. On other GPUs the op would normalize with torch first: Inductor's own fused
-    kernel is faster there, so the graph keeps it."""
+def adaln_fusion_unsupported(device: torch.device, dtype: torch.dtype, k: int) -> str | None:
+    """Why computing a DiT block's adaLN normalization inside the rotate+quantize after it does not pay where the
+    graph runs, or None where it does: off CUDA (the reference computes either form), or on an sm_90 GPU whose
+    kernel takes rows of ``k`` channels in ``dtype``. Elsewhere the op would normalize with torch first, slower
+    than Inductor's own fused kernel, so the graph keeps that."""
     if device.type != "cuda":
-        return True
+        return None
     if interpreting() or torch.cuda.get_device_capability(device) != (9, 0):
-        return False
+        return "its kernel is for sm_90 only"
     from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
 
-    return rotate_quant.adaln_row_reason(k, dtype) is None
+    return rotate_quant.adaln_row_reason(k, dtype)
 
 
 def rotate_quantize_adaln(x: torch.Tensor, x2: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
@@ -199,7 +199,7 @@ def rotate_quantize_adaln(x: torch.Tensor, x2: torch.Tensor | None, scale: torch
                           order: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
     """The sm_90 kernel, normalizing each row as it loads it, where it can take these tensors; elsewhere
     ``numerics.adaln.adaln_rows_reference`` by torch, then ``rotate_quantize`` (same numerics, slower: the compiler
-    fuses only where ``adaln_fusion_runs``)."""
+    fuses only where ``adaln_fusion_unsupported`` finds no reason against it)."""
     def unsupported():
         from ..kernels.sm90 import rotate_quant  # Gluon: imported where it can run
 

@@ -149,3 +149,18 @@ def test_the_fused_op_compiles_with_inductor():
     plain = cc.compile(model(), plan=plan, progress=False, fuse_norms=True, inductor=False)(x, temb)
     assert REPORTS[-1].fused_norms == 1
     torch.testing.assert_close(out, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_a_normalization_the_kernel_cannot_take_stays_with_inductor_and_says_why(monkeypatch):
+    """Where the sm_90 kernel cannot run (here said so by a stand-in for dispatch's check), the normalization stays in
+    the graph and a warning says how many and why, instead of the option doing nothing silently."""
+    from convrot_compiler.compiler import rewrite
+
+    monkeypatch.setattr(rewrite, "adaln_fusion_unsupported", lambda device, dtype, k: "its kernel is for sm_90 only")
+    torch.manual_seed(0)
+    model = _NormThenLinear().bfloat16()
+    x, temb = torch.randn(2, 8, 512).bfloat16(), torch.randn(2, 512).bfloat16()
+    with pytest.warns(UserWarning, match=r"fuse_norms: 1 adaLN normalization\(s\) stay with Inductor here: its kernel"):
+        cc.compile(model, plan=[("proj", "w4a4"), ("*", "bf16")], progress=False, fuse_norms=True)(x, temb)
+    assert REPORTS[-1].fused_norms == 0
+    assert _count(REPORTS[-1].graph_modules["after"], torch.nn.functional.layer_norm) == 1

@@ -414,7 +414,8 @@ def test_sm90_rotate_quantize_adaln_says_where_it_cannot_run():
     scale = shift = torch.zeros(1, 5120, dtype=torch.bfloat16, device="cuda")
     h = hadamard_matrix("regular", 16, device="cuda")
     assert "at most 4096" in rotate_quant_sm90.adaln_supported(x, None, scale, shift, h, 256)
-    assert not dispatch.adaln_fusion_runs(x.device, x.dtype, 5120) and dispatch.adaln_fusion_runs(x.device, x.dtype, 3072)
+    assert "at most 4096" in dispatch.adaln_fusion_unsupported(x.device, x.dtype, 5120)
+    assert dispatch.adaln_fusion_unsupported(x.device, x.dtype, 3072) is None
     with pytest.warns(UserWarning, match="normalizing with torch"):
         q, s = dispatch.rotate_quantize_adaln(x, None, scale, shift, 1e-6, h, 256, 4)
     q_ref, s_ref = rotate_quantize(adaln_rows_reference(x, None, scale, shift, 1e-6), h, 256, 4)
